@@ -1,0 +1,95 @@
+"""Param initialisation and sharing.
+
+Init methods (InitMethod, values as SINGA's; fan_in is the param's input width):
+  kConstant             value
+  kGaussian             N(mean, std^2)
+  kUniform              U(low, high)
+  kGaussianSqrtFanIn    N(mean, std^2) / sqrt(fan_in)
+  kUniformSqrtFanIn     U(low, high) / sqrt(fan_in)
+  kUniformSqrtFanInOut  U(low, high) * sqrt(6 / (fan_in + fan_out))
+A param without an ``init`` uses its layer's default (``Param.default_init``).
+Values are drawn on the host with a seeded numpy Generator, then moved to the
+net's array module, so NumPy and CuPy runs start from the same params.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from engine.layers.base import Param
+from engine.proto import job_pb2 as pb
+
+
+class ParamError(Exception):
+    """A param problem (message names the layer and the param)."""
+
+
+def _draw(p: Param, rng: np.random.Generator) -> np.ndarray:
+    shape = p.shape
+    if p.init is None:
+        kind, *args = p.default_init
+        if kind == "uniform":
+            return rng.uniform(args[0], args[1], shape)
+        if kind == "gaussian":
+            return rng.normal(args[0], args[1], shape)
+        if kind == "constant":
+            return np.full(shape, args[0])
+        raise ValueError(f"unknown default init {kind!r}")
+    g = p.init
+    t = g.type
+    if t == pb.kConstant:
+        return np.full(shape, g.value)
+    if t == pb.kGaussian:
+        return rng.normal(g.mean, g.std, shape)
+    if t == pb.kUniform:
+        return rng.uniform(g.low, g.high, shape)
+    if t == pb.kGaussianSqrtFanIn:
+        return rng.normal(g.mean, g.std, shape) / np.sqrt(max(1, p.fan_in))
+    if t == pb.kUniformSqrtFanIn:
+        return rng.uniform(g.low, g.high, shape) / np.sqrt(max(1, p.fan_in))
+    if t == pb.kUniformSqrtFanInOut:
+        return rng.uniform(g.low, g.high, shape) * np.sqrt(6.0 / max(1, p.fan_in + p.fan_out))
+    raise ParamError(f"param {p.name!r} of layer {p.owner_layer!r}: init type "
+                     f"{pb.InitMethod.Name(t)} is not supported; use kConstant, kGaussian, kUniform, "
+                     f"kGaussianSqrtFanIn, kUniformSqrtFanIn or kUniformSqrtFanInOut")
+
+
+def init_param(p: Param, xp, dtype, rng: np.random.Generator) -> None:
+    """Fill ``p.data`` by its init method and ``p.grad`` with zeros."""
+    host = _draw(p, rng).astype(dtype)
+    p.data = xp.asarray(host)
+    p.grad = xp.zeros_like(p.data)
+
+
+def resolve_sharing(layers) -> list[Param]:
+    """Tie params with ``share_from`` to their owners, in one place, checking shapes.
+
+    ``layers`` are set-up Layer objects. Each param whose config names
+    ``share_from: "q"`` is replaced, in its layer's ``params`` dict, by the Param
+    object named q, so both layers read and accumulate into one array. Returns
+    the distinct owner params in a stable order (the ones the updater sees).
+    """
+    by_name: dict[str, Param] = {}
+    for layer in layers:
+        for p in layer.params.values():
+            if not p.share_from:
+                by_name[p.name] = p
+    owners: list[Param] = []
+    seen: set[int] = set()
+    for layer in layers:
+        for key, p in list(layer.params.items()):
+            if p.share_from:
+                owner = by_name.get(p.share_from)
+                if owner is None:
+                    raise ParamError(f"layer {layer.name!r}, param {p.name!r}: share_from "
+                                     f"{p.share_from!r} names no param; name a param declared "
+                                     f"without share_from")
+                if tuple(owner.shape) != tuple(p.shape):
+                    raise ParamError(f"layer {layer.name!r}, param {p.name!r}: shape {p.shape} "
+                                     f"differs from {owner.name!r} {owner.shape} of layer "
+                                     f"{owner.owner_layer!r} it shares; tied params need one shape")
+                layer.params[key] = owner
+                p = owner
+            if id(p) not in seen:
+                seen.add(id(p))
+                owners.append(p)
+    return owners
