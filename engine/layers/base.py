@@ -128,6 +128,11 @@ class Layer:
     is_loss: bool = False
     #: input layers: the worker calls load_batch once per batch
     is_input: bool = False
+    #: False for output layers (kArgSort, kAccuracy, ...): the worker skips their backward
+    differentiable: bool = True
+    #: True when forward returns a list (consumer j of a copy gets piece j) and
+    #: backward receives a list of gradients (kSlice)
+    multi_output: bool = False
 
     def __init__(self, conf, xp=np, dtype=np.float32):
         self.conf = conf
@@ -137,6 +142,11 @@ class Layer:
         self.params: dict[str, Param] = {}
         self.out_shape: tuple = ()
         self._next_param = 0
+        #: connection type (UnrollConnType value) of each srclayer, set before setup
+        self.src_conn: list[int] = []
+        #: net-wide facts set before setup: "vocab" (list of str or None),
+        #: "workspace" (str), "job_dir" (str: relative paths are resolved against it)
+        self.info: dict = {}
 
     # ----------------------------------------------------------- declarations
     @classmethod
@@ -200,6 +210,18 @@ class Layer:
     def source_grad_from_state(self, dstate):
         """Gradient w.r.t. that source's output, given the gradient of the initial state."""
         return dstate
+
+
+def step_ids(x, ctx: "Context"):
+    """Token ids for this copy from an integer source.
+
+    A one-to-all source (a single data copy holding all steps, shape (B, S))
+    gives column ``ctx.step``; a per-step source (shape (B,)) is used as is.
+    """
+    x = one_array(x)
+    if x.ndim == 2:
+        return x[:, ctx.step]
+    return x
 
 
 def one_array(x):
