@@ -1,0 +1,1 @@
+"""Layer family: input (being written)."""

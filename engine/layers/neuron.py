@@ -1,0 +1,1 @@
+"""Layer family: neuron (being written)."""

@@ -1,0 +1,1 @@
+"""Layer family: recurrent (being written)."""
