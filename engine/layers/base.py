@@ -124,6 +124,8 @@ class Layer:
 
     #: the layer reads its own previous copy as context (adds (i-1)#L -> i#L)
     recurrent: bool = False
+    #: the type creates params (used to colour shared-param groups before any layer is built)
+    has_params: bool = False
     #: loss layers: backward ignores dy; their output is not differentiated further
     is_loss: bool = False
     #: input layers: the worker calls load_batch once per batch

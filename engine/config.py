@@ -1,0 +1,252 @@
+"""Read a job file, report errors as one clear line, fill defaults, validate.
+
+    load_job(path)  -> JobProto (normalised and validated)
+    parse_job(text, path) -> JobProto (syntax only, with file:line:col errors)
+    layers_in_phase(net, phase) -> the LayerProtos of that phase
+
+Every problem raises ConfigError whose message is the single line the CLI
+prints: ``path:line:col: message`` for syntax, ``path: layer "x": message``
+for a layer, ``path: message`` otherwise.
+"""
+from __future__ import annotations
+
+import enum
+import pathlib
+
+from google.protobuf import text_format
+
+from engine.proto import job_pb2 as pb
+
+
+class ConfigError(Exception):
+    """A job-file problem; str(err) is one line naming the file and what to do."""
+
+
+class Phase(enum.Flag):
+    """Training phases; values are SINGA's Phase enum (kTrain=1, kVal=2, kTest=4)."""
+
+    TRAIN = 1
+    VAL = 2
+    TEST = 4
+
+    @classmethod
+    def parse(cls, name: str) -> "Phase":
+        key = name.strip().lower()
+        table = {"train": cls.TRAIN, "val": cls.VAL, "validate": cls.VAL, "validation": cls.VAL,
+                 "test": cls.TEST}
+        if key not in table:
+            raise ConfigError(f"unknown phase {name!r}; use train, val or test")
+        return table[key]
+
+    @property
+    def label(self) -> str:
+        return {Phase.TRAIN: "train", Phase.VAL: "val", Phase.TEST: "test"}[self]
+
+
+# Types that SINGA's enum has and that are not RNN layers: clear "not supported".
+_TYPE_NAMES = {v: k for k, v in pb.LayerType.items()}
+
+# Required per-type settings: type -> list of (conf field, sub field, how to write it).
+_REQUIRED = {
+    pb.kGRU: [("gru_conf", "dim_hidden")],
+    pb.kRNN: [("rnn_conf", "dim_hidden")],
+    pb.kLSTM: [("lstm_conf", "dim_hidden")],
+    pb.kInnerProduct: [("innerproduct_conf", "num_output")],
+    pb.kEmbedding: [("embedding_conf", "vocab_size")],
+    pb.kCharRNN: [("char_rnn_conf", "path")],
+    pb.kRecordInput: [("store_conf", "path")],
+    pb.kCSVInput: [("store_conf", "path")],
+    pb.kSlice: [("slice_conf", "num_slices")],
+    pb.kRNNDummy: [("rnn_dummy_conf", "dynamic_srclayer")],
+}
+
+
+def type_name(t: int) -> str:
+    """LayerType value -> its name (``kGRU``)."""
+    return _TYPE_NAMES.get(t, str(t))
+
+
+def parse_job(text: str, path: str = "<job>") -> pb.JobProto:
+    """Parse protobuf text into a JobProto; syntax errors become ``path:line:col: msg``."""
+    job = pb.JobProto()
+    try:
+        text_format.Parse(text, job)
+    except text_format.ParseError as e:
+        line, col = e.GetLine(), e.GetColumn()
+        msg = str(e)
+        # upb prefixes "line:col : "; strip it, we write our own prefix
+        prefix = f"{line}:{col} : "
+        if msg.startswith(prefix):
+            msg = msg[len(prefix):]
+        if line is None:
+            raise ConfigError(f"{path}: {msg}") from None
+        raise ConfigError(f"{path}:{line}:{col}: {msg}") from None
+    return job
+
+
+def load_job(path: str | pathlib.Path) -> pb.JobProto:
+    """Read, normalise and validate a job file. Raises ConfigError."""
+    p = pathlib.Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such job file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder; give the job file (e.g. job.conf)") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    job = parse_job(text, str(path))
+    normalise(job, str(path))
+    validate(job, str(path))
+    return job
+
+
+def normalise(job: pb.JobProto, path: str = "<job>") -> pb.JobProto:
+    """Fill defaults in place: layer unroll_len from the net's; connection_type -> unroll_conn_type."""
+    net = job.neuralnet
+    for layer in net.layer:
+        if layer.connection_type:
+            if layer.unroll_conn_type:
+                raise ConfigError(f'{path}: layer "{layer.name}": both unroll_conn_type and its '
+                                  f"synonym connection_type are set; keep one")
+            layer.unroll_conn_type.extend(layer.connection_type)
+            del layer.connection_type[:]
+        if not layer.HasField("unroll_len"):
+            layer.unroll_len = net.unroll_len
+    return job
+
+
+def layer_phases(layer: pb.LayerProto) -> Phase:
+    """The phases a layer takes part in, from its include / exclude lists."""
+    every = Phase.TRAIN | Phase.VAL | Phase.TEST
+    if layer.include:
+        ph = Phase(0)
+        for v in layer.include:
+            if v in (1, 2, 4):
+                ph |= Phase(v)
+        return ph
+    ph = every
+    for v in layer.exclude:
+        if v in (1, 2, 4):
+            ph &= ~Phase(v)
+    return ph
+
+
+def layers_in_phase(net: pb.NetProto, phase: Phase) -> list[pb.LayerProto]:
+    """The layers of ``net`` that take part in ``phase``, in file order."""
+    return [layer for layer in net.layer if phase & layer_phases(layer)]
+
+
+def validate(job: pb.JobProto, path: str = "<job>") -> None:
+    """Check names, references, sharing, unrolling settings and per-type settings."""
+    from engine.layers import layer_class
+
+    def err(layer, msg):
+        return ConfigError(f'{path}: layer "{layer.name}": {msg}')
+
+    net = job.neuralnet
+    if not job.HasField("neuralnet") or not net.layer:
+        raise ConfigError(f"{path}: the job has no layers; add neuralnet {{ layer {{ ... }} }}")
+    if net.unroll_len < 1:
+        raise ConfigError(f"{path}: neuralnet.unroll_len is {net.unroll_len}; it must be at least 1")
+    if job.train_one_batch.alg in (pb.kCD, pb.kUserAlg) and job.HasField("train_one_batch"):
+        raise ConfigError(f"{path}: train_one_batch.alg {pb.AlgType.Name(job.train_one_batch.alg)} "
+                          f"is not supported; use kBP or kBPTT")
+    has_inc = any(layer.include for layer in net.layer)
+    has_exc = any(layer.exclude for layer in net.layer)
+    if has_inc and has_exc:
+        a = next(layer for layer in net.layer if layer.include)
+        b = next(layer for layer in net.layer if layer.exclude)
+        raise ConfigError(f'{path}: include (layer "{a.name}") and exclude (layer "{b.name}") are '
+                          f"mixed in one file; use only include or only exclude")
+
+    names_all = set()
+    for layer in net.layer:
+        if not layer.name:
+            raise ConfigError(f"{path}: a layer of type {type_name(layer.type)} has no name; "
+                              f"add name: \"...\"")
+        for ch in "#@":
+            if ch in layer.name:
+                raise err(layer, f"the name contains '{ch}', which unrolling reserves; rename it")
+        names_all.add(layer.name)
+    for ph in (Phase.TRAIN, Phase.VAL, Phase.TEST):
+        seen = set()
+        for layer in layers_in_phase(net, ph):
+            if layer.name in seen:
+                raise err(layer, f"two layers have this name in the {ph.label} phase; rename one, "
+                                 f"or put them in different phases with include")
+            seen.add(layer.name)
+
+    # params: unique names (tied ones use share_from), share_from targets exist
+    owners: dict[str, str] = {}
+    for layer in net.layer:
+        for p in layer.param:
+            if not p.name:
+                continue
+            if "#" in p.name or "@" in p.name:
+                raise err(layer, f'param "{p.name}": the name contains \'#\' or \'@\'; rename it')
+            if p.share_from:
+                continue
+            prev = owners.get(p.name)
+            if prev is not None and prev != layer.name:
+                raise err(layer, f'param "{p.name}" is also declared by layer "{prev}"; rename it, '
+                                 f'or tie it with share_from: "{p.name}"')
+            if prev == layer.name and sum(q.name == p.name for q in layer.param) > 1:
+                raise err(layer, f'param "{p.name}" is declared twice in this layer; rename one')
+            owners[p.name] = layer.name
+    for layer in net.layer:
+        for p in layer.param:
+            if p.share_from and p.share_from not in owners:
+                raise err(layer, f'param "{p.name}": share_from "{p.share_from}" names no param; '
+                                 f"name a param declared (without share_from) by another layer")
+
+    for layer in net.layer:
+        t = layer.type
+        cls = layer_class(t)
+        if t == pb.kUserLayer and not layer.HasField("type"):
+            raise err(layer, "has no type; add type: kXxx (see the README's layer list)")
+        if cls is None:
+            raise err(layer, f"type {type_name(t)} is not supported by this engine (it is not a "
+                             f"recurrent-net layer); see the README for the supported layer types")
+        if layer.unroll_len < 1:
+            raise err(layer, f"unroll_len is {layer.unroll_len}; it must be at least 1")
+        n = len(layer.srclayers)
+        if len(layer.unroll_conn_type) > n:
+            raise err(layer, f"{len(layer.unroll_conn_type)} unroll_conn_type entries for {n} "
+                             f"srclayers; give at most one per srclayer")
+        if len(layer.shift) > n:
+            raise err(layer, f"{len(layer.shift)} shift entries for {n} srclayers; give at most "
+                             f"one per srclayer")
+        for k, s in enumerate(layer.shift):
+            if s < 0 or s >= layer.unroll_len:
+                raise err(layer, f"shift {s} for srclayer \"{layer.srclayers[k]}\" is outside "
+                                 f"0..{layer.unroll_len - 1} (the layer's unroll_len is "
+                                 f"{layer.unroll_len})")
+        seen_src = set()
+        for s in layer.srclayers:
+            if s not in names_all:
+                raise err(layer, f'srclayer "{s}" is not a layer of this net; check the spelling')
+            if s == layer.name:
+                raise err(layer, "lists itself as a srclayer; recurrent layers read their previous "
+                                 "step by themselves")
+            if s in seen_src:
+                raise err(layer, f'srclayer "{s}" is listed twice; list it once')
+            seen_src.add(s)
+        for conf_field, sub in _REQUIRED.get(t, []):
+            conf = getattr(layer, conf_field)
+            if not layer.HasField(conf_field) or not conf.HasField(sub):
+                raise err(layer, f"{type_name(t)} needs {conf_field}.{sub}; add "
+                                 f"{conf_field} {{ {sub}: ... }}")
+            val = getattr(conf, sub)
+            if isinstance(val, int) and val <= 0:
+                raise err(layer, f"{conf_field}.{sub} is {val}; it must be positive")
+        if t == pb.kRNNDummy and layer.rnn_dummy_conf.dynamic_srclayer not in names_all:
+            raise err(layer, f'rnn_dummy_conf.dynamic_srclayer "{layer.rnn_dummy_conf.dynamic_srclayer}" '
+                             f"is not a layer of this net")
+
+
+def job_dir(path) -> pathlib.Path:
+    """Folder against which the job's relative paths are resolved."""
+    return pathlib.Path(path).resolve().parent
