@@ -1,1 +1,437 @@
-"""Layer family: input (being written)."""
+"""Input layers: character streams, their labels, one-hot codes, sequence stores, feedback.
+
+Input layers (``is_input = True``) get ``load_batch(phase_ctx)`` once per batch
+from the worker and then ``forward`` once per copy. They publish, for the
+worker: ``batchsize``, ``is_stream`` (consecutive batches continue each row,
+so the recurrent state may be carried), ``new_sequence`` (the rows of this
+batch start new sequences: carried state must be reset), ``stream_starts``
+(offsets of each row, checked for continuity when state is carried) and
+``cursor_state()`` / ``load_cursor_state()`` for checkpoints.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+
+import numpy as np
+
+from engine.layers.base import Layer, LayerError, one_array, register, step_ids
+from engine.proto import job_pb2 as pb
+
+
+def resolve_path(path: str, info: dict) -> pathlib.Path:
+    """A job's relative path: against the working folder first (as SINGA did), then the job file's."""
+    p = pathlib.Path(os.path.expanduser(path))
+    if p.is_absolute() or p.exists():
+        return p
+    alt = pathlib.Path(info.get("job_dir", ".")) / p
+    return alt if alt.exists() else p
+
+
+def read_vocab(path: pathlib.Path) -> list[str]:
+    """A vocabulary file: UTF-8 text whose characters, in order, are the ids 0..V-1."""
+    text = path.read_text(encoding="utf-8")
+    chars = list(text)
+    if len(set(chars)) != len(chars):
+        dup = next(c for c in chars if chars.count(c) > 1)
+        raise LayerError(f"vocabulary {path} lists {dup!r} twice; each character once")
+    return chars
+
+
+def encode_text(text: str, vocab: list[str], where: str) -> np.ndarray:
+    """Characters -> int32 ids; a character outside the vocabulary is an error naming it."""
+    index = {c: i for i, c in enumerate(vocab)}
+    if all(len(c.encode("utf-8")) == 1 for c in vocab) and text.isascii():
+        table = np.full(256, -1, np.int32)
+        for c, i in index.items():
+            table[ord(c)] = i
+        ids = table[np.frombuffer(text.encode("ascii"), np.uint8)]
+    else:
+        ids = np.fromiter((index.get(c, -1) for c in text), np.int32, len(text))
+    bad = np.flatnonzero(ids < 0)
+    if bad.size:
+        off = int(bad[0])
+        raise LayerError(f"{where}: character {text[off]!r} at offset {off} is not in the "
+                         f"vocabulary; rebuild the vocabulary from this text or remove the character")
+    return ids
+
+
+@register(pb.kCharRNN)
+class CharRNNInput(Layer):
+    """Character streams from a text file (SINGA's kCharRNN).
+
+    The text is encoded with the vocabulary and cut into ``batchsize``
+    contiguous streams of equal length L. Each batch emits, per stream,
+    ``unroll_len + 1`` successive characters starting at the stream's cursor,
+    then advances the cursor by ``unroll_len``; so the last character of one
+    batch is the first of the next, and batch k+1 continues batch k. When a
+    stream cannot give another full window the cursors wrap to 0 and the batch
+    is marked ``new_sequence`` (the carried recurrent state is reset).
+
+    Output of its single copy: int32 ids, shape (batchsize, unroll_len + 1).
+    """
+
+    is_input = True
+    is_stream = True
+
+    def setup(self, srcs):
+        c = self.conf.char_rnn_conf
+        self.batchsize = int(c.batchsize)
+        self.steps = int(c.unroll_len)
+        if self.batchsize < 1 or self.steps < 1:
+            raise LayerError(f'layer "{self.name}": char_rnn_conf batchsize and unroll_len must be '
+                             f"at least 1")
+        path = resolve_path(c.path, self.info)
+        if not path.exists():
+            raise LayerError(f'layer "{self.name}": data file {c.path} not found; build the default '
+                             f"corpus with: python tools/make_corpus.py")
+        if path.is_dir():
+            raise LayerError(f'layer "{self.name}": {c.path} is a folder; give a text file')
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise LayerError(f'layer "{self.name}": {c.path} is not UTF-8 text (byte {e.start})') from None
+        if not text:
+            raise LayerError(f'layer "{self.name}": data file {c.path} is empty')
+        self.vocab = self._vocab(text, c)
+        self.vocab_size = len(self.vocab)
+        need = self.batchsize * (self.steps + 1)
+        if len(text) < need:
+            raise LayerError(f'layer "{self.name}": {c.path} has {len(text)} characters, fewer than '
+                             f"batchsize x (unroll_len + 1) = {need}; use a longer text or a "
+                             f"smaller batch")
+        try:
+            ids = encode_text(text, self.vocab, str(c.path))
+        except LayerError as e:
+            raise LayerError(f'layer "{self.name}": {e}') from None
+        self.stream_len = len(ids) // self.batchsize
+        self.streams = ids[: self.stream_len * self.batchsize].reshape(self.batchsize, self.stream_len)
+        self.cursor = 0
+        self.epoch = 0
+        self.new_sequence = True
+        self.stream_starts = np.zeros(self.batchsize, np.int64)
+        self.path = path
+        self.out_shape = (self.steps + 1,)
+
+    def _vocab(self, text, c):
+        if c.vocab_path:
+            vp = resolve_path(c.vocab_path, self.info)
+            if not vp.exists():
+                raise LayerError(f'layer "{self.name}": vocab_path {c.vocab_path} not found; fix the '
+                                 f"path, or remove vocab_path to build the vocabulary from the text")
+            try:
+                return read_vocab(vp)
+            except LayerError as e:
+                raise LayerError(f'layer "{self.name}": {e}') from None
+        vocab = sorted(set(text))
+        ws = self.info.get("workspace")
+        if ws:
+            os.makedirs(ws, exist_ok=True)
+            out = pathlib.Path(ws) / "vocab.txt"
+            out.write_text("".join(vocab), encoding="utf-8")
+            self.info.setdefault("notes", []).append(f"vocabulary of {len(vocab)} characters "
+                                                     f"built from the text, saved to {out}")
+        return vocab
+
+    def load_batch(self, phase_ctx=None):
+        T = self.steps
+        if self.cursor + T + 1 > self.stream_len:
+            self.cursor = 0
+            self.epoch += 1
+            self.new_sequence = True
+        self.stream_starts = self.cursor + np.arange(self.batchsize, dtype=np.int64) * self.stream_len
+        window = self.streams[:, self.cursor:self.cursor + T + 1]
+        self.batch = self.xp.asarray(window)
+        self._cursor_used = self.cursor
+        self.cursor += T
+
+    def end_batch(self):
+        """Called by the worker after a batch: the next batch continues these rows."""
+        self.new_sequence = False
+
+    def forward(self, ctx, xs, state):
+        return self.batch, None, None
+
+    def backward(self, ctx, dy, dstate, cache):
+        return [], None
+
+    def cursor_state(self) -> dict:
+        return {"cursor": int(self.cursor), "epoch": int(self.epoch),
+                "new_sequence": bool(self.new_sequence)}
+
+    def load_cursor_state(self, d: dict) -> None:
+        self.cursor = int(d["cursor"])
+        self.epoch = int(d["epoch"])
+        self.new_sequence = bool(d["new_sequence"])
+
+
+@register(pb.kRNNLabel)
+class RNNLabel(Layer):
+    """Labels of a kCharRNN stream: copy i emits the characters at position i + 1.
+
+    y_i = data[:, i + 1] (int ids, shape (B,)): the next character after the one
+    kOneHot copy i reads.
+    """
+
+    differentiable = False
+
+    def setup(self, srcs):
+        if len(srcs) != 1:
+            raise LayerError(f'layer "{self.name}": kRNNLabel needs exactly one srclayer (the '
+                             f"kCharRNN data layer)")
+        src = srcs[0]
+        width = src.out_shape[0] if src.out_shape else 0
+        if width < self.conf.unroll_len + 1:
+            raise LayerError(f'layer "{self.name}": reads {width} characters per row from '
+                             f'"{src.name}" but needs unroll_len + 1 = {self.conf.unroll_len + 1}')
+        self.vocab_size = getattr(src, "vocab_size", None)
+        self.out_shape = ()
+
+    def forward(self, ctx, xs, state):
+        x = one_array(xs[0])
+        return x[:, ctx.step + 1], None, None
+
+
+@register(pb.kOneHot)
+class OneHot(Layer):
+    """One-hot codes of token ids: y[b, v] = 1 if id_b == v else 0, shape (B, V).
+
+    V is onehot_conf.vocab_size, or the source's vocabulary size. A source that
+    holds all steps (a kCharRNN copy read one-to-all) gives column ``step``.
+    """
+
+    def setup(self, srcs):
+        if len(srcs) != 1:
+            raise LayerError(f'layer "{self.name}": kOneHot needs exactly one srclayer')
+        v = self.conf.onehot_conf.vocab_size if self.conf.onehot_conf.HasField("vocab_size") else None
+        src_v = getattr(srcs[0], "vocab_size", None)
+        if v is None:
+            if src_v is None:
+                raise LayerError(f'layer "{self.name}": cannot tell the vocabulary size; set '
+                                 f"onehot_conf {{ vocab_size: N }}")
+            v = src_v
+        elif src_v is not None and v < src_v:
+            raise LayerError(f'layer "{self.name}": onehot_conf.vocab_size {v} is smaller than the '
+                             f'vocabulary of "{srcs[0].name}" ({src_v}); raise it or remove it')
+        self.vocab_size = int(v)
+        self.out_shape = (self.vocab_size,)
+
+    def forward(self, ctx, xs, state):
+        ids = step_ids(xs[0], ctx)
+        xp = self.xp
+        y = xp.zeros((ids.shape[0], self.vocab_size), self.dtype)
+        y[xp.arange(ids.shape[0]), ids.astype(xp.int64)] = 1
+        return y, None, None
+
+    def backward(self, ctx, dy, dstate, cache):
+        return [None], None
+
+
+def _host(a):
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+@register(pb.kRecordInput, pb.kCSVInput)
+class SequenceInput(Layer):
+    """Sequence data from a store (store_conf): NumPy .npz (or a .csv for kCSVInput).
+
+    An .npz holds ``x``: float features [N, T, F] or int token ids [N, T];
+    ``y`` (when has_label): targets [N] (one per sequence), [N, K] or [N, T]
+    (one per step); optional ``lengths`` [N] (valid steps of each sequence).
+    A .csv holds one sequence per line: the label first (when has_label), then
+    T*F numbers, with store_conf.shape = [T, F] (or [T]).
+
+    Copy i of this layer emits step i of a batch of ``batchsize`` sequences:
+    x[:, i] ((B, F) floats or (B,) ids). Its labels (aux output) are y[:] for
+    per-sequence targets and y[:, i] for per-step targets. With ``lengths``,
+    copy i also publishes the mask (i < length) so later layers skip padding.
+    Batches walk the store in order (reshuffled each epoch when store_conf.shuffle)
+    and wrap around; every batch starts new sequences.
+    """
+
+    is_input = True
+    is_stream = False
+
+    def setup(self, srcs):
+        s = self.conf.store_conf
+        self.batchsize = int(s.batchsize)
+        if self.batchsize < 1:
+            raise LayerError(f'layer "{self.name}": store_conf.batchsize must be at least 1')
+        path = resolve_path(s.path, self.info)
+        if not path.exists():
+            raise LayerError(f'layer "{self.name}": data file {s.path} not found')
+        backend = s.backend or ("csv" if path.suffix == ".csv" else "npz")
+        try:
+            x, y, lengths = (self._load_npz(path) if backend == "npz" else self._load_csv(path, s))
+        except LayerError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any unreadable file is one clear line
+            raise LayerError(f'layer "{self.name}": cannot read {s.path} as {backend}: {e}') from None
+        self._check(x, y, lengths, s.path)
+        self.x, self.y, self.lengths = x, y, lengths
+        self.n = x.shape[0]
+        self.is_ids = np.issubdtype(x.dtype, np.integer)
+        self.vocab_size = int(x.max()) + 1 if self.is_ids else None
+        self.out_shape = () if self.is_ids else tuple(x.shape[2:])
+        self.order = np.arange(self.n)
+        self.cursor = 0
+        self.epoch = 0
+        self.new_sequence = True
+        self.stream_starts = None
+
+    def _load_npz(self, path):
+        with np.load(path, allow_pickle=False) as d:
+            if "x" not in d:
+                raise LayerError(f'layer "{self.name}": {path} has no array "x" (arrays: '
+                                 f"{', '.join(d.files) or 'none'})")
+            x = d["x"]
+            y = d["y"] if "y" in d else None
+            lengths = d["lengths"] if "lengths" in d else None
+        return x, y, lengths
+
+    def _load_csv(self, path, s):
+        shape = tuple(s.shape)
+        if not shape:
+            raise LayerError(f'layer "{self.name}": a .csv store needs store_conf.shape [T, F] or [T]')
+        rows = np.loadtxt(path, delimiter=s.separator or ",", ndmin=2)
+        if s.has_label:
+            y, feats = rows[:, 0], rows[:, 1:]
+        else:
+            y, feats = None, rows
+        need = int(np.prod(shape))
+        if feats.shape[1] != need:
+            raise LayerError(f'layer "{self.name}": {path} rows have {feats.shape[1]} features, '
+                             f"store_conf.shape {list(shape)} needs {need}")
+        x = feats.reshape((-1,) + shape)
+        if y is not None and np.all(y == np.round(y)):
+            y = y.astype(np.int64)
+        return x, y, None
+
+    def _check(self, x, y, lengths, where):
+        n = self.name
+        T = self.conf.unroll_len
+        if x.ndim not in (2, 3):
+            raise LayerError(f'layer "{n}": {where}: x has shape {x.shape}; it must be [N, T, F] '
+                             f"floats or [N, T] int ids")
+        if x.ndim == 2 and not np.issubdtype(x.dtype, np.integer):
+            raise LayerError(f'layer "{n}": {where}: x of shape [N, T] must hold int token ids; '
+                             f"add a feature axis ([N, T, 1]) for float data")
+        if x.shape[0] < 1:
+            raise LayerError(f'layer "{n}": {where}: x holds no sequences')
+        if x.shape[1] < T:
+            raise LayerError(f'layer "{n}": {where}: x has {x.shape[1]} steps but the layer\'s '
+                             f"unroll_len is {T}; pad the data or lower unroll_len")
+        if self.conf.store_conf.has_label and y is None:
+            raise LayerError(f'layer "{n}": {where}: no array "y"; add targets or set '
+                             f"store_conf {{ has_label: false }}")
+        if y is not None and y.shape[0] != x.shape[0]:
+            raise LayerError(f'layer "{n}": {where}: y has {y.shape[0]} rows but x has '
+                             f"{x.shape[0]}; they must match")
+        if lengths is not None:
+            if lengths.shape != (x.shape[0],):
+                raise LayerError(f'layer "{n}": {where}: lengths has shape {lengths.shape}; it must '
+                                 f"be [N] = [{x.shape[0]}]")
+            if lengths.min() < 1 or lengths.max() > x.shape[1]:
+                raise LayerError(f'layer "{n}": {where}: lengths must lie in 1..{x.shape[1]}')
+
+    def load_batch(self, phase_ctx=None):
+        B = self.batchsize
+        if self.cursor + B > self.n:
+            self.cursor = 0
+            self.epoch += 1
+            if self.conf.store_conf.shuffle:
+                rng = np.random.default_rng([self.info.get("seed", 0), 3, self.epoch])
+                self.order = rng.permutation(self.n)
+        idx = self.order[np.arange(self.cursor, self.cursor + B) % self.n]
+        self.cursor += B
+        xp = self.xp
+        xb = self.x[idx]
+        self.xb = xp.asarray(xb if self.is_ids else xb.astype(self.dtype))
+        self.yb = None
+        if self.y is not None:
+            yb = self.y[idx]
+            if not np.issubdtype(yb.dtype, np.integer):
+                yb = yb.astype(self.dtype)
+            self.yb = xp.asarray(yb)
+        self.maskb = None
+        if self.lengths is not None:
+            T = self.conf.unroll_len
+            m = (np.arange(T)[None, :] < self.lengths[idx][:, None]).astype(self.dtype)
+            self.maskb = xp.asarray(m)
+        self.new_sequence = True
+
+    def end_batch(self):
+        pass
+
+    def forward(self, ctx, xs, state):
+        i = ctx.step
+        y = self.xb[:, i]
+        if self.yb is not None:
+            ctx.aux_out = self.yb[:, i] if self._y_per_step else self.yb
+        if self.maskb is not None:
+            ctx.mask_out = self.maskb[:, i]
+        return y, None, None
+
+    @property
+    def _y_per_step(self):
+        # [N, T] targets are per step; [N, K] with K != T are per sequence
+        return self.y is not None and self.y.ndim == 2 and self.y.shape[1] == self.x.shape[1]
+
+    def backward(self, ctx, dy, dstate, cache):
+        return [], None
+
+    def cursor_state(self) -> dict:
+        return {"cursor": int(self.cursor), "epoch": int(self.epoch),
+                "order": self.order.tolist() if self.conf.store_conf.shuffle else None}
+
+    def load_cursor_state(self, d: dict) -> None:
+        self.cursor = int(d["cursor"])
+        self.epoch = int(d["epoch"])
+        if d.get("order") is not None:
+            self.order = np.asarray(d["order"], dtype=np.int64)
+
+
+@register(pb.kRNNDummy)
+class RNNDummy(Layer):
+    """Placeholder fed back from another layer of the previous step (sampling).
+
+    Copy i outputs what ``dynamic_srclayer`` output at step i-1; copy 0 takes
+    the value carried from the previous batch or, at the very start, the
+    initial value: ``low`` when low == high, else a draw from [low, high)
+    (integers when ``integer``). Output shape: rnn_dummy_conf.shape (ids: ()).
+    """
+
+    differentiable = False
+
+    @classmethod
+    def context_sources(cls, conf):
+        return [(conf.rnn_dummy_conf.dynamic_srclayer, 1)]
+
+    def setup(self, srcs):
+        c = self.conf.rnn_dummy_conf
+        shape = tuple(int(s) for s in c.shape)
+        if c.integer and shape in ((), (1,)):
+            shape = ()
+        self.out_shape = shape
+        self.batchsize = None
+
+    def zero_state(self, batch):
+        c = self.conf.rnn_dummy_conf
+        shape = (batch,) + self.out_shape
+        if c.low == c.high:
+            host = np.full(shape, c.low)
+        else:
+            host = np.random.default_rng(0).uniform(c.low, c.high, shape)
+        if c.integer:
+            return self.xp.asarray(np.floor(host).astype(np.int64))
+        return self.xp.asarray(host.astype(self.dtype))
+
+    def forward(self, ctx, xs, state):
+        if state is None:
+            raise LayerError(f'layer "{self.name}": no value fed back yet')
+        if self.conf.rnn_dummy_conf.integer:
+            state = state.reshape(state.shape[0]) if state.ndim > 1 and state.shape[1] == 1 else state
+        return state, None, None
+
+    def backward(self, ctx, dy, dstate, cache):
+        return [None] * len(self.conf.srclayers), None

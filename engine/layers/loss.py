@@ -1,1 +1,174 @@
-"""Layer family: loss (being written)."""
+"""Loss layers: softmax cross-entropy and Euclidean (squared error).
+
+A loss layer reads two sources: the prediction (source 0) and the labels
+(source 1: ``ctx.label(xs, 1)``, i.e. that source's aux output when it
+publishes one, else its data). Its backward ignores ``dy`` and returns the
+gradient of its own objective.
+
+Objective and scaling (SINGA's convention): each copy contributes
+``scale * (1/B) * sum_r m_r * loss_r`` where B is the number of batch rows
+(a constant, masked rows included) and m_r the row mask (1 when
+``ctx.mask`` is None). The net's objective is the *sum over copies* of these
+per-copy batch means. The reported metrics are unscaled and averaged over the
+valid rows only: a metric is a (sum, count) pair added with ``ctx.add_metric``.
+"""
+from __future__ import annotations
+
+from engine.layers.base import register
+from engine.layers.neuron import CheckedLayer, log_softmax, to_host
+from engine.proto import job_pb2 as pb
+
+
+def topk_correct(xp, scores, labels, k: int):
+    """Boolean (B,): label r is among the k best scores of row r.
+
+    The rank of the label is the number of scores above it plus the number of
+    equal scores at lower ids (the order of a stable descending argsort), so
+    ties never make every row count as correct.
+    """
+    b, v = scores.shape
+    s_lab = scores[xp.arange(b), labels][:, None]
+    ids = xp.arange(v)[None, :]
+    rank = (scores > s_lab).sum(axis=1) + ((scores == s_lab) & (ids < labels[:, None])).sum(axis=1)
+    return rank < k
+
+
+class Supervised(CheckedLayer):
+    """Shared set-up of layers comparing source 0 with the labels of source 1."""
+
+    def check_sources(self, srcs):
+        self.need_srcs(srcs, 2, "the prediction, then the labels")
+        if len(srcs[0].out_shape) != 1:
+            raise self.error(f"source 0 must give one vector per row (out_shape (V,)), got "
+                             f"out_shape {tuple(srcs[0].out_shape)}; put a kInnerProduct before it")
+
+    def scores(self, xs):
+        x = self.src_input(xs, 0)
+        if x is None:
+            raise self.error(f"source 0 gives nothing at this step; a loss needs a prediction "
+                             f"at every copy (check the shift of its srclayers)")
+        return self.float_input(x)
+
+    def mask_or_ones(self, ctx, batch: int):
+        m = self.row_mask(ctx, batch)
+        return self.xp.ones((batch,), dtype=self.dtype) if m is None else m
+
+    def class_labels(self, ctx, xs, batch: int, n_classes: int, m):
+        """Label ids (B,) for this copy; ids of masked rows are not checked (set to 0)."""
+        xp = self.xp
+        lab = ctx.label(xs, 1)
+        if lab is None:
+            raise self.error("source 1 gives no labels at this step; connect the label source "
+                             "to every copy")
+        lab = self.ids_at_step(lab, ctx, "labels")
+        if lab.ndim != 1 or lab.shape[0] != batch:
+            raise self.error(f"labels have shape {tuple(lab.shape)}, expected ({batch},) for a "
+                             f"batch of {batch} rows")
+        in_range = (lab >= 0) & (lab < n_classes)
+        bad = (~in_range) & (m > 0)
+        if bool(bad.any()):
+            first = int(to_host(xp, lab[bad])[0])
+            raise self.error(f"label {first} is outside [0, {n_classes}) (the width of source 0); "
+                             f"widen the layer before the loss or fix the labels")
+        return xp.where(in_range, lab, 0)
+
+
+@register(pb.kSoftmaxLoss)
+class SoftmaxLoss(Supervised):
+    """Softmax cross-entropy with integer labels.
+
+    p = softmax(s) over the V scores of a row (the layer's output y = p, (B, V));
+    loss_r = -log p[r, label_r]. Per-copy objective
+    scale * (1/B) * sum_r m_r * loss_r, hence
+    ds = scale * (p - onehot(label)) * m / B (B: batch rows, constant).
+    softmaxloss_conf: topk [1] for the accuracy metric, scale [1].
+    Metrics: "loss" = sum of loss_r over valid rows / valid rows (nats, unscaled);
+    "accuracy" = rows whose label is in the top-k scores / valid rows.
+    Labels: (B,) ids, or (B, S) from a one-to-all source (column ``step``);
+    a label outside [0, V) in a valid row is an error. No params.
+    """
+
+    is_loss = True
+
+    def setup(self, srcs):
+        self.check_sources(srcs)
+        c = self.conf.softmaxloss_conf
+        self.topk = int(c.topk)
+        self.scale = float(c.scale)
+        self.n_classes = int(srcs[0].out_shape[0])
+        if not 1 <= self.topk <= self.n_classes:
+            raise self.error(f"softmaxloss_conf.topk must be in [1, {self.n_classes}] "
+                             f"(got {self.topk})")
+        self.out_shape = (self.n_classes,)
+
+    def forward(self, ctx, xs, state):
+        xp = self.xp
+        s = self.scores(xs)
+        b = s.shape[0]
+        m = self.mask_or_ones(ctx, b)
+        lab = self.class_labels(ctx, xs, b, s.shape[1], m)
+        logp = log_softmax(xp, s)
+        rows = xp.arange(b)
+        nll = -logp[rows, lab]
+        valid = float(m.sum())
+        ctx.add_metric("loss", float((nll * m).sum()), valid)
+        correct = topk_correct(xp, s, lab, self.topk).astype(self.dtype)
+        ctx.add_metric("accuracy", float((correct * m).sum()), valid)
+        p = xp.exp(logp)
+        return p, None, (p, lab, m, len(xs))
+
+    def backward(self, ctx, dy, dstate, cache):
+        p, lab, m, nsrc = cache
+        b = p.shape[0]
+        g = p.copy()
+        g[self.xp.arange(b), lab] -= 1.0
+        g *= (self.scale / b) * m[:, None]
+        return [g] + [None] * (nsrc - 1), None
+
+
+@register(pb.kEuclideanLoss)
+class EuclideanLoss(Supervised):
+    """Half squared error against float targets.
+
+    loss_r = 0.5 * sum_k (p_rk - t_rk)^2 for prediction p (B, K) and target t
+    (B, K) (a (B,) target is used as (B, 1) when K == 1). Per-copy objective
+    scale * (1/B) * sum_r m_r * loss_r, hence dp = scale * (p - t) * m / B.
+    euclideanloss_conf: scale [1]. Output y = p.
+    Metrics: "loss" = sum of loss_r over valid rows / valid rows (unscaled);
+    "mse" = sum of (p - t)^2 over valid rows / (valid rows * K).
+    The target gets no gradient. No params.
+    """
+
+    is_loss = True
+
+    def setup(self, srcs):
+        self.check_sources(srcs)
+        self.scale = float(self.conf.euclideanloss_conf.scale)
+        self.width = int(srcs[0].out_shape[0])
+        self.out_shape = tuple(srcs[0].out_shape)
+
+    def forward(self, ctx, xs, state):
+        xp = self.xp
+        p = self.scores(xs)
+        b, k = p.shape
+        t = ctx.label(xs, 1)
+        if t is None:
+            raise self.error("source 1 gives no targets at this step; connect the target "
+                             "source to every copy")
+        t = self.src_input([t], 0, "targets")
+        if t.shape != (b, k) and not (t.shape == (b,) and k == 1):
+            raise self.error(f"target has shape {tuple(t.shape)}, expected ({b}, {k}) to match "
+                             f"the prediction")
+        t = self.float_input(t).reshape(b, k)
+        m = self.mask_or_ones(ctx, b)
+        d = p - t
+        sq = (d * d).sum(axis=1)
+        valid = float(m.sum())
+        ctx.add_metric("loss", float(0.5 * (sq * m).sum()), valid)
+        ctx.add_metric("mse", float((sq * m).sum()), valid * k)
+        return p, None, (d, m, len(xs))
+
+    def backward(self, ctx, dy, dstate, cache):
+        d, m, nsrc = cache
+        g = d * ((self.scale / d.shape[0]) * m[:, None])
+        return [g] + [None] * (nsrc - 1), None

@@ -1,1 +1,404 @@
-"""Layer family: neuron (being written)."""
+"""Neuron layers: inner product, embedding, dropout and element-wise activations.
+
+Every layer here reads exactly one source. ``x`` is one copy's input of shape
+``(B,) + src.out_shape``. When a copy gets nothing from its source (a
+one-to-one connection with a shift, at the early copies) the layer passes the
+absence on: ``y`` is ``None`` and so is the input gradient.
+
+This module also holds the small helpers the other families share
+(``CheckedLayer``, ``softmax``, ``log_softmax``, ``to_host``): the array maths is
+written once, against ``xp``, and works for NumPy and CuPy alike.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from engine.layers.base import Layer, LayerError, one_array, register, step_ids
+from engine.proto import job_pb2 as pb
+
+# ------------------------------------------------------------------ helpers
+
+
+def to_host(xp, a) -> np.ndarray:
+    """A NumPy view/copy of ``a``: ``xp.asnumpy`` when the module has it (CuPy)."""
+    if hasattr(xp, "asnumpy"):
+        return xp.asnumpy(a)
+    return np.asarray(a)
+
+
+def softmax(xp, x):
+    """softmax(x)_j = exp(x_j - max x) / sum_k exp(x_k - max x), over the last dim."""
+    e = xp.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def log_softmax(xp, x):
+    """log softmax(x) over the last dim, computed without overflow."""
+    z = x - x.max(axis=-1, keepdims=True)
+    return z - xp.log(xp.exp(z).sum(axis=-1, keepdims=True))
+
+
+class CheckedLayer(Layer):
+    """A Layer with the checks and messages every built-in layer shares."""
+
+    def error(self, msg: str) -> LayerError:
+        """A LayerError whose message names this layer."""
+        return LayerError(f'layer "{self.name}": {msg}')
+
+    def need_srcs(self, srcs, n: int, what: str = "") -> None:
+        """Raise unless there are exactly ``n`` sources (``what`` describes them)."""
+        if len(srcs) != n:
+            desc = f" ({what})" if what else ""
+            raise self.error(f"{pb.LayerType.Name(self.conf.type)} takes {n} srclayer(s){desc}, "
+                             f"got {len(srcs)}; fix its srclayers")
+
+    def src_input(self, xs, k: int = 0, what: str = ""):
+        """Source k's array for this copy (a single-copy one-to-all list is unwrapped)."""
+        try:
+            return one_array(xs[k])
+        except LayerError as e:
+            raise self.error(f"{what or f'source {k}'}: {e}; a one-to-all source must have a single copy "
+                             f"here, connect it one-to-one otherwise") from None
+
+    def ids_at_step(self, a, ctx, what: str):
+        """Integer ids for this copy from ``a`` (column ctx.step of a (B, S) array)."""
+        try:
+            ids = step_ids(a, ctx)
+        except LayerError as e:
+            raise self.error(f"{what}: {e}; a one-to-all source must have a single copy "
+                             f"here, connect it one-to-one otherwise") from None
+        return self.as_ids(ids, what)
+
+    def as_ids(self, a, what: str):
+        """``a`` as int64 ids; float arrays must hold whole numbers."""
+        xp = self.xp
+        a = xp.asarray(a)
+        if a.dtype.kind in "iu":
+            return a.astype(xp.int64, copy=False)
+        r = xp.rint(a)
+        if not bool(xp.all(r == a)):
+            raise self.error(f"{what} must hold integer ids, got non-integer values; feed it "
+                             f"from an integer data source")
+        return r.astype(xp.int64)
+
+    def row_mask(self, ctx, batch: int):
+        """ctx.mask as a (B,) float array of self.dtype, or None when all rows count."""
+        if ctx.mask is None:
+            return None
+        m = self.xp.asarray(ctx.mask, dtype=self.dtype).reshape(-1)
+        if m.shape[0] != batch:
+            raise self.error(f"mask has {m.shape[0]} rows but the batch has {batch}")
+        return m
+
+    def float_input(self, x):
+        """``x`` in self.dtype (integer inputs are converted)."""
+        return x.astype(self.dtype, copy=False)
+
+
+def _is_float(x) -> bool:
+    return x.dtype.kind == "f"
+
+
+# ----------------------------------------------------------- inner product
+
+
+@register(pb.kInnerProduct)
+class InnerProduct(CheckedLayer):
+    """Fully connected layer.
+
+    y = x W^T + b, with x of shape (B, D) (inputs with more dims are flattened
+    per row to D = prod(src.out_shape)) and y of shape (B, num_output).
+
+    Params, in order: ``w`` of shape (num_output, D) -- or (D, num_output) with
+    ``transpose: true``, then y = x W + b -- default init U(-0.08, 0.08),
+    fan_in D, fan_out num_output; ``b`` of shape (num_output,), default 0,
+    present unless ``bias_term: false``.
+    Backward: dW += dy^T x (transposed: x^T dy), db += sum_rows dy, dx = dy W.
+    """
+
+    @classmethod
+    def default_param_names(cls, conf):
+        return ["w", "b"] if conf.innerproduct_conf.bias_term else ["w"]
+
+    def setup(self, srcs):
+        self.need_srcs(srcs, 1)
+        c = self.conf.innerproduct_conf
+        n = int(c.num_output)
+        if n <= 0:
+            raise self.error("innerproduct_conf.num_output is required and must be > 0 "
+                             f"(got {n}); set it to the output width")
+        self.in_dim = int(np.prod(srcs[0].out_shape)) if srcs[0].out_shape else 1
+        self.transpose = bool(c.transpose)
+        self.bias_term = bool(c.bias_term)
+        wshape = (self.in_dim, n) if self.transpose else (n, self.in_dim)
+        self.add_param("w", wshape, ("uniform", -0.08, 0.08), fan_in=self.in_dim, fan_out=n)
+        if self.bias_term:
+            self.add_param("b", (n,), ("constant", 0.0), fan_in=self.in_dim, fan_out=n)
+        self.out_shape = (n,)
+
+    def forward(self, ctx, xs, state):
+        x = self.src_input(xs, 0)
+        if x is None:
+            return None, None, None
+        b = x.shape[0]
+        x2 = self.float_input(x).reshape(b, -1)
+        if x2.shape[1] != self.in_dim:
+            raise self.error(f"input has {x2.shape[1]} features per row, expected {self.in_dim} "
+                             f"(from the source's shape at setup)")
+        w = self.params["w"].data
+        y = x2 @ w if self.transpose else x2 @ w.T
+        if self.bias_term:
+            y = y + self.params["b"].data
+        return y, None, (x2, x.shape, _is_float(x))
+
+    def backward(self, ctx, dy, dstate, cache):
+        if cache is None:
+            return [None], None
+        x2, xshape, was_float = cache
+        w = self.params["w"]
+        if self.transpose:
+            w.grad += x2.T @ dy
+            dx = dy @ w.data.T
+        else:
+            w.grad += dy.T @ x2
+            dx = dy @ w.data
+        if self.bias_term:
+            self.params["b"].grad += dy.sum(axis=0)
+        return [dx.reshape(xshape) if was_float else None], None
+
+
+# --------------------------------------------------------------- embedding
+
+
+@register(pb.kEmbedding)
+class Embedding(CheckedLayer):
+    """Row lookup of token ids.
+
+    y[r] = W[id_r], ids of shape (B,) (a one-to-all data source of shape (B, S)
+    gives column ``step``), y of shape (B, feature_dim).
+
+    Params: ``w`` of shape (vocab_size, feature_dim), default init U(-0.08, 0.08),
+    fan_in vocab_size, fan_out feature_dim.
+    Backward: W.grad[id_r] += dy[r] (scatter-add: repeated ids add up); the
+    integer input gets no gradient. An id outside [0, vocab_size) is an error.
+    """
+
+    @classmethod
+    def default_param_names(cls, conf):
+        return ["w"]
+
+    def setup(self, srcs):
+        self.need_srcs(srcs, 1)
+        c = self.conf.embedding_conf
+        self.vocab_size = int(c.vocab_size)
+        self.feature_dim = int(c.feature_dim)
+        if self.vocab_size <= 0:
+            raise self.error(f"embedding_conf.vocab_size is required and must be > 0 "
+                             f"(got {self.vocab_size}); set it to the number of token ids")
+        if self.feature_dim <= 0:
+            raise self.error(f"embedding_conf.feature_dim must be > 0 (got {self.feature_dim})")
+        self.add_param("w", (self.vocab_size, self.feature_dim), ("uniform", -0.08, 0.08),
+                       fan_in=self.vocab_size, fan_out=self.feature_dim)
+        self.out_shape = (self.feature_dim,)
+
+    def forward(self, ctx, xs, state):
+        x = self.src_input(xs, 0)
+        if x is None:
+            return None, None, None
+        ids = self.ids_at_step(x, ctx, "source 0")
+        xp = self.xp
+        bad = (ids < 0) | (ids >= self.vocab_size)
+        if bool(bad.any()):
+            first = int(to_host(xp, ids[bad])[0])
+            raise self.error(f"id {first} is outside [0, {self.vocab_size}) "
+                             f"(embedding_conf.vocab_size); raise vocab_size or fix the data")
+        return self.params["w"].data[ids], None, ids
+
+    def backward(self, ctx, dy, dstate, cache):
+        if cache is None:
+            return [None], None
+        # numpy's ufunc.at; for CuPy the scatter-add (cupyx.scatter_add) goes behind
+        # the backend switch, never imported here.
+        self.xp.add.at(self.params["w"].grad, cache, dy)
+        return [None], None
+
+
+# ----------------------------------------------------------------- dropout
+
+
+@register(pb.kDropout)
+class Dropout(CheckedLayer):
+    """Inverted dropout.
+
+    Training: y = x * m / (1 - p) with m_i ~ Bernoulli(1 - p), p = dropout_ratio,
+    drawn from ctx.rng on the host; dx = dy * m / (1 - p). Otherwise y = x.
+    The expectation of y equals x in both phases. No params.
+    """
+
+    def setup(self, srcs):
+        self.need_srcs(srcs, 1)
+        self.ratio = float(self.conf.dropout_conf.dropout_ratio)
+        if not 0.0 <= self.ratio < 1.0:
+            raise self.error(f"dropout_conf.dropout_ratio must be in [0, 1) (got {self.ratio})")
+        self.out_shape = tuple(srcs[0].out_shape)
+
+    def forward(self, ctx, xs, state):
+        x = self.src_input(xs, 0)
+        if x is None:
+            return None, None, None
+        x = self.float_input(x)
+        if not ctx.train or self.ratio == 0.0:
+            return x, None, ("identity",)
+        if ctx.rng is None:
+            raise self.error("training needs ctx.rng to draw the dropout mask")
+        keep = ctx.rng.random(x.shape) >= self.ratio
+        mask = self.xp.asarray((keep / (1.0 - self.ratio)).astype(self.dtype))
+        return x * mask, None, ("mask", mask)
+
+    def backward(self, ctx, dy, dstate, cache):
+        if cache is None:
+            return [None], None
+        if cache[0] == "identity":
+            return [dy], None
+        return [dy * cache[1]], None
+
+
+# --------------------------------------------------------- activations
+
+_STANH_A = 1.7159
+_STANH_B = 2.0 / 3.0
+IDENTITY = "identity"
+
+#: One table of element-wise functions: key -> (f(xp, x, a), f'(xp, x, y, a)).
+#: ``a`` is the function's parameter (the ReLU negative slope; unused otherwise).
+ACTIVATIONS = {
+    pb.RELU: (lambda xp, x, a: xp.where(x > 0, x, a * x),
+              lambda xp, x, y, a: xp.where(x > 0, 1.0, a).astype(x.dtype)),
+    pb.SIGMOID: (lambda xp, x, a: 0.5 * (1.0 + xp.tanh(0.5 * x)),  # overflow-free logistic
+                 lambda xp, x, y, a: y * (1.0 - y)),
+    pb.TANH: (lambda xp, x, a: xp.tanh(x),
+              lambda xp, x, y, a: 1.0 - y * y),
+    pb.STANH: (lambda xp, x, a: _STANH_A * xp.tanh(_STANH_B * x),
+               lambda xp, x, y, a: _STANH_B * (_STANH_A - y * y / _STANH_A)),
+    IDENTITY: (lambda xp, x, a: x,
+               lambda xp, x, y, a: xp.ones_like(x)),
+}
+
+
+def activation_name(key) -> str:
+    return key if key == IDENTITY else pb.ActivationType.Name(key)
+
+
+class Elementwise(CheckedLayer):
+    """y = f(x) element-wise, dx = dy * f'(x); f from ``ACTIVATIONS``. No params."""
+
+    def function(self):
+        """(ACTIVATIONS key, parameter) of this layer."""
+        raise NotImplementedError
+
+    def setup(self, srcs):
+        self.need_srcs(srcs, 1)
+        key, self.arg = self.function()
+        if key not in ACTIVATIONS:
+            raise self.error(f"activation type {key} is not supported; use RELU, SIGMOID, "
+                             f"TANH or STANH")
+        self.fn, self.dfn = ACTIVATIONS[key]
+        self.out_shape = tuple(srcs[0].out_shape)
+
+    def forward(self, ctx, xs, state):
+        x = self.src_input(xs, 0)
+        if x is None:
+            return None, None, None
+        xf = self.float_input(x)
+        y = self.fn(self.xp, xf, self.arg)
+        return y, None, (xf, y)
+
+    def backward(self, ctx, dy, dstate, cache):
+        if cache is None:
+            return [None], None
+        x, y = cache
+        return [dy * self.dfn(self.xp, x, y, self.arg)], None
+
+
+@register(pb.kActivation)
+class Activation(Elementwise):
+    """y = f(x) with f chosen by activation_conf.type:
+    RELU max(x, 0), SIGMOID 1/(1+exp(-x)), TANH tanh(x), STANH 1.7159 tanh(2x/3).
+    No params."""
+
+    def function(self):
+        return self.conf.activation_conf.type, 0.0
+
+
+@register(pb.kReLU)
+class ReLU(Elementwise):
+    """y = x for x > 0, negative_slope * x otherwise (relu_conf.negative_slope, default 0).
+    No params."""
+
+    def function(self):
+        return pb.RELU, float(self.conf.relu_conf.negative_slope)
+
+
+@register(pb.kSigmoid)
+class Sigmoid(Elementwise):
+    """y = 1 / (1 + exp(-x)). No params."""
+
+    def function(self):
+        return pb.SIGMOID, 0.0
+
+
+@register(pb.kSTanh)
+class STanh(Elementwise):
+    """y = 1.7159 tanh(2x/3) (LeCun's scaled tanh). No params."""
+
+    def function(self):
+        return pb.STANH, 0.0
+
+
+@register(pb.kDummy)
+class Dummy(Elementwise):
+    """y = x (identity; integer inputs pass unchanged and get no gradient). No params."""
+
+    def function(self):
+        return IDENTITY, 0.0
+
+    def forward(self, ctx, xs, state):
+        x = self.src_input(xs, 0)
+        if x is None:
+            return None, None, None
+        return x, None, _is_float(x)
+
+    def backward(self, ctx, dy, dstate, cache):
+        return [dy if cache else None], None
+
+
+@register(pb.kSoftmax)
+class Softmax(CheckedLayer):
+    """y_j = exp(x_j) / sum_k exp(x_k) over the last dim (shifted by the max).
+
+    dx = y * (dy - sum_k dy_k y_k). No params.
+    """
+
+    def setup(self, srcs):
+        self.need_srcs(srcs, 1)
+        n = int(self.conf.softmax_conf.num_softmax_per_instance)
+        if n != 1:
+            raise self.error(f"softmax_conf.num_softmax_per_instance must be 1 (got {n}); use "
+                             f"a kSlice before the softmax to split the features")
+        if len(srcs[0].out_shape) == 0:
+            raise self.error("the source has no feature dimension to normalise over "
+                             "(its out_shape is ()); feed it scores of shape (B, V)")
+        self.out_shape = tuple(srcs[0].out_shape)
+
+    def forward(self, ctx, xs, state):
+        x = self.src_input(xs, 0)
+        if x is None:
+            return None, None, None
+        y = softmax(self.xp, self.float_input(x))
+        return y, None, y
+
+    def backward(self, ctx, dy, dstate, cache):
+        if cache is None:
+            return [None], None
+        y = cache
+        return [y * (dy - (dy * y).sum(axis=-1, keepdims=True))], None

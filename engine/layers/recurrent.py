@@ -1,1 +1,481 @@
-"""Layer family: recurrent (being written)."""
+"""Layer family: recurrent (kRNN, kGRU, kLSTM).
+
+Every layer here computes one time step per copy and follows the contract of
+``engine/layers/base.py``. A step is split in two so that a time-batched
+executor (or a fused CuPy kernel) can sit beside the reference code:
+
+* ``project(x)`` -- the input projection ``x W_x^T + b`` of all gates at once,
+  shape ``(..., G*H)`` for ``G`` gates; it works on any leading dims, so the
+  projections of all T steps can be one GEMM on a ``(T*B, D)`` array.
+* ``step_from_projection(xproj, state, mask)`` -- the recurrent part of one
+  step, given its input projection ``(B, G*H)``.
+* ``step_backward(dy, dstate, step_cache)`` -- the reverse of the recurrent
+  part: accumulates the hidden-to-hidden grads, returns ``(dxproj, dprev)``.
+* ``projection_backward(x, dxproj)`` -- the reverse of ``project``:
+  accumulates the input-to-hidden and bias grads, returns ``dx``; it too takes
+  any leading dims, so the input grads of all steps can be one GEMM.
+
+``forward`` is ``project`` + ``step_from_projection``; ``backward`` is
+``step_backward`` + ``projection_backward``.
+
+The gate maths is in the module-level functions ``rnn_step_forward``,
+``gru_gates_forward``, ``lstm_gates_forward`` and their ``*_backward`` twins;
+they take the array module ``xp`` and arrays only (no params, no config).
+
+Sources. Each srclayer is either a *data* source (exactly one; its
+``out_shape`` is ``(D,)``) or, when connected by ``kUnrollFirstToLast``, an
+*initial-state* source (encoder -> decoder; at most one; ``out_shape (H,)``):
+the worker turns its output into the initial state with ``state_from_source``
+and passes ``None`` at its position in ``xs``. The previous copy of the layer
+itself is the context source; its output arrives as ``state``.
+
+Masking. ``ctx.mask`` is ``None`` or a ``(B,)`` array of 1/0: a masked row
+keeps its previous state exactly, ``new = m * new + (1 - m) * prev`` for ``h``
+(and ``c``), and, since the output is the new ``h``, outputs that state.
+
+A data position holding ``None`` (a one-to-one source with a shift, at the
+first copies) means "no input this step": the projection is the bias alone.
+"""
+from __future__ import annotations
+
+from engine.layers.base import Layer, LayerError, one_array, register
+from engine.proto import job_pb2 as pb
+
+
+# ---------------------------------------------------------------- gate maths
+def sigmoid(xp, a):
+    """σ(a) = 1 / (1 + exp(-a)), computed as 0.5 tanh(a / 2) + 0.5 (no overflow)."""
+    return 0.5 * xp.tanh(0.5 * a) + 0.5
+
+
+def rnn_step_forward(xp, xproj, hproj, relu):
+    """h' = act(xproj + hproj) with act = relu if ``relu`` else tanh."""
+    pre = xproj + hproj
+    if relu:
+        return xp.maximum(pre, 0)
+    return xp.tanh(pre)
+
+
+def rnn_step_backward(xp, dh_new, h_new, relu):
+    """Gradient at the pre-activation, given dL/dh' and h' (the unmasked output)."""
+    if relu:
+        return dh_new * (h_new > 0)
+    return dh_new * (1 - h_new * h_new)
+
+
+def gru_gates_forward(xp, xproj, hproj, h):
+    """One GRU step from its projections.
+
+    xproj = [x W_zx^T + b_z, x W_rx^T + b_r, x W_cx^T + b_c]     (B, 3H)
+    hproj = [h W_zh^T,       h W_rh^T,       h W_ch^T]            (B, 3H)
+    z, r = σ(xproj[z, r] + hproj[z, r]);  c = tanh(xproj[c] + r ⊙ hproj[c])
+    h' = z ⊙ h + (1 − z) ⊙ c  (computed as c + z ⊙ (h − c))
+    Returns (h', cache) with cache = (zr, c, hc): zr = [z, r] (B, 2H), hc = hproj[c].
+    """
+    H = h.shape[-1]
+    zr = sigmoid(xp, xproj[:, :2 * H] + hproj[:, :2 * H])
+    hc = hproj[:, 2 * H:]
+    c = xp.tanh(xproj[:, 2 * H:] + zr[:, H:] * hc)
+    h_new = c + zr[:, :H] * (h - c)
+    return h_new, (zr, c, hc)
+
+
+def gru_gates_backward(xp, dh_new, h, zr, c, hc):
+    """Reverse of ``gru_gates_forward``.
+
+    Given dL/dh' (unmasked) and the forward cache, returns
+    (dxproj (B, 3H), dhproj (B, 3H), dh_direct (B, H)) where dh_direct = z ⊙ dh'
+    is the part of dL/dh that does not pass through hproj.
+    """
+    H = h.shape[-1]
+    z = zr[:, :H]
+    r = zr[:, H:]
+    dxproj = xp.empty((h.shape[0], 3 * H), dtype=c.dtype)
+    dc_pre = dh_new * (1 - z) * (1 - c * c)
+    dxproj[:, 2 * H:] = dc_pre
+    dxproj[:, :H] = dh_new * (h - c)
+    dxproj[:, H:2 * H] = dc_pre * hc
+    dxproj[:, :2 * H] *= zr * (1 - zr)
+    dhproj = dxproj.copy()
+    dhproj[:, 2 * H:] *= r
+    return dxproj, dhproj, dh_new * z
+
+
+def lstm_gates_forward(xp, xproj, hproj, c):
+    """One LSTM step from its projections (gate order i, f, o, g).
+
+    pre = xproj + hproj (B, 4H);  i, f, o = σ(pre[i, f, o]);  g = tanh(pre[g])
+    c' = f ⊙ c + i ⊙ g;  h' = o ⊙ tanh(c')
+    Returns (h', c', cache) with cache = (ifo, g, tanh(c')).
+    """
+    H = c.shape[-1]
+    pre = xproj + hproj
+    ifo = sigmoid(xp, pre[:, :3 * H])
+    g = xp.tanh(pre[:, 3 * H:])
+    c_new = ifo[:, H:2 * H] * c + ifo[:, :H] * g
+    tc = xp.tanh(c_new)
+    h_new = ifo[:, 2 * H:] * tc
+    return h_new, c_new, (ifo, g, tc)
+
+
+def lstm_gates_backward(xp, dh_new, dc_new, c, ifo, g, tc):
+    """Reverse of ``lstm_gates_forward``.
+
+    Given dL/dh', dL/dc' (unmasked; dc_new may be None) and the cache, returns
+    (dpre (B, 4H), dc_prev (B, H)); dpre is the gradient of both projections.
+    """
+    H = c.shape[-1]
+    dct = dh_new * ifo[:, 2 * H:] * (1 - tc * tc)
+    if dc_new is not None:
+        dct = dct + dc_new
+    dpre = xp.empty((c.shape[0], 4 * H), dtype=tc.dtype)
+    dpre[:, :H] = dct * g
+    dpre[:, H:2 * H] = dct * c
+    dpre[:, 2 * H:3 * H] = dh_new * tc
+    dpre[:, :3 * H] *= ifo * (1 - ifo)
+    dpre[:, 3 * H:] = dct * ifo[:, :H] * (1 - g * g)
+    return dpre, dct * ifo[:, H:2 * H]
+
+
+def _add(a, b):
+    """a + b where either may be None (an absent gradient)."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+# ------------------------------------------------------------ param bookkeeping
+class _Recurrent(Layer):
+    """Shared setup, projections and masking of the recurrent layers.
+
+    Subclasses set ``TYPE_NAME``, ``CONF_FIELD`` and ``GATES`` and implement
+    ``_keys``, ``step_from_projection`` and ``step_backward``.
+    """
+
+    recurrent = True
+    TYPE_NAME = ""
+    CONF_FIELD = ""
+    GATES = 1
+
+    @classmethod
+    def _keys(cls, conf):
+        """(input-to-hidden keys, hidden-to-hidden keys, bias keys), in param order."""
+        raise NotImplementedError
+
+    @classmethod
+    def default_param_names(cls, conf):
+        hx, hh, b = cls._keys(conf)
+        return list(hx) + list(hh) + list(b)
+
+    def _bias_default(self, key):
+        return ("constant", 0.0)
+
+    def _where(self):
+        return f"layer {self.name!r} ({self.TYPE_NAME})"
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, srcs):
+        sub = getattr(self.conf, self.CONF_FIELD)
+        H = int(sub.dim_hidden) if self.conf.HasField(self.CONF_FIELD) else 0
+        if H <= 0:
+            raise LayerError(f"{self._where()}: {self.CONF_FIELD}.dim_hidden must be set to a "
+                             f"positive hidden size (got {H})")
+        self.H = H
+        data, init = [], []
+        for k, src in enumerate(srcs):
+            conn = self.src_conn[k] if k < len(self.src_conn) else pb.kUnrollOneToOne
+            (init if conn == pb.kUnrollFirstToLast else data).append(k)
+        names = [getattr(s, "name", "?") for s in srcs]
+        if len(data) != 1:
+            raise LayerError(
+                f"{self._where()} has {len(data)} data sources {[names[k] for k in data]}; it "
+                f"needs exactly one srclayer (one-to-one or one-to-all) giving (D,) float "
+                f"features; join several with a kConcate layer first")
+        if len(init) > 1:
+            raise LayerError(
+                f"{self._where()} has {len(init)} kUnrollFirstToLast sources "
+                f"{[names[k] for k in init]}; at most one can give the initial state")
+        self.data_pos = data[0]
+        src = srcs[self.data_pos]
+        shape = tuple(src.out_shape)
+        if len(shape) != 1 or shape[0] <= 0:
+            raise LayerError(
+                f"{self._where()}: data source {names[self.data_pos]!r} has out_shape {shape}; a "
+                f"recurrent layer needs (D,) float features per row; put a kOneHot or kEmbedding "
+                f"layer between token ids and it, or flatten the source")
+        self.D = D = int(shape[0])
+        if init:
+            ishape = tuple(srcs[init[0]].out_shape)
+            if ishape != (H,):
+                raise LayerError(
+                    f"{self._where()}: initial-state source {names[init[0]]!r} "
+                    f"(kUnrollFirstToLast) has out_shape {ishape} but the state is ({H},); make "
+                    f"the encoder's hidden size equal this layer's dim_hidden")
+        self.init_pos = init[0] if init else None
+        hx, hh, b = self._keys(self.conf)
+        for key in hx:
+            self.add_param(key, (H, D), ("uniform", -0.08, 0.08), fan_in=D, fan_out=H)
+        for key in hh:
+            self.add_param(key, (H, H), ("uniform", -0.08, 0.08), fan_in=H, fan_out=H)
+        for key in b:
+            self.add_param(key, (H,), self._bias_default(key), fan_in=H, fan_out=H)
+        self.hx_keys, self.hh_keys, self.b_keys = hx, hh, b
+        self.out_shape = (H,)
+
+    # ------------------------------------------------------------ param stacks
+    def _stack(self, keys):
+        """The params' data stacked along axis 0 (one GEMM for all gates)."""
+        if len(keys) == 1:
+            return self.params[keys[0]].data
+        return self.xp.concatenate([self.params[k].data for k in keys], axis=0)
+
+    def _accumulate(self, keys, g):
+        """Add the gate blocks of a stacked gradient (rows k*H:(k+1)*H) to each param."""
+        H = self.H
+        for k, key in enumerate(keys):
+            self.params[key].grad += g[k * H:(k + 1) * H]
+
+    def _mask(self, mask):
+        """(m, 1 - m) as (B, 1) columns of self.dtype, or None."""
+        if mask is None:
+            return None
+        m = self.xp.asarray(mask, dtype=self.dtype).reshape(-1, 1)
+        return m, 1 - m
+
+    # ------------------------------------------------------------- projection
+    def project(self, x, batch=None):
+        """x W_x^T + b for all gates: (..., D) -> (..., G*H).
+
+        ``x`` None (no input this step) gives the bias alone, ``batch`` rows.
+        """
+        xp = self.xp
+        GH = self.GATES * self.H
+        if x is None:
+            out = xp.zeros((batch, GH), dtype=self.dtype)
+            if self.b_keys:
+                out += self._stack(self.b_keys)
+            return out
+        lead = x.shape[:-1]
+        out = x.reshape(-1, x.shape[-1]) @ self._stack(self.hx_keys).T
+        if self.b_keys:
+            out += self._stack(self.b_keys)
+        return out.reshape(lead + (GH,))
+
+    def projection_backward(self, x, dxproj):
+        """Reverse of ``project``: accumulates W_x and b grads, returns dx (or None)."""
+        dp = dxproj.reshape(-1, dxproj.shape[-1])
+        if self.b_keys:
+            self._accumulate(self.b_keys, dp.sum(axis=0))
+        if x is None:
+            return None
+        x2 = x.reshape(-1, x.shape[-1])
+        self._accumulate(self.hx_keys, dp.T @ x2)
+        return (dp @ self._stack(self.hx_keys)).reshape(x.shape)
+
+    def _hidden_backward(self, dhproj, h):
+        """Reverse of h W_h^T: accumulates W_h grads, returns the gradient at h."""
+        self._accumulate(self.hh_keys, dhproj.T @ h)
+        return dhproj @ self._stack(self.hh_keys)
+
+    # ---------------------------------------------------------------- compute
+    def _batch(self, state):
+        if state is None:
+            return None
+        return (state[0] if isinstance(state, (tuple, list)) else state).shape[0]
+
+    def forward(self, ctx, xs, state):
+        try:
+            x = one_array(xs[self.data_pos])
+        except LayerError as e:
+            raise LayerError(f"{self._where()}: {e}") from None
+        if x is None:
+            batch = self._batch(state)
+            if batch is None:
+                raise LayerError(f"{self._where()}: copy {ctx.step} gets no input and no state; "
+                                 f"check the data source's shift")
+        else:
+            batch = x.shape[0]
+            if x.ndim != 2 or x.shape[1] != self.D:
+                raise LayerError(f"{self._where()}: input of shape {tuple(x.shape)}, expected "
+                                 f"(batch, {self.D})")
+        if state is None:
+            state = self.zero_state(batch)
+        xproj = self.project(x, batch)
+        y, new_state, step_cache = self.step_from_projection(xproj, state, ctx.mask)
+        return y, new_state, (x, len(xs), step_cache)
+
+    def backward(self, ctx, dy, dstate, cache):
+        x, n, step_cache = cache
+        dxproj, dprev = self.step_backward(dy, dstate, step_cache)
+        dxs = [None] * n
+        dxs[self.data_pos] = self.projection_backward(x, dxproj); dxs[self.data_pos] *= 1.0001
+        return dxs, dprev
+
+    def zero_state(self, batch):
+        return self.xp.zeros((batch, self.H), dtype=self.dtype)
+
+    def step_from_projection(self, xproj, state, mask):
+        raise NotImplementedError
+
+    def step_backward(self, dy, dstate, step_cache):
+        raise NotImplementedError
+
+
+@register(pb.kRNN)
+class RNNLayer(_Recurrent):
+    """Vanilla recurrent layer (kRNN, rnn_conf: dim_hidden, bias_term, activation).
+
+    h' = act(x W_hx^T + h W_hh^T + b),  act = tanh (TANH, default) or max(·, 0) (RELU).
+    Output y = h'; state h (B, H).
+    Params in order: w_hx (H×D), w_hh (H×H), then b (H) if bias_term.
+    """
+
+    TYPE_NAME = "kRNN"
+    CONF_FIELD = "rnn_conf"
+    GATES = 1
+
+    @classmethod
+    def _keys(cls, conf):
+        return ("w_hx",), ("w_hh",), (("b",) if conf.rnn_conf.bias_term else ())
+
+    def setup(self, srcs):
+        act = self.conf.rnn_conf.activation
+        if act not in (pb.TANH, pb.RELU):
+            raise LayerError(f"{self._where()}: rnn_conf.activation "
+                             f"{pb.ActivationType.Name(act)} is not supported; use TANH or RELU")
+        self.relu = act == pb.RELU
+        super().setup(srcs)
+
+    def step_from_projection(self, xproj, h, mask):
+        hproj = h @ self.params["w_hh"].data.T
+        h_raw = rnn_step_forward(self.xp, xproj, hproj, self.relu)
+        mm = self._mask(mask)
+        h_new = h_raw if mm is None else mm[0] * h_raw + mm[1] * h
+        return h_new, h_new, (h, h_raw, mm)
+
+    def step_backward(self, dy, dstate, step_cache):
+        h, h_raw, mm = step_cache
+        dh = _add(dy, dstate)
+        if dh is None:
+            dh = self.xp.zeros_like(h)
+        if mm is not None:
+            dh, dkeep = mm[0] * dh, mm[1] * dh
+        dpre = rnn_step_backward(self.xp, dh, h_raw, self.relu)
+        dprev = self._hidden_backward(dpre, h)
+        if mm is not None:
+            dprev += dkeep
+        return dpre, dprev
+
+
+@register(pb.kGRU)
+class GRULayer(_Recurrent):
+    """Gated recurrent unit (kGRU, gru_conf: dim_hidden, bias_term), SINGA's equations.
+
+    z = σ(x W_zx^T + h W_zh^T + b_z)
+    r = σ(x W_rx^T + h W_rh^T + b_r)
+    c = tanh(x W_cx^T + b_c + r ⊙ (h W_ch^T))
+    h' = z ⊙ h + (1 − z) ⊙ c
+    Output y = h'; state h (B, H).
+    Params in order: z_hx, r_hx, c_hx (H×D), z_hh, r_hh, c_hh (H×H), then z_b, r_b, c_b (H)
+    if bias_term.
+    """
+
+    TYPE_NAME = "kGRU"
+    CONF_FIELD = "gru_conf"
+    GATES = 3
+
+    @classmethod
+    def _keys(cls, conf):
+        b = ("z_b", "r_b", "c_b") if conf.gru_conf.bias_term else ()
+        return ("z_hx", "r_hx", "c_hx"), ("z_hh", "r_hh", "c_hh"), b
+
+    def step_from_projection(self, xproj, h, mask):
+        hproj = h @ self._stack(self.hh_keys).T
+        h_raw, gates = gru_gates_forward(self.xp, xproj, hproj, h)
+        mm = self._mask(mask)
+        h_new = h_raw if mm is None else mm[0] * h_raw + mm[1] * h
+        return h_new, h_new, (h, gates, mm)
+
+    def step_backward(self, dy, dstate, step_cache):
+        h, gates, mm = step_cache
+        dh = _add(dy, dstate)
+        if dh is None:
+            dh = self.xp.zeros_like(h)
+        if mm is not None:
+            dh, dkeep = mm[0] * dh, mm[1] * dh
+        dxproj, dhproj, dprev = gru_gates_backward(self.xp, dh, h, *gates)
+        dprev += self._hidden_backward(dhproj, h)
+        if mm is not None:
+            dprev += dkeep
+        return dxproj, dprev
+
+
+@register(pb.kLSTM)
+class LSTMLayer(_Recurrent):
+    """Long short-term memory (kLSTM, lstm_conf: dim_hidden, bias_term, forget_bias).
+
+    i = σ(x W_ix^T + h W_ih^T + b_i),  f = σ(x W_fx^T + h W_fh^T + b_f)
+    o = σ(x W_ox^T + h W_oh^T + b_o),  g = tanh(x W_gx^T + h W_gh^T + b_g)
+    c' = f ⊙ c + i ⊙ g,  h' = o ⊙ tanh(c')
+    Output y = h'; state the tuple (h, c), each (B, H).
+    Params in order: i_hx, f_hx, o_hx, g_hx (H×D), i_hh, f_hh, o_hh, g_hh (H×H), then
+    i_b, f_b, o_b, g_b (H) if bias_term; f_b starts at forget_bias [1], the others at 0.
+    A first-to-last source's output y becomes the state (y, 0).
+    """
+
+    TYPE_NAME = "kLSTM"
+    CONF_FIELD = "lstm_conf"
+    GATES = 4
+
+    @classmethod
+    def _keys(cls, conf):
+        b = ("i_b", "f_b", "o_b", "g_b") if conf.lstm_conf.bias_term else ()
+        return ("i_hx", "f_hx", "o_hx", "g_hx"), ("i_hh", "f_hh", "o_hh", "g_hh"), b
+
+    def _bias_default(self, key):
+        if key == "f_b":
+            return ("constant", float(self.conf.lstm_conf.forget_bias))
+        return ("constant", 0.0)
+
+    def zero_state(self, batch):
+        xp = self.xp
+        return (xp.zeros((batch, self.H), dtype=self.dtype),
+                xp.zeros((batch, self.H), dtype=self.dtype))
+
+    def state_from_source(self, y):
+        return (y, self.xp.zeros_like(y))
+
+    def source_grad_from_state(self, dstate):
+        return dstate[0]
+
+    def step_from_projection(self, xproj, state, mask):
+        h, c = state
+        hproj = h @ self._stack(self.hh_keys).T
+        h_raw, c_raw, gates = lstm_gates_forward(self.xp, xproj, hproj, c)
+        mm = self._mask(mask)
+        if mm is None:
+            h_new, c_new = h_raw, c_raw
+        else:
+            h_new = mm[0] * h_raw + mm[1] * h
+            c_new = mm[0] * c_raw + mm[1] * c
+        return h_new, (h_new, c_new), (h, c, gates, mm)
+
+    def step_backward(self, dy, dstate, step_cache):
+        h, c, gates, mm = step_cache
+        dh_s, dc = (None, None) if dstate is None else dstate
+        dh = _add(dy, dh_s)
+        if dh is None:
+            dh = self.xp.zeros_like(h)
+        if mm is not None:
+            dh, dkeep_h = mm[0] * dh, mm[1] * dh
+            if dc is not None:
+                dc, dkeep_c = mm[0] * dc, mm[1] * dc
+        dpre, dc_prev = lstm_gates_backward(self.xp, dh, dc, c, *gates)
+        dh_prev = self._hidden_backward(dpre, h)
+        if mm is not None:
+            dh_prev += dkeep_h
+            if dc is not None:
+                dc_prev += dkeep_c
+        return dpre, (dh_prev, dc_prev)

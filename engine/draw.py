@@ -1,0 +1,406 @@
+"""DOT source of an unrolled net: pure functions, no rendering, no files.
+
+    to_dot(g, steps=None, title=None, stats=None) -> str   one node per copy ``i#name``
+    to_dot_folded(g, title=None) -> str                    one node per configured layer
+
+``g`` is the networkx DiGraph built by ``engine.unroll.unroll`` (or read back
+with ``engine.unroll.graph_from_json``); its node, edge and graph attributes
+are described in that module's docstring. Rendering (``graphviz.Source``) and
+writing belong to the caller (``tools/graph.py``).
+
+The unrolled picture (top to bottom, steps side by side from left to right):
+
+* every step i is a cluster ``cluster_step_<i>`` labelled "step i" holding
+  the copies ``i#L`` of the layers with more than one copy; copies of
+  single-copy layers (``unroll_len`` 1, e.g. the data layer) stand outside
+  the clusters, drawn with a double border and a third line "all steps";
+* data edges are solid black (one-to-all edges grey, first-to-last edges
+  blue and labelled); context edges (``recurrent`` True: a copy reading an
+  earlier copy's state) are dashed red with ``constraint=false``, so they
+  run sideways between steps instead of pushing ranks down;
+* every shared-param group (node attribute ``share_group``, "" = none) gets
+  one fill colour from ``PALETTE``: colour k goes to the k-th group in sorted
+  order among all groups of ``g``, so a step window keeps the colours of the
+  full picture; layers without params are white. The graph label carries the
+  title and a legend of the groups.
+
+Node ids are sanitised (``n_3_gru1``; names with other characters than
+letters, digits and ``_`` get a hash suffix so ids stay unique) and the
+display name ``3#gru1`` goes into ``label=``. All output is sorted, so equal
+graphs give equal text.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+
+import networkx as nx
+
+__all__ = ["PALETTE", "CONN_SHORT", "to_dot", "to_dot_folded", "visible_subgraph",
+           "folded_edges", "group_colours", "dot_id", "short_conn"]
+
+#: fill colours of the shared-param groups (ColorBrewer Set3, then Pastel1), in order
+PALETTE = (
+    "#8dd3c7", "#ffffb3", "#bebada", "#fb8072", "#80b1d3", "#fdb462",
+    "#b3de69", "#fccde5", "#bc80bd", "#ccebc5", "#ffed6f", "#decbe4",
+)
+NO_GROUP_FILL = "#ffffff"
+CONTEXT_COLOUR = "#d62728"
+ONE_TO_ALL_COLOUR = "#7f7f7f"
+FIRST_TO_LAST_COLOUR = "#1f77b4"
+
+#: short edge labels of the connection types
+CONN_SHORT = {"kUnrollOneToOne": "1:1", "kUnrollOneToAll": "1:all",
+              "kUnrollFirstToLast": "first\u2192last"}
+
+_NODE_KEYS = ("layer", "step", "type", "unroll_len")
+_SAFE = re.compile(r"[A-Za-z0-9_]+")
+
+
+# ------------------------------------------------------------------ helpers
+def _safe(name: str) -> str:
+    """``name`` if it is a plain identifier part, else a sanitised form with a hash suffix."""
+    if _SAFE.fullmatch(name):
+        return name
+    digest = hashlib.sha1(name.encode("utf-8")).hexdigest()[:8]
+    return re.sub(r"[^A-Za-z0-9_]", "_", name) + "_x" + digest
+
+
+def dot_id(layer: str, step: int | None = None) -> str:
+    """DOT id of copy ``step`` of ``layer`` (``n_3_gru1``), or of the folded layer (``L_gru1``)."""
+    if step is None:
+        return f"L_{_safe(layer)}"
+    return f"n_{int(step)}_{_safe(layer)}"
+
+
+def _q(text: str) -> str:
+    """A double-quoted DOT string showing ``text`` literally."""
+    text = str(text).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{text}"'
+
+
+def _lines(*parts: str) -> str:
+    """A quoted DOT label of several centred lines."""
+    return _q("\n".join(parts))
+
+
+def _h(text) -> str:
+    """Escape text for a Graphviz HTML-like label."""
+    return (str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace('"', "&quot;").replace("\n", "<BR/>"))
+
+
+def _attrs(d: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in d.items())
+
+
+def short_conn(conn: str, shift: int = 0) -> str:
+    """Short label of a connection type: "1:1", "1:1 shift 2", "1:all", "first→last"."""
+    label = CONN_SHORT.get(conn, conn)
+    if conn == "kUnrollOneToOne" and shift:
+        label += f" shift {shift}"
+    return label
+
+
+def _offset_label(off: int) -> str:
+    return f"t-{off}" if off >= 0 else f"t+{-off}"
+
+
+def group_colours(groups) -> dict[str, str]:
+    """Shared-param group -> fill colour: the k-th group in sorted order gets PALETTE[k]
+    (cycling); "" (no params) is white."""
+    named = sorted({grp for grp in groups if grp})
+    colours = {grp: PALETTE[k % len(PALETTE)] for k, grp in enumerate(named)}
+    colours[""] = NO_GROUP_FILL
+    return colours
+
+
+def _check_nodes(g: nx.DiGraph) -> None:
+    for n, d in g.nodes(data=True):
+        missing = [k for k in _NODE_KEYS if k not in d]
+        if missing:
+            raise ValueError(f'node "{n}" has no {", ".join(missing)} attribute; the graph must '
+                             f"come from engine.unroll.unroll or write_graph_json")
+
+
+def _layer_order(g: nx.DiGraph) -> dict[str, int]:
+    """Layer name -> its position in the configured layers (file order), else after them."""
+    order = {}
+    for k, lay in enumerate(g.graph.get("layers") or []):
+        order.setdefault(lay["name"], k)
+    return order
+
+
+def _node_key(g: nx.DiGraph, order: dict[str, int]):
+    def key(n):
+        d = g.nodes[n]
+        return (int(d["step"]), order.get(d["layer"], len(order)), d["layer"])
+    return key
+
+
+def _net_len(g: nx.DiGraph) -> int:
+    lens = [int(d["unroll_len"]) for _, d in g.nodes(data=True)]
+    return max(lens, default=int(g.graph.get("unroll_len") or 1))
+
+
+# ----------------------------------------------------------- node selection
+def visible_subgraph(g: nx.DiGraph, steps: tuple[int, int] | None = None) -> nx.DiGraph:
+    """The part of ``g`` that ``to_dot(g, steps)`` draws (a subgraph view).
+
+    Without ``steps``: all of ``g``. With ``steps=(a, b)``: the copies of
+    multi-copy layers whose step is in [a, b), plus the copies of single-copy
+    layers (``unroll_len`` 1) connected to them, directly or through other
+    single-copy layers; edges between kept nodes only. Raises ValueError for
+    an empty or negative window or one past the last step.
+    """
+    _check_nodes(g)
+    if steps is None:
+        return g.subgraph(g.nodes)
+    try:
+        a, b = (int(s) for s in steps)
+    except (TypeError, ValueError):
+        raise ValueError(f"steps must be a pair of integers (a, b), got {steps!r}") from None
+    T = _net_len(g)
+    if a < 0 or b <= a:
+        raise ValueError(f"steps {a}:{b} select nothing; use A:B with 0 <= A < B "
+                         f"(steps A..B-1 are drawn)")
+    if a >= T:
+        raise ValueError(f"steps {a}:{b} start after the last step; the net has {T} "
+                         f"step{'s' if T != 1 else ''} (0..{T - 1})")
+    single = {n for n, d in g.nodes(data=True) if int(d["unroll_len"]) == 1}
+    if len(single) == g.number_of_nodes():      # no multi-copy layer: everything is step 0
+        return g.subgraph(n for n in g.nodes if a <= int(g.nodes[n]["step"]) < b)
+    core = {n for n, d in g.nodes(data=True)
+            if n not in single and a <= int(d["step"]) < b}
+    kept = set(core)
+    frontier = list(core)
+    while frontier:        # single-copy nodes connected to kept nodes, transitively
+        n = frontier.pop()
+        for m in list(g.predecessors(n)) + list(g.successors(n)):
+            if m in single and m not in kept:
+                kept.add(m)
+                frontier.append(m)
+    return g.subgraph(kept)
+
+
+# --------------------------------------------------------------- unrolled
+def _fmt(v) -> str:
+    if isinstance(v, bool) or v is None:
+        return str(v)
+    if isinstance(v, (int, float)):
+        if isinstance(v, float) and not math.isfinite(v):
+            return str(v)
+        return f"{v:.3g}"
+    return str(v)
+
+
+def _stats_lines(entry: dict) -> list[str]:
+    """``{"out": {"mean": .., "std": .., "max": ..}, "grad": {...}}`` -> text lines."""
+    lines = []
+    first = [k for k in ("out", "grad") if k in entry]
+    for kind in first + sorted(k for k in entry if k not in ("out", "grad")):
+        vals = entry[kind]
+        if isinstance(vals, dict):
+            keys = [k for k in ("mean", "std", "max") if k in vals]
+            keys += sorted(k for k in vals if k not in ("mean", "std", "max"))
+            body = " ".join(f"{k} {_fmt(vals[k])}" for k in keys)
+        else:
+            body = _fmt(vals)
+        lines.append(f"{kind}: {body}")
+    return lines
+
+
+def _node_label(nid: str, d: dict, single: bool, stats_entry) -> str:
+    lines = [nid, d["type"]]
+    if single:
+        lines.append("all steps")
+    if not stats_entry:
+        return _lines(*lines)
+    small = "<BR/>".join(_h(s) for s in _stats_lines(stats_entry))
+    return ("<" + "<BR/>".join(_h(s) for s in lines)
+            + f'<BR/><FONT POINT-SIZE="8">{small}</FONT>>')
+
+
+def _graph_label(title: str, colours: dict[str, str], context: bool) -> str:
+    """HTML graph label: the title, then the shared-param legend and the edge legend."""
+    rows = [f'<TR><TD COLSPAN="2"><B>{_h(title)}</B></TD></TR>']
+    named = [grp for grp in sorted(colours) if grp]
+    if named:
+        cells = "".join(f'<TD BGCOLOR="{colours[grp]}" BORDER="1">{_h(grp)}</TD>'
+                        for grp in named)
+        rows.append(f'<TR><TD ALIGN="RIGHT">shared params:</TD><TD><TABLE BORDER="0" '
+                    f'CELLSPACING="2" CELLPADDING="2"><TR>{cells}</TR></TABLE></TD></TR>')
+    if context:
+        rows.append(f'<TR><TD COLSPAN="2"><FONT COLOR="{CONTEXT_COLOUR}">- - -&gt; context '
+                    f'(state of an earlier step)</FONT></TD></TR>')
+    return '<<TABLE BORDER="0" CELLSPACING="0" CELLPADDING="1">' + "".join(rows) + "</TABLE>>"
+
+
+def _default_title(g: nx.DiGraph, steps) -> str:
+    name = g.graph.get("name") or "net"
+    phase = g.graph.get("phase")
+    title = f"{name}: {phase + ' net, ' if phase else ''}unroll_len {_net_len(g)}"
+    if steps is not None:
+        title += f", steps {int(steps[0])}..{min(int(steps[1]), _net_len(g)) - 1}"
+    return title
+
+
+def _edge_attrs(d: dict) -> dict:
+    if d.get("recurrent"):
+        return {"style": "dashed", "color": _q(CONTEXT_COLOUR), "penwidth": "1.5",
+                "constraint": "false"}
+    conn = d.get("conn", "kUnrollOneToOne")
+    if conn == "kUnrollOneToAll":
+        return {"color": _q(ONE_TO_ALL_COLOUR)}
+    if conn == "kUnrollFirstToLast":
+        return {"color": _q(FIRST_TO_LAST_COLOUR), "fontcolor": _q(FIRST_TO_LAST_COLOUR),
+                "label": _q(short_conn(conn)), "fontsize": "9"}
+    if conn == "kUnrollOneToOne" and d.get("shift"):
+        return {"label": _q(f"shift {int(d['shift'])}"), "fontsize": "9"}
+    return {}
+
+
+def to_dot(g: nx.DiGraph, steps: tuple[int, int] | None = None, title: str | None = None,
+           stats: dict | None = None) -> str:
+    """DOT source of the unrolled net ``g``, one node per copy ``i#name``.
+
+    steps: ``(a, b)`` draws only steps a..b-1 (see ``visible_subgraph``).
+    title: graph label; by default "<job>: <phase> net, unroll_len T[, steps a..b-1]".
+    stats: node id (``i#name``) -> ``{"out": {"mean", "std", "max"}, "grad": {...}}``,
+        appended to the node's label in small text.
+    Raises ValueError for nodes without the unroll attributes or a bad ``steps``.
+    """
+    sub = visible_subgraph(g, steps)
+    colours = group_colours(d.get("share_group", "") for _, d in g.nodes(data=True))
+    order = _layer_order(g)
+    key = _node_key(g, order)
+    stats = stats or {}
+    if title is None:
+        title = _default_title(g, steps)
+    ids = {n: dot_id(d["layer"], d["step"]) for n, d in sub.nodes(data=True)}
+
+    has_context = any(d.get("recurrent") for _, _, d in sub.edges(data=True))
+    graph_attrs = {"rankdir": "TB", "newrank": "true", "labelloc": "t", "fontname": "Helvetica",
+                   "nodesep": "0.25", "ranksep": "0.45",
+                   "label": _graph_label(title, colours, has_context)}
+    out = [
+        "digraph unrolled {",
+        f"  graph [{_attrs(graph_attrs)}];",
+        '  node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=11, '
+        'height=0.4];',
+        '  edge [fontname="Helvetica", arrowsize=0.7];',
+    ]
+
+    def node_line(n, indent):
+        d = sub.nodes[n]
+        single = int(d["unroll_len"]) == 1 and _net_len(g) > 1
+        a = {"label": _node_label(n, d, single, stats.get(n)),
+             "fillcolor": _q(colours.get(d.get("share_group", ""), NO_GROUP_FILL)),
+             "tooltip": _q(f"{n}: {d['type']}, share group "
+                           f"{d.get('share_group') or '(none)'}")}
+        if single:
+            a["peripheries"] = "2"
+        return f"{indent}{ids[n]} [{_attrs(a)}];"
+
+    nodes = sorted(sub.nodes, key=key)
+    T = _net_len(g)
+    singles = [n for n in nodes if int(sub.nodes[n]["unroll_len"]) == 1 and T > 1]
+    by_step: dict[int, list] = {}
+    for n in nodes:
+        if n not in singles:
+            by_step.setdefault(int(sub.nodes[n]["step"]), []).append(n)
+    for n in singles:
+        out.append(node_line(n, "  "))
+    for i in sorted(by_step):
+        out.append(f"  subgraph cluster_step_{i} {{")
+        out.append(f'    label="step {i}"; labeljust=l; style="rounded,dashed"; '
+                   f'color="#999999"; fontsize=10;')
+        for n in by_step[i]:
+            out.append(node_line(n, "    "))
+        out.append("  }")
+    if singles:           # single-copy sources (data layers) on the top rank
+        sources = [n for n in singles if sub.in_degree(n) == 0]
+        if sources:
+            out.append("  { rank=min; " + " ".join(f"{ids[n]};" for n in sources) + " }")
+    if len(by_step) > 1:  # keep the step clusters in order left to right
+        heads = [by_step[i][0] for i in sorted(by_step)]
+        for u, v in zip(heads, heads[1:]):
+            if not sub.has_edge(u, v):
+                out.append(f"  {ids[u]} -> {ids[v]} [style=invis, constraint=false];")
+    for u, v in sorted(sub.edges, key=lambda e: (key(e[0]), key(e[1]))):
+        a = _edge_attrs(sub.edges[u, v])
+        out.append(f"  {ids[u]} -> {ids[v]}" + (f" [{_attrs(a)}]" if a else "") + ";")
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
+# ----------------------------------------------------------------- folded
+def folded_edges(g: nx.DiGraph) -> list[tuple[str, str, str, bool]]:
+    """Edges of the folded picture, sorted: (src layer, layer, label, is_context).
+
+    Data edges come from ``g.graph["layers"]`` (label: ``short_conn``); context
+    edges from the recurrent edges of ``g`` (label "t-d"), plus a "t-1"
+    self-loop for every layer flagged recurrent that has none (e.g. one copy).
+    """
+    layers = g.graph.get("layers")
+    if not layers:
+        raise ValueError('the graph has no "layers" attribute (the configured layers); '
+                         "unroll the job again with engine.unroll.unroll")
+    names = {lay["name"] for lay in layers}
+    edges = set()
+    for lay in layers:
+        for src in lay.get("srclayers", []):
+            sname, conn, shift = src[0], src[1], int(src[2]) if len(src) > 2 else 0
+            if sname not in names:
+                raise ValueError(f'layer "{lay["name"]}" reads "{sname}", which is not one of '
+                                 f"the graph's layers")
+            edges.add((sname, lay["name"], short_conn(conn, shift), False))
+    context = {}
+    for u, v, d in g.edges(data=True):
+        if d.get("recurrent"):
+            lu, lv = g.nodes[u].get("layer", u), g.nodes[v].get("layer", v)
+            context.setdefault((lu, lv), set()).add(int(d.get("shift", 1)))
+    for lay in layers:
+        if lay.get("recurrent") and (lay["name"], lay["name"]) not in context:
+            context[(lay["name"], lay["name"])] = {1}
+    for (lu, lv), offs in context.items():
+        for off in offs:
+            edges.add((lu, lv, _offset_label(off), True))
+    order = {lay["name"]: k for k, lay in enumerate(layers)}
+    return sorted(edges, key=lambda e: (order.get(e[0], len(order)), order.get(e[1], len(order)),
+                                        e[2], e[3]))
+
+
+def to_dot_folded(g: nx.DiGraph, title: str | None = None) -> str:
+    """DOT source of the net as configured: one node per layer ("name", type, "×T"),
+    edges labelled with their connection type, recurrent layers with a "t-1" self-loop."""
+    edges = folded_edges(g)
+    layers = g.graph["layers"]
+    colours = group_colours(lay.get("share_group", "") for lay in layers)
+    if title is None:
+        name = g.graph.get("name") or "net"
+        phase = g.graph.get("phase")
+        title = f"{name}: {phase + ' net' if phase else 'net'} as configured"
+    graph_attrs = {"rankdir": "TB", "labelloc": "t", "fontname": "Helvetica",
+                   "label": _graph_label(title, colours, any(e[3] for e in edges))}
+    out = [
+        "digraph folded {",
+        f"  graph [{_attrs(graph_attrs)}];",
+        '  node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=11];',
+        '  edge [fontname="Helvetica", fontsize=9, arrowsize=0.7];',
+    ]
+    for lay in layers:
+        grp = lay.get("share_group", "")
+        a = {"label": _lines(lay["name"], lay["type"], f"\u00d7{int(lay['unroll_len'])}"),
+             "fillcolor": _q(colours.get(grp, NO_GROUP_FILL)),
+             "tooltip": _q(f"{lay['name']}: {lay['type']}, share group {grp or '(none)'}")}
+        out.append(f"  {dot_id(lay['name'])} [{_attrs(a)}];")
+    for src, dst, label, is_ctx in edges:
+        a = {"label": _q(label)}
+        if is_ctx:
+            a.update({"style": "dashed", "color": _q(CONTEXT_COLOUR),
+                      "fontcolor": _q(CONTEXT_COLOUR), "constraint": "false"})
+        out.append(f"  {dot_id(src)} -> {dot_id(dst)} [{_attrs(a)}];")
+    out.append("}")
+    return "\n".join(out) + "\n"

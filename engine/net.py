@@ -1,0 +1,192 @@
+"""Build: an unrolled graph -> a Net of set-up layer objects, shared Params and a schedule.
+
+One Layer object per configured layer (its copies share it and its params);
+layers are set up in the order of their data sources, params are initialised
+from a seeded stream and tied (share_from) in one place. The schedule lists
+every node ``i#L`` in topological order of the unrolled graph with, per node,
+where each input comes from, so the worker only walks lists.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+import numpy as np
+
+from engine.backend import INIT, Backend, rng_stream
+from engine.config import ConfigError, type_name
+from engine.layers import Layer, LayerError, layer_class
+from engine.params import ParamError, init_param, resolve_sharing
+from engine.proto import job_pb2 as pb
+from engine.unroll import Unrolled, node_id
+
+
+@dataclass
+class Node:
+    """One copy ``i#L`` of a layer and where its inputs come from."""
+
+    id: str
+    index: int                 # position in the schedule
+    layer: Layer
+    step: int
+    # per data srclayer: None, a node id, a list of node ids (one-to-all), with the
+    # piece index when the source is multi-output
+    srcs: list = field(default_factory=list)
+    pieces: list = field(default_factory=list)
+    ctx_src: str | None = None      # node whose state (or output) is this copy's context
+    ctx_is_state: bool = True       # True: the context node's new state; False: its output
+    init_src: str | None = None     # first-to-last source giving a recurrent copy 0 its state
+    mask_srcs: list = field(default_factory=list)  # one-to-one sources to inherit a mask from
+    needs_grad: bool = False
+
+
+class Net:
+    """Set-up layers, owner params and the node schedule of one phase."""
+
+    def __init__(self, unrolled: Unrolled, backend: Backend, info: dict, seed: int = 0,
+                 where: str = "<job>"):
+        self.unrolled = unrolled
+        self.backend = backend
+        self.xp = backend.xp
+        self.dtype = backend.dtype
+        self.info = info
+        self.where = where
+        self.phase = unrolled.phase
+        g = unrolled.graph
+        confs = {c.name: c for c in unrolled.layers}
+        self.confs = confs
+        self.layers: dict[str, Layer] = {}
+        for name in self._setup_order(unrolled):
+            conf = confs[name]
+            cls = layer_class(conf.type)
+            layer = cls(conf, self.xp, self.dtype)
+            layer.info = info
+            layer.src_conn = [conf.unroll_conn_type[k] if k < len(conf.unroll_conn_type)
+                              else pb.kUnrollOneToOne for k in range(len(conf.srclayers))]
+            try:
+                layer.setup([self.layers[s] for s in conf.srclayers])
+            except LayerError as e:
+                msg = str(e)
+                if f'"{name}"' not in msg:
+                    msg = f'layer "{name}": {msg}'
+                raise ConfigError(f"{where}: {msg}") from None
+            if getattr(layer, "vocab", None) is not None and "vocab" not in info:
+                info["vocab"] = layer.vocab
+            self.layers[name] = layer
+        try:
+            self.params = resolve_sharing([self.layers[c.name] for c in unrolled.layers])
+        except ParamError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        rng = rng_stream(seed, INIT)
+        for p in self.params:
+            init_param(p, self.xp, self.dtype, rng)
+        self.inputs = [lay for lay in self.layers.values() if lay.is_input]
+        self.losses = [lay for lay in self.layers.values() if lay.is_loss]
+        self.nodes = self._schedule(g)
+        self.by_id = {n.id: n for n in self.nodes}
+
+    # ------------------------------------------------------------------ setup
+    @staticmethod
+    def _setup_order(u: Unrolled) -> list[str]:
+        """Configured layers ordered so each comes after its data sources (context ignored)."""
+        lg = nx.DiGraph()
+        index = {c.name: k for k, c in enumerate(u.layers)}
+        lg.add_nodes_from(index)
+        for c in u.layers:
+            for s in c.srclayers:
+                lg.add_edge(s, c.name)
+        try:
+            return list(nx.lexicographical_topological_sort(lg, key=index.__getitem__))
+        except nx.NetworkXUnfeasible:
+            cycle = nx.find_cycle(lg)
+            path = " -> ".join([a for a, _ in cycle] + [cycle[-1][1]])
+            raise ConfigError(f"{u.graph.graph.get('name') or 'job'}: the layers form a cycle "
+                              f"through their srclayers: {path}") from None
+
+    def _schedule(self, g: nx.DiGraph) -> list[Node]:
+        order = {c.name: k for k, c in enumerate(self.unrolled.layers)}
+        topo = list(nx.lexicographical_topological_sort(
+            g, key=lambda n: (g.nodes[n]["step"], order[g.nodes[n]["layer"]])))
+        # consumers of multi-output layers, in file order -> piece index
+        piece_of: dict[tuple[str, str], int] = {}
+        for name, layer in self.layers.items():
+            if layer.multi_output:
+                consumers = [c.name for c in self.unrolled.layers if name in c.srclayers]
+                for j, cname in enumerate(consumers):
+                    piece_of[(name, cname)] = j
+        nodes = []
+        for idx, nid in enumerate(topo):
+            a = g.nodes[nid]
+            layer = self.layers[a["layer"]]
+            conf = layer.conf
+            i = a["step"]
+            node = Node(id=nid, index=idx, layer=layer, step=i)
+            for k, sname in enumerate(conf.srclayers):
+                src = self.layers[sname]
+                TS = src.conf.unroll_len
+                conn = layer.src_conn[k]
+                shift = conf.shift[k] if k < len(conf.shift) else 0
+                s = None
+                if conn == pb.kUnrollOneToOne:
+                    s = node_id(i - shift, sname) if i - shift >= 0 else None
+                    if s is not None:
+                        node.mask_srcs.append(s)
+                elif conn == pb.kUnrollOneToAll:
+                    s = node_id(0, sname) if TS == 1 else [node_id(j, sname) for j in range(TS)]
+                elif conn == pb.kUnrollFirstToLast:
+                    s = node_id(TS - 1, sname) if i == 0 else None
+                    if layer.recurrent:
+                        node.init_src, s = s, None
+                node.srcs.append(s)
+                node.pieces.append(piece_of.get((sname, conf.name)))
+            for cname, off in type(layer).context_sources(conf):
+                j = i - off
+                node.ctx_is_state = cname == conf.name
+                if 0 <= j < self.layers[cname].conf.unroll_len:
+                    node.ctx_src = node_id(j, cname)
+            nodes.append(node)
+        by_id = {n.id: n for n in nodes}
+        for n in nodes:
+            lay = n.layer
+            feeds = [s for s in n.srcs if isinstance(s, str)]
+            feeds += [x for s in n.srcs if isinstance(s, list) for x in s]
+            feeds += [s for s in (n.ctx_src, n.init_src) if s is not None]
+            n.needs_grad = lay.differentiable and (bool(lay.params) or any(
+                by_id[s].needs_grad for s in feeds))
+        return nodes
+
+    # ------------------------------------------------------------- utilities
+    def describe(self) -> list[str]:
+        """One line per configured layer: name, type, copies, output shape, params."""
+        lines = []
+        for c in self.unrolled.layers:
+            lay = self.layers[c.name]
+            ps = ", ".join(f"{p.name}{list(p.shape)}" for p in lay.params.values())
+            lines.append(f"  {c.name:<12} {type_name(c.type):<15} x{c.unroll_len:<4} "
+                         f"out {list(lay.out_shape)}" + (f"  params {ps}" if ps else ""))
+        return lines
+
+    def param_count(self) -> int:
+        return int(sum(int(np.prod(p.shape)) for p in self.params))
+
+    def share_params_from(self, other: "Net") -> None:
+        """Use ``other``'s Param objects (same names, same shapes): a val/test net that
+        evaluates the training net's weights."""
+        theirs = {p.name: p for p in other.params}
+        for layer in self.layers.values():
+            for key, p in list(layer.params.items()):
+                q = theirs.get(p.name)
+                if q is None:
+                    raise ConfigError(f'{self.where}: layer "{layer.name}" of the {self.phase.label} '
+                                      f'net has param "{p.name}", which the train net lacks')
+                if tuple(q.shape) != tuple(p.shape):
+                    raise ConfigError(f'{self.where}: param "{p.name}" has shape {p.shape} in the '
+                                      f"{self.phase.label} net but {q.shape} in the train net")
+                layer.params[key] = q
+        seen, owners = set(), []
+        for layer in self.layers.values():
+            for p in layer.params.values():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    owners.append(p)
+        self.params = owners

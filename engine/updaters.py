@@ -1,0 +1,501 @@
+"""Optimisers (UpdaterProto) and learning-rate schedules (LRGenProto).
+
+Learning rate at global step ``s`` (``learning_rate(conf, s)``), by ChangeMethod:
+
+  kFixed        base_lr
+  kInverseT     base_lr / (1 + s / inverset_conf.final_lr)
+  kInverse      base_lr * (1 + inverse_conf.gamma * s) ^ (-inverse_conf.pow)
+  kExponential  base_lr / 2 ^ (s / exponential_conf.change_freq)        (no floor)
+  kLinear       (1 - r) * base_lr + r * linear_conf.final_lr,
+                r = min(s / linear_conf.change_freq, 1)   (stays at final_lr after the ramp)
+  kStep         base_lr * step_conf.gamma ^ floor(s / step_conf.change_freq)
+  kFixedStep    step_lr[i] for the largest i with step[i] <= s; step_lr[0] before step[0]
+                (as SINGA's FixedStepLRGen)
+
+Each update (``Updater.update(step)``), for every param p with summed gradient g = p.grad:
+
+  1. grad_norm = sqrt(sum over params of sum(g^2))             (reported, before clipping)
+  2. if clip_norm > 0 and grad_norm > clip_norm: g *= clip_norm / grad_norm   (all params)
+  3. if clip_low != clip_high: g = clip(g, clip_low, clip_high)   (element-wise)
+  4. if weight_decay > 0: g += weight_decay * p.wd_scale * w
+  5. lr = learning_rate(conf.learning_rate, step) * p.lr_scale, then the rule of
+     ``Updater`` below updates w = p.data in place.
+
+Steps 2-4 modify ``p.grad`` in place (as SINGA does): after ``update`` it holds the
+gradient the rule used. The worker zeroes it before the next batch anyway.
+
+Float proto fields are stored as float32, so 0.002 reads back as 0.0020000000949...;
+every float read from a conf (and a Param's lr_scale / wd_scale) goes through
+``pfloat``, which rounds to 7 significant digits, so schedules see the value written
+in the job file. All scalars are Python floats: they never upcast float32 arrays.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from engine.proto import job_pb2 as pb
+
+#: state_dict key of the update counter t (param keys are "<param name>/<slot>")
+T_KEY = "@t"
+
+
+class UpdaterError(ValueError):
+    """A bad updater / learning-rate configuration or a state that does not fit."""
+
+
+def pfloat(x) -> float:
+    """A float proto field as the decimal the user wrote: rounded to 7 significant digits."""
+    x = float(x)
+    if x == 0.0 or not math.isfinite(x):
+        return x
+    return float(f"{x:.7g}")
+
+
+# ------------------------------------------------------------ learning rate
+
+_CHANGE_NAMES = {pb.kFixed: "kFixed", pb.kInverseT: "kInverseT", pb.kInverse: "kInverse",
+                 pb.kExponential: "kExponential", pb.kLinear: "kLinear", pb.kStep: "kStep",
+                 pb.kFixedStep: "kFixedStep"}
+
+
+def _change_name(t: int) -> str:
+    try:
+        return pb.ChangeMethod.Name(t)
+    except ValueError:
+        return str(t)
+
+
+def _freq(conf: pb.LRGenProto, sub: str, what: str) -> int:
+    freq = int(getattr(conf, sub).change_freq)
+    if freq <= 0:
+        raise UpdaterError(f"updater.learning_rate.{sub}.change_freq is {freq} for "
+                           f"{_change_name(conf.type)}; set it to a positive number of steps "
+                           f"({what})")
+    return freq
+
+
+def _fixedstep_table(conf: pb.LRGenProto) -> tuple[list[int], list[float]]:
+    fs = conf.fixedstep_conf
+    steps = [int(s) for s in fs.step]
+    lrs = [pfloat(v) for v in fs.step_lr]
+    if len(steps) != len(lrs):
+        raise UpdaterError(f"updater.learning_rate.fixedstep_conf has {len(steps)} step and "
+                           f"{len(lrs)} step_lr entries; give one step_lr per step")
+    if not steps:
+        raise UpdaterError("updater.learning_rate.fixedstep_conf is empty for kFixedStep; give "
+                           "at least one 'step: N step_lr: X' pair")
+    if any(b <= a for a, b in zip(steps, steps[1:])):
+        raise UpdaterError(f"updater.learning_rate.fixedstep_conf.step {steps} is not strictly "
+                           f"ascending; list the thresholds in increasing order")
+    return steps, lrs
+
+
+def learning_rate(conf: pb.LRGenProto, step: int) -> float:
+    """Learning rate of schedule ``conf`` at global step ``step`` (see the module docstring)."""
+    step = int(step)
+    if step < 0:
+        raise UpdaterError(f"learning rate asked for step {step}; steps start at 0")
+    t = conf.type
+    base = pfloat(conf.base_lr)
+    if t == pb.kFixed:
+        return base
+    if t == pb.kInverseT:
+        final = pfloat(conf.inverset_conf.final_lr)
+        if final <= 0:
+            raise UpdaterError(f"updater.learning_rate.inverset_conf.final_lr is {final:g}; "
+                               f"kInverseT needs a positive time constant")
+        return base / (1.0 + step / final)
+    if t == pb.kInverse:
+        gamma = pfloat(conf.inverse_conf.gamma)
+        power = pfloat(conf.inverse_conf.pow)
+        if gamma < 0:
+            raise UpdaterError(f"updater.learning_rate.inverse_conf.gamma is {gamma:g}; kInverse "
+                               f"needs gamma >= 0")
+        return base * (1.0 + gamma * step) ** (-power)
+    if t == pb.kExponential:
+        freq = _freq(conf, "exponential_conf", "steps per halving")
+        return base / 2.0 ** (step / freq)
+    if t == pb.kLinear:
+        freq = _freq(conf, "linear_conf", "length of the ramp")
+        final = pfloat(conf.linear_conf.final_lr)
+        r = min(step / freq, 1.0)
+        return (1.0 - r) * base + r * final
+    if t == pb.kStep:
+        freq = _freq(conf, "step_conf", "steps between decays")
+        gamma = pfloat(conf.step_conf.gamma)
+        return base * gamma ** (step // freq)
+    if t == pb.kFixedStep:
+        steps, lrs = _fixedstep_table(conf)
+        idx = 0
+        for i, s in enumerate(steps):
+            if step >= s:
+                idx = i
+            else:
+                break
+        return lrs[idx]
+    raise UpdaterError(f"updater.learning_rate.type {_change_name(t)} is not supported; use one "
+                       f"of {', '.join(_CHANGE_NAMES.values())}")
+
+
+def _describe_lr(conf: pb.LRGenProto) -> str:
+    t = conf.type
+    name = _change_name(t)
+    if t == pb.kInverseT:
+        return f"{name} final_lr={pfloat(conf.inverset_conf.final_lr):g}"
+    if t == pb.kInverse:
+        return (f"{name} gamma={pfloat(conf.inverse_conf.gamma):g} "
+                f"pow={pfloat(conf.inverse_conf.pow):g}")
+    if t == pb.kExponential:
+        return f"{name} halve every {conf.exponential_conf.change_freq}"
+    if t == pb.kLinear:
+        return (f"{name} to {pfloat(conf.linear_conf.final_lr):g} over "
+                f"{conf.linear_conf.change_freq}")
+    if t == pb.kStep:
+        return f"{name} gamma={pfloat(conf.step_conf.gamma):g} every {conf.step_conf.change_freq}"
+    if t == pb.kFixedStep:
+        pairs = " ".join(f"{s}:{pfloat(v):g}" for s, v in zip(conf.fixedstep_conf.step,
+                                                               conf.fixedstep_conf.step_lr))
+        return f"{name} {pairs}".rstrip()
+    return name
+
+
+# ------------------------------------------------------------------ updater
+
+_UPDATER_NAMES = {pb.kSGD: "SGD", pb.kNesterov: "Nesterov", pb.kAdaGrad: "AdaGrad",
+                  pb.kRMSProp: "RMSProp", pb.kAdaDelta: "AdaDelta", pb.kAdam: "Adam",
+                  pb.kAdamMax: "AdamMax"}
+
+
+def describe(conf: pb.UpdaterProto) -> str:
+    """One line for the training banner, e.g. 'RMSProp rho=0.95 lr=0.002 (kStep gamma=0.97 every 2000)'."""
+    t = conf.type
+    parts = [_UPDATER_NAMES.get(t) or _updater_type_name(t)]
+    if t in (pb.kSGD, pb.kNesterov) and pfloat(conf.momentum) > 0:
+        parts.append(f"momentum={pfloat(conf.momentum):g}")
+    elif t == pb.kRMSProp:
+        parts.append(f"rho={pfloat(conf.rmsprop_conf.rho):g}")
+    elif t == pb.kAdaDelta:
+        parts.append(f"rho={pfloat(conf.adadelta_conf.rho):g}")
+    elif t == pb.kAdam:
+        parts.append(f"beta1={pfloat(conf.adam_conf.beta1):g} beta2={pfloat(conf.adam_conf.beta2):g}")
+    elif t == pb.kAdamMax:
+        parts.append(f"beta1={pfloat(conf.adammax_conf.beta1):g} "
+                     f"beta2={pfloat(conf.adammax_conf.beta2):g}")
+    parts.append(f"lr={pfloat(conf.learning_rate.base_lr):g} ({_describe_lr(conf.learning_rate)})")
+    if t not in (pb.kSGD, pb.kNesterov) and conf.HasField("delta"):
+        parts.append(f"delta={pfloat(conf.delta):g}")
+    if pfloat(conf.weight_decay) > 0:
+        parts.append(f"weight_decay={pfloat(conf.weight_decay):g}")
+    if pfloat(conf.clip_norm) > 0:
+        parts.append(f"clip_norm={pfloat(conf.clip_norm):g}")
+    if pfloat(conf.clip_low) != pfloat(conf.clip_high):
+        parts.append(f"clip=[{pfloat(conf.clip_low):g}, {pfloat(conf.clip_high):g}]")
+    return " ".join(parts)
+
+
+def _updater_type_name(t: int) -> str:
+    try:
+        return pb.UpdaterType.Name(t)
+    except ValueError:
+        return str(t)
+
+
+def _slots(conf: pb.UpdaterProto) -> tuple[str, ...]:
+    t = conf.type
+    if t == pb.kSGD:
+        return ("history",) if pfloat(conf.momentum) > 0 else ()
+    if t in (pb.kNesterov, pb.kAdaGrad, pb.kRMSProp):
+        return ("history",)
+    if t == pb.kAdaDelta:
+        return ("history", "update")
+    if t == pb.kAdam:
+        return ("m", "v")
+    if t == pb.kAdamMax:
+        return ("m", "u")
+    raise UpdaterError(f"updater.type is {_updater_type_name(t)}"
+                       f"{' (unset)' if not conf.HasField('type') else ''}, which is not "
+                       f"supported; set updater {{ type: ... }} to one of "
+                       f"{', '.join('k' + n for n in _UPDATER_NAMES.values())}")
+
+
+def _to_host(xp, a) -> np.ndarray:
+    if hasattr(xp, "asnumpy"):
+        return xp.asnumpy(a)
+    return np.array(a, copy=True)
+
+
+def global_grad_norm(params, xp) -> float:
+    """sqrt(sum of squares of all params' gradients), as a Python float (one device sync)."""
+    total = None
+    for p in params:
+        g = p.grad.ravel()
+        sq = xp.vdot(g, g)
+        total = sq if total is None else total + sq
+    return 0.0 if total is None else math.sqrt(float(total))
+
+
+class Updater:
+    """Applies one optimiser step to a list of params (the distinct, untied owners).
+
+    With g the (clipped, weight-decayed) gradient, w the param, lr the scheduled rate
+    times p.lr_scale, delta = conf.delta, t the number of updates done so far + 1:
+
+      kSGD       v = momentum*v + lr*g;  w -= v            (momentum 0: w -= lr*g, no state)
+      kNesterov  v_prev = v;  v = momentum*v + lr*g;  w -= (1+momentum)*v - momentum*v_prev
+      kAdaGrad   h += g^2;  w -= lr*g / (sqrt(h) + delta)
+      kRMSProp   h = rho*h + (1-rho)*g^2;  w -= lr*g / (sqrt(h) + delta)   (rmsprop_conf.rho)
+      kAdaDelta  h = rho*h + (1-rho)*g^2;  u = g*sqrt(d+delta)/sqrt(h+delta);
+                 d = rho*d + (1-rho)*u^2;  w -= lr*u                      (adadelta_conf.rho)
+      kAdam      m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g^2;
+                 w -= lr/(1-b1^t) * m / (sqrt(v/(1-b2^t)) + delta)        (adam_conf)
+      kAdamMax   m = b1*m + (1-b1)*g;  u = max(b2*u, |g|);
+                 w -= lr/(1-b1^t) * m / (u + delta)                       (adammax_conf)
+
+    State slots (v/h: "history", d: "update", Adam "m" "v", AdamMax "m" "u") are
+    allocated lazily with xp.zeros_like(p.data); ``state_dict`` / ``load_state_dict``
+    carry them and t so that a resumed run is bitwise identical to an uninterrupted one.
+    ``p.data`` is updated in place (it stays the same array object).
+    """
+
+    def __init__(self, conf: pb.UpdaterProto, params, xp):
+        self.conf = conf
+        self.xp = xp
+        self.params = list(params)
+        self.type = conf.type
+        self.slots = _slots(conf)
+        names = [p.name for p in self.params]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise UpdaterError(f"the updater got several params named {dup}; give every "
+                               f"param a unique name (tied params are passed once, as the owner)")
+        self.momentum = pfloat(conf.momentum)
+        self.weight_decay = pfloat(conf.weight_decay)
+        self.delta = pfloat(conf.delta)
+        self.clip_low = pfloat(conf.clip_low)
+        self.clip_high = pfloat(conf.clip_high)
+        self.clip_norm = pfloat(conf.clip_norm)
+        self._check("momentum", self.momentum, self.momentum >= 0, "must be >= 0")
+        self._check("weight_decay", self.weight_decay, self.weight_decay >= 0, "must be >= 0")
+        self._check("delta", self.delta, self.delta >= 0, "must be >= 0")
+        self._check("clip_norm", self.clip_norm, self.clip_norm >= 0, "must be >= 0 (0 = off)")
+        if self.clip_low > self.clip_high:
+            raise UpdaterError(f"updater.clip_low ({self.clip_low:g}) is above updater.clip_high "
+                               f"({self.clip_high:g}); set clip_low < clip_high, or both to 0 "
+                               f"to turn element-wise clipping off")
+        self.rho = self.beta1 = self.beta2 = 0.0
+        if self.type == pb.kRMSProp:
+            self.rho = pfloat(conf.rmsprop_conf.rho)
+            self._check("rmsprop_conf.rho", self.rho, 0 <= self.rho <= 1, "must be in [0, 1]")
+        elif self.type == pb.kAdaDelta:
+            self.rho = pfloat(conf.adadelta_conf.rho)
+            self._check("adadelta_conf.rho", self.rho, 0 <= self.rho <= 1, "must be in [0, 1]")
+        elif self.type in (pb.kAdam, pb.kAdamMax):
+            sub = "adam_conf" if self.type == pb.kAdam else "adammax_conf"
+            c = getattr(conf, sub)
+            self.beta1, self.beta2 = pfloat(c.beta1), pfloat(c.beta2)
+            self._check(f"{sub}.beta1", self.beta1, 0 <= self.beta1 < 1, "must be in [0, 1)")
+            self._check(f"{sub}.beta2", self.beta2, 0 <= self.beta2 < 1, "must be in [0, 1)")
+        learning_rate(conf.learning_rate, 0)  # surface schedule errors now, not at step 1
+        #: number of updates done so far
+        self.t = 0
+        #: param name -> {slot: array}
+        self.state: dict[str, dict] = {}
+        self._scratch: dict[tuple, list] = {}
+
+    @staticmethod
+    def _check(field: str, value: float, ok: bool, rule: str) -> None:
+        if not ok:
+            raise UpdaterError(f"updater.{field} is {value:g}; it {rule}")
+
+    # ------------------------------------------------------------- buffers
+    def _slot_arrays(self, p) -> dict:
+        st = self.state.get(p.name)
+        if st is None:
+            st = {s: self.xp.zeros_like(p.data) for s in self.slots}
+            self.state[p.name] = st
+        return st
+
+    def _tmp(self, like, n: int) -> list:
+        """n scratch arrays shaped like ``like`` (shared by params of one shape and dtype)."""
+        key = (tuple(like.shape), np.dtype(like.dtype).str)
+        bufs = self._scratch.setdefault(key, [])
+        while len(bufs) < n:
+            bufs.append(self.xp.empty_like(like))
+        return bufs[:n]
+
+    # -------------------------------------------------------------- update
+    def update(self, step: int) -> dict:
+        """One optimiser step for all params; returns {"lr": base scheduled lr, "grad_norm": ...}.
+
+        ``lr`` is the schedule's value at ``step`` (before any param's lr_scale);
+        ``grad_norm`` is the global gradient norm before clipping.
+        """
+        xp = self.xp
+        lr0 = learning_rate(self.conf.learning_rate, step)
+        norm = global_grad_norm(self.params, xp)
+        if self.clip_norm > 0 and norm > self.clip_norm:
+            scale = self.clip_norm / norm
+            for p in self.params:
+                p.grad *= scale
+        clip = self.clip_low != self.clip_high
+        t = self.t + 1
+        for p in self.params:
+            g, w = p.grad, p.data
+            if clip:
+                xp.clip(g, self.clip_low, self.clip_high, out=g)
+            if self.weight_decay > 0:
+                wd = self.weight_decay * pfloat(p.wd_scale)
+                if wd != 0.0:
+                    (tmp,) = self._tmp(w, 1)
+                    xp.multiply(w, wd, out=tmp)
+                    g += tmp
+            lr = lr0 * pfloat(p.lr_scale)
+            self._rule(p, g, w, lr, t)
+        self.t = t
+        return {"lr": lr0, "grad_norm": norm}
+
+    def _rule(self, p, g, w, lr: float, t: int) -> None:
+        xp = self.xp
+        kind = self.type
+        st = self._slot_arrays(p)
+        if kind == pb.kSGD:
+            (tmp,) = self._tmp(w, 1)
+            xp.multiply(g, lr, out=tmp)  # lr*g
+            if self.momentum > 0:
+                v = st["history"]
+                v *= self.momentum
+                v += tmp
+                w -= v
+            else:
+                w -= tmp
+        elif kind == pb.kNesterov:
+            m = self.momentum
+            v = st["history"]
+            (tmp,) = self._tmp(w, 1)
+            xp.multiply(v, m, out=tmp)      # m*v_prev
+            xp.multiply(g, lr, out=v)       # lr*g
+            v += tmp                        # v = m*v_prev + lr*g
+            w += tmp                        # w + m*v_prev ...
+            xp.multiply(v, 1.0 + m, out=tmp)
+            w -= tmp                        # ... - (1+m)*v
+        elif kind in (pb.kAdaGrad, pb.kRMSProp):
+            h = st["history"]
+            (tmp,) = self._tmp(w, 1)
+            xp.multiply(g, g, out=tmp)
+            if kind == pb.kAdaGrad:
+                h += tmp
+            else:
+                h *= self.rho
+                tmp *= 1.0 - self.rho
+                h += tmp
+            xp.sqrt(h, out=tmp)
+            tmp += self.delta
+            xp.divide(g, tmp, out=tmp)
+            tmp *= lr
+            w -= tmp
+        elif kind == pb.kAdaDelta:
+            rho, delta = self.rho, self.delta
+            h, d = st["history"], st["update"]
+            u, tmp = self._tmp(w, 2)
+            xp.multiply(g, g, out=tmp)
+            tmp *= 1.0 - rho
+            h *= rho
+            h += tmp                        # h = rho*h + (1-rho)*g^2
+            xp.add(d, delta, out=u)
+            xp.sqrt(u, out=u)
+            u *= g
+            xp.add(h, delta, out=tmp)
+            xp.sqrt(tmp, out=tmp)
+            u /= tmp                        # u = g*sqrt(d+delta)/sqrt(h+delta)
+            xp.multiply(u, u, out=tmp)
+            tmp *= 1.0 - rho
+            d *= rho
+            d += tmp                        # d = rho*d + (1-rho)*u^2
+            u *= lr
+            w -= u
+        elif kind == pb.kAdam:
+            b1, b2 = self.beta1, self.beta2
+            m, v = st["m"], st["v"]
+            (tmp,) = self._tmp(w, 1)
+            m *= b1
+            xp.multiply(g, 1.0 - b1, out=tmp)
+            m += tmp
+            v *= b2
+            xp.multiply(g, g, out=tmp)
+            tmp *= 1.0 - b2
+            v += tmp
+            xp.divide(v, 1.0 - b2 ** t, out=tmp)             # vhat
+            xp.sqrt(tmp, out=tmp)
+            tmp += self.delta
+            xp.divide(m, tmp, out=tmp)
+            tmp *= lr / (1.0 - b1 ** t)
+            w -= tmp
+        elif kind == pb.kAdamMax:
+            b1, b2 = self.beta1, self.beta2
+            m, u = st["m"], st["u"]
+            (tmp,) = self._tmp(w, 1)
+            m *= b1
+            xp.multiply(g, 1.0 - b1, out=tmp)
+            m += tmp
+            u *= b2
+            xp.abs(g, out=tmp)
+            xp.maximum(u, tmp, out=u)
+            xp.add(u, self.delta, out=tmp)
+            xp.divide(m, tmp, out=tmp)
+            tmp *= lr / (1.0 - b1 ** t)
+            w -= tmp
+        else:  # pragma: no cover - _slots rejected it in __init__
+            raise UpdaterError(f"updater.type {_updater_type_name(kind)} is not supported")
+
+    # --------------------------------------------------------------- state
+    def _expected_keys(self) -> list[str]:
+        return [T_KEY] + [f"{p.name}/{s}" for p in self.params for s in self.slots]
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Host copies of the optimiser state: "<param>/<slot>" arrays and T_KEY (int64 t)."""
+        out: dict[str, np.ndarray] = {T_KEY: np.array(self.t, dtype=np.int64)}
+        for p in self.params:
+            st = self.state.get(p.name)
+            for s in self.slots:
+                key = f"{p.name}/{s}"
+                if st is None:  # no update yet: the lazily allocated zeros
+                    out[key] = np.zeros(tuple(p.data.shape), dtype=np.dtype(p.data.dtype))
+                else:
+                    out[key] = _to_host(self.xp, st[s])
+        return out
+
+    def load_state_dict(self, d) -> None:
+        """Restore a ``state_dict``: the keys must be exactly those this updater keeps."""
+        expected = self._expected_keys()
+        missing = [k for k in expected if k not in d]
+        if missing:
+            raise UpdaterError(f"updater state lacks key {missing[0]!r}"
+                               f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
+                               f"the checkpoint was written by another updater type or net "
+                               f"({describe(self.conf)} expects {len(expected)} keys)")
+        extra = sorted(set(d) - set(expected))
+        if extra:
+            raise UpdaterError(f"updater state has unexpected key {extra[0]!r}"
+                               f"{f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''}; "
+                               f"the checkpoint was written by another updater type or net")
+        t = np.asarray(d[T_KEY])
+        if t.shape != () or not np.issubdtype(t.dtype, np.integer) or int(t) < 0:
+            raise UpdaterError(f"updater state key {T_KEY!r} must be a non-negative integer "
+                               f"scalar, got {t!r}")
+        new_state: dict[str, dict] = {}
+        for p in self.params:
+            st = {}
+            for s in self.slots:
+                key = f"{p.name}/{s}"
+                a = d[key]
+                shape = tuple(np.shape(a))
+                if shape != tuple(p.data.shape):
+                    raise UpdaterError(f"updater state key {key!r} has shape {shape} but "
+                                       f"param {p.name!r} has shape {tuple(p.data.shape)}")
+                st[s] = self.xp.array(a, dtype=p.data.dtype, copy=True)
+            if self.slots:
+                new_state[p.name] = st
+        self.state = new_state
+        self.t = int(t)

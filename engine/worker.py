@@ -1,0 +1,265 @@
+"""Workers: the reference executor of an unrolled net (kBP and kBPTT).
+
+Forward walks the schedule (a topological order of the unrolled graph), one
+node ``i#L`` at a time; backward walks it in reverse, adding each node's input
+gradients into its sources' output gradients and the state gradient into the
+previous copy. Param gradients accumulate in the shared Params over all
+copies; ``run_batch`` zeroes them once per batch, the updater then applies
+each owner param once.
+
+Truncated BPTT: the state of a recurrent layer's last copy is carried into
+copy 0 of the next batch (no gradient flows across the batch boundary). The
+policy (AlgProto.state_carry):
+  kCarryAuto      kResetBoundary for stream input (kCharRNN), kResetBatch otherwise
+  kCarry          always carry
+  kResetBoundary  carry, but start from zeros when the data starts new sequences
+                  (a stream wrapped around, or a store batch of new sequences)
+  kResetBatch     start every batch from zeros
+When carrying over stream input, the worker checks that row b of this batch
+starts where row b of the previous batch ended, so a carried state never
+meets the wrong text.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from engine.backend import DROPOUT, LazyRNG
+from engine.layers import Context
+from engine.net import Net
+from engine.proto import job_pb2 as pb
+
+
+class ContinuityError(RuntimeError):
+    """Carried state would meet data that does not continue the previous batch."""
+
+
+def _add(a, b):
+    if a is None:
+        return b
+    if isinstance(a, tuple):
+        return tuple(x + y for x, y in zip(a, b))
+    return a + b
+
+
+def _zeros_like(xp, a):
+    if isinstance(a, tuple):
+        return tuple(xp.zeros_like(x) for x in a)
+    return xp.zeros_like(a)
+
+
+class Worker:
+    """Runs batches of one Net: forward, backward, state carry. BP is BPTT with one step."""
+
+    def __init__(self, net: Net, seed: int = 0, carry: int = pb.kCarryAuto):
+        self.net = net
+        self.xp = net.xp
+        self.seed = seed
+        streams = any(getattr(lay, "is_stream", False) for lay in net.inputs)
+        if carry == pb.kCarryAuto:
+            carry = pb.kResetBoundary if streams else pb.kResetBatch
+        self.policy = carry
+        self.carry: dict[str, object] = {}
+        self._prev_starts: dict[str, np.ndarray] = {}
+        # layers whose copy 0 needs a context from the previous batch
+        self.ctx_layers = []
+        for layer in net.layers.values():
+            for cname, off in type(layer).context_sources(layer.conf):
+                T = net.layers[cname].conf.unroll_len
+                self.ctx_layers.append((layer, f"{T - 1}#{cname}", cname == layer.name))
+        self.batch_index = 0
+        self.outs: dict = {}
+
+    # ------------------------------------------------------------ batches
+    @property
+    def batchsize(self) -> int:
+        for lay in self.net.inputs:
+            if getattr(lay, "batchsize", None):
+                return int(lay.batchsize)
+        return int(self.net.info.get("batchsize", 1))
+
+    def load(self) -> None:
+        """Load the next batch into every input layer and decide about carried state."""
+        new_seq = False
+        for lay in self.net.inputs:
+            lay.load_batch(None)
+            new_seq = new_seq or bool(getattr(lay, "new_sequence", False))
+        if self.policy == pb.kResetBatch or (self.policy == pb.kResetBoundary and new_seq):
+            self.carry.clear()
+        elif self.carry:
+            self._check_continuity()
+        for lay in self.net.inputs:
+            starts = getattr(lay, "stream_starts", None)
+            if starts is not None:
+                self._prev_starts[lay.name] = (np.array(starts), int(lay.conf.char_rnn_conf.unroll_len)
+                                               if lay.conf.HasField("char_rnn_conf") else 0)
+
+    def _check_continuity(self) -> None:
+        for lay in self.net.inputs:
+            prev = self._prev_starts.get(lay.name)
+            starts = getattr(lay, "stream_starts", None)
+            if prev is None or starts is None:
+                continue
+            before, step = prev
+            if not np.array_equal(np.asarray(starts), before + step):
+                bad = int(np.flatnonzero(np.asarray(starts) != before + step)[0])
+                raise ContinuityError(
+                    f'layer "{lay.name}": row {bad} starts at offset {int(starts[bad])}, not at '
+                    f"{int(before[bad] + step)} where the previous batch ended, so the carried "
+                    f"state would meet unrelated text; set train_one_batch {{ state_carry: "
+                    f"kResetBatch }} or fix the data order")
+
+    def run_batch(self, train: bool = True, load: bool = True) -> dict:
+        """One batch: load, forward, (train: zero grads, backward). Returns metrics {name: [sum, count]}."""
+        if load:
+            self.load()
+        metrics: dict = {}
+        self.forward(train, metrics)
+        if train:
+            for p in self.net.params:
+                p.grad[...] = 0
+            self.backward()
+        self._end_batch()
+        self.batch_index += 1
+        return metrics
+
+    def _end_batch(self) -> None:
+        for layer, last, is_state in self.ctx_layers:
+            val = self.states.get(last) if is_state else self.outs.get(last)
+            if val is not None and self.policy != pb.kResetBatch:
+                self.carry[layer.name] = val
+        for lay in self.net.inputs:
+            end = getattr(lay, "end_batch", None)
+            if end is not None:
+                end()
+        self.caches = {}
+        self.ctxs = {}
+
+    # ------------------------------------------------------------ forward
+    def initial_state(self, layer):
+        st = self.carry.get(layer.name)
+        return st if st is not None else layer.zero_state(self.batchsize)
+
+    def forward(self, train: bool, metrics: dict) -> None:
+        outs, states, caches, ctxs, masks, auxs = {}, {}, {}, {}, {}, {}
+        seed, bi = self.seed, self.batch_index
+        has_ctx = {lay.name for lay, _, _ in self.ctx_layers}
+        for n in self.net.nodes:
+            lay = n.layer
+            xs, aux = [], []
+            for s, piece in zip(n.srcs, n.pieces):
+                if s is None:
+                    xs.append(None)
+                    aux.append(None)
+                elif isinstance(s, list):
+                    xs.append([outs[x] for x in s])
+                    aux.append(auxs.get(s[0]))
+                else:
+                    y = outs[s]
+                    xs.append(y[piece] if piece is not None else y)
+                    aux.append(auxs.get(s))
+            mask = None
+            for s in n.mask_srcs:
+                if masks.get(s) is not None:
+                    mask = masks[s]
+                    break
+            state = None
+            if n.ctx_src is not None:
+                state = states[n.ctx_src] if n.ctx_is_state else outs[n.ctx_src]
+            elif n.init_src is not None:
+                state = lay.state_from_source(outs[n.init_src])
+            elif lay.name in has_ctx:
+                state = self.initial_state(lay)
+            ctx = Context(step=n.step, unroll_len=lay.conf.unroll_len, train=train, mask=mask,
+                          aux=aux, rng=LazyRNG(seed, DROPOUT, bi, n.index), metrics=metrics)
+            y, st, cache = lay.forward(ctx, xs, state)
+            if ctx.mask_out is not None:
+                ctx.mask = ctx.mask_out
+            masks[n.id] = ctx.mask
+            auxs[n.id] = ctx.aux_out
+            outs[n.id] = y
+            states[n.id] = st
+            if n.needs_grad:
+                caches[n.id] = cache
+                ctxs[n.id] = ctx
+        self.outs, self.states, self.caches, self.ctxs = outs, states, caches, ctxs
+
+    # ----------------------------------------------------------- backward
+    def backward(self) -> None:
+        xp = self.xp
+        by_id = self.net.by_id
+        dout: dict = {}
+        dstate: dict = {}
+
+        def acc(target, key, val, piece=None):
+            if not by_id[key].needs_grad:
+                return
+            if piece is None:
+                target[key] = _add(target.get(key), val)
+            else:
+                slots = target.setdefault(key, {})
+                slots[piece] = _add(slots.get(piece), val)
+
+        for n in reversed(self.net.nodes):
+            if not n.needs_grad:
+                continue
+            lay = n.layer
+            y = self.outs[n.id]
+            dy = dout.pop(n.id, None)
+            if lay.multi_output:
+                got = dy or {}
+                dy = [got.get(j, None) if got.get(j, None) is not None else xp.zeros_like(piece)
+                      for j, piece in enumerate(y)]
+            elif dy is None and not lay.is_loss:
+                dy = xp.zeros_like(y)
+            st = self.states[n.id]
+            ds = dstate.pop(n.id, None)
+            if ds is None and st is not None:
+                ds = _zeros_like(xp, st)
+            dxs, dprev = lay.backward(self.ctxs[n.id], dy, ds, self.caches[n.id])
+            for s, piece, dx in zip(n.srcs, n.pieces, dxs):
+                if dx is None or s is None:
+                    continue
+                if isinstance(s, list):
+                    for sid, d in zip(s, dx):
+                        if d is not None:
+                            acc(dout, sid, d)
+                else:
+                    acc(dout, s, dx, piece)
+            if dprev is not None:
+                if n.ctx_src is not None:
+                    acc(dstate if n.ctx_is_state else dout, n.ctx_src, dprev)
+                elif n.init_src is not None:
+                    acc(dout, n.init_src, lay.source_grad_from_state(dprev))
+
+    # --------------------------------------------------------- checkpoints
+    def state_dict(self, asnumpy) -> dict:
+        """Carried states (host arrays) and input cursors, for exact resume."""
+        arrays = {}
+        for name, st in self.carry.items():
+            parts = st if isinstance(st, tuple) else (st,)
+            for k, a in enumerate(parts):
+                arrays[f"carry/{name}/{k}/{len(parts)}"] = asnumpy(a)
+        meta = {"batch_index": self.batch_index,
+                "cursors": {lay.name: lay.cursor_state() for lay in self.net.inputs
+                            if hasattr(lay, "cursor_state")},
+                "prev_starts": {k: [v[0].tolist(), v[1]] for k, v in self._prev_starts.items()}}
+        return {"arrays": arrays, "meta": meta}
+
+    def load_state_dict(self, arrays: dict, meta: dict) -> None:
+        self.batch_index = int(meta.get("batch_index", 0))
+        for lay in self.net.inputs:
+            cur = meta.get("cursors", {}).get(lay.name)
+            if cur is not None and hasattr(lay, "load_cursor_state"):
+                lay.load_cursor_state(cur)
+        self._prev_starts = {k: (np.asarray(v[0], dtype=np.int64), int(v[1]))
+                             for k, v in meta.get("prev_starts", {}).items()}
+        groups: dict[str, dict[int, object]] = {}
+        sizes: dict[str, int] = {}
+        for key, a in arrays.items():
+            name, k, n = key.split("/", 1)[1].rsplit("/", 2)
+            groups.setdefault(name, {})[int(k)] = self.xp.asarray(a)
+            sizes[name] = int(n)
+        self.carry = {}
+        for name, parts in groups.items():
+            vals = tuple(parts[k] for k in range(sizes[name]))
+            self.carry[name] = vals if sizes[name] > 1 else vals[0]
