@@ -222,19 +222,30 @@ def _node_label(nid: str, d: dict, single: bool, stats_entry) -> str:
             + f'<BR/><FONT POINT-SIZE="8">{small}</FONT>>')
 
 
-def _graph_label(title: str, colours: dict[str, str], context: bool) -> str:
-    """HTML graph label: the title, then the shared-param legend and the edge legend."""
+def _graph_label(title: str, colours: dict[str, str], users: dict[str, list], context: bool) -> str:
+    """HTML graph label: the title, then the shared-param legend (each group's
+    colour, name and the layers using it) and the edge legend."""
     rows = [f'<TR><TD COLSPAN="2"><B>{_h(title)}</B></TD></TR>']
     named = [grp for grp in sorted(colours) if grp]
     if named:
-        cells = "".join(f'<TD BGCOLOR="{colours[grp]}" BORDER="1">{_h(grp)}</TD>'
-                        for grp in named)
+        cells = "".join(f'<TD BGCOLOR="{colours[grp]}" BORDER="1">{_h(grp)}: '
+                        f'{_h(", ".join(users.get(grp, [])))}</TD>' for grp in named)
         rows.append(f'<TR><TD ALIGN="RIGHT">shared params:</TD><TD><TABLE BORDER="0" '
                     f'CELLSPACING="2" CELLPADDING="2"><TR>{cells}</TR></TABLE></TD></TR>')
     if context:
         rows.append(f'<TR><TD COLSPAN="2"><FONT COLOR="{CONTEXT_COLOUR}">- - -&gt; context '
                     f'(state of an earlier step)</FONT></TD></TR>')
     return '<<TABLE BORDER="0" CELLSPACING="0" CELLPADDING="1">' + "".join(rows) + "</TABLE>>"
+
+
+def _group_users(layers, order: dict[str, int]) -> dict[str, list]:
+    """Shared-param group -> names of the layers using it, in file order."""
+    users: dict[str, set] = {}
+    for name, grp in layers:
+        if grp:
+            users.setdefault(grp, set()).add(name)
+    return {grp: sorted(names, key=lambda n: (order.get(n, len(order)), n))
+            for grp, names in users.items()}
 
 
 def _default_title(g: nx.DiGraph, steps) -> str:
@@ -261,6 +272,44 @@ def _edge_attrs(d: dict) -> dict:
     return {}
 
 
+def _data_depth(sub: nx.DiGraph) -> dict:
+    """Longest path from a source to each node over data (non-context) edges."""
+    data = nx.DiGraph()
+    data.add_nodes_from(sub.nodes)
+    data.add_edges_from((u, v) for u, v, d in sub.edges(data=True) if not d.get("recurrent"))
+    depth = {}
+    for n in nx.topological_sort(data):
+        depth[n] = max((depth[p] + 1 for p in data.predecessors(n)), default=0)
+    return depth
+
+
+def _row_lines(sub: nx.DiGraph, by_step: dict, ids: dict, order: dict) -> list[str]:
+    """Layout hints that put the step clusters side by side in step order.
+
+    The copies of a layer share a rank when they sit at the same depth of the
+    data flow (true for nets without cross-step data edges), and invisible
+    edges chain the copies of the first such layer from step to step, which
+    makes dot place step i left of step i+1.
+    """
+    if len(by_step) < 2:
+        return []
+    depth = _data_depth(sub)
+    copies: dict[str, list] = {}
+    for i in sorted(by_step):
+        for n in by_step[i]:
+            copies.setdefault(sub.nodes[n]["layer"], []).append(n)
+    aligned = [name for name, ns in copies.items() if len({depth[n] for n in ns}) == 1
+               and len(ns) > 1]
+    aligned.sort(key=lambda name: (order.get(name, len(order)), name))
+    lines = ["  { rank=same; " + " ".join(f"{ids[n]};" for n in copies[name]) + " }"
+             for name in aligned]
+    full = [name for name in aligned if len(copies[name]) == len(by_step)]
+    if full:
+        chain = copies[full[0]]
+        lines += [f"  {ids[u]} -> {ids[v]} [style=invis];" for u, v in zip(chain, chain[1:])]
+    return lines
+
+
 def to_dot(g: nx.DiGraph, steps: tuple[int, int] | None = None, title: str | None = None,
            stats: dict | None = None) -> str:
     """DOT source of the unrolled net ``g``, one node per copy ``i#name``.
@@ -279,11 +328,13 @@ def to_dot(g: nx.DiGraph, steps: tuple[int, int] | None = None, title: str | Non
     if title is None:
         title = _default_title(g, steps)
     ids = {n: dot_id(d["layer"], d["step"]) for n, d in sub.nodes(data=True)}
+    users = _group_users(((d["layer"], d.get("share_group", "")) for _, d in g.nodes(data=True)),
+                         order)
 
     has_context = any(d.get("recurrent") for _, _, d in sub.edges(data=True))
     graph_attrs = {"rankdir": "TB", "newrank": "true", "labelloc": "t", "fontname": "Helvetica",
                    "nodesep": "0.25", "ranksep": "0.45",
-                   "label": _graph_label(title, colours, has_context)}
+                   "label": _graph_label(title, colours, users, has_context)}
     out = [
         "digraph unrolled {",
         f"  graph [{_attrs(graph_attrs)}];",
@@ -323,11 +374,7 @@ def to_dot(g: nx.DiGraph, steps: tuple[int, int] | None = None, title: str | Non
         sources = [n for n in singles if sub.in_degree(n) == 0]
         if sources:
             out.append("  { rank=min; " + " ".join(f"{ids[n]};" for n in sources) + " }")
-    if len(by_step) > 1:  # keep the step clusters in order left to right
-        heads = [by_step[i][0] for i in sorted(by_step)]
-        for u, v in zip(heads, heads[1:]):
-            if not sub.has_edge(u, v):
-                out.append(f"  {ids[u]} -> {ids[v]} [style=invis, constraint=false];")
+    out.extend(_row_lines(sub, by_step, ids, order))
     for u, v in sorted(sub.edges, key=lambda e: (key(e[0]), key(e[1]))):
         a = _edge_attrs(sub.edges[u, v])
         out.append(f"  {ids[u]} -> {ids[v]}" + (f" [{_attrs(a)}]" if a else "") + ";")
@@ -378,12 +425,14 @@ def to_dot_folded(g: nx.DiGraph, title: str | None = None) -> str:
     edges = folded_edges(g)
     layers = g.graph["layers"]
     colours = group_colours(lay.get("share_group", "") for lay in layers)
+    users = _group_users(((lay["name"], lay.get("share_group", "")) for lay in layers),
+                         _layer_order(g))
     if title is None:
         name = g.graph.get("name") or "net"
         phase = g.graph.get("phase")
         title = f"{name}: {phase + ' net' if phase else 'net'} as configured"
     graph_attrs = {"rankdir": "TB", "labelloc": "t", "fontname": "Helvetica",
-                   "label": _graph_label(title, colours, any(e[3] for e in edges))}
+                   "label": _graph_label(title, colours, users, any(e[3] for e in edges))}
     out = [
         "digraph folded {",
         f"  graph [{_attrs(graph_attrs)}];",

@@ -54,7 +54,8 @@ class Worker:
         self.net = net
         self.xp = net.xp
         self.seed = seed
-        streams = any(getattr(lay, "is_stream", False) for lay in net.inputs)
+        # stream input, or a net driven only by its own feedback (sampling), carries state
+        streams = any(getattr(lay, "is_stream", False) for lay in net.inputs) or not net.inputs
         if carry == pb.kCarryAuto:
             carry = pb.kResetBoundary if streams else pb.kResetBatch
         self.policy = carry

@@ -7,7 +7,7 @@ import pytest
 from engine.layers.base import Context, LayerError
 from engine.layers.recurrent import GRULayer, LSTMLayer, RNNLayer
 from engine.proto import job_pb2 as pb
-from layercheck import FakeSrc, check_layer, rel_err, setup_layer
+from layercheck import FakeSrc, check_layer, rel_err
 
 B, D, H = 3, 4, 5
 MASK = np.array([1.0, 0.0, 1.0])

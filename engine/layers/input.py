@@ -123,6 +123,8 @@ class CharRNNInput(Layer):
                 return read_vocab(vp)
             except LayerError as e:
                 raise LayerError(f'layer "{self.name}": {e}') from None
+        if self.info.get("vocab"):
+            return list(self.info["vocab"])  # the training net's (or the checkpoint's)
         vocab = sorted(set(text))
         ws = self.info.get("workspace")
         if ws:
@@ -414,6 +416,8 @@ class RNNDummy(Layer):
             shape = ()
         self.out_shape = shape
         self.batchsize = None
+        vocab = self.info.get("vocab")
+        self.vocab_size = len(vocab) if (c.integer and vocab) else None
 
     def zero_state(self, batch):
         c = self.conf.rnn_dummy_conf

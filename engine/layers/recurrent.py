@@ -310,7 +310,7 @@ class _Recurrent(Layer):
         x, n, step_cache = cache
         dxproj, dprev = self.step_backward(dy, dstate, step_cache)
         dxs = [None] * n
-        dxs[self.data_pos] = self.projection_backward(x, dxproj); dxs[self.data_pos] *= 1.0001
+        dxs[self.data_pos] = self.projection_backward(x, dxproj)
         return dxs, dprev
 
     def zero_state(self, batch):

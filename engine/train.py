@@ -1,0 +1,337 @@
+"""``python -m engine.train JOB [--workspace DIR] [--steps N] [--gpu ID] [--resume] ...``
+
+Trains (and validates / tests) as the job says; writes the unrolled graphs to
+``<workspace>/visualization/``, metrics to ``<workspace>/metrics.jsonl`` and
+checkpoints to ``<workspace>/checkpoints/``. A job with ``train_steps: 0`` and
+``test_steps`` runs only its test phase (SINGA's way of sampling with a
+sample job and ``checkpoint_path``).
+
+Exit status: 0 done, 2 bad job/input (one line on stderr, ``--debug`` for the
+traceback), 1 the run failed (non-finite numbers, ...), 130/143 stopped by
+SIGINT/SIGTERM after writing a checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import signal
+import sys
+import time
+
+import numpy as np
+
+from engine import checkpoint as ckpt
+from engine.backend import BackendError, make_backend
+from engine.config import ConfigError, Phase, load_job
+from engine.net import Net
+from engine.proto import job_pb2 as pb
+from engine.runtime import (MetricsLog, Progress, derived_metrics, ensure_workspace, first_nonfinite,
+                            fmt_metrics, fmt_time, load_params, merge_metrics, net_info, param_arrays,
+                            phases_of, workspace_of, write_graphs)
+from engine.worker import ContinuityError, Worker
+
+
+class RunError(Exception):
+    """The run cannot go on (message is one line)."""
+
+
+class Stop(Exception):
+    def __init__(self, signum):
+        self.signum = signum
+
+
+class Trainer:
+    """The job loop: train steps, displays, evaluations, checkpoints."""
+
+    def __init__(self, job: pb.JobProto, path: str, args):
+        self.job, self.path, self.args = job, path, args
+        self.ws = workspace_of(job, args.workspace)
+        ensure_workspace(self.ws)
+        self.seed = args.seed if args.seed is not None else job.seed
+        self.train_steps = args.steps if args.steps is not None else job.train_steps
+        if self.train_steps != job.train_steps:
+            job.train_steps = self.train_steps
+        gpu = args.gpu if args.gpu is not None else (job.gpu[0] if job.gpu else None)
+        self.backend = make_backend(gpu, np.float32)
+        self.phases = phases_of(job)
+        self.unrolled = write_graphs(job, path, self.ws, self.phases)
+        self.out = sys.stdout
+        self.log = MetricsLog(self.ws / "metrics.jsonl")
+        self.ckpt_dir = self.ws / "checkpoints"
+        self.stop_signal = None
+
+    # ----------------------------------------------------------- building
+    def build(self) -> None:
+        job = self.job
+        vocab = None
+        init_arrays = None
+        if job.checkpoint_path:
+            init_arrays = {}
+            for cp in job.checkpoint_path:
+                from engine.layers.input import resolve_path
+                arrays, meta = ckpt.load(resolve_path(cp, {"job_dir": str(self._job_dir())}))
+                init_arrays.update(arrays)
+                vocab = vocab or meta.get("vocab")
+        self.resume_from = None
+        if self.args.resume or job.resume:
+            found = ckpt.newest_valid(self.ckpt_dir, warn=self.say)
+            if found is None:
+                self.say(f"no valid checkpoint in {self.ckpt_dir}; starting from step 0")
+            else:
+                self.resume_from = found
+                vocab = found[2].get("vocab") or vocab
+        info = net_info(self.path, self.ws, self.seed, vocab)
+        carry = job.train_one_batch.state_carry
+        self.nets, self.workers = {}, {}
+        main = None
+        for ph in self.phases:
+            net = Net(self.unrolled[ph], self.backend, info if main is None else dict(info),
+                      seed=self.seed, where=self.path)
+            if main is None:
+                main = net
+                info = net.info
+            else:
+                net.share_params_from(main)
+            self.nets[ph] = net
+            self.workers[ph] = Worker(net, seed=self.seed, carry=carry)
+        self.main = main
+        self.vocab = main.info.get("vocab")
+        if init_arrays is not None:
+            load_params(main, init_arrays, ", ".join(job.checkpoint_path))
+        self.updater = None
+        if Phase.TRAIN in self.nets:
+            from engine.updaters import Updater
+            self.updater = Updater(job.updater, main.params, self.backend.xp)
+        self.step = 0
+        if self.resume_from is not None:
+            p, arrays, meta = self.resume_from
+            self._restore(p, arrays, meta)
+
+    def _job_dir(self):
+        from engine.config import job_dir
+        return job_dir(self.path)
+
+    # -------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> str:
+        w = self.workers[Phase.TRAIN]
+        arrays = param_arrays(self.main)
+        for k, v in self.updater.state_dict().items():
+            arrays[f"updater/{k}"] = v
+        ws = w.state_dict(self.backend.asnumpy)
+        arrays.update({f"worker/{k}": v for k, v in ws["arrays"].items()})
+        from google.protobuf import text_format
+        meta = {"step": self.step, "job": text_format.MessageToString(self.job),
+                "job_path": str(self.path), "vocab": self.vocab, "seed": self.seed,
+                "worker": ws["meta"], "time": time.time()}
+        path = ckpt.save(self.ckpt_dir / f"step{self.step}.npz", arrays, meta)
+        ckpt.prune(self.ckpt_dir, self.job.keep_checkpoints, protect=path)
+        return str(path)
+
+    def _restore(self, path, arrays, meta) -> None:
+        load_params(self.main, arrays, str(path))
+        if self.updater is not None:
+            self.updater.load_state_dict({k[8:]: v for k, v in arrays.items()
+                                          if k.startswith("updater/")})
+        w = self.workers.get(Phase.TRAIN)
+        if w is not None:
+            w.load_state_dict({k[7:]: v for k, v in arrays.items() if k.startswith("worker/")},
+                              meta.get("worker", {}))
+        self.step = int(meta["step"])
+        self.log.truncate_after(self.step)
+        self.say(f"resumed from {path} at step {self.step}")
+
+    # ------------------------------------------------------------ running
+    def say(self, msg: str) -> None:
+        if getattr(self, "progress", None) is not None:
+            self.progress.clear()
+        print(msg, file=self.out, flush=True)
+
+    def banner(self) -> None:
+        job, main = self.job, self.main
+        self.say(f"job {job.name or '(unnamed)'}: {self.path}")
+        self.say(f"workspace {self.ws}  backend {self.backend.describe()}  seed {self.seed}")
+        for line in main.info.get("notes", []):
+            self.say(line)
+        g = self.unrolled[self.phases[0]].graph
+        self.say(f"unrolled {self.phases[0].label} net: {g.number_of_nodes()} nodes, "
+                 f"{g.number_of_edges()} edges, {main.param_count():,} params")
+        for line in main.describe():
+            self.say(line)
+        if self.updater is not None:
+            from engine.updaters import describe
+            self.say(f"updater {describe(job.updater)}")
+
+    def evaluate(self, ph: Phase, steps: int) -> dict:
+        w = self.workers[ph]
+        for lay in w.net.inputs:  # every evaluation reads the same batches
+            if hasattr(lay, "cursor_state"):
+                lay.cursor, lay.epoch = 0, 0
+                lay.new_sequence = True
+        w.carry.clear()
+        w._prev_starts.clear()
+        total: dict = {}
+        t0 = time.time()
+        for _ in range(steps):
+            merge_metrics(total, w.run_batch(train=False))
+        vals = derived_metrics(total, w.net)
+        self.log.write({"step": self.step, "phase": ph.label, **vals,
+                        "seconds": round(time.time() - t0, 3)})
+        self.say(f"step {self.step:>6}  {ph.label:<5} {fmt_metrics(vals)}")
+        return vals
+
+    def _due(self, freq: int, after: int) -> bool:
+        return freq > 0 and self.step % freq == 0 and self.step > after
+
+    def run(self) -> int:
+        job = self.job
+        self.banner()
+        if Phase.TRAIN not in self.nets:
+            return self.run_test_only()
+        w = self.workers[Phase.TRAIN]
+        total, t_disp, n_disp = {}, time.time(), 0
+        t_start = time.time()
+        self.progress = Progress(self.train_steps, self.step)
+        lr = 0.0
+        preds_per_batch = None
+        while self.step < self.train_steps:
+            if self.stop_signal is not None:
+                raise Stop(self.stop_signal)
+            metrics = w.run_batch(train=True)
+            loss = metrics.get("loss", [0.0, 1.0])
+            bad = not math.isfinite(loss[0]) or not all(
+                bool(self.backend.xp.isfinite(p.grad).all()) for p in self.main.params)
+            if bad:
+                node = first_nonfinite(w) or "a gradient"
+                msg = (f"step {self.step + 1}: non-finite loss or gradient; first non-finite "
+                       f"output at {node}")
+                if job.skip_nonfinite:
+                    self.say(f"warning: {msg}; batch skipped (skip_nonfinite)")
+                    self.step += 1
+                    continue
+                raise RunError(msg + "; lower the learning rate or clip gradients (the last good "
+                                     "checkpoint is kept)")
+            stats = self.updater.update(self.step)
+            lr = stats["lr"]
+            self.step += 1
+            merge_metrics(total, metrics)
+            n_disp += 1
+            if preds_per_batch is None:
+                preds_per_batch = loss[1]
+            self.progress.update(self.step)
+            if self._due(job.disp_freq, job.disp_after) or self.step == self.train_steps:
+                dt = max(1e-9, time.time() - t_disp)
+                vals = derived_metrics(total, self.main)
+                rate = n_disp * (preds_per_batch or 0) / dt
+                unit = "chars" if "bpc" in vals else "samples"
+                self.log.write({"step": self.step, "phase": "train", **vals, "lr": lr,
+                                f"{unit}_per_s": round(rate, 1),
+                                "elapsed": round(time.time() - t_start, 3)})
+                self.say(f"step {self.step:>6}  train {fmt_metrics(vals)}  lr {lr:.4g}  "
+                         f"{rate:,.0f} {unit}/s  {fmt_time(time.time() - t_start)}")
+                total, t_disp, n_disp = {}, time.time(), 0
+            if Phase.VAL in self.workers and (self._due(job.validate_freq, job.validate_after)
+                                              or self.step == self.train_steps):
+                self.evaluate(Phase.VAL, job.validate_steps)
+            if Phase.TEST in self.workers and (self._due(job.test_freq, job.test_after)
+                                               or self.step == self.train_steps):
+                self.evaluate(Phase.TEST, job.test_steps)
+            if self._due(job.checkpoint_freq, job.checkpoint_after) or \
+                    self.step == self.train_steps:
+                self.say(f"checkpoint {self.save_checkpoint()}")
+        self.progress.clear()
+        self.say(f"done: {self.step} steps in {fmt_time(time.time() - t_start)}; "
+                 f"checkpoints in {self.ckpt_dir}")
+        return 0
+
+    def run_test_only(self) -> int:
+        ph = Phase.TEST if Phase.TEST in self.workers else self.phases[0]
+        steps = self.job.test_steps or 1
+        w = self.workers[ph]
+        total: dict = {}
+        for _ in range(steps):
+            merge_metrics(total, w.run_batch(train=False))
+        vals = derived_metrics(total, w.net)
+        if vals:
+            self.log.write({"step": self.step, "phase": ph.label, **vals})
+            self.say(f"{ph.label}: {fmt_metrics(vals)}")
+        for lay in w.net.layers.values():
+            text = getattr(lay, "text", None)
+            if text:
+                rows = text if isinstance(text[0], str) and len(text) > 0 and \
+                    not isinstance(text, str) else [text]
+                self.say(f"--- output of layer {lay.name} ---")
+                self.say("".join(rows[0]) if isinstance(rows[0], list) else "".join(rows))
+        return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m engine.train", description=__doc__.splitlines()[0])
+    ap.add_argument("job", help="job file (protobuf text format)")
+    ap.add_argument("--workspace", help="output folder (default: the job's cluster.workspace)")
+    ap.add_argument("--steps", type=int, help="override train_steps")
+    ap.add_argument("--gpu", type=int, help="train on this GPU (CuPy)")
+    ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    ap.add_argument("--seed", type=int, help="override the job's seed")
+    ap.add_argument("--graph-only", action="store_true",
+                    help="only write visualization/<phase>_net.json and stop")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    trainer = None
+    try:
+        job = load_job(args.job)
+        if args.graph_only:
+            from engine.runtime import ensure_workspace as _ew
+            ws = workspace_of(job, args.workspace)
+            _ew(ws)
+            for ph, u in write_graphs(job, args.job, ws, phases_of(job)).items():
+                g = u.graph
+                print(f"wrote {ws / 'visualization' / (ph.label + '_net.json')} "
+                      f"({g.number_of_nodes()} nodes, {g.number_of_edges()} edges)")
+            return 0
+        trainer = Trainer(job, args.job, args)
+
+        def on_signal(signum, frame):
+            trainer.stop_signal = signum
+
+        old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            trainer.build()
+            return trainer.run()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+    except Stop as st:
+        where = trainer.save_checkpoint() if trainer.updater is not None else "(nothing to save)"
+        name = "SIGINT" if st.signum == signal.SIGINT else "SIGTERM"
+        trainer.say(f"stopped by {name} at step {trainer.step}; checkpoint {where}; continue with "
+                    f"--resume")
+        return 130 if st.signum == signal.SIGINT else 143
+    except (ConfigError, BackendError, ckpt.CheckpointError) as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (RunError, ContinuityError) as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - an unexpected failure is still one line
+        from engine.layers import LayerError
+        from engine.updaters import UpdaterError
+        if args.debug:
+            raise
+        if isinstance(e, (LayerError, UpdaterError)):
+            print(f"error: {args.job}: {e}", file=sys.stderr)
+            return 2
+        print(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
