@@ -95,7 +95,7 @@ def param_arrays(net: Net) -> dict:
 def derived_metrics(metrics: dict, net: Net) -> dict:
     """{name: value} from {name: [sum, count]}, adding perplexity (softmax loss) and
     bits per character (char input)."""
-    out = {k: (s / c if c else float("nan")) for k, (s, c) in metrics.items()}
+    out = {k: (s / c if c else float("nan")) for k, (s, c) in metrics.items() if k != "objective"}
     if "loss" in out and any(lay.conf.type == pb.kSoftmaxLoss for lay in net.losses):
         out["perplexity"] = math.exp(min(out["loss"], 700.0))
         if any(lay.conf.type == pb.kCharRNN for lay in net.inputs):

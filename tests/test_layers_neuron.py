@@ -229,7 +229,8 @@ EXPECT = {
 
 @pytest.mark.parametrize("kind", sorted(EXPECT))
 def test_activation_types(kind):
-    layer = make(pb.kActivation, "act", [(3, 2)], activation_conf__type=pb.ActivationType.Value(kind))
+    layer = make(pb.kActivation, "act", [(3, 2)],
+                 activation_conf__type=pb.ActivationType.Value(kind))
     assert layer.out_shape == (3, 2)
     x = away_from_zero(np.random.default_rng(0), (4, 3, 2))
     np.testing.assert_allclose(layer.forward(ctx(), [x], None)[0], EXPECT[kind](x), rtol=1e-12)

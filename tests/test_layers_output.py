@@ -6,7 +6,7 @@ import pytest
 
 from engine.layers.base import REGISTRY, Context, LayerError
 from engine.proto import job_pb2 as pb
-from layercheck import FakeSrc, setup_layer
+from layercheck import FakeSrc
 
 
 def build(layer_type, name, srcs, info=None, **conf_fields):

@@ -11,6 +11,8 @@ Objective and scaling (SINGA's convention): each copy contributes
 ``ctx.mask`` is None). The net's objective is the *sum over copies* of these
 per-copy batch means. The reported metrics are unscaled and averaged over the
 valid rows only: a metric is a (sum, count) pair added with ``ctx.add_metric``.
+Both losses also add "objective" (scale x sum of valid row losses / B, count 0):
+the exact scalar whose gradient backward returns, used by the gradient checker.
 """
 from __future__ import annotations
 
@@ -111,7 +113,9 @@ class SoftmaxLoss(Supervised):
         rows = xp.arange(b)
         nll = -logp[rows, lab]
         valid = float(m.sum())
-        ctx.add_metric("loss", float((nll * m).sum()), valid)
+        total = float((nll * m).sum())
+        ctx.add_metric("loss", total, valid)
+        ctx.add_metric("objective", self.scale * total / b, 0)
         correct = topk_correct(xp, s, lab, self.topk).astype(self.dtype)
         ctx.add_metric("accuracy", float((correct * m).sum()), valid)
         p = xp.exp(logp)
@@ -164,7 +168,9 @@ class EuclideanLoss(Supervised):
         d = p - t
         sq = (d * d).sum(axis=1)
         valid = float(m.sum())
-        ctx.add_metric("loss", float(0.5 * (sq * m).sum()), valid)
+        total = float(0.5 * (sq * m).sum())
+        ctx.add_metric("loss", total, valid)
+        ctx.add_metric("objective", self.scale * total / b, 0)
         ctx.add_metric("mse", float((sq * m).sum()), valid * k)
         return p, None, (d, m, len(xs))
 

@@ -57,7 +57,8 @@ class CheckedLayer(Layer):
         try:
             return one_array(xs[k])
         except LayerError as e:
-            raise self.error(f"{what or f'source {k}'}: {e}; a one-to-all source must have a single copy "
+            where = what or f"source {k}"
+            raise self.error(f"{where}: {e}; a one-to-all source must have a single copy "
                              f"here, connect it one-to-one otherwise") from None
 
     def ids_at_step(self, a, ctx, what: str):

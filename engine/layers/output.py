@@ -69,13 +69,17 @@ class ArgSort(OutputLayer):
     one id per row drawn from softmax(s / T) with ctx.rng, (B,) int64; when
     ``self.sample_topk`` > 0 the draw is restricted to the sample_topk best
     scores. When source 0 is a kSoftmax or kSoftmaxLoss layer its outputs are
-    probabilities and s = log p. No params.
+    probabilities and s = log p. ``self.limit`` (set by a sampler) keeps only the
+    ids below it. No params.
     """
 
     def __init__(self, conf, xp=np, dtype=np.float32):
         super().__init__(conf, xp, dtype)
         self.temperature = float(conf.argsort_conf.temperature)
         self.sample_topk = 0
+        #: when set (by a sampler), only ids below it are chosen (e.g. a
+        #: 101-way output over a 96-character vocabulary)
+        self.limit = None
 
     def setup(self, srcs):
         self.need_srcs(srcs, 1)
@@ -100,6 +104,8 @@ class ArgSort(OutputLayer):
         s = self.src_input(xs, 0)
         if s is None:
             raise self.error("source 0 gives nothing at this step")
+        if self.limit is not None:
+            s = s[:, :self.limit]
         if self.temperature > 0:
             return xp.asarray(self.draw(ctx, s)), None, None
         if self.topk == 1:

@@ -1,0 +1,172 @@
+"""``python -m engine.sample --checkpoint CKPT [--job JOB] [--length N] [--temperature T]
+[--prime TEXT] [--top-k K] [--seed S]``: generate text from a trained char-rnn.
+
+The checkpoint carries the job it was trained with; from it the sampler
+derives a one-step net: the char data layer becomes a kRNNDummy fed back from
+a kArgSort over the scores the softmax loss read, label and loss layers are
+dropped, every layer gets unroll_len 1, and the recurrent state is carried
+from step to step. ``--job`` gives another net instead: a SINGA-style sample
+job (kRNNDummy + kArgSort + kCharRNNOutput) runs as written; a training job
+is turned into a sampling net as above. Its params must match the
+checkpoint's (names and shapes), or the error names them.
+
+Temperature 0 takes the argmax; T > 0 draws from softmax(scores / T),
+restricted to the K best with ``--top-k``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from engine import checkpoint as ckpt
+from engine.backend import make_backend
+from engine.config import ConfigError, Phase, load_job, normalise, parse_job, validate
+from engine.layers.input import encode_text
+from engine.net import Net
+from engine.proto import job_pb2 as pb
+from engine.runtime import load_params, net_info, workspace_of
+from engine.unroll import unroll
+from engine.worker import Worker
+
+PREV, SAMPLE = "prev_char", "sample"
+
+
+def sampling_job(job: pb.JobProto, where: str = "<job>") -> pb.JobProto:
+    """The one-step sampling net derived from a char-rnn training job."""
+    from engine.config import layers_in_phase
+
+    layers = layers_in_phase(job.neuralnet, Phase.TRAIN)
+    data = [lay for lay in layers if lay.type == pb.kCharRNN]
+    losses = [lay for lay in layers if lay.type == pb.kSoftmaxLoss]
+    if len(data) != 1 or not losses:
+        raise ConfigError(f"{where}: cannot derive a sampling net: it needs one kCharRNN data layer "
+                          f"and a kSoftmaxLoss; give a sample job with --job")
+    dname = data[0].name
+    scores = losses[0].srclayers[0]
+    drop = {dname} | {lay.name for lay in layers if lay.type in (
+        pb.kRNNLabel, pb.kSoftmaxLoss, pb.kEuclideanLoss, pb.kAccuracy, pb.kArgSort,
+        pb.kCharRNNOutput, pb.kCSVOutput)}
+    out = pb.JobProto()
+    out.name = (job.name or "job") + "-sample"
+    out.train_one_batch.alg = pb.kBPTT
+    out.train_one_batch.state_carry = pb.kCarry
+    net = out.neuralnet
+    net.unroll_len = 1
+    dummy = net.layer.add(name=PREV, type=pb.kRNNDummy, unroll_len=1)
+    dummy.rnn_dummy_conf.dynamic_srclayer = SAMPLE
+    dummy.rnn_dummy_conf.integer = True
+    for lay in layers:
+        if lay.name in drop:
+            continue
+        c = net.layer.add()
+        c.CopyFrom(lay)
+        c.unroll_len = 1
+        del c.include[:]
+        del c.exclude[:]
+        del c.shift[:]
+        conns = [lay.unroll_conn_type[k] if k < len(lay.unroll_conn_type) else pb.kUnrollOneToOne
+                 for k in range(len(lay.srclayers))]
+        srcs = [PREV if s == dname else s for s in lay.srclayers]
+        conns = [pb.kUnrollOneToOne if s == PREV else t for s, t in zip(srcs, conns)]
+        del c.srclayers[:]
+        c.srclayers.extend(srcs)
+        del c.unroll_conn_type[:]
+        c.unroll_conn_type.extend(conns)
+    arg = net.layer.add(name=SAMPLE, type=pb.kArgSort, unroll_len=1)
+    arg.srclayers.append(scores)
+    normalise(out, where)
+    validate(out, where)
+    return out
+
+
+class Sampler:
+    """A one-step net over a checkpoint's params that emits one character per step."""
+
+    def __init__(self, ckpt_path: str, job_path: str | None = None, seed: int = 0, gpu=None):
+        arrays, meta = ckpt.load(ckpt_path)
+        self.vocab = meta.get("vocab")
+        if not self.vocab:
+            raise ConfigError(f"{ckpt_path}: the checkpoint has no vocabulary (not a char-rnn job)")
+        if job_path:
+            job, where = load_job(job_path), job_path
+        else:
+            job, where = parse_job(meta["job"], f"{ckpt_path} (its job)"), f"{ckpt_path} (its job)"
+            normalise(job, where)
+        self.singa_style = any(lay.type == pb.kRNNDummy for lay in job.neuralnet.layer)
+        sjob = job if self.singa_style else sampling_job(job, where)
+        self.job = sjob
+        u = unroll(sjob.neuralnet, Phase.TEST, sjob.name, where=where)
+        ws = workspace_of(job, None)
+        info = net_info(job_path or meta.get("job_path", "."), ws, seed, self.vocab)
+        info["batchsize"] = 1
+        self.net = Net(u, make_backend(gpu), info, seed=seed, where=where)
+        load_params(self.net, arrays, f"{ckpt_path} vs {where}")
+        self.worker = Worker(self.net, seed=seed, carry=pb.kCarry)
+        self.argsort = next(lay for lay in self.net.layers.values() if lay.conf.type == pb.kArgSort)
+        self.dummy = next(lay for lay in self.net.layers.values() if lay.conf.type == pb.kRNNDummy)
+        self.argsort.limit = len(self.vocab)
+        self.out_node = f"{self.argsort.conf.unroll_len - 1}#{self.argsort.name}"
+        self.xp = self.net.xp
+
+    def _step(self, feed_id: int | None) -> int:
+        if feed_id is not None:
+            self.worker.carry[self.dummy.name] = self.xp.asarray(np.array([feed_id], np.int64))
+        self.worker.run_batch(train=False, load=False)
+        y = self.worker.outs[self.out_node]
+        return int(np.asarray(self.net.backend.asnumpy(y)).reshape(-1)[0])
+
+    def generate(self, length: int, temperature: float = 1.0, prime: str = "",
+                 top_k: int = 0) -> str:
+        """``prime`` followed by ``length`` generated characters."""
+        self.argsort.temperature = float(temperature)
+        self.argsort.sample_topk = int(top_k)
+        if prime:
+            ids = encode_text(prime, self.vocab, "--prime").tolist()
+        else:
+            ids = [self.vocab.index("\n") if "\n" in self.vocab else 0]
+        nxt = None
+        for i in ids:
+            nxt = self._step(i)
+        out = []
+        for _ in range(length):
+            out.append(self.vocab[nxt])
+            nxt = self._step(None)
+        return prime + "".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m engine.sample", description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", required=True, help="checkpoint file (step<N>.npz)")
+    ap.add_argument("--job", help="sample with this net instead of the checkpoint's own job")
+    ap.add_argument("--length", type=int, default=500, help="characters to generate")
+    ap.add_argument("--temperature", type=float, default=0.8, help="0 = argmax")
+    ap.add_argument("--prime", default="", help="text to start from")
+    ap.add_argument("--top-k", type=int, default=0, help="draw only among the K best")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gpu", type=int)
+    ap.add_argument("--debug", action="store_true")
+    a = ap.parse_args(argv)
+    if a.length < 0 or a.temperature < 0 or a.top_k < 0:
+        ap.error("--length, --temperature and --top-k must not be negative")
+    try:
+        s = Sampler(a.checkpoint, a.job, a.seed, a.gpu)
+        text = s.generate(a.length, a.temperature, a.prime, a.top_k)
+    except (ConfigError, ckpt.CheckpointError) as e:
+        if a.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001
+        from engine.layers import LayerError
+        if a.debug or not isinstance(e, LayerError):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    sys.stdout.write(text + ("\n" if not text.endswith("\n") else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
