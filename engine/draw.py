@@ -259,7 +259,7 @@ def _default_title(g: nx.DiGraph, steps) -> str:
 
 def _edge_attrs(d: dict) -> dict:
     if d.get("recurrent"):
-        return {"style": "solid", "color": _q(CONTEXT_COLOUR), "penwidth": "1.5",
+        return {"style": "dashed", "color": _q(CONTEXT_COLOUR), "penwidth": "1.5",
                 "constraint": "false"}
     conn = d.get("conn", "kUnrollOneToOne")
     if conn == "kUnrollOneToAll":

@@ -257,10 +257,8 @@ class Trainer:
         for lay in w.net.layers.values():
             text = getattr(lay, "text", None)
             if text:
-                rows = text if isinstance(text[0], str) and len(text) > 0 and \
-                    not isinstance(text, str) else [text]
-                self.say(f"--- output of layer {lay.name} ---")
-                self.say("".join(rows[0]) if isinstance(rows[0], list) else "".join(rows))
+                self.say(f"--- text written by layer {lay.name} ---")
+                self.say("".join(text))
         return 0
 
 

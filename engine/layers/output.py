@@ -168,6 +168,10 @@ class CharRNNOutput(OutputLayer):
                              "kCharRNN input layer to the net")
         if not self.vocab:
             raise self.error("no vocabulary: the vocabulary is empty")
+        if hasattr(srcs[0], "limit"):
+            # a kArgSort over a wider output (num_output 101, vocabulary 96) must only
+            # choose ids that name characters
+            srcs[0].limit = len(self.vocab)
         self.path = self.resolve(c.path) if c.path else ""
         self.text: list[str] = []
         self.texts: list[list[str]] = []
