@@ -10,8 +10,10 @@ for a layer, ``path: message`` otherwise.
 """
 from __future__ import annotations
 
+import difflib
 import enum
 import pathlib
+import re
 
 from google.protobuf import text_format
 
@@ -66,6 +68,47 @@ def type_name(t: int) -> str:
     return _TYPE_NAMES.get(t, str(t))
 
 
+def _syntax_hint(msg: str, text: str, line: int | None, col: int | None) -> str:
+    """Say what to do about a text-format error: the likely field or enum value meant,
+    a field written in the wrong message (a misplaced brace), or an unclosed block."""
+    pool = pb.DESCRIPTOR.pool
+    m = re.search(r'Message type "([\w.]+)" has no field named "(\w+)"', msg)
+    if m:
+        owner, name = pool.FindMessageTypeByName(m.group(1)), m.group(2)
+        close = difflib.get_close_matches(name, list(owner.fields_by_name), n=1)
+        homes = [d.name for d in pb.DESCRIPTOR.message_types_by_name.values()
+                 if name in d.fields_by_name]
+        if homes:
+            return (f'; "{name}" is a field of {", ".join(homes[:3])}, not of {owner.name}: '
+                    f'check the nesting (a missing or extra "}}" above?)')
+        if close:
+            return f'; did you mean "{close[0]}"?'
+        return ""
+    m = re.search(r'Enum type "([\w.]+)" has no value named (\w+)', msg)
+    if m:
+        values = list(pool.FindEnumTypeByName(m.group(1)).values_by_name)
+        close = difflib.get_close_matches(m.group(2), values, n=1)
+        if close:
+            return f"; did you mean {close[0]}?"
+        if len(values) <= 8:
+            return f"; use one of {', '.join(values)}"
+        return ""
+    m = re.search(r'should not have multiple "(\w+)" fields', msg)
+    if m:
+        return f'; keep one "{m.group(1)}" (only repeated fields may be given more than once)'
+    if msg.startswith("Expected string"):
+        return '; write text values in double quotes ("...")'
+    if msg.endswith("got }"):
+        return ' (an extra "}"?)'
+    if msg.startswith('Expected "}"') and line is not None:
+        lines = text.split("\n")
+        rest = "\n".join([lines[line - 1][col - 1:]] + lines[line:]) if line <= len(lines) else ""
+        tokens = re.sub(r"#[^\n]*", "", rest).split()
+        if len(tokens) <= 1:  # nothing after the last token: the file ends inside a block
+            return ' (the file ends before every "{" is closed; add the missing "}")'
+    return ""
+
+
 def parse_job(text: str, path: str = "<job>") -> pb.JobProto:
     """Parse protobuf text into a JobProto; syntax errors become ``path:line:col: msg``."""
     job = pb.JobProto()
@@ -78,6 +121,14 @@ def parse_job(text: str, path: str = "<job>") -> pb.JobProto:
         prefix = f"{line}:{col} : "
         if msg.startswith(prefix):
             msg = msg[len(prefix):]
+        # the tokenizer echoes the whole source line in quotes; line:col already points there
+        lines = text.split("\n")
+        if line is not None and 0 < line <= len(lines):
+            echo = f"'{lines[line - 1]}': "
+            if msg.startswith(echo):
+                msg = msg[len(echo):]
+        msg = msg.rstrip(".")
+        msg += _syntax_hint(msg, text, line, col)
         if line is None:
             raise ConfigError(f"{path}: {msg}") from None
         raise ConfigError(f"{path}:{line}:{col}: {msg}") from None
@@ -167,6 +218,10 @@ def validate(job: pb.JobProto, path: str = "<job>") -> None:
         if not layer.name:
             raise ConfigError(f"{path}: a layer of type {type_name(layer.type)} has no name; "
                               f"add name: \"...\"")
+        for key in ("include", "exclude"):
+            if any(v not in (pb.kTrain, pb.kVal, pb.kTest) for v in getattr(layer, key)):
+                raise err(layer, f"{key} kUnknown is not a phase (the layer would silently drop "
+                                 f"out); use kTrain, kVal or kTest")
         for ch in "#@":
             if ch in layer.name:
                 raise err(layer, f"the name contains '{ch}', which unrolling reserves; rename it")
@@ -213,17 +268,19 @@ def validate(job: pb.JobProto, path: str = "<job>") -> None:
         if layer.unroll_len < 1:
             raise err(layer, f"unroll_len is {layer.unroll_len}; it must be at least 1")
         n = len(layer.srclayers)
+        srcs = f"{n} srclayer" + ("" if n == 1 else "s")
         if len(layer.unroll_conn_type) > n:
-            raise err(layer, f"{len(layer.unroll_conn_type)} unroll_conn_type entries for {n} "
-                             f"srclayers; give at most one per srclayer")
+            raise err(layer, f"{len(layer.unroll_conn_type)} unroll_conn_type entries for {srcs}; "
+                             f"give at most one per srclayer, in srclayer order")
         if len(layer.shift) > n:
-            raise err(layer, f"{len(layer.shift)} shift entries for {n} srclayers; give at most "
-                             f"one per srclayer")
+            raise err(layer, f"{len(layer.shift)} shift entries for {srcs}; give at most one per "
+                             f"srclayer, in srclayer order")
         for k, s in enumerate(layer.shift):
             if s < 0 or s >= layer.unroll_len:
                 raise err(layer, f"shift {s} for srclayer \"{layer.srclayers[k]}\" is outside "
                                  f"0..{layer.unroll_len - 1} (the layer's unroll_len is "
-                                 f"{layer.unroll_len})")
+                                 f"{layer.unroll_len}); copy i reads source copy i - shift, so use "
+                                 f"a shift from 0 to {layer.unroll_len - 1}")
         seen_src = set()
         for s in layer.srclayers:
             if s not in names_all:

@@ -257,19 +257,24 @@ def _default_title(g: nx.DiGraph, steps) -> str:
     return title
 
 
-def _edge_attrs(d: dict) -> dict:
+def _edge_attrs(d: dict, backwards: bool) -> dict:
+    """Style of one edge; ``backwards``: a data edge from a later step to an earlier one
+    (first-to-last), which must not pull the later step's cluster to the left."""
     if d.get("recurrent"):
         return {"style": "dashed", "color": _q(CONTEXT_COLOUR), "penwidth": "1.5",
                 "constraint": "false"}
     conn = d.get("conn", "kUnrollOneToOne")
+    a = {}
     if conn == "kUnrollOneToAll":
-        return {"color": _q(ONE_TO_ALL_COLOUR)}
-    if conn == "kUnrollFirstToLast":
-        return {"color": _q(FIRST_TO_LAST_COLOUR), "fontcolor": _q(FIRST_TO_LAST_COLOUR),
-                "label": _q(short_conn(conn)), "fontsize": "9"}
-    if conn == "kUnrollOneToOne" and d.get("shift"):
-        return {"label": _q(f"shift {int(d['shift'])}"), "fontsize": "9"}
-    return {}
+        a = {"color": _q(ONE_TO_ALL_COLOUR)}
+    elif conn == "kUnrollFirstToLast":
+        a = {"color": _q(FIRST_TO_LAST_COLOUR), "fontcolor": _q(FIRST_TO_LAST_COLOUR),
+             "label": _q(short_conn(conn)), "fontsize": "9"}
+    elif conn == "kUnrollOneToOne" and d.get("shift"):
+        a = {"label": _q(f"shift {int(d['shift'])}"), "fontsize": "9"}
+    if backwards:
+        a["constraint"] = "false"
+    return a
 
 
 def _data_depth(sub: nx.DiGraph) -> dict:
@@ -283,30 +288,38 @@ def _data_depth(sub: nx.DiGraph) -> dict:
     return depth
 
 
-def _row_lines(sub: nx.DiGraph, by_step: dict, ids: dict, order: dict) -> list[str]:
+def _row_lines(sub: nx.DiGraph, by_step: dict, ids: dict, order: dict,
+               top: list) -> list[str]:
     """Layout hints that put the step clusters side by side in step order.
 
-    The copies of a layer share a rank when they sit at the same depth of the
-    data flow (true for nets without cross-step data edges), and invisible
-    edges chain the copies of the first such layer from step to step, which
-    makes dot place step i left of step i+1.
+    dot keeps flat edges in order only between nodes outside clusters, so each
+    step gets an invisible anchor on the top row (with the single-copy
+    sources ``top``), the anchors are chained left to right, and each anchor
+    points (invisibly) at the first node of its step: swapping two clusters
+    would then cross those edges. The copies of a layer share a rank when they
+    sit at the same depth of the data flow (true for nets without cross-step
+    data edges), so the steps line up row by row.
     """
-    if len(by_step) < 2:
-        return []
+    if not by_step:
+        return [("  { rank=min; " + " ".join(f"{ids[n]};" for n in top) + " }")] if top else []
+    steps = sorted(by_step)
+    anchors = [f"step_anchor_{i}" for i in steps]
+    lines = [f'  {a} [shape=point, style=invis, width=0, height=0, label=""];' for a in anchors]
+    lines.append("  { rank=min; " + " ".join(f"{x};" for x in [ids[n] for n in top] + anchors)
+                 + " }")
+    lines += [f"  {a} -> {b} [style=invis];" for a, b in zip(anchors, anchors[1:])]
+    lines += [f"  {a} -> {ids[by_step[i][0]]} [style=invis, weight=0];"
+              for i, a in zip(steps, anchors)]
     depth = _data_depth(sub)
     copies: dict[str, list] = {}
-    for i in sorted(by_step):
+    for i in steps:
         for n in by_step[i]:
             copies.setdefault(sub.nodes[n]["layer"], []).append(n)
-    aligned = [name for name, ns in copies.items() if len({depth[n] for n in ns}) == 1
-               and len(ns) > 1]
+    aligned = [name for name, ns in copies.items() if len(ns) > 1
+               and len({depth[n] for n in ns}) == 1]
     aligned.sort(key=lambda name: (order.get(name, len(order)), name))
-    lines = ["  { rank=same; " + " ".join(f"{ids[n]};" for n in copies[name]) + " }"
-             for name in aligned]
-    full = [name for name in aligned if len(copies[name]) == len(by_step)]
-    if full:
-        chain = copies[full[0]]
-        lines += [f"  {ids[u]} -> {ids[v]} [style=invis];" for u, v in zip(chain, chain[1:])]
+    lines += ["  { rank=same; " + " ".join(f"{ids[n]};" for n in copies[name]) + " }"
+              for name in aligned]
     return lines
 
 
@@ -370,13 +383,14 @@ def to_dot(g: nx.DiGraph, steps: tuple[int, int] | None = None, title: str | Non
         for n in by_step[i]:
             out.append(node_line(n, "    "))
         out.append("  }")
-    if singles:           # single-copy sources (data layers) on the top rank
-        sources = [n for n in singles if sub.in_degree(n) == 0]
-        if sources:
-            out.append("  { rank=min; " + " ".join(f"{ids[n]};" for n in sources) + " }")
-    out.extend(_row_lines(sub, by_step, ids, order))
+    # single-copy sources (data layers) go on the top rank
+    out.extend(_row_lines(sub, by_step, ids, order,
+                          top=[n for n in singles if sub.in_degree(n) == 0]))
     for u, v in sorted(sub.edges, key=lambda e: (key(e[0]), key(e[1]))):
-        a = _edge_attrs(sub.edges[u, v])
+        du, dv = sub.nodes[u], sub.nodes[v]
+        backwards = (u not in singles and v not in singles
+                     and int(du["step"]) > int(dv["step"]))
+        a = _edge_attrs(sub.edges[u, v], backwards)
         out.append(f"  {ids[u]} -> {ids[v]}" + (f" [{_attrs(a)}]" if a else "") + ";")
     out.append("}")
     return "\n".join(out) + "\n"

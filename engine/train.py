@@ -201,9 +201,14 @@ class Trainer:
             bad = not math.isfinite(loss[0]) or not all(
                 bool(self.backend.xp.isfinite(p.grad).all()) for p in self.main.params)
             if bad:
-                node = first_nonfinite(w) or "a gradient"
-                msg = (f"step {self.step + 1}: non-finite loss or gradient; first non-finite "
-                       f"output at {node}")
+                node = first_nonfinite(w)
+                if node is not None:
+                    where = f"first non-finite output at {node}"
+                else:
+                    bad_p = next(p.name for p in self.main.params
+                                 if not bool(self.backend.xp.isfinite(p.grad).all()))
+                    where = f"outputs finite, first non-finite gradient in param {bad_p}"
+                msg = f"step {self.step + 1}: non-finite loss or gradient; {where}"
                 if job.skip_nonfinite:
                     self.say(f"warning: {msg}; batch skipped (skip_nonfinite)")
                     self.step += 1
@@ -296,6 +301,8 @@ def main(argv=None) -> int:
             trainer.stop_signal = signum
 
         old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        # overflow is detected and reported by the loop itself, not by numpy warnings
+        np.seterr(over="ignore", invalid="ignore", divide="ignore")
         try:
             trainer.build()
             return trainer.run()

@@ -126,7 +126,8 @@ def unroll(net: pb.NetProto, phase: Phase = Phase.TRAIN, job_name: str = "",
                 if T - 1 - shift >= TS:
                     raise ConfigError(
                         f'{where}: layer "{layer.name}": copy {T - 1} reads copy {T - 1 - shift} of '
-                        f'"{sname}" one-to-one, but "{sname}" has only {TS} copies; use '
+                        f'"{sname}" one-to-one, but "{sname}" has only {TS} '
+                        f'{"copy" if TS == 1 else "copies"}; use '
                         f"unroll_conn_type kUnrollOneToAll or kUnrollFirstToLast, or match the "
                         f"unroll_len")
                 g.add_edges_from((node_id(i - shift, sname), node_id(i, layer.name), attrs)
@@ -163,8 +164,15 @@ def unrolled_netproto(u: Unrolled) -> pb.NetProto:
     out = pb.NetProto()
     out.CopyFrom(u.net)
     del out.layer[:]
+    from engine.layers import layer_class
+
     g = u.graph
     for layer in u.layers:
+        cls = layer_class(layer.type)
+        roles = cls.default_param_names(layer) if cls is not None else []
+        # an unnamed param takes the name the layer gives it at run time: <layer>/<role>
+        bases = [p.name or f"{layer.name}/{roles[k] if k < len(roles) else k}"
+                 for k, p in enumerate(layer.param)]
         for i in range(layer.unroll_len):
             nid = node_id(i, layer.name)
             copy = out.layer.add()
@@ -179,8 +187,7 @@ def unrolled_netproto(u: Unrolled) -> pb.NetProto:
                            key=lambda e: (e[2]["src_index"] < 0, e[2]["src_index"],
                                           g.nodes[e[0]]["step"]))
             copy.srclayers.extend(u_ for u_, _, _ in preds)
-            for p in copy.param:
-                base = p.name or f"{layer.name}/param"
+            for p, base in zip(copy.param, bases):
                 p.name = node_id(i, base)
                 if p.share_from:
                     p.share_from = node_id(0, p.share_from)
