@@ -293,22 +293,22 @@ def _row_lines(sub: nx.DiGraph, by_step: dict, ids: dict, order: dict,
     """Layout hints that put the step clusters side by side in step order.
 
     dot keeps flat edges in order only between nodes outside clusters, so each
-    step gets an invisible anchor on the top row (with the single-copy
-    sources ``top``), the anchors are chained left to right, and each anchor
-    points (invisibly) at the first node of its step: swapping two clusters
-    would then cross those edges. The copies of a layer share a rank when they
-    sit at the same depth of the data flow (true for nets without cross-step
-    data edges), so the steps line up row by row.
+    step gets an invisible anchor on a bottom row, the anchors are chained
+    left to right, and the last node of each step points (invisibly) at its
+    anchor: swapping two clusters would cross those edges. The single-copy
+    sources ``top`` go on the top rank. The copies of a layer share a rank
+    when they sit at the same depth of the data flow (true for nets without
+    cross-step data edges), so the steps line up row by row.
     """
+    lines = [("  { rank=min; " + " ".join(f"{ids[n]};" for n in top) + " }")] if top else []
     if not by_step:
-        return [("  { rank=min; " + " ".join(f"{ids[n]};" for n in top) + " }")] if top else []
+        return lines
     steps = sorted(by_step)
     anchors = [f"step_anchor_{i}" for i in steps]
-    lines = [f'  {a} [shape=point, style=invis, width=0, height=0, label=""];' for a in anchors]
-    lines.append("  { rank=min; " + " ".join(f"{x};" for x in [ids[n] for n in top] + anchors)
-                 + " }")
+    lines += [f'  {a} [shape=point, style=invis, width=0, height=0, label=""];' for a in anchors]
+    lines.append("  { rank=max; " + " ".join(f"{a};" for a in anchors) + " }")
     lines += [f"  {a} -> {b} [style=invis];" for a, b in zip(anchors, anchors[1:])]
-    lines += [f"  {a} -> {ids[by_step[i][0]]} [style=invis, weight=0];"
+    lines += [f"  {ids[by_step[i][-1]]} -> {a} [style=invis, weight=0];"
               for i, a in zip(steps, anchors)]
     depth = _data_depth(sub)
     copies: dict[str, list] = {}

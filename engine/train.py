@@ -205,9 +205,10 @@ class Trainer:
                 if node is not None:
                     where = f"first non-finite output at {node}"
                 else:
-                    bad_p = next(p.name for p in self.main.params
-                                 if not bool(self.backend.xp.isfinite(p.grad).all()))
-                    where = f"outputs finite, first non-finite gradient in param {bad_p}"
+                    bad_p = [p.name for p in self.main.params
+                             if not bool(self.backend.xp.isfinite(p.grad).all())]
+                    where = (f"outputs finite, first non-finite gradient in param {bad_p[0]}"
+                             if bad_p else "every output is finite but the loss overflowed")
                 msg = f"step {self.step + 1}: non-finite loss or gradient; {where}"
                 if job.skip_nonfinite:
                     self.say(f"warning: {msg}; batch skipped (skip_nonfinite)")
