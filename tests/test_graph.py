@@ -297,6 +297,37 @@ def test_svg_shows_copies_types_and_five_step_clusters():
     assert svg.count('class="node"') == 26
 
 
+def cluster_lefts(src: str) -> list[tuple[float, int]]:
+    """(left x, step) of every step cluster in dot's layout, left to right."""
+    import graphviz
+
+    layout = json.loads(graphviz.Source(src).pipe(format="json"))
+    found = []
+    for obj in layout.get("objects", []):
+        m = re.fullmatch(r"cluster_step_(\d+)", obj.get("name", ""))
+        if m:
+            x0, _, x1, _ = map(float, obj["bb"].split(","))
+            found.append((x0, x1, int(m.group(1))))
+    found.sort()
+    assert all(a[1] <= b[0] for a, b in zip(found, found[1:])), "step clusters overlap"
+    return [(x0, step) for x0, _, step in found]
+
+
+@needs_dot
+@pytest.mark.parametrize("T, steps", [(5, None), (50, (0, 4)), (50, (10, 13)), (12, None)])
+def test_step_clusters_are_laid_out_left_to_right_in_order(T, steps):
+    g = char_rnn_graph(T)
+    lefts = cluster_lefts(draw.to_dot(g, steps=steps))
+    a, b = steps or (0, T)
+    assert [step for _, step in lefts] == list(range(a, b))
+    # the data node sits above every step cluster
+    import graphviz
+
+    layout = json.loads(graphviz.Source(draw.to_dot(g, steps=steps)).pipe(format="json"))
+    y = {o["name"]: float(o["pos"].split(",")[1]) for o in layout["objects"] if "pos" in o}
+    assert all(y["n_0_data"] > y[f"n_{i}_onehot"] for i in range(a, b))
+
+
 @needs_dot
 def test_folded_svg():
     import graphviz
