@@ -73,7 +73,15 @@ class Trainer:
                 init_arrays.update(arrays)
                 vocab = vocab or meta.get("vocab")
         self.resume_from = None
-        if self.args.resume or job.resume:
+        resume = self.args.resume or job.resume
+        existing = ckpt.list_checkpoints(self.ckpt_dir)
+        if existing and not resume and job.train_steps > 0:
+            raise ConfigError(f"{self.ckpt_dir} already holds checkpoints (newest: step "
+                              f"{existing[-1][0]}); continue with --resume, or start over in "
+                              f"another --workspace (nothing was overwritten)")
+        if not resume:
+            self.log.truncate_after(-1)
+        if resume:
             found = ckpt.newest_valid(self.ckpt_dir, warn=self.say)
             if found is None:
                 self.say(f"no valid checkpoint in {self.ckpt_dir}; starting from step 0")

@@ -328,6 +328,56 @@ def test_step_clusters_are_laid_out_left_to_right_in_order(T, steps):
     assert all(y["n_0_data"] > y[f"n_{i}_onehot"] for i in range(a, b))
 
 
+MIXED = """
+name: "mixed"
+neuralnet {
+  unroll_len: 4
+  layer { name: "data" type: kCharRNN unroll_len: 1 char_rnn_conf { path: "t.txt" } }
+  layer { name: "onehot" type: kOneHot srclayers: "data" unroll_conn_type: kUnrollOneToAll }
+  layer { name: "enc" type: kGRU srclayers: "onehot" gru_conf { dim_hidden: 8 } param { name: "wz" } }
+  layer { name: "dec" type: kGRU srclayers: "enc" unroll_conn_type: kUnrollFirstToLast
+          gru_conf { dim_hidden: 8 } param { name: "wz2" share_from: "wz" } }
+  layer { name: "ip1" type: kInnerProduct srclayers: "dec" srclayers: "onehot"
+          unroll_conn_type: kUnrollOneToOne unroll_conn_type: kUnrollOneToOne shift: 0 shift: 1
+          innerproduct_conf { num_output: 5 } param { name: "w" } }
+  layer { name: "label" type: kRNNLabel srclayers: "data" unroll_conn_type: kUnrollOneToAll }
+  layer { name: "loss" type: kSoftmaxLoss srclayers: "ip1" srclayers: "label" }
+}
+"""
+
+
+def mixed_graph() -> nx.DiGraph:
+    job = parse_job(MIXED, "mixed.conf")
+    normalise(job, "mixed.conf")
+    validate(job, "mixed.conf")
+    return unroll(job.neuralnet, Phase.TRAIN, job.name, where="mixed.conf").graph
+
+
+def test_cross_step_edges_tied_params_and_folded_labels():
+    g = mixed_graph()
+    src = draw.to_dot(g)
+    edges, nodes = dot_edges(src), dot_nodes(src)
+    back = edges[("n_3_enc", "n_0_dec")]          # last copy of enc -> first copy of dec
+    assert 'label="first→last"' in back and "constraint=false" in back
+    assert 'label="shift 1"' in edges[("n_0_onehot", "n_1_ip1")]
+    assert "constraint=false" not in edges[("n_0_onehot", "n_1_ip1")]
+    # dec ties its param to enc's: one group, one colour
+    assert fill(nodes["n_2_dec"]) == fill(nodes["n_0_enc"]) != fill(nodes["n_0_ip1"])
+    assert "wz: enc, dec" in src                   # the legend names the users
+    folded = dot_edges(draw.to_dot_folded(g))
+    assert folded[("L_enc", "L_dec")].startswith('label="first→last"')
+    assert folded[("L_onehot", "L_ip1")].startswith('label="1:1 shift 1"')
+    assert folded[("L_dec", "L_dec")].startswith('label="t-1"')
+
+
+@needs_dot
+@pytest.mark.parametrize("steps", [None, (0, 2), (1, 3), (2, 4)])
+def test_step_clusters_in_order_with_cross_step_edges(steps):
+    lefts = cluster_lefts(draw.to_dot(mixed_graph(), steps=steps))
+    a, b = steps or (0, 4)
+    assert [step for _, step in lefts] == list(range(a, b))
+
+
 @needs_dot
 def test_folded_svg():
     import graphviz

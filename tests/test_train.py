@@ -203,3 +203,14 @@ def test_nonfinite_loss_stops_naming_the_step(tmp_path):
                                        "the loss overflowed"))
     assert len(r.stderr.strip().splitlines()) == 1
     assert "Traceback" not in r.stderr
+
+
+def test_existing_checkpoints_are_never_overwritten(tmp_path):
+    job = char_job(tmp_path, steps=5)
+    assert run_cli("engine.train", job).returncode == 0
+    before = (tmp_path / "ws" / "checkpoints" / "step5.npz").read_bytes()
+    r = run_cli("engine.train", job)
+    assert r.returncode == 2 and "already holds checkpoints (newest: step 5)" in r.stderr
+    assert (tmp_path / "ws" / "checkpoints" / "step5.npz").read_bytes() == before
+    again = run_cli("engine.train", job, "--resume")  # finished job: nothing more to do
+    assert again.returncode == 0 and "resumed from" in again.stdout
