@@ -24,6 +24,12 @@ The unrolled picture (top to bottom, steps side by side from left to right):
   full picture; layers without params are white. The graph label carries the
   title and a legend of the groups.
 
+Layout: top to bottom along the data flow, the data layer on the top rank,
+the copies of a layer on one row, and the step clusters kept in step order
+from left to right by a chain of invisible anchors under them (dot does not
+order clusters by itself). Data edges that run backwards in time
+(first-to-last) get ``constraint=false`` too.
+
 Node ids are sanitised (``n_3_gru1``; names with other characters than
 letters, digits and ``_`` get a hash suffix so ids stay unique) and the
 display name ``3#gru1`` goes into ``label=``. All output is sorted, so equal
@@ -356,9 +362,14 @@ def to_dot(g: nx.DiGraph, steps: tuple[int, int] | None = None, title: str | Non
         '  edge [fontname="Helvetica", arrowsize=0.7];',
     ]
 
+    T = _net_len(g)
+    nodes = sorted(sub.nodes, key=key)
+    # copies of single-copy layers stand outside the step clusters
+    singles = {n for n in nodes if int(sub.nodes[n]["unroll_len"]) == 1 and T > 1}
+
     def node_line(n, indent):
         d = sub.nodes[n]
-        single = int(d["unroll_len"]) == 1 and _net_len(g) > 1
+        single = n in singles
         a = {"label": _node_label(n, d, single, stats.get(n)),
              "fillcolor": _q(colours.get(d.get("share_group", ""), NO_GROUP_FILL)),
              "tooltip": _q(f"{n}: {d['type']}, share group "
@@ -367,15 +378,13 @@ def to_dot(g: nx.DiGraph, steps: tuple[int, int] | None = None, title: str | Non
             a["peripheries"] = "2"
         return f"{indent}{ids[n]} [{_attrs(a)}];"
 
-    nodes = sorted(sub.nodes, key=key)
-    T = _net_len(g)
-    singles = [n for n in nodes if int(sub.nodes[n]["unroll_len"]) == 1 and T > 1]
     by_step: dict[int, list] = {}
     for n in nodes:
         if n not in singles:
             by_step.setdefault(int(sub.nodes[n]["step"]), []).append(n)
-    for n in singles:
-        out.append(node_line(n, "  "))
+    for n in nodes:
+        if n in singles:
+            out.append(node_line(n, "  "))
     for i in sorted(by_step):
         out.append(f"  subgraph cluster_step_{i} {{")
         out.append(f'    label="step {i}"; labeljust=l; style="rounded,dashed"; '
@@ -385,7 +394,7 @@ def to_dot(g: nx.DiGraph, steps: tuple[int, int] | None = None, title: str | Non
         out.append("  }")
     # single-copy sources (data layers) go on the top rank
     out.extend(_row_lines(sub, by_step, ids, order,
-                          top=[n for n in singles if sub.in_degree(n) == 0]))
+                          top=[n for n in nodes if n in singles and sub.in_degree(n) == 0]))
     for u, v in sorted(sub.edges, key=lambda e: (key(e[0]), key(e[1]))):
         du, dv = sub.nodes[u], sub.nodes[v]
         backwards = (u not in singles and v not in singles

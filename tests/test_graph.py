@@ -334,7 +334,8 @@ neuralnet {
   unroll_len: 4
   layer { name: "data" type: kCharRNN unroll_len: 1 char_rnn_conf { path: "t.txt" } }
   layer { name: "onehot" type: kOneHot srclayers: "data" unroll_conn_type: kUnrollOneToAll }
-  layer { name: "enc" type: kGRU srclayers: "onehot" gru_conf { dim_hidden: 8 } param { name: "wz" } }
+  layer { name: "enc" type: kGRU srclayers: "onehot" gru_conf { dim_hidden: 8 }
+          param { name: "wz" } }
   layer { name: "dec" type: kGRU srclayers: "enc" unroll_conn_type: kUnrollFirstToLast
           gru_conf { dim_hidden: 8 } param { name: "wz2" share_from: "wz" } }
   layer { name: "ip1" type: kInnerProduct srclayers: "dec" srclayers: "onehot"

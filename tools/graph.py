@@ -1,5 +1,7 @@
-"""Draw an unrolled net: python tools/graph.py INPUT OUTPUT [--fold] [--steps A:B]
-[--phase train|val|test] [--stats FILE]
+"""Draw an unrolled net (or the net as configured) with Graphviz.
+
+    python tools/graph.py INPUT OUTPUT [--fold] [--steps A:B] [--phase train|val|test]
+                          [--stats FILE]
 
 INPUT is a node-link JSON file written by engine.unroll.write_graph_json
 (e.g. <workspace>/visualization/train_net.json) or a job file (job.conf),
@@ -51,7 +53,7 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="graph.py", description=__doc__.splitlines()[0],
                  formatter_class=argparse.RawDescriptionHelpFormatter,
-                 epilog="\n".join(__doc__.splitlines()[2:]))
+                 epilog="\n".join(__doc__.splitlines()[5:]))
     ap.add_argument("input", help="node-link JSON (write_graph_json) or a job file")
     ap.add_argument("output", help="picture to write: .svg, .png, .pdf or .dot")
     ap.add_argument("--fold", action="store_true", help="one node per configured layer")
@@ -162,8 +164,9 @@ def main(argv=None) -> int:
         fmt = output_format(out)
         steps = parse_steps(args.steps) if args.steps is not None else None
         phase = Phase.parse(args.phase) if args.phase is not None else None
-        if args.fold and steps is not None:
-            raise UsageError("--fold draws each layer once; it cannot be combined with --steps")
+        if args.fold and (steps is not None or args.stats):
+            raise UsageError("--fold draws each layer once; --steps and --stats apply to the "
+                             "unrolled picture only")
         stats = load_stats(pathlib.Path(args.stats)) if args.stats else None
         g = load_graph(pathlib.Path(args.input), phase)
         if args.fold:
