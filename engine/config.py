@@ -86,7 +86,8 @@ def _syntax_hint(msg: str, text: str, line: int | None, col: int | None) -> str:
         return ""
     m = re.search(r'Enum type "([\w.]+)" has no value named (\w+)', msg)
     if m:
-        values = list(pool.FindEnumTypeByName(m.group(1)).values_by_name)
+        values = [v for v in pool.FindEnumTypeByName(m.group(1)).values_by_name
+                  if v != "kUnknown" and not v.startswith("kUser")]  # never meant to be written
         close = difflib.get_close_matches(m.group(2), values, n=1)
         if close:
             return f"; did you mean {close[0]}?"
