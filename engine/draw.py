@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 import re
 
 import networkx as nx
@@ -192,13 +193,11 @@ def visible_subgraph(g: nx.DiGraph, steps: tuple[int, int] | None = None) -> nx.
 
 # --------------------------------------------------------------- unrolled
 def _fmt(v) -> str:
-    if isinstance(v, bool) or v is None:
+    """A statistic in 3 significant digits (numpy scalars too); anything else as str."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
         return str(v)
-    if isinstance(v, (int, float)):
-        if isinstance(v, float) and not math.isfinite(v):
-            return str(v)
-        return f"{v:.3g}"
-    return str(v)
+    v = float(v)
+    return f"{v:.3g}" if math.isfinite(v) else str(v)
 
 
 def _stats_lines(entry: dict) -> list[str]:

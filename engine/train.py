@@ -255,7 +255,15 @@ class Trainer:
         self.progress.clear()
         self.say(f"done: {self.step} steps in {fmt_time(time.time() - t_start)}; "
                  f"checkpoints in {self.ckpt_dir}")
+        self.plot()
         return 0
+
+    def plot(self) -> None:
+        from engine.plot import PlotUnavailable, plot_metrics
+        try:
+            self.say(f"plot {plot_metrics(self.ws)}")
+        except PlotUnavailable as e:
+            self.say(f"note: no plot: {e}")
 
     def run_test_only(self) -> int:
         ph = Phase.TEST if Phase.TEST in self.workers else self.phases[0]

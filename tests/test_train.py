@@ -214,3 +214,19 @@ def test_existing_checkpoints_are_never_overwritten(tmp_path):
     assert (tmp_path / "ws" / "checkpoints" / "step5.npz").read_bytes() == before
     again = run_cli("engine.train", job, "--resume")  # finished job: nothing more to do
     assert again.returncode == 0 and "resumed from" in again.stdout
+
+
+def test_plot_is_written_at_the_end_and_by_the_tool(tmp_path):
+    pytest.importorskip("matplotlib")
+    job = char_job(tmp_path, steps=10)
+    r = run_cli("engine.train", job)
+    assert r.returncode == 0, r.stderr
+    png = tmp_path / "ws" / "metrics.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png.unlink()
+    r = subprocess.run([sys.executable, "tools/plot.py", str(tmp_path / "ws")], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and png.exists(), r.stderr
+    r = subprocess.run([sys.executable, "tools/plot.py", str(tmp_path / "nothing")], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "no metrics yet" in r.stderr and "Traceback" not in r.stderr
