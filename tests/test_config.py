@@ -105,7 +105,7 @@ MALFORMED = [
      'keep one "train_steps" (only repeated fields may be given more than once)'),
     ("duplicated scalar (layer)",
      edit('name: "ip1"', 'name: "ip1" name: "ip2"'),
-     ':9:27: Message type "rnnengine.LayerProto" should not have multiple "name" fields; '
+     ':9:29: Message type "rnnengine.LayerProto" should not have multiple "name" fields; '
      'keep one "name" (only repeated fields may be given more than once)'),
     ("unquoted string",
      edit('name: "ip1"', "name: ip1"),

@@ -117,6 +117,8 @@ class InnerProduct(CheckedLayer):
     Backward: dW += dy^T x (transposed: x^T dy), db += sum_rows dy, dx = dy W.
     """
 
+    has_params = True
+
     @classmethod
     def default_param_names(cls, conf):
         return ["w", "b"] if conf.innerproduct_conf.bias_term else ["w"]
@@ -183,6 +185,8 @@ class Embedding(CheckedLayer):
     Backward: W.grad[id_r] += dy[r] (scatter-add: repeated ids add up); the
     integer input gets no gradient. An id outside [0, vocab_size) is an error.
     """
+
+    has_params = True
 
     @classmethod
     def default_param_names(cls, conf):

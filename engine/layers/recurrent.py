@@ -154,6 +154,8 @@ class _Recurrent(Layer):
     ``_keys``, ``step_from_projection`` and ``step_backward``.
     """
 
+    has_params = True
+
     recurrent = True
     TYPE_NAME = ""
     CONF_FIELD = ""
