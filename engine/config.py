@@ -74,7 +74,10 @@ def _syntax_hint(msg: str, text: str, line: int | None, col: int | None) -> str:
     pool = pb.DESCRIPTOR.pool
     m = re.search(r'Message type "([\w.]+)" has no field named "(\w+)"', msg)
     if m:
-        owner, name = pool.FindMessageTypeByName(m.group(1)), m.group(2)
+        try:
+            owner, name = pool.FindMessageTypeByName(m.group(1)), m.group(2)
+        except KeyError:
+            return ""
         close = difflib.get_close_matches(name, list(owner.fields_by_name), n=1)
         homes = [d.name for d in pb.DESCRIPTOR.message_types_by_name.values()
                  if name in d.fields_by_name]
@@ -86,7 +89,11 @@ def _syntax_hint(msg: str, text: str, line: int | None, col: int | None) -> str:
         return ""
     m = re.search(r'Enum type "([\w.]+)" has no value named (\w+)', msg)
     if m:
-        values = [v for v in pool.FindEnumTypeByName(m.group(1)).values_by_name
+        try:
+            enum_type = pool.FindEnumTypeByName(m.group(1))
+        except KeyError:
+            return ""
+        values = [v for v in enum_type.values_by_name
                   if v != "kUnknown" and not v.startswith("kUser")]  # never meant to be written
         close = difflib.get_close_matches(m.group(2), values, n=1)
         if close:

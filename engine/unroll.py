@@ -161,11 +161,11 @@ def unrolled_netproto(u: Unrolled) -> pb.NetProto:
     """The unrolled net as a NetProto: copies ``i#L`` with unroll_index i, their
     srclayers rewired to source copies (data sources in srclayer order, then the
     context source), params ``i#p`` sharing ``0#p``."""
+    from engine.layers import layer_class
+
     out = pb.NetProto()
     out.CopyFrom(u.net)
     del out.layer[:]
-    from engine.layers import layer_class
-
     g = u.graph
     for layer in u.layers:
         cls = layer_class(layer.type)
