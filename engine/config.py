@@ -289,6 +289,12 @@ def validate(job: pb.JobProto, path: str = "<job>") -> None:
                                  f"0..{layer.unroll_len - 1} (the layer's unroll_len is "
                                  f"{layer.unroll_len}); copy i reads source copy i - shift, so use "
                                  f"a shift from 0 to {layer.unroll_len - 1}")
+        for k, s in enumerate(layer.shift):
+            conn = layer.unroll_conn_type[k] if k < len(layer.unroll_conn_type) else pb.kUnrollOneToOne
+            if s != 0 and conn != pb.kUnrollOneToOne:
+                raise err(layer, f"shift {s} for srclayer \"{layer.srclayers[k]}\", which is connected "
+                                 f"{pb.UnrollConnType.Name(conn)}; a shift applies only to "
+                                 f"kUnrollOneToOne, so remove it or set it to 0")
         seen_src = set()
         for s in layer.srclayers:
             if s not in names_all:

@@ -174,6 +174,11 @@ MALFORMED = [
      edit('srclayers: "gru1"', 'srclayers: "gru1" shift: -1'),
      ': layer "ip1": shift -1 for srclayer "gru1" is outside 0..2 (the layer\'s unroll_len is 3); '
      'copy i reads source copy i - shift, so use a shift from 0 to 2'),
+    ("shift on a one-to-all source",
+     edit('kOneHot srclayers: "data" unroll_conn_type: kUnrollOneToAll }',
+          'kOneHot srclayers: "data" unroll_conn_type: kUnrollOneToAll shift: 1 }'),
+     ': layer "onehot": shift 1 for srclayer "data", which is connected kUnrollOneToAll; a shift '
+     'applies only to kUnrollOneToOne, so remove it or set it to 0'),
     ("shift not below unroll_len",
      edit('srclayers: "gru1"', 'srclayers: "gru1" shift: 3'),
      ': layer "ip1": shift 3 for srclayer "gru1" is outside 0..2 (the layer\'s unroll_len is 3); '
