@@ -305,6 +305,30 @@ def test_slice_concate_sigmoid_csv_input(tmp_path):
     assert_grads_ok(net, w)
 
 
+def test_csv_token_ids(tmp_path):
+    """kCSVInput with store_conf.shape [T]: one token id per step -> kEmbedding -> kGRU."""
+    rng = np.random.default_rng(4)
+    n, T = 4, 5
+    rows = np.concatenate([rng.integers(0, 2, size=(n, 1)), rng.integers(0, 4, size=(n, T))], axis=1)
+    csv = tmp_path / "ids.csv"
+    np.savetxt(csv, rows, delimiter=",", fmt="%d")
+    layers = (f'layer {{ name: "data" type: kCSVInput store_conf {{ backend: "csv" path: "{csv}" '
+              f"batchsize: 4 shape: {T} }} }}\n"
+              'layer { name: "embed" type: kEmbedding srclayers: "data" '
+              "embedding_conf { vocab_size: 4 feature_dim: 3 } }\n"
+              + rec_conf("gru", "gru", "embed", 3)
+              + 'layer { name: "ip" type: kInnerProduct unroll_len: 1 srclayers: "gru" '
+                "unroll_conn_type: kUnrollFirstToLast innerproduct_conf { num_output: 2 } }\n"
+                'layer { name: "loss" type: kSoftmaxLoss unroll_len: 1 srclayers: "ip" '
+                'srclayers: "data" unroll_conn_type: kUnrollOneToOne '
+                "unroll_conn_type: kUnrollFirstToLast }\n")
+    net, w = build(tmp_path, job_text(layers, unroll=T))
+    data = net.layers["data"]
+    assert data.is_ids and data.x.dtype == np.int64
+    np.testing.assert_array_equal(data.x, rows[:, 1:])
+    assert_grads_ok(net, w)
+
+
 def test_every_other_layer(tmp_path):
     """kDummy, kInnerProduct(transpose), kReLU(slope), kSplit, kSTanh, kActivation, kConcate,
     kRNN (no bias, shift 1), kSoftmax, kEuclideanLoss (target from a layer's output, scale),

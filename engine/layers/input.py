@@ -275,7 +275,8 @@ class SequenceInput(Layer):
         self.is_ids = np.issubdtype(x.dtype, np.integer)
         self.vocab_size = int(x.max()) + 1 if self.is_ids else None
         self.out_shape = () if self.is_ids else tuple(x.shape[2:])
-        self.order = np.arange(self.n)
+        # with shuffle, every epoch (the first included) walks its own permutation
+        self.order = self._epoch_order(0)
         self.cursor = 0
         self.epoch = 0
         self.new_sequence = True
@@ -305,6 +306,8 @@ class SequenceInput(Layer):
             raise LayerError(f'layer "{self.name}": {path} rows have {feats.shape[1]} features, '
                              f"store_conf.shape {list(shape)} needs {need}")
         x = feats.reshape((-1,) + shape)
+        if len(shape) == 1 and np.all(x == np.round(x)):
+            x = x.astype(np.int64)  # shape [T]: one token id per step (np.loadtxt reads floats)
         if y is not None and np.all(y == np.round(y)):
             y = y.astype(np.int64)
         return x, y, None
@@ -336,14 +339,19 @@ class SequenceInput(Layer):
             if lengths.min() < 1 or lengths.max() > x.shape[1]:
                 raise LayerError(f'layer "{n}": {where}: lengths must lie in 1..{x.shape[1]}')
 
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        """Row order of an epoch: the store's order, or a seeded permutation with shuffle."""
+        if not self.conf.store_conf.shuffle:
+            return np.arange(self.n)
+        rng = np.random.default_rng([self.info.get("seed", 0), 3, epoch])
+        return rng.permutation(self.n)
+
     def load_batch(self, phase_ctx=None):
         B = self.batchsize
         if self.cursor + B > self.n:
             self.cursor = 0
             self.epoch += 1
-            if self.conf.store_conf.shuffle:
-                rng = np.random.default_rng([self.info.get("seed", 0), 3, self.epoch])
-                self.order = rng.permutation(self.n)
+            self.order = self._epoch_order(self.epoch)
         idx = self.order[np.arange(self.cursor, self.cursor + B) % self.n]
         self.cursor += B
         xp = self.xp
