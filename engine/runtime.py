@@ -182,6 +182,17 @@ class Progress:
 def first_nonfinite(worker) -> str | None:
     """The first unrolled node (schedule order) whose output is not finite."""
     xp = worker.xp
+    blocks = getattr(worker, "blocks", None)
+    if blocks:  # planned executor: one block per layer, rows step-major
+        B = worker.batchsize
+        for st in worker.plan.steps:
+            y = blocks.get(st.layer.name)
+            if y is None or not np.issubdtype(y.dtype, np.floating):
+                continue
+            bad = ~xp.isfinite(y.reshape(y.shape[0], -1)).all(axis=1)
+            if bool(bad.any()):
+                return f"{int(xp.argmax(bad)) // B}#{st.layer.name}"
+        return None
     for n in worker.net.nodes:
         y = worker.outs.get(n.id)
         if y is None:

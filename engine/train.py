@@ -28,7 +28,8 @@ from engine.proto import job_pb2 as pb
 from engine.runtime import (MetricsLog, Progress, derived_metrics, ensure_workspace, first_nonfinite,
                             fmt_metrics, fmt_time, load_params, merge_metrics, net_info, param_arrays,
                             phases_of, workspace_of, write_graphs)
-from engine.worker import ContinuityError, Worker
+from engine.planner import NotPlannable
+from engine.worker import ContinuityError
 
 
 class RunError(Exception):
@@ -101,7 +102,11 @@ class Trainer:
             else:
                 net.share_params_from(main)
             self.nets[ph] = net
-            self.workers[ph] = Worker(net, seed=self.seed, carry=carry)
+            from engine.planner import make_worker
+            executor = self.args.executor or ("reference" if self.args.debug else "auto")
+            self.workers[ph], note = make_worker(net, self.seed, carry, executor)
+            if ph == self.phases[0]:
+                self.executor_note = note
         self.main = main
         self.vocab = main.info.get("vocab")
         if init_arrays is not None:
@@ -165,6 +170,7 @@ class Trainer:
                  f"{g.number_of_edges()} edges, {main.param_count():,} params")
         for line in main.describe():
             self.say(line)
+        self.say(self.executor_note)
         if self.updater is not None:
             from engine.updaters import describe
             self.say(f"updater {describe(job.updater)}")
@@ -294,7 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, help="override the job's seed")
     ap.add_argument("--graph-only", action="store_true",
                     help="only write visualization/<phase>_net.json and stop")
-    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    ap.add_argument("--executor", choices=["auto", "planned", "reference"],
+                    help="auto (default): the planned executor when the net fits, else node by "
+                         "node; --debug defaults to reference")
+    ap.add_argument("--debug", action="store_true",
+                    help="show tracebacks; run the reference (node-by-node) executor")
     return ap
 
 
@@ -336,6 +346,11 @@ def main(argv=None) -> int:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NotPlannable as e:
+        if args.debug:
+            raise
+        print(f"error: --executor planned: {e}; use --executor auto", file=sys.stderr)
         return 2
     except (RunError, ContinuityError) as e:
         if args.debug:

@@ -105,6 +105,10 @@ class Context:
     aux_out: Any = None
     mask_out: Any = None
     sampling: bool = False
+    #: planned executor: the steps of a block call (rows are step-major T·B), else None
+    steps: Any = None
+    #: rows of one copy (the batch), when a call covers several copies; None = all rows
+    batch: Any = None
 
     def add_metric(self, name: str, total: float, count: float) -> None:
         """Accumulate a metric as a (sum, count) pair; its value is sum / count."""
@@ -132,6 +136,11 @@ class Layer:
     is_input: bool = False
     #: False for output layers (kArgSort, kAccuracy, ...): the worker skips their backward
     differentiable: bool = True
+    #: rows are independent and the step is not used (or only through step_ids): the
+    #: planned executor may run all copies as one call over T·B rows
+    rowwise: bool = False
+    #: reads its step's column of a one-to-all source through step_ids
+    step_select: bool = False
     #: True when forward returns a list (consumer j of a copy gets piece j) and
     #: backward receives a list of gradients (kSlice)
     multi_output: bool = False
@@ -214,15 +223,19 @@ class Layer:
         return dstate
 
 
-def step_ids(x, ctx: "Context"):
+def step_ids(x, ctx: "Context", offset: int = 0):
     """Token ids for this copy from an integer source.
 
     A one-to-all source (a single data copy holding all steps, shape (B, S))
-    gives column ``ctx.step``; a per-step source (shape (B,)) is used as is.
+    gives column ``ctx.step + offset``; in a block call (``ctx.steps`` set) the
+    columns of all those steps, step-major as T·B rows. A per-step source
+    (shape (B,)) is used as is.
     """
     x = one_array(x)
     if x.ndim == 2:
-        return x[:, ctx.step]
+        if ctx.steps is not None:
+            return x[:, ctx.steps + offset].T.reshape(-1)
+        return x[:, ctx.step + offset]
     return x
 
 

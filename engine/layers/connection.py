@@ -21,6 +21,11 @@ class Concate(CheckedLayer):
     Backward: dy split back into the sources' pieces (None for absent ones).
     """
 
+    @property
+    def rowwise(self):
+        """Joining features keeps rows independent; joining rows (dim 0) does not."""
+        return int(self.conf.concate_conf.concate_dim) != 0
+
     def setup(self, srcs):
         c = self.conf.concate_conf
         if not srcs:
@@ -145,6 +150,8 @@ class Slice(CheckedLayer):
 class Split(CheckedLayer):
     """y = x, fed to split_conf.num_splits [1] consumers; dx = dy (the worker sums
     the gradients of all consumers before calling backward)."""
+
+    rowwise = True
 
     def setup(self, srcs):
         self.need_srcs(srcs, 1)

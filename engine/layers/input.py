@@ -15,7 +15,7 @@ import pathlib
 
 import numpy as np
 
-from engine.layers.base import Layer, LayerError, one_array, register, step_ids
+from engine.layers.base import Layer, LayerError, register, step_ids
 from engine.proto import job_pb2 as pb
 
 
@@ -176,6 +176,8 @@ class RNNLabel(Layer):
     """
 
     differentiable = False
+    rowwise = True
+    step_select = True
 
     def setup(self, srcs):
         if len(srcs) != 1:
@@ -190,8 +192,7 @@ class RNNLabel(Layer):
         self.out_shape = ()
 
     def forward(self, ctx, xs, state):
-        x = one_array(xs[0])
-        return x[:, ctx.step + 1], None, None
+        return step_ids(xs[0], ctx, offset=1), None, None
 
 
 @register(pb.kOneHot)
@@ -201,6 +202,9 @@ class OneHot(Layer):
     V is onehot_conf.vocab_size, or the source's vocabulary size. A source that
     holds all steps (a kCharRNN copy read one-to-all) gives column ``step``.
     """
+
+    rowwise = True
+    step_select = True
 
     def setup(self, srcs):
         if len(srcs) != 1:
@@ -338,6 +342,22 @@ class SequenceInput(Layer):
                                  f"be [N] = [{x.shape[0]}]")
             if lengths.min() < 1 or lengths.max() > x.shape[1]:
                 raise LayerError(f'layer "{n}": {where}: lengths must lie in 1..{x.shape[1]}')
+
+    def block(self, T: int):
+        """All T copies at once for the planned executor: (x, aux, mask) with rows
+        step-major (T·B); per-sequence labels are repeated for every step."""
+        xp = self.xp
+        B = self.xb.shape[0]
+
+        def steps(a):
+            return xp.ascontiguousarray(xp.swapaxes(a[:, :T], 0, 1)).reshape((T * B,) + a.shape[2:])
+
+        x = steps(self.xb)
+        aux = None
+        if self.yb is not None:
+            aux = steps(self.yb) if self._y_per_step else xp.concatenate([self.yb] * T, axis=0)
+        mask = None if self.maskb is None else steps(self.maskb)
+        return x, aux, mask
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         """Row order of an epoch: the store's order, or a seeded permutation with shuffle."""

@@ -36,7 +36,12 @@ def topk_correct(xp, scores, labels, k: int):
 
 
 class Supervised(CheckedLayer):
-    """Shared set-up of layers comparing source 0 with the labels of source 1."""
+    """Shared set-up of layers comparing source 0 with the labels of source 1.
+
+    ``ctx.batch`` (rows of one copy) normalises a block call over several copies
+    exactly as the copies one by one would be."""
+
+    rowwise = True
 
     def check_sources(self, srcs):
         self.need_srcs(srcs, 2, "the prediction, then the labels")
@@ -115,18 +120,18 @@ class SoftmaxLoss(Supervised):
         valid = float(m.sum())
         total = float((nll * m).sum())
         ctx.add_metric("loss", total, valid)
-        ctx.add_metric("objective", self.scale * total / b, 0)
+        ctx.add_metric("objective", self.scale * total / (ctx.batch or b), 0)
         correct = topk_correct(xp, s, lab, self.topk).astype(self.dtype)
         ctx.add_metric("accuracy", float((correct * m).sum()), valid)
         p = xp.exp(logp)
-        return p, None, (p, lab, m, len(xs))
+        return p, None, (p, lab, m, len(xs), ctx.batch or b)
 
     def backward(self, ctx, dy, dstate, cache):
-        p, lab, m, nsrc = cache
+        p, lab, m, nsrc, per_copy = cache
         b = p.shape[0]
         g = p.copy()
         g[self.xp.arange(b), lab] -= 1.0
-        g *= (self.scale / b) * m[:, None]
+        g *= (self.scale / per_copy) * m[:, None]
         return [g] + [None] * (nsrc - 1), None
 
 
@@ -170,11 +175,11 @@ class EuclideanLoss(Supervised):
         valid = float(m.sum())
         total = float(0.5 * (sq * m).sum())
         ctx.add_metric("loss", total, valid)
-        ctx.add_metric("objective", self.scale * total / b, 0)
+        ctx.add_metric("objective", self.scale * total / (ctx.batch or b), 0)
         ctx.add_metric("mse", float((sq * m).sum()), valid * k)
-        return p, None, (d, m, len(xs))
+        return p, None, (d, m, len(xs), ctx.batch or b)
 
     def backward(self, ctx, dy, dstate, cache):
-        d, m, nsrc = cache
-        g = d * ((self.scale / d.shape[0]) * m[:, None])
+        d, m, nsrc, per_copy = cache
+        g = d * ((self.scale / per_copy) * m[:, None])
         return [g] + [None] * (nsrc - 1), None

@@ -117,6 +117,8 @@ class InnerProduct(CheckedLayer):
     Backward: dW += dy^T x (transposed: x^T dy), db += sum_rows dy, dx = dy W.
     """
 
+    rowwise = True
+
     has_params = True
 
     @classmethod
@@ -186,6 +188,9 @@ class Embedding(CheckedLayer):
     integer input gets no gradient. An id outside [0, vocab_size) is an error.
     """
 
+    rowwise = True
+    step_select = True
+
     has_params = True
 
     @classmethod
@@ -239,6 +244,8 @@ class Dropout(CheckedLayer):
     drawn from ctx.rng on the host; dx = dy * m / (1 - p). Otherwise y = x.
     The expectation of y equals x in both phases. No params.
     """
+
+    rowwise = True
 
     def setup(self, srcs):
         self.need_srcs(srcs, 1)
@@ -296,6 +303,8 @@ def activation_name(key) -> str:
 
 class Elementwise(CheckedLayer):
     """y = f(x) element-wise, dx = dy * f'(x); f from ``ACTIVATIONS``. No params."""
+
+    rowwise = True
 
     def function(self):
         """(ACTIVATIONS key, parameter) of this layer."""
@@ -383,6 +392,8 @@ class Softmax(CheckedLayer):
 
     dx = y * (dy - sum_k dy_k y_k). No params.
     """
+
+    rowwise = True
 
     def setup(self, srcs):
         self.need_srcs(srcs, 1)

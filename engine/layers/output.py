@@ -73,6 +73,8 @@ class ArgSort(OutputLayer):
     ids below it. No params.
     """
 
+    rowwise = True
+
     def __init__(self, conf, xp=np, dtype=np.float32):
         super().__init__(conf, xp, dtype)
         self.temperature = float(conf.argsort_conf.temperature)

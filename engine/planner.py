@@ -1,0 +1,268 @@
+"""The planned executor: the same unrolled graph, run in larger pieces.
+
+The unrolled graph stays the truth (engine/unroll.py) and the node-by-node
+Worker stays the reference. The planner groups the T copies of each layer
+into one *block* and runs:
+
+* a layer whose copies read one-to-one (shift 0) from blocks of the same T,
+  or one-to-all from a single-copy source (kOneHot / kRNNLabel picking their
+  step), as ONE call over T·B rows (step-major: rows t·B .. t·B+B-1 are step t);
+  the layer declares this with ``rowwise = True``;
+* a recurrent layer as one GEMM for the input projections of all T steps, the
+  step loop over the recurrent part only, and one GEMM for the input-weight
+  gradients after the backward loop;
+* a single-copy layer reading copy 0 (one-to-one) or the last copy
+  (first-to-last) of a block as a row slice of that block.
+
+``plan(net)`` returns a Plan, or raises NotPlannable naming the layer and why
+(shifts, feedback layers, multi-output layers); callers
+then fall back to the reference Worker. ``PlannedWorker`` has the Worker's
+interface (run_batch, carry, state_dict) and gives the same losses and
+gradients: tests/test_planner.py compares the two in float64.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engine.backend import DROPOUT, LazyRNG
+from engine.layers import Context
+from engine.net import Net
+from engine.proto import job_pb2 as pb
+from engine.worker import Worker, _add
+
+
+class NotPlannable(Exception):
+    """The net has a shape the planner does not batch (the message says which layer and why)."""
+
+
+# how a block layer reads one source
+FULL, BROADCAST, FIRST, LAST, SAME = "full", "broadcast", "first", "last", "same"
+
+
+@dataclass
+class Step:
+    """One configured layer of the plan and how it reads its sources."""
+
+    layer: object
+    index: int
+    T: int                      # copies (1 or the block length)
+    reads: list = field(default_factory=list)   # per srclayer: (source name, how) or None
+    init_src: str | None = None  # first-to-last source giving a recurrent layer its state
+    mask_from: str | None = None  # source whose mask this layer inherits (and how)
+    mask_how: str | None = None
+    needs_grad: bool = False
+
+
+@dataclass
+class Plan:
+    T: int          # the longest block
+    steps: list
+
+
+def plan(net: Net) -> Plan:
+    """Group the net's copies into blocks; NotPlannable when a layer does not fit."""
+    T = max(lay.conf.unroll_len for lay in net.layers.values())
+    order = Net._setup_order(net.unrolled)
+    index = {name: k for k, name in enumerate(order)}
+    steps: dict[str, Step] = {}
+    for name in order:
+        lay = net.layers[name]
+        conf = lay.conf
+        TL = conf.unroll_len
+        st = Step(layer=lay, index=index[name], T=TL)
+        if lay.multi_output:
+            raise NotPlannable(f'layer "{name}" has several outputs')
+        ctx_srcs = type(lay).context_sources(conf)
+        if ctx_srcs and (not lay.recurrent or ctx_srcs != [(name, 1)]):
+            raise NotPlannable(f'layer "{name}" is fed back from another layer')
+        if TL > 1 and not lay.recurrent and not lay.is_input and not getattr(lay, "rowwise", False):
+            raise NotPlannable(f'layer "{name}" ({type(lay).__name__}) does not declare rowwise')
+        if lay.is_input and TL > 1 and not hasattr(lay, "block"):
+            raise NotPlannable(f'input layer "{name}" cannot emit all steps at once')
+        for k, sname in enumerate(conf.srclayers):
+            src = net.layers[sname]
+            TS = src.conf.unroll_len
+            conn = lay.src_conn[k]
+            if (conf.shift[k] if k < len(conf.shift) else 0) != 0:
+                raise NotPlannable(f'layer "{name}" reads "{sname}" with a shift')
+            how = None
+            if conn == pb.kUnrollOneToOne:
+                how = SAME if TS == TL else (FIRST if TL == 1 else None)
+            elif conn == pb.kUnrollOneToAll:
+                how = BROADCAST if TS == 1 else None
+            elif conn == pb.kUnrollFirstToLast:
+                if lay.recurrent:
+                    st.init_src = sname
+                    st.reads.append(None)
+                    continue
+                how = LAST if TL == 1 else None
+            if how is None:
+                raise NotPlannable(f'layer "{name}" reads "{sname}" ({TS} copies) in a way the '
+                                   f"planner does not batch")
+            if how == BROADCAST and TL > 1 and not getattr(lay, "step_select", False):
+                raise NotPlannable(f'layer "{name}" reads one copy of "{sname}" at every step')
+            st.reads.append((sname, how))
+            if conn == pb.kUnrollOneToOne and st.mask_from is None:
+                st.mask_from, st.mask_how = sname, how
+        feeds = [r[0] for r in st.reads if r is not None] + ([st.init_src] if st.init_src else [])
+        st.needs_grad = lay.differentiable and (bool(lay.params) or any(
+            steps[s].needs_grad for s in feeds))
+        steps[name] = st
+    return Plan(T=T, steps=[steps[n] for n in order])
+
+
+def _take(a, how: str, B: int):
+    """The rows of block ``a`` that a reader gets."""
+    if a is None:
+        return None
+    if how == FIRST:
+        return a[:B]
+    if how == LAST:
+        return a[-B:]
+    return a
+
+
+def _put(full_like, d, how: str, B: int, xp):
+    """Gradient of ``_take``: scatter ``d`` into a block-shaped zero array."""
+    if how in (FIRST, LAST):
+        out = xp.zeros_like(full_like)
+        if how == FIRST:
+            out[:B] = d
+        else:
+            out[-B:] = d
+        return out
+    return d
+
+
+class PlannedWorker(Worker):
+    """Runs a Net by its Plan; same interface and results as the reference Worker."""
+
+    def __init__(self, net: Net, seed: int = 0, carry: int = pb.kCarryAuto, the_plan=None):
+        super().__init__(net, seed, carry)
+        self.plan = the_plan or plan(net)
+        self.blocks: dict = {}
+
+    # ------------------------------------------------------------ forward
+    def forward(self, train: bool, metrics: dict) -> None:
+        B = self.batchsize
+        out, aux, mask, cache, ctxs, final = {}, {}, {}, {}, {}, {}
+        for st in self.plan.steps:
+            lay = st.layer
+            name = lay.name
+            TL = st.T
+            xs, src_aux = [], []
+            for r in st.reads:
+                if r is None:
+                    xs.append(None)
+                    src_aux.append(None)
+                    continue
+                sname, how = r
+                xs.append(_take(out[sname], how, B))
+                a = aux.get(sname)
+                src_aux.append(_take(a, how, B) if a is not None and a.shape[0] == out[sname].shape[0]
+                               else a)
+            m = None
+            if st.mask_from is not None and mask.get(st.mask_from) is not None:
+                m = _take(mask[st.mask_from], st.mask_how, B)
+            ctx = Context(step=0, unroll_len=TL, train=train, mask=m, aux=src_aux,
+                          rng=LazyRNG(self.seed, DROPOUT, self.batch_index, 100000 + st.index),
+                          metrics=metrics)
+            if TL > 1:
+                ctx.steps = np.arange(TL)
+                ctx.batch = B
+            if lay.recurrent:
+                y, fin, c = self._recurrent_forward(lay, st, xs, ctx, out, TL, B)
+                final[name] = fin
+            elif lay.is_input and TL > 1:
+                y, a, mb = lay.block(TL)
+                ctx.aux_out, ctx.mask_out, c = a, mb, None
+            else:
+                y, _, c = lay.forward(ctx, xs, None)
+            if ctx.mask_out is not None:
+                ctx.mask = ctx.mask_out
+            out[name], aux[name], mask[name] = y, ctx.aux_out, ctx.mask
+            if st.needs_grad:
+                cache[name], ctxs[name] = c, ctx
+        self.blocks, self.caches, self.ctxs = out, cache, ctxs
+        # what _end_batch carries, keyed like the reference worker's nodes
+        self.states = {f"{self.net.layers[n].conf.unroll_len - 1}#{n}": s for n, s in final.items()}
+        self.outs = {}
+
+    def _recurrent_forward(self, lay, st, xs, ctx, out, TL, B):
+        x = xs[lay.data_pos]
+        if st.init_src is not None:
+            state = lay.state_from_source(out[st.init_src][-B:])
+        else:
+            state = self.initial_state(lay)
+        proj = lay.project(x).reshape(TL, B, -1)
+        ys = self.xp.empty((TL, B, lay.H), dtype=lay.dtype)
+        m = None if ctx.mask is None else ctx.mask.reshape(TL, B)
+        step_caches = []
+        for t in range(TL):
+            y, state, sc = lay.step_from_projection(proj[t], state, None if m is None else m[t])
+            ys[t] = y
+            step_caches.append(sc)
+        return ys.reshape(TL * B, lay.H), state, (x, step_caches)
+
+    # ----------------------------------------------------------- backward
+    def backward(self) -> None:
+        xp, B = self.xp, self.batchsize
+        by_name = {st.layer.name: st for st in self.plan.steps}
+        dout: dict = {}
+
+        def acc(sname, d, how):
+            if d is None or not by_name[sname].needs_grad:
+                return
+            d = _put(self.blocks[sname], d, how, B, xp)
+            dout[sname] = _add(dout.get(sname), d)
+
+        for st in reversed(self.plan.steps):
+            if not st.needs_grad:
+                continue
+            lay = st.layer
+            name = lay.name
+            y = self.blocks[name]
+            dy = dout.pop(name, None)
+            if dy is None and not lay.is_loss:
+                dy = xp.zeros_like(y)
+            if lay.recurrent:
+                dxs, dstate0 = self._recurrent_backward(lay, st, dy, self.caches[name], B)
+                if st.init_src is not None and dstate0 is not None:
+                    acc(st.init_src, lay.source_grad_from_state(dstate0), LAST)
+            else:
+                dxs, _ = lay.backward(self.ctxs[name], dy, None, self.caches[name])
+            for r, dx in zip(st.reads, dxs):
+                if r is not None and dx is not None:
+                    acc(r[0], dx, r[1])
+
+    def _recurrent_backward(self, lay, st, dy, c, B):
+        x, step_caches = c
+        TL = len(step_caches)
+        dys = dy.reshape(TL, B, lay.H)
+        dst = None
+        dproj = None
+        for t in range(TL - 1, -1, -1):
+            dxp, dst = lay.step_backward(dys[t], dst, step_caches[t])
+            if dproj is None:
+                dproj = self.xp.empty((TL,) + dxp.shape, dtype=dxp.dtype)
+            dproj[t] = dxp
+        dx = lay.projection_backward(x, dproj.reshape(TL * B, -1))
+        dxs = [None] * len(st.reads)
+        dxs[lay.data_pos] = dx
+        return dxs, dst
+
+
+def make_worker(net: Net, seed: int = 0, carry: int = pb.kCarryAuto, executor: str = "auto"):
+    """(worker, note): the planned worker when the net fits, else the reference one."""
+    if executor == "reference":
+        return Worker(net, seed, carry), "executor: reference (node by node)"
+    try:
+        p = plan(net)
+    except NotPlannable as e:
+        if executor == "planned":
+            raise
+        return Worker(net, seed, carry), f"executor: reference (node by node): {e}"
+    return PlannedWorker(net, seed, carry, p), f"executor: planned ({len(p.steps)} blocks, T={p.T})"
+

@@ -1,0 +1,154 @@
+"""The planned executor gives the reference executor's losses, gradients and params."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import test_gradcheck as gc
+from engine.backend import make_backend
+from engine.config import Phase, load_job
+from engine.net import Net
+from engine.planner import NotPlannable, PlannedWorker, make_worker, plan
+from engine.proto import job_pb2 as pb
+from engine.runtime import net_info
+from engine.unroll import unroll
+from engine.updaters import Updater
+from engine.worker import Worker
+
+UPDATER = ('updater { type: kRMSProp rmsprop_conf { rho: 0.9 } '
+           'learning_rate { type: kFixed base_lr: 0.01 } clip_low: -1 clip_high: 1 }')
+
+
+def pair(tmp_path, text):
+    path = gc.write_job(tmp_path, text)
+    job = load_job(path)
+    out = []
+    for cls in (Worker, PlannedWorker):
+        u = unroll(job.neuralnet, Phase.TRAIN)
+        net = Net(u, make_backend(None, np.float64), net_info(path, tmp_path / "ws", 0), seed=3)
+        out.append((net, cls(net, seed=3, carry=job.train_one_batch.state_carry),
+                    Updater(job.updater, net.params, np)))
+    return out
+
+
+def assert_same(tmp_path, text, steps=3):
+    (net_r, w_r, up_r), (net_p, w_p, up_p) = pair(tmp_path, text)
+    assert [p.name for p in net_r.params] == [p.name for p in net_p.params]
+    for step in range(steps):
+        m_r = w_r.run_batch(train=True)
+        m_p = w_p.run_batch(train=True)
+        assert m_r.keys() == m_p.keys()
+        for k in m_r:
+            np.testing.assert_allclose(m_p[k], m_r[k], rtol=1e-9, atol=1e-12, err_msg=k)
+        for a, b in zip(net_r.params, net_p.params):
+            np.testing.assert_allclose(b.grad, a.grad, rtol=1e-9, atol=1e-12,
+                                       err_msg=f"step {step} grad {a.name}")
+        up_r.update(step)
+        up_p.update(step)
+        for a, b in zip(net_r.params, net_p.params):
+            np.testing.assert_allclose(b.data, a.data, rtol=1e-9, atol=1e-12,
+                                       err_msg=f"step {step} param {a.name}")
+    assert set(w_r.carry) == set(w_p.carry)
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm", "rnn", "rnn-relu"])
+def test_char_rnn(tmp_path, kind):
+    text = gc.job_text(gc.char_layers(gc.char_data(tmp_path)) + gc.rec_conf(kind, "rec", "onehot", 6)
+                       + gc.ip_loss("rec", gc.vocab_size()), extra=UPDATER)
+    assert_same(tmp_path, text, steps=4)  # the state is carried across the batches
+
+
+def test_stacked_gru(tmp_path):
+    text = gc.job_text(gc.char_layers(gc.char_data(tmp_path), unroll=4)
+                       + gc.rec_conf("gru", "gru1", "onehot", 5) + gc.rec_conf("gru", "gru2", "gru1", 3)
+                       + gc.ip_loss("gru2", gc.vocab_size()), unroll=4, extra=UPDATER)
+    assert_same(tmp_path, text)
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_many_to_one_masked(tmp_path, kind):
+    path, *_ = gc.masked_store(tmp_path)
+    assert_same(tmp_path, gc.many_to_one_text(path, kind).replace(
+        "train_one_batch { alg: kBPTT }", "train_one_batch { alg: kBPTT }\n" + UPDATER))
+
+
+def test_many_to_many_masked_ids(tmp_path):
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 5, size=(8, 5))
+    y = rng.integers(0, 2, size=(8, 5))
+    path = gc.save_npz(tmp_path / "ids.npz", x=x, y=y, lengths=np.array([5, 2, 4, 3, 1, 5, 5, 2]))
+    layers = (f'layer {{ name: "data" type: kRecordInput store_conf {{ path: "{path}" batchsize: 4 }} }}\n'
+              'layer { name: "embed" type: kEmbedding srclayers: "data" '
+              "embedding_conf { vocab_size: 5 feature_dim: 3 } }\n"
+              + gc.rec_conf("gru", "gru", "embed", 4)
+              + gc.ip_loss("gru", 2, labels="data", loss_extra="softmaxloss_conf { scale: 1.5 }"))
+    assert_same(tmp_path, gc.job_text(layers, extra=UPDATER))
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_encoder_decoder(tmp_path, kind):
+    rng = np.random.default_rng(5)
+    enc = gc.save_npz(tmp_path / "enc.npz", x=rng.integers(0, 6, size=(6, 4)))
+    dec = gc.save_npz(tmp_path / "dec.npz", x=rng.integers(0, 6, size=(6, 3)),
+                      y=rng.integers(0, 4, size=(6, 3)))
+    layers = (f'layer {{ name: "enc_data" type: kRecordInput unroll_len: 4 store_conf {{ '
+              f'path: "{enc}" batchsize: 3 has_label: false }} }}\n'
+              f'layer {{ name: "dec_data" type: kRecordInput store_conf {{ path: "{dec}" batchsize: 3 }} }}\n'
+              'layer { name: "enc_embed" type: kEmbedding unroll_len: 4 srclayers: "enc_data" '
+              'embedding_conf { vocab_size: 6 feature_dim: 3 } param { name: "emb" } }\n'
+              'layer { name: "dec_embed" type: kEmbedding srclayers: "dec_data" '
+              'embedding_conf { vocab_size: 6 feature_dim: 3 } param { name: "emb2" share_from: "emb" } }\n'
+              + gc.rec_conf(kind, "encoder", "enc_embed", 4, extra="unroll_len: 4")
+              + gc.rec_conf(kind, "decoder", "dec_embed", 4,
+                            extra='srclayers: "encoder" unroll_conn_type: kUnrollOneToOne '
+                                  "unroll_conn_type: kUnrollFirstToLast")
+              + gc.ip_loss("decoder", 4, labels="dec_data"))
+    assert_same(tmp_path, gc.job_text(layers, unroll=3, extra=UPDATER))
+
+
+def test_tied_weights_and_euclidean(tmp_path):
+    rng = np.random.default_rng(2)
+    path = gc.save_npz(tmp_path / "r.npz", x=rng.standard_normal((6, 4, 3)),
+                       y=rng.standard_normal((6, 4)))
+    layers = (f'layer {{ name: "data" type: kRecordInput store_conf {{ path: "{path}" batchsize: 3 }} }}\n'
+              'layer { name: "a" type: kInnerProduct srclayers: "data" innerproduct_conf { num_output: 3 } '
+              'param { name: "wa" } param { name: "ba" } }\n'
+              'layer { name: "t" type: kActivation srclayers: "a" activation_conf { type: TANH } }\n'
+              'layer { name: "b" type: kInnerProduct srclayers: "t" innerproduct_conf { num_output: 3 } '
+              'param { name: "wb" share_from: "wa" } param { name: "bb" } }\n'
+              + gc.rec_conf("rnn", "rec", "b", 5)
+              + 'layer { name: "out" type: kInnerProduct srclayers: "rec" innerproduct_conf { num_output: 1 } }\n'
+                'layer { name: "loss" type: kEuclideanLoss srclayers: "out" srclayers: "data" }\n')
+    assert_same(tmp_path, gc.job_text(layers, unroll=4, extra=UPDATER))
+
+
+def test_not_plannable_falls_back_with_the_reason(tmp_path):
+    text = gc.job_text(gc.char_layers(gc.char_data(tmp_path))
+                       + gc.rec_conf("gru", "rec", "onehot", 4)
+                       + 'layer { name: "ip" type: kInnerProduct srclayers: "rec" shift: 1 '
+                         f"innerproduct_conf {{ num_output: {gc.vocab_size()} }} }}\n"
+                       + 'layer { name: "loss" type: kSoftmaxLoss srclayers: "ip" srclayers: "label" }\n')
+    path = gc.write_job(tmp_path, text)
+    job = load_job(path)
+    net = Net(unroll(job.neuralnet, Phase.TRAIN), make_backend(None), net_info(path, tmp_path, 0))
+    with pytest.raises(NotPlannable, match='layer "ip" reads "rec" with a shift'):
+        plan(net)
+    w, note = make_worker(net)
+    assert type(w) is Worker and "with a shift" in note
+    w2, note2 = make_worker(net, executor="reference")
+    assert type(w2) is Worker
+
+
+def test_sampling_net_is_not_planned(tmp_path):
+    layers = ('layer { name: "d" type: kRNNDummy rnn_dummy_conf { dynamic_srclayer: "s" integer: true } }\n'
+              'layer { name: "oh" type: kOneHot srclayers: "d" onehot_conf { vocab_size: 5 } }\n'
+              + gc.rec_conf("gru", "g", "oh", 4)
+              + 'layer { name: "ip" type: kInnerProduct srclayers: "g" innerproduct_conf { num_output: 5 } }\n'
+                'layer { name: "s" type: kArgSort srclayers: "ip" }\n')
+    path = gc.write_job(tmp_path, gc.job_text(layers, unroll=1))
+    job = load_job(path)
+    net = Net(unroll(job.neuralnet, Phase.TEST), make_backend(None), net_info(path, tmp_path, 0))
+    with pytest.raises(NotPlannable, match="fed back"):
+        plan(net)
+
+
