@@ -174,7 +174,7 @@ class TorchRunner:
         for p in self.params:
             p.grad.clamp_(-5, 5)
         self.opt.step()
-        return float(loss) / T
+        return float(loss.detach()) / T
 
 
 def have_torch() -> bool:

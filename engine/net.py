@@ -80,6 +80,10 @@ class Net:
         rng = rng_stream(seed, INIT)
         for p in self.params:
             init_param(p, self.xp, self.dtype, rng)
+        for layer in self.layers.values():
+            fuse = getattr(layer, "fuse_params", None)
+            if fuse is not None:
+                fuse()
         self.inputs = [lay for lay in self.layers.values() if lay.is_input]
         self.losses = [lay for lay in self.layers.values() if lay.is_loss]
         self.nodes = self._schedule(g)

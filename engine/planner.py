@@ -243,11 +243,13 @@ class PlannedWorker(Worker):
         dys = dy.reshape(TL, B, lay.H)
         dst = None
         dproj = None
+        lay.defer_hh = []
         for t in range(TL - 1, -1, -1):
             dxp, dst = lay.step_backward(dys[t], dst, step_caches[t])
             if dproj is None:
                 dproj = self.xp.empty((TL,) + dxp.shape, dtype=dxp.dtype)
             dproj[t] = dxp
+        lay.flush_hidden_grads()
         dx = lay.projection_backward(x, dproj.reshape(TL * B, -1))
         dxs = [None] * len(st.reads)
         dxs[lay.data_pos] = dx

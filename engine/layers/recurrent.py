@@ -228,16 +228,52 @@ class _Recurrent(Layer):
 
     # ------------------------------------------------------------ param stacks
     def _stack(self, keys):
-        """The params' data stacked along axis 0 (one GEMM for all gates)."""
+        """The params' data stacked along axis 0 (one GEMM for all gates).
+
+        After ``fuse_params`` this is a stored array (the params are views of it),
+        so no copy is made per step."""
+        fused = self._fused.get(tuple(keys))
+        if fused is not None:
+            return fused[0]
         if len(keys) == 1:
             return self.params[keys[0]].data
         return self.xp.concatenate([self.params[k].data for k in keys], axis=0)
 
     def _accumulate(self, keys, g):
         """Add the gate blocks of a stacked gradient (rows k*H:(k+1)*H) to each param."""
+        fused = self._fused.get(tuple(keys))
+        if fused is not None:
+            grad = fused[1]
+            grad += g
+            return
         H = self.H
         for k, key in enumerate(keys):
             self.params[key].grad += g[k * H:(k + 1) * H]
+
+    @property
+    def _fused(self) -> dict:
+        return self.__dict__.setdefault("_fused_groups", {})
+
+    def fuse_params(self) -> bool:
+        """Store each gate group (input weights, hidden weights, biases) as one array
+        whose row blocks are the params' data and grad (views), so the per-step GEMMs
+        read the stacked weights without copying them. Groups holding a param tied to
+        another layer's stay separate. Call after the params are initialised."""
+        xp = self.xp
+        done = False
+        for keys in (self.hx_keys, self.hh_keys, self.b_keys):
+            ps = [self.params[k] for k in keys]
+            if len(ps) < 2 or any(p.owner_layer != self.name or p.data is None for p in ps):
+                continue
+            data = xp.concatenate([p.data for p in ps], axis=0)
+            grad = xp.concatenate([p.grad for p in ps], axis=0)
+            H = self.H
+            for k, p in enumerate(ps):
+                p.data = data[k * H:(k + 1) * H]
+                p.grad = grad[k * H:(k + 1) * H]
+            self._fused[tuple(keys)] = (data, grad)
+            done = True
+        return done
 
     def _mask(self, mask):
         """(m, 1 - m) as (B, 1) columns of self.dtype, or None."""
@@ -277,9 +313,28 @@ class _Recurrent(Layer):
         return (dp @ self._stack(self.hx_keys)).reshape(x.shape)
 
     def _hidden_backward(self, dhproj, h):
-        """Reverse of h W_h^T: accumulates W_h grads, returns the gradient at h."""
-        self._accumulate(self.hh_keys, dhproj.T @ h)
+        """Reverse of h W_h^T: accumulates W_h grads, returns the gradient at h.
+
+        When ``self.defer_hh`` is a list, (dhproj, h) is appended to it instead of
+        accumulating, so a caller running all steps can add the W_h gradient of
+        every step with one GEMM (``flush_hidden_grads``)."""
+        if self.defer_hh is not None:
+            self.defer_hh.append((dhproj, h))
+        else:
+            self._accumulate(self.hh_keys, dhproj.T @ h)
         return dhproj @ self._stack(self.hh_keys)
+
+    defer_hh = None
+
+    def flush_hidden_grads(self) -> None:
+        """Add the deferred W_h gradients of all steps with one GEMM."""
+        pairs, self.defer_hh = self.defer_hh, None
+        if not pairs:
+            return
+        xp = self.xp
+        dh = xp.concatenate([d for d, _ in pairs], axis=0)
+        hs = xp.concatenate([h for _, h in pairs], axis=0)
+        self._accumulate(self.hh_keys, dh.T @ hs)
 
     # ---------------------------------------------------------------- compute
     def _batch(self, state):
