@@ -197,14 +197,17 @@ class PlannedWorker(Worker):
         else:
             state = self.initial_state(lay)
         proj = lay.project(x).reshape(TL, B, -1)
-        ys = self.xp.empty((TL, B, lay.H), dtype=lay.dtype)
+        # hs[0] is the initial hidden state, hs[t + 1] the output of step t: the block
+        # output is hs[1:], and hs[:-1] are the states each step read (for the W_h grads)
+        hs = self.xp.empty((TL + 1, B, lay.H), dtype=lay.dtype)
+        hs[0] = state[0] if isinstance(state, tuple) else state
         m = None if ctx.mask is None else ctx.mask.reshape(TL, B)
         step_caches = []
         for t in range(TL):
             y, state, sc = lay.step_from_projection(proj[t], state, None if m is None else m[t])
-            ys[t] = y
+            hs[t + 1] = y
             step_caches.append(sc)
-        return ys.reshape(TL * B, lay.H), state, (x, step_caches)
+        return hs[1:].reshape(TL * B, lay.H), state, (x, step_caches, hs)
 
     # ----------------------------------------------------------- backward
     def backward(self) -> None:
@@ -238,22 +241,44 @@ class PlannedWorker(Worker):
                     acc(r[0], dx, r[1])
 
     def _recurrent_backward(self, lay, st, dy, c, B):
-        x, step_caches = c
+        x, step_caches, hs = c
         TL = len(step_caches)
         dys = dy.reshape(TL, B, lay.H)
         dst = None
         dproj = None
-        lay.defer_hh = []
-        for t in range(TL - 1, -1, -1):
-            dxp, dst = lay.step_backward(dys[t], dst, step_caches[t])
-            if dproj is None:
-                dproj = self.xp.empty((TL,) + dxp.shape, dtype=dxp.dtype)
-            dproj[t] = dxp
-        lay.flush_hidden_grads()
+        deferred = _Deferred(TL, self.xp)
+        lay.defer_hh = deferred
+        try:
+            for t in range(TL - 1, -1, -1):
+                dxp, dst = lay.step_backward(dys[t], dst, step_caches[t])
+                if dproj is None:
+                    dproj = self.xp.empty((TL,) + dxp.shape, dtype=dxp.dtype)
+                dproj[t] = dxp
+        finally:
+            lay.defer_hh = None
+        # the W_h gradient of every step in one GEMM: sum_t dhproj_t^T h_t
+        dh = deferred.buf.reshape(TL * B, -1)
+        lay._accumulate(lay.hh_keys, dh.T @ hs[:-1].reshape(TL * B, lay.H))
         dx = lay.projection_backward(x, dproj.reshape(TL * B, -1))
         dxs = [None] * len(st.reads)
         dxs[lay.data_pos] = dx
         return dxs, dst
+
+
+class _Deferred:
+    """Collects each step's dhproj (steps arrive last first) into one preallocated block."""
+
+    def __init__(self, T: int, xp):
+        self.t = T
+        self.xp = xp
+        self.buf = None
+
+    def append(self, pair) -> None:
+        d = pair[0]  # (dhproj, h): h is read from the forward's state block instead
+        if self.buf is None:
+            self.buf = self.xp.empty((self.t,) + d.shape, dtype=d.dtype)
+        self.t -= 1
+        self.buf[self.t] = d
 
 
 def make_worker(net: Net, seed: int = 0, carry: int = pb.kCarryAuto, executor: str = "auto"):
