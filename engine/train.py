@@ -103,7 +103,8 @@ class Trainer:
                 net.share_params_from(main)
             self.nets[ph] = net
             from engine.planner import make_worker
-            executor = self.args.executor or ("reference" if self.args.debug else "auto")
+            self.debug = bool(self.args.debug or job.debug)
+            executor = self.args.executor or ("reference" if self.debug else "auto")
             self.workers[ph], note = make_worker(net, self.seed, carry, executor)
             if ph == self.phases[0]:
                 self.executor_note = note
@@ -193,6 +194,20 @@ class Trainer:
         self.say(f"step {self.step:>6}  {ph.label:<5} {fmt_metrics(vals)}")
         return vals
 
+    def _due_next(self, freq: int, after: int) -> bool:
+        """Will the step about to run (number self.step + 1) be a due step?"""
+        n = self.step + 1
+        return freq > 0 and n % freq == 0 and n > after
+
+    def dump_debug(self, w) -> None:
+        """visualization/debug_step<N>.json: per-node output/gradient and per-param statistics."""
+        import json
+        path = self.ws / "visualization" / f"debug_step{self.step + 1}.json"
+        path.write_text(json.dumps({"step": self.step + 1, "nodes": w.node_stats,
+                                    "params": w.param_stats}, indent=1))
+        self.say(f"debug statistics {path} (draw them: python tools/graph.py "
+                 f"{self.ws / 'visualization' / 'train_net.json'} net.svg --stats {path})")
+
     def _due(self, freq: int, after: int) -> bool:
         return freq > 0 and self.step % freq == 0 and self.step > after
 
@@ -210,7 +225,13 @@ class Trainer:
         while self.step < self.train_steps:
             if self.stop_signal is not None:
                 raise Stop(self.stop_signal)
+            dump = self.debug and hasattr(w, "node_stats") and (
+                self._due_next(job.disp_freq, job.disp_after) or self.step + 1 == self.train_steps)
+            w.record = dump
             metrics = w.run_batch(train=True)
+            if dump:
+                w.record = False
+                self.dump_debug(w)
             loss = metrics.get("loss", [0.0, 1.0])
             bad = not math.isfinite(loss[0]) or not all(
                 bool(self.backend.xp.isfinite(p.grad).all()) for p in self.main.params)

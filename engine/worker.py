@@ -29,6 +29,18 @@ from engine.net import Net
 from engine.proto import job_pb2 as pb
 
 
+def summarize(xp, a) -> dict | None:
+    """mean, std and largest magnitude of a float array (or list of arrays), as floats."""
+    if isinstance(a, (list, tuple)):
+        parts = [x for x in a if x is not None]
+        if not parts:
+            return None
+        a = xp.concatenate([x.reshape(-1) for x in parts])
+    if a is None or not hasattr(a, "dtype") or not np.issubdtype(a.dtype, np.floating) or a.size == 0:
+        return None
+    return {"mean": float(a.mean()), "std": float(a.std()), "max": float(xp.abs(a).max())}
+
+
 class ContinuityError(RuntimeError):
     """Carried state would meet data that does not continue the previous batch."""
 
@@ -69,6 +81,11 @@ class Worker:
                 self.ctx_layers.append((layer, f"{T - 1}#{cname}", cname == layer.name))
         self.batch_index = 0
         self.outs: dict = {}
+        #: when True, the next batch records per-node and per-param statistics in
+        #: ``node_stats`` / ``param_stats`` (debug mode)
+        self.record = False
+        self.node_stats: dict = {}
+        self.param_stats: dict = {}
 
     # ------------------------------------------------------------ batches
     @property
@@ -114,11 +131,17 @@ class Worker:
         if load:
             self.load()
         metrics: dict = {}
+        if self.record:
+            self.node_stats, self.param_stats = {}, {}
         self.forward(train, metrics)
         if train:
             for p in self.net.params:
                 p.grad[...] = 0
             self.backward()
+        if self.record:
+            self.param_stats = {p.name: {"data": summarize(self.xp, p.data),
+                                         "grad": summarize(self.xp, p.grad)}
+                                for p in self.net.params}
         self._end_batch()
         self.batch_index += 1
         return metrics
@@ -179,6 +202,10 @@ class Worker:
             auxs[n.id] = ctx.aux_out
             outs[n.id] = y
             states[n.id] = st
+            if self.record:
+                st_y = summarize(self.xp, y)
+                if st_y is not None:
+                    self.node_stats.setdefault(n.id, {})["out"] = st_y
             if n.needs_grad:
                 caches[n.id] = cache
                 ctxs[n.id] = ctx
@@ -216,6 +243,8 @@ class Worker:
             ds = dstate.pop(n.id, None)
             if ds is None and st is not None:
                 ds = _zeros_like(xp, st)
+            if self.record and dy is not None:
+                self.node_stats.setdefault(n.id, {})["grad"] = summarize(xp, dy)
             dxs, dprev = lay.backward(self.ctxs[n.id], dy, ds, self.caches[n.id])
             for s, piece, dx in zip(n.srcs, n.pieces, dxs):
                 if dx is None or s is None:

@@ -230,3 +230,63 @@ def test_plot_is_written_at_the_end_and_by_the_tool(tmp_path):
     r = subprocess.run([sys.executable, "tools/plot.py", str(tmp_path / "nothing")], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 2 and "no metrics yet" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_debug_dump_and_graph_with_stats(tmp_path):
+    job = char_job(tmp_path, steps=10, unroll=4)
+    r = run_cli("engine.train", job, "--debug")
+    assert r.returncode == 0, r.stderr
+    assert "executor: reference" in r.stdout
+    vis = tmp_path / "ws" / "visualization"
+    dumps = sorted(vis.glob("debug_step*.json"))
+    assert [d.name for d in dumps] == ["debug_step10.json", "debug_step5.json"]
+    data = json.loads(dumps[0].read_text())
+    assert data["step"] == 10
+    for nid in ("0#onehot", "3#rnn1", "3#ip1", "3#loss"):
+        assert set(data["nodes"][nid]["out"]) == {"mean", "std", "max"}
+    assert "grad" in data["nodes"]["0#rnn1"] and "grad" in data["nodes"]["3#ip1"]
+    assert "grad" not in data["nodes"]["0#onehot"]  # nothing to learn below the first params
+    assert data["params"]["rnn1/z_hx"]["grad"]["max"] > 0
+    out = tmp_path / "g.dot"
+    g = subprocess.run([sys.executable, "tools/graph.py", str(vis / "train_net.json"), str(out),
+                        "--stats", str(dumps[0])], cwd=ROOT, capture_output=True, text=True)
+    assert g.returncode == 0, g.stderr
+    dot = out.read_text()
+    mean = data["nodes"]["3#rnn1"]["out"]["mean"]
+    assert "out: mean" in dot and "grad: mean" in dot
+    assert f"{mean:.3g}" in dot or f"{mean:.2g}" in dot
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_143(tmp_path):
+    job = char_job(tmp_path, steps=100000, hidden=16)
+    ws = tmp_path / "ws"
+    proc = subprocess.Popen([sys.executable, "-m", "engine.train", str(job)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not ckpt.list_checkpoints(ws / "checkpoints"):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "stopped by SIGTERM" in out
+    resumed = run_cli("engine.train", job, "--resume", "--steps", 1)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout
+
+
+def test_skip_nonfinite_keeps_going(tmp_path):
+    job = char_job(tmp_path, steps=6)
+    text = job.read_text().replace("base_lr: 0.01", "base_lr: 1e38").replace(
+        "clip_low: -5 clip_high: 5", "").replace("type: kRMSProp rmsprop_conf { rho: 0.95 }",
+                                                 "type: kSGD")
+    job.write_text(text.replace('name: "tiny"', 'name: "tiny" skip_nonfinite: true'))
+    r = run_cli("engine.train", job)
+    assert r.returncode == 0, r.stderr
+    assert "batch skipped (skip_nonfinite)" in r.stdout
+
+
+def test_empty_data_file(tmp_path):
+    job = char_job(tmp_path)
+    (tmp_path / "train.txt").write_text("")
+    r = run_cli("engine.train", job)
+    assert r.returncode == 2 and "is empty" in r.stderr and "Traceback" not in r.stderr

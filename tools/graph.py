@@ -144,6 +144,8 @@ def load_graph(path: pathlib.Path, phase: Phase | None) -> nx.DiGraph:
 
 def load_stats(path: pathlib.Path) -> dict:
     data = _read_json(path, "stats file")
+    if isinstance(data, dict) and isinstance(data.get("nodes"), dict):
+        data = data["nodes"]  # a debug dump of engine.train (debug: true / --debug)
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise UsageError(f'{path}: stats must be a JSON object: node id ("3#gru1") -> '
                          f'{{"out": {{...}}, "grad": {{...}}}}')
