@@ -111,10 +111,24 @@ def merge_metrics(total: dict, batch: dict) -> None:
 
 
 class MetricsLog:
-    """Appends one JSON object per display or evaluation to <workspace>/metrics.jsonl."""
+    """Appends one JSON object per display or evaluation to <workspace>/metrics.jsonl,
+    and, when tensorboardX is installed, the same numbers as TensorBoard scalars under
+    <workspace>/tensorboard (``<phase>/<metric>``)."""
 
     def __init__(self, path: pathlib.Path):
         self.path = path
+        self._tb = None
+        self._tb_tried = False
+
+    def _board(self):
+        if not self._tb_tried:
+            self._tb_tried = True
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                return None
+            self._tb = SummaryWriter(str(self.path.parent / "tensorboard"))
+        return self._tb
 
     def truncate_after(self, step: int) -> None:
         """Drop records newer than ``step`` (resume from a checkpoint at that step)."""
@@ -134,6 +148,12 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        tb = self._board()
+        if tb is not None:
+            for k, v in record.items():
+                if k not in ("step", "phase") and isinstance(v, (int, float)):
+                    tb.add_scalar(f"{record.get('phase', 'train')}/{k}", v, record.get("step", 0))
+            tb.flush()
 
 
 def fmt_metrics(values: dict) -> str:

@@ -290,3 +290,11 @@ def test_empty_data_file(tmp_path):
     (tmp_path / "train.txt").write_text("")
     r = run_cli("engine.train", job)
     assert r.returncode == 2 and "is empty" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_tensorboard_scalars_when_tensorboardx_is_installed(tmp_path):
+    pytest.importorskip("tensorboardX")
+    job = char_job(tmp_path, steps=5)
+    assert run_cli("engine.train", job).returncode == 0
+    events = list((tmp_path / "ws" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and b"train/loss" in events[0].read_bytes()
