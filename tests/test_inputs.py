@@ -1,0 +1,67 @@
+"""Bad sequence stores: one clear line naming the layer and what to do, through the CLI."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from charjobs import run_cli
+
+
+def store_job(tmp_path, arrays: dict | None, extra_store: str = "", unroll: int = 4):
+    path = tmp_path / "d.npz"
+    if arrays is not None:
+        np.savez(path, **arrays)
+    job = tmp_path / "job.conf"
+    job.write_text(f"""name: "seq" train_steps: 2
+train_one_batch {{ alg: kBPTT }}
+updater {{ type: kSGD learning_rate {{ base_lr: 0.1 }} }}
+neuralnet {{ unroll_len: {unroll}
+  layer {{ name: "data" type: kRecordInput store_conf {{ path: "{path}" batchsize: 2 {extra_store} }} }}
+  layer {{ name: "rnn" type: kRNN srclayers: "data" rnn_conf {{ dim_hidden: 3 }} }}
+  layer {{ name: "ip" type: kInnerProduct srclayers: "rnn" unroll_len: 1
+           unroll_conn_type: kUnrollFirstToLast innerproduct_conf {{ num_output: 2 }} }}
+  layer {{ name: "loss" type: kSoftmaxLoss unroll_len: 1 srclayers: "ip" srclayers: "data" }}
+}}
+cluster {{ workspace: "{tmp_path / 'ws'}" }}
+""")
+    return job
+
+
+X = np.zeros((5, 4, 3))
+Y = np.zeros(5, dtype=np.int64)
+
+
+@pytest.mark.parametrize("arrays, expect", [
+    (None, 'layer "data": data file'),
+    ({"features": X, "y": Y}, 'has no array "x" (arrays: features, y)'),
+    ({"x": np.zeros((5, 4, 3, 2, 1)), "y": Y}, "x has shape (5, 4, 3, 2, 1); it must be [N, T, F]"),
+    ({"x": np.zeros((5, 4)), "y": Y}, "x of shape [N, T] must hold int token ids"),
+    ({"x": np.zeros((5, 2, 3)), "y": Y}, "x has 2 steps but the layer's unroll_len is 4"),
+    ({"x": X}, 'no array "y"; add targets or set store_conf { has_label: false }'),
+    ({"x": X, "y": np.zeros(4, dtype=np.int64)}, "y has 4 rows but x has 5; they must match"),
+    ({"x": X, "y": Y, "lengths": np.ones(3, dtype=np.int64)},
+     "lengths has shape (3,); it must be [N] = [5]"),
+    ({"x": X, "y": Y, "lengths": np.array([1, 2, 9, 1, 1])}, "lengths must lie in 1..4"),
+])
+def test_bad_store_is_one_line(tmp_path, arrays, expect):
+    r = run_cli("engine.train", store_job(tmp_path, arrays))
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and expect in lines[0], r.stderr
+    assert 'layer "data"' in lines[0]
+
+
+def test_good_store_trains(tmp_path):
+    rng = np.random.default_rng(0)
+    r = run_cli("engine.train", store_job(tmp_path, {"x": rng.normal(size=(6, 4, 3)),
+                                                     "y": rng.integers(0, 2, 6),
+                                                     "lengths": np.array([4, 2, 3, 4, 1, 4])}))
+    assert r.returncode == 0, r.stderr
+    assert "executor: planned" in r.stdout
+
+
+def test_label_outside_the_classes_is_named(tmp_path):
+    r = run_cli("engine.train", store_job(tmp_path, {"x": X, "y": np.array([0, 1, 7, 0, 1])}))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert 'layer "loss"' in r.stderr and "7" in r.stderr
