@@ -64,6 +64,16 @@ def make_backend(gpu: int | None = None, dtype=np.float32) -> Backend:
     return Backend(cupy, np.dtype(dtype).type, "cupy", gpu)
 
 
+def scatter_add(xp, a, index, values) -> None:
+    """a[index] += values with repeated indices adding up (numpy.add.at; on CuPy
+    cupyx.scatter_add, which older CuPy releases need instead of add.at)."""
+    if xp is np:
+        np.add.at(a, index, values)
+    else:
+        import cupyx  # noqa: PLC0415 - only on the GPU backend
+        cupyx.scatter_add(a, index, values)
+
+
 def rng_stream(seed: int, *purpose: int) -> np.random.Generator:
     """A numpy Generator for one purpose (e.g. (INIT,), (DROPOUT, batch, node))."""
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, *[int(p) & 0xFFFFFFFF for p in purpose]])

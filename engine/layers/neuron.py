@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from engine.backend import scatter_add
 from engine.layers.base import Layer, LayerError, one_array, register, step_ids
 from engine.proto import job_pb2 as pb
 
@@ -227,9 +228,8 @@ class Embedding(CheckedLayer):
     def backward(self, ctx, dy, dstate, cache):
         if cache is None:
             return [None], None
-        # numpy's ufunc.at; for CuPy the scatter-add (cupyx.scatter_add) goes behind
-        # the backend switch, never imported here.
-        self.xp.add.at(self.params["w"].grad, cache, dy)
+        # repeated ids add up: numpy's add.at, or cupyx.scatter_add behind the backend switch
+        scatter_add(self.xp, self.params["w"].grad, cache, dy)
         return [None], None
 
 
