@@ -187,6 +187,9 @@ class Net:
                     raise ConfigError(f'{self.where}: param "{p.name}" has shape {p.shape} in the '
                                       f"{self.phase.label} net but {q.shape} in the train net")
                 layer.params[key] = q
+            share = getattr(layer, "share_fusion", None)
+            if share is not None:
+                share(other.layers.get(layer.name))
         seen, owners = set(), []
         for layer in self.layers.values():
             for p in layer.params.values():

@@ -152,3 +152,29 @@ def test_sampling_net_is_not_planned(tmp_path):
         plan(net)
 
 
+
+
+@pytest.mark.parametrize("executor", ["reference", "auto"])
+def test_val_net_reads_the_train_nets_weights(tmp_path, executor):
+    """A val net sharing the train net's params computes with those weights (also the
+    stacked recurrent weights), before and after updates."""
+    text = gc.job_text(gc.char_layers(gc.char_data(tmp_path)) + gc.rec_conf("lstm", "rec", "onehot", 6)
+                       + gc.ip_loss("rec", gc.vocab_size()), extra=UPDATER)
+    path = gc.write_job(tmp_path, text)
+    job = load_job(path)
+    be = make_backend(None, np.float64)
+    mk = lambda: Net(unroll(job.neuralnet, Phase.TRAIN), be, net_info(path, tmp_path / "ws", 0), seed=3)
+    train, val = mk(), Net(unroll(job.neuralnet, Phase.VAL), be, net_info(path, tmp_path / "ws", 0), seed=99)
+    val.share_params_from(train)
+    w_train, _ = make_worker(train, executor=executor)
+    up = Updater(job.updater, train.params, np)
+    for step in range(2):
+        w_train.run_batch(train=True)
+        up.update(step)
+    probe, _ = make_worker(train, executor=executor, carry=pb.kResetBatch)
+    w_val, _ = make_worker(val, executor=executor, carry=pb.kResetBatch)
+    for lay in (train.inputs + val.inputs):
+        lay.cursor = 0
+    expect = probe.run_batch(train=False)["loss"][0]
+    got = w_val.run_batch(train=False)["loss"][0]
+    assert got == pytest.approx(expect, rel=1e-12)

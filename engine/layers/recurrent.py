@@ -254,6 +254,15 @@ class _Recurrent(Layer):
     def _fused(self) -> dict:
         return self.__dict__.setdefault("_fused_groups", {})
 
+    def share_fusion(self, other) -> None:
+        """After this layer's params were replaced by ``other``'s (a val/test net using
+        the train net's weights), read the stacked arrays of ``other`` for the groups whose
+        params are now the same objects; drop the rest (they are concatenated per step)."""
+        theirs = other._fused if isinstance(other, _Recurrent) else {}
+        self.__dict__["_fused_groups"] = {
+            keys: arrays for keys, arrays in theirs.items()
+            if all(self.params.get(k) is other.params.get(k) for k in keys)}
+
     def fuse_params(self) -> bool:
         """Store each gate group (input weights, hidden weights, biases) as one array
         whose row blocks are the params' data and grad (views), so the per-step GEMMs
