@@ -143,19 +143,24 @@ def parse_job(text: str, path: str = "<job>") -> pb.JobProto:
     return job
 
 
+def read_text(path, what: str, error=None, hint: str = "") -> str:
+    """A UTF-8 text file's content; each way of failing is one ``error`` line naming the file."""
+    error = error or ConfigError
+    try:
+        return pathlib.Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{path}: no such {what}") from None
+    except IsADirectoryError:
+        raise error(f"{path}: is a folder" + (f"; {hint}" if hint else f", not a {what}")) from None
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror})") from None
+
+
 def load_job(path: str | pathlib.Path) -> pb.JobProto:
     """Read, normalise and validate a job file. Raises ConfigError."""
-    p = pathlib.Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such job file") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a folder; give the job file (e.g. job.conf)") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    text = read_text(path, "job file", ConfigError, hint="give the job file (e.g. job.conf)")
     job = parse_job(text, str(path))
     normalise(job, str(path))
     validate(job, str(path))

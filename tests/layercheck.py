@@ -111,3 +111,16 @@ class FakeSrc:
         self.name = extra.pop("name", "src")
         for k, v in extra.items():
             setattr(self, k, v)
+
+
+def make(layer_type, name, src_shapes, **conf_fields):
+    """A float64 layer of ``layer_type`` set up on stand-in sources of ``src_shapes``;
+    ``conf_fields`` like ``innerproduct_conf__num_output=3`` fill its settings."""
+    from engine.layers.base import REGISTRY
+    from engine.proto import job_pb2 as pb
+
+    conf = pb.LayerProto(name=name, type=layer_type)
+    for path, value in conf_fields.items():
+        msg_name, field = path.split("__")
+        setattr(getattr(conf, msg_name), field, value)
+    return setup_layer(REGISTRY[layer_type], conf, [FakeSrc(s) for s in src_shapes])

@@ -7,18 +7,11 @@ import pytest
 from engine.layers.base import REGISTRY, Context, LayerError
 from engine.layers.loss import topk_correct
 from engine.proto import job_pb2 as pb
-from layercheck import FakeSrc, rel_err, setup_layer
+from layercheck import make, FakeSrc, rel_err, setup_layer
 
 SCORES = np.array([[1.0, 2.0, 3.0], [2.0, 0.0, 0.0], [0.0, 5.0, 1.0]])
 LABELS = np.array([2, 1, 0])
 
-
-def make(layer_type, name, src_shapes, **conf_fields):
-    conf = pb.LayerProto(name=name, type=layer_type)
-    for path, value in conf_fields.items():
-        msg_name, field = path.split("__")
-        setattr(getattr(conf, msg_name), field, value)
-    return setup_layer(REGISTRY[layer_type], conf, [FakeSrc(s) for s in src_shapes])
 
 
 def nll(row, label):

@@ -5,15 +5,8 @@ import pytest
 from engine.layers.base import REGISTRY, Context, LayerError
 from engine.layers import neuron
 from engine.proto import job_pb2 as pb
-from layercheck import FakeSrc, check_layer, setup_layer
+from layercheck import make, FakeSrc, check_layer, setup_layer
 
-
-def make(layer_type, name, src_shapes, **conf_fields):
-    conf = pb.LayerProto(name=name, type=layer_type)
-    for path, value in conf_fields.items():
-        msg_name, field = path.split("__")
-        setattr(getattr(conf, msg_name), field, value)
-    return setup_layer(REGISTRY[layer_type], conf, [FakeSrc(s) for s in src_shapes])
 
 
 def ctx(**kw):

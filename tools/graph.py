@@ -35,7 +35,7 @@ import shutil  # noqa: E402
 import networkx as nx  # noqa: E402
 
 from engine import draw  # noqa: E402
-from engine.config import ConfigError, Phase  # noqa: E402
+from engine.config import ConfigError, Phase, read_text  # noqa: E402
 
 FORMATS = ("svg", "png", "pdf", "dot")
 INSTALL_HINT = "apt-get install graphviz on Debian/Ubuntu, brew install graphviz on macOS"
@@ -87,16 +87,7 @@ def output_format(path: pathlib.Path) -> str:
 
 
 def _read_json(path: pathlib.Path, what: str):
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such {what}") from None
-    except IsADirectoryError:
-        raise UsageError(f"{path}: is a folder, not a {what}") from None
-    except UnicodeDecodeError as e:
-        raise UsageError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read ({e.strerror})") from None
+    text = read_text(path, what, UsageError)
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
