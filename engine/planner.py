@@ -143,6 +143,7 @@ class PlannedWorker(Worker):
         super().__init__(net, seed, carry)
         self.plan = the_plan or plan(net)
         self.blocks: dict = {}
+        self._needs_grad = {st.layer.name: st.needs_grad for st in self.plan.steps}
 
     # ------------------------------------------------------------ forward
     def forward(self, train: bool, metrics: dict) -> None:
@@ -259,7 +260,9 @@ class PlannedWorker(Worker):
         # the W_h gradient of every step in one GEMM: sum_t dhproj_t^T h_t
         dh = deferred.buf.reshape(TL * B, -1)
         lay._accumulate(lay.hh_keys, dh.T @ hs[:-1].reshape(TL * B, lay.H))
-        dx = lay.projection_backward(x, dproj.reshape(TL * B, -1))
+        src = st.reads[lay.data_pos]
+        need_dx = src is not None and self._needs_grad[src[0]]
+        dx = lay.projection_backward(x, dproj.reshape(TL * B, -1), need_dx)
         dxs = [None] * len(st.reads)
         dxs[lay.data_pos] = dx
         return dxs, dst

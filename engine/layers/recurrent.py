@@ -310,8 +310,9 @@ class _Recurrent(Layer):
             out += self._stack(self.b_keys)
         return out.reshape(lead + (GH,))
 
-    def projection_backward(self, x, dxproj):
-        """Reverse of ``project``: accumulates W_x and b grads, returns dx (or None)."""
+    def projection_backward(self, x, dxproj, need_dx: bool = True):
+        """Reverse of ``project``: accumulates W_x and b grads, returns dx (or None, also
+        when ``need_dx`` is False because nothing below learns, e.g. a one-hot input)."""
         dp = dxproj.reshape(-1, dxproj.shape[-1])
         if self.b_keys:
             self._accumulate(self.b_keys, dp.sum(axis=0))
@@ -319,6 +320,8 @@ class _Recurrent(Layer):
             return None
         x2 = x.reshape(-1, x.shape[-1])
         self._accumulate(self.hx_keys, dp.T @ x2)
+        if not need_dx:
+            return None
         return (dp @ self._stack(self.hx_keys)).reshape(x.shape)
 
     def _hidden_backward(self, dhproj, h):
