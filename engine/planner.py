@@ -171,7 +171,7 @@ class PlannedWorker(Worker):
                           rng=LazyRNG(self.seed, DROPOUT, self.batch_index, 100000 + st.index),
                           metrics=metrics)
             if TL > 1:
-                ctx.steps = np.arange(TL)
+                ctx.steps = self.xp.arange(TL)
                 ctx.batch = B
             if lay.recurrent:
                 y, fin, c = self._recurrent_forward(lay, st, xs, ctx, out, TL, B)

@@ -179,9 +179,9 @@ class Trainer:
     def evaluate(self, ph: Phase, steps: int) -> dict:
         w = self.workers[ph]
         for lay in w.net.inputs:  # every evaluation reads the same batches
-            if hasattr(lay, "cursor_state"):
-                lay.cursor, lay.epoch = 0, 0
-                lay.new_sequence = True
+            rewind = getattr(lay, "rewind", None)
+            if rewind is not None:
+                rewind()
         w.carry.clear()
         w._prev_starts.clear()
         total: dict = {}

@@ -151,6 +151,10 @@ class CharRNNInput(Layer):
         """Called by the worker after a batch: the next batch continues these rows."""
         self.new_sequence = False
 
+    def rewind(self) -> None:
+        """Back to the first batch (every evaluation reads the same batches)."""
+        self.cursor, self.epoch, self.new_sequence = 0, 0, True
+
     def forward(self, ctx, xs, state):
         return self.batch, None, None
 
@@ -231,10 +235,6 @@ class OneHot(Layer):
 
     def backward(self, ctx, dy, dstate, cache):
         return [None], None
-
-
-def _host(a):
-    return a.get() if hasattr(a, "get") else np.asarray(a)
 
 
 @register(pb.kRecordInput, pb.kCSVInput)
@@ -358,6 +358,11 @@ class SequenceInput(Layer):
             aux = steps(self.yb) if self._y_per_step else xp.concatenate([self.yb] * T, axis=0)
         mask = None if self.maskb is None else steps(self.maskb)
         return x, aux, mask
+
+    def rewind(self) -> None:
+        """Back to the first batch of the first epoch (every evaluation reads the same batches)."""
+        self.cursor, self.epoch, self.new_sequence = 0, 0, True
+        self.order = self._epoch_order(0)
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         """Row order of an epoch: the store's order, or a seeded permutation with shuffle."""
