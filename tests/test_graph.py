@@ -513,3 +513,30 @@ def test_main_without_dot_in_process(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "net.dot").read_text().startswith("digraph folded {")
     assert not (tmp_path / "net.png").exists()
     assert "brew install graphviz" in capsys.readouterr().err
+
+
+SHIPPED = sorted((pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*.conf"))
+
+
+@pytest.mark.parametrize("conf", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_renders(tmp_path, conf):
+    """Each shipped job, unrolled (first steps) and folded, through the CLI."""
+    from engine.config import load_job
+    from engine.runtime import phases_of
+
+    phase = phases_of(load_job(conf))[0].label
+    for extra, name in (([], "unrolled"), (["--fold"], "folded")):
+        suffix = ".svg" if shutil.which("dot") else ".dot"
+        out = tmp_path / f"{name}{suffix}"
+        args = [str(conf), str(out), "--phase", phase] + extra
+        if not extra:
+            args += ["--steps", "0:3"]
+        r = subprocess.run([sys.executable, "tools/graph.py", *args], cwd=ROOT,
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        text = out.read_text()
+        for layer in load_job(conf).neuralnet.layer:
+            if extra:  # folded: every configured layer once
+                assert layer.name in text
+            elif layer.unroll_len > 1:  # steps 0..2 of every unrolled layer
+                assert f"0#{layer.name}" in text and f"2#{layer.name}" in text
