@@ -204,10 +204,14 @@ class PlannedWorker(Worker):
         hs[0] = state[0] if isinstance(state, tuple) else state
         m = None if ctx.mask is None else ctx.mask.reshape(TL, B)
         step_caches = []
-        for t in range(TL):
-            y, state, sc = lay.step_from_projection(proj[t], state, None if m is None else m[t])
-            hs[t + 1] = y
-            step_caches.append(sc)
+        lay.hold_weights(True)
+        try:
+            for t in range(TL):
+                y, state, sc = lay.step_from_projection(proj[t], state, None if m is None else m[t])
+                hs[t + 1] = y
+                step_caches.append(sc)
+        finally:
+            lay.hold_weights(False)
         return hs[1:].reshape(TL * B, lay.H), state, (x, step_caches, hs)
 
     # ----------------------------------------------------------- backward
@@ -247,18 +251,24 @@ class PlannedWorker(Worker):
         dys = dy.reshape(TL, B, lay.H)
         dst = None
         dproj = None
-        deferred = _Deferred(TL, self.xp)
+        deferred = _Deferred()
+        dh_all = None  # each step's dhproj, when it is not the dxproj itself (GRU)
         lay.defer_hh = deferred
         try:
             for t in range(TL - 1, -1, -1):
                 dxp, dst = lay.step_backward(dys[t], dst, step_caches[t])
+                dhp = deferred.take()
                 if dproj is None:
                     dproj = self.xp.empty((TL,) + dxp.shape, dtype=dxp.dtype)
                 dproj[t] = dxp
+                if dhp is not dxp:
+                    if dh_all is None:
+                        dh_all = self.xp.empty((TL,) + dhp.shape, dtype=dhp.dtype)
+                    dh_all[t] = dhp
         finally:
             lay.defer_hh = None
         # the W_h gradient of every step in one GEMM: sum_t dhproj_t^T h_t
-        dh = deferred.buf.reshape(TL * B, -1)
+        dh = (dproj if dh_all is None else dh_all).reshape(TL * B, -1)
         lay._accumulate(lay.hh_keys, dh.T @ hs[:-1].reshape(TL * B, lay.H))
         src = st.reads[lay.data_pos]
         need_dx = src is not None and self._needs_grad[src[0]]
@@ -269,19 +279,17 @@ class PlannedWorker(Worker):
 
 
 class _Deferred:
-    """Collects each step's dhproj (steps arrive last first) into one preallocated block."""
+    """Receives a step's (dhproj, h) from the layer instead of a W_h gradient update."""
 
-    def __init__(self, T: int, xp):
-        self.t = T
-        self.xp = xp
-        self.buf = None
+    def __init__(self):
+        self.last = None
 
     def append(self, pair) -> None:
-        d = pair[0]  # (dhproj, h): h is read from the forward's state block instead
-        if self.buf is None:
-            self.buf = self.xp.empty((self.t,) + d.shape, dtype=d.dtype)
-        self.t -= 1
-        self.buf[self.t] = d
+        self.last = pair[0]  # h is read from the forward's state block instead
+
+    def take(self):
+        d, self.last = self.last, None
+        return d
 
 
 def make_worker(net: Net, seed: int = 0, carry: int = pb.kCarryAuto, executor: str = "auto"):

@@ -48,6 +48,15 @@ def sigmoid(xp, a):
     return 0.5 * xp.tanh(0.5 * a) + 0.5
 
 
+def sigmoid_(xp, a):
+    """σ(a) written into ``a`` itself (a scratch array or a view of one); returns ``a``."""
+    a *= 0.5
+    xp.tanh(a, out=a)
+    a *= 0.5
+    a += 0.5
+    return a
+
+
 def rnn_step_forward(xp, xproj, hproj, relu):
     """h' = act(xproj + hproj) with act = relu if ``relu`` else tanh."""
     pre = xproj + hproj
@@ -73,7 +82,7 @@ def gru_gates_forward(xp, xproj, hproj, h):
     Returns (h', cache) with cache = (zr, c, hc): zr = [z, r] (B, 2H), hc = hproj[c].
     """
     H = h.shape[-1]
-    zr = sigmoid(xp, xproj[:, :2 * H] + hproj[:, :2 * H])
+    zr = sigmoid_(xp, xproj[:, :2 * H] + hproj[:, :2 * H])
     hc = hproj[:, 2 * H:]
     c = xp.tanh(xproj[:, 2 * H:] + zr[:, H:] * hc)
     h_new = c + zr[:, :H] * (h - c)
@@ -104,15 +113,18 @@ def gru_gates_backward(xp, dh_new, h, zr, c, hc):
 def lstm_gates_forward(xp, xproj, hproj, c):
     """One LSTM step from its projections (gate order i, f, o, g).
 
-    pre = xproj + hproj (B, 4H);  i, f, o = σ(pre[i, f, o]);  g = tanh(pre[g])
+    pre = xproj + hproj (B, 4H; added into hproj);  i, f, o = σ(pre[i, f, o]);  g = tanh(pre[g])
     c' = f ⊙ c + i ⊙ g;  h' = o ⊙ tanh(c')
     Returns (h', c', cache) with cache = (ifo, g, tanh(c')).
     """
     H = c.shape[-1]
-    pre = xproj + hproj
-    ifo = sigmoid(xp, pre[:, :3 * H])
-    g = xp.tanh(pre[:, 3 * H:])
-    c_new = ifo[:, H:2 * H] * c + ifo[:, :H] * g
+    pre = hproj
+    pre += xproj  # hproj is this step's own fresh array: the gates are computed in it
+    ifo = sigmoid_(xp, pre[:, :3 * H])
+    g = pre[:, 3 * H:]
+    xp.tanh(g, out=g)
+    c_new = ifo[:, H:2 * H] * c
+    c_new += ifo[:, :H] * g
     tc = xp.tanh(c_new)
     h_new = ifo[:, 2 * H:] * tc
     return h_new, c_new, (ifo, g, tc)
@@ -385,6 +397,21 @@ class _Recurrent(Layer):
     def zero_state(self, batch):
         return self.xp.zeros((batch, self.H), dtype=self.dtype)
 
+    #: W_h^T stacked and contiguous, set by ``hold_weights`` for a run of steps
+    _whT = None
+
+    def hold_weights(self, on: bool) -> None:
+        """Keep a contiguous copy of the stacked W_h^T while a caller runs many steps
+        with unchanged weights (one copy per batch instead of a strided GEMM operand
+        every step); ``hold_weights(False)`` drops it before the weights change."""
+        self._whT = self.xp.ascontiguousarray(self._stack(self.hh_keys).T) if on else None
+
+    def hidden_projection(self, h):
+        """h W_h^T for all gates, (B, H) -> (B, G*H)."""
+        if self._whT is not None:
+            return h @ self._whT
+        return h @ self._stack(self.hh_keys).T
+
     def step_from_projection(self, xproj, state, mask):
         raise NotImplementedError
 
@@ -418,7 +445,7 @@ class RNNLayer(_Recurrent):
         super().setup(srcs)
 
     def step_from_projection(self, xproj, h, mask):
-        hproj = h @ self.params["w_hh"].data.T
+        hproj = self.hidden_projection(h)
         h_raw = rnn_step_forward(self.xp, xproj, hproj, self.relu)
         mm = self._mask(mask)
         h_new = h_raw if mm is None else mm[0] * h_raw + mm[1] * h
@@ -461,7 +488,7 @@ class GRULayer(_Recurrent):
         return ("z_hx", "r_hx", "c_hx"), ("z_hh", "r_hh", "c_hh"), b
 
     def step_from_projection(self, xproj, h, mask):
-        hproj = h @ self._stack(self.hh_keys).T
+        hproj = self.hidden_projection(h)
         h_raw, gates = gru_gates_forward(self.xp, xproj, hproj, h)
         mm = self._mask(mask)
         h_new = h_raw if mm is None else mm[0] * h_raw + mm[1] * h
@@ -521,7 +548,7 @@ class LSTMLayer(_Recurrent):
 
     def step_from_projection(self, xproj, state, mask):
         h, c = state
-        hproj = h @ self._stack(self.hh_keys).T
+        hproj = self.hidden_projection(h)
         h_raw, c_raw, gates = lstm_gates_forward(self.xp, xproj, hproj, c)
         mm = self._mask(mask)
         if mm is None:
