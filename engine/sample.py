@@ -137,7 +137,8 @@ class Sampler:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m engine.sample", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m engine.sample",
+                                 description="Generate text from a trained char-rnn checkpoint.")
     ap.add_argument("--checkpoint", required=True, help="checkpoint file (step<N>.npz)")
     ap.add_argument("--job", help="sample with this net instead of the checkpoint's own job")
     ap.add_argument("--length", type=int, default=500, help="characters to generate")

@@ -312,7 +312,10 @@ class Trainer:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m engine.train", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m engine.train",
+        description="Train (and validate / test) a job file; writes graphs, metrics and "
+                    "checkpoints to the job's workspace.")
     ap.add_argument("job", help="job file (protobuf text format)")
     ap.add_argument("--workspace", help="output folder (default: the job's cluster.workspace)")
     ap.add_argument("--steps", type=int, help="override train_steps")
