@@ -296,6 +296,22 @@ class _Recurrent(Layer):
             done = True
         return done
 
+    @staticmethod
+    def _blend(new, old, mm):
+        """Masked rows keep ``old``: m ⊙ new + (1 − m) ⊙ old (``new`` when unmasked)."""
+        return new if mm is None else mm[0] * new + mm[1] * old
+
+    def _incoming(self, dy, dstate, like, mm):
+        """Gradient arriving at h' (dy + dstate; zeros when neither), split by the mask
+        into (the part through this step, the part passed straight to h) — (dh, None)
+        when unmasked."""
+        dh = _add(dy, dstate)
+        if dh is None:
+            dh = self.xp.zeros_like(like)
+        if mm is None:
+            return dh, None
+        return mm[0] * dh, mm[1] * dh
+
     def _mask(self, mask):
         """(m, 1 - m) as (B, 1) columns of self.dtype, or None."""
         if mask is None:
@@ -448,19 +464,15 @@ class RNNLayer(_Recurrent):
         hproj = self.hidden_projection(h)
         h_raw = rnn_step_forward(self.xp, xproj, hproj, self.relu)
         mm = self._mask(mask)
-        h_new = h_raw if mm is None else mm[0] * h_raw + mm[1] * h
+        h_new = self._blend(h_raw, h, mm)
         return h_new, h_new, (h, h_raw, mm)
 
     def step_backward(self, dy, dstate, step_cache):
         h, h_raw, mm = step_cache
-        dh = _add(dy, dstate)
-        if dh is None:
-            dh = self.xp.zeros_like(h)
-        if mm is not None:
-            dh, dkeep = mm[0] * dh, mm[1] * dh
+        dh, dkeep = self._incoming(dy, dstate, h, mm)
         dpre = rnn_step_backward(self.xp, dh, h_raw, self.relu)
         dprev = self._hidden_backward(dpre, h)
-        if mm is not None:
+        if dkeep is not None:
             dprev += dkeep
         return dpre, dprev
 
@@ -491,19 +503,15 @@ class GRULayer(_Recurrent):
         hproj = self.hidden_projection(h)
         h_raw, gates = gru_gates_forward(self.xp, xproj, hproj, h)
         mm = self._mask(mask)
-        h_new = h_raw if mm is None else mm[0] * h_raw + mm[1] * h
+        h_new = self._blend(h_raw, h, mm)
         return h_new, h_new, (h, gates, mm)
 
     def step_backward(self, dy, dstate, step_cache):
         h, gates, mm = step_cache
-        dh = _add(dy, dstate)
-        if dh is None:
-            dh = self.xp.zeros_like(h)
-        if mm is not None:
-            dh, dkeep = mm[0] * dh, mm[1] * dh
+        dh, dkeep = self._incoming(dy, dstate, h, mm)
         dxproj, dhproj, dprev = gru_gates_backward(self.xp, dh, h, *gates)
         dprev += self._hidden_backward(dhproj, h)
-        if mm is not None:
+        if dkeep is not None:
             dprev += dkeep
         return dxproj, dprev
 
@@ -551,27 +559,20 @@ class LSTMLayer(_Recurrent):
         hproj = self.hidden_projection(h)
         h_raw, c_raw, gates = lstm_gates_forward(self.xp, xproj, hproj, c)
         mm = self._mask(mask)
-        if mm is None:
-            h_new, c_new = h_raw, c_raw
-        else:
-            h_new = mm[0] * h_raw + mm[1] * h
-            c_new = mm[0] * c_raw + mm[1] * c
+        h_new, c_new = self._blend(h_raw, h, mm), self._blend(c_raw, c, mm)
         return h_new, (h_new, c_new), (h, c, gates, mm)
 
     def step_backward(self, dy, dstate, step_cache):
         h, c, gates, mm = step_cache
         dh_s, dc = (None, None) if dstate is None else dstate
-        dh = _add(dy, dh_s)
-        if dh is None:
-            dh = self.xp.zeros_like(h)
-        if mm is not None:
-            dh, dkeep_h = mm[0] * dh, mm[1] * dh
-            if dc is not None:
-                dc, dkeep_c = mm[0] * dc, mm[1] * dc
+        dh, dkeep_h = self._incoming(dy, dh_s, h, mm)
+        dkeep_c = None
+        if dc is not None and mm is not None:
+            dc, dkeep_c = mm[0] * dc, mm[1] * dc
         dpre, dc_prev = lstm_gates_backward(self.xp, dh, dc, c, *gates)
         dh_prev = self._hidden_backward(dpre, h)
-        if mm is not None:
+        if dkeep_h is not None:
             dh_prev += dkeep_h
-            if dc is not None:
-                dc_prev += dkeep_c
+        if dkeep_c is not None:
+            dc_prev += dkeep_c
         return dpre, (dh_prev, dc_prev)
