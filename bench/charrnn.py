@@ -157,7 +157,7 @@ class TorchRunner:
         self.eye = torch.eye(V)
 
     def step(self) -> float:
-        torch, T, B, V = self.torch, self.T, self.B, self.V
+        torch, T, B = self.torch, self.T, self.B
         if self.cursor + T + 1 > self.streams.shape[1]:
             self.cursor = 0
             self.state = None

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 
 from engine.backend import DROPOUT, LazyRNG
 from engine.layers import Context

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from engine.layers.base import REGISTRY, Context, LayerError
+from engine.layers.base import Context, LayerError
 from engine.proto import job_pb2 as pb
-from layercheck import make, FakeSrc, check_layer, setup_layer
+from layercheck import make, check_layer
 
 
 

@@ -4,10 +4,10 @@ import math
 import numpy as np
 import pytest
 
-from engine.layers.base import REGISTRY, Context, LayerError
+from engine.layers.base import Context, LayerError
 from engine.layers.loss import topk_correct
 from engine.proto import job_pb2 as pb
-from layercheck import make, FakeSrc, rel_err, setup_layer
+from layercheck import make, rel_err
 
 SCORES = np.array([[1.0, 2.0, 3.0], [2.0, 0.0, 0.0], [0.0, 5.0, 1.0]])
 LABELS = np.array([2, 1, 0])

@@ -5,7 +5,7 @@ import pytest
 from engine.layers.base import REGISTRY, Context, LayerError
 from engine.layers import neuron
 from engine.proto import job_pb2 as pb
-from layercheck import make, FakeSrc, check_layer, setup_layer
+from layercheck import make, FakeSrc, check_layer
 
 
 

@@ -52,8 +52,8 @@ class Supervised(CheckedLayer):
     def scores(self, xs):
         x = self.src_input(xs, 0)
         if x is None:
-            raise self.error(f"source 0 gives nothing at this step; a loss needs a prediction "
-                             f"at every copy (check the shift of its srclayers)")
+            raise self.error("source 0 gives nothing at this step; a loss needs a prediction "
+                             "at every copy (check the shift of its srclayers)")
         return self.float_input(x)
 
     def mask_or_ones(self, ctx, batch: int):
@@ -157,7 +157,6 @@ class EuclideanLoss(Supervised):
         self.out_shape = tuple(srcs[0].out_shape)
 
     def forward(self, ctx, xs, state):
-        xp = self.xp
         p = self.scores(xs)
         b, k = p.shape
         t = ctx.label(xs, 1)
