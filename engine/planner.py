@@ -234,6 +234,10 @@ class PlannedWorker(Worker):
             dy = dout.pop(name, None)
             if dy is None and not lay.is_loss:
                 dy = xp.zeros_like(y)
+            if self.probe and self.first_bad_grad is None and dy is not None:
+                bad = ~xp.isfinite(dy.reshape(dy.shape[0], -1)).all(axis=1)
+                if bool(bad.any()):  # backward order visits the last step first
+                    self.first_bad_grad = f"{int(xp.flatnonzero(bad)[-1]) // B}#{name}"
             if lay.recurrent:
                 dxs, dstate0 = self._recurrent_backward(lay, st, dy, self.caches[name], B)
                 if st.init_src is not None and dstate0 is not None:

@@ -194,6 +194,27 @@ class Trainer:
         self.say(f"step {self.step:>6}  {ph.label:<5} {fmt_metrics(vals)}")
         return vals
 
+    def diagnose(self, w, snap) -> str:
+        """Where a batch went non-finite: the first unrolled node whose output is not
+        finite; else the batch is run again from ``snap`` (same data, same params) noting
+        the first node whose incoming gradient is not finite; else the first param whose
+        gradient is not finite."""
+        node = first_nonfinite(w)
+        if node is not None:
+            return f"first non-finite output at {node}"
+        w.restore(snap)
+        w.probe, w.first_bad_grad = True, None
+        try:
+            w.run_batch(train=True)
+        finally:
+            w.probe = False
+        if w.first_bad_grad is not None:
+            return f"outputs finite; first non-finite gradient arriving at {w.first_bad_grad}"
+        bad_p = [p.name for p in self.main.params if not bool(self.backend.xp.isfinite(p.grad).all())]
+        if bad_p:
+            return f"outputs and their gradients finite; first non-finite gradient in param {bad_p[0]}"
+        return "every output is finite but the loss overflowed"
+
     def _due_next(self, freq: int, after: int) -> bool:
         """Will the step about to run (number self.step + 1) be a due step?"""
         n = self.step + 1
@@ -228,6 +249,7 @@ class Trainer:
             dump = self.debug and hasattr(w, "node_stats") and (
                 self._due_next(job.disp_freq, job.disp_after) or self.step + 1 == self.train_steps)
             w.record = dump
+            snap = w.snapshot()
             metrics = w.run_batch(train=True)
             if dump:
                 w.record = False
@@ -236,14 +258,7 @@ class Trainer:
             bad = not math.isfinite(loss[0]) or not all(
                 bool(self.backend.xp.isfinite(p.grad).all()) for p in self.main.params)
             if bad:
-                node = first_nonfinite(w)
-                if node is not None:
-                    where = f"first non-finite output at {node}"
-                else:
-                    bad_p = [p.name for p in self.main.params
-                             if not bool(self.backend.xp.isfinite(p.grad).all())]
-                    where = (f"outputs finite, first non-finite gradient in param {bad_p[0]}"
-                             if bad_p else "every output is finite but the loss overflowed")
+                where = self.diagnose(w, snap)
                 msg = f"step {self.step + 1}: non-finite loss or gradient; {where}"
                 if job.skip_nonfinite:
                     self.say(f"warning: {msg}; batch skipped (skip_nonfinite)")

@@ -86,6 +86,10 @@ class Worker:
         self.record = False
         self.node_stats: dict = {}
         self.param_stats: dict = {}
+        #: when True, backward notes in ``first_bad_grad`` the first node (in backward
+        #: order) whose incoming gradient is not finite (diagnosing a bad batch)
+        self.probe = False
+        self.first_bad_grad: str | None = None
 
     # ------------------------------------------------------------ batches
     @property
@@ -245,6 +249,9 @@ class Worker:
                 ds = _zeros_like(xp, st)
             if self.record and dy is not None:
                 self.node_stats.setdefault(n.id, {})["grad"] = summarize(xp, dy)
+            if self.probe and self.first_bad_grad is None and dy is not None and \
+                    not all(bool(xp.isfinite(d).all()) for d in (dy if isinstance(dy, list) else [dy])):
+                self.first_bad_grad = n.id
             dxs, dprev = lay.backward(self.ctxs[n.id], dy, ds, self.caches[n.id])
             for s, piece, dx in zip(n.srcs, n.pieces, dxs):
                 if dx is None or s is None:
@@ -260,6 +267,24 @@ class Worker:
                     acc(dstate if n.ctx_is_state else dout, n.ctx_src, dprev)
                 elif n.init_src is not None:
                     acc(dout, n.init_src, lay.source_grad_from_state(dprev))
+
+    # ------------------------------------------------------------ snapshots
+    def snapshot(self) -> dict:
+        """What the next batch changes in the worker and its input layers (cheap: no
+        array copies; the arrays involved are replaced, never written in place)."""
+        inputs = {lay.name: {k: getattr(lay, k) for k in ("cursor", "epoch", "new_sequence", "order")
+                             if hasattr(lay, k)} for lay in self.net.inputs}
+        return {"carry": dict(self.carry), "prev": dict(self._prev_starts),
+                "batch_index": self.batch_index, "inputs": inputs}
+
+    def restore(self, snap: dict) -> None:
+        """Back to a ``snapshot``: the next run_batch reads the same batch again."""
+        self.carry = dict(snap["carry"])
+        self._prev_starts = dict(snap["prev"])
+        self.batch_index = snap["batch_index"]
+        for lay in self.net.inputs:
+            for k, v in snap["inputs"].get(lay.name, {}).items():
+                setattr(lay, k, v)
 
     # --------------------------------------------------------- checkpoints
     def state_dict(self, asnumpy) -> dict:

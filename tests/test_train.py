@@ -298,3 +298,21 @@ def test_tensorboard_scalars_when_tensorboardx_is_installed(tmp_path):
     assert run_cli("engine.train", job).returncode == 0
     events = list((tmp_path / "ws" / "tensorboard").glob("events.out.tfevents.*"))
     assert events and b"train/loss" in events[0].read_bytes()
+
+
+@pytest.mark.parametrize("executor", ["auto", "reference"])
+def test_nonfinite_gradient_names_the_node_it_arrives_at(tmp_path, executor):
+    """Finite outputs, but the gradient flowing into the recurrent layer overflows: the
+    batch is replayed and the first node (in backward order) receiving it is named."""
+    job = char_job(tmp_path, steps=5, unroll=4)
+    text = job.read_text().replace(
+        'innerproduct_conf { num_output: 40 } }',
+        'innerproduct_conf { num_output: 40 } param { name: "w" init { type: kConstant value: 1e30 } } }')
+    text = text.replace('srclayers: "ip1" srclayers: "label" }',
+                        'srclayers: "ip1" srclayers: "label" softmaxloss_conf { scale: 1e10 } }')
+    job.write_text(text)
+    r = run_cli("engine.train", job, "--executor", executor)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "step 1: non-finite loss or gradient; outputs finite; first non-finite gradient " \
+           "arriving at 3#rnn1" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
