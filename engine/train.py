@@ -13,22 +13,28 @@ SIGINT/SIGTERM after writing a checkpoint.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import signal
 import sys
 import time
 
 import numpy as np
+from google.protobuf import text_format
 
 from engine import checkpoint as ckpt
 from engine.backend import BackendError, make_backend
-from engine.config import ConfigError, Phase, load_job
+from engine.config import ConfigError, Phase, job_dir, load_job
+from engine.layers.input import resolve_path
 from engine.net import Net
+from engine.planner import NotPlannable, make_worker
+from engine.plot import PlotUnavailable, plot_metrics
 from engine.proto import job_pb2 as pb
 from engine.runtime import (MetricsLog, Progress, derived_metrics, ensure_workspace, first_nonfinite,
                             fmt_metrics, fmt_time, load_params, merge_metrics, net_info, param_arrays,
                             phases_of, workspace_of, write_graphs)
-from engine.planner import NotPlannable
+from engine.layers import LayerError
+from engine.updaters import Updater, UpdaterError, describe, global_grad_norm
 from engine.worker import ContinuityError
 
 
@@ -69,8 +75,7 @@ class Trainer:
         if job.checkpoint_path:
             init_arrays = {}
             for cp in job.checkpoint_path:
-                from engine.layers.input import resolve_path
-                arrays, meta = ckpt.load(resolve_path(cp, {"job_dir": str(self._job_dir())}))
+                arrays, meta = ckpt.load(resolve_path(cp, {"job_dir": str(job_dir(self.path))}))
                 init_arrays.update(arrays)
                 vocab = vocab or meta.get("vocab")
         self.resume_from = None
@@ -91,6 +96,8 @@ class Trainer:
                 vocab = found[2].get("vocab") or vocab
         info = net_info(self.path, self.ws, self.seed, vocab)
         carry = job.train_one_batch.state_carry
+        self.debug = bool(self.args.debug or job.debug)
+        executor = self.args.executor or ("reference" if self.debug else "auto")
         self.nets, self.workers = {}, {}
         main = None
         for ph in self.phases:
@@ -102,9 +109,6 @@ class Trainer:
             else:
                 net.share_params_from(main)
             self.nets[ph] = net
-            from engine.planner import make_worker
-            self.debug = bool(self.args.debug or job.debug)
-            executor = self.args.executor or ("reference" if self.debug else "auto")
             self.workers[ph], note = make_worker(net, self.seed, carry, executor)
             if ph == self.phases[0]:
                 self.executor_note = note
@@ -114,16 +118,11 @@ class Trainer:
             load_params(main, init_arrays, ", ".join(job.checkpoint_path))
         self.updater = None
         if Phase.TRAIN in self.nets:
-            from engine.updaters import Updater
             self.updater = Updater(job.updater, main.params, self.backend.xp)
         self.step = 0
         if self.resume_from is not None:
             p, arrays, meta = self.resume_from
             self._restore(p, arrays, meta)
-
-    def _job_dir(self):
-        from engine.config import job_dir
-        return job_dir(self.path)
 
     # -------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> str:
@@ -133,7 +132,6 @@ class Trainer:
             arrays[f"updater/{k}"] = v
         ws = w.state_dict(self.backend.asnumpy)
         arrays.update({f"worker/{k}": v for k, v in ws["arrays"].items()})
-        from google.protobuf import text_format
         meta = {"step": self.step, "job": text_format.MessageToString(self.job),
                 "job_path": str(self.path), "vocab": self.vocab, "seed": self.seed,
                 "worker": ws["meta"], "time": time.time()}
@@ -173,7 +171,6 @@ class Trainer:
             self.say(line)
         self.say(self.executor_note)
         if self.updater is not None:
-            from engine.updaters import describe
             self.say(f"updater {describe(job.updater)}")
 
     def evaluate(self, ph: Phase, steps: int) -> dict:
@@ -184,11 +181,8 @@ class Trainer:
                 rewind()
         w.carry.clear()
         w._prev_starts.clear()
-        total: dict = {}
         t0 = time.time()
-        for _ in range(steps):
-            merge_metrics(total, w.run_batch(train=False))
-        vals = derived_metrics(total, w.net)
+        vals = self._measure(w, steps)
         self.log.write({"step": self.step, "phase": ph.label, **vals,
                         "seconds": round(time.time() - t0, 3)})
         self.say(f"step {self.step:>6}  {ph.label:<5} {fmt_metrics(vals)}")
@@ -222,12 +216,19 @@ class Trainer:
 
     def dump_debug(self, w) -> None:
         """visualization/debug_step<N>.json: per-node output/gradient and per-param statistics."""
-        import json
         path = self.ws / "visualization" / f"debug_step{self.step + 1}.json"
         path.write_text(json.dumps({"step": self.step + 1, "nodes": w.node_stats,
                                     "params": w.param_stats}, indent=1))
         self.say(f"debug statistics {path} (draw them: python tools/graph.py "
                  f"{self.ws / 'visualization' / 'train_net.json'} net.svg --stats {path})")
+
+    @staticmethod
+    def _measure(w, steps: int) -> dict:
+        """Forward ``steps`` batches without training; the derived metrics over all of them."""
+        total: dict = {}
+        for _ in range(steps):
+            merge_metrics(total, w.run_batch(train=False))
+        return derived_metrics(total, w.net)
 
     def _due(self, freq: int, after: int) -> bool:
         return freq > 0 and self.step % freq == 0 and self.step > after
@@ -255,8 +256,10 @@ class Trainer:
                 w.record = False
                 self.dump_debug(w)
             loss = metrics.get("loss", [0.0, 1.0])
-            bad = not math.isfinite(loss[0]) or not all(
-                bool(self.backend.xp.isfinite(p.grad).all()) for p in self.main.params)
+            xp = self.backend.xp
+            norm = global_grad_norm(self.main.params, xp)  # finite norm: every gradient finite
+            bad = not math.isfinite(loss[0]) or (not math.isfinite(norm) and not all(
+                bool(xp.isfinite(p.grad).all()) for p in self.main.params))
             if bad:
                 where = self.diagnose(w, snap)
                 msg = f"step {self.step + 1}: non-finite loss or gradient; {where}"
@@ -266,7 +269,7 @@ class Trainer:
                     continue
                 raise RunError(msg + "; lower the learning rate or clip gradients (the last good "
                                      "checkpoint is kept)")
-            stats = self.updater.update(self.step)
+            stats = self.updater.update(self.step, grad_norm=norm)
             lr = stats["lr"]
             self.step += 1
             merge_metrics(total, metrics)
@@ -301,7 +304,6 @@ class Trainer:
         return 0
 
     def plot(self) -> None:
-        from engine.plot import PlotUnavailable, plot_metrics
         try:
             self.say(f"plot {plot_metrics(self.ws)}")
         except PlotUnavailable as e:
@@ -311,10 +313,7 @@ class Trainer:
         ph = Phase.TEST if Phase.TEST in self.workers else self.phases[0]
         steps = self.job.test_steps or 1
         w = self.workers[ph]
-        total: dict = {}
-        for _ in range(steps):
-            merge_metrics(total, w.run_batch(train=False))
-        vals = derived_metrics(total, w.net)
+        vals = self._measure(w, steps)
         if vals:
             self.log.write({"step": self.step, "phase": ph.label, **vals})
             self.say(f"{ph.label}: {fmt_metrics(vals)}")
@@ -353,9 +352,8 @@ def main(argv=None) -> int:
     try:
         job = load_job(args.job)
         if args.graph_only:
-            from engine.runtime import ensure_workspace as _ew
             ws = workspace_of(job, args.workspace)
-            _ew(ws)
+            ensure_workspace(ws)
             for ph, u in write_graphs(job, args.job, ws, phases_of(job)).items():
                 g = u.graph
                 print(f"wrote {ws / 'visualization' / (ph.label + '_net.json')} "
@@ -397,8 +395,6 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001 - an unexpected failure is still one line
-        from engine.layers import LayerError
-        from engine.updaters import UpdaterError
         if args.debug:
             raise
         if isinstance(e, (LayerError, UpdaterError)):

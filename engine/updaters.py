@@ -326,15 +326,16 @@ class Updater:
         return bufs[:n]
 
     # -------------------------------------------------------------- update
-    def update(self, step: int) -> dict:
+    def update(self, step: int, grad_norm: float | None = None) -> dict:
         """One optimiser step for all params; returns {"lr": base scheduled lr, "grad_norm": ...}.
 
         ``lr`` is the schedule's value at ``step`` (before any param's lr_scale);
-        ``grad_norm`` is the global gradient norm before clipping.
+        ``grad_norm`` is the global gradient norm before clipping (pass it when the
+        caller has already computed ``global_grad_norm`` of these gradients).
         """
         xp = self.xp
         lr0 = learning_rate(self.conf.learning_rate, step)
-        norm = global_grad_norm(self.params, xp)
+        norm = global_grad_norm(self.params, xp) if grad_norm is None else grad_norm
         if self.clip_norm > 0 and norm > self.clip_norm:
             scale = self.clip_norm / norm
             for p in self.params:

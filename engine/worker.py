@@ -112,8 +112,7 @@ class Worker:
         for lay in self.net.inputs:
             starts = getattr(lay, "stream_starts", None)
             if starts is not None:
-                self._prev_starts[lay.name] = (np.array(starts), int(lay.conf.char_rnn_conf.unroll_len)
-                                               if lay.conf.HasField("char_rnn_conf") else 0)
+                self._prev_starts[lay.name] = (np.array(starts), int(lay.stream_advance))
 
     def _check_continuity(self) -> None:
         for lay in self.net.inputs:

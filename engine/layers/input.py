@@ -5,7 +5,8 @@ from the worker and then ``forward`` once per copy. They publish, for the
 worker: ``batchsize``, ``is_stream`` (consecutive batches continue each row,
 so the recurrent state may be carried), ``new_sequence`` (the rows of this
 batch start new sequences: carried state must be reset), ``stream_starts``
-(offsets of each row, checked for continuity when state is carried) and
+(offsets of each row, checked for continuity when state is carried) with
+``stream_advance`` (how far each row moves per batch), and
 ``cursor_state()`` / ``load_cursor_state()`` for checkpoints.
 """
 from __future__ import annotations
@@ -110,6 +111,7 @@ class CharRNNInput(Layer):
         self.epoch = 0
         self.new_sequence = True
         self.stream_starts = np.zeros(self.batchsize, np.int64)
+        self.stream_advance = self.steps
         self.path = path
         self.out_shape = (self.steps + 1,)
 
