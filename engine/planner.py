@@ -254,13 +254,12 @@ class PlannedWorker(Worker):
         dys = dy.reshape(TL, B, lay.H)
         dst = None
         dproj = None
-        deferred = _Deferred()
         dh_all = None  # each step's dhproj, when it is not the dxproj itself (GRU)
-        lay.defer_hh = deferred
+        lay.defer_hh = True
         try:
             for t in range(TL - 1, -1, -1):
                 dxp, dst = lay.step_backward(dys[t], dst, step_caches[t])
-                dhp = deferred.take()
+                dhp = lay.last_dhproj
                 if dproj is None:
                     dproj = self.xp.empty((TL,) + dxp.shape, dtype=dxp.dtype)
                 dproj[t] = dxp
@@ -269,7 +268,7 @@ class PlannedWorker(Worker):
                         dh_all = self.xp.empty((TL,) + dhp.shape, dtype=dhp.dtype)
                     dh_all[t] = dhp
         finally:
-            lay.defer_hh = None
+            lay.defer_hh, lay.last_dhproj = False, None
         # the W_h gradient of every step in one GEMM: sum_t dhproj_t^T h_t
         dh = (dproj if dh_all is None else dh_all).reshape(TL * B, -1)
         lay._accumulate(lay.hh_keys, dh.T @ hs[:-1].reshape(TL * B, lay.H))
@@ -279,20 +278,6 @@ class PlannedWorker(Worker):
         dxs = [None] * len(st.reads)
         dxs[lay.data_pos] = dx
         return dxs, dst
-
-
-class _Deferred:
-    """Receives a step's (dhproj, h) from the layer instead of a W_h gradient update."""
-
-    def __init__(self):
-        self.last = None
-
-    def append(self, pair) -> None:
-        self.last = pair[0]  # h is read from the forward's state block instead
-
-    def take(self):
-        d, self.last = self.last, None
-        return d
 
 
 def make_worker(net: Net, seed: int = 0, carry: int = pb.kCarryAuto, executor: str = "auto"):

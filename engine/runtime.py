@@ -68,7 +68,7 @@ def net_info(job_path, ws, seed, vocab=None) -> dict:
     return info
 
 
-def load_params(net: Net, arrays: dict, where: str, strict: bool = True) -> None:
+def load_params(net: Net, arrays: dict, where: str) -> None:
     """Copy ``param/<name>`` arrays into the net's params, naming every mismatch."""
     missing, wrong = [], []
     for p in net.params:
@@ -81,7 +81,7 @@ def load_params(net: Net, arrays: dict, where: str, strict: bool = True) -> None
             p.data[...] = net.xp.asarray(a.astype(p.data.dtype, copy=False))
     if wrong:
         raise ConfigError(f"{where}: param shapes differ from the net: {', '.join(wrong)}")
-    if missing and strict:
+    if missing:
         have = sorted(k[6:] for k in arrays if k.startswith("param/"))
         raise ConfigError(f"{where}: the checkpoint has no param {', '.join(missing)} (it has "
                           f"{', '.join(have) or 'none'}); the net's param names must match the "

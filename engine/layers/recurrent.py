@@ -352,29 +352,20 @@ class _Recurrent(Layer):
             return None
         return (dp @ self._stack(self.hx_keys)).reshape(x.shape)
 
-    def _hidden_backward(self, dhproj, h):
-        """Reverse of h W_h^T: accumulates W_h grads, returns the gradient at h.
+    #: when True, ``_hidden_backward`` leaves the W_h gradient to the caller and keeps the
+    #: step's dhproj in ``last_dhproj``: a caller running all steps adds
+    #: sum_t dhproj_t^T h_t with one GEMM (the planned executor)
+    defer_hh = False
+    last_dhproj = None
 
-        When ``self.defer_hh`` is a list, (dhproj, h) is appended to it instead of
-        accumulating, so a caller running all steps can add the W_h gradient of
-        every step with one GEMM (``flush_hidden_grads``)."""
-        if self.defer_hh is not None:
-            self.defer_hh.append((dhproj, h))
+    def _hidden_backward(self, dhproj, h):
+        """Reverse of h W_h^T: accumulates W_h grads (unless deferred), returns the
+        gradient at h."""
+        if self.defer_hh:
+            self.last_dhproj = dhproj
         else:
             self._accumulate(self.hh_keys, dhproj.T @ h)
         return dhproj @ self._stack(self.hh_keys)
-
-    defer_hh = None
-
-    def flush_hidden_grads(self) -> None:
-        """Add the deferred W_h gradients of all steps with one GEMM."""
-        pairs, self.defer_hh = self.defer_hh, None
-        if not pairs:
-            return
-        xp = self.xp
-        dh = xp.concatenate([d for d, _ in pairs], axis=0)
-        hs = xp.concatenate([h for _, h in pairs], axis=0)
-        self._accumulate(self.hh_keys, dh.T @ hs)
 
     # ---------------------------------------------------------------- compute
     def _batch(self, state):
