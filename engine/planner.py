@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from engine.backend import DROPOUT, LazyRNG
 from engine.layers import Context
+from engine.layers.recurrent import _transposed
 from engine.net import Net
 from engine.proto import job_pb2 as pb
 from engine.worker import Worker, _add
@@ -143,6 +144,7 @@ class PlannedWorker(Worker):
         self.plan = the_plan or plan(net)
         self.blocks: dict = {}
         self._needs_grad = {st.layer.name: st.needs_grad for st in self.plan.steps}
+        self._bufs: dict = {}
 
     # ------------------------------------------------------------ forward
     def forward(self, train: bool, metrics: dict) -> None:
@@ -190,28 +192,51 @@ class PlannedWorker(Worker):
         self.states = {f"{self.net.layers[n].conf.unroll_len - 1}#{n}": s for n, s in final.items()}
         self.outs = {}
 
+    def _buffer(self, lay, what, shape):
+        """A scratch block of ``lay`` kept across batches (rewritten every batch), so the
+        step loop does not allocate and fault in fresh pages each time."""
+        key = (lay.name, what)
+        buf = self._bufs.get(key)
+        if buf is None or buf.shape != shape or buf.dtype != lay.dtype:
+            buf = self._bufs[key] = self.xp.empty(shape, dtype=lay.dtype)
+        return buf
+
     def _recurrent_forward(self, lay, st, xs, ctx, out, TL, B):
+        """The step loop in feature-major layout (see engine/layers/recurrent.py): one
+        GEMM for the input projections of all steps, (G*H, T*B) with step t in columns
+        t*B..t*B+B-1; per step the gates are computed in a slice of one (T, G*H, B)
+        block and h' is written into column block t+1 of hs (H, (T+1)*B)."""
         x = xs[lay.data_pos]
         if st.init_src is not None:
             state = lay.state_from_source(out[st.init_src][-B:])
         else:
             state = self.initial_state(lay)
-        proj = lay.project(x).reshape(TL, B, -1)
-        # hs[0] is the initial hidden state, hs[t + 1] the output of step t: the block
-        # output is hs[1:], and hs[:-1] are the states each step read (for the W_h grads)
-        hs = self.xp.empty((TL + 1, B, lay.H), dtype=lay.dtype)
-        hs[0] = state[0] if isinstance(state, tuple) else state
+        H, GH, N = lay.H, lay.GATES * lay.H, TL * B
+        xproj = lay.project_t(x, out=self._buffer(lay, "xproj", (GH, N)))
+        pre = self._buffer(lay, "pre", (TL, GH, B))
+        hs = self._buffer(lay, "hs", (H, N + B))
+        parts = state if isinstance(state, tuple) else (state,)
+        hs[:, :B] = parts[0].T
+        cur = (hs[:, :B],) + tuple(s.T for s in parts[1:])
         m = None if ctx.mask is None else ctx.mask.reshape(TL, B)
         step_caches = []
         lay.hold_weights(True)
         try:
             for t in range(TL):
-                y, state, sc = lay.step_from_projection(proj[t], state, None if m is None else m[t])
-                hs[t + 1] = y
+                cols = slice(t * B, (t + 1) * B)
+                mm = None if m is None else lay._mask(m[t])
+                h, new, sc = lay.cell_step(xproj[:, cols], cur if len(cur) > 1 else cur[0],
+                                           mm, pre[t])
+                nxt = hs[:, (t + 1) * B:(t + 2) * B]
+                nxt[...] = h
+                cur = (nxt,) + (tuple(new[1:]) if isinstance(new, tuple) else ())
                 step_caches.append(sc)
         finally:
             lay.hold_weights(False)
-        return hs[1:].reshape(TL * B, lay.H), state, (x, step_caches, hs)
+        # the carried state must not alias the buffers the next batch rewrites
+        fin = tuple(self.xp.ascontiguousarray(s.T) for s in cur)
+        final = fin if isinstance(state, tuple) else fin[0]
+        return hs[:, B:].T, final, (x, step_caches, hs)
 
     # ----------------------------------------------------------- backward
     def backward(self) -> None:
@@ -251,33 +276,28 @@ class PlannedWorker(Worker):
     def _recurrent_backward(self, lay, st, dy, c, B):
         x, step_caches, hs = c
         TL = len(step_caches)
-        dys = dy.reshape(TL, B, lay.H)
+        GH, N = lay.GATES * lay.H, TL * B
+        dx_all = self._buffer(lay, "dxproj", (GH, N))
+        dh_all = self._buffer(lay, "dhproj", (GH, N)) if lay.separate_dhproj else dx_all
         dst = None
-        dproj = None
-        dh_all = None  # each step's dhproj, when it is not the dxproj itself (GRU)
-        lay.defer_hh = True
+        lay.hold_weights(True)
         try:
             for t in range(TL - 1, -1, -1):
-                dxp, dst = lay.step_backward(dys[t], dst, step_caches[t])
-                dhp = lay.last_dhproj
-                if dproj is None:
-                    dproj = self.xp.empty((TL,) + dxp.shape, dtype=dxp.dtype)
-                dproj[t] = dxp
-                if dhp is not dxp:
-                    if dh_all is None:
-                        dh_all = self.xp.empty((TL,) + dhp.shape, dtype=dhp.dtype)
-                    dh_all[t] = dhp
+                cols = slice(t * B, (t + 1) * B)
+                _, _, dst = lay.cell_backward(
+                    dy[cols].T, dst, step_caches[t], out_x=dx_all[:, cols],
+                    out_h=None if dh_all is dx_all else dh_all[:, cols], defer=True,
+                    need_dprev=t > 0 or st.init_src is not None)
         finally:
-            lay.defer_hh, lay.last_dhproj = False, None
-        # the W_h gradient of every step in one GEMM: sum_t dhproj_t^T h_t
-        dh = (dproj if dh_all is None else dh_all).reshape(TL * B, -1)
-        lay._accumulate(lay.hh_keys, dh.T @ hs[:-1].reshape(TL * B, lay.H))
+            lay.hold_weights(False)
+        # the W_h gradient of every step in one GEMM: sum_t dhproj_t h_t^T
+        lay._accumulate(lay.hh_keys, dh_all @ hs[:, :N].T)
         src = st.reads[lay.data_pos]
         need_dx = src is not None and self._needs_grad[src[0]]
-        dx = lay.projection_backward(x, dproj.reshape(TL * B, -1), need_dx)
+        dx = lay.projection_backward_t(x, dx_all, need_dx)
         dxs = [None] * len(st.reads)
         dxs[lay.data_pos] = dx
-        return dxs, dst
+        return dxs, _transposed(dst)
 
 
 def make_worker(net: Net, seed: int = 0, carry: int = pb.kCarryAuto, executor: str = "auto"):

@@ -154,7 +154,7 @@ class InnerProduct(CheckedLayer):
         w = self.params["w"].data
         y = x2 @ w if self.transpose else x2 @ w.T
         if self.bias_term:
-            y = y + self.params["b"].data
+            y += self.params["b"].data
         return y, None, (x2, x.shape, _is_float(x))
 
     def backward(self, ctx, dy, dstate, cache):
@@ -162,12 +162,14 @@ class InnerProduct(CheckedLayer):
             return [None], None
         x2, xshape, was_float = cache
         w = self.params["w"]
-        if self.transpose:
-            w.grad += x2.T @ dy
-            dx = dy @ w.data.T
+        wx = w.data.T if self.transpose else w.data   # (n, in_dim): dx = dy @ wx
+        w.grad += x2.T @ dy if self.transpose else dy.T @ x2
+        if x2.flags.f_contiguous and not x2.flags.c_contiguous:
+            # the gradient takes the input's layout: a feature-major block (the planned
+            # recurrent layers' output) reads its gradient by column blocks per step
+            dx = (wx.T @ dy.T).T
         else:
-            w.grad += dy.T @ x2
-            dx = dy @ w.data
+            dx = dy @ wx
         if self.bias_term:
             self.params["b"].grad += dy.sum(axis=0)
         return [dx.reshape(xshape) if was_float else None], None

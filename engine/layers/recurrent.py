@@ -43,6 +43,11 @@ from engine.proto import job_pb2 as pb
 
 
 # ---------------------------------------------------------------- gate maths
+# All cell maths is written feature-major: arrays are (features, B), one column per
+# sequence, gate k of a stacked projection is the row block [k*H:(k+1)*H]. The step
+# GEMMs W_h (G*H, H) @ h (H, B) run markedly faster in this layout than h @ W_h^T
+# (bench/gemm_layout.py measures it), and gate blocks are contiguous rows. The
+# row-major (B, features) API of the layers passes transposed views.
 def sigmoid(xp, a):
     """σ(a) = 1 / (1 + exp(-a)), computed as 0.5 tanh(a / 2) + 0.5 (no overflow)."""
     return 0.5 * xp.tanh(0.5 * a) + 0.5
@@ -57,96 +62,120 @@ def sigmoid_(xp, a):
     return a
 
 
-def rnn_step_forward(xp, xproj, hproj, relu):
-    """h' = act(xproj + hproj) with act = relu if ``relu`` else tanh."""
-    pre = xproj + hproj
+def rnn_cell_forward(xp, pre, relu):
+    """h' = act(pre), pre = xproj + hproj (G*H = H rows), computed in ``pre``."""
     if relu:
-        return xp.maximum(pre, 0)
-    return xp.tanh(pre)
+        return xp.maximum(pre, 0, out=pre)
+    return xp.tanh(pre, out=pre)
 
 
-def rnn_step_backward(xp, dh_new, h_new, relu):
+def rnn_cell_backward(xp, dh_new, h_new, relu, out=None):
     """Gradient at the pre-activation, given dL/dh' and h' (the unmasked output)."""
     if relu:
-        return dh_new * (h_new > 0)
-    return dh_new * (1 - h_new * h_new)
+        return xp.multiply(dh_new, h_new > 0, out=out)
+    d = xp.multiply(h_new, h_new, out=out)
+    xp.subtract(1, d, out=d)
+    d *= dh_new
+    return d
 
 
-def gru_gates_forward(xp, xproj, hproj, h):
-    """One GRU step from its projections.
+def gru_cell_forward(xp, xproj, hproj, h):
+    """One GRU step from its projections, feature-major.
 
-    xproj = [x W_zx^T + b_z, x W_rx^T + b_r, x W_cx^T + b_c]     (B, 3H)
-    hproj = [h W_zh^T,       h W_rh^T,       h W_ch^T]            (B, 3H)
-    z, r = σ(xproj[z, r] + hproj[z, r]);  c = tanh(xproj[c] + r ⊙ hproj[c])
-    h' = z ⊙ h + (1 − z) ⊙ c  (computed as c + z ⊙ (h − c))
-    Returns (h', cache) with cache = (zr, c, hc): zr = [z, r] (B, 2H), hc = hproj[c].
+    xproj = [W_zx x + b_z; W_rx x + b_r; W_cx x + b_c]     (3H, B)
+    hproj = [W_zh h;       W_rh h;       W_ch h]            (3H, B), a scratch array:
+    z, r = σ(xproj[z, r] + hproj[z, r]) are computed in its first 2H rows;
+    c = tanh(xproj[c] + r ⊙ hproj[c]);  h' = z ⊙ h + (1 − z) ⊙ c  (as c + z ⊙ (h − c)).
+    Returns (h', cache) with cache = (zr, c, hc): zr = [z; r] (2H, B), hc = hproj[c].
     """
-    H = h.shape[-1]
-    zr = sigmoid_(xp, xproj[:, :2 * H] + hproj[:, :2 * H])
-    hc = hproj[:, 2 * H:]
-    c = xp.tanh(xproj[:, 2 * H:] + zr[:, H:] * hc)
-    h_new = c + zr[:, :H] * (h - c)
+    H = h.shape[0]
+    zr = hproj[:2 * H]
+    zr += xproj[:2 * H]
+    sigmoid_(xp, zr)
+    hc = hproj[2 * H:]
+    c = zr[H:] * hc
+    c += xproj[2 * H:]
+    xp.tanh(c, out=c)
+    h_new = xp.subtract(h, c)
+    h_new *= zr[:H]
+    h_new += c
     return h_new, (zr, c, hc)
 
 
-def gru_gates_backward(xp, dh_new, h, zr, c, hc):
-    """Reverse of ``gru_gates_forward``.
+def gru_cell_backward(xp, dh_new, h, zr, c, hc, out_x=None, out_h=None):
+    """Reverse of ``gru_cell_forward``.
 
-    Given dL/dh' (unmasked) and the forward cache, returns
-    (dxproj (B, 3H), dhproj (B, 3H), dh_direct (B, H)) where dh_direct = z ⊙ dh'
-    is the part of dL/dh that does not pass through hproj.
+    Given dL/dh' (unmasked) and the forward cache, returns (dxproj (3H, B),
+    dhproj (3H, B), dh_direct (H, B)) where dh_direct = z ⊙ dh' is the part of dL/dh
+    that does not pass through hproj. ``out_x`` / ``out_h`` receive dxproj / dhproj
+    when given (views of the caller's all-steps blocks).
     """
-    H = h.shape[-1]
-    z = zr[:, :H]
-    r = zr[:, H:]
-    dxproj = xp.empty((h.shape[0], 3 * H), dtype=c.dtype)
-    dc_pre = dh_new * (1 - z) * (1 - c * c)
-    dxproj[:, 2 * H:] = dc_pre
-    dxproj[:, :H] = dh_new * (h - c)
-    dxproj[:, H:2 * H] = dc_pre * hc
-    dxproj[:, :2 * H] *= zr * (1 - zr)
-    dhproj = dxproj.copy()
-    dhproj[:, 2 * H:] *= r
-    return dxproj, dhproj, dh_new * z
+    H = h.shape[0]
+    z = zr[:H]
+    r = zr[H:]
+    dx = xp.empty((3 * H,) + h.shape[1:], dtype=c.dtype) if out_x is None else out_x
+    dc_pre = dx[2 * H:]
+    xp.multiply(c, c, out=dc_pre)                # (1 - c²)(1 - z) dh'
+    xp.subtract(1, dc_pre, out=dc_pre)
+    dc_pre *= dh_new
+    dc_pre -= dc_pre * z
+    xp.subtract(h, c, out=dx[:H])
+    dx[:H] *= dh_new
+    xp.multiply(dc_pre, hc, out=dx[H:2 * H])
+    dx[:2 * H] *= zr - zr * zr
+    if out_h is None:
+        dhp = dx.copy()
+    else:
+        dhp = out_h
+        dhp[:2 * H] = dx[:2 * H]
+    xp.multiply(dc_pre, r, out=dhp[2 * H:])
+    return dx, dhp, dh_new * z
 
 
-def lstm_gates_forward(xp, xproj, hproj, c):
-    """One LSTM step from its projections (gate order i, f, o, g).
+def lstm_cell_forward(xp, pre, c):
+    """One LSTM step from its summed projections, feature-major (gate order i, f, o, g).
 
-    pre = xproj + hproj (B, 4H; added into hproj);  i, f, o = σ(pre[i, f, o]);  g = tanh(pre[g])
-    c' = f ⊙ c + i ⊙ g;  h' = o ⊙ tanh(c')
+    pre = xproj + hproj (4H, B), a scratch array the gates are computed in;
+    i, f, o = σ(pre[i, f, o]);  g = tanh(pre[g]);  c' = f ⊙ c + i ⊙ g;  h' = o ⊙ tanh(c')
     Returns (h', c', cache) with cache = (ifo, g, tanh(c')).
     """
-    H = c.shape[-1]
-    pre = hproj
-    pre += xproj  # hproj is this step's own fresh array: the gates are computed in it
-    ifo = sigmoid_(xp, pre[:, :3 * H])
-    g = pre[:, 3 * H:]
+    H = c.shape[0]
+    ifo = sigmoid_(xp, pre[:3 * H])
+    g = pre[3 * H:]
     xp.tanh(g, out=g)
-    c_new = ifo[:, H:2 * H] * c
-    c_new += ifo[:, :H] * g
+    c_new = ifo[H:2 * H] * c
+    c_new += ifo[:H] * g
     tc = xp.tanh(c_new)
-    h_new = ifo[:, 2 * H:] * tc
+    h_new = ifo[2 * H:] * tc
     return h_new, c_new, (ifo, g, tc)
 
 
-def lstm_gates_backward(xp, dh_new, dc_new, c, ifo, g, tc):
-    """Reverse of ``lstm_gates_forward``.
+def lstm_cell_backward(xp, dh_new, dc_new, c, ifo, g, tc, out=None):
+    """Reverse of ``lstm_cell_forward``.
 
     Given dL/dh', dL/dc' (unmasked; dc_new may be None) and the cache, returns
-    (dpre (B, 4H), dc_prev (B, H)); dpre is the gradient of both projections.
+    (dpre (4H, B), dc_prev (H, B)); dpre, the gradient of both projections, is
+    written into ``out`` when given.
     """
-    H = c.shape[-1]
-    dct = dh_new * ifo[:, 2 * H:] * (1 - tc * tc)
+    H = c.shape[0]
+    dpre = xp.empty((4 * H,) + c.shape[1:], dtype=tc.dtype) if out is None else out
+    dct = xp.multiply(tc, tc)
+    xp.subtract(1, dct, out=dct)
+    dct *= ifo[2 * H:]
+    dct *= dh_new
     if dc_new is not None:
-        dct = dct + dc_new
-    dpre = xp.empty((c.shape[0], 4 * H), dtype=tc.dtype)
-    dpre[:, :H] = dct * g
-    dpre[:, H:2 * H] = dct * c
-    dpre[:, 2 * H:3 * H] = dh_new * tc
-    dpre[:, :3 * H] *= ifo * (1 - ifo)
-    dpre[:, 3 * H:] = dct * ifo[:, :H] * (1 - g * g)
-    return dpre, dct * ifo[:, H:2 * H]
+        dct += dc_new
+    xp.multiply(dct, g, out=dpre[:H])
+    xp.multiply(dct, c, out=dpre[H:2 * H])
+    xp.multiply(dh_new, tc, out=dpre[2 * H:3 * H])
+    dpre[:3 * H] *= ifo - ifo * ifo
+    dg = dpre[3 * H:]
+    xp.multiply(g, g, out=dg)
+    xp.subtract(1, dg, out=dg)
+    dg *= ifo[:H]
+    dg *= dct
+    dct *= ifo[H:2 * H]
+    return dpre, dct
 
 
 def _add(a, b):
@@ -169,6 +198,8 @@ class _Recurrent(Layer):
     has_params = True
 
     recurrent = True
+    #: True when ``cell_backward``'s dhproj is not its dxproj (see GRULayer)
+    separate_dhproj = False
     TYPE_NAME = ""
     CONF_FIELD = ""
     GATES = 1
@@ -298,7 +329,7 @@ class _Recurrent(Layer):
 
     @staticmethod
     def _blend(new, old, mm):
-        """Masked rows keep ``old``: m ⊙ new + (1 − m) ⊙ old (``new`` when unmasked)."""
+        """Masked columns keep ``old``: m ⊙ new + (1 − m) ⊙ old (``new`` when unmasked)."""
         return new if mm is None else mm[0] * new + mm[1] * old
 
     def _incoming(self, dy, dstate, like, mm):
@@ -313,10 +344,10 @@ class _Recurrent(Layer):
         return mm[0] * dh, mm[1] * dh
 
     def _mask(self, mask):
-        """(m, 1 - m) as (B, 1) columns of self.dtype, or None."""
+        """(m, 1 - m) as (1, B) rows of self.dtype (feature-major), or None."""
         if mask is None:
             return None
-        m = self.xp.asarray(mask, dtype=self.dtype).reshape(-1, 1)
+        m = self.xp.asarray(mask, dtype=self.dtype).reshape(1, -1)
         return m, 1 - m
 
     # ------------------------------------------------------------- projection
@@ -352,20 +383,49 @@ class _Recurrent(Layer):
             return None
         return (dp @ self._stack(self.hx_keys)).reshape(x.shape)
 
-    #: when True, ``_hidden_backward`` leaves the W_h gradient to the caller and keeps the
-    #: step's dhproj in ``last_dhproj``: a caller running all steps adds
-    #: sum_t dhproj_t^T h_t with one GEMM (the planned executor)
-    defer_hh = False
-    last_dhproj = None
+    def project_t(self, x, out=None):
+        """Feature-major input projection of N rows: W_x x^T + b, (N, D) -> (G*H, N),
+        into ``out`` when given."""
+        out = self.xp.matmul(self._stack(self.hx_keys), x.reshape(-1, x.shape[-1]).T, out=out)
+        if self.b_keys:
+            out += self._stack(self.b_keys)[:, None]
+        return out
 
-    def _hidden_backward(self, dhproj, h):
-        """Reverse of h W_h^T: accumulates W_h grads (unless deferred), returns the
-        gradient at h."""
-        if self.defer_hh:
-            self.last_dhproj = dhproj
-        else:
-            self._accumulate(self.hh_keys, dhproj.T @ h)
-        return dhproj @ self._stack(self.hh_keys)
+    def projection_backward_t(self, x, dproj, need_dx: bool = True):
+        """Reverse of ``project_t``: dproj (G*H, N); accumulates W_x and b grads and
+        returns dx (N, D), or None when ``need_dx`` is False."""
+        if self.b_keys:
+            self._accumulate(self.b_keys, dproj.sum(axis=1))
+        x2 = x.reshape(-1, x.shape[-1])
+        self._accumulate(self.hx_keys, dproj @ x2)
+        if not need_dx:
+            return None
+        return (dproj.T @ self._stack(self.hx_keys)).reshape(x.shape)
+
+    # ---------------------------------------------------------- hidden weights
+    #: the stacked W_h (G*H, H) held by ``hold_weights`` for a run of steps
+    _wh = None
+
+    def hold_weights(self, on: bool) -> None:
+        """Hold the stacked W_h while a caller runs many steps with unchanged weights
+        (tied, unfused params are concatenated once per batch instead of every step);
+        ``hold_weights(False)`` drops it before the weights change."""
+        self._wh = self._stack(self.hh_keys) if on else None
+
+    def _w_h(self):
+        return self._wh if self._wh is not None else self._stack(self.hh_keys)
+
+    def hidden_projection_t(self, h, out=None):
+        """W_h h for all gates, (H, B) -> (G*H, B), into ``out`` when given."""
+        return self.xp.matmul(self._w_h(), h, out=out)
+
+    def _hidden_backward_t(self, dhproj, h, defer: bool, need: bool = True):
+        """Reverse of ``hidden_projection_t``: accumulates the W_h grads dhproj h^T
+        (unless ``defer``: a caller running all steps adds them with one GEMM) and
+        returns the gradient at h, W_h^T dhproj (None when not ``need``-ed)."""
+        if not defer:
+            self._accumulate(self.hh_keys, dhproj @ h.T)
+        return self.xp.matmul(self._w_h().T, dhproj) if need else None
 
     # ---------------------------------------------------------------- compute
     def _batch(self, state):
@@ -404,26 +464,47 @@ class _Recurrent(Layer):
     def zero_state(self, batch):
         return self.xp.zeros((batch, self.H), dtype=self.dtype)
 
-    #: W_h^T stacked and contiguous, set by ``hold_weights`` for a run of steps
-    _whT = None
-
-    def hold_weights(self, on: bool) -> None:
-        """Keep a contiguous copy of the stacked W_h^T while a caller runs many steps
-        with unchanged weights (one copy per batch instead of a strided GEMM operand
-        every step); ``hold_weights(False)`` drops it before the weights change."""
-        self._whT = self.xp.ascontiguousarray(self._stack(self.hh_keys).T) if on else None
-
-    def hidden_projection(self, h):
-        """h W_h^T for all gates, (B, H) -> (B, G*H)."""
-        if self._whT is not None:
-            return h @ self._whT
-        return h @ self._stack(self.hh_keys).T
-
     def step_from_projection(self, xproj, state, mask):
-        raise NotImplementedError
+        """One step in the row-major layout of the layer contract: xproj (B, G*H), state
+        (B, H) arrays; returns (y, new state, step cache). Runs ``cell_step`` on
+        transposed views."""
+        h, st, cache = self.cell_step(xproj.T, _transposed(state), self._mask(mask))
+        y = h.T
+        if isinstance(st, tuple):  # the output and the state's h stay one array
+            st = (y,) + _transposed(st[1:])
+        else:
+            st = y if st is h else st.T
+        return y, st, cache
 
     def step_backward(self, dy, dstate, step_cache):
+        """Reverse of ``step_from_projection``: accumulates the W_h grads and returns
+        (dxproj (B, G*H), dprev state)."""
+        dx, _, dprev = self.cell_backward(_transposed(dy), _transposed(dstate), step_cache)
+        return dx.T, _transposed(dprev)
+
+    def cell_step(self, xproj, state, mm, pre=None):
+        """One step, feature-major: xproj (G*H, B) the input projection, state (H, B)
+        arrays, mm the mask as (1, B) rows or None, ``pre`` a (G*H, B) scratch array
+        the gates are computed in (it stays in the cache). Returns (h', state', cache)."""
         raise NotImplementedError
+
+    def cell_backward(self, dh, dstate, cache, out_x=None, out_h=None, defer=False,
+                      need_dprev=True):
+        """Reverse of ``cell_step``: (dxproj, dhproj, dprev state), feature-major.
+        dhproj (the gradient at W_h h) is dxproj itself except in the GRU; ``out_x`` and
+        ``out_h`` receive them when given; ``defer`` leaves the W_h grads to the caller;
+        without ``need_dprev`` (the first step of a state nothing learns from) dprev is
+        None."""
+        raise NotImplementedError
+
+
+def _transposed(state):
+    """A state (array, tuple of arrays or None) with each array transposed (a view)."""
+    if state is None:
+        return None
+    if isinstance(state, (tuple, list)):
+        return tuple(None if s is None else s.T for s in state)
+    return state.T
 
 
 @register(pb.kRNN)
@@ -451,21 +532,22 @@ class RNNLayer(_Recurrent):
         self.relu = act == pb.RELU
         super().setup(srcs)
 
-    def step_from_projection(self, xproj, h, mask):
-        hproj = self.hidden_projection(h)
-        h_raw = rnn_step_forward(self.xp, xproj, hproj, self.relu)
-        mm = self._mask(mask)
+    def cell_step(self, xproj, h, mm, pre=None):
+        pre = self.hidden_projection_t(h, out=pre)
+        pre += xproj
+        h_raw = rnn_cell_forward(self.xp, pre, self.relu)
         h_new = self._blend(h_raw, h, mm)
         return h_new, h_new, (h, h_raw, mm)
 
-    def step_backward(self, dy, dstate, step_cache):
-        h, h_raw, mm = step_cache
+    def cell_backward(self, dy, dstate, cache, out_x=None, out_h=None, defer=False,
+                      need_dprev=True):
+        h, h_raw, mm = cache
         dh, dkeep = self._incoming(dy, dstate, h, mm)
-        dpre = rnn_step_backward(self.xp, dh, h_raw, self.relu)
-        dprev = self._hidden_backward(dpre, h)
-        if dkeep is not None:
+        dpre = rnn_cell_backward(self.xp, dh, h_raw, self.relu, out=out_x)
+        dprev = self._hidden_backward_t(dpre, h, defer, need_dprev)
+        if dkeep is not None and need_dprev:
             dprev += dkeep
-        return dpre, dprev
+        return dpre, dpre, dprev
 
 
 @register(pb.kGRU)
@@ -484,27 +566,32 @@ class GRULayer(_Recurrent):
     TYPE_NAME = "kGRU"
     CONF_FIELD = "gru_conf"
     GATES = 3
+    #: the gradient at W_h h differs from the one at the input projection (r ⊙ in c)
+    separate_dhproj = True
 
     @classmethod
     def _keys(cls, conf):
         b = ("z_b", "r_b", "c_b") if conf.gru_conf.bias_term else ()
         return ("z_hx", "r_hx", "c_hx"), ("z_hh", "r_hh", "c_hh"), b
 
-    def step_from_projection(self, xproj, h, mask):
-        hproj = self.hidden_projection(h)
-        h_raw, gates = gru_gates_forward(self.xp, xproj, hproj, h)
-        mm = self._mask(mask)
+    def cell_step(self, xproj, h, mm, pre=None):
+        hproj = self.hidden_projection_t(h, out=pre)
+        h_raw, gates = gru_cell_forward(self.xp, xproj, hproj, h)
         h_new = self._blend(h_raw, h, mm)
         return h_new, h_new, (h, gates, mm)
 
-    def step_backward(self, dy, dstate, step_cache):
-        h, gates, mm = step_cache
+    def cell_backward(self, dy, dstate, cache, out_x=None, out_h=None, defer=False,
+                      need_dprev=True):
+        h, gates, mm = cache
         dh, dkeep = self._incoming(dy, dstate, h, mm)
-        dxproj, dhproj, dprev = gru_gates_backward(self.xp, dh, h, *gates)
-        dprev += self._hidden_backward(dhproj, h)
+        dx, dhp, dprev = gru_cell_backward(self.xp, dh, h, *gates, out_x=out_x, out_h=out_h)
+        if not need_dprev:
+            self._hidden_backward_t(dhp, h, defer, False)
+            return dx, dhp, None
+        dprev += self._hidden_backward_t(dhp, h, defer)
         if dkeep is not None:
             dprev += dkeep
-        return dxproj, dprev
+        return dx, dhp, dprev
 
 
 @register(pb.kLSTM)
@@ -545,25 +632,29 @@ class LSTMLayer(_Recurrent):
     def source_grad_from_state(self, dstate):
         return dstate[0]
 
-    def step_from_projection(self, xproj, state, mask):
+    def cell_step(self, xproj, state, mm, pre=None):
         h, c = state
-        hproj = self.hidden_projection(h)
-        h_raw, c_raw, gates = lstm_gates_forward(self.xp, xproj, hproj, c)
-        mm = self._mask(mask)
+        pre = self.hidden_projection_t(h, out=pre)
+        pre += xproj
+        h_raw, c_raw, gates = lstm_cell_forward(self.xp, pre, c)
         h_new, c_new = self._blend(h_raw, h, mm), self._blend(c_raw, c, mm)
         return h_new, (h_new, c_new), (h, c, gates, mm)
 
-    def step_backward(self, dy, dstate, step_cache):
-        h, c, gates, mm = step_cache
+    def cell_backward(self, dy, dstate, cache, out_x=None, out_h=None, defer=False,
+                      need_dprev=True):
+        h, c, gates, mm = cache
         dh_s, dc = (None, None) if dstate is None else dstate
         dh, dkeep_h = self._incoming(dy, dh_s, h, mm)
         dkeep_c = None
         if dc is not None and mm is not None:
             dc, dkeep_c = mm[0] * dc, mm[1] * dc
-        dpre, dc_prev = lstm_gates_backward(self.xp, dh, dc, c, *gates)
-        dh_prev = self._hidden_backward(dpre, h)
+        dpre, dc_prev = lstm_cell_backward(self.xp, dh, dc, c, *gates, out=out_x)
+        if not need_dprev:
+            self._hidden_backward_t(dpre, h, defer, False)
+            return dpre, dpre, None
+        dh_prev = self._hidden_backward_t(dpre, h, defer)
         if dkeep_h is not None:
             dh_prev += dkeep_h
         if dkeep_c is not None:
             dc_prev += dkeep_c
-        return dpre, (dh_prev, dc_prev)
+        return dpre, dpre, (dh_prev, dc_prev)
