@@ -201,20 +201,48 @@ class PlannedWorker(Worker):
             buf = self._bufs[key] = self.xp.empty(shape, dtype=lay.dtype)
         return buf
 
+    #: fold the input projection into the step GEMM when the input is this narrow
+    #: against the hidden size (D + 1 <= FOLD_INPUT * H; one-hot characters into a
+    #: wide layer): see _recurrent_forward
+    FOLD_INPUT = 0.5
+
     def _recurrent_forward(self, lay, st, xs, ctx, out, TL, B):
-        """The step loop in feature-major layout (see engine/layers/recurrent.py): one
-        GEMM for the input projections of all steps, (G*H, T*B) with step t in columns
-        t*B..t*B+B-1; per step the gates are computed in a slice of one (T, G*H, B)
-        block and h' is written into column block t+1 of hs (H, (T+1)*B)."""
+        """The step loop in feature-major layout (see engine/layers/recurrent.py).
+
+        hs (H, (T+1)*B) holds the states: column block 0 the initial h, block t+1 the
+        output of step t; per step the gates are computed in a slice of one
+        (T, G*H, B) block. The input projections of all steps are one GEMM,
+        (G*H, T*B) with step t in columns t*B..t*B+B-1, added per step to W_h h; or,
+        for a narrow input and a cell that only needs their sum (LSTM, RNN), hs is
+        the top of a stacked z = [h; x; 1] (H+D+1, (T+1)*B) and each step is ONE GEMM
+        [W_h W_x b] z_t: that skips writing and re-reading the (G*H, T*B) projection
+        block, and the backward gets all weight grads from one GEMM with z."""
+        xp = self.xp
         x = xs[lay.data_pos]
         if st.init_src is not None:
             state = lay.state_from_source(out[st.init_src][-B:])
         else:
             state = self.initial_state(lay)
         H, GH, N = lay.H, lay.GATES * lay.H, TL * B
-        xproj = lay.project_t(x, out=self._buffer(lay, "xproj", (GH, N)))
+        D = lay.D
+        fold = lay.sums_projections and D + 1 <= self.FOLD_INPUT * H
         pre = self._buffer(lay, "pre", (TL, GH, B))
-        hs = self._buffer(lay, "hs", (H, N + B))
+        if fold:
+            nb = 1 if lay.b_keys else 0
+            z = self._buffer(lay, "z", (H + D + nb, N + B))
+            z[H:H + D, :N] = x.reshape(N, D).T
+            if nb:
+                z[H + D, :N] = 1
+            wc = self._buffer(lay, "wc", (GH, H + D + nb))
+            wc[:, :H] = lay._stack(lay.hh_keys)
+            wc[:, H:H + D] = lay._stack(lay.hx_keys)
+            if nb:
+                wc[:, H + D] = lay._stack(lay.b_keys)
+            hs = z[:H]
+        else:
+            z = None
+            xproj = lay.project_t(x, out=self._buffer(lay, "xproj", (GH, N)))
+            hs = self._buffer(lay, "hs", (H, N + B))
         parts = state if isinstance(state, tuple) else (state,)
         hs[:, :B] = parts[0].T
         cur = (hs[:, :B],) + tuple(s.T for s in parts[1:])
@@ -225,8 +253,11 @@ class PlannedWorker(Worker):
             for t in range(TL):
                 cols = slice(t * B, (t + 1) * B)
                 mm = None if m is None else lay._mask(m[t])
-                h, new, sc = lay.cell_step(xproj[:, cols], cur if len(cur) > 1 else cur[0],
-                                           mm, pre[t])
+                now = cur if len(cur) > 1 else cur[0]
+                if fold:
+                    h, new, sc = lay.cell_from_pre(xp.matmul(wc, z[:, cols], out=pre[t]), now, mm)
+                else:
+                    h, new, sc = lay.cell_step(xproj[:, cols], now, mm, pre[t])
                 nxt = hs[:, (t + 1) * B:(t + 2) * B]
                 nxt[...] = h
                 cur = (nxt,) + (tuple(new[1:]) if isinstance(new, tuple) else ())
@@ -234,9 +265,9 @@ class PlannedWorker(Worker):
         finally:
             lay.hold_weights(False)
         # the carried state must not alias the buffers the next batch rewrites
-        fin = tuple(self.xp.ascontiguousarray(s.T) for s in cur)
+        fin = tuple(xp.ascontiguousarray(s.T) for s in cur)
         final = fin if isinstance(state, tuple) else fin[0]
-        return hs[:, B:].T, final, (x, step_caches, hs)
+        return hs[:, B:].T, final, (x, step_caches, hs, z)
 
     # ----------------------------------------------------------- backward
     def backward(self) -> None:
@@ -274,7 +305,7 @@ class PlannedWorker(Worker):
                     acc(r[0], dx, r[1])
 
     def _recurrent_backward(self, lay, st, dy, c, B):
-        x, step_caches, hs = c
+        x, step_caches, hs, z = c
         TL = len(step_caches)
         GH, N = lay.GATES * lay.H, TL * B
         dx_all = self._buffer(lay, "dxproj", (GH, N))
@@ -290,11 +321,21 @@ class PlannedWorker(Worker):
                     need_dprev=t > 0 or st.init_src is not None)
         finally:
             lay.hold_weights(False)
-        # the W_h gradient of every step in one GEMM: sum_t dhproj_t h_t^T
-        lay._accumulate(lay.hh_keys, dh_all @ hs[:, :N].T)
         src = st.reads[lay.data_pos]
         need_dx = src is not None and self._needs_grad[src[0]]
-        dx = lay.projection_backward_t(x, dx_all, need_dx)
+        if z is None:
+            # the W_h gradient of every step in one GEMM: sum_t dhproj_t h_t^T
+            lay._accumulate(lay.hh_keys, dh_all @ hs[:, :N].T)
+            dx = lay.projection_backward_t(x, dx_all, need_dx)
+        else:
+            # folded input: [dW_h dW_x db] = sum_t dpre_t z_t^T, one GEMM
+            H, D = lay.H, lay.D
+            g = dx_all @ z[:, :N].T
+            lay._accumulate(lay.hh_keys, g[:, :H])
+            lay._accumulate(lay.hx_keys, g[:, H:H + D])
+            if lay.b_keys:
+                lay._accumulate(lay.b_keys, g[:, H + D])
+            dx = (dx_all.T @ lay._stack(lay.hx_keys)).reshape(x.shape) if need_dx else None
         dxs = [None] * len(st.reads)
         dxs[lay.data_pos] = dx
         return dxs, _transposed(dst)

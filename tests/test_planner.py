@@ -19,6 +19,14 @@ UPDATER = ('updater { type: kRMSProp rmsprop_conf { rho: 0.9 } '
            'learning_rate { type: kFixed base_lr: 0.01 } clip_low: -1 clip_high: 1 }')
 
 
+@pytest.fixture(autouse=True, params=["input-in-step-gemm", "separate-input-gemm"])
+def fold_mode(request, monkeypatch):
+    """Every comparison runs twice: with the LSTM/RNN input projection folded into the
+    step GEMM (z = [h; x; 1]) and with it as a separate all-steps GEMM."""
+    monkeypatch.setattr(PlannedWorker, "FOLD_INPUT", 1e9 if request.param.startswith("input-in") else 0.0)
+    return request.param
+
+
 def pair(tmp_path, text):
     path = gc.write_job(tmp_path, text)
     job = load_job(path)
@@ -49,6 +57,10 @@ def assert_same(tmp_path, text, steps=3):
             np.testing.assert_allclose(b.data, a.data, rtol=1e-9, atol=1e-12,
                                        err_msg=f"step {step} param {a.name}")
     assert set(w_r.carry) == set(w_p.carry)
+    folded = {key[0] for key in w_p._bufs if key[1] == "z"}
+    summing = {n for n, lay in net_p.layers.items() if getattr(lay, "recurrent", False)
+               and lay.sums_projections}
+    assert folded == (summing if PlannedWorker.FOLD_INPUT > 1 else set())
 
 
 @pytest.mark.parametrize("kind", ["gru", "lstm", "rnn", "rnn-relu"])

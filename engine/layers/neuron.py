@@ -164,7 +164,7 @@ class InnerProduct(CheckedLayer):
         w = self.params["w"]
         wx = w.data.T if self.transpose else w.data   # (n, in_dim): dx = dy @ wx
         w.grad += x2.T @ dy if self.transpose else dy.T @ x2
-        if x2.flags.f_contiguous and not x2.flags.c_contiguous:
+        if x2.ndim == 2 and x2.strides[0] < x2.strides[1]:
             # the gradient takes the input's layout: a feature-major block (the planned
             # recurrent layers' output) reads its gradient by column blocks per step
             dx = (wx.T @ dy.T).T

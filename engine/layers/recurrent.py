@@ -18,9 +18,17 @@ executor (or a fused CuPy kernel) can sit beside the reference code:
 ``forward`` is ``project`` + ``step_from_projection``; ``backward`` is
 ``step_backward`` + ``projection_backward``.
 
-The gate maths is in the module-level functions ``rnn_step_forward``,
-``gru_gates_forward``, ``lstm_gates_forward`` and their ``*_backward`` twins;
-they take the array module ``xp`` and arrays only (no params, no config).
+Feature-major core. The arithmetic of a step lives in ``cell_step`` and
+``cell_backward``, which work on (features, B) arrays: the step GEMM is
+W_h (G*H, H) @ h (H, B), which BLAS runs well faster than the row-major
+h @ W_h^T for the batch sizes of these jobs (``python -m bench.gemm_layout``
+compares them side by side), and each gate is a contiguous row block. The
+row-major methods above pass transposed views to them, so the reference
+executor and the planned one (engine/planner.py, which keeps whole blocks
+feature-major: ``project_t``, ``projection_backward_t``) share one
+implementation. The gate maths is in the module-level functions
+``rnn_cell_forward``, ``gru_cell_forward``, ``lstm_cell_forward`` and their
+``*_backward`` twins; they take the array module ``xp`` and arrays only.
 
 Sources. Each srclayer is either a *data* source (exactly one; its
 ``out_shape`` is ``(D,)``) or, when connected by ``kUnrollFirstToLast``, an
@@ -29,9 +37,10 @@ the worker turns its output into the initial state with ``state_from_source``
 and passes ``None`` at its position in ``xs``. The previous copy of the layer
 itself is the context source; its output arrives as ``state``.
 
-Masking. ``ctx.mask`` is ``None`` or a ``(B,)`` array of 1/0: a masked row
-keeps its previous state exactly, ``new = m * new + (1 - m) * prev`` for ``h``
-(and ``c``), and, since the output is the new ``h``, outputs that state.
+Masking. ``ctx.mask`` is ``None`` or a ``(B,)`` array of 1/0 (a (1, B) row
+inside the cells): a masked sequence keeps its previous state exactly,
+``new = m * new + (1 - m) * prev`` for ``h`` (and ``c``), and, since the
+output is the new ``h``, outputs that state.
 
 A data position holding ``None`` (a one-to-one source with a shift, at the
 first copies) means "no input this step": the projection is the bias alone.
@@ -43,11 +52,8 @@ from engine.proto import job_pb2 as pb
 
 
 # ---------------------------------------------------------------- gate maths
-# All cell maths is written feature-major: arrays are (features, B), one column per
-# sequence, gate k of a stacked projection is the row block [k*H:(k+1)*H]. The step
-# GEMMs W_h (G*H, H) @ h (H, B) run markedly faster in this layout than h @ W_h^T
-# (bench/gemm_layout.py measures it), and gate blocks are contiguous rows. The
-# row-major (B, features) API of the layers passes transposed views.
+# Feature-major: arrays are (features, B), one column per sequence; gate k of a
+# stacked projection is the row block [k*H:(k+1)*H].
 def sigmoid(xp, a):
     """σ(a) = 1 / (1 + exp(-a)), computed as 0.5 tanh(a / 2) + 0.5 (no overflow)."""
     return 0.5 * xp.tanh(0.5 * a) + 0.5
@@ -486,6 +492,19 @@ class _Recurrent(Layer):
         """One step, feature-major: xproj (G*H, B) the input projection, state (H, B)
         arrays, mm the mask as (1, B) rows or None, ``pre`` a (G*H, B) scratch array
         the gates are computed in (it stays in the cache). Returns (h', state', cache)."""
+        h = state[0] if isinstance(state, tuple) else state
+        pre = self.hidden_projection_t(h, out=pre)
+        pre += xproj
+        return self.cell_from_pre(pre, state, mm)
+
+    #: True when a step needs only the sum of its two projections, W_x x + b + W_h h
+    #: (RNN, LSTM; the GRU applies r to W_ch h alone): then a caller may compute that
+    #: sum with one GEMM over the stacked [h; x; 1] and call ``cell_from_pre``
+    sums_projections = True
+
+    def cell_from_pre(self, pre, state, mm):
+        """The rest of ``cell_step`` given pre = xproj + W_h h (G*H, B), computed in
+        place; same returns and cache."""
         raise NotImplementedError
 
     def cell_backward(self, dh, dstate, cache, out_x=None, out_h=None, defer=False,
@@ -532,9 +551,7 @@ class RNNLayer(_Recurrent):
         self.relu = act == pb.RELU
         super().setup(srcs)
 
-    def cell_step(self, xproj, h, mm, pre=None):
-        pre = self.hidden_projection_t(h, out=pre)
-        pre += xproj
+    def cell_from_pre(self, pre, h, mm):
         h_raw = rnn_cell_forward(self.xp, pre, self.relu)
         h_new = self._blend(h_raw, h, mm)
         return h_new, h_new, (h, h_raw, mm)
@@ -568,6 +585,7 @@ class GRULayer(_Recurrent):
     GATES = 3
     #: the gradient at W_h h differs from the one at the input projection (r ⊙ in c)
     separate_dhproj = True
+    sums_projections = False
 
     @classmethod
     def _keys(cls, conf):
@@ -632,10 +650,8 @@ class LSTMLayer(_Recurrent):
     def source_grad_from_state(self, dstate):
         return dstate[0]
 
-    def cell_step(self, xproj, state, mm, pre=None):
+    def cell_from_pre(self, pre, state, mm):
         h, c = state
-        pre = self.hidden_projection_t(h, out=pre)
-        pre += xproj
         h_raw, c_raw, gates = lstm_cell_forward(self.xp, pre, c)
         h_new, c_new = self._blend(h_raw, h, mm), self._blend(c_raw, c, mm)
         return h_new, (h_new, c_new), (h, c, gates, mm)
