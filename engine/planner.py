@@ -267,7 +267,7 @@ class PlannedWorker(Worker):
         # the carried state must not alias the buffers the next batch rewrites
         fin = tuple(xp.ascontiguousarray(s.T) for s in cur)
         final = fin if isinstance(state, tuple) else fin[0]
-        return hs[:, B:].T, final, (x, step_caches, hs, z)
+        return hs[:, B:].T, final, (x, step_caches, hs, z, wc if fold else None)
 
     # ----------------------------------------------------------- backward
     def backward(self) -> None:
@@ -305,13 +305,15 @@ class PlannedWorker(Worker):
                     acc(r[0], dx, r[1])
 
     def _recurrent_backward(self, lay, st, dy, c, B):
-        x, step_caches, hs, z = c
+        x, step_caches, hs, z, wc = c
         TL = len(step_caches)
         GH, N = lay.GATES * lay.H, TL * B
         dx_all = self._buffer(lay, "dxproj", (GH, N))
         dh_all = self._buffer(lay, "dhproj", (GH, N)) if lay.separate_dhproj else dx_all
         dst = None
-        lay.hold_weights(True)
+        # with the input folded in, W_h^T is read from [W_h W_x b]: besides saving a
+        # copy, its row stride (H+D+1, not a power of two) makes the GEMM a little faster
+        lay.hold_weights(True, None if wc is None else wc[:, :lay.H])
         try:
             for t in range(TL - 1, -1, -1):
                 cols = slice(t * B, (t + 1) * B)

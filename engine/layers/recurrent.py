@@ -412,11 +412,12 @@ class _Recurrent(Layer):
     #: the stacked W_h (G*H, H) held by ``hold_weights`` for a run of steps
     _wh = None
 
-    def hold_weights(self, on: bool) -> None:
+    def hold_weights(self, on: bool, w_h=None) -> None:
         """Hold the stacked W_h while a caller runs many steps with unchanged weights
-        (tied, unfused params are concatenated once per batch instead of every step);
-        ``hold_weights(False)`` drops it before the weights change."""
-        self._wh = self._stack(self.hh_keys) if on else None
+        (tied, unfused params are concatenated once per batch instead of every step),
+        or the caller's copy ``w_h`` of it; ``hold_weights(False)`` drops it before the
+        weights change."""
+        self._wh = (self._stack(self.hh_keys) if w_h is None else w_h) if on else None
 
     def _w_h(self):
         return self._wh if self._wh is not None else self._stack(self.hh_keys)
