@@ -59,6 +59,21 @@ def gemm_peak() -> float:
     return 2 * n ** 3 / best / 1e9
 
 
+def blas_info() -> str:
+    """NumPy's BLAS and the kernel it runs (threadpoolctl, from the ``bench`` extra), and
+    the OPENBLAS_* variables that choose that kernel, when set."""
+    forced = ", ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("OPENBLAS_"))
+    try:
+        import threadpoolctl
+    except ImportError:
+        desc = "BLAS kernel unknown (pip install threadpoolctl)"
+    else:
+        libs = [i for i in threadpoolctl.threadpool_info() if i.get("user_api") == "blas"]
+        desc = "; ".join(f"{i.get('internal_api')} {i.get('version')} kernel {i.get('architecture')}, "
+                         f"{i.get('num_threads')} threads" for i in libs) or "no BLAS found"
+    return desc + (f" (set here: {forced})" if forced else "")
+
+
 def model_flops(cell, H, B, T, V, layers) -> float:
     """GEMM FLOPs of one training step (forward, backward data and weight gradients)."""
     G = GATES[cell]
@@ -279,15 +294,16 @@ def run_case(case, steps, warmup, executor, peak, memory) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.charrnn", description=__doc__.splitlines()[0])
     ap.add_argument("--case", default="all", choices=[*CASES, "all"])
-    ap.add_argument("--steps", type=int, default=15, help="measured steps per framework")
+    ap.add_argument("--steps", type=int, default=30, help="measured steps per framework")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--executor", default="auto", choices=["auto", "planned", "reference"])
     ap.add_argument("--no-memory", action="store_true", help="skip the child-process memory runs")
     ap.add_argument("--json", help="also write the results as one JSON object to this file")
     a = ap.parse_args(argv)
     peak = gemm_peak()
+    blas = blas_info()
     print(f"float32 GEMM peak (NumPy, 2048^3): {peak:.1f} GFLOP/s; cores {os.cpu_count()}; "
-          f"PyTorch {'present' if have_torch() else 'absent'}")
+          f"PyTorch {'present' if have_torch() else 'absent'}\nNumPy BLAS: {blas}")
     cases = list(CASES) if a.case == "all" else [a.case]
     results = []
     for case in cases:
@@ -308,7 +324,7 @@ def main(argv=None) -> int:
                   (f", memory {r['ratio_memory']:.2f}" if "ratio_memory" in r else ""))
     if a.json:
         pathlib.Path(a.json).write_text(json.dumps({"gemm_peak_gflops": round(peak, 1),
-                                                    "cases": results}, indent=1))
+                                                    "numpy_blas": blas, "cases": results}, indent=1))
     return 0
 
 
