@@ -8,9 +8,12 @@ into one *block* and runs:
   or one-to-all from a single-copy source (kOneHot / kRNNLabel picking their
   step), as ONE call over T·B rows (step-major: rows t·B .. t·B+B-1 are step t);
   the layer declares this with ``rowwise = True``;
-* a recurrent layer as one GEMM for the input projections of all T steps, the
-  step loop over the recurrent part only, and one GEMM for the input-weight
-  gradients after the backward loop;
+* a recurrent layer feature-major (engine/layers/recurrent.py): one GEMM for the
+  input projections of all T steps, the step loop over the recurrent part only,
+  and one GEMM each for the input- and hidden-weight gradients after the backward
+  loop; or, for a narrow input into an LSTM/RNN, the input folded into each step's
+  GEMM (see ``PlannedWorker._recurrent_forward``). Its output block is a
+  transposed view of the state block, and its step buffers are kept across batches;
 * a single-copy layer reading copy 0 (one-to-one) or the last copy
   (first-to-last) of a block as a row slice of that block.
 
