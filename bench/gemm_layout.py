@@ -10,7 +10,9 @@ transposed. BLAS runs the two shapes with different kernels and blockings, so
 their speed differs; this prints both, forward (W_h h) and backward (W_h^T dpre),
 each with a fresh output array and with a preallocated ``out=``, and the
 speed-up of the feature-major form over the row-major one measured in the same
-process.
+process. It also times the input projection of one-hot tokens for all steps, a
+GEMM with the dense one-hot block against gathering the columns of W_x, the
+choice the planner makes (it keeps the GEMM, or folds it into the step GEMM).
 """
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=50)
     ap.add_argument("--gates", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=300)
+    ap.add_argument("--vocab", type=int, default=101, help="one-hot width for the projection")
+    ap.add_argument("--steps", type=int, default=50, help="steps in the projection block")
     a = ap.parse_args(argv)
     H, B, G = a.hidden, a.batch, a.gates
     rng = np.random.default_rng(0)
@@ -70,6 +74,17 @@ def main(argv=None) -> int:
     for phase in ("forward ", "backward"):
         r = res[(phase, "row-major")] / res[(phase, "feature-major")]
         print(f"  {phase.strip()}: feature-major is {r:.2f}x the speed of row-major (best of each)")
+
+    V, n = a.vocab, a.steps * B
+    w_x = rng.standard_normal((G * H, V), dtype=np.float32)
+    ids = rng.integers(0, V, n)
+    onehot = np.eye(V, dtype=np.float32)[ids]
+    proj = np.empty((G * H, n), np.float32)
+    t_gemm = best_time(lambda: np.matmul(w_x, onehot.T, out=proj), max(1, a.repeat // 50))
+    t_take = best_time(lambda: np.take(w_x, ids, axis=1, out=proj), max(1, a.repeat // 50))
+    print(f"one-hot input projection, {V} symbols x {n} rows -> ({G * H}, {n}):")
+    print(f"  GEMM with the one-hot block {t_gemm * 1e3:8.2f} ms   gather of W_x columns "
+          f"{t_take * 1e3:8.2f} ms   (gather/GEMM time {t_take / t_gemm:.2f})")
     return 0
 
 
