@@ -12,7 +12,10 @@ Reported per framework: median step time, characters per second, model GFLOP/s
 (forward + backward GEMM FLOPs), the fraction of this machine's float32 GEMM
 peak (measured with NumPy at start), and peak memory (each framework trained
 alone in a child process: peak RSS minus the RSS after imports and set-up).
-Then the ratio engine / PyTorch. PyTorch is optional (``pip install
+Then the ratio engine / PyTorch. Both run with glibc's malloc told to keep freed
+memory for reuse (``engine.backend.keep_freed_memory``, which ``engine.train``
+sets too); it is one process, so PyTorch's allocations get the same setting.
+PyTorch is optional (``pip install
 torch==2.13.0``); without it only the engine is measured.
 """
 from __future__ import annotations
@@ -230,6 +233,8 @@ def _mem_main(framework, case, steps, executor):
     """Peak RSS of training, over the RSS of the set-up model with its math library warm:
     a small GEMM first (BLAS/oneDNN buffers and thread pools are not the model's), then
     the peak counter is reset (/proc/self/clear_refs 5) and ``steps`` steps run."""
+    from engine.backend import keep_freed_memory
+    keep_freed_memory()  # the same allocator setting as the timed runs, for either framework
     with tempfile.TemporaryDirectory() as tmp:
         if framework == "engine":
             runner = EngineRunner(case, pathlib.Path(tmp), executor)
@@ -300,10 +305,14 @@ def main(argv=None) -> int:
     ap.add_argument("--no-memory", action="store_true", help="skip the child-process memory runs")
     ap.add_argument("--json", help="also write the results as one JSON object to this file")
     a = ap.parse_args(argv)
+    from engine.backend import keep_freed_memory
+    # as engine.train does; process-wide, so PyTorch's allocations get it as well
+    malloc = "keeps freed memory" if keep_freed_memory() else "default (no glibc)"
     peak = gemm_peak()
     blas = blas_info()
     print(f"float32 GEMM peak (NumPy, 2048^3): {peak:.1f} GFLOP/s; cores {os.cpu_count()}; "
-          f"PyTorch {'present' if have_torch() else 'absent'}\nNumPy BLAS: {blas}")
+          f"PyTorch {'present' if have_torch() else 'absent'}\nNumPy BLAS: {blas}\n"
+          f"malloc (both frameworks, one process): {malloc}")
     cases = list(CASES) if a.case == "all" else [a.case]
     results = []
     for case in cases:
@@ -324,7 +333,8 @@ def main(argv=None) -> int:
                   (f", memory {r['ratio_memory']:.2f}" if "ratio_memory" in r else ""))
     if a.json:
         pathlib.Path(a.json).write_text(json.dumps({"gemm_peak_gflops": round(peak, 1),
-                                                    "numpy_blas": blas, "cases": results}, indent=1))
+                                                    "numpy_blas": blas, "malloc": malloc,
+                                                    "cases": results}, indent=1))
     return 0
 
 

@@ -64,6 +64,37 @@ def make_backend(gpu: int | None = None, dtype=np.float32) -> Backend:
     return Backend(cupy, np.dtype(dtype).type, "cupy", gpu)
 
 
+#: glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory(mmap_mb: int = 32, trim_mb: int = 1024) -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse instead of returning it to
+    the system after every batch.
+
+    A training step allocates and frees the same large temporaries every batch
+    (logits, gradients, gate blocks: megabytes each). By default glibc serves them
+    with fresh mmap'ed pages, or trims its heap when they are freed, so every batch
+    faults in those pages again (about a tenth of an LSTM 512 step here). With
+    blocks up to ``mmap_mb`` MiB taken from the heap and the heap trimmed only when
+    ``trim_mb`` MiB lie free at its top, the next batch reuses the same memory.
+    The peak memory does not grow. This is process-wide, so the training commands
+    and the benchmark call it and a library user decides for themselves. Returns
+    False where there is no glibc (macOS, musl), and then nothing changes.
+    """
+    import ctypes  # noqa: PLC0415 - only here
+    import ctypes.util  # noqa: PLC0415
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+        libc.gnu_get_libc_version  # noqa: B018 - glibc only (musl has a no-op mallopt)
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_mb << 20) and mallopt(_M_TRIM_THRESHOLD, trim_mb << 20))
+
+
 def scatter_add(xp, a, index, values) -> None:
     """a[index] += values with repeated indices adding up (numpy.add.at; on CuPy
     cupyx.scatter_add, which older CuPy releases need instead of add.at)."""

@@ -23,7 +23,7 @@ import numpy as np
 from google.protobuf import text_format
 
 from engine import checkpoint as ckpt
-from engine.backend import BackendError, make_backend
+from engine.backend import BackendError, keep_freed_memory, make_backend
 from engine.config import ConfigError, Phase, job_dir, load_job
 from engine.layers.input import resolve_path
 from engine.net import Net
@@ -360,6 +360,7 @@ def main(argv=None) -> int:
                       f"({g.number_of_nodes()} nodes, {g.number_of_edges()} edges)")
             return 0
         trainer = Trainer(job, args.job, args)
+        keep_freed_memory()  # reuse each batch's large temporaries (see engine/backend.py)
 
         def on_signal(signum, frame):
             trainer.stop_signal = signum

@@ -31,3 +31,11 @@ def test_gemm_layout_bench_runs(capsys):
     assert gemm_layout.main(["--hidden", "32", "--batch", "4", "--gates", "3", "--repeat", "2"]) == 0
     text = capsys.readouterr().out
     assert "feature-major" in text and "x the speed of row-major" in text
+
+
+def test_keep_freed_memory_takes_effect_on_glibc():
+    import platform
+
+    from engine.backend import keep_freed_memory
+
+    assert keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
