@@ -71,6 +71,19 @@ def test_softmax_loss_top2_accuracy_and_ties():
     assert topk_correct(np, np.zeros((2, 4)), np.array([0, 3]), 1).tolist() == [True, False]
 
 
+def test_top1_is_the_rank_rule_with_ties():
+    """k = 1 takes the argmax shortcut; it must agree with the rank rule (ties go to
+    the lower id) on scores full of ties."""
+    rng = np.random.default_rng(4)
+    scores = rng.integers(0, 3, size=(200, 5)).astype(float)
+    labels = rng.integers(0, 5, size=200)
+    s_lab = scores[np.arange(200), labels][:, None]
+    rank = (scores > s_lab).sum(1) + ((scores == s_lab) & (np.arange(5)[None] < labels[:, None])).sum(1)
+    got = topk_correct(np, scores, labels, 1)
+    assert got.tolist() == (rank < 1).tolist()
+    assert 0 < got.sum() < 200
+
+
 def test_softmax_loss_gradient_by_hand_and_finite_differences():
     layer = make(pb.kSoftmaxLoss, "loss", [(3,), ()], softmaxloss_conf__scale=2.5)
     x = SCORES.copy()

@@ -149,9 +149,10 @@ def lstm_cell_forward(xp, pre, c):
     ifo = sigmoid_(xp, pre[:3 * H])
     g = pre[3 * H:]
     xp.tanh(g, out=g)
+    tc = xp.multiply(ifo[:H], g)      # i ⊙ g, then tanh(c') in the same array
     c_new = ifo[H:2 * H] * c
-    c_new += ifo[:H] * g
-    tc = xp.tanh(c_new)
+    c_new += tc
+    xp.tanh(c_new, out=tc)
     h_new = ifo[2 * H:] * tc
     return h_new, c_new, (ifo, g, tc)
 
