@@ -251,7 +251,7 @@ class PlannedWorker(Worker):
         cur = (hs[:, :B],) + tuple(s.T for s in parts[1:])
         m = None if ctx.mask is None else ctx.mask.reshape(TL, B)
         step_caches = []
-        lay.hold_weights(True)
+        lay.hold_weights(not fold)  # a folded step reads wc, not the layer's W_h
         try:
             for t in range(TL):
                 cols = slice(t * B, (t + 1) * B)
@@ -340,7 +340,7 @@ class PlannedWorker(Worker):
             lay._accumulate(lay.hx_keys, g[:, H:H + D])
             if lay.b_keys:
                 lay._accumulate(lay.b_keys, g[:, H + D])
-            dx = (dx_all.T @ lay._stack(lay.hx_keys)).reshape(x.shape) if need_dx else None
+            dx = lay.input_grad_t(x, dx_all) if need_dx else None
         dxs = [None] * len(st.reads)
         dxs[lay.data_pos] = dx
         return dxs, _transposed(dst)

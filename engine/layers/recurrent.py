@@ -54,13 +54,9 @@ from engine.proto import job_pb2 as pb
 # ---------------------------------------------------------------- gate maths
 # Feature-major: arrays are (features, B), one column per sequence; gate k of a
 # stacked projection is the row block [k*H:(k+1)*H].
-def sigmoid(xp, a):
-    """σ(a) = 1 / (1 + exp(-a)), computed as 0.5 tanh(a / 2) + 0.5 (no overflow)."""
-    return 0.5 * xp.tanh(0.5 * a) + 0.5
-
-
 def sigmoid_(xp, a):
-    """σ(a) written into ``a`` itself (a scratch array or a view of one); returns ``a``."""
+    """σ(a) = 1 / (1 + exp(-a)), computed as 0.5 tanh(a / 2) + 0.5 (no overflow) and
+    written into ``a`` itself (a scratch array or a view of one); returns ``a``."""
     a *= 0.5
     xp.tanh(a, out=a)
     a *= 0.5
@@ -374,36 +370,28 @@ class _Recurrent(Layer):
 
     # ------------------------------------------------------------- projection
     def project(self, x, batch=None):
-        """x W_x^T + b for all gates: (..., D) -> (..., G*H).
+        """x W_x^T + b for all gates: (..., D) -> (..., G*H), the transpose of
+        ``project_t``.
 
         ``x`` None (no input this step) gives the bias alone, ``batch`` rows.
         """
-        xp = self.xp
         GH = self.GATES * self.H
         if x is None:
-            out = xp.zeros((batch, GH), dtype=self.dtype)
+            out = self.xp.zeros((batch, GH), dtype=self.dtype)
             if self.b_keys:
                 out += self._stack(self.b_keys)
             return out
-        lead = x.shape[:-1]
-        out = x.reshape(-1, x.shape[-1]) @ self._stack(self.hx_keys).T
-        if self.b_keys:
-            out += self._stack(self.b_keys)
-        return out.reshape(lead + (GH,))
+        return self.project_t(x).T.reshape(x.shape[:-1] + (GH,))
 
     def projection_backward(self, x, dxproj, need_dx: bool = True):
         """Reverse of ``project``: accumulates W_x and b grads, returns dx (or None, also
         when ``need_dx`` is False because nothing below learns, e.g. a one-hot input)."""
-        dp = dxproj.reshape(-1, dxproj.shape[-1])
-        if self.b_keys:
-            self._accumulate(self.b_keys, dp.sum(axis=0))
+        dp = dxproj.reshape(-1, dxproj.shape[-1]).T
         if x is None:
+            if self.b_keys:
+                self._accumulate(self.b_keys, dp.sum(axis=1))
             return None
-        x2 = x.reshape(-1, x.shape[-1])
-        self._accumulate(self.hx_keys, dp.T @ x2)
-        if not need_dx:
-            return None
-        return (dp @ self._stack(self.hx_keys)).reshape(x.shape)
+        return self.projection_backward_t(x, dp, need_dx)
 
     def project_t(self, x, out=None):
         """Feature-major input projection of N rows: W_x x^T + b, (N, D) -> (G*H, N),
@@ -418,10 +406,11 @@ class _Recurrent(Layer):
         returns dx (N, D), or None when ``need_dx`` is False."""
         if self.b_keys:
             self._accumulate(self.b_keys, dproj.sum(axis=1))
-        x2 = x.reshape(-1, x.shape[-1])
-        self._accumulate(self.hx_keys, dproj @ x2)
-        if not need_dx:
-            return None
+        self._accumulate(self.hx_keys, dproj @ x.reshape(-1, x.shape[-1]))
+        return self.input_grad_t(x, dproj) if need_dx else None
+
+    def input_grad_t(self, x, dproj):
+        """The gradient at the input, (W_x^T dproj)^T, shaped like ``x``."""
         return (dproj.T @ self._stack(self.hx_keys)).reshape(x.shape)
 
     # ---------------------------------------------------------- hidden weights
@@ -579,7 +568,7 @@ class RNNLayer(_Recurrent):
         dh, dkeep = self._incoming(dy, dstate, h, mm)
         dpre = rnn_cell_backward(self.xp, dh, h_raw, self.relu, out=out_x)
         dprev = self._hidden_backward_t(dpre, h, defer, need_dprev)
-        if dkeep is not None and need_dprev:
+        if dprev is not None and dkeep is not None:
             dprev += dkeep
         return dpre, dpre, dprev
 
@@ -620,10 +609,10 @@ class GRULayer(_Recurrent):
         h, gates, mm = cache
         dh, dkeep = self._incoming(dy, dstate, h, mm)
         dx, dhp, dprev = gru_cell_backward(self.xp, dh, h, *gates, out_x=out_x, out_h=out_h)
-        if not need_dprev:
-            self._hidden_backward_t(dhp, h, defer, False)
+        back = self._hidden_backward_t(dhp, h, defer, need_dprev)
+        if back is None:
             return dx, dhp, None
-        dprev += self._hidden_backward_t(dhp, h, defer)
+        dprev += back
         if dkeep is not None:
             dprev += dkeep
         return dx, dhp, dprev
@@ -682,10 +671,9 @@ class LSTMLayer(_Recurrent):
         if dc is not None and mm is not None:
             dc, dkeep_c = mm[0] * dc, mm[1] * dc
         dpre, dc_prev = lstm_cell_backward(self.xp, dh, dc, c, *gates, out=out_x)
-        if not need_dprev:
-            self._hidden_backward_t(dpre, h, defer, False)
+        dh_prev = self._hidden_backward_t(dpre, h, defer, need_dprev)
+        if dh_prev is None:
             return dpre, dpre, None
-        dh_prev = self._hidden_backward_t(dpre, h, defer)
         if dkeep_h is not None:
             dh_prev += dkeep_h
         if dkeep_c is not None:
