@@ -129,7 +129,7 @@ class EngineRunner:
         from engine.config import Phase, normalise, parse_job, validate
         from engine.net import Net
         from engine.planner import make_worker
-        from engine.runtime import net_info
+        from engine.workspace import net_info
         from engine.unroll import unroll
         from engine.updaters import Updater
 

@@ -24,20 +24,21 @@ class Backend:
     name: str = "numpy"
     device: int | None = None
 
-    def asnumpy(self, a):
-        """Host copy of an array of this backend (numpy arrays pass through)."""
-        if a is None:
-            return None
-        if self.name == "cupy":
-            return self.xp.asnumpy(a)
-        return np.asarray(a)
-
     def asarray(self, a, dtype=None):
         return self.xp.asarray(a, dtype=dtype)
 
     def describe(self) -> str:
         dt = np.dtype(self.dtype).name
         return f"{self.name} ({dt})" if self.device is None else f"{self.name} GPU {self.device} ({dt})"
+
+
+def to_host(a):
+    """A NumPy array with the data of ``a``: NumPy arrays (and scalars, lists) pass through,
+    a CuPy array is copied from the device; None stays None. The one host-copy helper."""
+    if a is None or isinstance(a, (np.ndarray, np.generic, int, float, list, tuple)):
+        return None if a is None else np.asarray(a)
+    import cupy  # noqa: PLC0415 - only a CuPy array gets here
+    return cupy.asnumpy(a)
 
 
 def make_backend(gpu: int | None = None, dtype=np.float32) -> Backend:

@@ -48,21 +48,6 @@ class Phase(enum.Flag):
 # Types that SINGA's enum has and that are not RNN layers: clear "not supported".
 _TYPE_NAMES = {v: k for k, v in pb.LayerType.items()}
 
-# Required per-type settings: type -> list of (conf field, sub field, how to write it).
-_REQUIRED = {
-    pb.kGRU: [("gru_conf", "dim_hidden")],
-    pb.kRNN: [("rnn_conf", "dim_hidden")],
-    pb.kLSTM: [("lstm_conf", "dim_hidden")],
-    pb.kInnerProduct: [("innerproduct_conf", "num_output")],
-    pb.kEmbedding: [("embedding_conf", "vocab_size")],
-    pb.kCharRNN: [("char_rnn_conf", "path")],
-    pb.kRecordInput: [("store_conf", "path")],
-    pb.kCSVInput: [("store_conf", "path")],
-    pb.kSlice: [("slice_conf", "num_slices")],
-    pb.kRNNDummy: [("rnn_dummy_conf", "dynamic_srclayer")],
-}
-
-
 def type_name(t: int) -> str:
     """LayerType value -> its name (``kGRU``)."""
     return _TYPE_NAMES.get(t, str(t))
@@ -168,7 +153,9 @@ def load_job(path: str | pathlib.Path) -> pb.JobProto:
 
 
 def normalise(job: pb.JobProto, path: str = "<job>") -> pb.JobProto:
-    """Fill defaults in place: layer unroll_len from the net's; connection_type -> unroll_conn_type."""
+    """Fill defaults in place, once, so that nothing downstream re-derives them: a layer's
+    unroll_len from the net's; connection_type -> unroll_conn_type; one unroll_conn_type
+    (kUnrollOneToOne) and one shift (0) per srclayer where the file gives fewer."""
     net = job.neuralnet
     for layer in net.layer:
         if layer.connection_type:
@@ -179,6 +166,9 @@ def normalise(job: pb.JobProto, path: str = "<job>") -> pb.JobProto:
             del layer.connection_type[:]
         if not layer.HasField("unroll_len"):
             layer.unroll_len = net.unroll_len
+        n = len(layer.srclayers)
+        layer.unroll_conn_type.extend([pb.kUnrollOneToOne] * (n - len(layer.unroll_conn_type)))
+        layer.shift.extend([0] * (n - len(layer.shift)))
     return job
 
 
@@ -294,8 +284,7 @@ def validate(job: pb.JobProto, path: str = "<job>") -> None:
                                  f"0..{layer.unroll_len - 1} (the layer's unroll_len is "
                                  f"{layer.unroll_len}); copy i reads source copy i - shift, so use "
                                  f"a shift from 0 to {layer.unroll_len - 1}")
-        for k, s in enumerate(layer.shift):
-            conn = layer.unroll_conn_type[k] if k < len(layer.unroll_conn_type) else pb.kUnrollOneToOne
+        for k, (s, conn) in enumerate(zip(layer.shift, layer.unroll_conn_type)):
             if s != 0 and conn != pb.kUnrollOneToOne:
                 raise err(layer, f"shift {s} for srclayer \"{layer.srclayers[k]}\", which is connected "
                                  f"{pb.UnrollConnType.Name(conn)}; a shift applies only to "
@@ -310,7 +299,7 @@ def validate(job: pb.JobProto, path: str = "<job>") -> None:
             if s in seen_src:
                 raise err(layer, f'srclayer "{s}" is listed twice; list it once')
             seen_src.add(s)
-        for conf_field, sub in _REQUIRED.get(t, []):
+        for conf_field, sub in cls.required:
             conf = getattr(layer, conf_field)
             if not layer.HasField(conf_field) or not conf.HasField(sub):
                 raise err(layer, f"{type_name(t)} needs {conf_field}.{sub}; add "
@@ -318,9 +307,11 @@ def validate(job: pb.JobProto, path: str = "<job>") -> None:
             val = getattr(conf, sub)
             if isinstance(val, int) and val <= 0:
                 raise err(layer, f"{conf_field}.{sub} is {val}; it must be positive")
-        if t == pb.kRNNDummy and layer.rnn_dummy_conf.dynamic_srclayer not in names_all:
-            raise err(layer, f'rnn_dummy_conf.dynamic_srclayer "{layer.rnn_dummy_conf.dynamic_srclayer}" '
-                             f"is not a layer of this net")
+        for cname, _ in cls.context_sources(layer):
+            if cname not in names_all:
+                raise err(layer, f'it reads layer "{cname}" as its context (for kRNNDummy: '
+                                 f"rnn_dummy_conf.dynamic_srclayer), and that is not a layer of "
+                                 f"this net")
 
 
 def job_dir(path) -> pathlib.Path:

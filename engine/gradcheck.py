@@ -24,7 +24,7 @@ from engine.backend import make_backend
 from engine.config import ConfigError, Phase, load_job
 from engine.net import Net
 from engine.proto import job_pb2 as pb
-from engine.runtime import net_info, workspace_of
+from engine.workspace import net_info, workspace_of
 from engine.unroll import unroll
 from engine.worker import Worker
 

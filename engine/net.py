@@ -18,7 +18,18 @@ from engine.config import ConfigError, type_name
 from engine.layers import Layer, LayerError, layer_class
 from engine.params import ParamError, init_param, resolve_sharing
 from engine.proto import job_pb2 as pb
-from engine.unroll import Unrolled, node_id
+from engine.unroll import Unrolled
+
+
+@dataclass(frozen=True)
+class Link:
+    """How the copies of a layer read one of its srclayers, as the unrolled graph's edges
+    say (the unroller decided the meaning of the connection types; this only reads it)."""
+
+    src: str        # the source layer
+    index: int      # its position among the layer's srclayers
+    conn: int       # UnrollConnType value
+    shift: int      # one-to-one: copy i reads source copy i - shift
 
 
 @dataclass
@@ -55,14 +66,17 @@ class Net:
         g = unrolled.graph
         confs = {c.name: c for c in unrolled.layers}
         self.confs = confs
+        #: per layer, how it reads each srclayer (from the graph's edges)
+        self.links: dict[str, list[Link]] = self._links(g)
+        #: configured layers, each after its data sources (the set-up order)
+        self.order: list[str] = self._setup_order(unrolled)
         self.layers: dict[str, Layer] = {}
-        for name in self._setup_order(unrolled):
+        for name in self.order:
             conf = confs[name]
             cls = layer_class(conf.type)
             layer = cls(conf, self.xp, self.dtype)
             layer.info = info
-            layer.src_conn = [conf.unroll_conn_type[k] if k < len(conf.unroll_conn_type)
-                              else pb.kUnrollOneToOne for k in range(len(conf.srclayers))]
+            layer.src_conn = [link.conn for link in self.links[name]]
             try:
                 layer.setup([self.layers[s] for s in conf.srclayers])
             except LayerError as e:
@@ -70,7 +84,7 @@ class Net:
                 if f'"{name}"' not in msg:
                     msg = f'layer "{name}": {msg}'
                 raise ConfigError(f"{where}: {msg}") from None
-            if getattr(layer, "vocab", None) is not None and "vocab" not in info:
+            if layer.vocab is not None and "vocab" not in info:
                 info["vocab"] = layer.vocab
             self.layers[name] = layer
         try:
@@ -81,15 +95,29 @@ class Net:
         for p in self.params:
             init_param(p, self.xp, self.dtype, rng)
         for layer in self.layers.values():
-            fuse = getattr(layer, "fuse_params", None)
-            if fuse is not None:
-                fuse()
+            layer.params_ready()
         self.inputs = [lay for lay in self.layers.values() if lay.is_input]
         self.losses = [lay for lay in self.layers.values() if lay.is_loss]
         self.nodes = self._schedule(g)
         self.by_id = {n.id: n for n in self.nodes}
 
     # ------------------------------------------------------------------ setup
+    def _links(self, g: nx.DiGraph) -> dict[str, list[Link]]:
+        found: dict[str, dict[int, Link]] = {c.name: {} for c in self.unrolled.layers}
+        for u, v, a in g.edges(data=True):
+            k = a["src_index"]
+            if k >= 0:
+                found[g.nodes[v]["layer"]][k] = Link(g.nodes[u]["layer"], k,
+                                                     pb.UnrollConnType.Value(a["conn"]), a["shift"])
+        out = {}
+        for c in self.unrolled.layers:
+            missing = [s for k, s in enumerate(c.srclayers) if k not in found[c.name]]
+            if missing:
+                raise ConfigError(f'{self.where}: layer "{c.name}": no copy reads srclayer '
+                                  f'"{missing[0]}" (check its shift and unroll_len)')
+            out[c.name] = [found[c.name][k] for k in range(len(c.srclayers))]
+        return out
+
     @staticmethod
     def _setup_order(u: Unrolled) -> list[str]:
         """Configured layers ordered so each comes after its data sources (context ignored)."""
@@ -108,6 +136,9 @@ class Net:
                               f"through their srclayers: {path}") from None
 
     def _schedule(self, g: nx.DiGraph) -> list[Node]:
+        """Every copy in a topological order of the graph, with its inputs read off its
+        incoming edges: data edges by source index, the context edge, and a first-to-last
+        edge into a recurrent layer as that layer's initial state."""
         order = {c.name: k for k, c in enumerate(self.unrolled.layers)}
         topo = list(nx.lexicographical_topological_sort(
             g, key=lambda n: (g.nodes[n]["step"], order[g.nodes[n]["layer"]])))
@@ -122,32 +153,28 @@ class Net:
         for idx, nid in enumerate(topo):
             a = g.nodes[nid]
             layer = self.layers[a["layer"]]
-            conf = layer.conf
-            i = a["step"]
-            node = Node(id=nid, index=idx, layer=layer, step=i)
-            for k, sname in enumerate(conf.srclayers):
-                src = self.layers[sname]
-                TS = src.conf.unroll_len
-                conn = layer.src_conn[k]
-                shift = conf.shift[k] if k < len(conf.shift) else 0
+            node = Node(id=nid, index=idx, layer=layer, step=a["step"])
+            feeds: dict[int, list] = {}
+            for u, _, e in g.in_edges(nid, data=True):
+                if e["src_index"] < 0:
+                    node.ctx_src = u
+                    node.ctx_is_state = g.nodes[u]["layer"] == layer.name
+                else:
+                    feeds.setdefault(e["src_index"], []).append((g.nodes[u]["step"], u))
+            for link in self.links[layer.name]:
+                got = [u for _, u in sorted(feeds.get(link.index, []))]
                 s = None
-                if conn == pb.kUnrollOneToOne:
-                    s = node_id(i - shift, sname) if i - shift >= 0 else None
-                    if s is not None:
+                if len(got) > 1 or (got and link.conn == pb.kUnrollOneToAll
+                                    and self.confs[link.src].unroll_len > 1):
+                    s = got
+                elif got:
+                    s = got[0]
+                    if link.conn == pb.kUnrollOneToOne:
                         node.mask_srcs.append(s)
-                elif conn == pb.kUnrollOneToAll:
-                    s = node_id(0, sname) if TS == 1 else [node_id(j, sname) for j in range(TS)]
-                elif conn == pb.kUnrollFirstToLast:
-                    s = node_id(TS - 1, sname) if i == 0 else None
-                    if layer.recurrent:
+                    elif link.conn == pb.kUnrollFirstToLast and layer.recurrent:
                         node.init_src, s = s, None
                 node.srcs.append(s)
-                node.pieces.append(piece_of.get((sname, conf.name)))
-            for cname, off in type(layer).context_sources(conf):
-                j = i - off
-                node.ctx_is_state = cname == conf.name
-                if 0 <= j < self.layers[cname].conf.unroll_len:
-                    node.ctx_src = node_id(j, cname)
+                node.pieces.append(piece_of.get((link.src, layer.name)))
             nodes.append(node)
         by_id = {n.id: n for n in nodes}
         for n in nodes:
@@ -187,9 +214,7 @@ class Net:
                     raise ConfigError(f'{self.where}: param "{p.name}" has shape {p.shape} in the '
                                       f"{self.phase.label} net but {q.shape} in the train net")
                 layer.params[key] = q
-            share = getattr(layer, "share_fusion", None)
-            if share is not None:
-                share(other.layers.get(layer.name))
+            layer.params_ready(other.layers.get(layer.name))
         seen, owners = set(), []
         for layer in self.layers.values():
             for p in layer.params.values():

@@ -27,13 +27,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 
 from engine.backend import DROPOUT, LazyRNG
 from engine.layers import Context
 from engine.layers.recurrent import _transposed
 from engine.net import Net
 from engine.proto import job_pb2 as pb
-from engine.worker import Worker, _add
+from engine.layers.base import add_grads
+from engine.worker import Worker
 
 
 class NotPlannable(Exception):
@@ -67,7 +70,7 @@ class Plan:
 def plan(net: Net) -> Plan:
     """Group the net's copies into blocks; NotPlannable when a layer does not fit."""
     T = max(lay.conf.unroll_len for lay in net.layers.values())
-    order = Net._setup_order(net.unrolled)
+    order = net.order
     index = {name: k for k, name in enumerate(order)}
     steps: dict[str, Step] = {}
     for name in order:
@@ -82,13 +85,12 @@ def plan(net: Net) -> Plan:
             raise NotPlannable(f'layer "{name}" is fed back from another layer')
         if TL > 1 and not lay.recurrent and not lay.is_input and not getattr(lay, "rowwise", False):
             raise NotPlannable(f'layer "{name}" ({type(lay).__name__}) does not declare rowwise')
-        if lay.is_input and TL > 1 and not hasattr(lay, "block"):
+        if lay.is_input and TL > 1 and not lay.supports_block():
             raise NotPlannable(f'input layer "{name}" cannot emit all steps at once')
-        for k, sname in enumerate(conf.srclayers):
-            src = net.layers[sname]
-            TS = src.conf.unroll_len
-            conn = lay.src_conn[k]
-            if (conf.shift[k] if k < len(conf.shift) else 0) != 0:
+        for link in net.links[name]:
+            sname, conn = link.src, link.conn
+            TS = net.layers[sname].conf.unroll_len
+            if link.shift != 0:
                 raise NotPlannable(f'layer "{name}" reads "{sname}" with a shift')
             how = None
             if conn == pb.kUnrollOneToOne:
@@ -181,8 +183,7 @@ class PlannedWorker(Worker):
                 y, fin, c = self._recurrent_forward(lay, st, xs, ctx, out, TL, B)
                 final[name] = fin
             elif lay.is_input and TL > 1:
-                y, a, mb = lay.block(TL)
-                ctx.aux_out, ctx.mask_out, c = a, mb, None
+                y, _, c = lay.forward_block(ctx, xs, None)
             else:
                 y, _, c = lay.forward(ctx, xs, None)
             if ctx.mask_out is not None:
@@ -194,6 +195,17 @@ class PlannedWorker(Worker):
         # what _end_batch carries, keyed like the reference worker's nodes
         self.states = {f"{self.net.layers[n].conf.unroll_len - 1}#{n}": s for n, s in final.items()}
         self.outs = {}
+
+    def first_nonfinite_output(self) -> str | None:
+        xp, B = self.xp, self.batchsize
+        for st in self.plan.steps:
+            y = self.blocks.get(st.layer.name)
+            if y is None or not np.issubdtype(y.dtype, np.floating):
+                continue
+            bad = ~xp.isfinite(y.reshape(y.shape[0], -1)).all(axis=1)
+            if bool(bad.any()):
+                return f"{int(xp.argmax(bad)) // B}#{st.layer.name}"
+        return None
 
     def _buffer(self, lay, what, shape):
         """A scratch block of ``lay`` kept across batches (rewritten every batch), so the
@@ -282,7 +294,7 @@ class PlannedWorker(Worker):
             if d is None or not by_name[sname].needs_grad:
                 return
             d = _put(self.blocks[sname], d, how, B, xp)
-            dout[sname] = _add(dout.get(sname), d)
+            dout[sname] = add_grads(dout.get(sname), d)
 
         for st in reversed(self.plan.steps):
             if not st.needs_grad:

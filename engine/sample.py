@@ -21,33 +21,45 @@ import sys
 import numpy as np
 
 from engine import checkpoint as ckpt
-from engine.backend import make_backend
-from engine.config import ConfigError, Phase, load_job, normalise, parse_job, validate
+from engine.backend import make_backend, to_host
+from engine.config import ConfigError, Phase, layers_in_phase, load_job, normalise, parse_job, validate
+from engine.layers import layer_class
+from engine.layers.base import InputLayer, LossLayer
+from engine.layers.output import ArgSort
 from engine.layers.input import encode_text
 from engine.net import Net
 from engine.proto import job_pb2 as pb
-from engine.runtime import load_params, net_info, workspace_of
+from engine.workspace import load_params, net_info, workspace_of
 from engine.unroll import unroll
 from engine.worker import Worker
 
 PREV, SAMPLE = "prev_char", "sample"
 
 
-def sampling_job(job: pb.JobProto, where: str = "<job>") -> pb.JobProto:
-    """The one-step sampling net derived from a char-rnn training job."""
-    from engine.config import layers_in_phase
+def _feedback(conf: pb.LayerProto) -> bool:
+    """The layer is fed back from another layer's previous step (kRNNDummy)."""
+    cls = layer_class(conf.type)
+    return cls is not None and any(name != conf.name for name, _ in cls.context_sources(conf))
 
+
+def sampling_job(job: pb.JobProto, where: str = "<job>") -> pb.JobProto:
+    """The one-step sampling net derived from a char-rnn training job: the text input
+    becomes a kRNNDummy fed back from a kArgSort over the scores of the loss that
+    classifies; the layers a sampling net has no use for (labels, losses, outputs: their
+    classes say ``in_sampling_net = False``) are dropped."""
     layers = layers_in_phase(job.neuralnet, Phase.TRAIN)
-    data = [lay for lay in layers if lay.type == pb.kCharRNN]
-    losses = [lay for lay in layers if lay.type == pb.kSoftmaxLoss]
+    classes = {lay.name: layer_class(lay.type) for lay in layers}
+    data = [lay for lay in layers if issubclass(classes[lay.name], InputLayer)
+            and classes[lay.name].text]
+    losses = [lay for lay in layers if issubclass(classes[lay.name], LossLayer)
+              and classes[lay.name].classifies]
     if len(data) != 1 or not losses:
-        raise ConfigError(f"{where}: cannot derive a sampling net: it needs one kCharRNN data layer "
-                          f"and a kSoftmaxLoss; give a sample job with --job")
+        raise ConfigError(f"{where}: cannot derive a sampling net: it needs one text input layer "
+                          f"(kCharRNN) and a loss over classes (kSoftmaxLoss); give a sample job "
+                          f"with --job")
     dname = data[0].name
     scores = losses[0].srclayers[0]
-    drop = {dname} | {lay.name for lay in layers if lay.type in (
-        pb.kRNNLabel, pb.kSoftmaxLoss, pb.kEuclideanLoss, pb.kAccuracy, pb.kArgSort,
-        pb.kCharRNNOutput, pb.kCSVOutput)}
+    drop = {dname} | {lay.name for lay in layers if not classes[lay.name].in_sampling_net}
     out = pb.JobProto()
     out.name = (job.name or "job") + "-sample"
     out.train_one_batch.alg = pb.kBPTT
@@ -66,10 +78,8 @@ def sampling_job(job: pb.JobProto, where: str = "<job>") -> pb.JobProto:
         del c.include[:]
         del c.exclude[:]
         del c.shift[:]
-        conns = [lay.unroll_conn_type[k] if k < len(lay.unroll_conn_type) else pb.kUnrollOneToOne
-                 for k in range(len(lay.srclayers))]
         srcs = [PREV if s == dname else s for s in lay.srclayers]
-        conns = [pb.kUnrollOneToOne if s == PREV else t for s, t in zip(srcs, conns)]
+        conns = [pb.kUnrollOneToOne if s == PREV else t for s, t in zip(srcs, lay.unroll_conn_type)]
         del c.srclayers[:]
         c.srclayers.extend(srcs)
         del c.unroll_conn_type[:]
@@ -94,7 +104,7 @@ class Sampler:
         else:
             job, where = parse_job(meta["job"], f"{ckpt_path} (its job)"), f"{ckpt_path} (its job)"
             normalise(job, where)
-        self.singa_style = any(lay.type == pb.kRNNDummy for lay in job.neuralnet.layer)
+        self.singa_style = any(_feedback(lay) for lay in job.neuralnet.layer)
         sjob = job if self.singa_style else sampling_job(job, where)
         self.job = sjob
         u = unroll(sjob.neuralnet, Phase.TEST, sjob.name, where=where)
@@ -104,8 +114,13 @@ class Sampler:
         self.net = Net(u, make_backend(gpu), info, seed=seed, where=where)
         load_params(self.net, arrays, f"{ckpt_path} vs {where}")
         self.worker = Worker(self.net, seed=seed, carry=pb.kCarry)
-        self.argsort = next(lay for lay in self.net.layers.values() if lay.conf.type == pb.kArgSort)
-        self.dummy = next(lay for lay in self.net.layers.values() if lay.conf.type == pb.kRNNDummy)
+        self.dummy = next(lay for lay in self.net.layers.values() if _feedback(lay.conf))
+        drawer = type(self.dummy).context_sources(self.dummy.conf)[0][0]
+        self.argsort = self.net.layers[drawer]
+        if not isinstance(self.argsort, ArgSort):
+            raise ConfigError(f'{where}: layer "{self.dummy.name}" is fed back from '
+                              f'"{drawer}", which is not a kArgSort; sampling draws each next '
+                              f"character with a kArgSort layer")
         self.argsort.limit = len(self.vocab)
         self.out_node = f"{self.argsort.conf.unroll_len - 1}#{self.argsort.name}"
         self.xp = self.net.xp
@@ -115,7 +130,7 @@ class Sampler:
             self.worker.carry[self.dummy.name] = self.xp.asarray(np.array([feed_id], np.int64))
         self.worker.run_batch(train=False, load=False)
         y = self.worker.outs[self.out_node]
-        return int(np.asarray(self.net.backend.asnumpy(y)).reshape(-1)[0])
+        return int(to_host(y).reshape(-1)[0])
 
     def generate(self, length: int, temperature: float = 1.0, prime: str = "",
                  top_k: int = 0) -> str:

@@ -30,9 +30,9 @@ from engine.net import Net
 from engine.planner import NotPlannable, make_worker
 from engine.plot import PlotUnavailable, plot_metrics
 from engine.proto import job_pb2 as pb
-from engine.runtime import (MetricsLog, Progress, derived_metrics, ensure_workspace, first_nonfinite,
-                            fmt_metrics, fmt_time, load_params, merge_metrics, net_info, param_arrays,
-                            phases_of, workspace_of, write_graphs)
+from engine.metrics import MetricsLog, Progress, derived_metrics, fmt_metrics, fmt_time, merge_metrics
+from engine.workspace import (ensure_workspace, load_params, net_info, param_arrays, phases_of,
+                              workspace_of, write_graphs)
 from engine.layers import LayerError
 from engine.updaters import Updater, UpdaterError, describe, global_grad_norm
 from engine.worker import ContinuityError
@@ -66,6 +66,7 @@ class Trainer:
         self.log = MetricsLog(self.ws / "metrics.jsonl")
         self.ckpt_dir = self.ws / "checkpoints"
         self.stop_signal = None
+        self.progress = None
 
     # ----------------------------------------------------------- building
     def build(self) -> None:
@@ -130,7 +131,7 @@ class Trainer:
         arrays = param_arrays(self.main)
         for k, v in self.updater.state_dict().items():
             arrays[f"updater/{k}"] = v
-        ws = w.state_dict(self.backend.asnumpy)
+        ws = w.state_dict()
         arrays.update({f"worker/{k}": v for k, v in ws["arrays"].items()})
         meta = {"step": self.step, "job": text_format.MessageToString(self.job),
                 "job_path": str(self.path), "vocab": self.vocab, "seed": self.seed,
@@ -154,7 +155,7 @@ class Trainer:
 
     # ------------------------------------------------------------ running
     def say(self, msg: str) -> None:
-        if getattr(self, "progress", None) is not None:
+        if self.progress is not None:
             self.progress.clear()
         print(msg, file=self.out, flush=True)
 
@@ -175,12 +176,7 @@ class Trainer:
 
     def evaluate(self, ph: Phase, steps: int) -> dict:
         w = self.workers[ph]
-        for lay in w.net.inputs:  # every evaluation reads the same batches
-            rewind = getattr(lay, "rewind", None)
-            if rewind is not None:
-                rewind()
-        w.carry.clear()
-        w._prev_starts.clear()
+        w.reset()  # every evaluation reads the same batches from the same state
         t0 = time.time()
         vals = self._measure(w, steps)
         self.log.write({"step": self.step, "phase": ph.label, **vals,
@@ -193,7 +189,7 @@ class Trainer:
         finite; else the batch is run again from ``snap`` (same data, same params) noting
         the first node whose incoming gradient is not finite; else the first param whose
         gradient is not finite."""
-        node = first_nonfinite(w)
+        node = w.first_nonfinite_output()
         if node is not None:
             return f"first non-finite output at {node}"
         w.restore(snap)
@@ -247,7 +243,7 @@ class Trainer:
         while self.step < self.train_steps:
             if self.stop_signal is not None:
                 raise Stop(self.stop_signal)
-            dump = self.debug and hasattr(w, "node_stats") and (
+            dump = self.debug and (
                 self._due_next(job.disp_freq, job.disp_after) or self.step + 1 == self.train_steps)
             w.record = dump
             snap = w.snapshot()
@@ -318,10 +314,10 @@ class Trainer:
             self.log.write({"step": self.step, "phase": ph.label, **vals})
             self.say(f"{ph.label}: {fmt_metrics(vals)}")
         for lay in w.net.layers.values():
-            text = getattr(lay, "text", None)
+            text = lay.report()
             if text:
                 self.say(f"--- text written by layer {lay.name} ---")
-                self.say("".join(text))
+                self.say(text)
         return 0
 
 

@@ -48,9 +48,16 @@ def node_id(step: int, layer: str) -> str:
 
 
 def _conn_of(layer: pb.LayerProto, k: int) -> tuple[int, int]:
-    conn = layer.unroll_conn_type[k] if k < len(layer.unroll_conn_type) else pb.kUnrollOneToOne
-    shift = layer.shift[k] if k < len(layer.shift) else 0
-    return conn, shift
+    """(connection type, shift) of srclayer k, as ``config.normalise`` filled them."""
+    return layer.unroll_conn_type[k], layer.shift[k]
+
+
+def _check_normalised(layer: pb.LayerProto) -> None:
+    n = len(layer.srclayers)
+    if len(layer.unroll_conn_type) != n or len(layer.shift) != n:
+        raise ConfigError(f'layer "{layer.name}": {n} srclayers but {len(layer.unroll_conn_type)} '
+                          f"unroll_conn_type and {len(layer.shift)} shift entries; pass the job "
+                          f"through engine.config.normalise before unrolling")
 
 
 def _share_owner(layer: pb.LayerProto, has_params: bool) -> str:
@@ -96,6 +103,7 @@ def unroll(net: pb.NetProto, phase: Phase = Phase.TRAIN, job_name: str = "",
     folded = []
 
     for layer in layers:
+        _check_normalised(layer)
         cls = layer_class(layer.type)
         T = layer.unroll_len
         tname = type_name(layer.type)

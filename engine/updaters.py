@@ -35,6 +35,7 @@ import math
 
 import numpy as np
 
+from engine.backend import to_host
 from engine.proto import job_pb2 as pb
 
 #: state_dict key of the update counter t (param keys are "<param name>/<slot>")
@@ -218,12 +219,6 @@ def _slots(conf: pb.UpdaterProto) -> tuple[str, ...]:
                        f"{' (unset)' if not conf.HasField('type') else ''}, which is not "
                        f"supported; set updater {{ type: ... }} to one of "
                        f"{', '.join('k' + n for n in _UPDATER_NAMES.values())}")
-
-
-def _to_host(xp, a) -> np.ndarray:
-    if hasattr(xp, "asnumpy"):
-        return xp.asnumpy(a)
-    return np.array(a, copy=True)
 
 
 def global_grad_norm(params, xp) -> float:
@@ -464,7 +459,7 @@ class Updater:
                 if st is None:  # no update yet: the lazily allocated zeros
                     out[key] = np.zeros(tuple(p.data.shape), dtype=np.dtype(p.data.dtype))
                 else:
-                    out[key] = _to_host(self.xp, st[s])
+                    out[key] = to_host(st[s]).copy()  # a snapshot, not a view
         return out
 
     def load_state_dict(self, d) -> None:

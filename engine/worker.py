@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.backend import DROPOUT, LazyRNG
+from engine.backend import DROPOUT, LazyRNG, to_host
 from engine.layers import Context
+from engine.layers.base import add_grads
 from engine.net import Net
 from engine.proto import job_pb2 as pb
 
@@ -45,14 +46,6 @@ class ContinuityError(RuntimeError):
     """Carried state would meet data that does not continue the previous batch."""
 
 
-def _add(a, b):
-    if a is None:
-        return b
-    if isinstance(a, tuple):
-        return tuple(x + y for x, y in zip(a, b))
-    return a + b
-
-
 def _zeros_like(xp, a):
     if isinstance(a, tuple):
         return tuple(xp.zeros_like(x) for x in a)
@@ -67,7 +60,7 @@ class Worker:
         self.xp = net.xp
         self.seed = seed
         # stream input, or a net driven only by its own feedback (sampling), carries state
-        streams = any(getattr(lay, "is_stream", False) for lay in net.inputs) or not net.inputs
+        streams = any(lay.is_stream for lay in net.inputs) or not net.inputs
         if carry == pb.kCarryAuto:
             carry = pb.kResetBoundary if streams else pb.kResetBatch
         self.policy = carry
@@ -95,29 +88,36 @@ class Worker:
     @property
     def batchsize(self) -> int:
         for lay in self.net.inputs:
-            if getattr(lay, "batchsize", None):
+            if lay.batchsize:
                 return int(lay.batchsize)
         return int(self.net.info.get("batchsize", 1))
+
+    def reset(self) -> None:
+        """Start over: every input layer back at its first batch, no carried state (each
+        evaluation reads the same batches from the same zero state)."""
+        for lay in self.net.inputs:
+            lay.rewind()
+        self.carry.clear()
+        self._prev_starts.clear()
 
     def load(self) -> None:
         """Load the next batch into every input layer and decide about carried state."""
         new_seq = False
         for lay in self.net.inputs:
-            lay.load_batch(None)
-            new_seq = new_seq or bool(getattr(lay, "new_sequence", False))
+            lay.load_batch()
+            new_seq = new_seq or bool(lay.new_sequence)
         if self.policy == pb.kResetBatch or (self.policy == pb.kResetBoundary and new_seq):
             self.carry.clear()
         elif self.carry:
             self._check_continuity()
         for lay in self.net.inputs:
-            starts = getattr(lay, "stream_starts", None)
-            if starts is not None:
-                self._prev_starts[lay.name] = (np.array(starts), int(lay.stream_advance))
+            if lay.stream_starts is not None:
+                self._prev_starts[lay.name] = (np.array(lay.stream_starts), int(lay.stream_advance))
 
     def _check_continuity(self) -> None:
         for lay in self.net.inputs:
             prev = self._prev_starts.get(lay.name)
-            starts = getattr(lay, "stream_starts", None)
+            starts = lay.stream_starts
             if prev is None or starts is None:
                 continue
             before, step = prev
@@ -155,9 +155,7 @@ class Worker:
             if val is not None and self.policy != pb.kResetBatch:
                 self.carry[layer.name] = val
         for lay in self.net.inputs:
-            end = getattr(lay, "end_batch", None)
-            if end is not None:
-                end()
+            lay.end_batch()
         self.caches = {}
         self.ctxs = {}
 
@@ -214,6 +212,17 @@ class Worker:
                 ctxs[n.id] = ctx
         self.outs, self.states, self.caches, self.ctxs = outs, states, caches, ctxs
 
+    def first_nonfinite_output(self) -> str | None:
+        """The first unrolled node (schedule order) whose last output is not finite."""
+        xp = self.xp
+        for n in self.net.nodes:
+            y = self.outs.get(n.id)
+            for a in (y if isinstance(y, list) else [y]):
+                if a is not None and np.issubdtype(a.dtype, np.floating) and \
+                        not bool(xp.isfinite(a).all()):
+                    return n.id
+        return None
+
     # ----------------------------------------------------------- backward
     def backward(self) -> None:
         xp = self.xp
@@ -225,10 +234,10 @@ class Worker:
             if not by_id[key].needs_grad:
                 return
             if piece is None:
-                target[key] = _add(target.get(key), val)
+                target[key] = add_grads(target.get(key), val)
             else:
                 slots = target.setdefault(key, {})
-                slots[piece] = _add(slots.get(piece), val)
+                slots[piece] = add_grads(slots.get(piece), val)
 
         for n in reversed(self.net.nodes):
             if not n.needs_grad:
@@ -271,8 +280,7 @@ class Worker:
     def snapshot(self) -> dict:
         """What the next batch changes in the worker and its input layers (cheap: no
         array copies; the arrays involved are replaced, never written in place)."""
-        inputs = {lay.name: {k: getattr(lay, k) for k in ("cursor", "epoch", "new_sequence", "order")
-                             if hasattr(lay, k)} for lay in self.net.inputs}
+        inputs = {lay.name: lay.snapshot() for lay in self.net.inputs}
         return {"carry": dict(self.carry), "prev": dict(self._prev_starts),
                 "batch_index": self.batch_index, "inputs": inputs}
 
@@ -282,20 +290,18 @@ class Worker:
         self._prev_starts = dict(snap["prev"])
         self.batch_index = snap["batch_index"]
         for lay in self.net.inputs:
-            for k, v in snap["inputs"].get(lay.name, {}).items():
-                setattr(lay, k, v)
+            lay.restore(snap["inputs"][lay.name])
 
     # --------------------------------------------------------- checkpoints
-    def state_dict(self, asnumpy) -> dict:
+    def state_dict(self) -> dict:
         """Carried states (host arrays) and input cursors, for exact resume."""
         arrays = {}
         for name, st in self.carry.items():
             parts = st if isinstance(st, tuple) else (st,)
             for k, a in enumerate(parts):
-                arrays[f"carry/{name}/{k}/{len(parts)}"] = asnumpy(a)
+                arrays[f"carry/{name}/{k}/{len(parts)}"] = to_host(a)
         meta = {"batch_index": self.batch_index,
-                "cursors": {lay.name: lay.cursor_state() for lay in self.net.inputs
-                            if hasattr(lay, "cursor_state")},
+                "cursors": {lay.name: lay.cursor_state() for lay in self.net.inputs},
                 "prev_starts": {k: [v[0].tolist(), v[1]] for k, v in self._prev_starts.items()}}
         return {"arrays": arrays, "meta": meta}
 
@@ -303,7 +309,7 @@ class Worker:
         self.batch_index = int(meta.get("batch_index", 0))
         for lay in self.net.inputs:
             cur = meta.get("cursors", {}).get(lay.name)
-            if cur is not None and hasattr(lay, "load_cursor_state"):
+            if cur is not None:
                 lay.load_cursor_state(cur)
         self._prev_starts = {k: (np.asarray(v[0], dtype=np.int64), int(v[1]))
                              for k, v in meta.get("prev_starts", {}).items()}

@@ -106,6 +106,10 @@ def setup_layer(cls, conf, srcs, dtype=np.float64, seed=0):
 class FakeSrc:
     """Stand-in for a set-up source layer: only out_shape (and extras) matter."""
 
+    vocab = None
+    vocab_size = None
+    outputs_probabilities = False
+
     def __init__(self, out_shape, **extra):
         self.out_shape = tuple(out_shape)
         self.name = extra.pop("name", "src")

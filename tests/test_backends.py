@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 import test_gradcheck as gc
-from engine.backend import BackendError, make_backend
+from engine.backend import BackendError, make_backend, to_host
 from engine.config import Phase, load_job
 from engine.net import Net
 from engine.planner import make_worker
-from engine.runtime import net_info
+from engine.workspace import net_info
 from engine.unroll import unroll
 from engine.updaters import Updater
 
@@ -49,9 +49,9 @@ def run(tmp_path, text, backend, executor, steps=2):
     for step in range(steps):
         m = w.run_batch(train=True)
         losses.append(m["objective"][0])
-        grads = {p.name: be.asnumpy(p.grad).copy() for p in net.params}
+        grads = {p.name: to_host(p.grad).copy() for p in net.params}
         up.update(step)
-    params = {p.name: be.asnumpy(p.data).copy() for p in net.params}
+    params = {p.name: to_host(p.data).copy() for p in net.params}
     return losses, grads, params
 
 

@@ -17,7 +17,7 @@ import pytest
 from engine.config import (ConfigError, Phase, layer_phases, layers_in_phase, load_job, normalise,
                            parse_job, validate)
 from engine.proto import job_pb2 as pb
-from engine.runtime import phases_of
+from engine.workspace import phases_of
 from engine.unroll import unroll
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -254,7 +254,8 @@ MALFORMED = [
      ': layer "data": kCharRNN needs char_rnn_conf.path; add char_rnn_conf { path: ... }'),
     ("kRNNDummy feeding back an unknown layer",
      before_loss('layer { name: "fb" type: kRNNDummy rnn_dummy_conf { dynamic_srclayer: "ip9" } }'),
-     ': layer "fb": rnn_dummy_conf.dynamic_srclayer "ip9" is not a layer of this net'),
+     ': layer "fb": it reads layer "ip9" as its context (for kRNNDummy: '
+     'rnn_dummy_conf.dynamic_srclayer), and that is not a layer of this net'),
     # ------------------------------------------------------------- types
     *[(f"SINGA type {t}", edit("type: kInnerProduct", f"type: {t}"),
        ': layer "ip1": ' + NOT_SUPPORTED.format(t=t))

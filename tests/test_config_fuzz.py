@@ -12,7 +12,7 @@ from charjobs import char_job
 from engine.backend import make_backend
 from engine.config import ConfigError, Phase, load_job
 from engine.net import Net
-from engine.runtime import net_info
+from engine.workspace import net_info
 from engine.unroll import unroll
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -522,7 +522,7 @@ SHIPPED = sorted((pathlib.Path(__file__).resolve().parents[1] / "configs").glob(
 def test_every_shipped_config_renders(tmp_path, conf):
     """Each shipped job, unrolled (first steps) and folded, through the CLI."""
     from engine.config import load_job
-    from engine.runtime import phases_of
+    from engine.workspace import phases_of
 
     phase = phases_of(load_job(conf))[0].label
     for extra, name in (([], "unrolled"), (["--fold"], "folded")):

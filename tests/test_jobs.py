@@ -22,7 +22,7 @@ from google.protobuf import text_format
 
 from engine.config import Phase, layers_in_phase, load_job
 from engine.proto import job_pb2 as pb
-from engine.runtime import phases_of
+from engine.workspace import phases_of
 from engine.unroll import unroll
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -166,7 +166,7 @@ def test_shuffled_store_is_shuffled_from_the_first_epoch(tmp_path):
     seeded permutation that visits each row once."""
     from engine.backend import make_backend
     from engine.net import Net
-    from engine.runtime import net_info
+    from engine.workspace import net_info
 
     job_path = tiny_job("many-to-one.conf", tmp_path, 10, 5)
     job = load_job(job_path)

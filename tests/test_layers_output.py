@@ -112,7 +112,7 @@ def test_argsort_sampling_restricted_to_top_k():
 
 
 def test_argsort_reads_probabilities_from_a_softmax_source():
-    src = FakeSrc((3,), conf=pb.LayerProto(name="sm", type=pb.kSoftmaxLoss))
+    src = FakeSrc((3,), outputs_probabilities=True)
     layer = build(pb.kArgSort, "sample", [src], argsort_conf__temperature=1.0)
     assert layer.probabilities
     p = np.array([0.6, 0.3, 0.1])

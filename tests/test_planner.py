@@ -10,7 +10,7 @@ from engine.config import Phase, load_job
 from engine.net import Net
 from engine.planner import NotPlannable, PlannedWorker, make_worker, plan
 from engine.proto import job_pb2 as pb
-from engine.runtime import net_info
+from engine.workspace import net_info
 from engine.unroll import unroll
 from engine.updaters import Updater
 from engine.worker import Worker

@@ -9,7 +9,7 @@ from engine.backend import make_backend
 from engine.config import Phase, load_job
 from engine.net import Net
 from engine.proto import job_pb2 as pb
-from engine.runtime import net_info
+from engine.workspace import net_info
 from engine.unroll import unroll
 from engine.worker import ContinuityError, Worker
 

@@ -37,6 +37,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from engine.proto import job_pb2 as pb
+
 REGISTRY: dict[int, type["Layer"]] = {}
 
 
@@ -109,6 +111,10 @@ class Context:
     steps: Any = None
     #: rows of one copy (the batch), when a call covers several copies; None = all rows
     batch: Any = None
+    #: block calls: per source, whether its gradient is wanted (None: all are)
+    need_input_grads: Any = None
+    #: block calls: whether the gradient of the initial state is wanted
+    need_state_grad: bool = True
 
     def add_metric(self, name: str, total: float, count: float) -> None:
         """Accumulate a metric as a (sum, count) pair; its value is sum / count."""
@@ -124,15 +130,19 @@ class Context:
 
 
 class Layer:
-    """Base class. Subclasses set the class attributes below and override methods."""
+    """Base class. Subclasses set the class attributes below and override methods.
+
+    The class attributes are the layer type's declarations: the unroller, the executors,
+    the sampler and the config checks read them instead of testing type names.
+    """
 
     #: the layer reads its own previous copy as context (adds (i-1)#L -> i#L)
     recurrent: bool = False
     #: the type creates params (used to colour shared-param groups before any layer is built)
     has_params: bool = False
-    #: loss layers: backward ignores dy; their output is not differentiated further
+    #: loss layers (see LossLayer): backward ignores dy; their output is not differentiated further
     is_loss: bool = False
-    #: input layers: the worker calls load_batch once per batch
+    #: input layers (see InputLayer): the worker loads a batch into them before each forward
     is_input: bool = False
     #: False for output layers (kArgSort, kAccuracy, ...): the worker skips their backward
     differentiable: bool = True
@@ -144,6 +154,18 @@ class Layer:
     #: True when forward returns a list (consumer j of a copy gets piece j) and
     #: backward receives a list of gradients (kSlice)
     multi_output: bool = False
+    #: the settings a job must give, as (conf field, sub-field) pairs; ``config.validate``
+    #: checks them once (present, and positive when numeric), so ``setup`` need not
+    required: tuple = ()
+    #: kept in the one-step net the sampler derives from a training job (label, loss and
+    #: output layers are not: the sampler feeds its own draws back instead)
+    in_sampling_net: bool = True
+    #: the output holds probabilities (a softmax), not raw scores
+    outputs_probabilities: bool = False
+    #: for layers that read or emit token ids: the vocabulary (list of str), when known,
+    #: and its size; a consumer (kOneHot, kRNNLabel) reads them from its source
+    vocab: list | None = None
+    vocab_size: int | None = None
 
     def __init__(self, conf, xp=np, dtype=np.float32):
         self.conf = conf
@@ -199,15 +221,48 @@ class Layer:
         self.params[key] = p
         return p
 
-    # ---------------------------------------------------------------- compute
-    def load_batch(self, phase_ctx) -> None:  # input layers only
-        pass
+    def params_ready(self, like: "Layer | None" = None) -> None:
+        """Called by the net once the params hold their values: after initialisation
+        (``like`` None), or after they were replaced by the same-named params of ``like``,
+        the training net's copy of this layer (a val/test net evaluating its weights). A
+        layer may arrange its storage here (the recurrent layers stack their gate groups)."""
 
+    # ---------------------------------------------------------------- compute
     def forward(self, ctx: Context, xs: list, state):
         raise NotImplementedError
 
     def backward(self, ctx: Context, dy, dstate, cache):
         raise NotImplementedError
+
+    # ---------------------------------------------------------- block compute
+    # The planned executor (engine/planner.py) runs the T copies of a layer as ONE call
+    # when the layer supports it. Arrays of a block hold all copies, step-major: rows
+    # t·B .. t·B+B-1 are copy t (ctx.steps = arange(T), ctx.batch = B). A source read
+    # one-to-one arrives as its own block (T·B rows), a single-copy source as its B rows,
+    # an absent source as None.
+    def supports_block(self) -> bool:
+        """Whether ``forward_block``/``backward_block`` may be called. Rowwise layers get
+        them from ``forward``/``backward`` (rows are independent); a layer with context
+        (recurrent) overrides all three; the planner runs no other layer with T > 1."""
+        return bool(self.rowwise)
+
+    def forward_block(self, ctx: Context, xs: list, state):
+        """All copies at once: ``(y, final_state, cache)``. ``state`` is the initial state
+        (copy 0's context: carried, zeros or from a first-to-last source) for a layer with
+        context, else None; ``final_state`` is the state after the last copy (what the
+        executor carries into the next batch), None for layers without context.
+        ``ctx.mask`` is the (T·B,) row mask or None; ``ctx.need_input_grads`` says, per
+        source, whether its gradient is wanted; ``ctx.need_state_grad`` whether the
+        gradient of the initial state is."""
+        return self.forward(ctx, xs, state)
+
+    def backward_block(self, ctx: Context, dy, cache):
+        """Reverse of ``forward_block``: ``(dxs, dstate0)`` with ``dxs`` aligned with xs
+        (None where not wanted or not differentiable) and ``dstate0`` the gradient of the
+        initial state (None when not wanted or when the layer has no context). Param
+        gradients accumulate (+=) as in ``backward``."""
+        dxs, _ = self.backward(ctx, dy, None, cache)
+        return dxs, None
 
     # ---------------------------------------------------------- state helpers
     def zero_state(self, batch: int):
@@ -221,6 +276,136 @@ class Layer:
     def source_grad_from_state(self, dstate):
         """Gradient w.r.t. that source's output, given the gradient of the initial state."""
         return dstate
+
+    # ---------------------------------------------------------------- results
+    def report(self) -> str:
+        """Text this layer produced during the last run of its phase, printed at the end of a
+        test-only job (kCharRNNOutput's characters); "" when it produces none."""
+        return ""
+
+    # --------------------------------------------------- checks and messages
+    def error(self, msg: str) -> LayerError:
+        """A LayerError whose message names this layer: ``layer "<name>": <msg>``."""
+        return LayerError(f'layer "{self.name}": {msg}')
+
+    def need_srcs(self, srcs, n: int, what: str = "") -> None:
+        """Raise unless there are exactly ``n`` sources (``what`` describes them)."""
+        if len(srcs) != n:
+            desc = f" ({what})" if what else ""
+            raise self.error(f"{pb.LayerType.Name(self.conf.type)} takes {n} srclayer(s){desc}, "
+                             f"got {len(srcs)}; fix its srclayers")
+
+    def src_input(self, xs, k: int = 0, what: str = ""):
+        """Source k's array for this copy (a single-copy one-to-all list is unwrapped)."""
+        try:
+            return one_array(xs[k])
+        except LayerError as e:
+            where = what or f"source {k}"
+            raise self.error(f"{where}: {e}; a one-to-all source must have a single copy "
+                             f"here, connect it one-to-one otherwise") from None
+
+    def ids_at_step(self, a, ctx, what: str):
+        """Integer ids for this copy from ``a`` (column ctx.step of a (B, S) array)."""
+        try:
+            ids = step_ids(a, ctx)
+        except LayerError as e:
+            raise self.error(f"{what}: {e}; a one-to-all source must have a single copy "
+                             f"here, connect it one-to-one otherwise") from None
+        return self.as_ids(ids, what)
+
+    def as_ids(self, a, what: str):
+        """``a`` as int64 ids; float arrays must hold whole numbers."""
+        xp = self.xp
+        a = xp.asarray(a)
+        if a.dtype.kind in "iu":
+            return a.astype(xp.int64, copy=False)
+        r = xp.rint(a)
+        if not bool(xp.all(r == a)):
+            raise self.error(f"{what} must hold integer ids, got non-integer values; feed it "
+                             f"from an integer data source")
+        return r.astype(xp.int64)
+
+    def row_mask(self, ctx, batch: int):
+        """ctx.mask as a (B,) float array of self.dtype, or None when all rows count."""
+        if ctx.mask is None:
+            return None
+        m = self.xp.asarray(ctx.mask, dtype=self.dtype).reshape(-1)
+        if m.shape[0] != batch:
+            raise self.error(f"mask has {m.shape[0]} rows but the batch has {batch}")
+        return m
+
+    def float_input(self, x):
+        """``x`` in self.dtype (integer inputs are converted)."""
+        return x.astype(self.dtype, copy=False)
+
+
+class InputLayer(Layer):
+    """Base of the data layers. The worker calls, per batch: ``load_batch()``, then
+    ``forward`` of each copy (or ``forward_block``), then ``end_batch()``.
+
+    What an input layer publishes (the defaults suit a store of independent sequences):
+
+    * ``batchsize`` -- rows per batch.
+    * ``is_stream`` -- consecutive batches continue each row, so the recurrent state may
+      be carried from batch to batch (kCharRNN); ``new_sequence`` -- the rows of the
+      batch just loaded start new sequences (carried state is reset);
+      ``stream_starts`` -- (B,) offsets of the rows in their streams, or None, and
+      ``stream_advance`` -- how far each row moves per batch: the worker checks that a
+      carried state meets the text that continues it.
+    * ``text`` -- the rows are characters of a text (metrics per character: bpc, chars/s).
+    * ``rewind()`` -- back to the first batch (every evaluation reads the same batches).
+    * ``cursor_state()`` / ``load_cursor_state(d)`` -- where the next batch starts, as a
+      JSON-able dict, for checkpoints; ``snapshot()`` / ``restore(s)`` -- the same, cheap
+      and in memory, to read one batch again (diagnosing a non-finite batch).
+    """
+
+    is_input = True
+    batchsize: int | None = None
+    is_stream: bool = False
+    text: bool = False
+    new_sequence: bool = True
+    stream_starts = None
+    stream_advance: int = 0
+
+    def load_batch(self) -> None:
+        raise NotImplementedError
+
+    def end_batch(self) -> None:
+        """After a batch: the next one continues these rows (streams)."""
+
+    def rewind(self) -> None:
+        """Back to the first batch."""
+
+    def cursor_state(self) -> dict:
+        return {}
+
+    def load_cursor_state(self, d: dict) -> None:
+        pass
+
+    def snapshot(self) -> dict:
+        return self.cursor_state()
+
+    def restore(self, snap: dict) -> None:
+        self.load_cursor_state(snap)
+
+    def backward(self, ctx, dy, dstate, cache):
+        return [None] * len(self.conf.srclayers), None
+
+
+class LossLayer(Layer):
+    """Base of the loss layers: their backward ignores ``dy`` and returns the gradient of
+    their own objective; they add metrics (sum, count) with ``ctx.add_metric``, among them
+    "objective" (the exact scalar whose gradient backward returns, count 0)."""
+
+    is_loss = True
+    in_sampling_net = False
+    #: source 0 gives one score per class (a sampler may draw the next id from them)
+    classifies: bool = False
+
+    def derived_metrics(self, values: dict, text: bool) -> dict:
+        """Metrics computed from the averaged ones (``values``: name -> value), e.g.
+        perplexity; ``text``: the net reads characters of a text."""
+        return {}
 
 
 def step_ids(x, ctx: "Context", offset: int = 0):
@@ -246,3 +431,15 @@ def one_array(x):
             raise LayerError("expects a single source copy, got %d" % len(x))
         return x[0]
     return x
+
+
+def add_grads(a, b):
+    """a + b for gradients where either may be None (absent); tuples (an LSTM's (h, c))
+    add element-wise."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    if isinstance(a, tuple):
+        return tuple(add_grads(x, y) for x, y in zip(a, b))
+    return a + b

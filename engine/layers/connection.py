@@ -5,13 +5,12 @@ dimension (``out_shape[0]``). No params.
 """
 from __future__ import annotations
 
-from engine.layers.base import register
-from engine.layers.neuron import CheckedLayer
+from engine.layers.base import Layer, register
 from engine.proto import job_pb2 as pb
 
 
 @register(pb.kConcate)
-class Concate(CheckedLayer):
+class Concate(Layer):
     """y = concatenate(x_1, ..., x_n) along concate_conf.concate_dim [1].
 
     concate_dim 1 (or higher): features; the sources' shapes must agree on the
@@ -88,7 +87,7 @@ class Concate(CheckedLayer):
 
 
 @register(pb.kSlice)
-class Slice(CheckedLayer):
+class Slice(Layer):
     """y_j = x[..., j*n:(j+1)*n, ...] along slice_conf.slice_dim [1], j < num_slices.
 
     num_slices (>= 2, required) equal pieces; the size along slice_dim must be
@@ -96,6 +95,8 @@ class Slice(CheckedLayer):
     gets piece j); backward takes the list of their gradients (None = zeros)
     and returns their concatenation. out_shape is the shape of one piece.
     """
+
+    required = (("slice_conf", "num_slices"),)
 
     multi_output = True
 
@@ -147,7 +148,7 @@ class Slice(CheckedLayer):
 
 
 @register(pb.kSplit)
-class Split(CheckedLayer):
+class Split(Layer):
     """y = x, fed to split_conf.num_splits [1] consumers; dx = dy (the worker sums
     the gradients of all consumers before calling backward)."""
 

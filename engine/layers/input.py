@@ -1,13 +1,10 @@
 """Input layers: character streams, their labels, one-hot codes, sequence stores, feedback.
 
-Input layers (``is_input = True``) get ``load_batch(phase_ctx)`` once per batch
-from the worker and then ``forward`` once per copy. They publish, for the
-worker: ``batchsize``, ``is_stream`` (consecutive batches continue each row,
-so the recurrent state may be carried), ``new_sequence`` (the rows of this
-batch start new sequences: carried state must be reset), ``stream_starts``
-(offsets of each row, checked for continuity when state is carried) with
-``stream_advance`` (how far each row moves per batch), and
-``cursor_state()`` / ``load_cursor_state()`` for checkpoints.
+The data layers (kCharRNN, kRecordInput/kCSVInput) follow the input-layer protocol
+of ``engine/layers/base.py`` (``InputLayer``): the worker calls ``load_batch()``
+once per batch, then ``forward`` once per copy (or ``forward_block`` for all
+copies), then ``end_batch()``; they publish their batch size, whether rows are
+streams, where each row starts, and their cursors for checkpoints.
 """
 from __future__ import annotations
 
@@ -16,7 +13,7 @@ import pathlib
 
 import numpy as np
 
-from engine.layers.base import Layer, LayerError, register, step_ids
+from engine.layers.base import InputLayer, Layer, LayerError, register, step_ids
 from engine.proto import job_pb2 as pb
 
 
@@ -58,7 +55,7 @@ def encode_text(text: str, vocab: list[str], where: str) -> np.ndarray:
 
 
 @register(pb.kCharRNN)
-class CharRNNInput(Layer):
+class CharRNNInput(InputLayer):
     """Character streams from a text file (SINGA's kCharRNN).
 
     The text is encoded with the vocabulary and cut into ``batchsize``
@@ -72,39 +69,41 @@ class CharRNNInput(Layer):
     Output of its single copy: int32 ids, shape (batchsize, unroll_len + 1).
     """
 
-    is_input = True
+    required = (("char_rnn_conf", "path"),)
+
     is_stream = True
+    text = True
 
     def setup(self, srcs):
         c = self.conf.char_rnn_conf
         self.batchsize = int(c.batchsize)
         self.steps = int(c.unroll_len)
         if self.batchsize < 1 or self.steps < 1:
-            raise LayerError(f'layer "{self.name}": char_rnn_conf batchsize and unroll_len must be '
-                             f"at least 1")
+            raise self.error('char_rnn_conf batchsize and unroll_len must be '
+                             "at least 1")
         path = resolve_path(c.path, self.info)
         if not path.exists():
-            raise LayerError(f'layer "{self.name}": data file {c.path} not found; build the default '
+            raise self.error(f'data file {c.path} not found; build the default '
                              f"corpus with: python tools/make_corpus.py")
         if path.is_dir():
-            raise LayerError(f'layer "{self.name}": {c.path} is a folder; give a text file')
+            raise self.error(f'{c.path} is a folder; give a text file')
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
-            raise LayerError(f'layer "{self.name}": {c.path} is not UTF-8 text (byte {e.start})') from None
+            raise self.error(f'{c.path} is not UTF-8 text (byte {e.start})') from None
         if not text:
-            raise LayerError(f'layer "{self.name}": data file {c.path} is empty')
+            raise self.error(f'data file {c.path} is empty')
         self.vocab = self._vocab(text, c)
         self.vocab_size = len(self.vocab)
         need = self.batchsize * (self.steps + 1)
         if len(text) < need:
-            raise LayerError(f'layer "{self.name}": {c.path} has {len(text)} characters, fewer than '
+            raise self.error(f'{c.path} has {len(text)} characters, fewer than '
                              f"batchsize x (unroll_len + 1) = {need}; use a longer text or a "
                              f"smaller batch")
         try:
             ids = encode_text(text, self.vocab, str(c.path))
         except LayerError as e:
-            raise LayerError(f'layer "{self.name}": {e}') from None
+            raise self.error(str(e)) from None
         self.stream_len = len(ids) // self.batchsize
         self.streams = ids[: self.stream_len * self.batchsize].reshape(self.batchsize, self.stream_len)
         self.cursor = 0
@@ -119,12 +118,12 @@ class CharRNNInput(Layer):
         if c.vocab_path:
             vp = resolve_path(c.vocab_path, self.info)
             if not vp.exists():
-                raise LayerError(f'layer "{self.name}": vocab_path {c.vocab_path} not found; fix the '
+                raise self.error(f'vocab_path {c.vocab_path} not found; fix the '
                                  f"path, or remove vocab_path to build the vocabulary from the text")
             try:
                 return read_vocab(vp)
             except LayerError as e:
-                raise LayerError(f'layer "{self.name}": {e}') from None
+                raise self.error(str(e)) from None
         if self.info.get("vocab"):
             return list(self.info["vocab"])  # the training net's (or the checkpoint's)
         vocab = sorted(set(text))
@@ -137,7 +136,7 @@ class CharRNNInput(Layer):
                                                      f"built from the text, saved to {out}")
         return vocab
 
-    def load_batch(self, phase_ctx=None):
+    def load_batch(self):
         T = self.steps
         if self.cursor + T + 1 > self.stream_len:
             self.cursor = 0
@@ -160,9 +159,6 @@ class CharRNNInput(Layer):
     def forward(self, ctx, xs, state):
         return self.batch, None, None
 
-    def backward(self, ctx, dy, dstate, cache):
-        return [], None
-
     def cursor_state(self) -> dict:
         return {"cursor": int(self.cursor), "epoch": int(self.epoch),
                 "new_sequence": bool(self.new_sequence)}
@@ -182,19 +178,20 @@ class RNNLabel(Layer):
     """
 
     differentiable = False
+    in_sampling_net = False
     rowwise = True
     step_select = True
 
     def setup(self, srcs):
         if len(srcs) != 1:
-            raise LayerError(f'layer "{self.name}": kRNNLabel needs exactly one srclayer (the '
-                             f"kCharRNN data layer)")
+            raise self.error('kRNNLabel needs exactly one srclayer (the '
+                             "kCharRNN data layer)")
         src = srcs[0]
         width = src.out_shape[0] if src.out_shape else 0
         if width < self.conf.unroll_len + 1:
-            raise LayerError(f'layer "{self.name}": reads {width} characters per row from '
+            raise self.error(f'reads {width} characters per row from '
                              f'"{src.name}" but needs unroll_len + 1 = {self.conf.unroll_len + 1}')
-        self.vocab_size = getattr(src, "vocab_size", None)
+        self.vocab_size = src.vocab_size
         self.out_shape = ()
 
     def forward(self, ctx, xs, state):
@@ -214,16 +211,16 @@ class OneHot(Layer):
 
     def setup(self, srcs):
         if len(srcs) != 1:
-            raise LayerError(f'layer "{self.name}": kOneHot needs exactly one srclayer')
+            raise self.error('kOneHot needs exactly one srclayer')
         v = self.conf.onehot_conf.vocab_size if self.conf.onehot_conf.HasField("vocab_size") else None
-        src_v = getattr(srcs[0], "vocab_size", None)
+        src_v = srcs[0].vocab_size
         if v is None:
             if src_v is None:
-                raise LayerError(f'layer "{self.name}": cannot tell the vocabulary size; set '
-                                 f"onehot_conf {{ vocab_size: N }}")
+                raise self.error('cannot tell the vocabulary size; set '
+                                 "onehot_conf { vocab_size: N }")
             v = src_v
         elif src_v is not None and v < src_v:
-            raise LayerError(f'layer "{self.name}": onehot_conf.vocab_size {v} is smaller than the '
+            raise self.error(f'onehot_conf.vocab_size {v} is smaller than the '
                              f'vocabulary of "{srcs[0].name}" ({src_v}); raise it or remove it')
         self.vocab_size = int(v)
         self.out_shape = (self.vocab_size,)
@@ -240,7 +237,7 @@ class OneHot(Layer):
 
 
 @register(pb.kRecordInput, pb.kCSVInput)
-class SequenceInput(Layer):
+class SequenceInput(InputLayer):
     """Sequence data from a store (store_conf): NumPy .npz (or a .csv for kCSVInput).
 
     An .npz holds ``x``: float features [N, T, F] or int token ids [N, T];
@@ -257,24 +254,23 @@ class SequenceInput(Layer):
     and wrap around; every batch starts new sequences.
     """
 
-    is_input = True
-    is_stream = False
+    required = (("store_conf", "path"),)
 
     def setup(self, srcs):
         s = self.conf.store_conf
         self.batchsize = int(s.batchsize)
         if self.batchsize < 1:
-            raise LayerError(f'layer "{self.name}": store_conf.batchsize must be at least 1')
+            raise self.error('store_conf.batchsize must be at least 1')
         path = resolve_path(s.path, self.info)
         if not path.exists():
-            raise LayerError(f'layer "{self.name}": data file {s.path} not found')
+            raise self.error(f'data file {s.path} not found')
         backend = s.backend or ("csv" if path.suffix == ".csv" else "npz")
         try:
             x, y, lengths = (self._load_npz(path) if backend == "npz" else self._load_csv(path, s))
         except LayerError:
             raise
         except Exception as e:  # noqa: BLE001 - any unreadable file is one clear line
-            raise LayerError(f'layer "{self.name}": cannot read {s.path} as {backend}: {e}') from None
+            raise self.error(f'cannot read {s.path} as {backend}: {e}') from None
         self._check(x, y, lengths, s.path)
         self.x, self.y, self.lengths = x, y, lengths
         self.n = x.shape[0]
@@ -291,7 +287,7 @@ class SequenceInput(Layer):
     def _load_npz(self, path):
         with np.load(path, allow_pickle=False) as d:
             if "x" not in d:
-                raise LayerError(f'layer "{self.name}": {path} has no array "x" (arrays: '
+                raise self.error(f'{path} has no array "x" (arrays: '
                                  f"{', '.join(d.files) or 'none'})")
             x = d["x"]
             y = d["y"] if "y" in d else None
@@ -301,7 +297,7 @@ class SequenceInput(Layer):
     def _load_csv(self, path, s):
         shape = tuple(s.shape)
         if not shape:
-            raise LayerError(f'layer "{self.name}": a .csv store needs store_conf.shape [T, F] or [T]')
+            raise self.error('a .csv store needs store_conf.shape [T, F] or [T]')
         rows = np.loadtxt(path, delimiter=s.separator or ",", ndmin=2)
         if s.has_label:
             y, feats = rows[:, 0], rows[:, 1:]
@@ -309,7 +305,7 @@ class SequenceInput(Layer):
             y, feats = None, rows
         need = int(np.prod(shape))
         if feats.shape[1] != need:
-            raise LayerError(f'layer "{self.name}": {path} rows have {feats.shape[1]} features, '
+            raise self.error(f'{path} rows have {feats.shape[1]} features, '
                              f"store_conf.shape {list(shape)} needs {need}")
         x = feats.reshape((-1,) + shape)
         if len(shape) == 1 and np.all(x == np.round(x)):
@@ -319,47 +315,49 @@ class SequenceInput(Layer):
         return x, y, None
 
     def _check(self, x, y, lengths, where):
-        n = self.name
         T = self.conf.unroll_len
         if x.ndim not in (2, 3):
-            raise LayerError(f'layer "{n}": {where}: x has shape {x.shape}; it must be [N, T, F] '
+            raise self.error(f'{where}: x has shape {x.shape}; it must be [N, T, F] '
                              f"floats or [N, T] int ids")
         if x.ndim == 2 and not np.issubdtype(x.dtype, np.integer):
-            raise LayerError(f'layer "{n}": {where}: x of shape [N, T] must hold int token ids; '
+            raise self.error(f'{where}: x of shape [N, T] must hold int token ids; '
                              f"add a feature axis ([N, T, 1]) for float data")
         if x.shape[0] < 1:
-            raise LayerError(f'layer "{n}": {where}: x holds no sequences')
+            raise self.error(f'{where}: x holds no sequences')
         if x.shape[1] < T:
-            raise LayerError(f'layer "{n}": {where}: x has {x.shape[1]} steps but the layer\'s '
+            raise self.error(f'{where}: x has {x.shape[1]} steps but the layer\'s '
                              f"unroll_len is {T}; pad the data or lower unroll_len")
         if self.conf.store_conf.has_label and y is None:
-            raise LayerError(f'layer "{n}": {where}: no array "y"; add targets or set '
+            raise self.error(f'{where}: no array "y"; add targets or set '
                              f"store_conf {{ has_label: false }}")
         if y is not None and y.shape[0] != x.shape[0]:
-            raise LayerError(f'layer "{n}": {where}: y has {y.shape[0]} rows but x has '
+            raise self.error(f'{where}: y has {y.shape[0]} rows but x has '
                              f"{x.shape[0]}; they must match")
         if lengths is not None:
             if lengths.shape != (x.shape[0],):
-                raise LayerError(f'layer "{n}": {where}: lengths has shape {lengths.shape}; it must '
+                raise self.error(f'{where}: lengths has shape {lengths.shape}; it must '
                                  f"be [N] = [{x.shape[0]}]")
             if lengths.min() < 1 or lengths.max() > x.shape[1]:
-                raise LayerError(f'layer "{n}": {where}: lengths must lie in 1..{x.shape[1]}')
+                raise self.error(f'{where}: lengths must lie in 1..{x.shape[1]}')
 
-    def block(self, T: int):
-        """All T copies at once for the planned executor: (x, aux, mask) with rows
-        step-major (T·B); per-sequence labels are repeated for every step."""
+    def supports_block(self) -> bool:
+        return True
+
+    def forward_block(self, ctx, xs, state):
+        """All T copies at once: x, with the labels as ``ctx.aux_out`` and the mask as
+        ``ctx.mask_out``, rows step-major (T·B); per-sequence labels repeat for every step."""
         xp = self.xp
+        T = len(ctx.steps)
         B = self.xb.shape[0]
 
         def steps(a):
             return xp.ascontiguousarray(xp.swapaxes(a[:, :T], 0, 1)).reshape((T * B,) + a.shape[2:])
 
-        x = steps(self.xb)
-        aux = None
         if self.yb is not None:
-            aux = steps(self.yb) if self._y_per_step else xp.concatenate([self.yb] * T, axis=0)
-        mask = None if self.maskb is None else steps(self.maskb)
-        return x, aux, mask
+            ctx.aux_out = steps(self.yb) if self._y_per_step else xp.concatenate([self.yb] * T, axis=0)
+        if self.maskb is not None:
+            ctx.mask_out = steps(self.maskb)
+        return steps(self.xb), None, None
 
     def rewind(self) -> None:
         """Back to the first batch of the first epoch (every evaluation reads the same batches)."""
@@ -373,7 +371,7 @@ class SequenceInput(Layer):
         rng = np.random.default_rng([self.info.get("seed", 0), 3, epoch])
         return rng.permutation(self.n)
 
-    def load_batch(self, phase_ctx=None):
+    def load_batch(self):
         B = self.batchsize
         if self.cursor + B > self.n:
             self.cursor = 0
@@ -397,9 +395,6 @@ class SequenceInput(Layer):
             self.maskb = xp.asarray(m)
         self.new_sequence = True
 
-    def end_batch(self):
-        pass
-
     def forward(self, ctx, xs, state):
         i = ctx.step
         y = self.xb[:, i]
@@ -414,12 +409,15 @@ class SequenceInput(Layer):
         # [N, T] targets are per step; [N, K] with K != T are per sequence
         return self.y is not None and self.y.ndim == 2 and self.y.shape[1] == self.x.shape[1]
 
-    def backward(self, ctx, dy, dstate, cache):
-        return [], None
-
     def cursor_state(self) -> dict:
         return {"cursor": int(self.cursor), "epoch": int(self.epoch),
                 "order": self.order.tolist() if self.conf.store_conf.shuffle else None}
+
+    def snapshot(self) -> dict:
+        return {"cursor": self.cursor, "epoch": self.epoch, "order": self.order}
+
+    def restore(self, snap: dict) -> None:
+        self.cursor, self.epoch, self.order = snap["cursor"], snap["epoch"], snap["order"]
 
     def load_cursor_state(self, d: dict) -> None:
         self.cursor = int(d["cursor"])
@@ -439,6 +437,7 @@ class RNNDummy(Layer):
     """
 
     differentiable = False
+    required = (("rnn_dummy_conf", "dynamic_srclayer"),)
 
     @classmethod
     def context_sources(cls, conf):
@@ -450,7 +449,6 @@ class RNNDummy(Layer):
         if c.integer and shape in ((), (1,)):
             shape = ()
         self.out_shape = shape
-        self.batchsize = None
         vocab = self.info.get("vocab")
         self.vocab_size = len(vocab) if (c.integer and vocab) else None
 
@@ -467,7 +465,7 @@ class RNNDummy(Layer):
 
     def forward(self, ctx, xs, state):
         if state is None:
-            raise LayerError(f'layer "{self.name}": no value fed back yet')
+            raise self.error('no value fed back yet')
         if self.conf.rnn_dummy_conf.integer:
             state = state.reshape(state.shape[0]) if state.ndim > 1 and state.shape[1] == 1 else state
         return state, None, None

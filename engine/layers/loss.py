@@ -16,8 +16,11 @@ the exact scalar whose gradient backward returns, used by the gradient checker.
 """
 from __future__ import annotations
 
-from engine.layers.base import register
-from engine.layers.neuron import CheckedLayer, log_softmax, to_host
+import math
+
+from engine.layers.base import Layer, LossLayer, register
+from engine.backend import to_host
+from engine.layers.neuron import log_softmax
 from engine.proto import job_pb2 as pb
 
 
@@ -37,7 +40,7 @@ def topk_correct(xp, scores, labels, k: int):
     return rank < k
 
 
-class Supervised(CheckedLayer):
+class Supervised(Layer):
     """Shared set-up of layers comparing source 0 with the labels of source 1.
 
     ``ctx.batch`` (rows of one copy) normalises a block call over several copies
@@ -76,14 +79,14 @@ class Supervised(CheckedLayer):
         in_range = (lab >= 0) & (lab < n_classes)
         bad = (~in_range) & (m > 0)
         if bool(bad.any()):
-            first = int(to_host(xp, lab[bad])[0])
+            first = int(to_host(lab[bad])[0])
             raise self.error(f"label {first} is outside [0, {n_classes}) (the width of source 0); "
                              f"widen the layer before the loss or fix the labels")
         return xp.where(in_range, lab, 0)
 
 
 @register(pb.kSoftmaxLoss)
-class SoftmaxLoss(Supervised):
+class SoftmaxLoss(Supervised, LossLayer):
     """Softmax cross-entropy with integer labels.
 
     p = softmax(s) over the V scores of a row (the layer's output y = p, (B, V));
@@ -95,9 +98,19 @@ class SoftmaxLoss(Supervised):
     "accuracy" = rows whose label is in the top-k scores / valid rows.
     Labels: (B,) ids, or (B, S) from a one-to-all source (column ``step``);
     a label outside [0, V) in a valid row is an error. No params.
+    Derived metrics: "perplexity" = exp(loss); "bpc" = loss / ln 2 when the net reads text.
     """
 
-    is_loss = True
+    classifies = True
+    outputs_probabilities = True
+
+    def derived_metrics(self, values, text):
+        if "loss" not in values:
+            return {}
+        out = {"perplexity": math.exp(min(values["loss"], 700.0))}
+        if text:
+            out["bpc"] = values["loss"] / math.log(2)
+        return out
 
     def setup(self, srcs):
         self.check_sources(srcs)
@@ -138,7 +151,7 @@ class SoftmaxLoss(Supervised):
 
 
 @register(pb.kEuclideanLoss)
-class EuclideanLoss(Supervised):
+class EuclideanLoss(Supervised, LossLayer):
     """Half squared error against float targets.
 
     loss_r = 0.5 * sum_k (p_rk - t_rk)^2 for prediction p (B, K) and target t
@@ -149,8 +162,6 @@ class EuclideanLoss(Supervised):
     "mse" = sum of (p - t)^2 over valid rows / (valid rows * K).
     The target gets no gradient. No params.
     """
-
-    is_loss = True
 
     def setup(self, srcs):
         self.check_sources(srcs)

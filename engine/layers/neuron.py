@@ -5,26 +5,19 @@ Every layer here reads exactly one source. ``x`` is one copy's input of shape
 one-to-one connection with a shift, at the early copies) the layer passes the
 absence on: ``y`` is ``None`` and so is the input gradient.
 
-This module also holds the small helpers the other families share
-(``CheckedLayer``, ``softmax``, ``log_softmax``, ``to_host``): the array maths is
-written once, against ``xp``, and works for NumPy and CuPy alike.
+This module also holds the softmax helpers the loss and output families share
+(``softmax``, ``log_softmax``): the array maths is written once, against ``xp``,
+and works for NumPy and CuPy alike.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from engine.backend import scatter_add
-from engine.layers.base import Layer, LayerError, one_array, register, step_ids
+from engine.backend import scatter_add, to_host
+from engine.layers.base import Layer, register
 from engine.proto import job_pb2 as pb
 
 # ------------------------------------------------------------------ helpers
-
-
-def to_host(xp, a) -> np.ndarray:
-    """A NumPy view/copy of ``a``: ``xp.asnumpy`` when the module has it (CuPy)."""
-    if hasattr(xp, "asnumpy"):
-        return xp.asnumpy(a)
-    return np.asarray(a)
 
 
 def softmax(xp, x):
@@ -39,64 +32,6 @@ def log_softmax(xp, x):
     return z - xp.log(xp.exp(z).sum(axis=-1, keepdims=True))
 
 
-class CheckedLayer(Layer):
-    """A Layer with the checks and messages every built-in layer shares."""
-
-    def error(self, msg: str) -> LayerError:
-        """A LayerError whose message names this layer."""
-        return LayerError(f'layer "{self.name}": {msg}')
-
-    def need_srcs(self, srcs, n: int, what: str = "") -> None:
-        """Raise unless there are exactly ``n`` sources (``what`` describes them)."""
-        if len(srcs) != n:
-            desc = f" ({what})" if what else ""
-            raise self.error(f"{pb.LayerType.Name(self.conf.type)} takes {n} srclayer(s){desc}, "
-                             f"got {len(srcs)}; fix its srclayers")
-
-    def src_input(self, xs, k: int = 0, what: str = ""):
-        """Source k's array for this copy (a single-copy one-to-all list is unwrapped)."""
-        try:
-            return one_array(xs[k])
-        except LayerError as e:
-            where = what or f"source {k}"
-            raise self.error(f"{where}: {e}; a one-to-all source must have a single copy "
-                             f"here, connect it one-to-one otherwise") from None
-
-    def ids_at_step(self, a, ctx, what: str):
-        """Integer ids for this copy from ``a`` (column ctx.step of a (B, S) array)."""
-        try:
-            ids = step_ids(a, ctx)
-        except LayerError as e:
-            raise self.error(f"{what}: {e}; a one-to-all source must have a single copy "
-                             f"here, connect it one-to-one otherwise") from None
-        return self.as_ids(ids, what)
-
-    def as_ids(self, a, what: str):
-        """``a`` as int64 ids; float arrays must hold whole numbers."""
-        xp = self.xp
-        a = xp.asarray(a)
-        if a.dtype.kind in "iu":
-            return a.astype(xp.int64, copy=False)
-        r = xp.rint(a)
-        if not bool(xp.all(r == a)):
-            raise self.error(f"{what} must hold integer ids, got non-integer values; feed it "
-                             f"from an integer data source")
-        return r.astype(xp.int64)
-
-    def row_mask(self, ctx, batch: int):
-        """ctx.mask as a (B,) float array of self.dtype, or None when all rows count."""
-        if ctx.mask is None:
-            return None
-        m = self.xp.asarray(ctx.mask, dtype=self.dtype).reshape(-1)
-        if m.shape[0] != batch:
-            raise self.error(f"mask has {m.shape[0]} rows but the batch has {batch}")
-        return m
-
-    def float_input(self, x):
-        """``x`` in self.dtype (integer inputs are converted)."""
-        return x.astype(self.dtype, copy=False)
-
-
 def _is_float(x) -> bool:
     return x.dtype.kind == "f"
 
@@ -105,7 +40,7 @@ def _is_float(x) -> bool:
 
 
 @register(pb.kInnerProduct)
-class InnerProduct(CheckedLayer):
+class InnerProduct(Layer):
     """Fully connected layer.
 
     y = x W^T + b, with x of shape (B, D) (inputs with more dims are flattened
@@ -117,6 +52,8 @@ class InnerProduct(CheckedLayer):
     present unless ``bias_term: false``.
     Backward: dW += dy^T x (transposed: x^T dy), db += sum_rows dy, dx = dy W.
     """
+
+    required = (("innerproduct_conf", "num_output"),)
 
     rowwise = True
 
@@ -164,12 +101,7 @@ class InnerProduct(CheckedLayer):
         w = self.params["w"]
         wx = w.data.T if self.transpose else w.data   # (n, in_dim): dx = dy @ wx
         w.grad += x2.T @ dy if self.transpose else dy.T @ x2
-        if x2.ndim == 2 and x2.strides[0] < x2.strides[1]:
-            # the gradient takes the input's layout: a feature-major block (the planned
-            # recurrent layers' output) reads its gradient by column blocks per step
-            dx = (wx.T @ dy.T).T
-        else:
-            dx = dy @ wx
+        dx = (wx.T @ dy.T).T  # dx = dy W, made feature-major: a recurrent source reads it by step
         if self.bias_term:
             self.params["b"].grad += dy.sum(axis=0)
         return [dx.reshape(xshape) if was_float else None], None
@@ -179,7 +111,7 @@ class InnerProduct(CheckedLayer):
 
 
 @register(pb.kEmbedding)
-class Embedding(CheckedLayer):
+class Embedding(Layer):
     """Row lookup of token ids.
 
     y[r] = W[id_r], ids of shape (B,) (a one-to-all data source of shape (B, S)
@@ -190,6 +122,8 @@ class Embedding(CheckedLayer):
     Backward: W.grad[id_r] += dy[r] (scatter-add: repeated ids add up); the
     integer input gets no gradient. An id outside [0, vocab_size) is an error.
     """
+
+    required = (("embedding_conf", "vocab_size"),)
 
     rowwise = True
     step_select = True
@@ -219,10 +153,9 @@ class Embedding(CheckedLayer):
         if x is None:
             return None, None, None
         ids = self.ids_at_step(x, ctx, "source 0")
-        xp = self.xp
         bad = (ids < 0) | (ids >= self.vocab_size)
         if bool(bad.any()):
-            first = int(to_host(xp, ids[bad])[0])
+            first = int(to_host(ids[bad])[0])
             raise self.error(f"id {first} is outside [0, {self.vocab_size}) "
                              f"(embedding_conf.vocab_size); raise vocab_size or fix the data")
         return self.params["w"].data[ids], None, ids
@@ -239,7 +172,7 @@ class Embedding(CheckedLayer):
 
 
 @register(pb.kDropout)
-class Dropout(CheckedLayer):
+class Dropout(Layer):
     """Inverted dropout.
 
     Training: y = x * m / (1 - p) with m_i ~ Bernoulli(1 - p), p = dropout_ratio,
@@ -303,7 +236,7 @@ def activation_name(key) -> str:
     return key if key == IDENTITY else pb.ActivationType.Name(key)
 
 
-class Elementwise(CheckedLayer):
+class Elementwise(Layer):
     """y = f(x) element-wise, dx = dy * f'(x); f from ``ACTIVATIONS``. No params."""
 
     rowwise = True
@@ -389,13 +322,14 @@ class Dummy(Elementwise):
 
 
 @register(pb.kSoftmax)
-class Softmax(CheckedLayer):
+class Softmax(Layer):
     """y_j = exp(x_j) / sum_k exp(x_k) over the last dim (shifted by the max).
 
     dx = y * (dy - sum_k dy_k y_k). No params.
     """
 
     rowwise = True
+    outputs_probabilities = True
 
     def setup(self, srcs):
         self.need_srcs(srcs, 1)

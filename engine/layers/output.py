@@ -11,16 +11,17 @@ import os
 
 import numpy as np
 
-from engine.layers.base import register
+from engine.layers.base import Layer, register
 from engine.layers.loss import Supervised, topk_correct
-from engine.layers.neuron import CheckedLayer, to_host
+from engine.backend import to_host
 from engine.proto import job_pb2 as pb
 
 
-class OutputLayer(CheckedLayer):
+class OutputLayer(Layer):
     """Base of the output layers: no gradient flows back through them."""
 
     differentiable = False
+    in_sampling_net = False
 
     def backward(self, ctx, dy, dstate, cache):
         return [None] * self.n_srcs, None
@@ -68,8 +69,8 @@ class ArgSort(OutputLayer):
     T > 0 (argsort_conf.temperature, or ``self.temperature`` set by a sampler):
     one id per row drawn from softmax(s / T) with ctx.rng, (B,) int64; when
     ``self.sample_topk`` > 0 the draw is restricted to the sample_topk best
-    scores. When source 0 is a kSoftmax or kSoftmaxLoss layer its outputs are
-    probabilities and s = log p. ``self.limit`` (set by a sampler) keeps only the
+    scores. When source 0's outputs are probabilities (kSoftmax, kSoftmaxLoss),
+    s = log p. ``self.limit`` (set by a sampler) keeps only the
     ids below it. No params.
     """
 
@@ -96,9 +97,7 @@ class ArgSort(OutputLayer):
         if self.temperature < 0:
             raise self.error(f"argsort_conf.temperature must be >= 0 (got {self.temperature}); "
                              f"0 takes the argmax")
-        src_conf = getattr(srcs[0], "conf", None)
-        self.probabilities = src_conf is not None and src_conf.type in (pb.kSoftmax,
-                                                                        pb.kSoftmaxLoss)
+        self.probabilities = bool(srcs[0].outputs_probabilities)
         self.out_shape = () if self.topk == 1 or self.temperature > 0 else (self.topk,)
 
     def forward(self, ctx, xs, state):
@@ -119,7 +118,7 @@ class ArgSort(OutputLayer):
         """One id per row from softmax(s / T) (restricted to the sample_topk best)."""
         if ctx.rng is None:
             raise self.error("sampling (temperature > 0) needs ctx.rng")
-        s = to_host(self.xp, s).astype(np.float64)
+        s = to_host(s).astype(np.float64)
         if self.probabilities:
             s = np.log(np.maximum(s, np.finfo(np.float64).tiny))
         z = s / self.temperature
@@ -170,7 +169,7 @@ class CharRNNOutput(OutputLayer):
                              "kCharRNN input layer to the net")
         if not self.vocab:
             raise self.error("no vocabulary: the vocabulary is empty")
-        if hasattr(srcs[0], "limit"):
+        if isinstance(srcs[0], ArgSort):
             # a kArgSort over a wider output (num_output 101, vocabulary 96) must only
             # choose ids that name characters
             srcs[0].limit = len(self.vocab)
@@ -179,12 +178,15 @@ class CharRNNOutput(OutputLayer):
         self.texts: list[list[str]] = []
         self.out_shape = ()
 
+    def report(self) -> str:
+        return "".join(self.text)
+
     def forward(self, ctx, xs, state):
         x = self.src_input(xs, 0)
         if x is None:
             raise self.error("source 0 gives nothing at this step")
         ids = self.as_ids(x[:, 0] if x.ndim == 2 else x, "source 0")
-        host = to_host(self.xp, ids).reshape(-1)
+        host = to_host(ids).reshape(-1)
         v = len(self.vocab)
         bad = (host < 0) | (host >= v)
         if bad.any():
@@ -226,7 +228,7 @@ class CSVOutput(OutputLayer):
         x = self.src_input(xs, 0)
         if x is None:
             raise self.error("source 0 gives nothing at this step")
-        host = to_host(self.xp, x)
+        host = to_host(x)
         rows = host.reshape(host.shape[0], -1)
         fmt = (lambda a: str(int(a))) if rows.dtype.kind in "iub" else (lambda a: repr(float(a)))
         buf = io.StringIO()

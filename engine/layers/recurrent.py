@@ -315,6 +315,12 @@ class _Recurrent(Layer):
     def _fused(self) -> dict:
         return self.__dict__.setdefault("_fused_groups", {})
 
+    def params_ready(self, like=None) -> None:
+        if like is None:
+            self.fuse_params()
+        else:
+            self.share_fusion(like)
+
     def share_fusion(self, other) -> None:
         """After this layer's params were replaced by ``other``'s (a val/test net using
         the train net's weights), read the stacked arrays of ``other`` for the groups whose
@@ -543,6 +549,7 @@ class RNNLayer(_Recurrent):
 
     TYPE_NAME = "kRNN"
     CONF_FIELD = "rnn_conf"
+    required = (("rnn_conf", "dim_hidden"),)
     GATES = 1
 
     @classmethod
@@ -588,6 +595,7 @@ class GRULayer(_Recurrent):
 
     TYPE_NAME = "kGRU"
     CONF_FIELD = "gru_conf"
+    required = (("gru_conf", "dim_hidden"),)
     GATES = 3
     #: the gradient at W_h h differs from the one at the input projection (r ⊙ in c)
     separate_dhproj = True
@@ -633,6 +641,7 @@ class LSTMLayer(_Recurrent):
 
     TYPE_NAME = "kLSTM"
     CONF_FIELD = "lstm_conf"
+    required = (("lstm_conf", "dim_hidden"),)
     GATES = 4
 
     @classmethod

@@ -1,0 +1,115 @@
+"""Metrics of a run: averaging (sum, count) pairs, the metrics log, the console format
+and the progress bar."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+import time
+
+
+def derived_metrics(metrics: dict, net) -> dict:
+    """{name: value} from {name: [sum, count]}, with what the net's loss layers derive
+    from those values (perplexity; bits per character when the net reads text)."""
+    out = {k: (s / c if c else float("nan")) for k, (s, c) in metrics.items() if k != "objective"}
+    text = any(lay.text for lay in net.inputs)
+    for lay in net.losses:
+        out.update(lay.derived_metrics(out, text))
+    return out
+
+
+def merge_metrics(total: dict, batch: dict) -> None:
+    for k, (s, c) in batch.items():
+        slot = total.setdefault(k, [0.0, 0.0])
+        slot[0] += s
+        slot[1] += c
+
+
+class MetricsLog:
+    """Appends one JSON object per display or evaluation to <workspace>/metrics.jsonl,
+    and, when tensorboardX is installed, the same numbers as TensorBoard scalars under
+    <workspace>/tensorboard (``<phase>/<metric>``)."""
+
+    def __init__(self, path: pathlib.Path):
+        self.path = path
+        self._tb = None
+        self._tb_tried = False
+
+    def _board(self):
+        if not self._tb_tried:
+            self._tb_tried = True
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                return None
+            self._tb = SummaryWriter(str(self.path.parent / "tensorboard"))
+        return self._tb
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records newer than ``step`` (resume from a checkpoint at that step)."""
+        if not self.path.exists():
+            return
+        keep = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        tb = self._board()
+        if tb is not None:
+            for k, v in record.items():
+                if k not in ("step", "phase") and isinstance(v, (int, float)):
+                    tb.add_scalar(f"{record.get('phase', 'train')}/{k}", v, record.get("step", 0))
+            tb.flush()
+
+
+def fmt_metrics(values: dict) -> str:
+    parts = []
+    for k in ("loss", "accuracy", "perplexity", "bpc", "mse"):
+        if k in values:
+            parts.append(f"{k} {values[k]:.4f}")
+    for k, v in values.items():
+        if k not in ("loss", "accuracy", "perplexity", "bpc", "mse"):
+            parts.append(f"{k} {v:.4g}")
+    return "  ".join(parts)
+
+
+def fmt_time(sec: float) -> str:
+    sec = int(sec)
+    return f"{sec // 3600}:{sec % 3600 // 60:02d}:{sec % 60:02d}"
+
+
+class Progress:
+    """A one-line progress bar on a terminal (stderr); silent otherwise."""
+
+    def __init__(self, total: int, start: int = 0):
+        self.total = max(1, total)
+        self.on = sys.stderr.isatty()
+        self.t0 = time.time()
+        self.start = start
+
+    def update(self, step: int) -> None:
+        if not self.on:
+            return
+        frac = step / self.total
+        width = 30
+        bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
+        done = step - self.start
+        rate = done / max(1e-9, time.time() - self.t0)
+        eta = (self.total - step) / rate if rate > 0 else 0
+        sys.stderr.write(f"\r[{bar}] {step}/{self.total} {rate:.2f} step/s eta {fmt_time(eta)} ")
+        sys.stderr.flush()
+
+    def clear(self) -> None:
+        if self.on:
+            sys.stderr.write("\r" + " " * 79 + "\r")
+            sys.stderr.flush()
