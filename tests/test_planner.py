@@ -7,6 +7,7 @@ import pytest
 import test_gradcheck as gc
 from engine.backend import make_backend
 from engine.config import Phase, load_job
+from engine.layers.recurrent import Recurrent
 from engine.net import Net
 from engine.planner import NotPlannable, PlannedWorker, make_worker, plan
 from engine.proto import job_pb2 as pb
@@ -23,7 +24,7 @@ UPDATER = ('updater { type: kRMSProp rmsprop_conf { rho: 0.9 } '
 def fold_mode(request, monkeypatch):
     """Every comparison runs twice: with the LSTM/RNN input projection folded into the
     step GEMM (z = [h; x; 1]) and with it as a separate all-steps GEMM."""
-    monkeypatch.setattr(PlannedWorker, "FOLD_INPUT", 1e9 if request.param.startswith("input-in") else 0.0)
+    monkeypatch.setattr(Recurrent, "FOLD_INPUT", 1e9 if request.param.startswith("input-in") else 0.0)
     return request.param
 
 
@@ -57,10 +58,9 @@ def assert_same(tmp_path, text, steps=3):
             np.testing.assert_allclose(b.data, a.data, rtol=1e-9, atol=1e-12,
                                        err_msg=f"step {step} param {a.name}")
     assert set(w_r.carry) == set(w_p.carry)
-    folded = {key[0] for key in w_p._bufs if key[1] == "z"}
-    summing = {n for n, lay in net_p.layers.items() if getattr(lay, "recurrent", False)
-               and lay.sums_projections}
-    assert folded == (summing if PlannedWorker.FOLD_INPUT > 1 else set())
+    folded = {n for n, lay in net_p.layers.items() if lay.recurrent and lay.folds_input}
+    summing = {n for n, lay in net_p.layers.items() if lay.recurrent and lay.cell.sums_projections}
+    assert folded == (summing if Recurrent.FOLD_INPUT > 1 else set())
 
 
 @pytest.mark.parametrize("kind", ["gru", "lstm", "rnn", "rnn-relu"])
@@ -143,7 +143,7 @@ def test_not_plannable_falls_back_with_the_reason(tmp_path):
     path = gc.write_job(tmp_path, text)
     job = load_job(path)
     net = Net(unroll(job.neuralnet, Phase.TRAIN), make_backend(None), net_info(path, tmp_path, 0))
-    with pytest.raises(NotPlannable, match='layer "ip" reads "rec" with a shift'):
+    with pytest.raises(NotPlannable, match=r'layer "ip" \(kInnerProduct\) reads "rec" with a shift'):
         plan(net)
     w, note = make_worker(net)
     assert type(w) is Worker and "with a shift" in note

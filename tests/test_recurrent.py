@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from engine.layers.base import Context, LayerError
-from engine.layers.recurrent import GRULayer, LSTMLayer, RNNLayer
+from engine.layers.recurrent import GRULayer, LSTMLayer, Recurrent, RNNLayer
 from engine.proto import job_pb2 as pb
 from layercheck import FakeSrc, check_layer, rel_err
 
@@ -79,7 +79,7 @@ def test_single_step_gradients(kind, act, bias, mask):
     x = rng.standard_normal((B, D))
     state = rand_state(layer, rng)
     n_params = len(layer.params)
-    assert n_params == (len(layer.hx_keys) * (3 if bias else 2))
+    assert n_params == (len(layer.weights.keys("x")) * (3 if bias else 2))
     err = check_layer(layer, [x], state, ctx_factory=ctx_with(mask), eps=1e-4, tol=1e-6)
     assert err < 1e-6
 
@@ -172,12 +172,16 @@ def test_bptt_four_steps(kind, act):
         assert np.any(num != 0), name
 
 
+@pytest.mark.parametrize("fold", [True, False], ids=["input-in-step-gemm", "separate-input-gemm"])
 @pytest.mark.parametrize("kind,act", VARIANTS, ids=VARIANT_IDS)
-def test_time_batched_projection_equals_steps(kind, act):
-    """project() of all T steps in one GEMM + per-step recurrence == T plain steps,
-    and one projection_backward over all steps == the per-step backward."""
+def test_block_equals_steps(kind, act, fold, monkeypatch):
+    """forward_block over T copies == T single-copy forwards with the state carried, and
+    backward_block == the per-copy backward: outputs, final state, the input gradient, the
+    initial state's gradient and every param gradient (with masks, both input layouts)."""
+    monkeypatch.setattr(Recurrent, "FOLD_INPUT", 1e9 if fold else 0.0)
     T = 4
     layer = build(kind, activation=act)
+    assert layer.folds_input == (fold and layer.cell.sums_projections)
     rng = np.random.default_rng(5)
     X = rng.standard_normal((T, B, D))
     state0 = rand_state(layer, rng)
@@ -194,26 +198,24 @@ def test_time_batched_projection_equals_steps(kind, act):
 
     for p in layer.params.values():
         p.grad[...] = 0
-    P = layer.project(X)
-    assert P.shape == (T, B, layer.GATES * H)
-    state, ys2, step_caches = state0, [], []
-    for t in range(T):
-        y, state, sc = layer.step_from_projection(P[t], state, masks[t])
-        ys2.append(y)
-        step_caches.append(sc)
-    for a, b in zip(ys, ys2):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
-    for a, b in zip(_flat(last), _flat(state)):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
-    dP, dstate2 = np.zeros_like(P), layer.zero_state(B)
-    for t in reversed(range(T)):
-        dP[t], dstate2 = layer.step_backward(R[t], dstate2, step_caches[t])
-    dX2 = layer.projection_backward(X, dP)
-    np.testing.assert_allclose(dX2, dX, rtol=1e-10, atol=1e-12)
-    for a, b in zip(_flat(dstate), _flat(dstate2)):
-        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    mask = np.stack([np.ones(B) if m is None else m for m in masks]).reshape(-1)
+    ctx = Context(step=0, unroll_len=T, mask=mask, steps=np.arange(T), batch=B,
+                  aux=[None], need_input_grads=[True], need_state_grad=True)
+    Y, final, cache = layer.forward_block(ctx, [X.reshape(T * B, D)], state0)
+    np.testing.assert_allclose(Y.reshape(T, B, H), np.stack(ys), rtol=1e-12, atol=1e-12)
+    for a, b in zip(_flat(last), _flat(final)):
+        np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12)
+    (dXb,), dstate0 = layer.backward_block(ctx, R.reshape(T * B, H), cache)
+    np.testing.assert_allclose(dXb.reshape(T, B, D), dX, rtol=1e-10, atol=1e-12)
+    for a, b in zip(_flat(dstate), _flat(dstate0)):
+        np.testing.assert_allclose(b, a, rtol=1e-10, atol=1e-12)
     for k, p in layer.params.items():
         np.testing.assert_allclose(p.grad, ref_grads[k], rtol=1e-10, atol=1e-12, err_msg=k)
+    # what nothing asks for is not computed
+    ctx.need_input_grads, ctx.need_state_grad = [False], False
+    Y, final, cache = layer.forward_block(ctx, [X.reshape(T * B, D)], state0)
+    (dXb,), dstate0 = layer.backward_block(ctx, R.reshape(T * B, H), cache)
+    assert dXb is None and dstate0 is None
 
 
 # -------------------------------------------------------------------- masking
@@ -387,19 +389,9 @@ def test_absent_input_uses_bias_only():
 
 
 # --------------------------------------------------------------------- errors
-@pytest.mark.parametrize("kind", ["rnn", "gru", "lstm"])
-def test_missing_dim_hidden(kind):
-    conf = make_conf(kind, name="myrec", hidden=0)
-    with pytest.raises(LayerError, match="'myrec'.*dim_hidden"):
-        CLASSES[kind](conf, np, np.float64).setup([FakeSrc((D,))])
-    conf = pb.LayerProto(name="bare", type=pb.kGRU)
-    with pytest.raises(LayerError, match="'bare'.*dim_hidden"):
-        GRULayer(conf, np, np.float64).setup([FakeSrc((D,))])
-
-
 def test_rnn_bad_activation():
     conf = make_conf("rnn", name="vanilla", activation=pb.SIGMOID)
-    with pytest.raises(LayerError, match="'vanilla'.*SIGMOID.*TANH or RELU"):
+    with pytest.raises(LayerError, match=r'"vanilla".*SIGMOID.*TANH or RELU'):
         RNNLayer(conf, np, np.float64).setup([FakeSrc((D,))])
 
 
@@ -413,22 +405,22 @@ def test_source_errors(kind):
         layer.setup(srcs)
         return layer
 
-    with pytest.raises(LayerError, match="'dec'.*out_shape.*kOneHot or kEmbedding"):
+    with pytest.raises(LayerError, match=r'"dec".*out_shape.*kOneHot or kEmbedding'):
         setup([FakeSrc((), name="ids")])
-    with pytest.raises(LayerError, match="'dec'.*out_shape"):
+    with pytest.raises(LayerError, match=r'"dec".*out_shape'):
         setup([FakeSrc((2, D), name="img")])
-    with pytest.raises(LayerError, match="'dec'.*2 data sources.*kConcate"):
+    with pytest.raises(LayerError, match=r'"dec".*2 data sources.*kConcate'):
         setup([FakeSrc((D,), name="a"), FakeSrc((D,), name="b")])
-    with pytest.raises(LayerError, match="'dec'.*0 data sources"):
+    with pytest.raises(LayerError, match=r'"dec".*0 data sources'):
         setup([FakeSrc((H,), name="enc")], [pb.kUnrollFirstToLast])
-    with pytest.raises(LayerError, match="'dec'.*'enc'.*dim_hidden"):
+    with pytest.raises(LayerError, match=r"\"dec\".*'enc'.*dim_hidden"):
         setup([FakeSrc((H + 1,), name="enc"), FakeSrc((D,))],
               [pb.kUnrollFirstToLast, pb.kUnrollOneToOne])
-    with pytest.raises(LayerError, match="'dec'.*at most one"):
+    with pytest.raises(LayerError, match=r'"dec".*at most one'):
         setup([FakeSrc((H,), name="e1"), FakeSrc((H,), name="e2"), FakeSrc((D,))],
               [pb.kUnrollFirstToLast, pb.kUnrollFirstToLast, pb.kUnrollOneToOne])
     layer = setup([FakeSrc((D,))])
-    with pytest.raises(LayerError, match="'dec'.*expected"):
+    with pytest.raises(LayerError, match=r'"dec".*expected'):
         layer.forward(Context(), [np.zeros((B, D + 1))], None)
 
 
