@@ -1,30 +1,68 @@
-"""char-rnn training speed: the engine against PyTorch, side by side in one process.
+"""char-rnn training speed: the engine and PyTorch, each in its own processes, as users run them.
 
     python -m bench.charrnn [--case gru512|lstm512|rnn512|gru128|gru512x2|all] [--steps N]
-                            [--warmup N] [--executor planned|reference] [--json FILE] [--no-memory]
+                            [--warmup N] [--pairs N] [--framework engine|pytorch|both]
+                            [--executor auto|planned|reference] [--json FILE]
 
-For each case both train the same model (one-hot input, recurrent layer(s),
-linear head, softmax cross-entropy summed over steps and averaged over the
-batch, RMSProp rho 0.95 lr 0.002, element-wise clipping to ±5, state carried
-across batches) on the same random text, float32, on all cores. After a
-warm-up the two alternate, a few steps each, so machine noise hits both alike.
-Reported per framework: median step time, characters per second, model GFLOP/s
-(forward + backward GEMM FLOPs), the fraction of this machine's float32 GEMM
-peak (measured with NumPy at start), and peak memory (each framework trained
-alone in a child process: peak RSS minus the RSS after imports and set-up).
-Then the ratio engine / PyTorch. Both run with glibc's malloc told to keep freed
-memory for reuse (``engine.backend.keep_freed_memory``, which ``engine.train``
-sets too); it is one process, so PyTorch's allocations get the same setting.
-PyTorch is optional (``pip install
-torch==2.13.0``); without it only the engine is measured.
+For each case both frameworks train the same model (one-hot input, recurrent
+layer(s), linear head, softmax cross-entropy summed over steps and averaged over
+the batch, RMSProp rho 0.95 lr 0.002, element-wise clipping to ±5, state carried
+across batches) on the same random text, float32, on all cores.
+
+Method. Two frameworks alternating inside one process get in each other's way
+(each one's idle BLAS/OpenMP worker threads), which no user of either one sees.
+So every measurement here is one child process (``python -m bench.charrnn
+--child ...``) that imports one framework, sets the model up, runs ``--warmup``
+steps, times ``--steps`` steps one by one and prints one JSON line. Start-up
+(interpreter, imports, set-up, warm-up) is outside the step times. The parent
+runs the children one at a time, engine, PyTorch, engine, PyTorch, ... for
+``--pairs`` pairs per case, so slow phases of a busy machine hit both alike; no
+pair is thrown away, as each process warms itself up before its timed steps.
+
+Reported per framework:
+
+- step time: the median of the per-process median step times, and the min–max
+  of those per-process medians. Each process is one sample of what a user gets
+  (its own thread placement and memory layout): its median drops the odd slow
+  step, the median over processes drops the odd slow process, and the range
+  shows how much processes differ.
+- chars/s = batch × unroll / step time; GFLOP/s = the GEMM FLOPs of one
+  forward + backward step (``model_flops``) / step time; and that as a fraction
+  of NumPy's float32 GEMM peak (2048³, best of 5), measured once in its own
+  child process under the engine's environment.
+- memory: each process takes its RSS after set-up (model built, math library
+  warm from a small GEMM), resets its peak counter (``/proc/self/clear_refs``),
+  and takes VmHWM after the last step. Growth = that peak − the set-up RSS;
+  peak RSS = the highest RSS of the whole process. Medians over processes.
+- ratios: speed engine/PyTorch = PyTorch's step time / the engine's (> 1: the
+  engine is faster), per pair, with its median and min–max over the pairs;
+  memory = engine growth / PyTorch growth, and the same for peak RSS.
+
+With every result: CPU model, core count, the BLAS kernel and threads of each
+framework's processes, PyTorch's version and threads.
+
+Environment. ``OPENBLAS_CORETYPE`` and ``OPENBLAS_L2_SIZE`` pin OpenBLAS to an
+older kernel (see README, Speed). When they are set, the engine's processes
+(and the GEMM peak's) run with both removed, and the output says so; PyTorch's
+processes get the environment unchanged (PyTorch brings its own BLAS, MKL in the
+x86 wheels, which does not read them).
+The engine's processes call ``engine.backend.keep_freed_memory()``, as
+``engine.train`` does. PyTorch's do not: a PyTorch user does not get that
+malloc setting, and PyTorch no longer shares a process with the engine.
+
+PyTorch is optional (``pip install torch==2.13.0``); without it the engine is
+measured alone and the output says so. A child that fails stops the run with
+``error:`` and the child's last stderr line, and the command exits 1.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import importlib.util
 import json
 import os
 import pathlib
-import resource
+import re
 import statistics
 import subprocess
 import sys
@@ -46,10 +84,16 @@ CASES = {
     "gru512x2": ("GRU", 512, 50, 50, 101, 2),
 }
 GATES = {"GRU": 3, "LSTM": 4, "RNN": 1}
+FRAMEWORKS = ("engine", "pytorch")
+NAMES = {"engine": "engine", "pytorch": "PyTorch"}
+#: removed from the environment of the engine's processes when set (see the module docstring)
+UNSET_FOR_ENGINE = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+#: seconds one child process may run before it counts as failed
+CHILD_TIMEOUT_S = 3600
 
 
 def gemm_peak() -> float:
-    """Best float32 GEMM rate of NumPy on this machine, GFLOP/s."""
+    """Best float32 GEMM rate of NumPy in this process, GFLOP/s: 2·n³ / best time, n = 2048."""
     n = 2048
     a = np.random.default_rng(0).random((n, n), dtype=np.float32)
     b = np.random.default_rng(1).random((n, n), dtype=np.float32)
@@ -62,19 +106,37 @@ def gemm_peak() -> float:
     return 2 * n ** 3 / best / 1e9
 
 
-def blas_info() -> str:
-    """NumPy's BLAS and the kernel it runs (threadpoolctl, from the ``bench`` extra), and
-    the OPENBLAS_* variables that choose that kernel, when set."""
-    forced = ", ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("OPENBLAS_"))
+def thread_pools() -> list[dict] | None:
+    """The BLAS and OpenMP libraries loaded in this process with their kernel and thread
+    count (threadpoolctl, from the ``bench`` extra); None without threadpoolctl."""
     try:
         import threadpoolctl
     except ImportError:
-        desc = "BLAS kernel unknown (pip install threadpoolctl)"
-    else:
-        libs = [i for i in threadpoolctl.threadpool_info() if i.get("user_api") == "blas"]
-        desc = "; ".join(f"{i.get('internal_api')} {i.get('version')} kernel {i.get('architecture')}, "
-                         f"{i.get('num_threads')} threads" for i in libs) or "no BLAS found"
-    return desc + (f" (set here: {forced})" if forced else "")
+        return None
+    keys = ("user_api", "internal_api", "version", "architecture", "num_threads", "prefix")
+    return [{k: i.get(k) for k in keys} for i in threadpoolctl.threadpool_info()]
+
+
+def describe_blas(pools: list[dict] | None) -> str:
+    """One line for the BLAS libraries among ``pools`` (see ``thread_pools``)."""
+    if pools is None:
+        return "BLAS kernel unknown (pip install threadpoolctl)"
+    return "; ".join(f"{i['internal_api']} {i['version']} kernel {i['architecture']}, "
+                     f"{i['num_threads']} threads" for i in pools if i["user_api"] == "blas") \
+        or "no BLAS found"
+
+
+def cpu_model() -> str:
+    """The CPU's "model name" from /proc/cpuinfo (the platform's processor string elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or "unknown"
 
 
 def model_flops(cell, H, B, T, V, layers) -> float:
@@ -124,6 +186,8 @@ cluster {{ workspace: "{ws}" }}
 
 
 class EngineRunner:
+    """The engine's char-rnn: the job of ``job_text`` built as ``engine.train`` builds it."""
+
     def __init__(self, case, tmp: pathlib.Path, executor: str):
         from engine.backend import make_backend
         from engine.config import Phase, normalise, parse_job, validate
@@ -153,8 +217,19 @@ class EngineRunner:
         self.step_no += 1
         return m["loss"][0] / m["loss"][1]
 
+    def warm_library(self) -> None:
+        """One small GEMM, so NumPy's BLAS has its buffers and threads before the set-up RSS."""
+        a = np.ones((64, 64), np.float32)
+        a @ a
+
+    def describe(self) -> dict:
+        pools = thread_pools()
+        return {"executor": self.note, "pools": pools, "blas": "NumPy BLAS: " + describe_blas(pools)}
+
 
 class TorchRunner:
+    """The same model in PyTorch: nn.GRU/LSTM/RNN, nn.Linear, RMSprop, clamped gradients."""
+
     def __init__(self, case):
         import torch
         from torch import nn
@@ -194,146 +269,296 @@ class TorchRunner:
         self.opt.step()
         return float(loss.detach()) / T
 
+    def warm_library(self) -> None:
+        """One small matrix product, so PyTorch's BLAS and threads are up before the set-up RSS."""
+        t = self.torch.ones(64, 64)
+        t @ t
+
+    def describe(self) -> dict:
+        torch = self.torch
+        built = re.search(r"BLAS_INFO=(\w+)", torch.__config__.show())
+        return {"pytorch": torch.__version__, "threads": torch.get_num_threads(),
+                "interop_threads": torch.get_num_interop_threads(), "pools": thread_pools(),
+                "blas": f"PyTorch {torch.__version__}: BLAS {built.group(1) if built else 'unknown'}, "
+                        f"CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+                        f"{torch.get_num_threads()} threads, "
+                        f"{torch.get_num_interop_threads()} inter-op threads"}
+
 
 def have_torch() -> bool:
+    """Whether PyTorch is installed (found, not imported: the parent never loads it)."""
+    return importlib.util.find_spec("torch") is not None
+
+
+# ---------------------------------------------------------------- the child process
+
+def _status_mib(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in MiB; 0 where there is none."""
     try:
-        import torch  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
-def memory_child(framework: str, case: str, steps: int, executor: str) -> dict:
-    """Peak RSS of training ``steps`` steps alone in a child process (MiB)."""
-    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from bench.charrnn import _mem_main; "
-            f"_mem_main({framework!r}, {case!r}, {steps}, {executor!r})")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
-    if r.returncode != 0:
-        return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "failed"}
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return 0.0
 
 
-def _hwm_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _reset_peak() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux ≥ 4.0); False where refused."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
-def _mem_main(framework, case, steps, executor):
-    """Peak RSS of training, over the RSS of the set-up model with its math library warm:
-    a small GEMM first (BLAS/oneDNN buffers and thread pools are not the model's), then
-    the peak counter is reset (/proc/self/clear_refs 5) and ``steps`` steps run."""
-    from engine.backend import keep_freed_memory
-    keep_freed_memory()  # the same allocator setting as the timed runs, for either framework
+def child_main(kind: str, case: str, steps: int, warmup: int, executor: str) -> int:
+    """One measurement: print one JSON line with this process's result.
+
+    ``kind`` "gemm": NumPy's GEMM peak and BLAS. "engine"/"pytorch": set up ``case``,
+    warm the math library, take the set-up RSS, reset the peak counter, run ``warmup``
+    steps, then time ``steps`` steps one by one (``step_s``), and take the peak RSS.
+    """
+    rep: dict = {"kind": kind, "malloc": "default"}
+    if kind in ("engine", "gemm"):
+        from engine.backend import keep_freed_memory  # as engine.train does
+        rep["malloc"] = "keeps freed memory" if keep_freed_memory() else "default (no glibc)"
+    if kind == "gemm":
+        rep["gemm_peak_gflops"] = round(gemm_peak(), 1)
+        rep["pools"] = thread_pools()
+        rep["blas"] = "NumPy BLAS: " + describe_blas(rep["pools"])
+        print(json.dumps(rep))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
-        if framework == "engine":
-            runner = EngineRunner(case, pathlib.Path(tmp), executor)
-            a = np.ones((64, 64), np.float32)
-            a @ a
-        else:
-            runner = TorchRunner(case)
-            t = runner.torch.ones(64, 64)
-            t @ t
-        base = _rss_mib()
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            pass
+        runner = EngineRunner(case, pathlib.Path(tmp), executor) if kind == "engine" else TorchRunner(case)
+        runner.warm_library()
+        setup_rss, setup_peak = _status_mib("VmRSS"), _status_mib("VmHWM")
+        reset = _reset_peak()
+        loss = float("nan")
+        for _ in range(warmup):
+            loss = runner.step()
+        times = []
         for _ in range(steps):
-            runner.step()
-        peak = _hwm_mib()
-        print(json.dumps({"peak_rss_mib": round(peak, 1), "base_rss_mib": round(base, 1),
-                          "train_mib": round(peak - base, 1)}))
+            t = time.perf_counter()
+            loss = runner.step()
+            times.append(time.perf_counter() - t)
+        peak = _status_mib("VmHWM")
+    rep.update(runner.describe())
+    rep.update({"step_s": [round(t, 6) for t in times], "last_loss": round(loss, 4),
+                "setup_rss_mib": round(setup_rss, 1),
+                # without the reset the peak may be set-up's, so growth is an upper bound
+                "peak_reset": reset, "train_mib": round(peak - setup_rss, 1),
+                "peak_rss_mib": round(max(peak, setup_peak), 1)})
+    print(json.dumps(rep))
+    return 0
 
 
-def run_case(case, steps, warmup, executor, peak, memory) -> dict:
+# ---------------------------------------------------------------- the parent
+
+class ChildFailed(Exception):
+    """A measurement process exited non-zero, timed out or printed no result."""
+
+
+def child_env(kind: str, environ) -> tuple[dict, dict]:
+    """(the environment for a child of ``kind``, the variables taken out of it).
+
+    The engine's and the GEMM peak's children run without ``UNSET_FOR_ENGINE``;
+    PyTorch's get ``environ`` unchanged."""
+    env = dict(environ)
+    removed = {}
+    if kind in ("engine", "gemm"):
+        removed = {k: env.pop(k) for k in UNSET_FOR_ENGINE if k in env}
+    return env, removed
+
+
+def unset_note(removed: dict) -> str:
+    return ("unset " + ", ".join(f"{k}={v}" for k, v in removed.items())
+            + " for the engine's processes (see README)")
+
+
+def child_argv(kind: str, case: str, steps: int, warmup: int, executor: str) -> list[str]:
+    """The command line of one measurement process."""
+    return [sys.executable, "-m", "bench.charrnn", "--child", kind, "--case", case,
+            "--steps", str(steps), "--warmup", str(warmup), "--executor", executor]
+
+
+def run_child(kind: str, case: str, steps: int, warmup: int, executor: str, label: str) -> dict:
+    """Run one measurement process (in the repository root, so it imports this checkout's
+    ``bench`` and ``engine``) and return its JSON result plus its wall time ``process_s``."""
+    env, _ = child_env(kind, os.environ)
+    t = time.perf_counter()
+    try:
+        r = subprocess.run(child_argv(kind, case, steps, warmup, executor), capture_output=True,
+                           text=True, env=env, cwd=ROOT, timeout=CHILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise ChildFailed(f"{label} ran past {CHILD_TIMEOUT_S} s and was stopped") from None
+    wall = time.perf_counter() - t
+    if r.returncode != 0:
+        how = f"exit {r.returncode}" if r.returncode > 0 else f"killed by signal {-r.returncode}"
+        last = r.stderr.strip().splitlines()
+        raise ChildFailed(f"{label} failed ({how}): {last[-1] if last else 'no message on stderr'}")
+    try:
+        rep = json.loads(r.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        raise ChildFailed(f"{label} printed no result line") from None
+    rep["process_s"] = round(wall, 3)
+    return rep
+
+
+def _mid(values) -> tuple[float, float, float]:
+    return statistics.median(values), min(values), max(values)
+
+
+def summarise(runs: list[dict], flops: float, chars: int, peak: float) -> dict:
+    """One framework's result from its processes' reports (see the module docstring):
+    step time = median of the per-process medians, range = their min–max."""
+    meds = [statistics.median(r["step_s"]) for r in runs]
+    med, lo, hi = _mid(meds)
+    gf = flops / med / 1e9
+    train, train_lo, train_hi = _mid([r["train_mib"] for r in runs])
+    rss, rss_lo, rss_hi = _mid([r["peak_rss_mib"] for r in runs])
+    return {"processes": len(runs), "process_median_step_s": [round(m, 6) for m in meds],
+            "median_step_s": round(med, 6), "min_step_s": round(lo, 6), "max_step_s": round(hi, 6),
+            "chars_per_s": round(chars / med, 1),
+            "chars_per_s_range": [round(chars / hi, 1), round(chars / lo, 1)],
+            "gflops": round(gf, 2), "peak_fraction": round(gf / peak, 3),
+            "train_mib": train, "train_mib_range": [train_lo, train_hi],
+            "peak_rss_mib": rss, "peak_rss_mib_range": [rss_lo, rss_hi],
+            "setup_rss_mib": statistics.median(r["setup_rss_mib"] for r in runs),
+            "last_loss": runs[-1]["last_loss"], "blas": runs[0]["blas"],
+            "malloc": runs[0]["malloc"], "runs": runs}
+
+
+def ratios(eng: dict, pt: dict) -> dict:
+    """engine/PyTorch: speed per pair (PyTorch's step time / the engine's, same pair index),
+    its median and min–max; memory growth and peak RSS (medians over processes)."""
+    pairs = [p / e for e, p in zip(eng["process_median_step_s"], pt["process_median_step_s"])]
+    med, lo, hi = _mid(pairs)
+    return {"ratio_speed": round(med, 3), "ratio_speed_min": round(lo, 3),
+            "ratio_speed_max": round(hi, 3), "ratio_speed_pairs": [round(r, 3) for r in pairs],
+            "ratio_memory": round(eng["train_mib"] / max(1e-9, pt["train_mib"]), 3),
+            "ratio_peak_rss": round(eng["peak_rss_mib"] / max(1e-9, pt["peak_rss_mib"]), 3)}
+
+
+def run_case(case: str, a, frameworks: tuple[str, ...], peak: float) -> dict:
+    """Alternate the frameworks' processes for ``a.pairs`` pairs; print each pair as it ends."""
     cell, H, B, T, V, layers = CASES[case]
     flops = model_flops(cell, H, B, T, V, layers)
     res = {"case": case, "cell": cell, "hidden": H, "batch": B, "unroll": T, "vocab": V,
            "layers": layers, "gflop_per_step": round(flops / 1e9, 3)}
-    with tempfile.TemporaryDirectory() as tmp:
-        runners = {"engine": EngineRunner(case, pathlib.Path(tmp), executor)}
-        res["engine_executor"] = runners["engine"].note
-        if have_torch():
-            runners["pytorch"] = TorchRunner(case)
-        times = {k: [] for k in runners}
-        losses = {k: [] for k in runners}
-        for r in runners.values():
-            for _ in range(warmup):
-                r.step()
-        per_round = 3
-        done = 0
-        while done < steps:
-            for k, r in runners.items():
-                for _ in range(min(per_round, steps - done)):
-                    t = time.perf_counter()
-                    losses[k].append(r.step())
-                    times[k].append(time.perf_counter() - t)
-            done += per_round
-    for k, ts in times.items():
-        med = statistics.median(ts)
-        gf = flops / med / 1e9
-        res[k] = {"median_step_s": round(med, 5), "chars_per_s": round(B * T / med, 1),
-                  "gflops": round(gf, 2), "peak_fraction": round(gf / peak, 3),
-                  "last_loss": round(losses[k][-1], 4)}
-        if memory:
-            res[k].update(memory_child(k, case, max(3, warmup + 2), executor))
-    if "pytorch" in res:
-        res["ratio_speed"] = round(res["engine"]["chars_per_s"] / res["pytorch"]["chars_per_s"], 3)
-        if memory and "train_mib" in res["engine"] and "train_mib" in res["pytorch"]:
-            res["ratio_memory"] = round(res["engine"]["train_mib"] / max(1e-9, res["pytorch"]["train_mib"]), 3)
+    print(f"\n{case}: {cell} {H} x{layers} batch {B} unroll {T} vocab {V} "
+          f"({res['gflop_per_step']} GFLOP/step)", flush=True)
+    runs = {k: [] for k in frameworks}
+    for i in range(a.pairs):
+        line = []
+        for k in frameworks:
+            rep = run_child(k, case, a.steps, a.warmup, a.executor,
+                            f"{k} process {i + 1} of {a.pairs} ({case})")
+            runs[k].append(rep)
+            line.append(f"{NAMES[k]} {statistics.median(rep['step_s']) * 1000:.2f} ms/step")
+        print(f"  {'pair' if len(frameworks) == 2 else 'run'} {i + 1}: " + ", ".join(line), flush=True)
+    if "engine" in runs:
+        res["engine_executor"] = runs["engine"][0]["executor"]
+    for k, rs in runs.items():
+        res[k] = summarise(rs, flops, B * T, peak)
+    if len(frameworks) == 2:
+        res.update(ratios(res["engine"], res["pytorch"]))
     return res
+
+
+def print_case(r: dict) -> None:
+    if "engine_executor" in r:
+        print(f"  engine {r['engine_executor']}")
+    for k in FRAMEWORKS:
+        if k not in r:
+            continue
+        x = r[k]
+        print(f"  {NAMES[k]:<8} {x['median_step_s'] * 1000:8.2f} ms/step (min-max {x['min_step_s'] * 1000:.2f}"
+              f"-{x['max_step_s'] * 1000:.2f} over {x['processes']} process{'es' * (x['processes'] > 1)})  "
+              f"{x['chars_per_s']:10,.0f} chars/s  {x['gflops']:7.1f} GFLOP/s  "
+              f"{100 * x['peak_fraction']:5.1f}% of peak  memory +{x['train_mib']:.0f} MiB, "
+              f"peak RSS {x['peak_rss_mib']:.0f} MiB")
+        print(f"           {x['blas']}; malloc {x['malloc']}")
+    if "ratio_speed" in r:
+        print(f"  engine/PyTorch speed {r['ratio_speed']:.2f} (min-max {r['ratio_speed_min']:.2f}-"
+              f"{r['ratio_speed_max']:.2f} over {len(r['ratio_speed_pairs'])} pair{'s' * (len(r['ratio_speed_pairs']) > 1)}), memory "
+              f"{r['ratio_memory']:.2f} (growth), peak RSS {r['ratio_peak_rss']:.2f}")
+
+
+def _count(lowest: int):
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if n < lowest:
+            raise argparse.ArgumentTypeError(f"must be at least {lowest}, got {n}")
+        return n
+    return parse
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.charrnn", description=__doc__.splitlines()[0])
     ap.add_argument("--case", default="all", choices=[*CASES, "all"])
-    ap.add_argument("--steps", type=int, default=30, help="measured steps per framework")
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=_count(1), default=30, help="timed steps per process")
+    ap.add_argument("--warmup", type=_count(0), default=3, help="untimed steps per process first")
+    ap.add_argument("--pairs", type=_count(1), default=5,
+                    help="processes per framework, alternating engine, PyTorch (default 5)")
+    ap.add_argument("--framework", default="both", choices=["engine", "pytorch", "both"])
     ap.add_argument("--executor", default="auto", choices=["auto", "planned", "reference"])
-    ap.add_argument("--no-memory", action="store_true", help="skip the child-process memory runs")
     ap.add_argument("--json", help="also write the results as one JSON object to this file")
+    ap.add_argument("--child", choices=["engine", "pytorch", "gemm"], help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    from engine.backend import keep_freed_memory
-    # as engine.train does; process-wide, so PyTorch's allocations get it as well
-    malloc = "keeps freed memory" if keep_freed_memory() else "default (no glibc)"
-    peak = gemm_peak()
-    blas = blas_info()
-    print(f"float32 GEMM peak (NumPy, 2048^3): {peak:.1f} GFLOP/s; cores {os.cpu_count()}; "
-          f"PyTorch {'present' if have_torch() else 'absent'}\nNumPy BLAS: {blas}\n"
-          f"malloc (both frameworks, one process): {malloc}")
-    cases = list(CASES) if a.case == "all" else [a.case]
-    results = []
-    for case in cases:
-        r = run_case(case, a.steps, a.warmup, a.executor, peak, not a.no_memory)
-        results.append(r)
-        print(f"\n{case}: {r['cell']} {r['hidden']} x{r['layers']} batch {r['batch']} unroll "
-              f"{r['unroll']} vocab {r['vocab']} ({r['gflop_per_step']} GFLOP/step; "
-              f"{r['engine_executor']})")
-        for k in ("engine", "pytorch"):
-            if k in r:
-                x = r[k]
-                mem = (f"  peak mem +{x['train_mib']:.0f} MiB" if "train_mib" in x else "")
-                print(f"  {k:<8} {x['median_step_s'] * 1000:8.1f} ms/step  {x['chars_per_s']:10,.0f} "
-                      f"chars/s  {x['gflops']:7.1f} GFLOP/s  {100 * x['peak_fraction']:5.1f}% of peak"
-                      f"{mem}")
-        if "ratio_speed" in r:
-            print(f"  engine/PyTorch speed {r['ratio_speed']:.2f}" +
-                  (f", memory {r['ratio_memory']:.2f}" if "ratio_memory" in r else ""))
+    if a.child:
+        if a.case == "all" and a.child != "gemm":
+            ap.error("--child needs one --case")
+        return child_main(a.child, a.case, a.steps, a.warmup, a.executor)
+
+    torch_found = have_torch()
+    if a.framework == "pytorch" and not torch_found:
+        ap.error("PyTorch is not installed (pip install torch==2.13.0); use --framework engine")
+    frameworks = ("engine", "pytorch") if a.framework == "both" else (a.framework,)
+    alone = a.framework == "both" and not torch_found
+    if alone:
+        frameworks = ("engine",)
+    _, removed = child_env("engine", os.environ)
+    try:
+        gemm = run_child("gemm", "gru128", 1, 0, a.executor, "the NumPy GEMM peak process")
+        peak = gemm["gemm_peak_gflops"]
+        machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "numpy_blas": gemm["blas"],
+                   "numpy_pools": gemm["pools"], "gemm_peak_gflops": peak,
+                   "pytorch": importlib.metadata.version("torch") if torch_found else None,
+                   "unset_for_engine": removed}
+        print(f"CPU: {machine['cpu']}, {machine['cores']} cores")
+        print(f"{gemm['blas']} (in the engine's processes); float32 GEMM peak (NumPy, 2048^3): "
+              f"{peak:.1f} GFLOP/s")
+        if removed:
+            print(unset_note(removed))
+        print(f"PyTorch {machine['pytorch']} (threads: see each case)" if torch_found else
+              "PyTorch is not installed: the engine is measured alone (pip install torch==2.13.0)")
+        order = (f"engine and PyTorch alternating, {a.pairs} pair{'s' * (a.pairs > 1)}"
+                 if len(frameworks) == 2 else f"{a.pairs} run{'s' * (a.pairs > 1)}")
+        print(f"each run in its own process, {order}; {a.warmup} warm-up + {a.steps} timed "
+              f"steps per process; step time = median of the per-process medians", flush=True)
+        results = []
+        for case in (list(CASES) if a.case == "all" else [a.case]):
+            r = run_case(case, a, frameworks, peak)
+            print_case(r)
+            results.append(r)
+    except ChildFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if "pytorch" in frameworks:
+        pt = results[0]["pytorch"]["runs"][0]
+        machine.update(pytorch_threads=pt["threads"], pytorch_interop_threads=pt["interop_threads"],
+                       pytorch_blas=pt["blas"])
     if a.json:
-        pathlib.Path(a.json).write_text(json.dumps({"gemm_peak_gflops": round(peak, 1),
-                                                    "numpy_blas": blas, "malloc": malloc,
+        settings = {"steps": a.steps, "warmup": a.warmup, "pairs": a.pairs, "executor": a.executor,
+                    "frameworks": list(frameworks), "engine_alone_without_pytorch": alone,
+                    "step_time": "median of the per-process median step times"}
+        pathlib.Path(a.json).write_text(json.dumps({**machine, "settings": settings,
                                                     "cases": results}, indent=1))
     return 0
 

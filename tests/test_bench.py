@@ -1,23 +1,118 @@
-"""The benchmarks run and report what they claim (tiny settings; no timing is checked)."""
+"""The benchmarks run and report what they claim (tiny settings; no timing value is checked)."""
 from __future__ import annotations
 
 import json
+import os
+
+import pytest
 
 from bench import charrnn, gemm_layout
+
+TINY = ["--case", "gru128", "--steps", "2", "--pairs", "1", "--warmup", "1"]
+
+
+def _check_run(run: dict, steps: int) -> None:
+    assert len(run["step_s"]) == steps and all(t > 0 for t in run["step_s"])
+    assert 0 < run["setup_rss_mib"] <= run["peak_rss_mib"]
+    assert 0 < run["last_loss"] < 10  # a cross-entropy over 101 symbols, not NaN
+    assert run["process_s"] > sum(run["step_s"])  # start-up lies outside the step times
 
 
 def test_charrnn_bench_smallest_case(tmp_path, capsys):
     out = tmp_path / "b.json"
-    assert charrnn.main(["--case", "gru128", "--steps", "2", "--warmup", "1", "--no-memory",
-                         "--json", str(out)]) == 0
+    assert charrnn.main([*TINY, "--json", str(out)]) == 0
+    text = capsys.readouterr().out
     res = json.loads(out.read_text())
-    assert res["gemm_peak_gflops"] > 0 and "NumPy BLAS" in capsys.readouterr().out
+    assert res["gemm_peak_gflops"] > 0 and "NumPy BLAS" in text and res["numpy_blas"] in text
+    assert res["cores"] == os.cpu_count() and res["cpu"] and f"CPU: {res['cpu']}" in text
+    assert res["settings"]["pairs"] == 1
     (case,) = res["cases"]
     assert case["case"] == "gru128" and "planned" in case["engine_executor"]
     eng = case["engine"]
-    assert eng["median_step_s"] > 0 and eng["chars_per_s"] > 0
-    assert 0 < eng["last_loss"] < 10  # a cross-entropy over 101 symbols, not NaN
-    assert ("ratio_speed" in case) == ("pytorch" in case)
+    assert eng["processes"] == 1 and eng["malloc"] in ("keeps freed memory", "default (no glibc)")
+    _check_run(eng["runs"][0], 2)
+    assert eng["median_step_s"] == eng["min_step_s"] == eng["max_step_s"] > 0
+    assert eng["chars_per_s"] > 0 and eng["gflops"] > 0
+    if charrnn.have_torch():
+        pt = case["pytorch"]
+        _check_run(pt["runs"][0], 2)
+        assert pt["malloc"] == "default"  # measured as PyTorch users run it
+        assert res["pytorch"] in text and res["pytorch_threads"] >= 1
+        assert len(case["ratio_speed_pairs"]) == 1 and case["ratio_memory"] > 0
+        assert "engine/PyTorch speed" in text
+    else:
+        assert "pytorch" not in case and "ratio_speed" not in case
+        assert "the engine is measured alone" in text
+
+
+def test_charrnn_bench_without_pytorch_measures_the_engine_alone(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(charrnn, "have_torch", lambda: False)
+    out = tmp_path / "b.json"
+    assert charrnn.main([*TINY, "--json", str(out)]) == 0
+    assert "PyTorch is not installed: the engine is measured alone" in capsys.readouterr().out
+    res = json.loads(out.read_text())
+    (case,) = res["cases"]
+    assert "pytorch" not in case and "ratio_speed" not in case
+    assert res["settings"]["engine_alone_without_pytorch"] is True
+    with pytest.raises(SystemExit) as e:
+        charrnn.main([*TINY, "--framework", "pytorch"])
+    assert e.value.code == 2 and "PyTorch is not installed" in capsys.readouterr().err
+
+
+def test_a_failed_child_is_reported_with_its_last_stderr_line(capsys, monkeypatch):
+    argv = charrnn.child_argv
+
+    def broken(kind, *rest):  # the engine's child gets an argument it rejects
+        return argv(kind, *rest) + (["--executor", "bogus"] if kind == "engine" else [])
+
+    monkeypatch.setattr(charrnn, "child_argv", broken)
+    assert charrnn.main([*TINY, "--framework", "engine"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: engine process 1 of 1 (gru128) failed (exit 2): ")
+    assert "invalid choice: 'bogus'" in err
+
+
+def test_child_environment_drops_the_openblas_kernel_choice_for_the_engine_only():
+    # a made-up environment: the tests never change the machine's own OPENBLAS_* settings
+    parent = {"OPENBLAS_CORETYPE": "FakeCore", "OPENBLAS_L2_SIZE": "12345", "OPENBLAS_NUM_THREADS": "2"}
+    for kind in ("engine", "gemm"):
+        env, removed = charrnn.child_env(kind, parent)
+        assert env == {"OPENBLAS_NUM_THREADS": "2"}
+        assert removed == {"OPENBLAS_CORETYPE": "FakeCore", "OPENBLAS_L2_SIZE": "12345"}
+    assert charrnn.child_env("pytorch", parent) == (parent, {})
+    assert charrnn.child_env("engine", {"PATH": "/bin"}) == ({"PATH": "/bin"}, {})
+    assert parent["OPENBLAS_CORETYPE"] == "FakeCore"  # the caller's mapping is left alone
+    assert charrnn.unset_note(removed) == ("unset OPENBLAS_CORETYPE=FakeCore, OPENBLAS_L2_SIZE=12345 "
+                                           "for the engine's processes (see README)")
+
+
+def _run(meds, train, rss):
+    # a process whose median step time is meds (its other steps around it)
+    return {"step_s": [meds * 0.5, meds, meds * 3], "train_mib": train, "peak_rss_mib": rss,
+            "setup_rss_mib": 10.0, "last_loss": 4.6, "blas": "b", "malloc": "m"}
+
+
+def test_summary_is_the_median_of_per_process_medians_and_ratios_are_per_pair():
+    eng = charrnn.summarise([_run(0.1, 20, 100), _run(0.3, 22, 104), _run(0.2, 21, 102)],
+                            flops=4e9, chars=1000, peak=100.0)
+    assert eng["median_step_s"] == 0.2 and (eng["min_step_s"], eng["max_step_s"]) == (0.1, 0.3)
+    assert eng["chars_per_s"] == 5000 and eng["chars_per_s_range"] == [3333.3, 10000]
+    assert eng["gflops"] == 20 and eng["peak_fraction"] == 0.2
+    assert eng["train_mib"] == 21 and eng["train_mib_range"] == [20, 22] and eng["peak_rss_mib"] == 102
+    pt = charrnn.summarise([_run(0.2, 40, 200), _run(0.9, 44, 200), _run(0.1, 42, 200)],
+                           flops=4e9, chars=1000, peak=100.0)
+    r = charrnn.ratios(eng, pt)
+    assert r["ratio_speed_pairs"] == [2.0, 3.0, 0.5]  # PyTorch's time / the engine's, pair by pair
+    assert (r["ratio_speed"], r["ratio_speed_min"], r["ratio_speed_max"]) == (2.0, 0.5, 3.0)
+    assert r["ratio_memory"] == 0.5 and r["ratio_peak_rss"] == 0.51
+
+
+def test_bench_counts_must_be_positive(capsys):
+    for bad in (["--pairs", "0"], ["--steps", "0"], ["--warmup", "-1"], ["--pairs", "x"]):
+        with pytest.raises(SystemExit) as e:
+            charrnn.main(["--case", "gru128", *bad])
+        assert e.value.code == 2
+    assert "must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_model_flops_counts_every_gemm():
