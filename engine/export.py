@@ -143,7 +143,7 @@ def export(net: Net, out, vocab=None, where: str = "<net>") -> str:
         x = "x [T, B, %s]" % d["input_size"] if chain.encoder is None else "ids [T, B]"
         state = f"h0 [{L}, B, {H}]" + (f", c0 [{L}, B, {H}]" if chain.kind == pb.kLSTM else "")
         state_out = state.replace("h0", "hT").replace("c0", "cT")
-        return (f"ONNX opset {interop.OPSET}, {d['rnn']} x {L} of {H}; inputs {x}, {state}; "
+        return (f"ONNX opset {interop.OPSET}, {L} x {d['rnn']} {H}; inputs {x}, {state}; "
                 f"outputs logits [T, B, {V}], {state_out}")
     tensors = interop.torch_state(net, where)
     write_file(out, safetensors_io.encode(tensors, interop.metadata(chain, vocab)))
