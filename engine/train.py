@@ -23,6 +23,7 @@ import numpy as np
 from google.protobuf import text_format
 
 from engine import checkpoint as ckpt
+from engine import interop
 from engine.backend import BackendError, keep_freed_memory, make_backend
 from engine.config import ConfigError, Phase, job_dir, load_job
 from engine.layers.input import resolve_path
@@ -73,10 +74,15 @@ class Trainer:
         job = self.job
         vocab = None
         init_arrays = None
+        torch_files = []  # PyTorch's layout: mapped onto the net once it is built
         if job.checkpoint_path:
             init_arrays = {}
             for cp in job.checkpoint_path:
-                arrays, meta = ckpt.load(resolve_path(cp, {"job_dir": str(job_dir(self.path))}))
+                path = resolve_path(cp, {"job_dir": str(job_dir(self.path))})
+                if interop.is_torch_file(path):
+                    torch_files.append(path)
+                    continue
+                arrays, meta = ckpt.load(path)
                 init_arrays.update(arrays)
                 vocab = vocab or meta.get("vocab")
         self.resume_from = None
@@ -116,6 +122,8 @@ class Trainer:
         self.main = main
         self.vocab = main.info.get("vocab")
         if init_arrays is not None:
+            for path in torch_files:
+                init_arrays.update(interop.load_torch_file(main, path))
             load_params(main, init_arrays, ", ".join(job.checkpoint_path))
         self.updater = None
         if Phase.TRAIN in self.nets:

@@ -1,0 +1,498 @@
+"""Interop: a built net's params in PyTorch's layout and as an ONNX graph, and back.
+
+The exportable net (``chain_of``) is one chain from one data layer to a head:
+
+    ids -> kOneHot | kEmbedding -> L x (kRNN | kGRU | kLSTM) -> kInnerProduct     (char / id nets)
+    float features [F]          -> L x (kRNN | kGRU | kLSTM) -> kInnerProduct     (record nets)
+
+with any number of kDropout / kDummy between (identities at inference); data, label,
+loss and output layers are not part of the model. The L recurrent layers share one
+cell type and hidden size H (and, for kRNN, one activation); each link is
+one-to-one without a shift (the data layer may feed the first layer one-to-all).
+
+PyTorch's layout: the keys a module with ``rnn = nn.GRU|nn.LSTM|nn.RNN(D, H, L)``,
+``head = nn.Linear(H, V)`` (and ``embed = nn.Embedding(V, E)`` for a kEmbedding net)
+loads with ``load_state_dict(strict=True)``:
+
+    rnn.weight_ih_l{k}  (G·H, D_k)   gate blocks stacked in PyTorch's order
+    rnn.weight_hh_l{k}  (G·H, H)     GRU r, z, n (engine r, z, c); LSTM i, f, g, o; RNN one
+    rnn.bias_ih_l{k}    (G·H,)
+    rnn.bias_hh_l{k}    (G·H,)
+    head.weight (V, H), head.bias (V,), embed.weight (V, E)
+
+A one-hot net has no extra key: nn.GRU(V, H, L) takes the one-hot rows as they are.
+
+Engine -> PyTorch: W_ih, W_hh are the engine's ``<gate>_hx`` / ``<gate>_hh`` blocks in
+PyTorch's gate order; b_ih the ``<gate>_b`` blocks (zeros without bias_term); b_hh zeros.
+The maths agree: PyTorch's GRU n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn)),
+h' = (1 − z) ⊙ n + z ⊙ h is SINGA's c and h' with b_hn = 0.
+
+PyTorch -> engine: the same blocks, with b = b_ih + b_hh for every gate whose recurrent
+part enters the sum unscaled (all gates of kRNN and kLSTM, the GRU's r and z); the
+GRU's b_hn sits inside r ⊙ (...) and cannot join b_in, so a nonzero b_hn is refused.
+
+ONNX (``onnx_model``): one ONNX RNN / GRU (``linear_before_reset=1``) / LSTM node per
+layer, W = [W_ih], R = [W_hh], B = [b_ih, b_hh] with the gate blocks reordered to ONNX's
+(GRU z, r, h; LSTM i, o, f, c); inputs ``ids`` int64 [T, B] or ``x`` float32 [T, B, F],
+``h0`` [L, B, H] (and ``c0``); outputs ``logits`` [T, B, V], ``hT`` (and ``cT``); T, B
+dynamic.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine import safetensors_io
+from engine.config import ConfigError, type_name
+from engine.proto import job_pb2 as pb
+
+
+class InteropError(ConfigError):
+    """A net or a file that cannot cross to or from the exchange layouts (one line)."""
+
+
+# ----------------------------------------------------------------- the cells
+@dataclass(frozen=True)
+class CellSpec:
+    """How one recurrent type maps to PyTorch's and ONNX's layouts.
+
+    ``hx``, ``hh``, ``b``: the engine's param roles, one per gate in PyTorch's gate order;
+    ``onnx_order``: ONNX's gate order as positions in PyTorch's;
+    ``reset_gated``: the gate whose recurrent part is multiplied by the reset gate (its
+    recurrent bias cannot join the input bias), or None.
+    """
+
+    torch_name: str
+    hx: tuple
+    hh: tuple
+    b: tuple
+    onnx_order: tuple
+    reset_gated: int | None = None
+
+    @property
+    def gates(self) -> int:
+        return len(self.hx)
+
+
+CELLS = {
+    pb.kGRU: CellSpec("GRU", ("r_hx", "z_hx", "c_hx"), ("r_hh", "z_hh", "c_hh"),
+                      ("r_b", "z_b", "c_b"), onnx_order=(1, 0, 2), reset_gated=2),
+    pb.kLSTM: CellSpec("LSTM", ("i_hx", "f_hx", "g_hx", "o_hx"), ("i_hh", "f_hh", "g_hh", "o_hh"),
+                       ("i_b", "f_b", "g_b", "o_b"), onnx_order=(0, 3, 1, 2)),
+    pb.kRNN: CellSpec("RNN", ("w_hx",), ("w_hh",), ("b",), onnx_order=(0,)),
+}
+
+#: layers that give the model its input
+SOURCES = {pb.kCharRNN, pb.kRecordInput, pb.kCSVInput, pb.kRNNDummy}
+#: layers that are not part of the model (labels, losses, outputs)
+OUTSIDE = {pb.kRNNLabel, pb.kSoftmaxLoss, pb.kEuclideanLoss, pb.kAccuracy, pb.kArgSort,
+           pb.kCSVOutput, pb.kCharRNNOutput}
+#: identities at inference
+PASS = {pb.kDropout, pb.kDummy}
+ENCODERS = {pb.kOneHot, pb.kEmbedding}
+MODEL = set(CELLS) | PASS | ENCODERS | {pb.kInnerProduct}
+
+HEAD_W, HEAD_B, EMBED_W = "head.weight", "head.bias", "embed.weight"
+
+
+def rnn_keys(k: int) -> tuple[str, str, str, str]:
+    """PyTorch's keys of recurrent layer k: weight_ih, weight_hh, bias_ih, bias_hh."""
+    return (f"rnn.weight_ih_l{k}", f"rnn.weight_hh_l{k}", f"rnn.bias_ih_l{k}",
+            f"rnn.bias_hh_l{k}")
+
+
+# ----------------------------------------------------------------- the chain
+@dataclass
+class Chain:
+    """The exportable part of a net, bottom to top."""
+
+    source: object          # the data layer (Layer)
+    encoder: object         # kOneHot or kEmbedding layer, None for float features
+    cells: list             # the recurrent layers
+    head: object            # the kInnerProduct layer
+
+    @property
+    def kind(self) -> int:
+        return self.cells[0].conf.type
+
+    @property
+    def spec(self) -> CellSpec:
+        return CELLS[self.kind]
+
+    @property
+    def hidden(self) -> int:
+        return int(self.cells[0].H)
+
+    @property
+    def input_size(self) -> int:
+        return int(self.cells[0].D)
+
+    @property
+    def output_size(self) -> int:
+        return int(self.head.out_shape[0])
+
+    @property
+    def relu(self) -> bool:
+        return self.kind == pb.kRNN and self.cells[0].conf.rnn_conf.activation == pb.RELU
+
+    def describe(self) -> dict[str, str]:
+        """The model's shape as strings (safetensors metadata, ONNX metadata_props)."""
+        out = {"rnn": self.spec.torch_name, "input_size": str(self.input_size),
+               "hidden_size": str(self.hidden), "num_layers": str(len(self.cells)),
+               "output_size": str(self.output_size),
+               "input": ("features" if self.encoder is None else
+                         "embedding" if self.encoder.conf.type == pb.kEmbedding else "onehot")}
+        if self.kind == pb.kRNN:
+            out["nonlinearity"] = "relu" if self.relu else "tanh"
+        return out
+
+
+def _conn(conf, k: int = 0) -> tuple[int, int]:
+    conn = conf.unroll_conn_type[k] if k < len(conf.unroll_conn_type) else pb.kUnrollOneToOne
+    shift = conf.shift[k] if k < len(conf.shift) else 0
+    return conn, shift
+
+
+def chain_of(net, where: str) -> Chain:
+    """The net's exportable chain; InteropError naming the first layer that does not fit."""
+    confs = list(net.unrolled.layers)
+    by_name = {c.name: c for c in confs}
+
+    def err(c, why: str) -> InteropError:
+        return InteropError(f'{where}: layer "{c.name}" ({type_name(c.type)}) {why}')
+
+    model = [c for c in confs if c.type not in SOURCES | OUTSIDE]
+    if not model:
+        raise InteropError(f"{where}: the net has no model layers to export")
+    for c in model:
+        if c.type not in MODEL:
+            raise err(c, "cannot be exported: an exported model is one chain of kOneHot or "
+                         "kEmbedding, kRNN, kGRU or kLSTM layers and a kInnerProduct head, with "
+                         "only kDropout or kDummy between them")
+        if len(c.srclayers) != 1:
+            raise err(c, f"reads {len(c.srclayers)} srclayers ({', '.join(c.srclayers)}); an "
+                         f"exported model is one chain in which each layer reads one source")
+        src = by_name[c.srclayers[0]]
+        conn, shift = _conn(c)
+        if src.type in OUTSIDE:
+            raise err(c, f'reads "{src.name}" ({type_name(src.type)}), which is not part of '
+                         f"the model; only data layers may feed it")
+        if conn == pb.kUnrollFirstToLast:
+            raise err(c, f'reads "{src.name}" kUnrollFirstToLast (a many-to-one or encoder-decoder '
+                         f"link); the exported model maps each step to its output, so every link "
+                         f"must be one-to-one")
+        if conn == pb.kUnrollOneToAll and src.type not in SOURCES:
+            raise err(c, f'reads "{src.name}" kUnrollOneToAll; between model layers every link '
+                         f"must be one-to-one")
+        if shift:
+            raise err(c, f'reads "{src.name}" with shift {shift}; the exported model reads step '
+                         f"t at step t, so remove the shift")
+        if c.unroll_len != model[0].unroll_len:
+            raise err(c, f'has unroll_len {c.unroll_len} but "{model[0].name}" has '
+                         f"{model[0].unroll_len}; the exported model runs every layer at every step")
+    starts = [c for c in model if by_name[c.srclayers[0]].type in SOURCES]
+    if len(starts) != 1:
+        names = ", ".join(f'"{c.name}"' for c in starts) or "none"
+        raise InteropError(f"{where}: {len(starts)} model layers read a data layer ({names}); the "
+                           f"export takes one chain from one data layer")
+    chain = [starts[0]]
+    while True:
+        nxt = [c for c in model if c.srclayers[0] == chain[-1].name]
+        if len(nxt) > 1:
+            raise err(chain[-1], f"feeds {len(nxt)} layers ({', '.join(c.name for c in nxt)}); an "
+                                 f"exported model is one chain")
+        if not nxt:
+            break
+        chain.append(nxt[0])
+    off = [c for c in model if c not in chain]
+    if off:
+        raise err(off[0], f'is not on the chain from "{chain[0].srclayers[0]}" to the head; '
+                          f"the export takes one chain of layers")
+    core = [c for c in chain if c.type not in PASS]
+    encoder = core.pop(0) if core and core[0].type in ENCODERS else None
+    n = 0
+    while n < len(core) and core[n].type in CELLS:
+        n += 1
+    cells, rest = core[:n], core[n:]
+    if not cells:
+        if rest:
+            raise err(rest[0], "comes before any recurrent layer; the export takes kRNN, kGRU or "
+                               "kLSTM layers then one kInnerProduct head")
+        raise InteropError(f"{where}: the net has no recurrent layer (kRNN, kGRU or kLSTM) to export")
+    if not rest:
+        raise err(cells[-1], "is the last model layer; the export needs a kInnerProduct head after "
+                             "the recurrent layers")
+    if rest[0].type != pb.kInnerProduct:
+        raise err(rest[0], "comes after the recurrent layers; only one kInnerProduct head may "
+                           "follow them")
+    if len(rest) > 1:
+        raise err(rest[1], f'comes after the head "{rest[0].name}"; the exported model ends at '
+                           f"one kInnerProduct head")
+    layers = [net.layers[c.name] for c in cells]
+    first = layers[0]
+    for lay in layers[1:]:
+        what = None
+        if lay.conf.type != first.conf.type:
+            what = f"cell type ({type_name(first.conf.type)})"
+        elif lay.H != first.H:
+            what = f"hidden size ({first.H} against {lay.H})"
+        elif lay.conf.type == pb.kRNN and lay.conf.rnn_conf.activation != first.conf.rnn_conf.activation:
+            what = "activation"
+        if what is not None:
+            raise err(lay.conf, f'differs from "{first.name}" in {what}; the exported stack '
+                                f"(one PyTorch nn.{CELLS[first.conf.type].torch_name}) needs one "
+                                f"cell type, hidden size and activation")
+    return Chain(source=net.layers[chain[0].srclayers[0]],
+                 encoder=None if encoder is None else net.layers[encoder.name],
+                 cells=layers, head=net.layers[rest[0].name])
+
+
+# --------------------------------------------------------- engine <-> PyTorch
+def _host(net, role_param) -> np.ndarray:
+    return np.asarray(net.backend.asnumpy(role_param.data))
+
+
+def _head_weight(net, head) -> np.ndarray:
+    """head.weight (V, H): the kInnerProduct's w, transposed back when ``transpose``."""
+    w = _host(net, head.params["w"])
+    return w.T if head.conf.innerproduct_conf.transpose else w
+
+
+def torch_state(net, where: str) -> dict[str, np.ndarray]:
+    """The net's params in PyTorch's layout (module docstring), in the params' dtype."""
+    chain = chain_of(net, where)
+    spec = chain.spec
+    out = {}
+    for k, lay in enumerate(chain.cells):
+        w_ih = np.concatenate([_host(net, lay.params[r]) for r in spec.hx], axis=0)
+        w_hh = np.concatenate([_host(net, lay.params[r]) for r in spec.hh], axis=0)
+        if all(r in lay.params for r in spec.b):
+            b_ih = np.concatenate([_host(net, lay.params[r]) for r in spec.b], axis=0)
+        else:  # bias_term: false
+            b_ih = np.zeros(w_ih.shape[0], w_ih.dtype)
+        b_hh = np.zeros_like(b_ih)
+        for key, a in zip(rnn_keys(k), (w_ih, w_hh, b_ih, b_hh)):
+            out[key] = a
+    head = chain.head
+    out[HEAD_W] = _head_weight(net, head)
+    out[HEAD_B] = (_host(net, head.params["b"]) if "b" in head.params
+                   else np.zeros(chain.output_size, out[HEAD_W].dtype))
+    if chain.encoder is not None and chain.encoder.conf.type == pb.kEmbedding:
+        out[EMBED_W] = _host(net, chain.encoder.params["w"])
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def expected_shapes(chain: Chain) -> dict[str, tuple]:
+    """Every PyTorch key the chain takes, with its shape."""
+    G, H = chain.spec.gates, chain.hidden
+    out = {}
+    for k, lay in enumerate(chain.cells):
+        w_ih, w_hh, b_ih, b_hh = rnn_keys(k)
+        out[w_ih] = (G * H, int(lay.D))
+        out[w_hh] = (G * H, H)
+        out[b_ih] = out[b_hh] = (G * H,)
+    out[HEAD_W] = (chain.output_size, int(chain.head.in_dim))
+    out[HEAD_B] = (chain.output_size,)
+    if chain.encoder is not None and chain.encoder.conf.type == pb.kEmbedding:
+        enc = chain.encoder
+        out[EMBED_W] = (int(enc.vocab_size), int(enc.feature_dim))
+    return out
+
+
+def _describe_net(chain: Chain) -> str:
+    d = chain.describe()
+    return (f"the net is {d['num_layers']} x {d['rnn']} {d['hidden_size']} over {d['input_size']} "
+            f"inputs, head {d['output_size']}")
+
+
+def params_from_torch(net, tensors: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
+    """PyTorch-layout tensors -> ``param/<name>`` arrays of the built net (float64; the
+    net casts them), by layer order: recurrent layer k <- ``rnn.*_l{k}``, the head <-
+    ``head.*``, a kEmbedding <- ``embed.weight``. Every key must be there and no other
+    (strict), with the net's shapes; InteropError (one line naming ``where``) otherwise."""
+    chain = chain_of(net, where)
+    spec = chain.spec
+    expect = expected_shapes(chain)
+    missing = [k for k in expect if k not in tensors]
+    extra = sorted(k for k in tensors if k not in expect)
+    if missing or extra:
+        parts = ([f"missing {', '.join(missing)}"] if missing else []) + \
+                ([f"unexpected {', '.join(extra)}"] if extra else [])
+        raise InteropError(f"{where}: the tensors do not match the net ({'; '.join(parts)}); "
+                           f"{_describe_net(chain)}, which takes {', '.join(expect)}")
+    wrong = [f"{k} {list(tensors[k].shape)} (needs {list(s)})" for k, s in expect.items()
+             if tuple(tensors[k].shape) != s]
+    if wrong:
+        raise InteropError(f"{where}: tensor shapes differ from the net: {', '.join(wrong)}; "
+                           f"{_describe_net(chain)}")
+    notfloat = [k for k in expect if tensors[k].dtype.kind != "f"]
+    if notfloat:
+        raise InteropError(f"{where}: tensors {', '.join(notfloat)} are not floating point")
+    t = {k: np.asarray(tensors[k], dtype=np.float64) for k in expect}
+    out: dict[str, np.ndarray] = {}
+    source: dict[str, str] = {}
+
+    def put(param, value, key):
+        name = f"param/{param.name}"
+        if name in out and not np.array_equal(out[name], value):
+            raise InteropError(f"{where}: {source[name]} and {key} both give param "
+                               f'"{param.name}" (one param in the net) but differ')
+        out[name], source[name] = value, key
+
+    if EMBED_W in expect:
+        put(chain.encoder.params["w"], t[EMBED_W], EMBED_W)
+    H, G = chain.hidden, spec.gates
+    for k, lay in enumerate(chain.cells):
+        k_ih, k_hh, kb_ih, kb_hh = rnn_keys(k)
+        for g in range(G):
+            rows = slice(g * H, (g + 1) * H)
+            put(lay.params[spec.hx[g]], t[k_ih][rows], k_ih)
+            put(lay.params[spec.hh[g]], t[k_hh][rows], k_hh)
+        b_ih, b_hh = t[kb_ih], t[kb_hh]
+        b = b_ih + b_hh
+        if spec.reset_gated is not None:
+            rows = slice(spec.reset_gated * H, (spec.reset_gated + 1) * H)
+            if np.any(b_hh[rows] != 0):
+                raise InteropError(
+                    f'{where}: layer "{lay.name}" (kGRU): {kb_hh}[{rows.start}:{rows.stop}], the '
+                    f"b_hn inside r * (W_hn h + b_hn), is not zero; SINGA's GRU has no such bias, "
+                    f"so importing it needs gru_conf {{ recurrent_bias: true }}")
+            b[rows] = b_ih[rows]
+        if all(r in lay.params for r in spec.b):
+            for g in range(G):
+                put(lay.params[spec.b[g]], b[g * H:(g + 1) * H], f"{kb_ih} + {kb_hh}")
+        elif np.any(b != 0):
+            raise InteropError(f'{where}: layer "{lay.name}" has bias_term: false but {kb_ih} + '
+                               f"{kb_hh} is not zero; set bias_term: true in its "
+                               f"{lay.CONF_FIELD}")
+    head = chain.head
+    w = t[HEAD_W]
+    put(head.params["w"], w.T if head.conf.innerproduct_conf.transpose else w, HEAD_W)
+    if "b" in head.params:
+        put(head.params["b"], t[HEAD_B], HEAD_B)
+    elif np.any(t[HEAD_B] != 0):
+        raise InteropError(f'{where}: layer "{head.name}" has bias_term: false but {HEAD_B} is '
+                           f"not zero; set innerproduct_conf {{ bias_term: true }}")
+    return out
+
+
+# ---------------------------------------------------------------------- ONNX
+#: the ONNX opset and IR version the models declare (onnxruntime >= 1.12 runs them)
+OPSET, IR_VERSION = 17, 8
+
+
+def onnx_model(net, where: str, vocab=None):
+    """The net's inference model as an ``onnx.ModelProto`` (module docstring) with
+    ``metadata(chain, vocab)`` as its metadata_props, checked with ``onnx.checker``.
+    Needs the ``onnx`` package (the ``export`` extra)."""
+    try:
+        import onnx
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        raise InteropError("ONNX export needs the onnx package: pip install "
+                           "'rnn-engine[export]' (or pip install onnx)") from None
+    chain = chain_of(net, where)
+    spec = chain.spec
+    state = {k: v.astype(np.float32) for k, v in torch_state(net, where).items()}
+    L, H = len(chain.cells), chain.hidden
+    lstm = chain.kind == pb.kLSTM
+    inits, nodes = [], []
+
+    def const(name, array):
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def gates_onnx(a):
+        """Gate blocks (rows) from PyTorch's order to ONNX's."""
+        return np.concatenate([a[g * H:(g + 1) * H] for g in spec.onnx_order], axis=0)
+
+    T, B = "T", "B"
+    x = "x"   # the first recurrent layer's input [T, B, D]: the model's input, or made from ids
+    if chain.encoder is None:
+        inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [T, B, chain.input_size])]
+    else:
+        inputs = [helper.make_tensor_value_info("ids", TensorProto.INT64, [T, B])]
+        if chain.encoder.conf.type == pb.kEmbedding:
+            nodes.append(helper.make_node("Gather", [const("embed.weight", state[EMBED_W]), "ids"],
+                                          ["x"], name="embed"))
+        else:
+            nodes.append(helper.make_node(
+                "OneHot", ["ids", const("depth", np.array(chain.input_size, np.int64)),
+                           const("onehot_values", np.array([0.0, 1.0], np.float32))],
+                ["x"], axis=-1, name="onehot"))
+    inputs.append(helper.make_tensor_value_info("h0", TensorProto.FLOAT, [L, B, H]))
+    if lstm:
+        inputs.append(helper.make_tensor_value_info("c0", TensorProto.FLOAT, [L, B, H]))
+    const("axis0", np.array([0], np.int64))
+    const("axis1", np.array([1], np.int64))
+    op = spec.torch_name
+    attrs = {"hidden_size": H}
+    if chain.kind == pb.kGRU:
+        attrs["linear_before_reset"] = 1
+    if chain.kind == pb.kRNN:
+        attrs["activations"] = ["Relu" if chain.relu else "Tanh"]
+    h_outs, c_outs = [], []
+    bounds = [const(f"layer{k}", np.array([k], np.int64)) for k in range(L + 1)]
+    for k in range(L):
+        w_ih, w_hh, b_ih, b_hh = (state[key] for key in rnn_keys(k))
+        W = const(f"W{k}", gates_onnx(w_ih)[None])
+        R = const(f"R{k}", gates_onnx(w_hh)[None])
+        Bk = const(f"B{k}", np.concatenate([gates_onnx(b_ih), gates_onnx(b_hh)])[None])
+        lo, hi = bounds[k], bounds[k + 1]
+        nodes.append(helper.make_node("Slice", ["h0", lo, hi, "axis0"], [f"h0_{k}"]))
+        ins = [x, W, R, Bk, "", f"h0_{k}"]
+        outs = [f"y{k}", f"hT{k}"]
+        if lstm:
+            nodes.append(helper.make_node("Slice", ["c0", lo, hi, "axis0"], [f"c0_{k}"]))
+            ins.append(f"c0_{k}")
+            outs.append(f"cT{k}")
+        nodes.append(helper.make_node(op, ins, outs, name=chain.cells[k].name, **attrs))
+        # Y is [T, num_directions = 1, B, H]
+        nodes.append(helper.make_node("Squeeze", [f"y{k}", "axis1"], [f"seq{k}"]))
+        x = f"seq{k}"
+        h_outs.append(f"hT{k}")
+        c_outs.append(f"cT{k}")
+    nodes.append(helper.make_node("Concat", h_outs, ["hT"], axis=0))
+    if lstm:
+        nodes.append(helper.make_node("Concat", c_outs, ["cT"], axis=0))
+    hw = const("head.weight_t", np.ascontiguousarray(state[HEAD_W].T))
+    nodes.append(helper.make_node("MatMul", [x, hw], ["scores"], name=chain.head.name))
+    nodes.append(helper.make_node("Add", ["scores", const("head.bias", state[HEAD_B])], ["logits"]))
+    V = chain.output_size
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [T, B, V]),
+               helper.make_tensor_value_info("hT", TensorProto.FLOAT, [L, B, H])]
+    if lstm:
+        outputs.append(helper.make_tensor_value_info("cT", TensorProto.FLOAT, [L, B, H]))
+    graph = helper.make_graph(nodes, "rnn_engine", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              ir_version=IR_VERSION, producer_name="rnn-engine")
+    for key, value in metadata(chain, vocab).items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(model)
+    return model
+
+
+def metadata(chain: Chain, vocab=None) -> dict[str, str]:
+    """The strings both formats carry: the model's shape and, for char nets, the vocabulary
+    (a JSON list of characters, id order)."""
+    out = chain.describe()
+    if vocab:
+        out["vocab"] = json.dumps(list(vocab), ensure_ascii=False)
+    return out
+
+
+# ------------------------------------------------------------------ import
+def is_torch_file(path) -> bool:
+    """A ``checkpoint_path`` entry in PyTorch's layout (a ``.safetensors`` file) rather than
+    one of the engine's checkpoints."""
+    return str(path).lower().endswith(".safetensors")
+
+
+def load_torch_file(net, path) -> dict[str, np.ndarray]:
+    """``param/<name>`` arrays for the built net from a safetensors file in PyTorch's
+    layout (``params_from_torch``); SafetensorsError or InteropError naming the file."""
+    tensors, _ = safetensors_io.read(path)
+    return params_from_torch(net, tensors, str(path))
