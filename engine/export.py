@@ -31,7 +31,7 @@ from engine.backend import make_backend
 from engine.config import ConfigError, Phase, layers_in_phase, normalise, parse_job
 from engine.net import Net
 from engine.proto import job_pb2 as pb
-from engine.runtime import load_params, net_info
+from engine.workspace import load_params, net_info
 from engine.unroll import unroll
 
 FORMATS = {".onnx": "onnx", ".safetensors": "safetensors"}

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.backend import to_host
 from engine import safetensors_io
 from engine.config import ConfigError, type_name
 from engine.proto import job_pb2 as pb
@@ -251,7 +252,7 @@ def chain_of(net, where: str) -> Chain:
 
 # --------------------------------------------------------- engine <-> PyTorch
 def _host(net, role_param) -> np.ndarray:
-    return np.asarray(net.backend.asnumpy(role_param.data))
+    return to_host(role_param.data)
 
 
 def _head_weight(net, head) -> np.ndarray:

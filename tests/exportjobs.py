@@ -12,7 +12,7 @@ from engine.backend import make_backend
 from engine.config import Phase, load_job
 from engine.net import Net
 from engine.proto import job_pb2 as pb
-from engine.runtime import load_params, net_info, param_arrays
+from engine.workspace import load_params, net_info, param_arrays
 from engine.unroll import unroll
 from engine.worker import Worker
 

@@ -11,7 +11,7 @@ from exportjobs import V_CHAR, build, engine_forward, make_checkpoint, model_job
 from engine import checkpoint as ckpt
 from engine import interop, safetensors_io
 from engine.config import ConfigError, load_job
-from engine.runtime import param_arrays
+from engine.workspace import param_arrays
 from engine.train import Trainer, build_parser
 
 
