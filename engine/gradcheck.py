@@ -44,7 +44,7 @@ def check_options(eps: float, max_full: int, samples: int, tol: float | None = N
     """GradcheckError unless eps > 0 (finite), max_full >= 0, samples >= 1 and, when given,
     tol is a finite number >= 0 (NaN would make every comparison pass)."""
     if not (math.isfinite(eps) and eps > 0):
-        raise GradcheckError(f"--eps {eps:g}: the finite-difference step must be a positive "
+        raise GradcheckError(f"--eps {eps:g}: the finite-difference step must be a finite positive "
                              f"number (default 1e-3)")
     if max_full < 0:
         raise GradcheckError(f"--max-full {max_full}: give a size >= 0 up to which every entry "
