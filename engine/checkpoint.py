@@ -9,21 +9,31 @@ A checkpoint ``<workspace>/checkpoints/step<N>.npz`` holds:
                     of all arrays above (checked on load)
 It is written to a temporary file in the same folder, fsync'ed and renamed,
 so a crash never leaves a half-written ``step<N>.npz``.
+
+Temporary files (``write_atomic``, used by ``save``) are named
+``.<name>.tmp<PID>`` (``temp_path``) beside the file they become. A write that
+fails removes its temporary and raises the caller's error naming the file and
+the OS reason (a full disk says so, and what to do). A process killed mid-write
+cannot clean up: ``remove_stale_temps`` removes the temporaries of processes
+that no longer exist, and is meant to run at start-up.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
 import pathlib
 import re
+import shutil
 import zipfile
 
 import numpy as np
 
 FORMAT = 1
 _STEP_RE = re.compile(r"^step(\d+)\.npz$")
+_TEMP_RE = re.compile(r"^\.(.+)\.tmp(\d+)$")
 
 
 class CheckpointError(Exception):
@@ -41,19 +51,60 @@ def _digest(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def save(path, arrays: dict[str, np.ndarray], meta: dict) -> pathlib.Path:
-    """Write ``arrays`` and ``meta`` atomically to ``path``."""
+def temp_path(path) -> pathlib.Path:
+    """The temporary file ``write_atomic`` writes before renaming it to ``path``:
+    ``.<name>.tmp<PID>`` in the same folder (the PID tells ``remove_stale_temps``
+    whether its writer still runs)."""
     path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(meta, format=FORMAT, sha256=_digest(arrays))
-    buf = io.BytesIO()
-    np.savez(buf, meta=np.array(json.dumps(meta)), **arrays)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(buf.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _write_failure(path: pathlib.Path, what: str, e: OSError, size: int) -> str:
+    """One line: the file, the OS reason and, for a full disk, what to do."""
+    reason = e.strerror or str(e)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = f"{_size(shutil.disk_usage(path.parent).free)} free in {path.parent}, "
+        except OSError:
+            free = ""
+        return (f"{path}: cannot write the {what}: the disk is full ({reason}; {free}the {what} "
+                f"needs {_size(size)}); free space there or train in another --workspace, then "
+                f"continue with --resume")
+    return f"{path}: cannot write the {what} ({reason})"
+
+
+def write_atomic(path, data, what: str = "file", error=None) -> pathlib.Path:
+    """Write the bytes ``data`` to ``path`` so that it is either complete or untouched:
+    into ``temp_path(path)``, flushed and fsync'ed, then renamed over ``path`` (and the
+    folder fsync'ed). On any failure (a full disk, an interrupt) the temporary file is
+    removed; an OSError becomes ``error`` (default CheckpointError) with one line naming
+    ``path``, the ``what`` and the OS reason; anything else is re-raised."""
+    error = error or CheckpointError
+    path = pathlib.Path(path)
+    tmp = temp_path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise error(_write_failure(path, what, e, len(data))) from None
+        raise
     try:
         dfd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -63,6 +114,57 @@ def save(path, arrays: dict[str, np.ndarray], meta: dict) -> pathlib.Path:
     except OSError:
         pass
     return path
+
+
+def save(path, arrays: dict[str, np.ndarray], meta: dict) -> pathlib.Path:
+    """Write ``arrays`` and ``meta`` atomically to ``path`` (``write_atomic``);
+    CheckpointError naming the file when it cannot be written."""
+    path = pathlib.Path(path)
+    meta = dict(meta, format=FORMAT, sha256=_digest(arrays))
+    buf = io.BytesIO()
+    np.savez(buf, meta=np.array(json.dumps(meta)), **arrays)
+    return write_atomic(path, buf.getbuffer(), "checkpoint")
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` may still run (True when unsure: its file is left alone)."""
+    if pid == os.getpid():
+        return True
+    if os.name != "posix":
+        return True  # os.kill(pid, 0) would not be a harmless probe there
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError, ValueError):
+        return True  # PermissionError: another user's live process; odd ids: not ours
+    return True
+
+
+def remove_stale_temps(*folders) -> list[pathlib.Path]:
+    """Remove the temporary files (``.<name>.tmp<PID>``, see ``temp_path``) that
+    processes which no longer exist left in ``folders`` (not recursive; a missing
+    folder is skipped). A live process's file (its PID exists, this process
+    included) is never touched. Returns the removed paths. The PID check holds on
+    one machine: a workspace shared over a network file system by several machines
+    must not run this while another machine writes to it."""
+    removed = []
+    for folder in folders:
+        folder = pathlib.Path(folder)
+        if not folder.is_dir():
+            continue
+        for p in sorted(folder.iterdir()):
+            m = _TEMP_RE.match(p.name)
+            if m is None or not p.is_file() or _pid_alive(int(m.group(2))):
+                continue
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                continue  # removed meanwhile
+            except OSError:
+                continue  # not ours to remove (permissions): left alone
+            removed.append(p)
+    return removed
 
 
 def load(path) -> tuple[dict[str, np.ndarray], dict]:

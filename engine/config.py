@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import enum
+import math
 import pathlib
 import re
 
@@ -47,6 +48,17 @@ class Phase(enum.Flag):
 
 # Types that SINGA's enum has and that are not RNN layers: clear "not supported".
 _TYPE_NAMES = {v: k for k, v in pb.LayerType.items()}
+
+def number_problem(field: str, value: float, rule: str = "", ok: bool = True) -> str | None:
+    """The one-line complaint about a number of a job file, or None when it is fine:
+    "<field> is <value>; it must be [a finite number] <rule>". NaN and infinities always
+    fail (they would silently poison every step); ``ok`` says whether ``rule`` holds."""
+    if not math.isfinite(value):
+        return f"{field} is {value:g}; it must be a finite number" + (f" {rule}" if rule else "")
+    if not ok:
+        return f"{field} is {value:g}; it must be {rule}"
+    return None
+
 
 def type_name(t: int) -> str:
     """LayerType value -> its name (``kGRU``)."""
@@ -194,7 +206,9 @@ def layers_in_phase(net: pb.NetProto, phase: Phase) -> list[pb.LayerProto]:
 
 
 def validate(job: pb.JobProto, path: str = "<job>") -> None:
-    """Check names, references, sharing, unrolling settings and per-type settings."""
+    """Check names, references, sharing, unrolling settings and per-type settings; then
+    the job's counts (none negative) and numbers (updater, schedule, param inits and
+    scales, loss scales: finite and within their sign rules)."""
     from engine.layers import layer_class
 
     def err(layer, msg):
@@ -312,6 +326,58 @@ def validate(job: pb.JobProto, path: str = "<job>") -> None:
                 raise err(layer, f'it reads layer "{cname}" as its context (for kRNNDummy: '
                                  f"rnn_dummy_conf.dynamic_srclayer), and that is not a layer of "
                                  f"this net")
+
+    _check_counts(job, path)
+    _check_numbers(job, path)
+
+
+# Counts and frequencies of JobProto that must not be negative: (field, what 0 means).
+_COUNTS = [("train_steps", "0: no training, only the test phase"),
+           ("disp_freq", "0: only at the end"), ("disp_after", ""),
+           ("validate_freq", "0: only at the end"), ("validate_steps", "0: no validation"),
+           ("validate_after", ""),
+           ("test_freq", "0: only at the end"), ("test_steps", "0: no test phase"),
+           ("test_after", ""),
+           ("checkpoint_freq", "0: only at the end"), ("checkpoint_after", "")]
+
+def _check_counts(job: pb.JobProto, path: str) -> None:
+    """Counts and frequencies of the job: none negative; keep_checkpoints at least 1."""
+    for field, zero in _COUNTS:
+        v = getattr(job, field)
+        if v < 0:
+            raise ConfigError(f"{path}: {field} is {v}; it must be >= 0"
+                              + (f" ({zero})" if zero else ""))
+    if job.keep_checkpoints < 1:
+        raise ConfigError(f"{path}: keep_checkpoints is {job.keep_checkpoints}; it must be at "
+                          f"least 1 (the newest checkpoint is always kept)")
+
+
+def _check_numbers(job: pb.JobProto, path: str) -> None:
+    """The updater and its schedule (engine.updaters.check_conf), each param's init and
+    scales (engine.params.check_param_conf) and each loss's scale (finite, >= 0)."""
+    from engine.layers import layer_class
+    from engine.layers.base import LossLayer
+    from engine.params import ParamError, check_param_conf
+    from engine.updaters import UpdaterError, check_conf
+
+    try:
+        check_conf(job.updater)
+    except UpdaterError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    for layer in job.neuralnet.layer:
+        for p in layer.param:
+            try:
+                check_param_conf(p)
+            except ParamError as e:
+                raise ConfigError(f'{path}: layer "{layer.name}": param "{p.name}": {e}') from None
+        cls = layer_class(layer.type)
+        sub = cls.scale_conf if cls is not None and issubclass(cls, LossLayer) else ""
+        if sub:
+            scale = getattr(layer, sub).scale
+            bad = number_problem(f"{sub}.scale", scale, ">= 0 (0: the loss is reported and does "
+                                 "not train)", scale >= 0)
+            if bad:
+                raise ConfigError(f'{path}: layer "{layer.name}": {bad}')
 
 
 def job_dir(path) -> pathlib.Path:

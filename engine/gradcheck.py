@@ -5,7 +5,11 @@ each param's analytic gradient (the BPTT worker's backward) with central
 differences of the objective (the sum over loss copies of scale x the mean
 over the batch of the per-row loss) at every entry of small params and at a
 random sample of entries of large ones. Prints the worst relative error per
-param; exits 1 when any is above ``--tol``.
+param; exits 1 when any is above ``--tol`` or not finite (a NaN or infinite analytic
+gradient anywhere in the param, or a non-finite finite difference, is a failure,
+never "ok"). Options that would check nothing or divide by zero (``--eps`` not
+> 0, ``--samples`` < 1, ``--max-full`` < 0, ``--tol`` not a finite number >= 0)
+and a net without params are errors: one line, exit 2.
 
 relative error = |analytic - numeric| / max(|analytic| + |numeric|, 1e-3 * g_max, 1e-7)
 where g_max is the largest analytic gradient entry of that param: entries a
@@ -16,17 +20,41 @@ against that floor instead of their own size.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import numpy as np
 
-from engine.backend import make_backend
+from engine.backend import BackendError, make_backend
 from engine.config import ConfigError, Phase, load_job
+from engine.layers import LayerError
 from engine.net import Net
 from engine.proto import job_pb2 as pb
 from engine.workspace import net_info, workspace_of
 from engine.unroll import unroll
+from engine.updaters import UpdaterError
 from engine.worker import Worker
+
+
+class GradcheckError(ValueError):
+    """Options under which the check would prove nothing; the message names the option."""
+
+
+def check_options(eps: float, max_full: int, samples: int, tol: float | None = None) -> None:
+    """GradcheckError unless eps > 0 (finite), max_full >= 0, samples >= 1 and, when given,
+    tol is a finite number >= 0 (NaN would make every comparison pass)."""
+    if not (math.isfinite(eps) and eps > 0):
+        raise GradcheckError(f"--eps {eps:g}: the finite-difference step must be a finite positive "
+                             f"number (default 1e-3)")
+    if max_full < 0:
+        raise GradcheckError(f"--max-full {max_full}: give a size >= 0 up to which every entry "
+                             f"of a param is checked (default 300)")
+    if samples < 1:
+        raise GradcheckError(f"--samples {samples}: params larger than --max-full {max_full} "
+                             f"would not be checked at all; give --samples 1 or more")
+    if tol is not None and not (math.isfinite(tol) and tol >= 0):
+        raise GradcheckError(f"--tol {tol:g}: the tolerance must be a finite number >= 0 "
+                             f"(default 1e-4)")
 
 
 def build(job: pb.JobProto, path: str, seed: int = 0, workspace=None, phase=Phase.TRAIN):
@@ -36,6 +64,8 @@ def build(job: pb.JobProto, path: str, seed: int = 0, workspace=None, phase=Phas
     net = Net(u, make_backend(None, np.float64), net_info(path, ws, seed), seed=seed, where=str(path))
     if not net.losses:
         raise ConfigError(f"{path}: the net has no loss layer, so there is no objective to check")
+    if not net.params:
+        raise ConfigError(f"{path}: the net has no params, so there is no gradient to check")
     w = Worker(net, seed=seed, carry=pb.kResetBatch)
     w.load()
     return net, w
@@ -50,7 +80,10 @@ def objective(w: Worker) -> float:
 
 def check(net: Net, w: Worker, eps: float = 1e-3, max_full: int = 300, samples: int = 40,
           seed: int = 0) -> dict[str, float]:
-    """Worst relative error per param name."""
+    """Worst relative error per param name; NaN for a param whose analytic gradient has a
+    non-finite entry or whose finite difference is not finite (a failure under any
+    tolerance). GradcheckError for options that check nothing (see check_options)."""
+    check_options(eps, max_full, samples)
     for p in net.params:
         p.grad[...] = 0
     metrics: dict = {}
@@ -60,9 +93,13 @@ def check(net: Net, w: Worker, eps: float = 1e-3, max_full: int = 300, samples: 
     worst = {}
     for p in net.params:
         g = p.grad.copy()
+        if not np.isfinite(g).all():
+            worst[p.name] = math.nan
+            continue
         flat = p.data.reshape(-1)
         n = flat.size
-        idx = np.arange(n) if n <= max_full else rng.choice(n, size=samples, replace=False)
+        idx = np.arange(n) if n <= max(max_full, samples) else rng.choice(n, size=samples,
+                                                                             replace=False)
         err = 0.0
         floor = max(1e-7, 1e-3 * float(np.abs(g).max()))
         for k in idx:
@@ -73,6 +110,9 @@ def check(net: Net, w: Worker, eps: float = 1e-3, max_full: int = 300, samples: 
             lm = objective(w)
             flat[k] = old
             num = (lp - lm) / (2 * eps)
+            if not math.isfinite(num):
+                err = math.nan
+                break
             ana = g.reshape(-1)[k]
             err = max(err, abs(ana - num) / max(abs(ana) + abs(num), floor))
         worst[p.name] = err
@@ -90,20 +130,39 @@ def main(argv=None) -> int:
     ap.add_argument("--debug", action="store_true")
     a = ap.parse_args(argv)
     try:
+        check_options(a.eps, a.max_full, a.samples, a.tol)
         job = load_job(a.job)
         net, w = build(job, a.job, a.seed)
         worst = check(net, w, a.eps, a.max_full, a.samples, a.seed)
-    except ConfigError as e:
+    except (ConfigError, GradcheckError, BackendError) as e:
         if a.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    bad = {k: v for k, v in worst.items() if v > a.tol}
-    width = max(len(k) for k in worst) if worst else 10
+    except (LayerError, UpdaterError) as e:
+        if a.debug:
+            raise
+        print(f"error: {a.job}: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - an unexpected failure is still one line
+        if a.debug:
+            raise
+        print(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+    above = [k for k, v in worst.items() if v > a.tol]
+    nonfinite = [k for k, v in worst.items() if math.isnan(v)]
+    width = max(len(k) for k in worst)
     for name, err in worst.items():
-        print(f"{name:<{width}}  worst relative error {err:.2e}  {'FAIL' if err > a.tol else 'ok'}")
-    print(f"gradcheck: {len(worst) - len(bad)} params within tolerance {a.tol:g}, {len(bad)} above")
-    return 1 if bad else 0
+        verdict = ("FAIL (gradient or objective not finite)" if math.isnan(err)
+                   else "FAIL" if err > a.tol else "ok")
+        print(f"{name:<{width}}  worst relative error {err:.2e}  {verdict}")
+    summary = (f"gradcheck: {len(worst) - len(above) - len(nonfinite)} params within tolerance "
+               f"{a.tol:g}, {len(above)} above")
+    if nonfinite:
+        summary += f", {len(nonfinite)} not finite"
+    print(summary)
+    return 1 if above or nonfinite else 0
 
 
 if __name__ == "__main__":

@@ -15,12 +15,39 @@ from __future__ import annotations
 
 import numpy as np
 
+from engine.config import number_problem
 from engine.layers.base import Param
 from engine.proto import job_pb2 as pb
 
 
 class ParamError(Exception):
     """A param problem (message names the layer and the param)."""
+
+
+_GAUSSIAN = (pb.kGaussian, pb.kGaussianSqrtFanIn)
+_UNIFORM = (pb.kUniform, pb.kUniformSqrtFanIn, pb.kUniformSqrtFanInOut)
+
+
+def check_param_conf(conf: pb.ParamProto) -> None:
+    """ParamError (one line naming the field) for numbers a param cannot use: lr_scale or
+    wd_scale not finite >= 0; any of init's value, mean, std, low, high not finite; a
+    Gaussian init's std < 0; a uniform init's low > high."""
+    for field in ("lr_scale", "wd_scale"):
+        v = getattr(conf, field)
+        bad = number_problem(field, v, ">= 0", v >= 0)
+        if bad:
+            raise ParamError(bad)
+    if not conf.HasField("init"):
+        return
+    g = conf.init
+    for field in ("value", "mean", "std", "low", "high"):
+        bad = number_problem(f"init.{field}", getattr(g, field))
+        if bad:
+            raise ParamError(bad)
+    if g.type in _GAUSSIAN and g.std < 0:
+        raise ParamError(number_problem("init.std", g.std, ">= 0", False))
+    if g.type in _UNIFORM and g.low > g.high:
+        raise ParamError(f"init.low ({g.low:g}) is above init.high ({g.high:g}); give low <= high")
 
 
 def _draw(p: Param, rng: np.random.Generator) -> np.ndarray:

@@ -36,6 +36,7 @@ import math
 import numpy as np
 
 from engine.backend import to_host
+from engine.config import number_problem
 from engine.proto import job_pb2 as pb
 
 #: state_dict key of the update counter t (param keys are "<param name>/<slot>")
@@ -68,6 +69,21 @@ def _change_name(t: int) -> str:
         return str(t)
 
 
+#: the sub-conf each change method reads (kFixed reads none)
+_LR_SUBCONF = {pb.kFixedStep: "fixedstep_conf", pb.kStep: "step_conf", pb.kLinear: "linear_conf",
+               pb.kExponential: "exponential_conf", pb.kInverse: "inverse_conf",
+               pb.kInverseT: "inverset_conf"}
+
+
+def _number(field: str, value: float, rule: str = "", ok: bool = True) -> float:
+    """``value`` when it is finite and ``ok``; else UpdaterError with config.number_problem's
+    line ("<field> is <value>; it must be [a finite number] <rule>")."""
+    bad = number_problem(field, value, rule, ok)
+    if bad:
+        raise UpdaterError(bad)
+    return value
+
+
 def _freq(conf: pb.LRGenProto, sub: str, what: str) -> int:
     freq = int(getattr(conf, sub).change_freq)
     if freq <= 0:
@@ -90,54 +106,86 @@ def _fixedstep_table(conf: pb.LRGenProto) -> tuple[list[int], list[float]]:
     if any(b <= a for a, b in zip(steps, steps[1:])):
         raise UpdaterError(f"updater.learning_rate.fixedstep_conf.step {steps} is not strictly "
                            f"ascending; list the thresholds in increasing order")
+    for i, v in enumerate(lrs):
+        _number(f"updater.learning_rate.fixedstep_conf.step_lr[{i}]", v, ">= 0", v >= 0)
     return steps, lrs
 
 
+def check_schedule(conf: pb.LRGenProto) -> None:
+    """UpdaterError (one line naming the field) for a schedule that cannot run:
+    a sub-conf of another change method (it would be ignored), base_lr not a finite
+    number >= 0, and per method: kStep gamma finite > 0; kInverse gamma and pow finite
+    >= 0; kInverseT final_lr finite > 0; kLinear final_lr finite >= 0; kStep, kLinear,
+    kExponential change_freq > 0; kFixedStep step ascending, one step_lr (finite >= 0)
+    per step. An unsupported change method is an error too."""
+    t = conf.type
+    own = _LR_SUBCONF.get(t)
+    if t in _CHANGE_NAMES:
+        for sub in _LR_SUBCONF.values():
+            if sub != own and conf.HasField(sub):
+                raise UpdaterError(f"updater.learning_rate.{sub} does not apply to "
+                                   f"learning_rate.type {_change_name(t)}"
+                                   + (f" (which reads {own})" if own else "") + f"; remove {sub}")
+    base = pfloat(conf.base_lr)
+    _number("updater.learning_rate.base_lr", base, ">= 0", base >= 0)
+    field = f"updater.learning_rate.{own}"
+    if t == pb.kFixed:
+        return
+    if t == pb.kInverseT:
+        final = pfloat(conf.inverset_conf.final_lr)
+        _number(f"{field}.final_lr", final, "> 0", final > 0)
+    elif t == pb.kInverse:
+        gamma, power = pfloat(conf.inverse_conf.gamma), pfloat(conf.inverse_conf.pow)
+        _number(f"{field}.gamma", gamma, ">= 0", gamma >= 0)
+        _number(f"{field}.pow", power, ">= 0", power >= 0)
+    elif t == pb.kExponential:
+        _freq(conf, own, "steps per halving")
+    elif t == pb.kLinear:
+        _freq(conf, own, "length of the ramp")
+        final = pfloat(conf.linear_conf.final_lr)
+        _number(f"{field}.final_lr", final, ">= 0", final >= 0)
+    elif t == pb.kStep:
+        _freq(conf, own, "steps between decays")
+        gamma = pfloat(conf.step_conf.gamma)
+        _number(f"{field}.gamma", gamma, "> 0", gamma > 0)
+    elif t == pb.kFixedStep:
+        _fixedstep_table(conf)
+    else:
+        raise UpdaterError(f"updater.learning_rate.type {_change_name(t)} is not supported; use "
+                           f"one of {', '.join(_CHANGE_NAMES.values())}")
+
+
 def learning_rate(conf: pb.LRGenProto, step: int) -> float:
-    """Learning rate of schedule ``conf`` at global step ``step`` (see the module docstring)."""
+    """Learning rate of schedule ``conf`` at global step ``step`` (see the module docstring);
+    UpdaterError for a schedule ``check_schedule`` refuses."""
     step = int(step)
     if step < 0:
         raise UpdaterError(f"learning rate asked for step {step}; steps start at 0")
+    check_schedule(conf)
     t = conf.type
     base = pfloat(conf.base_lr)
     if t == pb.kFixed:
         return base
     if t == pb.kInverseT:
-        final = pfloat(conf.inverset_conf.final_lr)
-        if final <= 0:
-            raise UpdaterError(f"updater.learning_rate.inverset_conf.final_lr is {final:g}; "
-                               f"kInverseT needs a positive time constant")
-        return base / (1.0 + step / final)
+        return base / (1.0 + step / pfloat(conf.inverset_conf.final_lr))
     if t == pb.kInverse:
         gamma = pfloat(conf.inverse_conf.gamma)
-        power = pfloat(conf.inverse_conf.pow)
-        if gamma < 0:
-            raise UpdaterError(f"updater.learning_rate.inverse_conf.gamma is {gamma:g}; kInverse "
-                               f"needs gamma >= 0")
-        return base * (1.0 + gamma * step) ** (-power)
+        return base * (1.0 + gamma * step) ** (-pfloat(conf.inverse_conf.pow))
     if t == pb.kExponential:
-        freq = _freq(conf, "exponential_conf", "steps per halving")
-        return base / 2.0 ** (step / freq)
+        return base / 2.0 ** (step / conf.exponential_conf.change_freq)
     if t == pb.kLinear:
-        freq = _freq(conf, "linear_conf", "length of the ramp")
-        final = pfloat(conf.linear_conf.final_lr)
-        r = min(step / freq, 1.0)
-        return (1.0 - r) * base + r * final
+        r = min(step / conf.linear_conf.change_freq, 1.0)
+        return (1.0 - r) * base + r * pfloat(conf.linear_conf.final_lr)
     if t == pb.kStep:
-        freq = _freq(conf, "step_conf", "steps between decays")
-        gamma = pfloat(conf.step_conf.gamma)
-        return base * gamma ** (step // freq)
-    if t == pb.kFixedStep:
-        steps, lrs = _fixedstep_table(conf)
-        idx = 0
-        for i, s in enumerate(steps):
-            if step >= s:
-                idx = i
-            else:
-                break
-        return lrs[idx]
-    raise UpdaterError(f"updater.learning_rate.type {_change_name(t)} is not supported; use one "
-                       f"of {', '.join(_CHANGE_NAMES.values())}")
+        return base * pfloat(conf.step_conf.gamma) ** (step // conf.step_conf.change_freq)
+    steps, lrs = _fixedstep_table(conf)  # kFixedStep (check_schedule refused the rest)
+    idx = 0
+    for i, s in enumerate(steps):
+        if step >= s:
+            idx = i
+        else:
+            break
+    return lrs[idx]
 
 
 def _describe_lr(conf: pb.LRGenProto) -> str:
@@ -194,6 +242,50 @@ def describe(conf: pb.UpdaterProto) -> str:
     if pfloat(conf.clip_low) != pfloat(conf.clip_high):
         parts.append(f"clip=[{pfloat(conf.clip_low):g}, {pfloat(conf.clip_high):g}]")
     return " ".join(parts)
+
+
+#: the sub-conf each updater type reads (kSGD, kNesterov, kAdaGrad read none)
+_UPDATER_SUBCONF = {pb.kRMSProp: "rmsprop_conf", pb.kAdaDelta: "adadelta_conf",
+                    pb.kAdam: "adam_conf", pb.kAdamMax: "adammax_conf"}
+
+
+def check_conf(conf: pb.UpdaterProto) -> None:
+    """UpdaterError (one line naming the field) for an updater that cannot run as written:
+    a sub-conf of another updater type (it would be ignored); momentum, weight_decay and
+    clip_norm not finite >= 0; delta not finite > 0; clip_low or clip_high not finite, or
+    clip_low > clip_high; the chosen type's rho not in [0, 1] or beta1/beta2 not in [0, 1);
+    and every rule of ``check_schedule`` for the learning rate. The type itself is
+    checked when an Updater is built (a job that does not train needs none)."""
+    t = conf.type
+    own = _UPDATER_SUBCONF.get(t)
+    if t in _UPDATER_NAMES:
+        for sub in _UPDATER_SUBCONF.values():
+            if sub != own and conf.HasField(sub):
+                raise UpdaterError(f"updater.{sub} does not apply to updater.type "
+                                   f"{_updater_type_name(t)}"
+                                   + (f" (which reads {own})" if own else "") + f"; remove {sub}")
+    momentum, decay = pfloat(conf.momentum), pfloat(conf.weight_decay)
+    delta, norm = pfloat(conf.delta), pfloat(conf.clip_norm)
+    low, high = pfloat(conf.clip_low), pfloat(conf.clip_high)
+    _number("updater.momentum", momentum, ">= 0", momentum >= 0)
+    _number("updater.weight_decay", decay, ">= 0", decay >= 0)
+    _number("updater.delta", delta, "> 0 (it keeps the divisions finite)", delta > 0)
+    _number("updater.clip_low", low)
+    _number("updater.clip_high", high)
+    if low > high:
+        raise UpdaterError(f"updater.clip_low ({low:g}) is above updater.clip_high "
+                           f"({high:g}); set clip_low < clip_high, or both to 0 "
+                           f"to turn element-wise clipping off")
+    _number("updater.clip_norm", norm, ">= 0 (0 = off)", norm >= 0)
+    if t in (pb.kRMSProp, pb.kAdaDelta):
+        rho = pfloat(getattr(conf, own).rho)
+        _number(f"updater.{own}.rho", rho, "in [0, 1]", 0 <= rho <= 1)
+    elif t in (pb.kAdam, pb.kAdamMax):
+        c = getattr(conf, own)
+        for name in ("beta1", "beta2"):
+            beta = pfloat(getattr(c, name))
+            _number(f"updater.{own}.{name}", beta, "in [0, 1)", 0 <= beta < 1)
+    check_schedule(conf.learning_rate)
 
 
 def _updater_type_name(t: int) -> str:
@@ -265,44 +357,26 @@ class Updater:
         if dup:
             raise UpdaterError(f"the updater got several params named {dup}; give every "
                                f"param a unique name (tied params are passed once, as the owner)")
+        check_conf(conf)
         self.momentum = pfloat(conf.momentum)
         self.weight_decay = pfloat(conf.weight_decay)
         self.delta = pfloat(conf.delta)
         self.clip_low = pfloat(conf.clip_low)
         self.clip_high = pfloat(conf.clip_high)
         self.clip_norm = pfloat(conf.clip_norm)
-        self._check("momentum", self.momentum, self.momentum >= 0, "must be >= 0")
-        self._check("weight_decay", self.weight_decay, self.weight_decay >= 0, "must be >= 0")
-        self._check("delta", self.delta, self.delta >= 0, "must be >= 0")
-        self._check("clip_norm", self.clip_norm, self.clip_norm >= 0, "must be >= 0 (0 = off)")
-        if self.clip_low > self.clip_high:
-            raise UpdaterError(f"updater.clip_low ({self.clip_low:g}) is above updater.clip_high "
-                               f"({self.clip_high:g}); set clip_low < clip_high, or both to 0 "
-                               f"to turn element-wise clipping off")
         self.rho = self.beta1 = self.beta2 = 0.0
         if self.type == pb.kRMSProp:
             self.rho = pfloat(conf.rmsprop_conf.rho)
-            self._check("rmsprop_conf.rho", self.rho, 0 <= self.rho <= 1, "must be in [0, 1]")
         elif self.type == pb.kAdaDelta:
             self.rho = pfloat(conf.adadelta_conf.rho)
-            self._check("adadelta_conf.rho", self.rho, 0 <= self.rho <= 1, "must be in [0, 1]")
         elif self.type in (pb.kAdam, pb.kAdamMax):
-            sub = "adam_conf" if self.type == pb.kAdam else "adammax_conf"
-            c = getattr(conf, sub)
+            c = conf.adam_conf if self.type == pb.kAdam else conf.adammax_conf
             self.beta1, self.beta2 = pfloat(c.beta1), pfloat(c.beta2)
-            self._check(f"{sub}.beta1", self.beta1, 0 <= self.beta1 < 1, "must be in [0, 1)")
-            self._check(f"{sub}.beta2", self.beta2, 0 <= self.beta2 < 1, "must be in [0, 1)")
-        learning_rate(conf.learning_rate, 0)  # surface schedule errors now, not at step 1
         #: number of updates done so far
         self.t = 0
         #: param name -> {slot: array}
         self.state: dict[str, dict] = {}
         self._scratch: dict[tuple, list] = {}
-
-    @staticmethod
-    def _check(field: str, value: float, ok: bool, rule: str) -> None:
-        if not ok:
-            raise UpdaterError(f"updater.{field} is {value:g}; it {rule}")
 
     # ------------------------------------------------------------- buffers
     def _slot_arrays(self, p) -> dict:

@@ -436,3 +436,103 @@ def test_cli_subprocess_passes(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "0 above" in r.stdout
     assert r.stdout.count(" ok") == 9 + 2  # 9 GRU params, ip w and b
+
+
+# ------------------------------------- bad options, NaN, nothing checked (issue 16)
+
+def one_error_line(capsys) -> str:
+    cap = capsys.readouterr()
+    err = cap.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), cap.err
+    assert " ok" not in cap.out
+    return err[0]
+
+
+@pytest.mark.parametrize("eps", ["0", "-1e-3", "nan", "inf"])
+def test_cli_eps_must_be_positive_and_finite(tmp_path, capsys, eps):
+    job = cli_job(tmp_path)
+    assert gradcheck.main([str(job), f"--eps={eps}"]) == 2
+    assert "--eps" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("tol", ["nan", "-1", "inf"])
+def test_cli_tol_must_be_a_finite_number(tmp_path, capsys, tol):
+    job = cli_job(tmp_path)
+    assert gradcheck.main([str(job), f"--tol={tol}"]) == 2
+    assert "--tol" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("args, name", [(["--samples", "0", "--max-full", "0"], "--samples"),
+                                        (["--samples", "-3"], "--samples"),
+                                        (["--max-full", "-1"], "--max-full")])
+def test_cli_checking_nothing_is_an_error(tmp_path, capsys, args, name):
+    job = cli_job(tmp_path)
+    assert gradcheck.main([str(job), *args]) == 2
+    assert name in one_error_line(capsys)
+
+
+def test_check_refuses_options_that_check_nothing(tmp_path):
+    net, w = build(tmp_path, job_text(char_layers(char_data(tmp_path))
+                                      + ip_loss("onehot", vocab_size())))
+    for kw in ({"samples": 0, "max_full": 0}, {"eps": 0.0}, {"eps": float("nan")},
+               {"max_full": -1}):
+        with pytest.raises(gradcheck.GradcheckError):
+            gradcheck.check(net, w, **kw)
+
+
+def test_more_samples_than_entries_checks_every_entry(tmp_path, capsys):
+    job = cli_job(tmp_path)
+    assert gradcheck.main([str(job), "--max-full", "2", "--samples", "100000"]) == 0
+    assert "0 above" in capsys.readouterr().out
+
+
+def test_net_without_params_is_an_error(tmp_path, capsys):
+    text = job_text(char_layers(char_data(tmp_path))
+                    + 'layer { name: "loss" type: kSoftmaxLoss srclayers: "onehot" '
+                      'srclayers: "label" }\n')
+    job = write_job(tmp_path, text)
+    assert gradcheck.main([str(job)]) == 2
+    assert "no params" in one_error_line(capsys)
+
+
+def test_nan_objective_is_a_failure(tmp_path):
+    text = job_text(char_layers(char_data(tmp_path)) + rec_conf("gru", "rec", "onehot", 4)
+                    + ip_loss("rec", vocab_size()))
+    net, w = build(tmp_path, text)
+    net.params[0].data.reshape(-1)[0] = np.nan  # every output, loss and gradient becomes NaN
+    worst = gradcheck.check(net, w)
+    assert worst and all(np.isnan(v) for v in worst.values()), worst
+
+
+def test_cli_nan_gradient_fails(tmp_path, monkeypatch, capsys):
+    from engine.layers.neuron import InnerProduct
+
+    job = cli_job(tmp_path)
+    orig = InnerProduct.backward
+
+    def nan_grad(self, ctx, dy, dstate, cache):
+        out = orig(self, ctx, dy, dstate, cache)
+        self.params["b"].grad[0] = np.nan
+        return out
+
+    monkeypatch.setattr(InnerProduct, "backward", nan_grad)
+    assert gradcheck.main([str(job)]) == 1
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("ip/b"))
+    assert "FAIL" in line and "not finite" in line
+    assert "0 above, 1 not finite" in out
+
+
+def test_cli_nan_objective_fails(tmp_path, monkeypatch, capsys):
+    job = cli_job(tmp_path)
+    orig = gradcheck.build
+
+    def poisoned(*a, **kw):
+        net, w = orig(*a, **kw)
+        net.params[-1].data.reshape(-1)[0] = np.nan
+        return net, w
+
+    monkeypatch.setattr(gradcheck, "build", poisoned)
+    assert gradcheck.main([str(job)]) == 1
+    out = capsys.readouterr().out
+    assert " ok" not in out and out.count("FAIL") == 11

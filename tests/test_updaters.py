@@ -278,7 +278,8 @@ def test_adam_first_step_explicit_numbers():
 
 def test_adagrad_explicit_numbers():
     p = make_param("w", [1.0])
-    up = Updater(upconf(pb.kAdaGrad, lr=0.1, delta=0.0), [p], np)
+    # delta 0 is refused (0/0 where a history is 0); 1e-30 vanishes next to sqrt(h) here
+    up = Updater(upconf(pb.kAdaGrad, lr=0.1, delta=1e-30), [p], np)
     p.grad[...] = [2.0]
     up.update(0)   # h = 4, w -= 0.1*2/2
     np.testing.assert_allclose(p.data, [0.9], rtol=1e-15)

@@ -1,4 +1,9 @@
-"""``python tools/plot.py WORKSPACE [OUTPUT.png]``: plot loss and metrics against steps."""
+"""``python tools/plot.py WORKSPACE [OUTPUT]``: plot loss and metrics against steps.
+
+OUTPUT defaults to WORKSPACE/metrics.png; its extension picks the format (.png, .svg,
+.pdf, ...). Bad input (no metrics, a metrics line that is not a record, a missing
+output folder, an unknown extension) is one line ``error: ...`` and exit status 2.
+"""
 from __future__ import annotations
 
 import pathlib
@@ -11,13 +16,17 @@ from engine.plot import PlotUnavailable, plot_metrics  # noqa: E402
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help") or len(argv) > 2:
+    if argv and argv[0] in ("-h", "--help"):
         print(__doc__.strip())
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        return 0
+    if not argv or len(argv) > 2 or argv[0].startswith("-"):
+        print("error: usage: python tools/plot.py WORKSPACE [OUTPUT] (--help for more)",
+              file=sys.stderr)
+        return 2
     try:
         path = plot_metrics(argv[0], argv[1] if len(argv) > 1 else None)
     except PlotUnavailable as e:
-        print(f"plot: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path}")
     return 0

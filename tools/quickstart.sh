@@ -3,7 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-python -m pip install -q -e .
+# the plot extra brings matplotlib: the run ends by drawing its learning curve (metrics.png)
+python -m pip install -q -e '.[plot]'
 if ! command -v dot >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     apt-get update -qq >/dev/null && apt-get install -y -qq graphviz >/dev/null
@@ -21,3 +22,7 @@ python -m engine.sample --checkpoint workspace/char-rnn-small/checkpoints/step15
   --length 600 --prime "def " --temperature 0.8
 python tools/graph.py configs/char-rnn-small.conf workspace/char-rnn-small/char-rnn-unrolled.svg --steps 0:4
 python tools/graph.py configs/char-rnn-small.conf workspace/char-rnn-small/char-rnn-folded.svg --fold
+echo "--- results ---"
+echo "learning curve:  workspace/char-rnn-small/metrics.png"
+echo "graphs:          workspace/char-rnn-small/char-rnn-unrolled.svg, char-rnn-folded.svg"
+echo "checkpoints:     workspace/char-rnn-small/checkpoints/"

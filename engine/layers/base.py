@@ -401,6 +401,8 @@ class LossLayer(Layer):
     in_sampling_net = False
     #: source 0 gives one score per class (a sampler may draw the next id from them)
     classifies: bool = False
+    #: the conf holding the loss's ``scale`` (checked once by config.validate: finite, >= 0)
+    scale_conf: str = ""
 
     def derived_metrics(self, values: dict, text: bool) -> dict:
         """Metrics computed from the averaged ones (``values``: name -> value), e.g.

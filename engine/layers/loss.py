@@ -103,6 +103,7 @@ class SoftmaxLoss(Supervised, LossLayer):
 
     classifies = True
     outputs_probabilities = True
+    scale_conf = "softmaxloss_conf"
 
     def derived_metrics(self, values, text):
         if "loss" not in values:
@@ -162,6 +163,8 @@ class EuclideanLoss(Supervised, LossLayer):
     "mse" = sum of (p - t)^2 over valid rows / (valid rows * K).
     The target gets no gradient. No params.
     """
+
+    scale_conf = "euclideanloss_conf"
 
     def setup(self, srcs):
         self.check_sources(srcs)
