@@ -136,8 +136,10 @@ def learning_rate(conf: pb.LRGenProto, step: int) -> float:
             else:
                 break
         return lrs[idx]
-    raise UpdaterError(f"updater.learning_rate.type {_change_name(t)} is not supported; use one "
-                       f"of {', '.join(_CHANGE_NAMES.values())}")
+    unset = " (unset: SINGA's default)" if not conf.HasField("type") else ""
+    raise UpdaterError(f"updater.learning_rate.type {_change_name(t)}{unset} is not supported; "
+                       f"set learning_rate {{ type: ... }} to one of "
+                       f"{', '.join(_CHANGE_NAMES.values())}")
 
 
 def _describe_lr(conf: pb.LRGenProto) -> str:
@@ -281,6 +283,9 @@ class Updater:
                                f"to turn element-wise clipping off")
         self.rho = self.beta1 = self.beta2 = 0.0
         if self.type == pb.kRMSProp:
+            if not conf.rmsprop_conf.HasField("rho"):  # required in SINGA, without a default
+                raise UpdaterError("kRMSProp needs updater.rmsprop_conf.rho (it has no default); "
+                                   "add rmsprop_conf { rho: 0.9 } or the decay you want")
             self.rho = pfloat(conf.rmsprop_conf.rho)
             self._check("rmsprop_conf.rho", self.rho, 0 <= self.rho <= 1, "must be in [0, 1]")
         elif self.type == pb.kAdaDelta:

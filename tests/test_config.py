@@ -77,7 +77,7 @@ MALFORMED = [
     ("missing brace inside a layer",
      edit("dim_hidden: 8 } }", "dim_hidden: 8 }"),
      ':9:3: Message type "rnnengine.LayerProto" has no field named "layer"; "layer" is a field '
-     'of NetProto, not of LayerProto: check the nesting (a missing or extra "}" above?)'),
+     'of NetProto, LayerGroupProto, not of LayerProto: check the nesting (a missing or extra "}" above?)'),
     ("missing brace at the end",
      BASE[:-2],
      ':10:79: Expected "}" (the file ends before every "{" is closed; add the missing "}")'),
