@@ -279,3 +279,13 @@ def test_tool_help_and_one_line_errors(tmp_path):
         assert len(lines) == 1 and lines[0].startswith(expect), (args, r.stderr)
     r = tool("cut.bin", "out.npz", "--debug", cwd=tmp_path)
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_data_wins_over_pixel_and_a_mean_file_reads(tmp_path):
+    """SINGA's record layer reads ``data`` when a record has it, else ``pixel``; cifar10's
+    image_mean.bin is one unlabelled record of float data keyed "mean"."""
+    path = tmp_path / "image_mean.bin"
+    path.write_bytes(kv(b"mean", record([1, 2, 2], pixel=[9, 9, 9, 9], data=[0.5, 1.5, 2.5, 3.5])))
+    x, y = read_kvfile(path)
+    assert y is None and x.dtype == np.float32 and x.shape == (1, 1, 2, 2)
+    np.testing.assert_array_equal(x.ravel(), [0.5, 1.5, 2.5, 3.5])
