@@ -16,6 +16,9 @@ fails removes its temporary and raises the caller's error naming the file and
 the OS reason (a full disk says so, and what to do). A process killed mid-write
 cannot clean up: ``remove_stale_temps`` removes the temporaries of processes
 that no longer exist, and is meant to run at start-up.
+
+SINGA v0.3's checkpoints (``step<N>-worker<K>``, a serialized BlobProtos) are read by
+``load_singa`` into the same ``param/<name>`` arrays; ``load_any`` picks the reader.
 """
 from __future__ import annotations
 
@@ -30,6 +33,10 @@ import shutil
 import zipfile
 
 import numpy as np
+from google.protobuf import unknown_fields
+from google.protobuf.message import DecodeError
+
+from engine.proto import job_pb2 as pb
 
 FORMAT = 1
 _STEP_RE = re.compile(r"^step(\d+)\.npz$")
@@ -225,3 +232,114 @@ def prune(folder, keep: int, protect: pathlib.Path | None = None) -> list[pathli
         p.unlink(missing_ok=True)
         removed.append(p)
     return removed
+
+
+# ----------------------------------------------------- SINGA v0.3 checkpoints
+# SINGA's workers write ``<workspace>/checkpoint/step<N>-worker<K>``: one serialized
+# BlobProtos (common.proto) with, for each param that owns its values, name[i],
+# version[i] and blob[i] = BlobProto {shape, packed float32 data, row-major}. In an
+# unrolled net every param is named after its copy, ``0#w`` (the owner; copies i > 0
+# share it and are usually not written).
+
+_UNROLL_PREFIX = re.compile(r"^(\d+)#(.+)$")
+
+
+def singa_param_name(name: str) -> str:
+    """A SINGA param name without its unrolling prefix: ``0#z_hx`` -> ``z_hx``."""
+    m = _UNROLL_PREFIX.match(name)
+    return m.group(2) if m else name
+
+
+def _unknown_fields(msg) -> int:
+    return len(unknown_fields.UnknownFieldSet(msg))
+
+
+def load_singa(path) -> tuple[dict[str, np.ndarray], dict]:
+    """Read a SINGA v0.3 checkpoint: ``({"param/<name>": float32 array}, meta)``, as
+    ``load`` returns them, with names stripped of SINGA's ``i#`` prefix (``0#w`` and
+    ``w`` are one param; two entries that map to one name must hold the same array).
+    meta: ``{"format": "singa", "versions": {name: version}}``. Anything that is not a
+    BlobProtos whose every blob holds prod(shape) values raises CheckpointError."""
+    path = pathlib.Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    if raw[:4] == b"PK\x03\x04":
+        raise CheckpointError(f"{path}: a zip (.npz) file, not a SINGA checkpoint; this "
+                              f"engine's own checkpoints are read with engine.checkpoint.load")
+    bps = pb.BlobProtos()
+    try:
+        bps.ParseFromString(raw)
+    except DecodeError:
+        raise CheckpointError(f"{path}: not a SINGA checkpoint (the file is not a serialized "
+                              f"BlobProtos message)") from None
+    if _unknown_fields(bps) or any(_unknown_fields(b) for b in bps.blob):
+        raise CheckpointError(f"{path}: not a SINGA checkpoint (fields a BlobProtos message "
+                              f"does not have)")
+    names, blobs, versions = list(bps.name), list(bps.blob), list(bps.version)
+    if not names:
+        raise CheckpointError(f"{path}: not a SINGA checkpoint, or one without params (no "
+                              f"param names)")
+    if len(blobs) != len(names) or (versions and len(versions) != len(names)):
+        raise CheckpointError(f"{path}: {len(names)} param names, {len(blobs)} blobs and "
+                              f"{len(versions)} versions; a SINGA checkpoint has one of each "
+                              f"per param")
+    arrays: dict[str, np.ndarray] = {}
+    source: dict[str, str] = {}
+    out_versions: dict[str, int] = {}
+    for i, (name, blob) in enumerate(zip(names, blobs)):
+        key = singa_param_name(name)
+        if not key:
+            raise CheckpointError(f"{path}: param {i} has no name")
+        shape = tuple(int(s) for s in blob.shape)
+        if any(s < 0 for s in shape) or int(np.prod(shape)) != len(blob.data):
+            raise CheckpointError(f'{path}: param "{name}": shape {list(shape)} needs '
+                                  f"{int(np.prod(shape))} values but its blob holds "
+                                  f"{len(blob.data)}")
+        a = np.fromiter(blob.data, dtype=np.float32, count=len(blob.data)).reshape(shape)
+        if key in arrays:
+            if arrays[key].shape != a.shape or not np.array_equal(arrays[key], a):
+                raise CheckpointError(f'{path}: params "{source[key]}" and "{name}" both map to '
+                                      f'"{key}" (without the unrolling prefix) but hold different '
+                                      f"values; a checkpoint of one net has one array per param")
+            continue
+        arrays[key], source[key] = a, name
+        if versions:
+            out_versions[key] = int(versions[i])
+    return ({f"param/{k}": v for k, v in arrays.items()},
+            {"format": "singa", "versions": out_versions})
+
+
+def save_singa(path, params: dict[str, np.ndarray], versions: dict[str, int] | None = None,
+               prefix: str = "0#") -> pathlib.Path:
+    """Write ``{name: array}`` as a SINGA v0.3 checkpoint (BlobProtos), each param named
+    ``prefix + name`` (SINGA's owner copy ``0#``; "" for a net that was not unrolled),
+    float32 values, ``versions[name]`` (default 0). For tests and for handing weights back
+    to SINGA."""
+    path = pathlib.Path(path)
+    bps = pb.BlobProtos()
+    for name, a in params.items():
+        a = np.asarray(a, dtype=np.float32)
+        bps.name.append(prefix + name)
+        bps.version.append(int((versions or {}).get(name, 0)))
+        blob = bps.blob.add()
+        blob.shape.extend(int(s) for s in a.shape)
+        blob.data.extend(a.ravel().tolist())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bps.SerializeToString())
+    return path
+
+
+def load_any(path) -> tuple[dict[str, np.ndarray], dict]:
+    """``load`` for this engine's .npz checkpoints (a zip file), ``load_singa`` for
+    anything else: what ``checkpoint_path`` accepts."""
+    path = pathlib.Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        head = b""
+    return load(path) if head == b"PK\x03\x04" else load_singa(path)

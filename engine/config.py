@@ -280,8 +280,12 @@ def validate(job: pb.JobProto, path: str = "<job>") -> None:
         if t == pb.kUserLayer and not layer.HasField("type"):
             raise err(layer, "has no type; add type: kXxx (see the README's layer list)")
         if cls is None:
-            raise err(layer, f"type {type_name(t)} is not supported by this engine (it is not a "
-                             f"recurrent-net layer); see the README for the supported layer types")
+            from engine.layers import REGISTRY
+            line = _layer_line(path, net, layer)
+            supported = ", ".join(type_name(k) for k in sorted(REGISTRY))
+            raise ConfigError(f'{path}{f":{line}" if line else ""}: layer "{layer.name}": type '
+                              f"{type_name(t)} is not supported by this engine (it trains recurrent "
+                              f"and fully connected nets; supported types: {supported})")
         if layer.unroll_len < 1:
             raise err(layer, f"unroll_len is {layer.unroll_len}; it must be at least 1")
         n = len(layer.srclayers)
@@ -361,7 +365,8 @@ def _check_numbers(job: pb.JobProto, path: str) -> None:
     from engine.updaters import UpdaterError, check_conf
 
     try:
-        check_conf(job.updater)
+        if job.HasField("updater"):  # a job that only tests needs none
+            check_conf(job.updater)
     except UpdaterError as e:
         raise ConfigError(f"{path}: {e}") from None
     for layer in job.neuralnet.layer:
@@ -383,3 +388,115 @@ def _check_numbers(job: pb.JobProto, path: str) -> None:
 def job_dir(path) -> pathlib.Path:
     """Folder against which the job's relative paths are resolved."""
     return pathlib.Path(path).resolve().parent
+
+
+# ------------------------------------------------ where a layer is in the file
+# Protobuf's text parser keeps no line numbers, so an error about one layer finds
+# the layer's line again in the file text.
+
+_TOKEN = re.compile(r"""\s+|\#[^\n]*|"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'|[{}<>:\[\],;]"""
+                    r"""|[^\s{}<>:\[\],;"'\#]+""")
+
+
+def _text_tokens(text: str) -> list[tuple[str, int]]:
+    """(token, line) of protobuf text format, without whitespace and # comments."""
+    out, line = [], 1
+    for m in _TOKEN.finditer(text):
+        tok = m.group()
+        if not tok.isspace() and not tok.startswith("#"):
+            out.append((tok, line))
+        line += tok.count("\n")
+    return out
+
+
+def _string_value(tok: str) -> str:
+    """The text of a quoted token, escapes resolved (C-style, as protobuf writes them)."""
+    import ast
+    try:
+        return ast.literal_eval(tok)
+    except (ValueError, SyntaxError):
+        return tok[1:-1]
+
+
+def layer_blocks(text: str) -> list[tuple[int, str | None]]:
+    """(line, name) of every ``layer`` block of ``neuralnet``, in file order: the line of
+    the word ``layer`` and the ``name`` written directly inside the block (None if absent).
+    Handles # comments, both quote styles, adjacent strings, ``field: [ ... ]`` lists,
+    ``<...>`` blocks and ``[extension]`` names; a nested ``param { name }`` is not the
+    layer's name. ``text`` must be text that protobuf parsed."""
+    toks = _text_tokens(text)
+    n = len(toks)
+    found: list[list] = []
+
+    def scalar(i: int) -> tuple[int, str]:
+        tok = toks[i][0]
+        if tok[0] in "\"'":
+            parts = []
+            while i < n and toks[i][0][0] in "\"'":
+                parts.append(_string_value(toks[i][0]))
+                i += 1
+            return i, "".join(parts)
+        if tok == "-" and i + 1 < n:  # "- 5": a sign written apart from its number
+            return i + 2, "-" + toks[i + 1][0]
+        return i + 1, tok
+
+    def block(i: int, path: tuple, name: str, line: int) -> int:
+        path = path + (name,)
+        if path == ("neuralnet", "layer"):
+            found.append([line, None])
+        return message(i + 1, path)
+
+    def message(i: int, path: tuple) -> int:
+        while i < n:
+            tok, line = toks[i]
+            if tok in ("}", ">"):
+                return i + 1
+            if tok in (";", ","):
+                i += 1
+                continue
+            if tok == "[":  # [package.extension] field name
+                j = i + 1
+                while j < n and toks[j][0] != "]":
+                    j += 1
+                name, i = "[" + "".join(t for t, _ in toks[i + 1:j]) + "]", j + 1
+            else:
+                name, i = tok, i + 1
+            if i < n and toks[i][0] == ":":
+                i += 1
+            if i >= n:
+                break
+            if toks[i][0] == "[":  # list syntax: name: [v, v] or [{...}, {...}]
+                i += 1
+                while i < n and toks[i][0] != "]":
+                    if toks[i][0] == ",":
+                        i += 1
+                    elif toks[i][0] in ("{", "<"):
+                        i = block(i, path, name, line)
+                    else:
+                        i, _ = scalar(i)
+                i += 1
+            elif toks[i][0] in ("{", "<"):
+                i = block(i, path, name, line)
+            else:
+                i, value = scalar(i)
+                if path == ("neuralnet", "layer") and name == "name":
+                    found[-1][1] = value
+        return i
+
+    message(0, ())
+    return [(line, name) for line, name in found]
+
+
+def _layer_line(path, net: pb.NetProto, layer: pb.LayerProto) -> int | None:
+    """Line of ``layer`` in the job file ``path`` (None when the file cannot tell): the
+    k-th layer block for net.layer[k] when the file's blocks match the net's names, else
+    the only block with the layer's name."""
+    try:
+        blocks = layer_blocks(pathlib.Path(path).read_text(encoding="utf-8", errors="replace"))
+    except (OSError, IndexError, RecursionError):
+        return None
+    layers = list(net.layer)
+    if [b[1] for b in blocks] == [lay.name for lay in layers]:
+        return blocks[layers.index(layer)][0]
+    same = [line for line, name in blocks if name == layer.name]
+    return same[0] if len(same) == 1 else None

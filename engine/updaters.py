@@ -151,8 +151,10 @@ def check_schedule(conf: pb.LRGenProto) -> None:
     elif t == pb.kFixedStep:
         _fixedstep_table(conf)
     else:
-        raise UpdaterError(f"updater.learning_rate.type {_change_name(t)} is not supported; use "
-                           f"one of {', '.join(_CHANGE_NAMES.values())}")
+        unset = " (unset: SINGA's default)" if not conf.HasField("type") else ""
+        raise UpdaterError(f"updater.learning_rate.type {_change_name(t)}{unset} is not "
+                           f"supported; set learning_rate {{ type: ... }} to one of "
+                           f"{', '.join(_CHANGE_NAMES.values())}")
 
 
 def learning_rate(conf: pb.LRGenProto, step: int) -> float:
@@ -277,6 +279,9 @@ def check_conf(conf: pb.UpdaterProto) -> None:
                            f"({high:g}); set clip_low < clip_high, or both to 0 "
                            f"to turn element-wise clipping off")
     _number("updater.clip_norm", norm, ">= 0 (0 = off)", norm >= 0)
+    if t == pb.kRMSProp and not conf.rmsprop_conf.HasField("rho"):  # SINGA: required, no default
+        raise UpdaterError("kRMSProp needs updater.rmsprop_conf.rho (it has no default); "
+                           "add rmsprop_conf { rho: 0.9 } or the decay you want")
     if t in (pb.kRMSProp, pb.kAdaDelta):
         rho = pfloat(getattr(conf, own).rho)
         _number(f"updater.{own}.rho", rho, "in [0, 1]", 0 <= rho <= 1)

@@ -79,7 +79,7 @@ def model_job(tmp: pathlib.Path, *, kind: str = "gru", inp: str = "onehot", laye
         body += (f'layer {{ name: "ip" type: kInnerProduct srclayers: "{src}" '
                  f"innerproduct_conf {{ num_output: {V} }} }}\n")
     text = (f'name: "exp"\ntrain_steps: 1\ntrain_one_batch {{ alg: kBPTT }}\n'
-            f"updater {{ type: kSGD learning_rate {{ base_lr: 0.1 }} }}\n"
+            f"updater {{ type: kSGD learning_rate {{ type: kFixed base_lr: 0.1 }} }}\n"
             f'cluster {{ workspace: "{tmp / "ws"}" }}\n{extra}\n'
             f"neuralnet {{ unroll_len: {T}\n{data}{body}"
             f'layer {{ name: "loss" type: kSoftmaxLoss srclayers: "ip" srclayers: "{labels}" }}\n}}\n')

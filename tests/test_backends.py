@@ -77,10 +77,10 @@ def every_layer(tmp_path):
     path = gc.save_npz(tmp_path / "e.npz", x=rng.standard_normal((6, 4, 6)),
                        y=rng.integers(0, 3, size=6))
     layers = (f'layer {{ name: "data" type: kRecordInput store_conf {{ path: "{path}" batchsize: 3 }} }}\n'
-              'layer { name: "slice" type: kSlice srclayers: "data" slice_conf { num_slices: 2 } }\n'
+              'layer { name: "slice" type: kSlice srclayers: "data" slice_conf { slice_dim: 1 num_slices: 2 } }\n'
               'layer { name: "sig" type: kSigmoid srclayers: "slice" }\n'
               'layer { name: "st" type: kSTanh srclayers: "slice" }\n'
-              'layer { name: "cat" type: kConcate srclayers: "sig" srclayers: "st" }\n'
+              'layer { name: "cat" type: kConcate srclayers: "sig" srclayers: "st" concate_conf { concate_dim: 1 } }\n'
               'layer { name: "ip0" type: kInnerProduct srclayers: "cat" innerproduct_conf { num_output: 5 } }\n'
               'layer { name: "relu" type: kReLU srclayers: "ip0" relu_conf { negative_slope: 0.1 } }\n'
               'layer { name: "act" type: kActivation srclayers: "relu" activation_conf { type: TANH } }\n'

@@ -16,6 +16,7 @@ import pytest
 
 from engine.config import (ConfigError, Phase, layer_phases, layers_in_phase, load_job, normalise,
                            parse_job, validate)
+from engine.layers import REGISTRY
 from engine.proto import job_pb2 as pb
 from engine.workspace import phases_of
 from engine.unroll import unroll
@@ -61,8 +62,9 @@ def with_ip1(new_ip1: str) -> str:
     return edit(IP1, new_ip1)
 
 
-NOT_SUPPORTED = ("type {t} is not supported by this engine (it is not a recurrent-net layer); "
-                 "see the README for the supported layer types")
+NOT_SUPPORTED = ("type {t} is not supported by this engine (it trains recurrent and fully "
+                 "connected nets; supported types: "
+                 + ", ".join(pb.LayerType.Name(t) for t in sorted(REGISTRY)) + ")")
 
 # (id, job text, expected stderr after "error: <path>"). ``None`` text: no file at all.
 MALFORMED = [
@@ -77,7 +79,7 @@ MALFORMED = [
     ("missing brace inside a layer",
      edit("dim_hidden: 8 } }", "dim_hidden: 8 }"),
      ':9:3: Message type "rnnengine.LayerProto" has no field named "layer"; "layer" is a field '
-     'of NetProto, not of LayerProto: check the nesting (a missing or extra "}" above?)'),
+     'of NetProto, LayerGroupProto, not of LayerProto: check the nesting (a missing or extra "}" above?)'),
     ("missing brace at the end",
      BASE[:-2],
      ':10:79: Expected "}" (the file ends before every "{" is closed; add the missing "}")'),
@@ -258,7 +260,7 @@ MALFORMED = [
      'rnn_dummy_conf.dynamic_srclayer), and that is not a layer of this net'),
     # ------------------------------------------------------------- types
     *[(f"SINGA type {t}", edit("type: kInnerProduct", f"type: {t}"),
-       ': layer "ip1": ' + NOT_SUPPORTED.format(t=t))
+       ':9: layer "ip1": ' + NOT_SUPPORTED.format(t=t))
       for t in ("kConvolution", "kPooling", "kLRN", "kRBMHid", "kCudnnConv", "kUserLayer")],
     ("a layer without a type",
      edit("type: kInnerProduct ", ""),

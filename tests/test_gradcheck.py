@@ -348,7 +348,8 @@ def test_every_other_layer(tmp_path):
               'layer { name: "stanh" type: kSTanh srclayers: "split" }\n'
               'layer { name: "act" type: kActivation srclayers: "split" '
               "activation_conf { type: SIGMOID } }\n"
-              'layer { name: "cat" type: kConcate srclayers: "stanh" srclayers: "act" }\n'
+              'layer { name: "cat" type: kConcate srclayers: "stanh" srclayers: "act" '
+              'concate_conf { concate_dim: 1 } }\n'
               'layer { name: "rnn" type: kRNN srclayers: "cat" shift: 1 '
               "rnn_conf { dim_hidden: 4 bias_term: false } }\n"
               'layer { name: "ip2" type: kInnerProduct srclayers: "rnn" '

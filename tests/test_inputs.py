@@ -14,7 +14,7 @@ def store_job(tmp_path, arrays: dict | None, extra_store: str = "", unroll: int 
     job = tmp_path / "job.conf"
     job.write_text(f"""name: "seq" train_steps: 2
 train_one_batch {{ alg: kBPTT }}
-updater {{ type: kSGD learning_rate {{ base_lr: 0.1 }} }}
+updater {{ type: kSGD learning_rate {{ type: kFixed base_lr: 0.1 }} }}
 neuralnet {{ unroll_len: {unroll}
   layer {{ name: "data" type: kRecordInput store_conf {{ path: "{path}" batchsize: 2 {extra_store} }} }}
   layer {{ name: "rnn" type: kRNN srclayers: "data" rnn_conf {{ dim_hidden: 3 }} }}
@@ -65,3 +65,28 @@ def test_label_outside_the_classes_is_named(tmp_path):
     r = run_cli("engine.train", store_job(tmp_path, {"x": X, "y": np.array([0, 1, 7, 0, 1])}))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert 'layer "loss"' in r.stderr and "7" in r.stderr
+
+
+def test_store_batchsize_is_repeated_and_the_first_is_used(tmp_path):
+    """store_conf.batchsize is SINGA's repeated field (one entry per partition there);
+    the input layer, as SINGA's data layers do, takes the first entry."""
+    from engine.config import load_job
+    from engine.gradcheck import build
+
+    rng = np.random.default_rng(0)
+    path = store_job(tmp_path, {"x": rng.normal(size=(6, 4, 3)), "y": rng.integers(0, 2, 6)},
+                     extra_store="batchsize: 5")
+    job = load_job(path)
+    data = next(lay for lay in job.neuralnet.layer if lay.name == "data")
+    assert list(data.store_conf.batchsize) == [2, 5]
+    net, worker = build(job, str(path), workspace=tmp_path / "ws")
+    assert net.layers["data"].batchsize == 2 and worker.batchsize == 2
+
+
+def test_store_without_batchsize_is_one_line(tmp_path):
+    job = store_job(tmp_path, {"x": X, "y": Y})
+    job.write_text(job.read_text().replace("batchsize: 2", ""))
+    r = run_cli("engine.train", job)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f'error: {job}: layer "data": store_conf.batchsize must be at least 1']

@@ -94,7 +94,7 @@ def test_addition_config_is_the_addition_problem():
     layers = {(c.name, tuple(c.include)): c for c in job.neuralnet.layer}
     data_train = layers[("data", (pb.kTrain,))]
     data_val = layers[("data", (pb.kVal,))]
-    assert data_train.store_conf.batchsize == 100 and data_val.store_conf.batchsize == 100
+    assert list(data_train.store_conf.batchsize) == [100] == list(data_val.store_conf.batchsize)
     lstm = layers[("lstm", ())]
     assert lstm.type == pb.kLSTM and lstm.lstm_conf.dim_hidden == 100 and lstm.unroll_len == 25
     ip = layers[("ip", ())]
@@ -119,7 +119,7 @@ def tiny_job(conf: str, tmp_path: pathlib.Path, steps: int, disp: int) -> pathli
             p = data / pathlib.PurePosixPath(layer.store_conf.path).name
             assert p.exists(), p
             layer.store_conf.path = str(p)
-            assert layer.store_conf.batchsize <= 200
+            assert layer.store_conf.batchsize[0] <= 200
     job.disp_freq = disp
     job.validate_freq = steps // 2
     job.validate_steps = 2

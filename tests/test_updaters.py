@@ -489,6 +489,27 @@ def test_unsupported_updater_type():
         Updater(upconf(pb.kUserUpdater), [p], np)
 
 
+def test_singa_defaults_without_a_usable_value_are_errors():
+    """SINGA's LRGenProto.type defaults to kUserChange and RMSPropProto.rho is required
+    without a default: leaving either out is one line saying what to write."""
+    p = make_param("w", [1.0])
+    unset = pb.LRGenProto(base_lr=0.1)
+    assert unset.type == pb.kUserChange
+    with pytest.raises(UpdaterError, match=r"learning_rate\.type kUserChange \(unset: SINGA's "
+                                           r"default\) is not supported; set learning_rate "
+                                           r"\{ type: \.\.\. \} to one of kFixed"):
+        learning_rate(unset, 0)
+    conf = upconf(pb.kRMSProp)
+    assert not conf.rmsprop_conf.HasField("rho") and conf.rmsprop_conf.rho == 0
+    with pytest.raises(UpdaterError, match=r"kRMSProp needs updater\.rmsprop_conf\.rho \(it has "
+                                           r"no default\); add rmsprop_conf \{ rho: 0\.9 \}"):
+        Updater(conf, [p], np)
+    # AdaDelta's rho and Adam's betas have SINGA's defaults
+    assert Updater(upconf(pb.kAdaDelta), [p], np).rho == 0.9
+    adam = Updater(upconf(pb.kAdam), [p], np)
+    assert (adam.beta1, adam.beta2) == (0.9, 0.999)
+
+
 def test_bad_hyperparameters():
     p = make_param("w", [1.0])
     with pytest.raises(UpdaterError, match=r"updater\.momentum is -0\.5; it must be >= 0"):
@@ -516,5 +537,5 @@ def test_describe():
     conf.learning_rate.fixedstep_conf.step_lr.extend([0.001, 0.0001])
     assert describe(conf) == ("Adam beta1=0.9 beta2=0.999 lr=0.001 "
                               "(kFixedStep 0:0.001 1000:0.0001) clip_norm=5")
-    assert describe(upconf(pb.kAdaDelta, lr=1.0, delta=1e-6)) == \
+    assert describe(upconf(pb.kAdaDelta, lr=1.0, delta=1e-6, adadelta_conf__rho=0.95)) == \
         "AdaDelta rho=0.95 lr=1 (kFixed) delta=1e-06"

@@ -11,12 +11,12 @@ from engine.proto import job_pb2 as pb
 
 @register(pb.kConcate)
 class Concate(Layer):
-    """y = concatenate(x_1, ..., x_n) along concate_conf.concate_dim [1].
+    """y = concatenate(x_1, ..., x_n) along concate_conf.concate_dim [0].
 
     concate_dim 1 (or higher): features; the sources' shapes must agree on the
     other dims. A source absent at this copy counts as zeros of its shape, so
     the width stays out_shape. concate_dim 0: batch rows; absent sources are
-    skipped. num_concates, when > 0, must equal the number of sources.
+    skipped. num_concates, when set, must equal the number of sources.
     Backward: dy split back into the sources' pieces (None for absent ones).
     """
 
@@ -29,9 +29,9 @@ class Concate(Layer):
         c = self.conf.concate_conf
         if not srcs:
             raise self.error("kConcate needs at least one srclayer")
-        if c.num_concates > 0 and c.num_concates != len(srcs):
+        if c.HasField("num_concates") and c.num_concates != len(srcs):
             raise self.error(f"concate_conf.num_concates is {c.num_concates} but the layer has "
-                             f"{len(srcs)} srclayers; make them agree (or leave num_concates 0)")
+                             f"{len(srcs)} srclayers; make them agree (or leave num_concates out)")
         self.dim = int(c.concate_dim)
         shapes = [tuple(s.out_shape) for s in srcs]
         rank = len(shapes[0])
@@ -88,7 +88,7 @@ class Concate(Layer):
 
 @register(pb.kSlice)
 class Slice(Layer):
-    """y_j = x[..., j*n:(j+1)*n, ...] along slice_conf.slice_dim [1], j < num_slices.
+    """y_j = x[..., j*n:(j+1)*n, ...] along slice_conf.slice_dim [0], j < num_slices.
 
     num_slices (>= 2, required) equal pieces; the size along slice_dim must be
     divisible by it. forward returns the list of pieces (consumer j of a copy

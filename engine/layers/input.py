@@ -258,7 +258,7 @@ class SequenceInput(InputLayer):
 
     def setup(self, srcs):
         s = self.conf.store_conf
-        self.batchsize = int(s.batchsize)
+        self.batchsize = int(s.batchsize[0]) if s.batchsize else 0  # repeated: SINGA's layers take the first
         if self.batchsize < 1:
             raise self.error('store_conf.batchsize must be at least 1')
         path = resolve_path(s.path, self.info)
