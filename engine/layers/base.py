@@ -1,7 +1,9 @@
-"""Layer base class, Param, per-call Context and the type registry.
+"""Layer base classes, Param, the per-call Context and the type registry: the contract.
 
-The contract every layer follows (the reference executor in engine/worker.py
-relies on it, and so does every layer test):
+Everything an executor, the unroller, the sampler or the config checks need from a
+layer is declared here; nothing outside a layer module tests a layer's type.
+
+Per copy (the reference executor, engine/worker.py, and every layer test):
 
 * One ``Layer`` object per *configured* layer. All unrolled copies ``i#L``
   of it share that object and hence its params; per-copy data lives in the
@@ -9,9 +11,10 @@ relies on it, and so does every layer test):
 * ``setup(srcs)`` receives the set-up source layer objects (in srclayer
   order) and must set ``self.out_shape``: the shape of one copy's output
   *without* the leading batch dimension (``()`` for a vector of ids). It
-  creates params with ``self.add_param``.
+  creates params with ``self.add_param``. ``self.src_conn`` holds the
+  connection type of each srclayer (from the unrolled graph's edges).
 * ``forward(ctx, xs, state) -> (y, new_state, cache)``. ``xs`` is aligned
-  with the layer's data srclayers: ``xs[k]`` is the output of the copy of
+  with the layer's srclayers: ``xs[k]`` is the output of the copy of
   source k this copy reads, ``None`` when this copy gets nothing from it
   (one-to-one with a shift at early copies), or a Python list of arrays
   for one-to-all from a source with several copies. ``state`` is the
@@ -24,11 +27,30 @@ relies on it, and so does every layer test):
   ``param.grad``; the worker zeroes them once per batch.
 * Layers never import cupy: they use ``self.xp`` (numpy or cupy) and
   ``self.dtype`` (float32 for training, float64 for gradient checks).
+* Errors name the layer one way: ``raise self.error(msg)`` gives
+  ``layer "<name>": <msg>``.
 
-Recurrence is declared by the class, never tested by type name elsewhere:
-``context_sources(conf)`` lists (layer name, offset) pairs; copy i reads copy
-i - offset of that layer as its context. Recurrent layers return
-``[(conf.name, 1)]``; a later bidirectional layer would return -1.
+All copies at once (the planned executor, engine/planner.py): a layer that
+can compute its T copies in one call says so with ``supports_block()`` and
+implements ``forward_block`` / ``backward_block`` (their docstrings give the
+arrays they take and return). Rowwise layers get them from ``forward`` /
+``backward``; recurrent layers run their step loop there. A layer without
+them still runs: the planner refuses the net (``NotPlannable``) and the
+reference executor takes over, saying why.
+
+Declarations (class attributes and classmethods, read instead of type
+switches): recurrence (``context_sources``: copy i reads copy i - offset of a
+layer as its context; recurrent layers return ``[(conf.name, 1)]``), the
+settings a job must give (``required``), what the sampler keeps
+(``in_sampling_net``), whether outputs are probabilities, vocabularies. The
+input-layer protocol is ``InputLayer``, the loss-layer protocol ``LossLayer``.
+
+Adding a layer type: give it a LayerType value in ``proto/job.proto`` (a number
+SINGA never used) and its settings message, regenerate
+``engine/proto/job_pb2.py`` (``python tools/gen_proto.py``), write the class in
+the family module under ``engine/layers/`` with ``@register(pb.kYours)`` and its
+formula in the docstring, add a row to the README's layer table, and a test
+(``tests/layercheck.py`` checks a layer's gradients by finite differences).
 """
 from __future__ import annotations
 
