@@ -113,10 +113,13 @@ class Sampler:
         else:
             job, where = parse_job(meta["job"], f"{ckpt_path} (its job)"), f"{ckpt_path} (its job)"
             normalise(job, where)
-        if not self.vocab and not (job_path and any(_feedback(lay) for lay in job.neuralnet.layer)):
-            raise ConfigError(f"{ckpt_path}: the checkpoint has no vocabulary (not a char-rnn job)")
-        gpu = device_of(cpu, gpu, job.gpu if job_path else ())  # never the checkpoint's job's
         self.singa_style = any(_feedback(lay) for lay in job.neuralnet.layer)
+        if not self.vocab and not self.singa_style:
+            why = ("a SINGA checkpoint; give --job a sample job whose kCharRNNOutput has "
+                   "char_rnn_conf { vocab_path }" if meta.get("format") == "singa"
+                   else "not a char-rnn job")
+            raise ConfigError(f"{ckpt_path}: the checkpoint has no vocabulary ({why})")
+        gpu = device_of(cpu, gpu, job.gpu if job_path else ())  # never the checkpoint's job's
         sjob = job if self.singa_style else sampling_job(job, where)
         self.job = sjob
         u = unroll(sjob.neuralnet, Phase.TEST, sjob.name, where=where)

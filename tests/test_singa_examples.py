@@ -373,6 +373,14 @@ def test_singa_sample_job_samples_from_a_singa_checkpoint(byte_run, singa_checkp
                 "--temperature", 0, "--prime", "def")
     assert s.returncode == 0, s.stderr
     assert s.stdout.startswith("def")
+    # params only: without a sample job there is neither a net nor a vocabulary
+    for extra, expect in (((), "a SINGA checkpoint holds params only; give the net to sample "
+                                "with --job"),
+                          (("--job", job), "the checkpoint has no vocabulary (a SINGA checkpoint; "
+                                           "give --job a sample job")):
+        s = run_cli("engine.sample", "--checkpoint", path, "--cpu", *extra)
+        assert s.returncode == 2 and len(s.stderr.strip().splitlines()) == 1, s.stderr
+        assert expect in s.stderr
 
 
 def test_singa_checkpoint_loads_through_checkpoint_path(byte_run, singa_checkpoint, tmp_path):
