@@ -42,27 +42,44 @@ def to_host(a):
 
 
 def make_backend(gpu: int | None = None, dtype=np.float32) -> Backend:
-    """NumPy when ``gpu`` is None, else CuPy on that device; BackendError when impossible."""
+    """NumPy when ``gpu`` is None, else CuPy on that device; BackendError when impossible.
+    The error is one line that says why and names ``--cpu``, the option of the training,
+    sampling and gradient-check commands that runs a job naming a GPU on the CPU."""
     if gpu is None:
         return Backend(np, np.dtype(dtype).type)
+    cpu = "run with --cpu to use the CPU instead"
     try:
         import cupy  # noqa: PLC0415 (optional dependency)
     except ImportError:
-        raise BackendError(f"the job asks for GPU {gpu} but CuPy is not installed; install it with "
-                           f"pip install 'rnn-engine[gpu]' (or cupy-cuda12x), or remove the gpu "
-                           f"field / --gpu to train on the CPU") from None
+        raise BackendError(f"the job asks for GPU {gpu} but CuPy is not installed; {cpu}, or "
+                           f"install CuPy with pip install 'rnn-engine[gpu]' (or "
+                           f"cupy-cuda12x)") from None
     try:
         available = cupy.cuda.is_available()
     except Exception:  # noqa: BLE001 - a broken CUDA install reports in many ways
         available = False
     if not available:
-        raise BackendError(f"the job asks for GPU {gpu} but CuPy finds no usable GPU; remove the "
-                           f"gpu field / --gpu to train on the CPU")
+        raise BackendError(f"the job asks for GPU {gpu} but CuPy finds no usable GPU on this "
+                           f"machine; {cpu}")
     n = cupy.cuda.runtime.getDeviceCount()
     if not 0 <= gpu < n:
-        raise BackendError(f"GPU {gpu} does not exist (this machine has {n}); use --gpu 0..{n - 1}")
+        raise BackendError(f"GPU {gpu} does not exist (this machine has {n}); use --gpu "
+                           f"0..{n - 1}, or {cpu}")
     cupy.cuda.Device(gpu).use()
     return Backend(cupy, np.dtype(dtype).type, "cupy", gpu)
+
+
+def device_of(cpu: bool, gpu: int | None, job_gpu=()) -> int | None:
+    """The GPU a command runs on: None (the CPU) with ``--cpu``, else ``--gpu``, else the
+    first id of the job's ``gpu`` field, else None. ``--cpu`` with ``--gpu`` is a
+    BackendError (they contradict each other)."""
+    if cpu and gpu is not None:
+        raise BackendError(f"--cpu and --gpu {gpu} contradict each other; give one of them")
+    if cpu:
+        return None
+    if gpu is not None:
+        return gpu
+    return int(job_gpu[0]) if len(job_gpu) else None
 
 
 #: glibc mallopt parameters (malloc.h)

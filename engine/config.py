@@ -332,7 +332,34 @@ def validate(job: pb.JobProto, path: str = "<job>") -> None:
                                  f"this net")
 
     _check_counts(job, path)
+    _check_user_types(job, path)
     _check_numbers(job, path)
+
+
+def _check_user_types(job: pb.JobProto, path: str) -> None:
+    """SINGA's user-defined types (the ``user_type`` fields, ParamProto type kUser) name C++
+    classes registered with SINGA's driver; this engine has none, so each is one line naming
+    where it is instead of being ignored. (kUserLayer, kUserAlg, kUserUpdater, kUserChange
+    and kUserInit are refused where those types are read.)"""
+    plugin = ("SINGA's user-defined types are C++ classes registered with its driver, and "
+              "this engine has none; remove it")
+    where_up = f"{path}: updater"
+    for msg, what in ((job.updater, where_up), (job.updater.learning_rate,
+                                                f"{where_up}.learning_rate")):
+        if msg.HasField("user_type"):
+            raise ConfigError(f'{what}: user_type "{msg.user_type}": {plugin}')
+    for layer in job.neuralnet.layer:
+        at = f'{path}: layer "{layer.name}"'
+        if layer.HasField("user_type"):
+            raise ConfigError(f'{at}: user_type "{layer.user_type}": {plugin}')
+        for p in layer.param:
+            pat = f'{at}: param "{p.name}"'
+            if p.HasField("user_type"):
+                raise ConfigError(f'{pat}: user_type "{p.user_type}": {plugin}')
+            if p.type != pb.kParam:
+                raise ConfigError(f"{pat}: type {pb.ParamType.Name(p.type)}: {plugin}")
+            if p.init.HasField("user_type"):
+                raise ConfigError(f'{pat}: init user_type "{p.init.user_type}": {plugin}')
 
 
 # Counts and frequencies of JobProto that must not be negative: (field, what 0 means).

@@ -1,6 +1,8 @@
 """``python -m engine.gradcheck JOB``: prove a net's gradients by finite differences.
 
-Builds the job's train net in float64 on NumPy, loads one batch, and compares
+Builds the job's train net in float64 on NumPy (whatever GPU the job names: its
+``gpu`` field is not used, and ``--cpu`` is accepted so that the same command line
+serves engine.train, engine.sample and this), loads one batch, and compares
 each param's analytic gradient (the BPTT worker's backward) with central
 differences of the objective (the sum over loss copies of scale x the mean
 over the batch of the per-row loss) at every entry of small params and at a
@@ -30,7 +32,7 @@ from engine.config import ConfigError, Phase, load_job
 from engine.layers import LayerError
 from engine.net import Net
 from engine.proto import job_pb2 as pb
-from engine.workspace import net_info, workspace_of
+from engine.workspace import job_alg, net_info, workspace_of
 from engine.unroll import unroll
 from engine.updaters import UpdaterError
 from engine.worker import Worker
@@ -61,7 +63,8 @@ def build(job: pb.JobProto, path: str, seed: int = 0, workspace=None, phase=Phas
     """A float64 NumPy net and worker over one loaded batch (state starts from zeros)."""
     ws = workspace_of(job, workspace)
     u = unroll(job.neuralnet, phase, job.name, where=str(path))
-    net = Net(u, make_backend(None, np.float64), net_info(path, ws, seed), seed=seed, where=str(path))
+    net = Net(u, make_backend(None, np.float64), net_info(path, ws, seed, alg=job_alg(job)),
+              seed=seed, where=str(path))
     if not net.losses:
         raise ConfigError(f"{path}: the net has no loss layer, so there is no objective to check")
     if not net.params:
@@ -127,6 +130,9 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=40, help="entries checked per large param")
     ap.add_argument("--max-full", type=int, default=300, help="params up to this size: every entry")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cpu", action="store_true",
+                    help="accepted for a job that names a GPU (gpu: 0); the check always runs "
+                         "on the CPU (NumPy, float64)")
     ap.add_argument("--debug", action="store_true")
     a = ap.parse_args(argv)
     try:

@@ -86,6 +86,7 @@ class Net:
                 raise ConfigError(f"{where}: {msg}") from None
             if layer.vocab is not None and "vocab" not in info:
                 info["vocab"] = layer.vocab
+                info["encoding"] = layer.encoding
             self.layers[name] = layer
         try:
             self.params = resolve_sharing([self.layers[c.name] for c in unrolled.layers])

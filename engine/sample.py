@@ -1,5 +1,5 @@
 """``python -m engine.sample --checkpoint CKPT [--job JOB] [--length N] [--temperature T]
-[--prime TEXT] [--top-k K] [--seed S]``: generate text from a trained char-rnn.
+[--prime TEXT] [--top-k K] [--seed S] [--gpu ID | --cpu]``: generate text from a trained char-rnn.
 
 The checkpoint carries the job it was trained with; from it the sampler
 derives a one-step net: the char data layer becomes a kRNNDummy fed back from
@@ -8,10 +8,15 @@ dropped, every layer gets unroll_len 1, and the recurrent state is carried
 from step to step. ``--job`` gives another net instead: a SINGA-style sample
 job (kRNNDummy + kArgSort + kCharRNNOutput) runs as written; a training job
 is turned into a sampling net as above. Its params must match the
-checkpoint's (names and shapes), or the error names them.
+checkpoint's (names and shapes), or the error names them. A SINGA checkpoint
+(``step<N>-worker<K>``) holds params only: it needs ``--job``, and the vocabulary
+comes from that job's kCharRNNOutput (``char_rnn_conf { vocab_path }``).
 
 Temperature 0 takes the argmax; T > 0 draws from softmax(scores / T),
-restricted to the K best with ``--top-k``.
+restricted to the K best with ``--top-k``. With a byte vocabulary (engine/text.py)
+the bytes are printed as UTF-8, a sequence that does not decode as U+FFFD.
+``--cpu`` samples on the CPU when the ``--job`` names a GPU (the checkpoint's own
+job's ``gpu`` field is never used: a checkpoint moves between machines).
 """
 from __future__ import annotations
 
@@ -21,12 +26,12 @@ import sys
 import numpy as np
 
 from engine import checkpoint as ckpt
-from engine.backend import make_backend, to_host
+from engine.backend import BackendError, device_of, make_backend, to_host
 from engine.config import ConfigError, Phase, layers_in_phase, load_job, normalise, parse_job, validate
 from engine.layers import layer_class
 from engine.layers.base import InputLayer, LossLayer
 from engine.layers.output import ArgSort
-from engine.layers.input import encode_text
+from engine import text as tx
 from engine.net import Net
 from engine.proto import job_pb2 as pb
 from engine.workspace import load_params, net_info, workspace_of
@@ -94,25 +99,42 @@ def sampling_job(job: pb.JobProto, where: str = "<job>") -> pb.JobProto:
 class Sampler:
     """A one-step net over a checkpoint's params that emits one character per step."""
 
-    def __init__(self, ckpt_path: str, job_path: str | None = None, seed: int = 0, gpu=None):
-        arrays, meta = ckpt.load(ckpt_path)
+    def __init__(self, ckpt_path: str, job_path: str | None = None, seed: int = 0, gpu=None,
+                 cpu: bool = False):
+        arrays, meta = ckpt.load_any(ckpt_path)  # this engine's .npz or SINGA's BlobProtos
         self.vocab = meta.get("vocab")
-        if not self.vocab:
-            raise ConfigError(f"{ckpt_path}: the checkpoint has no vocabulary (not a char-rnn job)")
+        self.encoding = meta.get("encoding") or tx.UTF8
         if job_path:
             job, where = load_job(job_path), job_path
+        elif "job" not in meta:
+            raise ConfigError(f"{ckpt_path}: a SINGA checkpoint holds params only; give the "
+                              f"net to sample with --job (a sample job such as SINGA's "
+                              f"sample.conf)")
         else:
             job, where = parse_job(meta["job"], f"{ckpt_path} (its job)"), f"{ckpt_path} (its job)"
             normalise(job, where)
         self.singa_style = any(_feedback(lay) for lay in job.neuralnet.layer)
+        if not self.vocab and not self.singa_style:
+            why = ("a SINGA checkpoint; give --job a sample job whose kCharRNNOutput has "
+                   "char_rnn_conf { vocab_path }" if meta.get("format") == "singa"
+                   else "not a char-rnn job")
+            raise ConfigError(f"{ckpt_path}: the checkpoint has no vocabulary ({why})")
+        gpu = device_of(cpu, gpu, job.gpu if job_path else ())  # never the checkpoint's job's
         sjob = job if self.singa_style else sampling_job(job, where)
         self.job = sjob
         u = unroll(sjob.neuralnet, Phase.TEST, sjob.name, where=where)
         ws = workspace_of(job, None)
-        info = net_info(job_path or meta.get("job_path", "."), ws, seed, self.vocab)
+        info = net_info(job_path or meta.get("job_path", "."), ws, seed, self.vocab, self.encoding)
         info["batchsize"] = 1
         self.net = Net(u, make_backend(gpu), info, seed=seed, where=where)
         load_params(self.net, arrays, f"{ckpt_path} vs {where}")
+        if not self.vocab:  # a SINGA checkpoint: the sample job's vocabulary (kCharRNNOutput's)
+            self.vocab = self.net.info.get("vocab")
+            self.encoding = self.net.info.get("encoding", tx.UTF8)
+            if not self.vocab:
+                raise ConfigError(f"{where}: no vocabulary to sample with: the checkpoint has "
+                                  f"none; give the kCharRNNOutput layer char_rnn_conf "
+                                  f"{{ vocab_path }}")
         self.worker = Worker(self.net, seed=seed, carry=pb.kCarry)
         self.dummy = next(lay for lay in self.net.layers.values() if _feedback(lay.conf))
         drawer = type(self.dummy).context_sources(self.dummy.conf)[0][0]
@@ -134,11 +156,16 @@ class Sampler:
 
     def generate(self, length: int, temperature: float = 1.0, prime: str = "",
                  top_k: int = 0) -> str:
-        """``prime`` followed by ``length`` generated characters."""
+        """``prime`` followed by ``length`` generated symbols (characters; bytes for a
+        byte vocabulary, printed as UTF-8 with U+FFFD for a sequence that does not decode)."""
         self.argsort.temperature = float(temperature)
         self.argsort.sample_topk = int(top_k)
+        prime = tx.from_user(prime, self.encoding)
         if prime:
-            ids = encode_text(prime, self.vocab, "--prime").tolist()
+            try:
+                ids = tx.encode_text(prime, self.vocab, "--prime", self.encoding).tolist()
+            except tx.TextError as e:
+                raise ConfigError(str(e)) from None
         else:
             ids = [self.vocab.index("\n") if "\n" in self.vocab else 0]
         nxt = None
@@ -148,7 +175,7 @@ class Sampler:
         for _ in range(length):
             out.append(self.vocab[nxt])
             nxt = self._step(None)
-        return prime + "".join(out)
+        return tx.for_display(prime + "".join(out), self.encoding)
 
 
 def main(argv=None) -> int:
@@ -161,15 +188,17 @@ def main(argv=None) -> int:
     ap.add_argument("--prime", default="", help="text to start from")
     ap.add_argument("--top-k", type=int, default=0, help="draw only among the K best")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--gpu", type=int)
+    ap.add_argument("--gpu", type=int, help="sample on this GPU (CuPy)")
+    ap.add_argument("--cpu", action="store_true",
+                    help="sample on the CPU even when the --job names a GPU (gpu: 0)")
     ap.add_argument("--debug", action="store_true")
     a = ap.parse_args(argv)
     if a.length < 0 or a.temperature < 0 or a.top_k < 0:
         ap.error("--length, --temperature and --top-k must not be negative")
     try:
-        s = Sampler(a.checkpoint, a.job, a.seed, a.gpu)
+        s = Sampler(a.checkpoint, a.job, a.seed, a.gpu, a.cpu)
         text = s.generate(a.length, a.temperature, a.prime, a.top_k)
-    except (ConfigError, ckpt.CheckpointError) as e:
+    except (ConfigError, ckpt.CheckpointError, BackendError) as e:
         if a.debug:
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -243,25 +243,54 @@ def read_textfile(path, shape=None, has_label: bool = True,
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise StoreError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if not separator:
-        raise StoreError(f"{path}: the separator is empty; give the field separator (e.g. \",\")")
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()  # the newline that ends the last line
+    items = ((f"{path}:{num}", line) for num, line in enumerate(lines, 1))
+    return _csv_records(items, path, "textfile", shape, has_label, separator)
+
+
+def read_kvfile_text(path, shape=None, has_label: bool = True,
+                     separator: str = ",") -> tuple[np.ndarray, np.ndarray | None]:
+    """(x, y) of a kvfile whose values are CSV lines, as SINGA's kCSVInput reads a kvfile
+    store (each value one record, parsed like a textfile line)."""
+    where = kvfile_path(path)
+
+    def items():
+        for k, off, key, val in iter_kvfile(path):
+            at = f"{where}: record {k} (key {key.decode('utf-8', 'replace')!r}) at byte {off}"
+            try:
+                yield at, val.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise StoreError(f"{at}: its value is not CSV text ({e.reason} at byte "
+                                 f"{e.start}); a kvfile of RecordProto records is read by "
+                                 f"kRecordInput") from None
+
+    return _csv_records(items(), where, "kvfile", shape, has_label, separator)
+
+
+def _csv_records(items, path, what: str, shape, has_label: bool,
+                 separator: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Parse (where, line) pairs as SINGA's CSV records: the label first (has_label),
+    then the values; see ``read_textfile``."""
+    if not separator:
+        raise StoreError(f"{path}: the separator is empty; give the field separator (e.g. \",\")")
     need = int(np.prod(shape)) if shape is not None and len(shape) else None
     table = str.maketrans({c: "\0" for c in separator})
     rows, labels = [], []
-    for num, line in enumerate(lines, 1):
+    first = None
+    for at, line in items:
+        first = first or at
         line = line[:-1] if line.endswith("\r") else line
         if not line.strip():
-            raise StoreError(f"{path}:{num}: empty line; every line is one record (remove it)")
+            raise StoreError(f"{at}: empty line; every line is one record (remove it)")
         fields = line.translate(table).split("\0")
         if fields[-1] == "":
             fields.pop()  # a trailing separator
         if has_label:
             label = _integer(fields[0])
             if label is None:
-                raise StoreError(f"{path}:{num}: the label {fields[0].strip()!r} is not an "
+                raise StoreError(f"{at}: the label {fields[0].strip()!r} is not an "
                                  f"integer (the first field is the label; has_label: false "
                                  f"if there is none)")
             labels.append(label)
@@ -270,17 +299,18 @@ def read_textfile(path, shape=None, has_label: bool = True,
             values = [float(f) for f in fields]
         except ValueError:
             bad = next(j for j, f in enumerate(fields) if not _is_float(f))
-            raise StoreError(f"{path}:{num}: value {bad + 1} {fields[bad].strip()!r} is not a "
+            raise StoreError(f"{at}: value {bad + 1} {fields[bad].strip()!r} is not a "
                              f"number") from None
         if need is None:
             need = len(values)
         if len(values) != need:
-            what = f"the shape {list(shape)}" if shape is not None and len(shape) else "line 1"
-            raise StoreError(f"{path}:{num}: {len(values)} values, but {what} "
-                             f"{'needs' if what.startswith('the') else 'has'} {need}")
+            what_has = (f"the shape {list(shape)} needs" if shape is not None and len(shape)
+                        else f"{'line' if what == 'textfile' else 'record'} "
+                             f"{'1' if what == 'textfile' else '0'} has")
+            raise StoreError(f"{at}: {len(values)} values, but {what_has} {need}")
         rows.append(values)
     if not rows:
-        raise StoreError(f"{path}: the textfile holds no records")
+        raise StoreError(f"{path}: the {what} holds no records")
     shape = tuple(int(s) for s in shape) if shape is not None and len(shape) else (need,)
     x = np.array(rows, dtype=np.float32).reshape((len(rows),) + shape)
     y = np.array(labels, dtype=np.int32) if has_label else None
@@ -324,3 +354,121 @@ def write_textfile(path, x, y=None, separator: str = ",") -> int:
 
     _atomic_write(path, chunks())
     return flat.shape[0]
+
+
+# ------------------------------------------------------------ the record input's stores
+
+#: store_conf.backend values the record input reads: SINGA's two stores, this engine's
+#: .npz, and "csv", this engine's older name for "textfile"
+BACKENDS = ("kvfile", "textfile", "npz", "csv")
+
+
+def backend_of(backend: str, path) -> str:
+    """The store format of a data layer: ``store_conf.backend`` ("csv" is "textfile"),
+    or, when unset, the file's suffix (.npz, .csv). Any other backend (SINGA's lmdb,
+    hdfsfile, imagefolder, or a misspelling) is a StoreError naming the supported ones."""
+    path = pathlib.Path(path)
+    supported = ('"kvfile" and "textfile" (SINGA\'s stores), "npz" (this engine\'s; '
+                 '"csv" is a synonym of "textfile")')
+    if not backend:
+        by_suffix = {".npz": "npz", ".csv": "textfile"}.get(path.suffix.lower())
+        if by_suffix is None:
+            raise StoreError(f"{path}: store_conf.backend is not set and the file is neither "
+                             f".npz nor .csv; set backend to one of {supported}")
+        return by_suffix
+    if backend not in BACKENDS:
+        raise StoreError(f'{path}: store_conf.backend "{backend}" is not read by this engine; '
+                         f"supported: {supported}")
+    return "textfile" if backend == "csv" else backend
+
+
+def read_npz(path) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(x, y, lengths) of this engine's .npz data (y and lengths None when absent)."""
+    import zipfile  # noqa: PLC0415 - only here
+
+    path = pathlib.Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as d:
+            if "x" not in d.files:
+                raise StoreError(f'{path} has no array "x" (arrays: {", ".join(d.files) or "none"})')
+            return (d["x"], d["y"] if "y" in d.files else None,
+                    d["lengths"] if "lengths" in d.files else None)
+    except StoreError:
+        raise
+    except FileNotFoundError:
+        raise StoreError(f"{path}: no such file") from None
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        raise StoreError(f"{path}: not a readable .npz ({type(e).__name__}: {e})") from None
+
+
+def read_store(backend: str, path, *, values: str, shape=None, has_label: bool = True,
+               separator: str = ",") -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(x, y, lengths) of a data layer's store, by ``backend`` (see ``backend_of``).
+
+    ``values`` says how a SINGA store's records are parsed, as the layer type does in
+    SINGA: "record" (kRecordInput: RecordProto values) or "csv" (kCSVInput: CSV text).
+    A kvfile holds either; a textfile holds lines of text, so "record" (a RecordProto
+    per line) is refused. ``shape`` is the record shape (store_conf.shape): a kvfile's
+    records are reshaped to it, a textfile's lines must hold it, and an .npz's
+    x.shape[1:] must equal it. Only .npz files have ``lengths``."""
+    path = pathlib.Path(path)
+    shape = tuple(int(s) for s in shape) if shape is not None and len(shape) else None
+    if backend == "npz":
+        x, y, lengths = read_npz(path)
+        if shape is not None and tuple(x.shape[1:]) != shape:
+            raise StoreError(f"{path}: x holds records of shape {list(x.shape[1:])} but "
+                             f"store_conf.shape is {list(shape)}; fix the shape or remove it "
+                             f"(an .npz carries its own)")
+        return x, y, lengths
+    if backend == "textfile":
+        if values == "record":
+            raise StoreError(f"{path}: a textfile store holds lines of text, and kRecordInput "
+                             f"parses each record as a RecordProto; use type kCSVInput for a "
+                             f"textfile store (or a kvfile store)")
+        x, y = read_textfile(path, shape, has_label, separator)
+    elif values == "csv":
+        x, y = read_kvfile_text(path, shape, has_label, separator)
+    else:
+        x, y = read_kvfile(path, shape)
+        if not has_label:
+            y = None
+        elif y is None:
+            raise StoreError(f"{kvfile_path(path)}: the records have no label; set "
+                             f"store_conf {{ has_label: false }} or store labelled records")
+    return x, y, None
+
+
+def read_first_record(backend: str, path, *, values: str, separator: str = ",") -> np.ndarray:
+    """The float32 values of the first record of a store, flat: what SINGA reads from
+    ``mean_file`` / ``std_file`` (one record of float ``data``, or one CSV line without a
+    label), with the data layer's backend."""
+    path = pathlib.Path(path)
+    if backend == "npz":
+        raise StoreError(f"{path}: mean_file and std_file are SINGA stores (kvfile or "
+                         f"textfile); with .npz data give mean_value / std_value, or normalise "
+                         f"the .npz")
+    if backend == "textfile" and values == "record":
+        raise StoreError(f"{path}: a textfile store holds lines of text, and kRecordInput "
+                         f"parses each record as a RecordProto; use type kCSVInput")
+    if backend == "textfile" or values == "csv":
+        if backend == "textfile":
+            first = next(iter(_read_bytes(path, "textfile").split(b"\n")), b"")
+            items = iter([(f"{path}:1", first.decode("utf-8", "replace"))])
+        else:
+            rec = next(iter_kvfile(path), None)
+            items = iter([] if rec is None else
+                         [(f"{kvfile_path(path)}: record 0", rec[3].decode("utf-8", "replace"))])
+        x, _ = _csv_records(items, path, backend, None, False, separator)
+        return x[0].ravel()
+    for k, off, key, val in iter_kvfile(path):
+        rec = pb.RecordProto()
+        try:
+            rec.ParseFromString(val)
+        except DecodeError as e:
+            raise StoreError(f"{kvfile_path(path)}: record 0 at byte 0: its value is not a "
+                             f"RecordProto ({e})") from None
+        x = _features(rec)
+        if x is None:
+            raise StoreError(f"{kvfile_path(path)}: record 0 has neither pixel nor data values")
+        return x.astype(np.float32)
+    raise StoreError(f"{kvfile_path(path)}: the kvfile holds no records")

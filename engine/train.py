@@ -24,7 +24,7 @@ from google.protobuf import text_format
 
 from engine import checkpoint as ckpt
 from engine import interop
-from engine.backend import BackendError, keep_freed_memory, make_backend
+from engine.backend import BackendError, device_of, keep_freed_memory, make_backend
 from engine.config import ConfigError, Phase, job_dir, load_job
 from engine.layers.input import resolve_path
 from engine.net import Net
@@ -32,8 +32,8 @@ from engine.planner import NotPlannable, make_worker
 from engine.plot import PlotUnavailable, plot_metrics
 from engine.proto import job_pb2 as pb
 from engine.metrics import MetricsLog, Progress, derived_metrics, fmt_metrics, fmt_time, merge_metrics
-from engine.workspace import (ensure_workspace, load_params, net_info, param_arrays, phases_of,
-                              workspace_of, write_graphs)
+from engine.workspace import (ensure_workspace, job_alg, load_params, net_info, param_arrays,
+                              phases_of, workspace_of, write_graphs)
 from engine.layers import LayerError
 from engine.updaters import Updater, UpdaterError, describe, global_grad_norm
 from engine.worker import ContinuityError
@@ -59,8 +59,9 @@ class Trainer:
         self.train_steps = args.steps if args.steps is not None else job.train_steps
         if self.train_steps != job.train_steps:
             job.train_steps = self.train_steps
-        gpu = args.gpu if args.gpu is not None else (job.gpu[0] if job.gpu else None)
-        self.backend = make_backend(gpu, np.float32)
+        self.backend = make_backend(device_of(args.cpu, args.gpu, job.gpu), np.float32)
+        self.cpu_note = (f"--cpu: the job's gpu {', '.join(map(str, job.gpu))} is not used"
+                         if args.cpu and job.gpu else "")
         self.phases = phases_of(job)
         self.unrolled = write_graphs(job, path, self.ws, self.phases)
         self.out = sys.stdout
@@ -72,7 +73,7 @@ class Trainer:
     # ----------------------------------------------------------- building
     def build(self) -> None:
         job = self.job
-        vocab = None
+        vocab, encoding = None, None
         init_arrays = None
         torch_files = []  # PyTorch's layout: mapped onto the net once it is built
         if job.checkpoint_path:
@@ -82,9 +83,10 @@ class Trainer:
                 if interop.is_torch_file(path):
                     torch_files.append(path)
                     continue
-                arrays, meta = ckpt.load(path)
+                arrays, meta = ckpt.load_any(path)  # this engine's .npz or SINGA's BlobProtos
                 init_arrays.update(arrays)
-                vocab = vocab or meta.get("vocab")
+                if not vocab and meta.get("vocab"):
+                    vocab, encoding = meta["vocab"], meta.get("encoding")
         self.resume_from = None
         resume = self.args.resume or job.resume
         existing = ckpt.list_checkpoints(self.ckpt_dir)
@@ -100,8 +102,9 @@ class Trainer:
                 self.say(f"no valid checkpoint in {self.ckpt_dir}; starting from step 0")
             else:
                 self.resume_from = found
-                vocab = found[2].get("vocab") or vocab
-        info = net_info(self.path, self.ws, self.seed, vocab)
+                if found[2].get("vocab"):
+                    vocab, encoding = found[2]["vocab"], found[2].get("encoding")
+        info = net_info(self.path, self.ws, self.seed, vocab, encoding, job_alg(job))
         carry = job.train_one_batch.state_carry
         self.debug = bool(self.args.debug or job.debug)
         executor = self.args.executor or ("reference" if self.debug else "auto")
@@ -121,6 +124,7 @@ class Trainer:
                 self.executor_note = note
         self.main = main
         self.vocab = main.info.get("vocab")
+        self.encoding = main.info.get("encoding", "utf-8")  # the unit of the vocabulary
         if init_arrays is not None:
             for path in torch_files:
                 init_arrays.update(interop.load_torch_file(main, path))
@@ -142,7 +146,8 @@ class Trainer:
         ws = w.state_dict()
         arrays.update({f"worker/{k}": v for k, v in ws["arrays"].items()})
         meta = {"step": self.step, "job": text_format.MessageToString(self.job),
-                "job_path": str(self.path), "vocab": self.vocab, "seed": self.seed,
+                "job_path": str(self.path), "vocab": self.vocab, "encoding": self.encoding,
+                "seed": self.seed,
                 "worker": ws["meta"], "time": time.time()}
         path = ckpt.save(self.ckpt_dir / f"step{self.step}.npz", arrays, meta)
         ckpt.prune(self.ckpt_dir, self.job.keep_checkpoints, protect=path)
@@ -171,6 +176,8 @@ class Trainer:
         job, main = self.job, self.main
         self.say(f"job {job.name or '(unnamed)'}: {self.path}")
         self.say(f"workspace {self.ws}  backend {self.backend.describe()}  seed {self.seed}")
+        if self.cpu_note:
+            self.say(self.cpu_note)
         for line in main.info.get("notes", []):
             self.say(line)
         g = self.unrolled[self.phases[0]].graph
@@ -179,8 +186,28 @@ class Trainer:
         for line in main.describe():
             self.say(line)
         self.say(self.executor_note)
+        note = self.state_note()
+        if note:
+            self.say(note)
         if self.updater is not None:
             self.say(f"updater {describe(job.updater)}")
+
+    def state_note(self) -> str:
+        """For a net with recurrent layers: how the state passes from batch to batch, and
+        the setting that gives SINGA v0.3's behaviour (every batch starts from zeros)."""
+        if Phase.TRAIN not in self.workers or not any(
+                lay.recurrent for lay in self.main.layers.values()):
+            return ""
+        policy = self.workers[Phase.TRAIN].policy
+        if policy == pb.kResetBatch:
+            return "state between batches: every batch starts from zeros (as SINGA v0.3)"
+        how = {pb.kCarry: "carried (kCarry)",
+               pb.kResetBoundary: "carried, reset where the data starts new sequences or a "
+                                  "stream wraps (kResetBoundary)"}.get(policy, "carried")
+        auto = " by default for text streams" if \
+            self.job.train_one_batch.state_carry == pb.kCarryAuto else ""
+        return (f"state between batches: {how}{auto}; SINGA v0.3 starts every batch from "
+                f"zeros: train_one_batch {{ state_carry: kResetBatch }} does that")
 
     def evaluate(self, ph: Phase, steps: int) -> dict:
         w = self.workers[ph]
@@ -338,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--workspace", help="output folder (default: the job's cluster.workspace)")
     ap.add_argument("--steps", type=int, help="override train_steps")
     ap.add_argument("--gpu", type=int, help="train on this GPU (CuPy)")
+    ap.add_argument("--cpu", action="store_true",
+                    help="train on the CPU (NumPy) even when the job names a GPU (gpu: 0)")
     ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     ap.add_argument("--seed", type=int, help="override the job's seed")
     ap.add_argument("--graph-only", action="store_true",

@@ -57,11 +57,22 @@ def write_graphs(job, path, ws: pathlib.Path, phases) -> dict:
     return out
 
 
-def net_info(job_path, ws, seed, vocab=None) -> dict:
+def net_info(job_path, ws, seed, vocab=None, encoding=None, alg=None) -> dict:
+    """The net-wide facts the layers get (see ``Layer.info``): ``vocab`` and its unit
+    ``encoding`` ("utf-8" or "bytes") when known (a checkpoint's), ``alg`` the job's
+    train_one_batch.alg when it gives one (kBP: a record input emits whole records)."""
     info = {"workspace": str(ws), "job_dir": str(job_dir(job_path)), "seed": seed}
     if vocab is not None:
         info["vocab"] = list(vocab)
+        info["encoding"] = encoding or "utf-8"
+    if alg is not None:
+        info["alg"] = int(alg)
     return info
+
+
+def job_alg(job: pb.JobProto) -> int | None:
+    """The job's train_one_batch.alg when the job gives one, else None."""
+    return job.train_one_batch.alg if job.train_one_batch.HasField("alg") else None
 
 
 def load_params(net: Net, arrays: dict, where: str) -> None:

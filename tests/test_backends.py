@@ -103,7 +103,8 @@ def embedding_euclid(tmp_path):
               'embedding_conf { vocab_size: 7 feature_dim: 4 } }\n'
               + gc.rec_conf("rnn", "rec", "emb", 4)
               + 'layer { name: "out" type: kInnerProduct srclayers: "rec" innerproduct_conf { num_output: 1 } }\n'
-                'layer { name: "loss" type: kEuclideanLoss srclayers: "out" srclayers: "data" }\n')
+                'layer { name: "loss" type: kEuclideanLoss srclayers: "out" srclayers: "data" '
+                'euclideanloss_conf { target: kLabels } }\n')
     return gc.job_text(layers, unroll=5, extra=UPDATER)
 
 

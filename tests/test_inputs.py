@@ -90,3 +90,65 @@ def test_store_without_batchsize_is_one_line(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [
         f'error: {job}: layer "data": store_conf.batchsize must be at least 1']
+
+
+# -------------------------------------------- SINGA's stores, record by record
+
+def built_data_layer(tmp_path, store: str, alg: str = "kBPTT", unroll: int = 4):
+    """The data layer of a small job reading ``store`` (store_conf's body), built by the
+    trainer (so ``alg`` reaches it), after one batch on the reference executor."""
+    from engine.config import load_job
+    from engine.train import Trainer, build_parser
+    job = tmp_path / "job.conf"
+    job.write_text(f"""name: "s" train_steps: 1
+train_one_batch {{ alg: {alg} }}
+updater {{ type: kSGD learning_rate {{ type: kFixed base_lr: 0.1 }} }}
+neuralnet {{ unroll_len: {unroll if alg == "kBPTT" else 1}
+  layer {{ name: "data" type: kRecordInput store_conf {{ {store} }} }}
+  layer {{ name: "ip" type: kInnerProduct srclayers: "data" innerproduct_conf {{ num_output: 2 }} }}
+}}
+cluster {{ workspace: "{tmp_path / 'ws'}" }}
+""")
+    t = Trainer(load_job(job), str(job), build_parser().parse_args(
+        [str(job), "--executor", "reference"]))
+    t.build()
+    w = t.workers[next(iter(t.workers))]
+    w.run_batch(train=False)
+    return t.main.layers["data"], w
+
+
+def test_kvfile_sequences_in_a_bptt_net(tmp_path):
+    """kBPTT: a SINGA store's [T] records of whole numbers are token ids; [T, F] records
+    are features per step (store_conf.shape gives the record shape)."""
+    from engine.stores import write_kvfile
+    ids = np.arange(24, dtype=np.uint8).reshape(6, 4) % 5
+    write_kvfile(tmp_path / "ids.bin", ids, np.arange(6) % 2)
+    data, w = built_data_layer(tmp_path, f'backend: "kvfile" path: "{tmp_path / "ids.bin"}" '
+                                         f"batchsize: 2 shape: 4")
+    assert data.is_ids and data.x.dtype == np.int64 and data.vocab_size == 5
+    np.testing.assert_array_equal(w.outs["1#data"], ids[:2, 1])
+    feats = np.random.default_rng(1).normal(size=(6, 8)).astype(np.float32)
+    write_kvfile(tmp_path / "f.bin", feats, np.arange(6) % 2)
+    data, w = built_data_layer(tmp_path, f'backend: "kvfile" path: "{tmp_path / "f.bin"}" '
+                                         f"batchsize: 2 shape: 4 shape: 2 mean_value: 1 "
+                                         f"std_value: 2")
+    assert not data.is_ids and data.out_shape == (2,)
+    np.testing.assert_allclose(w.outs["3#data"], (feats[:2].reshape(2, 4, 2)[:, 3] - 1) / 2)
+
+
+def test_a_feed_forward_net_reads_whole_records_from_an_npz(tmp_path):
+    """alg: kBP: x [N, 784] uint8 (what tools/singa_data.py makes of mnist) is 784
+    features per example, not 784 steps of token ids."""
+    x = np.random.default_rng(2).integers(0, 256, (10, 784)).astype(np.uint8)
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(10) % 3)
+    data, w = built_data_layer(tmp_path, f'path: "{tmp_path / "d.npz"}" batchsize: 4', "kBP")
+    assert not data.is_ids and data.out_shape == (784,)
+    np.testing.assert_array_equal(w.outs["0#data"], x[:4].astype(np.float32))
+
+
+def test_token_ids_refuse_normalisation(tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.zeros((5, 4), np.int64), y=np.zeros(5, np.int64))
+    job = store_job(tmp_path, None, extra_store="mean_value: 3")
+    r = run_cli("engine.train", job)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "holds token ids; mean and std normalise features" in r.stderr

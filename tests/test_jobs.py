@@ -101,6 +101,8 @@ def test_addition_config_is_the_addition_problem():
     assert ip.innerproduct_conf.num_output == 1 and ip.unroll_len == 1
     assert list(ip.unroll_conn_type) == [pb.kUnrollFirstToLast]
     assert layers[("loss", ())].type == pb.kEuclideanLoss
+    # it regresses onto the sums the data layer carries, not (SINGA's default) its features
+    assert layers[("loss", ())].euclideanloss_conf.target == pb.EuclideanLossProto.kLabels
     assert job.updater.type == pb.kAdam
     assert job.updater.learning_rate.base_lr == pytest.approx(0.003)
     assert job.train_steps == 4000 and job.validate_freq > 0 and job.validate_steps > 0

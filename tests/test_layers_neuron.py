@@ -209,7 +209,7 @@ def test_dropout_errors_name_the_layer():
 # -------------------------------------------------------------- activations
 
 def _stanh(x):
-    return 1.7159 * np.tanh(2.0 * x / 3.0)
+    return 1.7159047 * np.tanh(2.0 * x / 3.0)  # SINGA v0.3's constants (singa_op.h)
 
 
 EXPECT = {

@@ -201,3 +201,36 @@ def test_csv_output_path_relative_to_job_dir(tmp_path):
     layer.close()
     assert (tmp_path / "res" / "out.csv").read_text() == "1.5\n2.5\n"
     assert not os.path.exists(tmp_path / "ws")
+
+
+# ------------------------------------------------ SINGA's field placement, bytes
+
+def test_char_output_takes_singas_char_rnn_conf_and_a_byte_vocabulary(tmp_path):
+    """SINGA's sample.conf puts char_rnn_conf { vocab_path } on kCharRNNOutput; a vocabulary
+    that is not UTF-8 is read as bytes: the file receives the raw bytes, the report
+    decodes them (U+FFFD where they do not decode)."""
+    vocab = bytes([0x9f, 0xc3, ord("a"), 0xa9, ord("\r"), ord("\n")])
+    (tmp_path / "vocab.txt").write_bytes(vocab)
+    layer = build(pb.kCharRNNOutput, "chars", srcs(()), info={"job_dir": str(tmp_path)},
+                  char_rnn_conf__vocab_path="vocab.txt", char_rnn_output_conf__path="out.txt")
+    assert layer.encoding == "bytes" and len(layer.vocab) == 6
+    for i in (2, 1, 3, 0, 4, 5):
+        layer.forward(Context(), [np.array([i])], None)
+    assert (tmp_path / "out.txt").read_bytes() == b"a\xc3\xa9\x9f\r\n"
+    assert layer.report() == "a\u00e9\ufffd\r\n"
+    with pytest.raises(LayerError, match=r'layer "c2": char_rnn_output_conf.vocab_path .* and '
+                                         r"char_rnn_conf.vocab_path .* differ"):
+        build(pb.kCharRNNOutput, "c2", srcs(()), info={"job_dir": str(tmp_path)},
+              char_rnn_conf__vocab_path="vocab.txt", char_rnn_output_conf__vocab_path="v2.txt")
+
+
+def test_csv_output_takes_singas_store_conf_path(tmp_path):
+    layer = build(pb.kCSVOutput, "pred", srcs((1,)),
+                  info={"workspace": str(tmp_path / "ws"), "job_dir": str(tmp_path)},
+                  store_conf__path="res/out.csv", store_conf__backend="textfile")
+    layer.forward(Context(), [np.array([[1.5], [2.5]])], None)
+    layer.close()
+    assert (tmp_path / "res" / "out.csv").read_text() == "1.5\n2.5\n"
+    with pytest.raises(LayerError, match=r'layer "p2": store_conf.backend "kvfile": kCSVOutput '
+                                         r"writes a textfile"):
+        build(pb.kCSVOutput, "p2", srcs((1,)), store_conf__path="x", store_conf__backend="kvfile")

@@ -130,7 +130,8 @@ def test_tied_weights_and_euclidean(tmp_path):
               'param { name: "wb" share_from: "wa" } param { name: "bb" } }\n'
               + gc.rec_conf("rnn", "rec", "b", 5)
               + 'layer { name: "out" type: kInnerProduct srclayers: "rec" innerproduct_conf { num_output: 1 } }\n'
-                'layer { name: "loss" type: kEuclideanLoss srclayers: "out" srclayers: "data" }\n')
+                'layer { name: "loss" type: kEuclideanLoss srclayers: "out" srclayers: "data" '
+                'euclideanloss_conf { target: kLabels } }\n')
     assert_same(tmp_path, gc.job_text(layers, unroll=4, extra=UPDATER))
 
 

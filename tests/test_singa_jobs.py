@@ -248,3 +248,50 @@ def test_layer_line_picks_the_right_one_of_two_layers_with_one_name(tmp_path):
     with pytest.raises(ConfigError, match=rf'^{re.escape(str(path))}:{want}: layer "data": type '
                                           r"kShardData is not supported"):
         load_job(path)
+
+
+# ----------------------------------------- SINGA fields that would change results
+
+MLP_BASE = """name: "m" train_steps: 1
+train_one_batch { alg: kBP }
+updater { type: kSGD learning_rate { type: kFixed base_lr: 0.1 } }
+neuralnet {
+  layer { name: "data" type: kRecordInput store_conf { path: "d.npz" batchsize: 2 } }
+  layer { name: "ip" type: kInnerProduct srclayers: "data" innerproduct_conf { num_output: 2 }
+          param { name: "w" } }
+  layer { name: "dummy" type: kDummy srclayers: "ip" }
+  layer { name: "loss" type: kSoftmaxLoss srclayers: "dummy" srclayers: "data" }
+}
+"""
+
+
+@pytest.mark.parametrize("edit, expect", [
+    (('type: kSGD', 'type: kSGD user_type: "MyUpdater"'),
+     'updater: user_type "MyUpdater": SINGA\'s user-defined types are C++ classes'),
+    (('base_lr: 0.1', 'base_lr: 0.1 user_type: "MyLR"'), 'updater.learning_rate: user_type "MyLR"'),
+    (('name: "ip" type: kInnerProduct', 'name: "ip" type: kInnerProduct user_type: "kFoo"'),
+     'layer "ip": user_type "kFoo"'),
+    (('param { name: "w" }', 'param { name: "w" user_type: "P" }'), 'layer "ip": param "w": '
+                                                                     'user_type "P"'),
+    (('param { name: "w" }', 'param { name: "w" type: kUser }'), 'param "w": type kUser'),
+    (('param { name: "w" }', 'param { name: "w" init { type: kUniform user_type: "I" } }'),
+     'param "w": init user_type "I"'),
+])
+def test_user_types_are_one_line(tmp_path, edit, expect):
+    path = write(tmp_path, "u.conf", MLP_BASE.replace(*edit))
+    with pytest.raises(ConfigError) as e:
+        load_job(path)
+    assert str(e.value).startswith(f"{path}: ") and expect in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("conf, what", [("input: true", "random data"),
+                                        ("output: true", "random gradients")])
+def test_dummys_test_modes_are_one_line(tmp_path, conf, what):
+    import numpy as np
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 3), np.float32), y=np.zeros(4, np.int64))
+    text = MLP_BASE.replace('type: kDummy srclayers: "ip"',
+                            f'type: kDummy srclayers: "ip" dummy_conf {{ {conf} }}')
+    path = write(tmp_path, "d.conf", text.replace('"d.npz"', f'"{tmp_path / "d.npz"}"'))
+    r = run_cli("engine.train", path, "--workspace", tmp_path / "ws")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f'layer "dummy": dummy_conf {{ {conf} }} is SINGA\'s test mode ({what})' in r.stderr

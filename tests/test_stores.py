@@ -289,3 +289,62 @@ def test_data_wins_over_pixel_and_a_mean_file_reads(tmp_path):
     x, y = read_kvfile(path)
     assert y is None and x.dtype == np.float32 and x.shape == (1, 1, 2, 2)
     np.testing.assert_array_equal(x.ravel(), [0.5, 1.5, 2.5, 3.5])
+
+
+# ------------------------------------------------ the record input's dispatch
+
+def test_backend_of_maps_settings_and_suffixes():
+    from engine.stores import backend_of
+    assert backend_of("kvfile", "a.bin") == "kvfile"
+    assert backend_of("textfile", "a.txt") == "textfile"
+    assert backend_of("csv", "a.txt") == "textfile"  # this engine's older name
+    assert backend_of("npz", "a.dat") == "npz"
+    assert backend_of("", "a.npz") == "npz" and backend_of("", "a.CSV") == "textfile"
+    for bad in ("hdf5", "lmdb", "hdfsfile", "imagefolder", "KVFile"):
+        with pytest.raises(StoreError, match=rf'store_conf.backend "{bad}" is not read by this '
+                                             r'engine; supported: "kvfile" and "textfile"'):
+            backend_of(bad, "a.bin")
+    with pytest.raises(StoreError, match=r"backend is not set and the file is neither"):
+        backend_of("", "train_data.bin")  # never a silent fallback to a reader
+
+
+def test_read_store_parses_values_as_the_layer_type_does(tmp_path):
+    """kRecordInput: RecordProto values; kCSVInput: CSV lines, in a textfile or in a
+    kvfile's values (SINGA's CSVInputLayer over a kvfile store)."""
+    from engine.stores import read_store
+    path = tmp_path / "r.bin"
+    path.write_bytes(HAND_FLOATS)
+    x, y, lengths = read_store("kvfile", path, values="record")
+    assert x.shape == (2, 3) and y.tolist() == [7, -1] and lengths is None
+    x, y, _ = read_store("kvfile", path, values="record", has_label=False)
+    assert y is None
+    lines = tmp_path / "c.bin"
+    lines.write_bytes(kv(b"0", b"3,0.5,1,2") + kv(b"1", b"4,1.5,2,3\r"))
+    x, y, _ = read_store("kvfile", lines, values="csv", shape=[3])
+    assert y.tolist() == [3, 4]
+    np.testing.assert_array_equal(x, np.float32([[0.5, 1, 2], [1.5, 2, 3]]))
+    with pytest.raises(StoreError, match=r"record 1 \(key '1'\) at byte \d+: 2 values, but the "
+                                         r"shape \[3\] needs 3"):
+        lines.write_bytes(kv(b"0", b"3,0.5,1,2") + kv(b"1", b"4,1.5,2"))
+        read_store("kvfile", lines, values="csv", shape=[3])
+    (tmp_path / "t.csv").write_text("1,2,3\n")
+    with pytest.raises(StoreError, match=r"use type kCSVInput for a textfile store"):
+        read_store("textfile", tmp_path / "t.csv", values="record")
+    np.savez(tmp_path / "d.npz", x=np.zeros((2, 3, 4)))
+    assert read_store("npz", tmp_path / "d.npz", values="record", shape=[3, 4])[0].shape == (2, 3, 4)
+    with pytest.raises(StoreError, match=r"records of shape \[3, 4\] but store_conf.shape is \[12\]"):
+        read_store("npz", tmp_path / "d.npz", values="record", shape=[12])
+
+
+def test_first_record_is_the_mean_file(tmp_path):
+    from engine.stores import read_first_record
+    path = tmp_path / "image_mean.bin"
+    path.write_bytes(kv(b"mean", record([1, 2, 2], data=[0.5, 1.5, 2.5, 3.5])) + HAND_FLOATS)
+    np.testing.assert_array_equal(read_first_record("kvfile", path, values="record"),
+                                  np.float32([0.5, 1.5, 2.5, 3.5]))
+    (tmp_path / "mean.csv").write_text("1;2;3\n9;9;9\n")  # no label: SINGA's LoadRecord
+    np.testing.assert_array_equal(read_first_record("textfile", tmp_path / "mean.csv",
+                                                    values="csv", separator=";"),
+                                  np.float32([1, 2, 3]))
+    with pytest.raises(StoreError, match=r"mean_file and std_file are SINGA stores"):
+        read_first_record("npz", tmp_path / "m.npz", values="record")

@@ -33,7 +33,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import argparse  # noqa: E402
-import zipfile  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -69,20 +68,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def read_npz(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray | None]:
     """x and y of an .npz as the record input reads it; refuses what a record cannot hold."""
-    try:
-        with np.load(path, allow_pickle=False) as d:
-            files = list(d.files)
-            if "x" not in files:
-                raise UsageError(f"{path}: no array \"x\" (arrays: {', '.join(files) or 'none'})")
-            if "lengths" in files:
-                raise UsageError(f"{path}: has \"lengths\"; a SINGA record has no sequence "
-                                 f"length (pad the sequences and drop lengths to convert)")
-            x = d["x"]
-            y = d["y"] if "y" in files else None
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such file") from None
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-        raise UsageError(f"{path}: not a readable .npz ({type(e).__name__}: {e})") from None
+    x, y, lengths = stores.read_npz(path)
+    if lengths is not None:
+        raise UsageError(f"{path}: has \"lengths\"; a SINGA record has no sequence "
+                         f"length (pad the sequences and drop lengths to convert)")
     return x, y
 
 

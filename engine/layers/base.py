@@ -188,6 +188,8 @@ class Layer:
     #: and its size; a consumer (kOneHot, kRNNLabel) reads them from its source
     vocab: list | None = None
     vocab_size: int | None = None
+    #: the unit of ``vocab``'s symbols: "utf-8" (characters) or "bytes" (engine/text.py)
+    encoding: str = "utf-8"
 
     def __init__(self, conf, xp=np, dtype=np.float32):
         self.conf = conf
@@ -199,8 +201,9 @@ class Layer:
         self._next_param = 0
         #: connection type (UnrollConnType value) of each srclayer, set before setup
         self.src_conn: list[int] = []
-        #: net-wide facts set before setup: "vocab" (list of str or None),
-        #: "workspace" (str), "job_dir" (str: relative paths are resolved against it)
+        #: net-wide facts set before setup: "vocab" (list of str or None), "encoding"
+        #: (its unit), "workspace" (str), "job_dir" (str: relative paths are resolved
+        #: against it), "seed", "alg" (the job's AlgType when given)
         self.info: dict = {}
 
     # ----------------------------------------------------------- declarations

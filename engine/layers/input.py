@@ -13,7 +13,9 @@ import pathlib
 
 import numpy as np
 
-from engine.layers.base import InputLayer, Layer, LayerError, register, step_ids
+from engine import stores
+from engine import text as tx
+from engine.layers.base import InputLayer, Layer, register, step_ids
 from engine.proto import job_pb2 as pb
 
 
@@ -26,39 +28,14 @@ def resolve_path(path: str, info: dict) -> pathlib.Path:
     return alt if alt.exists() else p
 
 
-def read_vocab(path: pathlib.Path) -> list[str]:
-    """A vocabulary file: UTF-8 text whose characters, in order, are the ids 0..V-1."""
-    text = path.read_text(encoding="utf-8")
-    chars = list(text)
-    if len(set(chars)) != len(chars):
-        dup = next(c for c in chars if chars.count(c) > 1)
-        raise LayerError(f"vocabulary {path} lists {dup!r} twice; each character once")
-    return chars
-
-
-def encode_text(text: str, vocab: list[str], where: str) -> np.ndarray:
-    """Characters -> int32 ids; a character outside the vocabulary is an error naming it."""
-    index = {c: i for i, c in enumerate(vocab)}
-    if all(len(c.encode("utf-8")) == 1 for c in vocab) and text.isascii():
-        table = np.full(256, -1, np.int32)
-        for c, i in index.items():
-            table[ord(c)] = i
-        ids = table[np.frombuffer(text.encode("ascii"), np.uint8)]
-    else:
-        ids = np.fromiter((index.get(c, -1) for c in text), np.int32, len(text))
-    bad = np.flatnonzero(ids < 0)
-    if bad.size:
-        off = int(bad[0])
-        raise LayerError(f"{where}: character {text[off]!r} at offset {off} is not in the "
-                         f"vocabulary; rebuild the vocabulary from this text or remove the character")
-    return ids
-
-
 @register(pb.kCharRNN)
 class CharRNNInput(InputLayer):
-    """Character streams from a text file (SINGA's kCharRNN).
+    """Character (or byte) streams from a text file (SINGA's kCharRNN).
 
-    The text is encoded with the vocabulary and cut into ``batchsize``
+    The file is read as it is (no newline translation) and decoded in the
+    vocabulary's unit (engine/text.py: UTF-8 characters, or bytes as SINGA read
+    them; char_rnn_conf.encoding, or bytes when the vocabulary file is not
+    UTF-8). The text is encoded with the vocabulary and cut into ``batchsize``
     contiguous streams of equal length L. Each batch emits, per stream,
     ``unroll_len + 1`` successive characters starting at the stream's cursor,
     then advances the cursor by ``unroll_len``; so the last character of one
@@ -88,21 +65,24 @@ class CharRNNInput(InputLayer):
         if path.is_dir():
             raise self.error(f'{c.path} is a folder; give a text file')
         try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise self.error(f'{c.path} is not UTF-8 text (byte {e.start})') from None
+            setting = tx.check_encoding(c.encoding, "char_rnn_conf.encoding")
+            raw = tx.read_bytes(path, "data file")
+            self.vocab, self.encoding = self._vocab(raw, c, setting)
+            text = tx.decode(raw, self.encoding, str(c.path))
+        except tx.TextError as e:
+            raise self.error(str(e)) from None
         if not text:
             raise self.error(f'data file {c.path} is empty')
-        self.vocab = self._vocab(text, c)
         self.vocab_size = len(self.vocab)
         need = self.batchsize * (self.steps + 1)
+        unit = "bytes" if self.encoding == tx.BYTES else "characters"
         if len(text) < need:
-            raise self.error(f'{c.path} has {len(text)} characters, fewer than '
+            raise self.error(f'{c.path} has {len(text)} {unit}, fewer than '
                              f"batchsize x (unroll_len + 1) = {need}; use a longer text or a "
                              f"smaller batch")
         try:
-            ids = encode_text(text, self.vocab, str(c.path))
-        except LayerError as e:
+            ids = tx.encode_text(text, self.vocab, str(c.path), self.encoding)
+        except tx.TextError as e:
             raise self.error(str(e)) from None
         self.stream_len = len(ids) // self.batchsize
         self.streams = ids[: self.stream_len * self.batchsize].reshape(self.batchsize, self.stream_len)
@@ -114,27 +94,28 @@ class CharRNNInput(InputLayer):
         self.path = path
         self.out_shape = (self.steps + 1,)
 
-    def _vocab(self, text, c):
+    def _vocab(self, raw: bytes, c, setting: str) -> tuple[list[str], str]:
+        """(vocabulary, unit): from vocab_path, else the net's (the training net's or the
+        checkpoint's), else built from the text (sorted) and saved to the workspace."""
         if c.vocab_path:
             vp = resolve_path(c.vocab_path, self.info)
             if not vp.exists():
                 raise self.error(f'vocab_path {c.vocab_path} not found; fix the '
                                  f"path, or remove vocab_path to build the vocabulary from the text")
-            try:
-                return read_vocab(vp)
-            except LayerError as e:
-                raise self.error(str(e)) from None
-        if self.info.get("vocab"):
-            return list(self.info["vocab"])  # the training net's (or the checkpoint's)
-        vocab = sorted(set(text))
+            return tx.read_vocab(vp, setting)
+        if self.info.get("vocab"):  # the training net's (or the checkpoint's)
+            return list(self.info["vocab"]), setting or self.info.get("encoding") or tx.UTF8
+        encoding = tx.pick_encoding(setting, raw)
+        vocab = sorted(set(tx.decode(raw, encoding, str(c.path))))
         ws = self.info.get("workspace")
         if ws:
             os.makedirs(ws, exist_ok=True)
             out = pathlib.Path(ws) / "vocab.txt"
-            out.write_text("".join(vocab), encoding="utf-8")
-            self.info.setdefault("notes", []).append(f"vocabulary of {len(vocab)} characters "
+            out.write_bytes(tx.to_bytes("".join(vocab), encoding))
+            unit = "bytes" if encoding == tx.BYTES else "characters"
+            self.info.setdefault("notes", []).append(f"vocabulary of {len(vocab)} {unit} "
                                                      f"built from the text, saved to {out}")
-        return vocab
+        return vocab, encoding
 
     def load_batch(self):
         T = self.steps
@@ -238,20 +219,26 @@ class OneHot(Layer):
 
 @register(pb.kRecordInput, pb.kCSVInput)
 class SequenceInput(InputLayer):
-    """Sequence data from a store (store_conf): NumPy .npz (or a .csv for kCSVInput).
+    """Records from a store (store_conf): SINGA's kvfile or textfile, or this engine's .npz.
 
-    An .npz holds ``x``: float features [N, T, F] or int token ids [N, T];
-    ``y`` (when has_label): targets [N] (one per sequence), [N, K] or [N, T]
-    (one per step); optional ``lengths`` [N] (valid steps of each sequence).
-    A .csv holds one sequence per line: the label first (when has_label), then
-    T*F numbers, with store_conf.shape = [T, F] (or [T]).
+    The store (``engine.stores.read_store``, by store_conf.backend) gives x [N, *S],
+    labels y and, from an .npz only, ``lengths``. kRecordInput parses a kvfile's values
+    as RecordProto records, kCSVInput as CSV lines (a textfile is CSV lines); S is the
+    records' shape: store_conf.shape, or the store's own.
 
-    Copy i of this layer emits step i of a batch of ``batchsize`` sequences:
-    x[:, i] ((B, F) floats or (B,) ids). Its labels (aux output) are y[:] for
-    per-sequence targets and y[:, i] for per-step targets. With ``lengths``,
-    copy i also publishes the mask (i < length) so later layers skip padding.
-    Batches walk the store in order (reshuffled each epoch when store_conf.shuffle)
-    and wrap around; every batch starts new sequences.
+    Feed-forward nets (``alg: kBP``, as SINGA): each record is one example; the layer
+    has one copy, which emits (B, *S) floats. Nets over steps (kBPTT): each record is a
+    sequence, S = [T, F] float features or [T] token ids (an .npz of integers, or a
+    SINGA store whose [T] records hold whole numbers); copy i emits step i:
+    x[:, i] ((B, F) floats or (B,) ids). Labels (aux output): y[:] for per-sequence
+    targets ([N] or [N, K]), y[:, i] for per-step ones ([N, T]). With ``lengths``, copy i
+    also publishes the mask (i < length) so later layers skip padding.
+
+    Features are normalised as SINGA's record layers do: x' = (x - mean) / std, mean and
+    std per value from store_conf.mean_file / std_file (the first record of a store of
+    the same backend) or one number mean_value / std_value. Batches walk the store in
+    order (reshuffled each epoch when store_conf.shuffle) and wrap around, starting at
+    record k, k drawn once from 0..random_skip (seeded); every batch starts new sequences.
     """
 
     required = (("store_conf", "path"),)
@@ -264,19 +251,36 @@ class SequenceInput(InputLayer):
         path = resolve_path(s.path, self.info)
         if not path.exists():
             raise self.error(f'data file {s.path} not found')
-        backend = s.backend or ("csv" if path.suffix == ".csv" else "npz")
+        self.records = self.info.get("alg") == pb.kBP  # feed-forward: a record is one example
+        self._check_singa_settings(s)
+        values = "csv" if self.conf.type == pb.kCSVInput else "record"
         try:
-            x, y, lengths = (self._load_npz(path) if backend == "npz" else self._load_csv(path, s))
-        except LayerError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any unreadable file is one clear line
-            raise self.error(f'cannot read {s.path} as {backend}: {e}') from None
-        self._check(x, y, lengths, s.path)
+            backend = stores.backend_of(s.backend, path)
+            x, y, lengths = stores.read_store(backend, path, values=values, shape=s.shape,
+                                              has_label=s.has_label, separator=s.separator)
+            ids = not self.records and self._ids(x, backend)
+            self.mean, self.std = (None, None) if ids else self._normalisation(
+                s, backend, values, x.shape[1:])
+        except stores.StoreError as e:
+            raise self.error(str(e)) from None
+        if self.records:
+            self._check_records(x, lengths, s.path)
+            x = x[:, None]  # one step: copy 0 emits whole records
+        else:
+            if ids:
+                if s.mean_file or s.std_file or s.HasField("mean_value") or s.HasField("std_value"):
+                    raise self.error(f"{s.path} holds token ids; mean and std normalise "
+                                     f"features: remove mean_value/std_value/mean_file/std_file")
+                x = x.astype(np.int64)  # whole numbers of a SINGA store: token ids
+            self._check(x, y, lengths, s.path)
+        if y is not None and y.dtype == np.int32:
+            y = y.astype(np.int64)
         self.x, self.y, self.lengths = x, y, lengths
         self.n = x.shape[0]
-        self.is_ids = np.issubdtype(x.dtype, np.integer)
+        self.is_ids = ids
         self.vocab_size = int(x.max()) + 1 if self.is_ids else None
         self.out_shape = () if self.is_ids else tuple(x.shape[2:])
+        self.skip = self._skip(int(s.random_skip))
         # with shuffle, every epoch (the first included) walks its own permutation
         self.order = self._epoch_order(0)
         self.cursor = 0
@@ -284,35 +288,72 @@ class SequenceInput(InputLayer):
         self.new_sequence = True
         self.stream_starts = None
 
-    def _load_npz(self, path):
-        with np.load(path, allow_pickle=False) as d:
-            if "x" not in d:
-                raise self.error(f'{path} has no array "x" (arrays: '
-                                 f"{', '.join(d.files) or 'none'})")
-            x = d["x"]
-            y = d["y"] if "y" in d else None
-            lengths = d["lengths"] if "lengths" in d else None
-        return x, y, lengths
+    @staticmethod
+    def _ids(x, backend: str) -> bool:
+        """A kBPTT store of token ids: integers in an .npz; in a SINGA store, [N, T]
+        records of whole numbers (SINGA's stores hold floats or bytes)."""
+        if backend == "npz":
+            return bool(np.issubdtype(x.dtype, np.integer))
+        return x.ndim == 2 and bool(np.all(x == np.round(x)))
 
-    def _load_csv(self, path, s):
-        shape = tuple(s.shape)
-        if not shape:
-            raise self.error('a .csv store needs store_conf.shape [T, F] or [T]')
-        rows = np.loadtxt(path, delimiter=s.separator or ",", ndmin=2)
-        if s.has_label:
-            y, feats = rows[:, 0], rows[:, 1:]
-        else:
-            y, feats = None, rows
-        need = int(np.prod(shape))
-        if feats.shape[1] != need:
-            raise self.error(f'{path} rows have {feats.shape[1]} features, '
-                             f"store_conf.shape {list(shape)} needs {need}")
-        x = feats.reshape((-1,) + shape)
-        if len(shape) == 1 and np.all(x == np.round(x)):
-            x = x.astype(np.int64)  # shape [T]: one token id per step (np.loadtxt reads floats)
-        if y is not None and np.all(y == np.round(y)):
-            y = y.astype(np.int64)
-        return x, y, None
+    def _check_singa_settings(self, s) -> None:
+        """SINGA's store settings this engine reads differently or not at all."""
+        if s.encoded:
+            raise self.error("store_conf.encoded: SINGA decodes such records (compressed "
+                             "images) with OpenCV, which this engine does not; store the "
+                             "decoded pixels (encoded: false)")
+        if s.random_skip < 0:
+            raise self.error(f"store_conf.random_skip is {s.random_skip}; it must be >= 0")
+        if self.records and self.conf.unroll_len != 1:
+            raise self.error(f"unroll_len is {self.conf.unroll_len}, but in a feed-forward "
+                             f"net (alg: kBP) a data layer emits whole records once per batch; "
+                             f"set unroll_len: 1, or alg: kBPTT to read records as sequences")
+
+    def _check_records(self, x, lengths, where) -> None:
+        if lengths is not None:
+            raise self.error(f'{where}: has "lengths", which masks the steps of sequences; in '
+                             f"a feed-forward net (alg: kBP) a record is one example: drop "
+                             f"lengths, or use alg: kBPTT")
+        if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+            raise self.error(f"{where}: x has dtype {x.dtype}; records hold numbers")
+        if x.ndim < 2 or x.shape[0] < 1:
+            raise self.error(f"{where}: x has shape {list(x.shape)}; it must be [N, ...] with "
+                             f"at least one record")
+
+    def _normalisation(self, s, backend, values, rshape):
+        """(mean, std) arrays of the record shape in self.dtype, or None each; see the
+        class docstring. StoreError for a file that cannot be read."""
+        out = []
+        size = int(np.prod(rshape))
+        for what in ("mean", "std"):
+            file, has_value = getattr(s, f"{what}_file"), s.HasField(f"{what}_value")
+            if file:
+                fpath = resolve_path(file, self.info)
+                a = stores.read_first_record(backend, fpath, values=values, separator=s.separator)
+                if a.size != size:
+                    raise self.error(f"store_conf.{what}_file {file} holds {a.size} values, but "
+                                     f"a record of {s.path} has {size}; they must match")
+                a = a.reshape(rshape)
+            elif has_value:
+                a = np.full(rshape, getattr(s, f"{what}_value"), np.float32)
+            else:
+                out.append(None)
+                continue
+            src = f"store_conf.{what}_{'file' if file else 'value'}"
+            if not np.isfinite(a).all():
+                raise self.error(f"{src} is not a finite number")
+            if what == "std" and (a == 0).any():
+                raise self.error(f"{src} holds 0, and features are divided by it; give a "
+                                 f"nonzero std")
+            out.append(a.astype(self.dtype))
+        return tuple(out)
+
+    def _skip(self, most: int) -> int:
+        """Records skipped at the start: SINGA draws 0..random_skip; seeded here."""
+        if most <= 0:
+            return 0
+        rng = np.random.default_rng([self.info.get("seed", 0), 3, 0x5C1B])
+        return int(rng.integers(0, most + 1))
 
     def _check(self, x, y, lengths, where):
         T = self.conf.unroll_len
@@ -377,11 +418,17 @@ class SequenceInput(InputLayer):
             self.cursor = 0
             self.epoch += 1
             self.order = self._epoch_order(self.epoch)
-        idx = self.order[np.arange(self.cursor, self.cursor + B) % self.n]
+        idx = self.order[(self.skip + np.arange(self.cursor, self.cursor + B)) % self.n]
         self.cursor += B
         xp = self.xp
         xb = self.x[idx]
-        self.xb = xp.asarray(xb if self.is_ids else xb.astype(self.dtype))
+        if not self.is_ids:
+            xb = xb.astype(self.dtype)
+            if self.mean is not None:
+                xb -= self.mean
+            if self.std is not None:
+                xb /= self.std
+        self.xb = xp.asarray(xb)
         self.yb = None
         if self.y is not None:
             yb = self.y[idx]
@@ -434,6 +481,9 @@ class RNNDummy(Layer):
     the value carried from the previous batch or, at the very start, the
     initial value: ``low`` when low == high, else a draw from [low, high)
     (integers when ``integer``). Output shape: rnn_dummy_conf.shape (ids: ()).
+    Integer ids range over [0, high) when high > low (SINGA's sample job: low 0,
+    high 101), else over the net's vocabulary: that is the ``vocab_size`` a kOneHot
+    reading them takes.
     """
 
     differentiable = False
@@ -450,7 +500,11 @@ class RNNDummy(Layer):
             shape = ()
         self.out_shape = shape
         vocab = self.info.get("vocab")
-        self.vocab_size = len(vocab) if (c.integer and vocab) else None
+        self.vocab_size = None
+        if c.integer and c.high > c.low:
+            self.vocab_size = int(np.ceil(c.high))  # ids are drawn from [low, high)
+        elif c.integer and vocab:
+            self.vocab_size = len(vocab)
 
     def zero_state(self, batch):
         c = self.conf.rnn_dummy_conf

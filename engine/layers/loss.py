@@ -2,7 +2,8 @@
 
 A loss layer reads two sources: the prediction (source 0) and the labels
 (source 1: ``ctx.label(xs, 1)``, i.e. that source's aux output when it
-publishes one, else its data). Its backward ignores ``dy`` and returns the
+publishes one, else its data); kEuclideanLoss's target is source 1's output,
+or its labels with ``euclideanloss_conf { target: kLabels }``. Its backward ignores ``dy`` and returns the
 gradient of its own objective.
 
 Objective and scaling (SINGA's convention): each copy contributes
@@ -153,12 +154,16 @@ class SoftmaxLoss(Supervised, LossLayer):
 
 @register(pb.kEuclideanLoss)
 class EuclideanLoss(Supervised, LossLayer):
-    """Half squared error against float targets.
+    """Half squared error between a prediction and a float target.
 
-    loss_r = 0.5 * sum_k (p_rk - t_rk)^2 for prediction p (B, K) and target t
-    (B, K) (a (B,) target is used as (B, 1) when K == 1). Per-copy objective
+    loss_r = 0.5 * sum_k (p_rk - t_rk)^2 for prediction p (B, K) (source 0) and
+    target t (B, K). euclideanloss_conf.target says what t is:
+    kOutput (default, SINGA's meaning): source 1's output, flattened per row (the
+    auto-encoder's data layer: the net reconstructs its input); kLabels: the labels
+    that source 1 carries (a data layer's y: regression targets; a (B,) target is
+    used as (B, 1) when K == 1). Per-copy objective
     scale * (1/B) * sum_r m_r * loss_r, hence dp = scale * (p - t) * m / B.
-    euclideanloss_conf: scale [1]. Output y = p.
+    euclideanloss_conf: scale [1], target [kOutput]. Output y = p.
     Metrics: "loss" = sum of loss_r over valid rows / valid rows (unscaled);
     "mse" = sum of (p - t)^2 over valid rows / (valid rows * K).
     The target gets no gradient. No params.
@@ -168,22 +173,47 @@ class EuclideanLoss(Supervised, LossLayer):
 
     def setup(self, srcs):
         self.check_sources(srcs)
-        self.scale = float(self.conf.euclideanloss_conf.scale)
+        c = self.conf.euclideanloss_conf
+        self.scale = float(c.scale)
+        self.on_labels = c.target == pb.EuclideanLossProto.kLabels
         self.width = int(srcs[0].out_shape[0])
         self.out_shape = tuple(srcs[0].out_shape)
+        src = srcs[1]
+        if not self.on_labels:
+            n = int(math.prod(src.out_shape))
+            if n != self.width:
+                what = f"{n} value{'s' if n != 1 else ''} per row"
+                hint = (f'; to regress onto the labels that "{src.name}" carries, set '
+                        f"euclideanloss_conf {{ target: kLabels }}" if src.is_input else "")
+                raise self.error(f'the target is the output of source 1 ("{src.name}", as in '
+                                 f"SINGA), which gives {what}, but the prediction has "
+                                 f"{self.width}{hint}")
+
+    def target(self, ctx, xs, b: int, k: int):
+        """t (B, K) in self.dtype for this copy (see the class docstring)."""
+        if self.on_labels:
+            t = ctx.aux[1] if len(ctx.aux) > 1 else None
+            if t is None:
+                raise self.error("source 1 carries no labels at this step; target: kLabels "
+                                 "needs a data layer with labels (y) as source 1")
+            t = self.src_input([t], 0, "labels")
+            if t.shape != (b, k) and not (t.shape == (b,) and k == 1):
+                raise self.error(f"the labels have shape {tuple(t.shape)}, expected ({b}, {k}) "
+                                 f"to match the prediction")
+        else:
+            t = self.src_input(xs, 1, "target")
+            if t is None:
+                raise self.error("source 1 gives nothing at this step; connect the target "
+                                 "source to every copy")
+            if t.shape[0] != b or t.size != b * k:
+                raise self.error(f"target has shape {tuple(t.shape)} (source 1's output), "
+                                 f"expected {b} rows of {k} values to match the prediction")
+        return self.float_input(t).reshape(b, k)
 
     def forward(self, ctx, xs, state):
         p = self.scores(xs)
         b, k = p.shape
-        t = ctx.label(xs, 1)
-        if t is None:
-            raise self.error("source 1 gives no targets at this step; connect the target "
-                             "source to every copy")
-        t = self.src_input([t], 0, "targets")
-        if t.shape != (b, k) and not (t.shape == (b,) and k == 1):
-            raise self.error(f"target has shape {tuple(t.shape)}, expected ({b}, {k}) to match "
-                             f"the prediction")
-        t = self.float_input(t).reshape(b, k)
+        t = self.target(ctx, xs, b, k)
         m = self.mask_or_ones(ctx, b)
         d = p - t
         sq = (d * d).sum(axis=1)

@@ -212,7 +212,7 @@ class Dropout(Layer):
 
 # --------------------------------------------------------- activations
 
-_STANH_A = 1.7159
+_STANH_A = 1.7159047  # SINGA v0.3's constants (singa_op.h: 1.7159047 tanh(0.66666667 x))
 _STANH_B = 2.0 / 3.0
 IDENTITY = "identity"
 
@@ -272,7 +272,7 @@ class Elementwise(Layer):
 @register(pb.kActivation)
 class Activation(Elementwise):
     """y = f(x) with f chosen by activation_conf.type:
-    RELU max(x, 0), SIGMOID 1/(1+exp(-x)), TANH tanh(x), STANH 1.7159 tanh(2x/3).
+    RELU max(x, 0), SIGMOID 1/(1+exp(-x)), TANH tanh(x), STANH 1.7159047 tanh(2x/3).
     No params."""
 
     def function(self):
@@ -298,7 +298,7 @@ class Sigmoid(Elementwise):
 
 @register(pb.kSTanh)
 class STanh(Elementwise):
-    """y = 1.7159 tanh(2x/3) (LeCun's scaled tanh). No params."""
+    """y = 1.7159047 tanh(2x/3) (LeCun's scaled tanh, SINGA's constants). No params."""
 
     def function(self):
         return pb.STANH, 0.0
@@ -306,7 +306,20 @@ class STanh(Elementwise):
 
 @register(pb.kDummy)
 class Dummy(Elementwise):
-    """y = x (identity; integer inputs pass unchanged and get no gradient). No params."""
+    """y = x (identity; integer inputs pass unchanged and get no gradient). No params.
+
+    SINGA's test modes of kDummy (dummy_conf ``input``: random data without a source;
+    ``output``: random gradients) are refused; dummy_conf ``shape`` (input mode only)
+    has no use here."""
+
+    def setup(self, srcs):
+        c = self.conf.dummy_conf
+        if c.input or c.output:
+            raise self.error(f"dummy_conf {{ {'input' if c.input else 'output'}: true }} is "
+                             f"SINGA's test mode (random {'data' if c.input else 'gradients'}), "
+                             f"which this engine does not have; remove it (kDummy is the "
+                             f"identity here)")
+        super().setup(srcs)
 
     def function(self):
         return IDENTITY, 0.0

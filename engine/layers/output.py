@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 
+from engine import text as tx
 from engine.layers.base import Layer, register
 from engine.layers.loss import Supervised, topk_correct
 from engine.backend import to_host
@@ -139,36 +140,45 @@ class ArgSort(OutputLayer):
 
 @register(pb.kCharRNNOutput)
 class CharRNNOutput(OutputLayer):
-    """Characters of generated ids.
+    """Characters (or bytes) of generated ids.
 
-    Input: ids (B,) (a (B, k) top-k input uses its best column). Vocabulary:
-    the file char_rnn_output_conf.vocab_path when set (UTF-8 text, one
-    character per position, ``list(text)``), else ``self.info["vocab"]``.
-    Each call appends row r's character to ``self.texts[r]`` (lists of str),
-    and row 0's to ``self.text`` (a list of str; ``"".join(self.text)`` is
-    the generated text); when char_rnn_output_conf.path is set, row 0's
-    character is also appended to that file. Output y = the ids (B,). No params.
+    Input: ids (B,) (a (B, k) top-k input uses its best column). Vocabulary: the
+    file ``vocab_path`` of char_rnn_output_conf or, where SINGA's sample job puts
+    it, of char_rnn_conf (read as engine/text.py reads vocabularies: one symbol
+    per position; bytes when the file is not UTF-8 or char_rnn_conf.encoding
+    says "bytes"), else ``self.info["vocab"]`` (the net's kCharRNN vocabulary).
+    Each call appends row r's symbol to ``self.texts[r]`` (lists of str), and
+    row 0's to ``self.text`` (a list of str); ``report()`` is row 0's text for
+    printing (bytes decoded as UTF-8, U+FFFD where they do not decode). When
+    char_rnn_output_conf.path is set, row 0's symbol is also appended to that
+    file (raw bytes for a byte vocabulary). Output y = the ids (B,). No params.
     """
 
     def setup(self, srcs):
+        from engine.layers.input import resolve_path  # noqa: PLC0415 - one path rule
+
         self.need_srcs(srcs, 1)
         self.n_srcs = 1
         c = self.conf.char_rnn_output_conf
-        if c.vocab_path:
-            path = self.resolve(c.vocab_path)
-            try:
-                with open(path, encoding="utf-8") as f:
-                    self.vocab = list(f.read())
-            except OSError as e:
-                raise self.error(f"cannot read char_rnn_output_conf.vocab_path {path!r}: "
-                                 f"{e.strerror}") from None
-        elif self.info.get("vocab"):
-            self.vocab = list(self.info["vocab"])
-        else:
-            raise self.error("no vocabulary: set char_rnn_output_conf.vocab_path or add a "
-                             "kCharRNN input layer to the net")
-        if not self.vocab:
-            raise self.error("no vocabulary: the vocabulary is empty")
+        singa = self.conf.char_rnn_conf  # SINGA's sample.conf: char_rnn_conf { vocab_path }
+        if c.vocab_path and singa.vocab_path and c.vocab_path != singa.vocab_path:
+            raise self.error(f"char_rnn_output_conf.vocab_path {c.vocab_path!r} and "
+                             f"char_rnn_conf.vocab_path {singa.vocab_path!r} differ; keep one")
+        vocab_path = c.vocab_path or singa.vocab_path
+        try:
+            setting = tx.check_encoding(singa.encoding, "char_rnn_conf.encoding")
+            if vocab_path:
+                path = resolve_path(vocab_path, self.info)
+                self.vocab, self.encoding = tx.read_vocab(path, setting)
+            elif self.info.get("vocab"):
+                self.vocab = list(self.info["vocab"])
+                self.encoding = setting or self.info.get("encoding") or tx.UTF8
+            else:
+                raise self.error("no vocabulary: set char_rnn_output_conf.vocab_path (or, as "
+                                 "SINGA, char_rnn_conf.vocab_path) or add a kCharRNN input "
+                                 "layer to the net")
+        except tx.TextError as e:
+            raise self.error(f"{'vocab_path: ' if vocab_path else ''}{e}") from None
         if isinstance(srcs[0], ArgSort):
             # a kArgSort over a wider output (num_output 101, vocabulary 96) must only
             # choose ids that name characters
@@ -179,7 +189,7 @@ class CharRNNOutput(OutputLayer):
         self.out_shape = ()
 
     def report(self) -> str:
-        return "".join(self.text)
+        return tx.for_display("".join(self.text), self.encoding)
 
     def forward(self, ctx, xs, state):
         x = self.src_input(xs, 0)
@@ -201,8 +211,8 @@ class CharRNNOutput(OutputLayer):
             self.text.append(chars[0])
             if self.path:
                 os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-                with open(self.path, "a", encoding="utf-8") as f:
-                    f.write(chars[0])
+                with open(self.path, "ab") as f:
+                    f.write(tx.to_bytes(chars[0], self.encoding))
         return ids, None, None
 
 
@@ -210,8 +220,8 @@ class CharRNNOutput(OutputLayer):
 class CSVOutput(OutputLayer):
     """Writes its input to a CSV file: one line per batch row (flattened), per call.
 
-    csvoutput_conf.path (relative to the job's folder), default
-    ``<workspace>/<layer name>.csv``. The file is opened lazily for appending
+    csvoutput_conf.path or, as SINGA, store_conf.path (relative to the job's
+    folder), default ``<workspace>/<layer name>.csv``. The file is opened lazily for appending
     and flushed after every call; ``close()`` closes it. Output y = x. No params.
     """
 
@@ -219,6 +229,14 @@ class CSVOutput(OutputLayer):
         self.need_srcs(srcs, 1)
         self.n_srcs = 1
         p = self.conf.csvoutput_conf.path
+        store = self.conf.store_conf  # SINGA's kCSVOutput: store_conf { path backend }
+        if store.backend and store.backend not in ("textfile", "csv"):
+            raise self.error(f'store_conf.backend "{store.backend}": kCSVOutput writes a '
+                             f'textfile (CSV lines); set backend: "textfile" or remove it')
+        if p and store.path and p != store.path:
+            raise self.error(f"csvoutput_conf.path {p!r} and store_conf.path {store.path!r} "
+                             f"differ; keep one")
+        p = p or store.path
         self.path = (self.resolve(p) if p else
                      os.path.join(self.info.get("workspace", "."), f"{self.name}.csv"))
         self._file = None
