@@ -63,7 +63,9 @@ class LayerError(Exception):
 class Param:
     """One trainable array. Copies of a layer and tied layers share one object.
 
-    ``data`` and ``grad`` are arrays of the net's array module and dtype.
+    ``data`` and ``grad`` are arrays of the net's array module and dtype. In a Net,
+    ``grad`` is a view into the net's one gradient buffer (``grad_buffer``), so it must
+    be written in place (``+=``, ``[...] =``), never rebound.
     ``init`` is the ParamGenProto used to fill it (may be None: the layer's
     default init is used). ``fan_in``/``fan_out`` feed the *SqrtFanIn* inits.
     """
@@ -80,6 +82,9 @@ class Param:
     grad: Any = None
     owner_layer: str = ""
     default_init: tuple = ("uniform", -0.08, 0.08)
+    #: the net's gradient buffer (``engine.params.GradBuffer``) whose view ``grad`` is, or
+    #: None for a param outside a Net (a layer tested alone)
+    grad_buffer: Any = None
 
 
 @dataclass
