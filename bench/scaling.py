@@ -1,15 +1,16 @@
 """Data-parallel scaling: measured on this machine, projected over a network.
 
     python -m bench.scaling JOB [--max-workers 64] [--mode strong|weak] [--steps N]
-                            [--warmup N] [--network GBPS:LATENCY_US ...] [--local-pairs K]
-                            [--local-steps N] [--plot FILE] [--json FILE]
+                            [--warmup N] [--threads T] [--network GBPS:LATENCY_US ...]
+                            [--local-pairs K] [--local-steps N] [--plot FILE] [--json FILE]
 
 What it measures, each on this machine:
 
 1. Compute per step at the per-worker batch b of N workers: the job's training step
    (forward, backward, clipping, update) on the rows one worker of N reads
    (``InputLayer.take_share``), with the reduction left out, timed step by step after
-   ``--warmup`` steps; the median of ``--steps``. ``--mode strong`` (default) keeps the
+   ``--warmup`` steps; the median of ``--steps``; each b in a process of its own, with
+   ``--threads`` BLAS threads when given. ``--mode strong`` (default) keeps the
    job's batch B and gives each worker b = B / N, for every N <= ``--max-workers`` that
    divides B; ``--mode weak`` gives every worker B (a global batch of N·B), for N = 1, 2,
    4, ... ``--max-workers``.
@@ -74,14 +75,34 @@ def worker_counts(B: int, most: int, mode: str) -> list[int]:
 
 
 def compute_time(job_path: str, workers: int, steps: int, warmup: int, tmp: pathlib.Path,
-                 weak: bool) -> dict:
-    """Median seconds of one worker's training step at its share of the batch."""
+                 weak: bool, threads: int | None) -> dict:
+    """Median seconds of one worker's training step at its share of the batch, measured in
+    a process of its own (with ``threads`` BLAS threads when given)."""
+    env = dict(os.environ)
+    if threads:
+        env.update({v: str(threads) for v in dist.THREAD_VARS})
+    cmd = [sys.executable, "-m", "bench.scaling", job_path, "--compute-child",
+           str(1 if weak else workers), "--steps", str(steps), "--warmup", str(warmup),
+           "--json", str(tmp / f"compute{workers}.json")]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=3600)
+    if r.returncode != 0:
+        raise RuntimeError(f"compute child failed: {r.stderr.strip().splitlines()[-1:]}")
+    return json.loads((tmp / f"compute{workers}.json").read_text())
+
+
+def compute_child(job_path: str, workers: int, steps: int, warmup: int, out: str) -> None:
     from engine.train import Trainer, build_parser  # noqa: PLC0415
 
-    args = build_parser().parse_args([job_path, "--workspace", str(tmp / f"ws{workers}"),
-                                      "--steps", str(steps + warmup)])
-    t = Trainer(load_job(job_path), job_path, args, world=Share(1 if weak else workers))
-    t.build()
+    with tempfile.TemporaryDirectory() as d:
+        args = build_parser().parse_args([job_path, "--workspace", str(pathlib.Path(d) / "ws"),
+                                          "--steps", str(steps + warmup)])
+        t = Trainer(load_job(job_path), job_path, args, world=Share(workers))
+        t.build()
+        res = _time_steps(t, steps, warmup)
+    pathlib.Path(out).write_text(json.dumps(res))
+
+
+def _time_steps(t, steps: int, warmup: int) -> dict:
     w = t.workers[Phase.TRAIN]
     times, preds = [], 0.0
     for k in range(steps + warmup):
@@ -242,10 +263,18 @@ def main(argv=None) -> int:
     ap.add_argument("--local-steps", type=int, default=40)
     ap.add_argument("--plot")
     ap.add_argument("--json")
+    ap.add_argument("--threads", type=int,
+                    help="BLAS threads of the compute measurement (default: as the environment)")
     ap.add_argument("--allreduce-child", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--compute-child", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.allreduce_child is not None:
         allreduce_child(a.allreduce_child)
+        return 0
+    if a.compute_child is not None:
+        keep_freed_memory()
+        np.seterr(over="ignore", invalid="ignore", divide="ignore")
+        compute_child(a.job, a.compute_child, a.steps, a.warmup, a.json)
         return 0
     if not a.job:
         ap.error("give a job file")
@@ -263,18 +292,21 @@ def main(argv=None) -> int:
         return 2
     load = os.getloadavg()
     print(f"job {a.job}; {os.cpu_count()} cores; load average {load[0]:.2f} {load[1]:.2f} "
-          f"{load[2]:.2f}; mode {a.mode}")
+          f"{load[2]:.2f}; mode {a.mode}; compute with "
+          f"{a.threads or os.environ.get('OPENBLAS_NUM_THREADS') or 'default'} BLAS threads")
     result: dict = {"job": a.job, "mode": a.mode, "load": load}
     with tempfile.TemporaryDirectory() as d:
         tmp = pathlib.Path(d)
-        first = compute_time(a.job, 1, a.steps, a.warmup, tmp, weak=True)
+        first = compute_time(a.job, 1, a.steps, a.warmup, tmp, True, a.threads)
         B = first["rows"]
         unit = "chars" if first["text"] else "samples"
         compute = {}
         for n in worker_counts(B, a.max_workers, a.mode):
             c = first if n == 1 or a.mode == "weak" else compute_time(
-                a.job, n, a.steps, a.warmup, tmp, weak=False)
+                a.job, n, a.steps, a.warmup, tmp, False, a.threads)
             compute[n] = c
+            if a.mode == "weak" and n > 1:
+                continue
             print(f"compute  N={n:<3} {c['rows']:>4} rows/worker  {1e3 * c['seconds']:8.2f} ms "
                   f"per step  ({c['preds']:g} {unit} per worker step)")
         S = first["grad_bytes"]
