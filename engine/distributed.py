@@ -45,11 +45,16 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 
 import numpy as np
 
 from engine.backend import to_host
+
+#: the environment variable naming the file where a failing worker writes its line
+#: (set by ``launch``, which prints it)
+FAILURE_FILE = "RNN_ENGINE_FAILURE_FILE"
 
 #: what to install for several workers
 INSTALL = "pip install 'rnn-engine[mpi]' (mpi4py and the mpich runtime)"
@@ -167,9 +172,11 @@ class World:
         """Rank 0 gets every rank's ``obj`` in rank order; the others get None."""
         return [obj]
 
-    def abort(self, code: int) -> None:
-        """End every worker now with exit status ``code``."""
-        sys.exit(code)
+    def fail(self, line: str) -> None:
+        """This worker failed on its own: report ``line`` (``error: worker <rank>: line``) and
+        end every worker now with exit status 1."""
+        print(f"error: {line}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
     # -------------------------------------------------------- built on them
     def reduce_metrics(self, metrics: dict, stop: int | None = None) -> tuple[dict, int | None]:
@@ -287,13 +294,27 @@ class MPIWorld(World):
     def gather(self, obj) -> list | None:
         return self.comm.gather(obj, root=0)
 
-    def abort(self, code: int) -> None:
+    def fail(self, line: str) -> None:
+        """The line goes to the launcher's failure file when ``launch`` started this job
+        (mpiexec may drop what an aborting rank wrote last; the launcher prints the file),
+        else to stderr, given a moment to be forwarded; then MPI_Abort ends every rank."""
+        line = f"error: worker {self.rank}: {line}"
         sys.stdout.flush()
-        sys.stderr.flush()
-        self.comm.Abort(code)
+        path, written = os.environ.get(FAILURE_FILE), False
+        if path:
+            try:
+                with open(path, "a", encoding="utf-8") as f:
+                    f.write(line + "\n")
+                written = True
+            except OSError:
+                pass
+        if not written:
+            print(line, file=sys.stderr, flush=True)
+            time.sleep(0.5)
+        self.comm.Abort(1)
 
 
-def join(flag: int | None = None) -> World:
+def join() -> World:
     """This process's World: a plain one-worker World outside an MPI launcher (or in a
     world of one), else this rank of the MPI job. DistributedError (one line) when mpi4py
     is missing or its MPI is not the launcher's (every rank would see a world of one)."""
@@ -307,9 +328,10 @@ def join(flag: int | None = None) -> World:
                                f"used ({e}); {INSTALL}") from None
     world = MPIWorld(MPI.COMM_WORLD, MPI)
     if world.size != env[1]:
-        raise DistributedError(
-            f"mpiexec started {env[1]} workers but each sees an MPI world of {world.size}: that "
-            f"mpiexec is not the one of mpi4py's MPI library; use {find_mpiexec() or 'the mpiexec beside this Python'}")
+        right = find_mpiexec() or "the mpiexec installed with mpi4py's MPI (pip install mpich)"
+        raise DistributedError(f"mpiexec started {env[1]} workers but each sees an MPI world of "
+                               f"{world.size}: that mpiexec is not the one of mpi4py's MPI "
+                               f"library; use {right}")
     return world
 
 
@@ -358,7 +380,9 @@ def launch(argv: list[str], workers: int) -> int:
     a Ctrl-C or SIGTERM reaches it once, forwarded by this launcher, and mpiexec hands
     it to every worker (they finish the step, checkpoint and exit 130/143). An exit
     status other than 0, 1, 2, 130 or 143 (a worker killed) is reported in one line and
-    becomes 1. DistributedError when mpi4py or its mpiexec is missing."""
+    becomes 1. A worker that fails on its own writes its line to a file named by
+    FAILURE_FILE, printed here (mpiexec may drop an aborting rank's last output), status 1.
+    DistributedError when mpi4py or its mpiexec is missing."""
     try:
         import mpi4py  # noqa: F401, PLC0415 - the package only: MPI is initialised by the ranks
     except ImportError:
@@ -372,21 +396,31 @@ def launch(argv: list[str], workers: int) -> int:
     threads = str(blas_threads(workers))
     for var in THREAD_VARS:
         env.setdefault(var, threads)
+    fd, failures = tempfile.mkstemp(prefix="rnn-engine-failure-", suffix=".txt")
+    os.close(fd)
+    env[FAILURE_FILE] = failures
     cmd = [mpiexec, "-n", str(workers), sys.executable, "-m", "engine.train", *argv]
-    proc = subprocess.Popen(cmd, env=env, process_group=0, preexec_fn=_die_with_parent)
-
-    def forward(signum, frame):
-        try:
-            proc.send_signal(signum)
-        except ProcessLookupError:
-            pass
-
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        rc = proc.wait()
+        proc = subprocess.Popen(cmd, env=env, process_group=0, preexec_fn=_die_with_parent)
+
+        def forward(signum, frame):
+            try:
+                proc.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+        old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            rc = proc.wait()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+        reported = pathlib.Path(failures).read_text(encoding="utf-8").splitlines()
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+        os.unlink(failures)
+    if reported:
+        print(reported[0], file=sys.stderr)
+        return 1
     if rc < 0:
         return 128 - rc
     if rc in (0, 1, 2, 130, 143):

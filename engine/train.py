@@ -73,7 +73,7 @@ class Trainer:
         gpu = args.gpu if args.gpu is not None else (job.gpu[0] if job.gpu else None)
         if gpu is not None:
             gpu += self.world.local_rank  # workers on one machine take consecutive GPUs
-        dtype = np.float64 if getattr(args, "dtype", None) == "float64" else np.float32
+        dtype = np.float64 if args.dtype == "float64" else np.float32
         self.backend = make_backend(gpu, dtype)
         self.phases = phases_of(job)
         if self.world.leads:
@@ -497,7 +497,7 @@ def start_workers(args, argv: list[str]):
             n = dist.workers_wanted(args.workers, load_job(args.job))
             if n > 1:
                 return dist.launch(argv, n)
-        return dist.join(args.workers)
+        return dist.join()
     except (ConfigError, dist.DistributedError) as e:
         if env is None or env[0] == 0:
             print(f"error: {e}", file=sys.stderr)
@@ -536,8 +536,7 @@ def report_failure(world: dist.World, started: bool, e: Exception, args) -> int:
     if not started:
         code, line = world.agree((code, line))
     elif not isinstance(e, (RunError, WorkersFailed)):
-        print(f"error: worker {world.rank}: {line}", file=sys.stderr, flush=True)
-        world.abort(1)
+        world.fail(line)  # ends every worker
     if world.leads:
         print(f"error: {line}", file=sys.stderr)
     return code
@@ -553,7 +552,6 @@ def main(argv=None) -> int:
     started = False
     try:
         job = load_job(args.job)
-        dist.check_world(world, args.workers, job)
         if args.graph_only:
             if world.leads:
                 ws = workspace_of(job, args.workspace)
@@ -565,6 +563,7 @@ def main(argv=None) -> int:
             started = True
             world.agree(None)
             return 0
+        dist.check_world(world, args.workers, job)
         trainer = Trainer(job, args.job, args, world)
         keep_freed_memory()  # reuse each batch's large temporaries (see engine/backend.py)
 
