@@ -16,7 +16,7 @@ import numpy as np
 from engine.backend import INIT, Backend, rng_stream
 from engine.config import ConfigError, type_name
 from engine.layers import Layer, LayerError, layer_class
-from engine.params import ParamError, init_param, resolve_sharing
+from engine.params import GradBuffer, ParamError, init_param, resolve_sharing
 from engine.proto import job_pb2 as pb
 from engine.unroll import Unrolled
 
@@ -95,6 +95,9 @@ class Net:
         rng = rng_stream(seed, INIT)
         for p in self.params:
             init_param(p, self.xp, self.dtype, rng)
+        #: every param's gradient, one contiguous buffer (see engine/params.py)
+        self.grads = GradBuffer([self.layers[c.name] for c in unrolled.layers], self.params,
+                                self.xp, self.dtype)
         for layer in self.layers.values():
             layer.params_ready()
         self.inputs = [lay for lay in self.layers.values() if lay.is_input]
@@ -216,6 +219,7 @@ class Net:
                                       f"{self.phase.label} net but {q.shape} in the train net")
                 layer.params[key] = q
             layer.params_ready(other.layers.get(layer.name))
+        self.grads = other.grads
         seen, owners = set(), []
         for layer in self.layers.values():
             for p in layer.params.values():

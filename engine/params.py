@@ -120,3 +120,65 @@ def resolve_sharing(layers) -> list[Param]:
                 seen.add(id(p))
                 owners.append(p)
     return owners
+
+
+class GradBuffer:
+    """Every param's gradient in ONE contiguous 1-D array ``flat`` of the net's dtype.
+
+    Param p's ``grad`` is the view ``flat[o_p : o_p + n_p].reshape(p.shape)`` with
+    n_p = prod(p.shape). The layout is layer by layer in the order ``layers`` are given,
+    each layer's own params (not those it ties to another layer's) in declaration order:
+
+        o_first = 0,   o_next = o_p + n_p
+
+    so the params a layer declares one after another (a recurrent layer's gate group:
+    z_hx, r_hx, c_hx) are one stretch of ``flat``, and ``stacked`` hands that stretch out
+    as one array. Combining the gradients of several workers is then one in-place
+    reduction of ``flat`` (engine/distributed.py), with no packing or unpacking.
+    """
+
+    def __init__(self, layers, params, xp, dtype):
+        mine = {id(p) for p in params}
+        order, seen = [], set()
+        for layer in layers:
+            for p in layer.params.values():
+                if id(p) in mine and id(p) not in seen and p.owner_layer == layer.name:
+                    seen.add(id(p))
+                    order.append(p)
+        order += [p for p in params if id(p) not in seen]  # owners no layer declares
+        self.params = order
+        self.offsets: dict[int, int] = {}
+        n = 0
+        for p in order:
+            self.offsets[id(p)] = n
+            n += int(np.prod(p.shape, dtype=np.int64))
+        self.size = n
+        self.xp = xp
+        self.flat = xp.zeros(n, dtype=dtype)
+        for p in order:
+            o = self.offsets[id(p)]
+            p.grad = self.flat[o:o + int(np.prod(p.shape, dtype=np.int64))].reshape(p.shape)
+            p.grad_buffer = self
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.flat.nbytes)
+
+    def stacked(self, params):
+        """The gradients of ``params`` stacked along axis 0, as ONE view of ``flat``, when
+        they lie back to back in this order with equal trailing shapes; else None.
+        Shape: (sum of shape[0],) + shape[1:]."""
+        if not params or any(id(p) not in self.offsets for p in params):
+            return None
+        tail = tuple(params[0].shape[1:])
+        start = o = self.offsets[id(params[0])]
+        for p in params:
+            if self.offsets[id(p)] != o or tuple(p.shape[1:]) != tail or not p.shape:
+                return None
+            o += int(np.prod(p.shape, dtype=np.int64))
+        rows = sum(int(p.shape[0]) for p in params)
+        return self.flat[start:o].reshape((rows,) + tail)
+
+    def zero(self) -> None:
+        """All gradients to zero (one fill)."""
+        self.flat[...] = 0

@@ -138,8 +138,7 @@ class Worker:
             self.node_stats, self.param_stats = {}, {}
         self.forward(train, metrics)
         if train:
-            for p in self.net.params:
-                p.grad[...] = 0
+            self.net.grads.zero()
             self.backward()
         if self.record:
             self.param_stats = {p.name: {"data": summarize(self.xp, p.data),

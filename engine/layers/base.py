@@ -85,7 +85,9 @@ class LayerError(Exception):
 class Param:
     """One trainable array. Copies of a layer and tied layers share one object.
 
-    ``data`` and ``grad`` are arrays of the net's array module and dtype.
+    ``data`` and ``grad`` are arrays of the net's array module and dtype. In a Net,
+    ``grad`` is a view into the net's one gradient buffer (``grad_buffer``), so it must
+    be written in place (``+=``, ``[...] =``), never rebound.
     ``init`` is the ParamGenProto used to fill it (may be None: the layer's
     default init is used). ``fan_in``/``fan_out`` feed the *SqrtFanIn* inits.
     """
@@ -102,6 +104,9 @@ class Param:
     grad: Any = None
     owner_layer: str = ""
     default_init: tuple = ("uniform", -0.08, 0.08)
+    #: the net's gradient buffer (``engine.params.GradBuffer``) whose view ``grad`` is, or
+    #: None for a param outside a Net (a layer tested alone)
+    grad_buffer: Any = None
 
 
 @dataclass
@@ -382,6 +387,8 @@ class InputLayer(Layer):
     * ``cursor_state()`` / ``load_cursor_state(d)`` -- where the next batch starts, as a
       JSON-able dict, for checkpoints; ``snapshot()`` / ``restore(s)`` -- the same, cheap
       and in memory, to read one batch again (diagnosing a non-finite batch).
+    * ``take_share(rank, workers)`` -- data parallelism (engine/distributed.py): from now
+      on deliver only worker ``rank``'s share of each batch.
     """
 
     is_input = True
@@ -406,6 +413,31 @@ class InputLayer(Layer):
 
     def load_cursor_state(self, d: dict) -> None:
         pass
+
+    def take_share(self, rank: int, workers: int) -> None:
+        """Deliver only worker ``rank``'s share (of ``workers``) of every batch.
+
+        With B the configured batch size and b = B / workers, the share is rows
+        rank·b .. rank·b + b - 1 of the batch one worker would read, so the shares of
+        all workers together are exactly that batch; ``batchsize`` becomes b. Cursors
+        (``cursor_state``) stay those of the whole batch, equal on every worker.
+        ``stream_starts`` gives the share's rows. B not divisible by ``workers`` is a
+        LayerError naming the layer.
+
+        Default: nothing to do for one worker; a LayerError for several (the layer does
+        not know how to split its batches)."""
+        if workers > 1:
+            raise self.error(f"{pb.LayerType.Name(self.conf.type)} cannot split its batches "
+                             f"over {workers} workers; train this job on one worker")
+
+    def share_rows(self, batch: int, rank: int, workers: int) -> slice:
+        """Rows rank·b .. (rank+1)·b - 1 of a batch of ``batch`` rows, b = batch / workers;
+        a LayerError when ``batch`` is not divisible by ``workers``."""
+        if batch % workers:
+            raise self.error(f"batch size {batch} cannot be split evenly over {workers} workers; "
+                             f"use a batch size divisible by {workers}")
+        b = batch // workers
+        return slice(rank * b, (rank + 1) * b)
 
     def snapshot(self) -> dict:
         return self.cursor_state()

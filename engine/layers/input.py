@@ -91,6 +91,7 @@ class CharRNNInput(InputLayer):
         self.new_sequence = True
         self.stream_starts = np.zeros(self.batchsize, np.int64)
         self.stream_advance = self.steps
+        self.first_stream = 0  # take_share: this worker's streams start here
         self.path = path
         self.out_shape = (self.steps + 1,)
 
@@ -123,7 +124,8 @@ class CharRNNInput(InputLayer):
             self.cursor = 0
             self.epoch += 1
             self.new_sequence = True
-        self.stream_starts = self.cursor + np.arange(self.batchsize, dtype=np.int64) * self.stream_len
+        rows = np.arange(self.first_stream, self.first_stream + self.batchsize, dtype=np.int64)
+        self.stream_starts = self.cursor + rows * self.stream_len
         window = self.streams[:, self.cursor:self.cursor + T + 1]
         self.batch = self.xp.asarray(window)
         self._cursor_used = self.cursor
@@ -132,6 +134,15 @@ class CharRNNInput(InputLayer):
     def end_batch(self):
         """Called by the worker after a batch: the next batch continues these rows."""
         self.new_sequence = False
+
+    def take_share(self, rank: int, workers: int) -> None:
+        """Keep streams rank·b .. rank·b + b - 1 (b = batchsize / workers): the worker
+        carries the state of its own contiguous group of streams. The cursor moves as
+        before (all streams advance together), so it is the same on every worker."""
+        rows = self.share_rows(self.batchsize, rank, workers)
+        self.streams = self.streams[rows]
+        self.first_stream = rows.start
+        self.batchsize = rows.stop - rows.start
 
     def rewind(self) -> None:
         """Back to the first batch (every evaluation reads the same batches)."""
@@ -283,6 +294,8 @@ class SequenceInput(InputLayer):
         self.skip = self._skip(int(s.random_skip))
         # with shuffle, every epoch (the first included) walks its own permutation
         self.order = self._epoch_order(0)
+        # take_share: each batch takes rows[...] of the whole_batch rows one worker reads
+        self.whole_batch, self.rows = self.batchsize, slice(0, self.batchsize)
         self.cursor = 0
         self.epoch = 0
         self.new_sequence = True
@@ -412,13 +425,20 @@ class SequenceInput(InputLayer):
         rng = np.random.default_rng([self.info.get("seed", 0), 3, epoch])
         return rng.permutation(self.n)
 
+    def take_share(self, rank: int, workers: int) -> None:
+        """Each batch: rows rank·b .. rank·b + b - 1 (b = batchsize / workers) of the rows
+        of the (seeded, shared) epoch order one worker would read; the cursor still
+        advances by the whole batch, the same on every worker."""
+        self.rows = self.share_rows(self.whole_batch, rank, workers)
+        self.batchsize = self.rows.stop - self.rows.start
+
     def load_batch(self):
-        B = self.batchsize
+        B = self.whole_batch
         if self.cursor + B > self.n:
             self.cursor = 0
             self.epoch += 1
             self.order = self._epoch_order(self.epoch)
-        idx = self.order[(self.skip + np.arange(self.cursor, self.cursor + B)) % self.n]
+        idx = self.order[(self.skip + np.arange(self.cursor, self.cursor + B)) % self.n][self.rows]
         self.cursor += B
         xp = self.xp
         xb = self.x[idx]

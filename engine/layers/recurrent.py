@@ -52,8 +52,11 @@ class GateWeights:
 
     ``fuse()`` stores each group as one array whose row blocks are the params' data and
     grad (views); a group holding a param tied to another layer's stays separate and is
-    concatenated when read. A val/test net whose layer uses the training net's params
-    ``adopt``s that layer's stacked arrays."""
+    concatenated when read. In a Net the params' grads already lie back to back in the
+    net's gradient buffer (``engine.params.GradBuffer``, declaration order), so a group's
+    stacked grad is a view of that buffer and every gradient stays in it; a param outside
+    a Net (a layer tested alone) gets a concatenated one. A val/test net whose layer uses
+    the training net's params ``adopt``s that layer's stacked arrays."""
 
     def __init__(self, layer, groups: dict):
         self.layer = layer
@@ -70,7 +73,14 @@ class GateWeights:
             if len(ps) < 2 or any(p.owner_layer != self.layer.name or p.data is None for p in ps):
                 continue
             data = xp.concatenate([p.data for p in ps], axis=0)
-            grad = xp.concatenate([p.grad for p in ps], axis=0)
+            buffer = ps[0].grad_buffer
+            if buffer is None:
+                grad = xp.concatenate([p.grad for p in ps], axis=0)
+            else:
+                grad = buffer.stacked(ps)
+                if grad is None:  # the buffer lays a layer's own params out back to back
+                    raise RuntimeError(f"{self.layer.name}: the grads of gate group {group} "
+                                       f"are not adjacent in the net's gradient buffer")
             for k, p in enumerate(ps):
                 p.data = data[k * H:(k + 1) * H]
                 p.grad = grad[k * H:(k + 1) * H]
