@@ -194,7 +194,7 @@ class Recurrent(Layer):
         #: the key of a bias added to rows ``hbias_from:`` of W_h h right after its GEMM (the
         #: GRU's b_hn, ``GRULayer``), or None; its gradient is the sum of those rows of
         #: dL/d(W_h h)
-        self.hbias = None
+        self.hbias_key = None
         self.hbias_from = 0
         #: the pass runs from copy T−1 down to copy 0 (direction: kBackward)
         self.reverse = self.reverse_pass(self.conf)
@@ -210,18 +210,18 @@ class Recurrent(Layer):
 
     def _add_hbias(self, hproj) -> None:
         """hproj[hbias_from:] += the hidden-side bias (columns are sequences)."""
-        if self.hbias is not None:
-            hproj[self.hbias_from:] += self.params[self.hbias].data[:, None]
+        if self.hbias_key is not None:
+            hproj[self.hbias_from:] += self.params[self.hbias_key].data[:, None]
 
     def _hbias_grad(self, dhproj) -> None:
         """Accumulate the hidden-side bias's gradient from dL/d(W_h h) (G·H, N)."""
-        if self.hbias is not None:
-            self.params[self.hbias].grad += dhproj[self.hbias_from:].sum(axis=1)
+        if self.hbias_key is not None:
+            self.params[self.hbias_key].grad += dhproj[self.hbias_from:].sum(axis=1)
 
     @property
     def folds_input(self) -> bool:
         """Whether a block runs each step as one GEMM over [h; x; 1] (see the docstring)."""
-        return (self.cell.sums_projections and self.hbias is None
+        return (self.cell.sums_projections and self.hbias_key is None
                 and self.D + 1 <= self.FOLD_INPUT * self.H)
 
     # ----------------------------------------------------------------- state
@@ -501,8 +501,8 @@ class GRULayer(Recurrent):
     direction: kBackward (module docstring).
     Params in order: z_hx, r_hx, c_hx (H×D), z_hh, r_hh, c_hh (H×H), then z_b, r_b, c_b (H)
     if bias_term, then c_hb (H, b_ch above, initialised to 0) if recurrent_bias. With
-    recurrent_bias this is PyTorch's GRU exactly (c_hb is its b_hn, r_b + z_b its b_ir + b_hr
-    and b_iz + b_hz). The cell maths (``engine/layers/cells.py``) is unchanged: b_ch is
+    recurrent_bias this is PyTorch's GRU exactly (c_hb is its b_hn, r_b its b_ir + b_hr, z_b
+    its b_iz + b_hz). The cell maths (``engine/layers/cells.py``) is unchanged: b_ch is
     added to the c rows of W_h h right after the step's GEMM, and its gradient is the sum
     over steps and sequences of those rows of dL/d(W_h h).
     """
@@ -525,7 +525,7 @@ class GRULayer(Recurrent):
         if self.conf.gru_conf.recurrent_bias:
             H = self.H
             self.add_param("c_hb", (H,), ("constant", 0.0), fan_in=H, fan_out=H)
-            self.hbias = "c_hb"
+            self.hbias_key = "c_hb"
             self.hbias_from = 2 * H
 
     def make_cell(self):
