@@ -23,7 +23,8 @@ loop in its direction, and the state given to ``forward_block`` starts the pass
 
 ``plan(net)`` returns a Plan, or raises NotPlannable naming the layer and why (a
 layer without the block interface, shifts, feedback from another layer, other
-context offsets, several outputs); ``make_worker`` then falls back to the reference Worker and says why.
+context offsets, several outputs); ``make_worker`` then falls back to the reference
+Worker and says why.
 ``PlannedWorker`` has the Worker's interface (run_batch, carry, state_dict) and
 gives the same losses and gradients: tests/test_planner.py compares the two in
 float64.
