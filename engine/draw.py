@@ -17,7 +17,10 @@ The unrolled picture (top to bottom, steps side by side from left to right):
 * data edges are solid black (one-to-all edges grey, first-to-last edges
   blue and labelled); context edges (``recurrent`` True: a copy reading an
   earlier copy's state) are dashed red with ``constraint=false``, so they
-  run sideways between steps instead of pushing ranks down;
+  run sideways between steps instead of pushing ranks down; context edges
+  from a later copy (offset < 0: a ``direction: kBackward`` layer reading
+  copy i+1) are dotted purple and thicker, so the two directions of a
+  bidirectional layer tell apart at a glance;
 * every shared-param group (node attribute ``share_group``, "" = none) gets
   one fill colour from ``PALETTE``: colour k goes to the k-th group in sorted
   order among all groups of ``g``, so a step window keeps the colours of the
@@ -28,7 +31,10 @@ Layout: top to bottom along the data flow, the data layer on the top rank,
 the copies of a layer on one row, and the step clusters kept in step order
 from left to right by a chain of invisible anchors under them (dot does not
 order clusters by itself). Data edges that run backwards in time
-(first-to-last) get ``constraint=false`` too.
+(first-to-last) get ``constraint=false`` too, and so does a first-to-last edge
+from a step into a single-copy layer that another data edge already places
+(the last step's state read beside the first step's, as a bidirectional read-out
+does), which would otherwise pull the last step's cluster out of order.
 
 Node ids are sanitised (``n_3_gru1``; names with other characters than
 letters, digits and ``_`` get a hash suffix so ids stay unique) and the
@@ -54,6 +60,7 @@ PALETTE = (
 )
 NO_GROUP_FILL = "#ffffff"
 CONTEXT_COLOUR = "#d62728"
+BACKWARD_CONTEXT_COLOUR = "#9467bd"
 ONE_TO_ALL_COLOUR = "#7f7f7f"
 FIRST_TO_LAST_COLOUR = "#1f77b4"
 
@@ -227,9 +234,11 @@ def _node_label(nid: str, d: dict, single: bool, stats_entry) -> str:
             + f'<BR/><FONT POINT-SIZE="8">{small}</FONT>>')
 
 
-def _graph_label(title: str, colours: dict[str, str], users: dict[str, list], context: bool) -> str:
+def _graph_label(title: str, colours: dict[str, str], users: dict[str, list],
+                 context: bool, backward_context: bool = False) -> str:
     """HTML graph label: the title, then the shared-param legend (each group's
-    colour, name and the layers using it) and the edge legend."""
+    colour, name and the layers using it) and the edge legend (a line per kind of
+    context edge drawn: from an earlier step, from a later step)."""
     rows = [f'<TR><TD COLSPAN="2"><B>{_h(title)}</B></TD></TR>']
     named = [grp for grp in sorted(colours) if grp]
     if named:
@@ -240,6 +249,10 @@ def _graph_label(title: str, colours: dict[str, str], users: dict[str, list], co
     if context:
         rows.append(f'<TR><TD COLSPAN="2"><FONT COLOR="{CONTEXT_COLOUR}">- - -&gt; context '
                     f'(state of an earlier step)</FONT></TD></TR>')
+    if backward_context:
+        rows.append(f'<TR><TD COLSPAN="2"><FONT COLOR="{BACKWARD_CONTEXT_COLOUR}">&#183; &#183; '
+                    f'&#183;&gt; context (state of a later step: a kBackward layer)</FONT>'
+                    f'</TD></TR>')
     return '<<TABLE BORDER="0" CELLSPACING="0" CELLPADDING="1">' + "".join(rows) + "</TABLE>>"
 
 
@@ -262,9 +275,17 @@ def _default_title(g: nx.DiGraph, steps) -> str:
     return title
 
 
+def _is_backward_context(d: dict) -> bool:
+    """A context edge from a later copy (offset < 0: a kBackward layer)."""
+    return bool(d.get("recurrent")) and int(d.get("shift", 1)) < 0
+
+
 def _edge_attrs(d: dict, backwards: bool) -> dict:
     """Style of one edge; ``backwards``: a data edge from a later step to an earlier one
     (first-to-last), which must not pull the later step's cluster to the left."""
+    if _is_backward_context(d):
+        return {"style": "dotted", "color": _q(BACKWARD_CONTEXT_COLOUR), "penwidth": "2",
+                "constraint": "false"}
     if d.get("recurrent"):
         return {"style": "dashed", "color": _q(CONTEXT_COLOUR), "penwidth": "1.5",
                 "constraint": "false"}
@@ -349,10 +370,12 @@ def to_dot(g: nx.DiGraph, steps: tuple[int, int] | None = None, title: str | Non
     users = _group_users(((d["layer"], d.get("share_group", "")) for _, d in g.nodes(data=True)),
                          order)
 
-    has_context = any(d.get("recurrent") for _, _, d in sub.edges(data=True))
+    has_context = any(d.get("recurrent") and not _is_backward_context(d)
+                      for _, _, d in sub.edges(data=True))
+    has_backward = any(_is_backward_context(d) for _, _, d in sub.edges(data=True))
     graph_attrs = {"rankdir": "TB", "newrank": "true", "labelloc": "t", "fontname": "Helvetica",
                    "nodesep": "0.25", "ranksep": "0.45",
-                   "label": _graph_label(title, colours, users, has_context)}
+                   "label": _graph_label(title, colours, users, has_context, has_backward)}
     out = [
         "digraph unrolled {",
         f"  graph [{_attrs(graph_attrs)}];",
@@ -394,10 +417,18 @@ def to_dot(g: nx.DiGraph, steps: tuple[int, int] | None = None, title: str | Non
     # single-copy sources (data layers) go on the top rank
     out.extend(_row_lines(sub, by_step, ids, order,
                           top=[n for n in nodes if n in singles and sub.in_degree(n) == 0]))
+    def placed(v, u):
+        """``v`` has a constraining data edge besides the one from ``u``."""
+        return any(w != u and not d.get("recurrent") and d.get("conn") != "kUnrollFirstToLast"
+                   for w, _, d in sub.in_edges(v, data=True))
+
     for u, v in sorted(sub.edges, key=lambda e: (key(e[0]), key(e[1]))):
         du, dv = sub.nodes[u], sub.nodes[v]
         backwards = (u not in singles and v not in singles
                      and int(du["step"]) > int(dv["step"]))
+        if u not in singles and v in singles and \
+                sub.edges[u, v].get("conn") == "kUnrollFirstToLast" and placed(v, u):
+            backwards = True
         a = _edge_attrs(sub.edges[u, v], backwards)
         out.append(f"  {ids[u]} -> {ids[v]}" + (f" [{_attrs(a)}]" if a else "") + ";")
     out.append("}")
@@ -405,12 +436,14 @@ def to_dot(g: nx.DiGraph, steps: tuple[int, int] | None = None, title: str | Non
 
 
 # ----------------------------------------------------------------- folded
-def folded_edges(g: nx.DiGraph) -> list[tuple[str, str, str, bool]]:
-    """Edges of the folded picture, sorted: (src layer, layer, label, is_context).
+def folded_edges(g: nx.DiGraph) -> list[tuple[str, str, str, int]]:
+    """Edges of the folded picture, sorted: (src layer, layer, label, context), where
+    ``context`` is 0 for a data edge and the context offset d for a context edge (truthy).
 
     Data edges come from ``g.graph["layers"]`` (label: ``short_conn``); context
-    edges from the recurrent edges of ``g`` (label "t-d"), plus a "t-1"
-    self-loop for every layer flagged recurrent that has none (e.g. one copy).
+    edges from the recurrent edges of ``g`` (label "t-d", or "t+1" for d = -1), plus a
+    self-loop for every layer flagged recurrent that has none (e.g. one copy), at the
+    offsets its ``context`` lists (graphs written before that attribute: "t-1").
     """
     layers = g.graph.get("layers")
     if not layers:
@@ -424,7 +457,7 @@ def folded_edges(g: nx.DiGraph) -> list[tuple[str, str, str, bool]]:
             if sname not in names:
                 raise ValueError(f'layer "{lay["name"]}" reads "{sname}", which is not one of '
                                  f"the graph's layers")
-            edges.add((sname, lay["name"], short_conn(conn, shift), False))
+            edges.add((sname, lay["name"], short_conn(conn, shift), 0))
     context = {}
     for u, v, d in g.edges(data=True):
         if d.get("recurrent"):
@@ -432,10 +465,11 @@ def folded_edges(g: nx.DiGraph) -> list[tuple[str, str, str, bool]]:
             context.setdefault((lu, lv), set()).add(int(d.get("shift", 1)))
     for lay in layers:
         if lay.get("recurrent") and (lay["name"], lay["name"]) not in context:
-            context[(lay["name"], lay["name"])] = {1}
+            own = {int(off) for name, off in lay.get("context", []) if name == lay["name"]}
+            context[(lay["name"], lay["name"])] = own or {1}
     for (lu, lv), offs in context.items():
         for off in offs:
-            edges.add((lu, lv, _offset_label(off), True))
+            edges.add((lu, lv, _offset_label(off), int(off)))
     order = {lay["name"]: k for k, lay in enumerate(layers)}
     return sorted(edges, key=lambda e: (order.get(e[0], len(order)), order.get(e[1], len(order)),
                                         e[2], e[3]))
@@ -443,7 +477,8 @@ def folded_edges(g: nx.DiGraph) -> list[tuple[str, str, str, bool]]:
 
 def to_dot_folded(g: nx.DiGraph, title: str | None = None) -> str:
     """DOT source of the net as configured: one node per layer ("name", type, "×T"),
-    edges labelled with their connection type, recurrent layers with a "t-1" self-loop."""
+    edges labelled with their connection type, recurrent layers with a "t-1" self-loop
+    (dashed red), kBackward ones with a "t+1" self-loop (dotted purple)."""
     edges = folded_edges(g)
     layers = g.graph["layers"]
     colours = group_colours(lay.get("share_group", "") for lay in layers)
@@ -454,7 +489,8 @@ def to_dot_folded(g: nx.DiGraph, title: str | None = None) -> str:
         phase = g.graph.get("phase")
         title = f"{name}: {phase + ' net' if phase else 'net'} as configured"
     graph_attrs = {"rankdir": "TB", "labelloc": "t", "fontname": "Helvetica",
-                   "label": _graph_label(title, colours, users, any(e[3] for e in edges))}
+                   "label": _graph_label(title, colours, users, any(e[3] > 0 for e in edges),
+                                         any(e[3] < 0 for e in edges))}
     out = [
         "digraph folded {",
         f"  graph [{_attrs(graph_attrs)}];",
@@ -467,9 +503,12 @@ def to_dot_folded(g: nx.DiGraph, title: str | None = None) -> str:
              "fillcolor": _q(colours.get(grp, NO_GROUP_FILL)),
              "tooltip": _q(f"{lay['name']}: {lay['type']}, share group {grp or '(none)'}")}
         out.append(f"  {dot_id(lay['name'])} [{_attrs(a)}];")
-    for src, dst, label, is_ctx in edges:
+    for src, dst, label, off in edges:
         a = {"label": _q(label)}
-        if is_ctx:
+        if off < 0:
+            a.update({"style": "dotted", "color": _q(BACKWARD_CONTEXT_COLOUR), "penwidth": "2",
+                      "fontcolor": _q(BACKWARD_CONTEXT_COLOUR), "constraint": "false"})
+        elif off:
             a.update({"style": "dashed", "color": _q(CONTEXT_COLOUR),
                       "fontcolor": _q(CONTEXT_COLOUR), "constraint": "false"})
         out.append(f"  {dot_id(src)} -> {dot_id(dst)} [{_attrs(a)}];")

@@ -137,17 +137,21 @@ def export(net: Net, out, vocab=None, where: str = "<net>") -> str:
     chain = interop.chain_of(net, where)
     d = chain.describe()
     L, H, V = d["num_layers"], d["hidden_size"], d["output_size"]
+    bi = chain.directions == 2
     if fmt == "onnx":
         model = interop.onnx_model(net, where, vocab)
         write_file(out, model.SerializeToString())
         x = "x [T, B, %s]" % d["input_size"] if chain.encoder is None else "ids [T, B]"
-        state = f"h0 [{L}, B, {H}]" + (f", c0 [{L}, B, {H}]" if chain.kind == pb.kLSTM else "")
+        n = chain.directions * len(chain.levels)
+        state = f"h0 [{n}, B, {H}]" + (f", c0 [{n}, B, {H}]" if chain.kind == pb.kLSTM else "")
         state_out = state.replace("h0", "hT").replace("c0", "cT")
-        return (f"ONNX opset {interop.OPSET}, {L} x {d['rnn']} {H}; inputs {x}, {state}; "
-                f"outputs logits [T, B, {V}], {state_out}")
+        return (f"ONNX opset {interop.OPSET}, {L} x {'bidirectional ' if bi else ''}{d['rnn']} "
+                f"{H}; inputs {x}, {state}; outputs logits [T, B, {V}], {state_out}")
     tensors = interop.torch_state(net, where)
     write_file(out, safetensors_io.encode(tensors, interop.metadata(chain, vocab)))
-    mods = f"rnn = nn.{d['rnn']}({d['input_size']}, {H}, {L}), head = nn.Linear({H}, {V})"
+    mods = (f"rnn = nn.{d['rnn']}({d['input_size']}, {H}, {L}"
+            f"{', bidirectional=True' if bi else ''}), "
+            f"head = nn.Linear({chain.directions * int(H)}, {V})")
     if interop.EMBED_W in tensors:
         mods = "embed = nn.Embedding(%d, %d), " % tensors[interop.EMBED_W].shape + mods
     return f"{len(tensors)} tensors in PyTorch's layout for {mods}"

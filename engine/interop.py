@@ -2,40 +2,52 @@
 
 The exportable net (``chain_of``) is one chain from one data layer to a head:
 
-    ids -> kOneHot | kEmbedding -> L x (kRNN | kGRU | kLSTM) -> kInnerProduct     (char / id nets)
-    float features [F]          -> L x (kRNN | kGRU | kLSTM) -> kInnerProduct     (record nets)
+    ids -> kOneHot | kEmbedding -> L levels -> kInnerProduct     (char / id nets)
+    float features [F]          -> L levels -> kInnerProduct     (record nets)
 
 with any number of kDropout / kDummy between (identities at inference); data, label,
-loss and output layers are not part of the model. The L recurrent layers share one
-cell type and hidden size H (and, for kRNN, one activation); each link is
-one-to-one without a shift (the data layer may feed the first layer one-to-all).
+loss and output layers are not part of the model. A level is one kRNN, kGRU or kLSTM
+layer, or a bidirectional level: a forward and a ``direction: kBackward`` layer reading
+the same source, joined by one kConcate (features, concate_dim 1; forward first). All
+levels are of one kind (all bidirectional or none) and their layers share one cell type
+and hidden size H (and, for kRNN, one activation); each link is one-to-one without a
+shift (the data layer may feed the first level one-to-all).
 
-PyTorch's layout: the keys a module with ``rnn = nn.GRU|nn.LSTM|nn.RNN(D, H, L)``,
-``head = nn.Linear(H, V)`` (and ``embed = nn.Embedding(V, E)`` for a kEmbedding net)
-loads with ``load_state_dict(strict=True)``:
+PyTorch's layout: the keys a module with ``rnn = nn.GRU|nn.LSTM|nn.RNN(D, H, L)``
+(``bidirectional=True`` for bidirectional levels), ``head = nn.Linear(N·H, V)`` with N
+directions (and ``embed = nn.Embedding(V, E)`` for a kEmbedding net) loads with
+``load_state_dict(strict=True)``:
 
     rnn.weight_ih_l{k}  (G·H, D_k)   gate blocks stacked in PyTorch's order
     rnn.weight_hh_l{k}  (G·H, H)     GRU r, z, n (engine r, z, c); LSTM i, f, g, o; RNN one
     rnn.bias_ih_l{k}    (G·H,)
     rnn.bias_hh_l{k}    (G·H,)
-    head.weight (V, H), head.bias (V,), embed.weight (V, E)
+    rnn.*_l{k}_reverse               the same for level k's backward layer
+    head.weight (V, N·H), head.bias (V,), embed.weight (V, E)
 
-A one-hot net has no extra key: nn.GRU(V, H, L) takes the one-hot rows as they are.
+D_k is the input width for k = 0 and N·H above. A one-hot net has no extra key:
+nn.GRU(V, H, L) takes the one-hot rows as they are.
 
 Engine -> PyTorch: W_ih, W_hh are the engine's ``<gate>_hx`` / ``<gate>_hh`` blocks in
-PyTorch's gate order; b_ih the ``<gate>_b`` blocks (zeros without bias_term); b_hh zeros.
+PyTorch's gate order; b_ih the ``<gate>_b`` blocks (zeros without bias_term); b_hh zeros,
+except a GRU's b_hn rows, which hold its ``c_hb`` (``gru_conf { recurrent_bias: true }``).
 The maths agree: PyTorch's GRU n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn)),
-h' = (1 − z) ⊙ n + z ⊙ h is SINGA's c and h' with b_hn = 0.
+h' = (1 − z) ⊙ n + z ⊙ h is SINGA's c and h' with b_hn = c_hb (0 without it). PyTorch's
+reverse direction starts at step T−1 from h0 and its output at step t is its state
+there, which is the engine's kBackward layer starting each window from zeros or h0
+(it never carries state across batches).
 
 PyTorch -> engine: the same blocks, with b = b_ih + b_hh for every gate whose recurrent
 part enters the sum unscaled (all gates of kRNN and kLSTM, the GRU's r and z); the
-GRU's b_hn sits inside r ⊙ (...) and cannot join b_in, so a nonzero b_hn is refused.
+GRU's b_hn sits inside r ⊙ (...) and cannot join b_in: it goes into ``c_hb``, and into a
+GRU without recurrent_bias a nonzero b_hn is refused.
 
 ONNX (``onnx_model``): one ONNX RNN / GRU (``linear_before_reset=1``) / LSTM node per
-layer, W = [W_ih], R = [W_hh], B = [b_ih, b_hh] with the gate blocks reordered to ONNX's
+level (``direction="bidirectional"`` for a bidirectional one, W, R, B stacked forward
+first), W = [W_ih], R = [W_hh], B = [b_ih, b_hh] with the gate blocks reordered to ONNX's
 (GRU z, r, h; LSTM i, o, f, c); inputs ``ids`` int64 [T, B] or ``x`` float32 [T, B, F],
-``h0`` [L, B, H] (and ``c0``); outputs ``logits`` [T, B, V], ``hT`` (and ``cT``); T, B
-dynamic.
+``h0`` [N·L, B, H] (and ``c0``; level k's directions in rows N·k .. N·k+N−1, PyTorch's
+order); outputs ``logits`` [T, B, V], ``hT`` (and ``cT``); T, B dynamic.
 """
 from __future__ import annotations
 
@@ -47,6 +59,7 @@ import numpy as np
 from engine.backend import to_host
 from engine import safetensors_io
 from engine.config import ConfigError, type_name
+from engine.layers import layer_class
 from engine.proto import job_pb2 as pb
 
 
@@ -62,7 +75,9 @@ class CellSpec:
     ``hx``, ``hh``, ``b``: the engine's param roles, one per gate in PyTorch's gate order;
     ``onnx_order``: ONNX's gate order as positions in PyTorch's;
     ``reset_gated``: the gate whose recurrent part is multiplied by the reset gate (its
-    recurrent bias cannot join the input bias), or None.
+    recurrent bias cannot join the input bias), or None;
+    ``hb``: the engine's role of that gate's recurrent bias (PyTorch's b_hn), a param a
+    layer has when it is configured so (``gru_conf { recurrent_bias: true }``).
     """
 
     torch_name: str
@@ -71,6 +86,7 @@ class CellSpec:
     b: tuple
     onnx_order: tuple
     reset_gated: int | None = None
+    hb: str | None = None
 
     @property
     def gates(self) -> int:
@@ -79,7 +95,7 @@ class CellSpec:
 
 CELLS = {
     pb.kGRU: CellSpec("GRU", ("r_hx", "z_hx", "c_hx"), ("r_hh", "z_hh", "c_hh"),
-                      ("r_b", "z_b", "c_b"), onnx_order=(1, 0, 2), reset_gated=2),
+                      ("r_b", "z_b", "c_b"), onnx_order=(1, 0, 2), reset_gated=2, hb="c_hb"),
     pb.kLSTM: CellSpec("LSTM", ("i_hx", "f_hx", "g_hx", "o_hx"), ("i_hh", "f_hh", "g_hh", "o_hh"),
                        ("i_b", "f_b", "g_b", "o_b"), onnx_order=(0, 3, 1, 2)),
     pb.kRNN: CellSpec("RNN", ("w_hx",), ("w_hh",), ("b",), onnx_order=(0,)),
@@ -93,15 +109,19 @@ OUTSIDE = {pb.kRNNLabel, pb.kSoftmaxLoss, pb.kEuclideanLoss, pb.kAccuracy, pb.kA
 #: identities at inference
 PASS = {pb.kDropout, pb.kDummy}
 ENCODERS = {pb.kOneHot, pb.kEmbedding}
-MODEL = set(CELLS) | PASS | ENCODERS | {pb.kInnerProduct}
+#: joins the two directions of a bidirectional level
+JOIN = pb.kConcate
+MODEL = set(CELLS) | PASS | ENCODERS | {pb.kInnerProduct, JOIN}
 
 HEAD_W, HEAD_B, EMBED_W = "head.weight", "head.bias", "embed.weight"
 
 
-def rnn_keys(k: int) -> tuple[str, str, str, str]:
-    """PyTorch's keys of recurrent layer k: weight_ih, weight_hh, bias_ih, bias_hh."""
-    return (f"rnn.weight_ih_l{k}", f"rnn.weight_hh_l{k}", f"rnn.bias_ih_l{k}",
-            f"rnn.bias_hh_l{k}")
+def rnn_keys(k: int, reverse: bool = False) -> tuple[str, str, str, str]:
+    """PyTorch's keys of recurrent level k (its backward layer's with ``reverse``):
+    weight_ih, weight_hh, bias_ih, bias_hh."""
+    r = "_reverse" if reverse else ""
+    return (f"rnn.weight_ih_l{k}{r}", f"rnn.weight_hh_l{k}{r}", f"rnn.bias_ih_l{k}{r}",
+            f"rnn.bias_hh_l{k}{r}")
 
 
 # ----------------------------------------------------------------- the chain
@@ -111,8 +131,18 @@ class Chain:
 
     source: object          # the data layer (Layer)
     encoder: object         # kOneHot or kEmbedding layer, None for float features
-    cells: list             # the recurrent layers
+    levels: list            # per level: (recurrent layer,) or (forward, backward) layers
     head: object            # the kInnerProduct layer
+
+    @property
+    def cells(self) -> list:
+        """Every recurrent layer, level by level, forward first (PyTorch's order)."""
+        return [lay for level in self.levels for lay in level]
+
+    @property
+    def directions(self) -> int:
+        """1, or 2 for bidirectional levels."""
+        return len(self.levels[0])
 
     @property
     def kind(self) -> int:
@@ -141,7 +171,8 @@ class Chain:
     def describe(self) -> dict[str, str]:
         """The model's shape as strings (safetensors metadata, ONNX metadata_props)."""
         out = {"rnn": self.spec.torch_name, "input_size": str(self.input_size),
-               "hidden_size": str(self.hidden), "num_layers": str(len(self.cells)),
+               "hidden_size": str(self.hidden), "num_layers": str(len(self.levels)),
+               "bidirectional": "true" if self.directions == 2 else "false",
                "output_size": str(self.output_size),
                "input": ("features" if self.encoder is None else
                          "embedding" if self.encoder.conf.type == pb.kEmbedding else "onehot")}
@@ -156,6 +187,11 @@ def _conn(conf, k: int = 0) -> tuple[int, int]:
     return conn, shift
 
 
+def _backward(conf) -> bool:
+    """The layer's pass runs from its last copy to its first (direction: kBackward)."""
+    return layer_class(conf.type).reverse_pass(conf)
+
+
 def chain_of(net, where: str) -> Chain:
     """The net's exportable chain; InteropError naming the first layer that does not fit."""
     confs = list(net.unrolled.layers)
@@ -167,87 +203,145 @@ def chain_of(net, where: str) -> Chain:
     model = [c for c in confs if c.type not in SOURCES | OUTSIDE]
     if not model:
         raise InteropError(f"{where}: the net has no model layers to export")
+
+    def consumers(name):
+        return [c for c in model if name in c.srclayers]
+
     for c in model:
         if c.type not in MODEL:
             raise err(c, "cannot be exported: an exported model is one chain of kOneHot or "
                          "kEmbedding, kRNN, kGRU or kLSTM layers and a kInnerProduct head, with "
                          "only kDropout or kDummy between them")
-        if len(c.srclayers) != 1:
+        if c.type == JOIN:
+            srcs = [by_name[s] for s in c.srclayers]
+            if not (len(srcs) == 2 and all(s.type in CELLS for s in srcs)
+                    and not _backward(srcs[0]) and _backward(srcs[1])
+                    and srcs[0].srclayers[:1] == srcs[1].srclayers[:1]
+                    and c.concate_conf.concate_dim == 1):
+                raise err(c, "cannot be exported: a kConcate is exported only as the join of a "
+                             "bidirectional level, a forward and a kBackward recurrent layer "
+                             "reading the same source, listed in that order, concate_dim 1")
+        elif len(c.srclayers) != 1:
             raise err(c, f"reads {len(c.srclayers)} srclayers ({', '.join(c.srclayers)}); an "
                          f"exported model is one chain in which each layer reads one source")
-        src = by_name[c.srclayers[0]]
-        conn, shift = _conn(c)
-        if src.type in OUTSIDE:
-            raise err(c, f'reads "{src.name}" ({type_name(src.type)}), which is not part of '
-                         f"the model; only data layers may feed it")
-        if conn == pb.kUnrollFirstToLast:
-            raise err(c, f'reads "{src.name}" kUnrollFirstToLast (a many-to-one or encoder-decoder '
-                         f"link); the exported model maps each step to its output, so every link "
-                         f"must be one-to-one")
-        if conn == pb.kUnrollOneToAll and src.type not in SOURCES:
-            raise err(c, f'reads "{src.name}" kUnrollOneToAll; between model layers every link '
-                         f"must be one-to-one")
-        if shift:
-            raise err(c, f'reads "{src.name}" with shift {shift}; the exported model reads step '
-                         f"t at step t, so remove the shift")
+        for k, sname in enumerate(c.srclayers):
+            src = by_name[sname]
+            conn, shift = _conn(c, k)
+            if src.type in OUTSIDE:
+                raise err(c, f'reads "{src.name}" ({type_name(src.type)}), which is not part of '
+                             f"the model; only data layers may feed it")
+            if conn == pb.kUnrollFirstToLast:
+                raise err(c, f'reads "{src.name}" kUnrollFirstToLast (a many-to-one or '
+                             f"encoder-decoder link); the exported model maps each step to its "
+                             f"output, so every link must be one-to-one")
+            if conn == pb.kUnrollOneToAll and src.type not in SOURCES:
+                raise err(c, f'reads "{src.name}" kUnrollOneToAll; between model layers every '
+                             f"link must be one-to-one")
+            if shift:
+                raise err(c, f'reads "{src.name}" with shift {shift}; the exported model reads '
+                             f"step t at step t, so remove the shift")
         if c.unroll_len != model[0].unroll_len:
             raise err(c, f'has unroll_len {c.unroll_len} but "{model[0].name}" has '
                          f"{model[0].unroll_len}; the exported model runs every layer at every step")
+
+    def level_at(layers):
+        """(forward, backward, join) when ``layers`` are a bidirectional level, else None;
+        InteropError when they are a forward and a backward layer not joined as one."""
+        if len(layers) != 2 or any(c.type not in CELLS for c in layers):
+            return None
+        fwd, bwd = sorted(layers, key=_backward)
+        if not _backward(bwd) or _backward(fwd):
+            return None
+        for c in (fwd, bwd):
+            joins = consumers(c.name)
+            if len(joins) != 1 or joins[0].type != JOIN or \
+                    list(joins[0].srclayers) != [fwd.name, bwd.name]:
+                raise err(c, f"feeds {', '.join(j.name for j in joins) or 'no layer'}; the "
+                             f'two directions of a bidirectional level ("{fwd.name}", '
+                             f'"{bwd.name}") feed one kConcate and nothing else, forward first')
+        return fwd, bwd, consumers(fwd.name)[0]
+
     starts = [c for c in model if by_name[c.srclayers[0]].type in SOURCES]
-    if len(starts) != 1:
+    first = level_at(starts)
+    if not (len(starts) == 1 or (first is not None and len({c.srclayers[0] for c in starts}) == 1)):
         names = ", ".join(f'"{c.name}"' for c in starts) or "none"
         raise InteropError(f"{where}: {len(starts)} model layers read a data layer ({names}); the "
                            f"export takes one chain from one data layer")
-    chain = [starts[0]]
+    # the chain, bottom up: layer confs, and (forward, backward) for a bidirectional level
+    chain = [first[:2]] if first else [starts[0]]
+    end = first[2] if first else starts[0]
     while True:
-        nxt = [c for c in model if c.srclayers[0] == chain[-1].name]
+        nxt = consumers(end.name)
+        level = level_at(nxt)
+        if level is not None:
+            chain.append(level[:2])
+            end = level[2]
+            continue
         if len(nxt) > 1:
-            raise err(chain[-1], f"feeds {len(nxt)} layers ({', '.join(c.name for c in nxt)}); an "
-                                 f"exported model is one chain")
+            raise err(end, f"feeds {len(nxt)} layers ({', '.join(c.name for c in nxt)}); an "
+                           f"exported model is one chain")
         if not nxt:
             break
         chain.append(nxt[0])
-    off = [c for c in model if c not in chain]
+        end = nxt[0]
+    on_chain = {c.name for item in chain for c in (item if isinstance(item, tuple) else (item,))}
+    on_chain |= {c.name for c in model if c.type == JOIN and set(c.srclayers) <= on_chain}
+    off = [c for c in model if c.name not in on_chain]
     if off:
-        raise err(off[0], f'is not on the chain from "{chain[0].srclayers[0]}" to the head; '
+        raise err(off[0], f'is not on the chain from "{starts[0].srclayers[0]}" to the head; '
                           f"the export takes one chain of layers")
-    core = [c for c in chain if c.type not in PASS]
-    encoder = core.pop(0) if core and core[0].type in ENCODERS else None
+    core = [c for c in chain if isinstance(c, tuple) or c.type not in PASS]
+    encoder = core.pop(0) if core and not isinstance(core[0], tuple) and \
+        core[0].type in ENCODERS else None
     n = 0
-    while n < len(core) and core[n].type in CELLS:
+    while n < len(core) and (isinstance(core[n], tuple) or core[n].type in CELLS):
         n += 1
-    cells, rest = core[:n], core[n:]
-    if not cells:
+    levels = [c if isinstance(c, tuple) else (c,) for c in core[:n]]
+    rest = core[n:]
+    if not levels:
         if rest:
             raise err(rest[0], "comes before any recurrent layer; the export takes kRNN, kGRU or "
                                "kLSTM layers then one kInnerProduct head")
         raise InteropError(f"{where}: the net has no recurrent layer (kRNN, kGRU or kLSTM) to export")
     if not rest:
-        raise err(cells[-1], "is the last model layer; the export needs a kInnerProduct head after "
-                             "the recurrent layers")
+        raise err(levels[-1][-1], "is the last model layer; the export needs a kInnerProduct head "
+                                  "after the recurrent layers")
     if rest[0].type != pb.kInnerProduct:
         raise err(rest[0], "comes after the recurrent layers; only one kInnerProduct head may "
                            "follow them")
     if len(rest) > 1:
         raise err(rest[1], f'comes after the head "{rest[0].name}"; the exported model ends at '
                            f"one kInnerProduct head")
-    layers = [net.layers[c.name] for c in cells]
-    first = layers[0]
+    for level in levels:
+        if len(level) == 1 and _backward(level[0]):
+            raise err(level[0], "runs backwards (direction: kBackward) alone; the export takes a "
+                                "kBackward layer only beside a forward one reading the same "
+                                "source, both joined by one kConcate (forward first)")
+        if len(level) != len(levels[0]):
+            bi, uni = (level, levels[0]) if len(level) == 2 else (levels[0], level)
+            raise err(level[0], f'differs from "{levels[0][0].name}" in direction ("{bi[0].name}" '
+                                f'and "{bi[1].name}" are a bidirectional level, "{uni[0].name}" '
+                                f"is not); the exported stack (one PyTorch module) is "
+                                f"bidirectional in every level or in none")
+    layers = [net.layers[c.name] for level in levels for c in level]
+    first_cell = layers[0]
     for lay in layers[1:]:
         what = None
-        if lay.conf.type != first.conf.type:
-            what = f"cell type ({type_name(first.conf.type)})"
-        elif lay.H != first.H:
-            what = f"hidden size ({first.H} against {lay.H})"
-        elif lay.conf.type == pb.kRNN and lay.conf.rnn_conf.activation != first.conf.rnn_conf.activation:
+        if lay.conf.type != first_cell.conf.type:
+            what = f"cell type ({type_name(first_cell.conf.type)})"
+        elif lay.H != first_cell.H:
+            what = f"hidden size ({first_cell.H} against {lay.H})"
+        elif lay.conf.type == pb.kRNN and \
+                lay.conf.rnn_conf.activation != first_cell.conf.rnn_conf.activation:
             what = "activation"
         if what is not None:
-            raise err(lay.conf, f'differs from "{first.name}" in {what}; the exported stack '
-                                f"(one PyTorch nn.{CELLS[first.conf.type].torch_name}) needs one "
-                                f"cell type, hidden size and activation")
-    return Chain(source=net.layers[chain[0].srclayers[0]],
+            raise err(lay.conf, f'differs from "{first_cell.name}" in {what}; the exported stack '
+                                f"(one PyTorch nn.{CELLS[first_cell.conf.type].torch_name}) needs "
+                                f"one cell type, hidden size and activation")
+    return Chain(source=net.layers[(first[0] if first else starts[0]).srclayers[0]],
                  encoder=None if encoder is None else net.layers[encoder.name],
-                 cells=layers, head=net.layers[rest[0].name])
+                 levels=[tuple(net.layers[c.name] for c in level) for level in levels],
+                 head=net.layers[rest[0].name])
 
 
 # --------------------------------------------------------- engine <-> PyTorch
@@ -265,17 +359,22 @@ def torch_state(net, where: str) -> dict[str, np.ndarray]:
     """The net's params in PyTorch's layout (module docstring), in the params' dtype."""
     chain = chain_of(net, where)
     spec = chain.spec
+    H = chain.hidden
     out = {}
-    for k, lay in enumerate(chain.cells):
-        w_ih = np.concatenate([_host(net, lay.params[r]) for r in spec.hx], axis=0)
-        w_hh = np.concatenate([_host(net, lay.params[r]) for r in spec.hh], axis=0)
-        if all(r in lay.params for r in spec.b):
-            b_ih = np.concatenate([_host(net, lay.params[r]) for r in spec.b], axis=0)
-        else:  # bias_term: false
-            b_ih = np.zeros(w_ih.shape[0], w_ih.dtype)
-        b_hh = np.zeros_like(b_ih)
-        for key, a in zip(rnn_keys(k), (w_ih, w_hh, b_ih, b_hh)):
-            out[key] = a
+    for k, level in enumerate(chain.levels):
+        for d, lay in enumerate(level):
+            w_ih = np.concatenate([_host(net, lay.params[r]) for r in spec.hx], axis=0)
+            w_hh = np.concatenate([_host(net, lay.params[r]) for r in spec.hh], axis=0)
+            if all(r in lay.params for r in spec.b):
+                b_ih = np.concatenate([_host(net, lay.params[r]) for r in spec.b], axis=0)
+            else:  # bias_term: false
+                b_ih = np.zeros(w_ih.shape[0], w_ih.dtype)
+            b_hh = np.zeros_like(b_ih)
+            if spec.hb is not None and spec.hb in lay.params:   # the GRU's b_hn
+                g = spec.reset_gated
+                b_hh[g * H:(g + 1) * H] = _host(net, lay.params[spec.hb])
+            for key, a in zip(rnn_keys(k, d == 1), (w_ih, w_hh, b_ih, b_hh)):
+                out[key] = a
     head = chain.head
     out[HEAD_W] = _head_weight(net, head)
     out[HEAD_B] = (_host(net, head.params["b"]) if "b" in head.params
@@ -289,11 +388,12 @@ def expected_shapes(chain: Chain) -> dict[str, tuple]:
     """Every PyTorch key the chain takes, with its shape."""
     G, H = chain.spec.gates, chain.hidden
     out = {}
-    for k, lay in enumerate(chain.cells):
-        w_ih, w_hh, b_ih, b_hh = rnn_keys(k)
-        out[w_ih] = (G * H, int(lay.D))
-        out[w_hh] = (G * H, H)
-        out[b_ih] = out[b_hh] = (G * H,)
+    for k, level in enumerate(chain.levels):
+        for d, lay in enumerate(level):
+            w_ih, w_hh, b_ih, b_hh = rnn_keys(k, d == 1)
+            out[w_ih] = (G * H, int(lay.D))
+            out[w_hh] = (G * H, H)
+            out[b_ih] = out[b_hh] = (G * H,)
     out[HEAD_W] = (chain.output_size, int(chain.head.in_dim))
     out[HEAD_B] = (chain.output_size,)
     if chain.encoder is not None and chain.encoder.conf.type == pb.kEmbedding:
@@ -304,8 +404,9 @@ def expected_shapes(chain: Chain) -> dict[str, tuple]:
 
 def _describe_net(chain: Chain) -> str:
     d = chain.describe()
-    return (f"the net is {d['num_layers']} x {d['rnn']} {d['hidden_size']} over {d['input_size']} "
-            f"inputs, head {d['output_size']}")
+    bi = "bidirectional " if chain.directions == 2 else ""
+    return (f"the net is {d['num_layers']} x {bi}{d['rnn']} {d['hidden_size']} over "
+            f"{d['input_size']} inputs, head {d['output_size']}")
 
 
 def params_from_torch(net, tensors: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
@@ -345,8 +446,9 @@ def params_from_torch(net, tensors: dict[str, np.ndarray], where: str) -> dict[s
     if EMBED_W in expect:
         put(chain.encoder.params["w"], t[EMBED_W], EMBED_W)
     H, G = chain.hidden, spec.gates
-    for k, lay in enumerate(chain.cells):
-        k_ih, k_hh, kb_ih, kb_hh = rnn_keys(k)
+    for lay, (k_ih, k_hh, kb_ih, kb_hh) in [(lay, rnn_keys(k, d == 1))
+                                            for k, level in enumerate(chain.levels)
+                                            for d, lay in enumerate(level)]:
         for g in range(G):
             rows = slice(g * H, (g + 1) * H)
             put(lay.params[spec.hx[g]], t[k_ih][rows], k_ih)
@@ -355,7 +457,9 @@ def params_from_torch(net, tensors: dict[str, np.ndarray], where: str) -> dict[s
         b = b_ih + b_hh
         if spec.reset_gated is not None:
             rows = slice(spec.reset_gated * H, (spec.reset_gated + 1) * H)
-            if np.any(b_hh[rows] != 0):
+            if spec.hb in lay.params:
+                put(lay.params[spec.hb], b_hh[rows], f"{kb_hh}[{rows.start}:{rows.stop}]")
+            elif np.any(b_hh[rows] != 0):
                 raise InteropError(
                     f'{where}: layer "{lay.name}" (kGRU): {kb_hh}[{rows.start}:{rows.stop}], the '
                     f"b_hn inside r * (W_hn h + b_hn), is not zero; SINGA's GRU has no such bias, "
@@ -397,7 +501,7 @@ def onnx_model(net, where: str, vocab=None):
     chain = chain_of(net, where)
     spec = chain.spec
     state = {k: v.astype(np.float32) for k, v in torch_state(net, where).items()}
-    L, H = len(chain.cells), chain.hidden
+    L, H, N = len(chain.levels), chain.hidden, chain.directions
     lstm = chain.kind == pb.kLSTM
     inits, nodes = [], []
 
@@ -423,24 +527,33 @@ def onnx_model(net, where: str, vocab=None):
                 "OneHot", ["ids", const("depth", np.array(chain.input_size, np.int64)),
                            const("onehot_values", np.array([0.0, 1.0], np.float32))],
                 ["x"], axis=-1, name="onehot"))
-    inputs.append(helper.make_tensor_value_info("h0", TensorProto.FLOAT, [L, B, H]))
+    inputs.append(helper.make_tensor_value_info("h0", TensorProto.FLOAT, [N * L, B, H]))
     if lstm:
-        inputs.append(helper.make_tensor_value_info("c0", TensorProto.FLOAT, [L, B, H]))
+        inputs.append(helper.make_tensor_value_info("c0", TensorProto.FLOAT, [N * L, B, H]))
     const("axis0", np.array([0], np.int64))
     const("axis1", np.array([1], np.int64))
+    if N == 2:
+        const("seq_shape", np.array([0, 0, 2 * H], np.int64))   # [T, B, 2, H] -> [T, B, 2H]
     op = spec.torch_name
     attrs = {"hidden_size": H}
+    if N == 2:
+        attrs["direction"] = "bidirectional"
     if chain.kind == pb.kGRU:
         attrs["linear_before_reset"] = 1
     if chain.kind == pb.kRNN:
-        attrs["activations"] = ["Relu" if chain.relu else "Tanh"]
+        attrs["activations"] = ["Relu" if chain.relu else "Tanh"] * N
     h_outs, c_outs = [], []
-    bounds = [const(f"layer{k}", np.array([k], np.int64)) for k in range(L + 1)]
+    bounds = [const(f"layer{k}", np.array([k], np.int64)) for k in range(0, N * L + 1, N)]
     for k in range(L):
-        w_ih, w_hh, b_ih, b_hh = (state[key] for key in rnn_keys(k))
-        W = const(f"W{k}", gates_onnx(w_ih)[None])
-        R = const(f"R{k}", gates_onnx(w_hh)[None])
-        Bk = const(f"B{k}", np.concatenate([gates_onnx(b_ih), gates_onnx(b_hh)])[None])
+        ws, rs, bs = [], [], []
+        for d in range(N):
+            w_ih, w_hh, b_ih, b_hh = (state[key] for key in rnn_keys(k, d == 1))
+            ws.append(gates_onnx(w_ih))
+            rs.append(gates_onnx(w_hh))
+            bs.append(np.concatenate([gates_onnx(b_ih), gates_onnx(b_hh)]))
+        W = const(f"W{k}", np.stack(ws))          # [N, G·H, D_k], forward first
+        R = const(f"R{k}", np.stack(rs))
+        Bk = const(f"B{k}", np.stack(bs))
         lo, hi = bounds[k], bounds[k + 1]
         nodes.append(helper.make_node("Slice", ["h0", lo, hi, "axis0"], [f"h0_{k}"]))
         ins = [x, W, R, Bk, "", f"h0_{k}"]
@@ -449,9 +562,12 @@ def onnx_model(net, where: str, vocab=None):
             nodes.append(helper.make_node("Slice", ["c0", lo, hi, "axis0"], [f"c0_{k}"]))
             ins.append(f"c0_{k}")
             outs.append(f"cT{k}")
-        nodes.append(helper.make_node(op, ins, outs, name=chain.cells[k].name, **attrs))
-        # Y is [T, num_directions = 1, B, H]
-        nodes.append(helper.make_node("Squeeze", [f"y{k}", "axis1"], [f"seq{k}"]))
+        nodes.append(helper.make_node(op, ins, outs, name=chain.levels[k][0].name, **attrs))
+        if N == 1:   # Y is [T, num_directions = 1, B, H]
+            nodes.append(helper.make_node("Squeeze", [f"y{k}", "axis1"], [f"seq{k}"]))
+        else:        # [T, 2, B, H] -> [T, B, 2, H] -> [T, B, 2H]: forward, then backward
+            nodes.append(helper.make_node("Transpose", [f"y{k}"], [f"yt{k}"], perm=[0, 2, 1, 3]))
+            nodes.append(helper.make_node("Reshape", [f"yt{k}", "seq_shape"], [f"seq{k}"]))
         x = f"seq{k}"
         h_outs.append(f"hT{k}")
         c_outs.append(f"cT{k}")
@@ -463,9 +579,9 @@ def onnx_model(net, where: str, vocab=None):
     nodes.append(helper.make_node("Add", ["scores", const("head.bias", state[HEAD_B])], ["logits"]))
     V = chain.output_size
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [T, B, V]),
-               helper.make_tensor_value_info("hT", TensorProto.FLOAT, [L, B, H])]
+               helper.make_tensor_value_info("hT", TensorProto.FLOAT, [N * L, B, H])]
     if lstm:
-        outputs.append(helper.make_tensor_value_info("cT", TensorProto.FLOAT, [L, B, H]))
+        outputs.append(helper.make_tensor_value_info("cT", TensorProto.FLOAT, [N * L, B, H]))
     graph = helper.make_graph(nodes, "rnn_engine", inputs, outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               ir_version=IR_VERSION, producer_name="rnn-engine")

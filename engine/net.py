@@ -46,7 +46,7 @@ class Node:
     pieces: list = field(default_factory=list)
     ctx_src: str | None = None      # node whose state (or output) is this copy's context
     ctx_is_state: bool = True       # True: the context node's new state; False: its output
-    init_src: str | None = None     # first-to-last source giving a recurrent copy 0 its state
+    init_src: str | None = None     # first-to-last source giving the copy that starts a pass its state
     mask_srcs: list = field(default_factory=list)  # one-to-one sources to inherit a mask from
     needs_grad: bool = False
 

@@ -16,9 +16,15 @@ How a layer reads a source, from the links the Net read off the graph's edges:
 * LAST       first-to-last: the last copy of the source (its last B rows); into a
              recurrent layer it is the initial state instead.
 
+A layer with context reads its own copies at offset 1 (copy i-1) or -1 (copy i+1,
+``direction: kBackward``); its ``forward_block`` / ``backward_block`` run the step
+loop in its direction, and the state given to ``forward_block`` starts the pass
+(carried or zeros, or a first-to-last source's last copy).
+
 ``plan(net)`` returns a Plan, or raises NotPlannable naming the layer and why (a
-layer without the block interface, shifts, feedback from another layer, several
-outputs); ``make_worker`` then falls back to the reference Worker and says why.
+layer without the block interface, shifts, feedback from another layer, other
+context offsets, several outputs); ``make_worker`` then falls back to the reference
+Worker and says why.
 ``PlannedWorker`` has the Worker's interface (run_batch, carry, state_dict) and
 gives the same losses and gradients: tests/test_planner.py compares the two in
 float64.
@@ -92,7 +98,7 @@ def plan(net: Net) -> Plan:
         ctx_srcs = type(lay).context_sources(lay.conf)
         if any(c != name for c, _ in ctx_srcs):
             raise NotPlannable(f"{what} is fed back from another layer")
-        if ctx_srcs and ctx_srcs != [(name, 1)]:
+        if ctx_srcs and ctx_srcs not in ([(name, 1)], [(name, -1)]):
             raise NotPlannable(f"{what} reads its own copies at offsets {[o for _, o in ctx_srcs]}")
         if (TL > 1 or ctx_srcs) and not lay.supports_block():
             raise NotPlannable(f"{what} does not publish the block interface (supports_block, "
@@ -199,8 +205,13 @@ class PlannedWorker(Worker):
             if b.needs_grad:
                 cache[name], ctxs[name] = c, ctx
         self.blocks, self.caches, self.ctxs = out, cache, ctxs
-        # what _end_batch carries, keyed like the reference worker's nodes
-        self.states = {f"{self.net.layers[n].conf.unroll_len - 1}#{n}": s for n, s in final.items()}
+        # the state where each pass ended (copy T-1, or copy 0 for a backward pass), keyed
+        # like the reference worker's nodes: what _end_batch carries
+        self.states = {}
+        for n, s in final.items():
+            lay = self.net.layers[n]
+            end = 0 if lay.reverse_pass(lay.conf) else lay.conf.unroll_len - 1
+            self.states[f"{end}#{n}"] = s
         self.outs = {}
 
     def first_nonfinite_output(self) -> str | None:

@@ -19,14 +19,18 @@ context edges).
 Graph attributes: ``phase`` ("train", "val", "test"), ``unroll_len`` (the
 net's), ``name`` (job name, when given) and ``layers``: the configured layers
 as written (name, type, unroll_len, srclayers with their connection type and
-shift, recurrent flag), for the folded picture.
+shift, recurrent flag, ``context``: the [layer, offset] pairs of its
+context), for the folded picture.
 
 Semantics (JOBCONF.md, "Unrolling"): for srclayer S of L at position k,
 kUnrollOneToOne with shift s connects (i-s)#S -> i#L; kUnrollOneToAll connects
 every copy of S to every copy of L; kUnrollFirstToLast connects the last copy
-of S to 0#L. A layer class whose ``context_sources(conf)`` lists (M, d)
-reads (i-d)#M as context (recurrent layers: (L, 1)). The unroller never tests
-a layer's type name: recurrence is the class's declaration.
+of S to 0#L, or to (T-1)#L when L's pass runs backwards (``reverse_pass``: a
+kBackward recurrent layer starts at its last copy, which takes the initial
+state). A layer class whose ``context_sources(conf)`` lists (M, d) reads
+(i-d)#M as context (recurrent layers: (L, 1); kBackward ones (L, -1), i.e.
+(i+1)#L -> i#L). The unroller never tests a layer's type name: recurrence is
+the class's declaration.
 """
 from __future__ import annotations
 
@@ -115,12 +119,15 @@ def unroll(net: pb.NetProto, phase: Phase = Phase.TRAIN, job_name: str = "",
         folded.append({
             "name": layer.name, "type": tname, "unroll_len": T, "share_group": group,
             "recurrent": bool(cls is not None and cls.context_sources(layer)),
+            "context": [[c, int(off)] for c, off in
+                        (cls.context_sources(layer) if cls is not None else [])],
             "srclayers": [[s, CONN_NAMES[_conn_of(layer, k)[0]], _conn_of(layer, k)[1]]
                           for k, s in enumerate(layer.srclayers)],
         })
 
     for layer in layers:
         T = layer.unroll_len
+        cls = layer_class(layer.type)
         for k, sname in enumerate(layer.srclayers):
             src = by_name.get(sname)
             if src is None:
@@ -144,8 +151,8 @@ def unroll(net: pb.NetProto, phase: Phase = Phase.TRAIN, job_name: str = "",
                 g.add_edges_from((node_id(j, sname), node_id(i, layer.name), attrs)
                                  for i in range(T) for j in range(TS))
             elif conn == pb.kUnrollFirstToLast:
-                g.add_edge(node_id(TS - 1, sname), node_id(0, layer.name), **attrs)
-        cls = layer_class(layer.type)
+                start = T - 1 if cls is not None and cls.reverse_pass(layer) else 0
+                g.add_edge(node_id(TS - 1, sname), node_id(start, layer.name), **attrs)
         for cname, off in (cls.context_sources(layer) if cls is not None else []):
             ctx_layer = by_name.get(cname)
             if ctx_layer is None:

@@ -18,6 +18,13 @@ policy (AlgProto.state_carry):
 When carrying over stream input, the worker checks that row b of this batch
 starts where row b of the previous batch ended, so a carried state never
 meets the wrong text.
+
+A layer whose pass runs backwards (``direction: kBackward``, context offset −1)
+never carries, under every policy: its pass starts at copy T−1 of every batch
+from zeros (or its first-to-last source). Its state after copy 0 sums up this
+window's steps, which come *before* the next window in time, so it is no
+initial state for the next window's backward pass (that would need the steps
+after the next window, which truncated BPTT has not read yet).
 """
 from __future__ import annotations
 
@@ -66,10 +73,16 @@ class Worker:
         self.policy = carry
         self.carry: dict[str, object] = {}
         self._prev_starts: dict[str, np.ndarray] = {}
-        # layers whose copy 0 needs a context from the previous batch
+        # layers whose first copy (copy 0) takes a context from the previous batch: the
+        # last copy of the context layer
         self.ctx_layers = []
+        #: layers with context: the copy that starts their pass gets ``initial_state``
+        self.starts_from_state: set[str] = set()
         for layer in net.layers.values():
             for cname, off in type(layer).context_sources(layer.conf):
+                self.starts_from_state.add(layer.name)
+                if off < 0:   # a backward pass: nothing is carried (module docstring)
+                    continue
                 T = net.layers[cname].conf.unroll_len
                 self.ctx_layers.append((layer, f"{T - 1}#{cname}", cname == layer.name))
         self.batch_index = 0
@@ -166,7 +179,7 @@ class Worker:
     def forward(self, train: bool, metrics: dict) -> None:
         outs, states, caches, ctxs, masks, auxs = {}, {}, {}, {}, {}, {}
         seed, bi = self.seed, self.batch_index
-        has_ctx = {lay.name for lay, _, _ in self.ctx_layers}
+        has_ctx = self.starts_from_state
         for n in self.net.nodes:
             lay = n.layer
             xs, aux = [], []

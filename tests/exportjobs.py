@@ -20,8 +20,9 @@ TEXT = "the cat ate a bad bee; a tea cab ebbed at the deck.\n" * 6
 V_CHAR = len(set(TEXT))
 N_SEQ, STEPS, F, CLASSES, ID_VOCAB = 8, 9, 3, 4, 7
 
-CELL = {"gru": ("kGRU", "gru_conf", ""), "lstm": ("kLSTM", "lstm_conf", ""),
-        "rnn": ("kRNN", "rnn_conf", ""), "rnn-relu": ("kRNN", "rnn_conf", " activation: RELU")}
+CELL = {"gru": ("kGRU", "gru_conf", ""), "gru-hb": ("kGRU", "gru_conf", " recurrent_bias: true"),
+        "lstm": ("kLSTM", "lstm_conf", ""), "rnn": ("kRNN", "rnn_conf", ""),
+        "rnn-relu": ("kRNN", "rnn_conf", " activation: RELU")}
 
 
 def write_data(tmp: pathlib.Path) -> None:
@@ -35,17 +36,28 @@ def write_data(tmp: pathlib.Path) -> None:
              y=rng.integers(0, CLASSES, (N_SEQ, STEPS)))
 
 
-def cell(kind: str, name: str, src: str, hidden: int, extra: str = "") -> str:
+def cell(kind: str, name: str, src: str, hidden: int, extra: str = "", backward: bool = False) -> str:
     t, conf, act = CELL[kind]
+    if backward:
+        act += " direction: kBackward"
     return (f'layer {{ name: "{name}" type: {t} srclayers: "{src}" {extra} '
             f"{conf} {{ dim_hidden: {hidden}{act} }} }}\n")
 
 
+def bidir(kind: str, k: int, src: str, hidden: int) -> str:
+    """Bidirectional level k: "rec{k}" (forward) and "rec{k}r" (kBackward) over ``src``,
+    joined by the kConcate "cat{k}" (features, forward first)."""
+    return (cell(kind, f"rec{k}", src, hidden) + cell(kind, f"rec{k}r", src, hidden, backward=True)
+            + f'layer {{ name: "cat{k}" type: kConcate srclayers: "rec{k}" srclayers: "rec{k}r" '
+              f"concate_conf {{ concate_dim: 1 }} }}\n")
+
+
 def model_job(tmp: pathlib.Path, *, kind: str = "gru", inp: str = "onehot", layers: int = 1,
               hidden: int = 6, T: int = 5, B: int = 3, dropout: bool = False, body: str = "",
-              fname: str = "job.conf", extra: str = "") -> pathlib.Path:
+              fname: str = "job.conf", extra: str = "", bidirectional: bool = False) -> pathlib.Path:
     """A job: data -> [kOneHot | kEmbedding] -> ``layers`` x ``kind`` (kDropout between
-    when ``dropout``) -> kInnerProduct "ip" -> kSoftmaxLoss. ``inp``: "onehot" or
+    when ``dropout``; bidirectional levels, ``bidir``, when ``bidirectional``) ->
+    kInnerProduct "ip" -> kSoftmaxLoss. ``inp``: "onehot" or
     "embedding" over char streams, "features" (float store), "ids" (id store -> kOneHot
     without vocab_size). ``body`` replaces the layers between the data and the loss."""
     write_data(tmp)
@@ -70,8 +82,12 @@ def model_job(tmp: pathlib.Path, *, kind: str = "gru", inp: str = "onehot", laye
                      f"embedding_conf {{ vocab_size: {V_CHAR} feature_dim: 4 }} }}\n")
             src = "embed"
         for k in range(1, layers + 1):
-            body += cell(kind, f"rec{k}", src, hidden)
-            src = f"rec{k}"
+            if bidirectional:
+                body += bidir(kind, k, src, hidden)
+                src = f"cat{k}"
+            else:
+                body += cell(kind, f"rec{k}", src, hidden)
+                src = f"rec{k}"
             if dropout and k < layers:
                 body += (f'layer {{ name: "drop{k}" type: kDropout srclayers: "{src}" '
                          f"dropout_conf {{ dropout_ratio: 0.3 }} }}\n")
@@ -112,19 +128,23 @@ def make_checkpoint(job_path, seed: int = 1, scale: float = 0.5) -> pathlib.Path
 
 def engine_forward(job_path, checkpoint, h0=None, c0=None):
     """One batch through the engine's reference executor in float64 with the checkpoint's
-    params and initial state (h0, c0: [L, B, H], default zeros).
+    params and initial state (h0, c0: [N·L, B, H], default zeros; the recurrent layers in
+    set-up order, level by level, forward first: PyTorch's order).
 
-    Returns (inputs, logits [T, B, V], hT [L, B, H], cT or None, worker); inputs are ids
+    Returns (inputs, logits [T, B, V], hT [N·L, B, H] (each layer's state where its pass
+    ended: copy T-1, or copy 0 for a backward layer), cT or None, worker); inputs are ids
     [T, B] (int64) or features [T, B, F] (float32) as the data layer fed them."""
     net, w = build(job_path)
     arrays, _ = ckpt.load(checkpoint)
     load_params(net, arrays, str(checkpoint))
     cells = [lay for lay in net.layers.values() if lay.recurrent]
     w.load()
-    for k, lay in enumerate(cells):
-        if h0 is not None:
+    if h0 is not None:
+        start = {}
+        for k, lay in enumerate(cells):
             h = np.asarray(h0[k], np.float64)
-            w.carry[lay.name] = (h, np.asarray(c0[k], np.float64)) if c0 is not None else h
+            start[lay.name] = (h, np.asarray(c0[k], np.float64)) if c0 is not None else h
+        w.initial_state = lambda lay: start[lay.name]   # where each layer's pass starts
     w.forward(False, {})
     T = net.layers["ip"].conf.unroll_len
     data = net.layers["data"]
@@ -134,7 +154,7 @@ def engine_forward(job_path, checkpoint, h0=None, c0=None):
         inputs = np.stack([np.asarray(w.outs[f"{t}#data"]) for t in range(T)])
         inputs = inputs.astype(np.int64 if inputs.dtype.kind in "iu" else np.float32)
     logits = np.stack([w.outs[f"{t}#ip"] for t in range(T)])
-    last = [w.states[f"{T - 1}#{lay.name}"] for lay in cells]
+    last = [w.states[f"{0 if lay.reverse else T - 1}#{lay.name}"] for lay in cells]
     if isinstance(last[0], tuple):
         return inputs, logits, np.stack([s[0] for s in last]), np.stack([s[1] for s in last]), w
     return inputs, logits, np.stack(last), None, w

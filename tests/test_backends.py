@@ -108,8 +108,16 @@ def embedding_euclid(tmp_path):
     return gc.job_text(layers, unroll=5, extra=UPDATER)
 
 
+def bidirectional(tmp_path):
+    """Masked sequences through a forward and a kBackward GRU with recurrent_bias."""
+    path, *_ = gc.masked_store(tmp_path)
+    return gc.bidir_many_to_one_text(path, "gru-hb").replace(
+        "train_one_batch { alg: kBPTT }", "train_one_batch { alg: kBPTT }\n" + UPDATER)
+
+
 NETS = {"char-gru": char_gru, "stacked-lstm-rnn": char_lstm_stacked, "many-to-one": many_to_one,
-        "every-layer": every_layer, "embedding-euclid": embedding_euclid}
+        "every-layer": every_layer, "embedding-euclid": embedding_euclid,
+        "bidirectional-gru-hb": bidirectional}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from charjobs import run_cli
-from exportjobs import CLASSES, F, ID_VOCAB, V_CHAR, cell, engine_forward, make_checkpoint, model_job
+from exportjobs import (CLASSES, F, ID_VOCAB, V_CHAR, bidir, cell, engine_forward, make_checkpoint,
+                        model_job)
 from engine import checkpoint as ckpt
 from engine import export
 
@@ -63,13 +64,19 @@ def export_onnx(tmp_path, job):
     return cp, out
 
 
-@pytest.mark.parametrize("kind", ["gru", "lstm", "rnn", "rnn-relu"])
+@pytest.mark.parametrize("kind", ["gru", "gru-hb", "lstm", "rnn", "rnn-relu"])
 def test_onehot_char_net(tmp_path, kind):
+    """gru-hb: recurrent_bias, a nonzero c_hb, is ONNX's Rb_h (linear_before_reset=1)."""
     job = model_job(tmp_path, kind=kind)
     cp, out = export_onnx(tmp_path, job)
     check_against_engine(job, cp, out, kind, 1, 6)
     onnx = _onnx()
     m = onnx.load(str(out))
+    if kind == "gru-hb":
+        assert np.abs(ckpt.load(cp)[0]["param/rec1/c_hb"]).min() > 0
+        b = onnx.numpy_helper.to_array([i for i in m.graph.initializer if i.name == "B0"][0])
+        np.testing.assert_array_equal(b[0, 3 * 6 + 2 * 6:], ckpt.load(cp)[0]["param/rec1/c_hb"])
+        kind = "gru"
     op = {"gru": "GRU", "lstm": "LSTM", "rnn": "RNN", "rnn-relu": "RNN"}[kind]
     (node,) = [n for n in m.graph.node if n.op_type == op]  # ONNX's own operator
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
@@ -87,6 +94,38 @@ def test_stacked_two_layers_with_dropout_between(tmp_path, kind):
     job = model_job(tmp_path, kind=kind, layers=2, dropout=True)
     cp, out = export_onnx(tmp_path, job)
     check_against_engine(job, cp, out, kind, 2, 6)
+
+
+@pytest.mark.parametrize("kind", ["gru", "gru-hb", "lstm", "rnn", "rnn-relu"])
+def test_bidirectional_two_levels(tmp_path, kind):
+    """Two bidirectional levels: one ONNX node each with direction="bidirectional", its
+    output [T, 2, B, H] joined to [T, B, 2H] forward first, h0/hT rows 2k, 2k+1 for level k;
+    equal to the engine from a nonzero state in all four directions."""
+    job = model_job(tmp_path, kind=kind, layers=2, bidirectional=True)
+    cp, out = export_onnx(tmp_path, job)
+    got = check_against_engine(job, cp, out, "lstm" if kind == "lstm" else "gru", 4, 6)
+    assert got["hT"].shape == (4, 3, 6)
+    onnx = _onnx()
+    m = onnx.load(str(out))
+    cells = [n for n in m.graph.node if n.op_type in ("GRU", "LSTM", "RNN")]
+    assert [n.name for n in cells] == ["rec1", "rec2"]
+    for n in cells:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        assert attrs["direction"] == b"bidirectional"
+    meta = {p.key: p.value for p in m.metadata_props}
+    assert meta["bidirectional"] == "true" and meta["num_layers"] == "2"
+    W1 = onnx.numpy_helper.to_array([i for i in m.graph.initializer if i.name == "W1"][0])
+    assert W1.shape[0] == 2 and W1.shape[2] == 12          # level 1 reads [forward; backward]
+
+
+def test_bidirectional_features_with_dropout(tmp_path):
+    body = (bidir("lstm", 1, "data", 5)
+            + 'layer { name: "drop" type: kDropout srclayers: "cat1" dropout_conf { dropout_ratio: 0.5 } }\n'
+            + f'layer {{ name: "ip" type: kInnerProduct srclayers: "drop" '
+              f"innerproduct_conf {{ num_output: {CLASSES} }} }}\n")
+    job = model_job(tmp_path, inp="features", body=body)
+    cp, out = export_onnx(tmp_path, job)
+    check_against_engine(job, cp, out, "lstm", 2, 5)
 
 
 def test_embedding_char_net(tmp_path):
@@ -202,7 +241,33 @@ def test_bad_extension_missing_and_corrupt_checkpoint(tmp_path):
     assert not list(tmp_path.glob("m.*"))
 
 
+_ONEHOT = 'layer { name: "onehot" type: kOneHot srclayers: "data" unroll_conn_type: kUnrollOneToAll }\n'
+_HEAD = 'layer {{ name: "ip" type: kInnerProduct srclayers: "{}" innerproduct_conf {{ num_output: %d }} }}\n' % V_CHAR
+
 UNEXPORTABLE = {
+    "lone backward layer": (
+        _ONEHOT + cell("gru", "rec1", "onehot", 4, backward=True) + _HEAD.format("rec1"),
+        'layer "rec1" (kGRU) runs backwards (direction: kBackward) alone'),
+    "backward first in the join": (
+        _ONEHOT + cell("gru", "f", "onehot", 4) + cell("gru", "b", "onehot", 4, backward=True)
+        + 'layer { name: "cat" type: kConcate srclayers: "b" srclayers: "f" concate_conf { concate_dim: 1 } }\n'
+        + _HEAD.format("cat"),
+        'layer "cat" (kConcate) cannot be exported: a kConcate is exported only as the join of a '
+        "bidirectional level"),
+    "two forward layers joined": (
+        _ONEHOT + cell("gru", "f", "onehot", 4) + cell("gru", "g", "onehot", 4)
+        + 'layer { name: "cat" type: kConcate srclayers: "f" srclayers: "g" concate_conf { concate_dim: 1 } }\n'
+        + _HEAD.format("cat"),
+        'layer "cat" (kConcate) cannot be exported'),
+    "bidirectional then one direction": (
+        _ONEHOT + bidir("gru", 1, "onehot", 4) + cell("gru", "rec2", "cat1", 4) + _HEAD.format("rec2"),
+        'layer "rec2" (kGRU) differs from "rec1" in direction ("rec1" and "rec1r" are a '
+        'bidirectional level, "rec2" is not)'),
+    "backward layer read by the head too": (
+        _ONEHOT + bidir("gru", 1, "onehot", 4)
+        + 'layer { name: "side" type: kDummy srclayers: "rec1r" }\n' + _HEAD.format("cat1"),
+        'layer "rec1r" (kGRU) feeds cat1, side; the two directions of a bidirectional level '
+        '("rec1", "rec1r") feed one kConcate and nothing else'),
     "concate": (
         'layer { name: "onehot" type: kOneHot srclayers: "data" unroll_conn_type: kUnrollOneToAll }\n'
         'layer { name: "d1" type: kDummy srclayers: "onehot" }\n'

@@ -75,12 +75,44 @@ def vocab_size() -> int:
     return len(set(TEXT))
 
 
-def rec_conf(kind: str, name: str, src: str, hidden: int, extra: str = "") -> str:
-    t = {"gru": "kGRU", "lstm": "kLSTM", "rnn": "kRNN", "rnn-relu": "kRNN"}[kind]
-    field = {"gru": "gru_conf", "lstm": "lstm_conf", "rnn": "rnn_conf", "rnn-relu": "rnn_conf"}[kind]
-    act = " activation: RELU" if kind == "rnn-relu" else ""
+def rec_conf(kind: str, name: str, src: str, hidden: int, extra: str = "",
+             conf_extra: str = "") -> str:
+    """A recurrent layer; ``kind`` gru, gru-hb (recurrent_bias), lstm, rnn, rnn-relu;
+    ``conf_extra`` goes inside its conf (e.g. "direction: kBackward")."""
+    t = {"gru": "kGRU", "gru-hb": "kGRU", "lstm": "kLSTM", "rnn": "kRNN", "rnn-relu": "kRNN"}[kind]
+    field = {"gru": "gru_conf", "gru-hb": "gru_conf", "lstm": "lstm_conf", "rnn": "rnn_conf",
+             "rnn-relu": "rnn_conf"}[kind]
+    act = {"rnn-relu": " activation: RELU", "gru-hb": " recurrent_bias: true"}.get(kind, "")
     return (f'layer {{ name: "{name}" type: {t} srclayers: "{src}" {extra} '
-            f"{field} {{ dim_hidden: {hidden}{act} }} }}\n")
+            f"{field} {{ dim_hidden: {hidden}{act} {conf_extra} }} }}\n")
+
+
+def bidir_level(kind: str, name: str, src: str, hidden: int, extra: str = "") -> str:
+    """A bidirectional level: ``<name>_f`` (forward) and ``<name>_b`` (kBackward) over
+    ``src``, joined by the kConcate ``<name>`` (features, forward first)."""
+    return (rec_conf(kind, f"{name}_f", src, hidden, extra)
+            + rec_conf(kind, f"{name}_b", src, hidden, extra, conf_extra="direction: kBackward")
+            + f'layer {{ name: "{name}" type: kConcate srclayers: "{name}_f" srclayers: "{name}_b" '
+              f"concate_conf {{ concate_dim: 1 }} }}\n")
+
+
+def bidir_many_to_one_text(path, kind, T=5, batch=3, classes=3, hidden=4) -> str:
+    """Lasagne's bidirectional read-out: the forward layer's last copy (first-to-last: with
+    masks, its state at each sequence's last valid step) and the backward layer's copy 0
+    (one-to-one into one copy), concatenated, into a classifier."""
+    layers = (f'layer {{ name: "data" type: kRecordInput store_conf {{ backend: "npz" '
+              f'path: "{path}" batchsize: {batch} }} }}\n'
+              + rec_conf(kind, "fwd", "data", hidden)
+              + rec_conf(kind, "bwd", "data", hidden, conf_extra="direction: kBackward")
+              + 'layer { name: "cat" type: kConcate unroll_len: 1 srclayers: "fwd" srclayers: "bwd" '
+                "unroll_conn_type: kUnrollFirstToLast unroll_conn_type: kUnrollOneToOne "
+                "concate_conf { concate_dim: 1 } }\n"
+              + f'layer {{ name: "ip" type: kInnerProduct unroll_len: 1 srclayers: "cat" '
+                f"innerproduct_conf {{ num_output: {classes} }} }}\n"
+                f'layer {{ name: "loss" type: kSoftmaxLoss unroll_len: 1 srclayers: "ip" '
+                f'srclayers: "data" unroll_conn_type: kUnrollOneToOne '
+                f"unroll_conn_type: kUnrollFirstToLast }}\n")
+    return job_text(layers, unroll=T)
 
 
 def char_layers(path: str, batch: int = 2, unroll: int = 5) -> str:
@@ -241,6 +273,59 @@ def test_many_to_many_masked_ids(tmp_path):
               + ip_loss("gru", 2, labels="data", loss_extra="softmaxloss_conf { scale: 1.5 }"))
     net, w = build(tmp_path, job_text(layers, unroll=T))
     assert_grads_ok(net, w)
+
+
+# ------------------------------------------------------- bidirectional nets
+
+@pytest.mark.parametrize("kind", ["gru", "gru-hb", "lstm", "rnn"])
+def test_bidirectional_char_rnn_two_levels(tmp_path, kind):
+    """Two stacked bidirectional levels (forward + kBackward, joined by kConcate), every
+    step classified: every param of both directions of both levels checks out."""
+    text = job_text(char_layers(char_data(tmp_path), unroll=4)
+                    + bidir_level(kind, "bi1", "onehot", 3) + bidir_level(kind, "bi2", "bi1", 3)
+                    + ip_loss("bi2", vocab_size()), unroll=4)
+    net, w = build(tmp_path, text)
+    # the backward layers read their later copy as context
+    assert net.by_id["1#bi1_b"].ctx_src == "2#bi1_b" and net.by_id["3#bi1_b"].ctx_src is None
+    assert net.by_id["1#bi1_f"].ctx_src == "0#bi1_f"
+    worst = assert_grads_ok(net, w)
+    for layer in ("bi1_f", "bi1_b", "bi2_f", "bi2_b"):
+        n = sum(k.startswith(layer + "/") for k in worst)
+        assert n == len(net.layers[layer].params) and n > 0
+    if kind == "gru-hb":
+        assert "bi2_b/c_hb" in worst
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm", "rnn"])
+def test_bidirectional_many_to_one_masked(tmp_path, kind):
+    """Masked sequences, the forward layer's last copy and the backward layer's copy 0."""
+    path, *_ = masked_store(tmp_path)
+    net, w = build(tmp_path, bidir_many_to_one_text(path, kind))
+    assert w.net.inputs[0].maskb.min() == 0
+    worst = assert_grads_ok(net, w)
+    assert any(k.startswith("bwd/") for k in worst) and any(k.startswith("fwd/") for k in worst)
+
+
+@pytest.mark.parametrize("kind", ["gru-hb", "lstm"])
+def test_backward_decoder_takes_the_encoders_state(tmp_path, kind):
+    """A first-to-last source of a kBackward layer is the initial state of its LAST copy."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((3, 4, 2))
+    path = save_npz(tmp_path / "s.npz", x=x, y=rng.integers(0, 3, size=(3, 4)),
+                    lengths=np.array([4, 2, 3]))
+    layers = (f'layer {{ name: "data" type: kRecordInput store_conf {{ backend: "npz" '
+              f'path: "{path}" batchsize: 3 }} }}\n'
+              + rec_conf(kind, "encoder", "data", 4)
+              + rec_conf(kind, "decoder", "data", 4,
+                         extra='srclayers: "encoder" unroll_conn_type: kUnrollOneToOne '
+                               "unroll_conn_type: kUnrollFirstToLast",
+                         conf_extra="direction: kBackward")
+              + ip_loss("decoder", 3, labels="data"))
+    net, w = build(tmp_path, job_text(layers, unroll=4))
+    assert net.by_id["3#decoder"].init_src == "3#encoder"
+    assert net.by_id["0#decoder"].init_src is None
+    worst = assert_grads_ok(net, w)
+    assert any(k.startswith("encoder/") for k in worst)
 
 
 @pytest.mark.parametrize("kind", ["gru", "lstm"])

@@ -165,6 +165,81 @@ def test_context_edges_are_drawn_differently_from_data_edges():
             assert draw.CONTEXT_COLOUR not in attrs
 
 
+BIDIR_TEXT = """
+name: "bidir"
+neuralnet {
+  unroll_len: 4
+  layer { name: "data" type: kCharRNN unroll_len: 1 char_rnn_conf { path: "train.txt" } }
+  layer { name: "onehot" type: kOneHot srclayers: "data" unroll_conn_type: kUnrollOneToAll }
+  layer { name: "label" type: kRNNLabel srclayers: "data" unroll_conn_type: kUnrollOneToAll }
+  layer { name: "fwd" type: kLSTM srclayers: "onehot" lstm_conf { dim_hidden: 3 } }
+  layer { name: "bwd" type: kLSTM srclayers: "onehot" lstm_conf { dim_hidden: 3 direction: kBackward } }
+  layer { name: "cat" type: kConcate srclayers: "fwd" srclayers: "bwd" concate_conf { concate_dim: 1 } }
+  layer { name: "ip" type: kInnerProduct srclayers: "cat" innerproduct_conf { num_output: 5 } }
+  layer { name: "loss" type: kSoftmaxLoss srclayers: "ip" srclayers: "label" }
+}
+"""
+
+
+def bidir_graph() -> nx.DiGraph:
+    job = parse_job(BIDIR_TEXT, "bidir.conf")
+    normalise(job, "bidir.conf")
+    validate(job, "bidir.conf")
+    return unroll(job.neuralnet, Phase.TRAIN, job.name, where="bidir.conf").graph
+
+
+def test_backward_context_edges_have_a_style_of_their_own():
+    """A kBackward layer's context edges ((i+1)#bwd -> i#bwd) are dotted purple, the forward
+    layer's dashed red, data edges neither; the legend names both kinds; so does the
+    folded view, with a "t+1" self-loop."""
+    g = bidir_graph()
+    src = draw.to_dot(g)
+    edges = dot_edges(src)
+    for i in range(3):
+        back = edges[(f"n_{i + 1}_bwd", f"n_{i}_bwd")]
+        assert "style=dotted" in back and draw.BACKWARD_CONTEXT_COLOUR in back
+        assert "constraint=false" in back and draw.CONTEXT_COLOUR not in back
+        fwd = edges[(f"n_{i}_fwd", f"n_{i + 1}_fwd")]
+        assert "style=dashed" in fwd and draw.CONTEXT_COLOUR in fwd
+        assert draw.BACKWARD_CONTEXT_COLOUR not in fwd
+    assert ("n_0_bwd", "n_1_bwd") not in edges
+    ids = {n: draw.dot_id(d["layer"], d["step"]) for n, d in g.nodes(data=True)}
+    data = [edges[ids[u], ids[v]] for u, v, d in g.edges(data=True) if not d["recurrent"]]
+    assert len(data) > 20 and all("dotted" not in a and "dashed" not in a for a in data)
+    assert "state of a later step: a kBackward layer" in src and "state of an earlier step" in src
+    # the legend line appears only when such an edge is drawn
+    assert "later step" not in draw.to_dot(char_rnn_graph(3))
+
+    folded = draw.to_dot_folded(g)
+    fe = dot_edges(folded)
+    assert fe[("L_bwd", "L_bwd")].startswith('label="t+1"') and "dotted" in fe[("L_bwd", "L_bwd")]
+    assert draw.BACKWARD_CONTEXT_COLOUR in fe[("L_bwd", "L_bwd")]
+    assert fe[("L_fwd", "L_fwd")].startswith('label="t-1"') and "dashed" in fe[("L_fwd", "L_fwd")]
+    assert "state of a later step" in folded
+    assert ("bwd", "bwd", "t+1", -1) in draw.folded_edges(g)
+    # a one-copy backward layer still gets its "t+1" loop, from the configured layers
+    one = graph_from_json(graph_to_json(g))
+    one.remove_edges_from([(u, v) for u, v, d in list(one.edges(data=True)) if d["recurrent"]])
+    assert ("bwd", "bwd", "t+1", -1) in draw.folded_edges(one)
+
+
+def test_readme_picture_job_and_first_to_last_beside_a_placed_edge():
+    """docs/bidirectional.conf (the README's picture) unrolls; its first-to-last edge from
+    the last step into "cat", which the backward layer's copy 0 already places, does not
+    constrain the layout (it pulled step 3 next to step 0); the many-to-one read-out of
+    ip, placed by nothing else, still does."""
+    from engine.config import load_job
+    job = load_job(ROOT / "docs" / "bidirectional.conf")
+    g = unroll(job.neuralnet, Phase.TRAIN, job.name).graph
+    edges = dot_edges(draw.to_dot(g))
+    assert "constraint=false" in edges[("n_3_fwd", "n_0_cat")]
+    assert "constraint=false" in edges[("n_3_data", "n_0_loss")]
+    assert "constraint=false" not in edges[("n_0_bwd", "n_0_cat")]
+    assert "style=dotted" in edges[("n_1_bwd", "n_0_bwd")]
+    lstm = unroll(load_job(ROOT / "configs" / "addition-lstm.conf").neuralnet, Phase.TRAIN).graph
+    assert "constraint=false" not in dot_edges(draw.to_dot(lstm))[("n_24_lstm", "n_0_ip")]
+
+
 def test_shared_param_groups_get_one_colour_each():
     g = char_rnn_graph(5)
     nodes = dot_nodes(draw.to_dot(g))

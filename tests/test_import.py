@@ -75,11 +75,13 @@ def test_layout_read_back_by_the_package(tmp_path, kind):
     assert meta["num_layers"] == "2" and meta["hidden_size"] == "6" and meta["input"] == "embedding"
 
 
-@pytest.mark.parametrize("kind, inp", [("gru", "onehot"), ("lstm", "embedding"), ("rnn-relu", "features")])
-def test_round_trip_through_checkpoint_path_is_exact(tmp_path, kind, inp):
-    job = model_job(tmp_path, kind=kind, layers=2, inp=inp, dropout=True)
+@pytest.mark.parametrize("kind, inp, bi", [("gru", "onehot", False), ("lstm", "embedding", False),
+                                           ("rnn-relu", "features", False), ("gru-hb", "onehot", False),
+                                           ("gru-hb", "features", True), ("lstm", "onehot", True)])
+def test_round_trip_through_checkpoint_path_is_exact(tmp_path, kind, inp, bi):
+    job = model_job(tmp_path, kind=kind, layers=2, inp=inp, dropout=True, bidirectional=bi)
     cp, out = export_st(tmp_path, job)
-    _, t = import_job(tmp_path, out, kind=kind, layers=2, inp=inp, dropout=True)
+    _, t = import_job(tmp_path, out, kind=kind, layers=2, inp=inp, dropout=True, bidirectional=bi)
     before, _ = ckpt.load(cp)
     after = param_arrays(t.main)
     assert sorted(after) == sorted(k for k in before if k.startswith("param/"))
@@ -116,7 +118,10 @@ def _net_and_tensors(tmp_path, kind="gru"):
 
 
 def test_nonzero_b_hn_is_refused_naming_the_switch(tmp_path):
+    """Without recurrent_bias a nonzero b_hn is refused in one line naming the switch; with
+    it, b_hn goes into the layer's c_hb (and out again)."""
     job, out, net, t = _net_and_tensors(tmp_path)
+    assert not t["rnn.bias_hh_l0"].any()
     t["rnn.bias_hh_l0"][2 * 6 + 1] = 0.25     # b_hn
     bad = tmp_path / "bhn.safetensors"
     bad.write_bytes(safetensors_io.encode(t))
@@ -137,6 +142,18 @@ def test_nonzero_b_hn_is_refused_naming_the_switch(tmp_path):
     assert r.returncode == 2, r.stdout + r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "recurrent_bias: true" in lines[0] and str(bad) in lines[0]
+    # the switch on: b_hn is c_hb, b_hr and b_hz still fold into r_b and z_b
+    t["rnn.bias_hh_l0"][2 * 6 + 1] = 0.25
+    hb_job = model_job(tmp_path / "hb", kind="gru-hb")
+    hb_net, _ = build(hb_job, np.float32)
+    got = interop.params_from_torch(hb_net, t, "f")
+    np.testing.assert_array_equal(got["param/rec1/c_hb"], t["rnn.bias_hh_l0"][12:].astype(np.float64))
+    assert got["param/rec1/c_hb"][1] == 0.25
+    np.testing.assert_allclose(got["param/rec1/r_b"], t["rnn.bias_ih_l0"][:6].astype(np.float64) + 0.5)
+    np.testing.assert_array_equal(got["param/rec1/c_b"], t["rnn.bias_ih_l0"][12:].astype(np.float64))
+    _, trainer = import_job(tmp_path / "hb", bad, kind="gru-hb")
+    back = interop.torch_state(trainer.main, "back")
+    np.testing.assert_array_equal(back["rnn.bias_hh_l0"][12:], t["rnn.bias_hh_l0"][12:])
 
 
 def test_wrong_shapes_missing_and_unexpected_keys(tmp_path):
@@ -206,9 +223,9 @@ def _torch():
     return pytest.importorskip("torch")
 
 
-def torch_model(kind, V, H, L, embed=None):
+def torch_model(kind, V, H, L, embed=None, bidirectional=False):
     nn = _torch().nn
-    cls = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN, "rnn-relu": nn.RNN}[kind]
+    cls = {"gru": nn.GRU, "gru-hb": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN, "rnn-relu": nn.RNN}[kind]
     kw = {"nonlinearity": "relu"} if kind == "rnn-relu" else {}
 
     class Model(nn.Module):
@@ -216,8 +233,8 @@ def torch_model(kind, V, H, L, embed=None):
             super().__init__()
             if embed is not None:
                 self.embed = nn.Embedding(*embed)
-            self.rnn = cls(embed[1] if embed else V, H, L, **kw)
-            self.head = nn.Linear(H, V)
+            self.rnn = cls(embed[1] if embed else V, H, L, bidirectional=bidirectional, **kw)
+            self.head = nn.Linear(2 * H if bidirectional else H, V)
 
         def forward(self, ids, h0):
             tt = _torch()
@@ -229,18 +246,24 @@ def torch_model(kind, V, H, L, embed=None):
     return Model().double()
 
 
-@pytest.mark.parametrize("kind, inp", [("gru", "onehot"), ("lstm", "onehot"), ("rnn", "embedding"),
-                                       ("rnn-relu", "onehot")])
-def test_pytorch_takes_the_file_and_agrees(tmp_path, kind, inp):
+@pytest.mark.parametrize("kind, inp, bi", [("gru", "onehot", False), ("lstm", "onehot", False),
+                                           ("rnn", "embedding", False), ("rnn-relu", "onehot", False),
+                                           ("gru-hb", "onehot", False), ("gru-hb", "onehot", True),
+                                           ("lstm", "embedding", True), ("rnn", "onehot", True)])
+def test_pytorch_takes_the_file_and_agrees(tmp_path, kind, inp, bi):
+    """PyTorch loads the file as it is; its model gives the engine's logits and final
+    states (bidirectional: both directions of both levels, from a nonzero h0)."""
     tt = _torch()
-    job = model_job(tmp_path, kind=kind, layers=2, inp=inp)
+    job = model_job(tmp_path, kind=kind, layers=2, inp=inp, bidirectional=bi)
     cp, out = export_st(tmp_path, job)
-    m = torch_model(kind, V_CHAR, 6, 2, embed=(V_CHAR, 4) if inp == "embedding" else None)
+    m = torch_model(kind, V_CHAR, 6, 2, embed=(V_CHAR, 4) if inp == "embedding" else None,
+                    bidirectional=bi)
     from safetensors.torch import load_file
     m.load_state_dict(load_file(str(out)), strict=True)   # the keys as they are
     rng = np.random.default_rng(5)
-    h0 = rng.uniform(-0.9, 0.9, (2, 3, 6))
-    c0 = rng.uniform(-0.9, 0.9, (2, 3, 6)) if kind == "lstm" else None
+    n = 4 if bi else 2
+    h0 = rng.uniform(-0.9, 0.9, (n, 3, 6))
+    c0 = rng.uniform(-0.9, 0.9, (n, 3, 6)) if kind == "lstm" else None
     ids, logits, hT, cT, _ = engine_forward(job, cp, h0, c0)
     state = (tt.tensor(h0), tt.tensor(c0)) if kind == "lstm" else tt.tensor(h0)
     with tt.no_grad():
@@ -251,23 +274,24 @@ def test_pytorch_takes_the_file_and_agrees(tmp_path, kind, inp):
         np.testing.assert_allclose(st[1].numpy(), cT, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("kind", ["gru", "lstm", "rnn"])
-def test_pytorch_made_model_imported_gives_pytorch_loss(tmp_path, kind):
-    """Random PyTorch weights with nonzero recurrent biases (the GRU's b_hn zero): the
-    engine, initialised from the file through checkpoint_path, gives PyTorch's loss."""
+@pytest.mark.parametrize("kind, bi", [("gru-hb", False), ("lstm", False), ("rnn", False),
+                                     ("gru-hb", True), ("lstm", True)])
+def test_pytorch_made_model_imported_gives_pytorch_loss(tmp_path, kind, bi):
+    """Random PyTorch weights with nonzero recurrent biases (the GRU's b_hn too, into a
+    GRU with recurrent_bias): the engine, initialised from the file through
+    checkpoint_path, gives PyTorch's loss (bidirectional: nn.*(bidirectional=True))."""
     tt = _torch()
     tt.manual_seed(0)
-    m = torch_model(kind, V_CHAR, 7, 2).float()
+    m = torch_model(kind, V_CHAR, 7, 2, bidirectional=bi).float()
     with tt.no_grad():
         for name, p in m.named_parameters():
             p.uniform_(-0.5, 0.5)
-        if kind == "gru":
-            m.rnn.bias_hh_l0[14:].zero_()
-            m.rnn.bias_hh_l1[14:].zero_()
-    assert all(m.rnn.state_dict()[f"bias_hh_l{k}"][:7].abs().sum() > 0 for k in (0, 1))
+    sd = m.rnn.state_dict()
+    assert all(sd[k].abs().min() > 0 for k in sd if k.startswith("bias_hh"))
+    assert len(sd) == (16 if bi else 8)
     st = tmp_path / "torch.safetensors"
     st.write_bytes(safetensors_io.encode({k: v.numpy() for k, v in m.state_dict().items()}))
-    _, t = import_job(tmp_path, st, kind=kind, layers=2, hidden=7)
+    _, t = import_job(tmp_path, st, kind=kind, layers=2, hidden=7, bidirectional=bi)
     w = t.workers[list(t.workers)[0]]
     metrics = w.run_batch(train=False)
     loss = metrics["loss"][0] / metrics["loss"][1]

@@ -1,7 +1,8 @@
 """The shipped job files and the synthetic data generator.
 
 * every configs/*.conf loads and unrolls in each phase it runs;
-* each sequence job (many-to-one, many-to-many, encoder-decoder, addition-lstm)
+* each sequence job (many-to-one, many-to-many, encoder-decoder, addition-lstm,
+  addition-bilstm)
   trains a few dozen steps on tiny data generated into tmp_path and its loss
   goes down (and its validation phase runs);
 * tools/make_seqdata.py is deterministic for a seed and its data sets mean
@@ -37,6 +38,7 @@ SEQ_JOBS = {
     "many-to-many.conf": ("parity", 100, 20),
     "encoder-decoder.conf": ("reverse", 100, 20),
     "addition-lstm.conf": ("addition", 60, 20),
+    "addition-bilstm.conf": ("addition-long", 40, 20),
 }
 
 
@@ -108,6 +110,36 @@ def test_addition_config_is_the_addition_problem():
     assert job.train_steps == 4000 and job.validate_freq > 0 and job.validate_steps > 0
 
 
+def test_addition_bilstm_config_is_lasagnes_bidirectional_read_out():
+    """Lengths 50..55, a forward and a kBackward LSTM 100 over the data, the forward one's
+    last copy (first-to-last) and the backward one's copy 0 (one-to-one into one copy)
+    concatenated into kInnerProduct and kEuclideanLoss; Adam 3e-3, batch 100, gradient
+    values clipped at 100, validation over 1000 sequences."""
+    job = load_job(ROOT / "configs" / "addition-bilstm.conf")
+    layers = {(c.name, tuple(c.include)): c for c in job.neuralnet.layer}
+    assert job.neuralnet.unroll_len == 55
+    for phase in (pb.kTrain, pb.kVal):
+        assert list(layers[("data", (phase,))].store_conf.batchsize) == [100]
+    fwd, bwd = layers[("fwd", ())], layers[("bwd", ())]
+    assert fwd.type == bwd.type == pb.kLSTM
+    assert fwd.lstm_conf.dim_hidden == bwd.lstm_conf.dim_hidden == 100
+    assert fwd.lstm_conf.direction == pb.kForward and bwd.lstm_conf.direction == pb.kBackward
+    cat = layers[("cat", ())]
+    assert cat.type == pb.kConcate and cat.unroll_len == 1 and list(cat.srclayers) == ["fwd", "bwd"]
+    assert list(cat.unroll_conn_type) == [pb.kUnrollFirstToLast, pb.kUnrollOneToOne]
+    assert cat.concate_conf.concate_dim == 1
+    assert layers[("ip", ())].innerproduct_conf.num_output == 1
+    assert layers[("loss", ())].type == pb.kEuclideanLoss
+    u = job.updater
+    assert u.type == pb.kAdam and u.learning_rate.base_lr == pytest.approx(0.003)
+    assert (u.clip_low, u.clip_high) == (-100, 100)
+    assert job.validate_steps * 100 == gen.SIZES["addition-long"][1] == 1000
+    assert job.train_steps == 3000
+    g = unroll(job.neuralnet, Phase.TRAIN, job.name).graph
+    assert set(g.predecessors("0#cat")) == {"54#fwd", "0#bwd"}
+    assert g.edges["1#bwd", "0#bwd"]["shift"] == -1
+
+
 # ------------------------------------------------------------- short training
 
 def tiny_job(conf: str, tmp_path: pathlib.Path, steps: int, disp: int) -> pathlib.Path:
@@ -158,7 +190,7 @@ def test_seq_job_trains(conf, tmp_path):
     val = records(ws, "val")
     assert [r["step"] for r in val] == [steps // 2, steps]
     assert val[-1]["loss"] < val[0]["loss"] * 1.05
-    metric = "mse" if task == "addition" else "accuracy"
+    metric = "mse" if task.startswith("addition") else "accuracy"
     assert all(metric in r for r in tr + val)
     assert (ws / "checkpoints" / f"step{steps}.npz").exists()
 
@@ -247,6 +279,17 @@ def test_addition_data():
     assert set(np.unique(marks)) == {0.0, 1.0}
     np.testing.assert_allclose(y[:, 0], (vals * marks).sum(axis=1), rtol=1e-6)
     assert 0.1 < y.var() < 0.25  # the mean predictor's mse, about 1/6
+
+
+def test_addition_long_data():
+    """Lasagne's lengths: 50..55, padded to 55; otherwise the addition task."""
+    d = gen.generate("addition-long", "val", 400, seed=0)["val"]
+    x, y, lengths = d["x"], d["y"], d["lengths"]
+    assert x.shape == (400, 55, 2) and y.shape == (400, 1)
+    assert lengths.min() == 50 and lengths.max() == 55
+    valid = np.arange(55)[None, :] < lengths[:, None]
+    assert np.all(x[..., 1].sum(axis=1) == 2) and np.all(x[~valid] == 0)
+    np.testing.assert_allclose(y[:, 0], (x[..., 0] * x[..., 1]).sum(axis=1), rtol=1e-6)
 
 
 def test_parity_data():

@@ -191,3 +191,62 @@ def test_val_net_reads_the_train_nets_weights(tmp_path, executor):
     expect = probe.run_batch(train=False)["loss"][0]
     got = w_val.run_batch(train=False)["loss"][0]
     assert got == pytest.approx(expect, rel=1e-12)
+
+
+# ------------------------------------------------------- bidirectional nets
+@pytest.mark.parametrize("kind", ["gru", "gru-hb", "lstm", "rnn"])
+def test_bidirectional_char_rnn(tmp_path, kind):
+    """Two bidirectional levels over a char stream: the forward layers carry their state
+    across batches, the backward ones start every batch from zeros, in both executors."""
+    text = gc.job_text(gc.char_layers(gc.char_data(tmp_path), unroll=4)
+                       + gc.bidir_level(kind, "bi1", "onehot", 5) + gc.bidir_level(kind, "bi2", "bi1", 3)
+                       + gc.ip_loss("bi2", gc.vocab_size()), unroll=4, extra=UPDATER)
+    assert_same(tmp_path, text, steps=4)
+    (net, w, _), _ = pair(tmp_path, text)
+    assert isinstance(make_worker(net)[0], PlannedWorker)
+    w.run_batch(train=True)
+    assert set(w.carry) == {"bi1_f", "bi2_f"}
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm", "rnn"])
+def test_bidirectional_many_to_one_masked(tmp_path, kind):
+    path, *_ = gc.masked_store(tmp_path)
+    assert_same(tmp_path, gc.bidir_many_to_one_text(path, kind).replace(
+        "train_one_batch { alg: kBPTT }", "train_one_batch { alg: kBPTT }\n" + UPDATER))
+
+
+@pytest.mark.parametrize("carry", ["kCarry", "kResetBatch"])
+def test_backward_decoder_initial_state_and_carry_policy(tmp_path, carry):
+    """A first-to-last source starts a kBackward layer's pass (its last copy); under kCarry
+    the forward encoder carries its state and the backward decoder still does not."""
+    rng = np.random.default_rng(6)
+    path = gc.save_npz(tmp_path / "s.npz", x=rng.standard_normal((6, 4, 2)),
+                       y=rng.integers(0, 3, size=(6, 4)), lengths=np.array([4, 2, 3, 4, 1, 3]))
+    layers = (f'layer {{ name: "data" type: kRecordInput store_conf {{ backend: "npz" '
+              f'path: "{path}" batchsize: 3 }} }}\n'
+              + gc.rec_conf("lstm", "encoder", "data", 4)
+              + gc.rec_conf("lstm", "decoder", "data", 4,
+                            extra='srclayers: "encoder" unroll_conn_type: kUnrollOneToOne '
+                                  "unroll_conn_type: kUnrollFirstToLast",
+                            conf_extra="direction: kBackward")
+              + gc.ip_loss("decoder", 3, labels="data"))
+    text = gc.job_text(layers, unroll=4, extra=UPDATER).replace(
+        "train_one_batch { alg: kBPTT }", f"train_one_batch {{ alg: kBPTT state_carry: {carry} }}")
+    assert_same(tmp_path, text, steps=3)
+    (_, w, _), (net_p, w_p, _) = pair(tmp_path, text)
+    assert plan(net_p).blocks[2].init_src == "encoder"
+    for worker in (w, w_p):
+        worker.run_batch(train=True)
+        assert set(worker.carry) == ({"encoder"} if carry == "kCarry" else set())
+
+
+def test_other_context_offsets_are_not_planned(tmp_path, monkeypatch):
+    from engine.layers.recurrent import GRULayer
+    text = gc.job_text(gc.char_layers(gc.char_data(tmp_path)) + gc.rec_conf("gru", "rec", "onehot", 4)
+                       + gc.ip_loss("rec", gc.vocab_size()))
+    path = gc.write_job(tmp_path, text)
+    job = load_job(path)
+    monkeypatch.setattr(GRULayer, "context_sources", classmethod(lambda cls, conf: [(conf.name, 2)]))
+    net = Net(unroll(job.neuralnet, Phase.TRAIN), make_backend(None), net_info(path, tmp_path, 0))
+    with pytest.raises(NotPlannable, match=r'layer "rec" \(kGRU\) reads its own copies at offsets \[2\]'):
+        plan(net)

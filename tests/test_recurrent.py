@@ -13,8 +13,13 @@ B, D, H = 3, 4, 5
 MASK = np.array([1.0, 0.0, 1.0])
 
 
-def make_conf(kind, name="rec", hidden=H, bias=True, activation=None, forget_bias=None):
+def make_conf(kind, name="rec", hidden=H, bias=True, activation=None, forget_bias=None,
+              direction=None, recurrent_bias=False):
     conf = pb.LayerProto(name=name)
+    if direction is not None:
+        getattr(conf, f"{kind}_conf").direction = direction
+    if recurrent_bias:
+        conf.gru_conf.recurrent_bias = True
     if kind == "rnn":
         conf.type = pb.kRNN
         conf.rnn_conf.dim_hidden = hidden
@@ -82,6 +87,19 @@ def test_single_step_gradients(kind, act, bias, mask):
     assert n_params == (len(layer.weights.keys("x")) * (3 if bias else 2))
     err = check_layer(layer, [x], state, ctx_factory=ctx_with(mask), eps=1e-4, tol=1e-6)
     assert err < 1e-6
+
+
+@pytest.mark.parametrize("mask", [None, MASK], ids=["nomask", "mask"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_single_step_gradients_gru_recurrent_bias(bias, mask):
+    layer = build("gru", bias=bias, recurrent_bias=True)
+    assert list(layer.params)[-1] == "c_hb" and len(layer.params) == (10 if bias else 7)
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((B, D))
+    err = check_layer(layer, [x], rand_state(layer, rng), ctx_factory=ctx_with(mask),
+                      eps=1e-5, tol=1e-6)
+    assert err < 1e-6
+    assert np.abs(layer.params["c_hb"].grad).max() > 0
 
 
 @pytest.mark.parametrize("kind,act", VARIANTS, ids=VARIANT_IDS)
@@ -172,29 +190,50 @@ def test_bptt_four_steps(kind, act):
         assert np.any(num != 0), name
 
 
+BLOCK_VARIANTS = VARIANTS + [("gru-hb", None)]
+BLOCK_IDS = VARIANT_IDS + ["gru-recurrent-bias"]
+
+
+def build_variant(kind, act, **kw):
+    if kind == "gru-hb":
+        return build("gru", recurrent_bias=True, **kw)
+    return build(kind, activation=act, **kw)
+
+
+@pytest.mark.parametrize("direction", [pb.kForward, pb.kBackward], ids=["forward", "backward"])
 @pytest.mark.parametrize("fold", [True, False], ids=["input-in-step-gemm", "separate-input-gemm"])
-@pytest.mark.parametrize("kind,act", VARIANTS, ids=VARIANT_IDS)
-def test_block_equals_steps(kind, act, fold, monkeypatch):
-    """forward_block over T copies == T single-copy forwards with the state carried, and
-    backward_block == the per-copy backward: outputs, final state, the input gradient, the
-    initial state's gradient and every param gradient (with masks, both input layouts)."""
+@pytest.mark.parametrize("kind,act", BLOCK_VARIANTS, ids=BLOCK_IDS)
+def test_block_equals_steps(kind, act, fold, direction, monkeypatch):
+    """forward_block over T copies == T single-copy forwards with the state carried (from
+    copy 0 up, or from copy T-1 down for kBackward), and backward_block == the per-copy
+    backward: outputs, final state, the input gradient, the initial state's gradient and
+    every param gradient (with masks, both input layouts)."""
     monkeypatch.setattr(Recurrent, "FOLD_INPUT", 1e9 if fold else 0.0)
     T = 4
-    layer = build(kind, activation=act)
+    layer = build_variant(kind, act, direction=direction)
+    backward = direction == pb.kBackward
+    assert layer.reverse == backward
+    assert type(layer).context_sources(layer.conf) == [("rec", -1 if backward else 1)]
     assert layer.folds_input == (fold and layer.cell.sums_projections)
     rng = np.random.default_rng(5)
     X = rng.standard_normal((T, B, D))
     state0 = rand_state(layer, rng)
     masks = [None, np.array([0.0, 1.0, 1.0]), None, np.array([1.0, 0.0, 0.0])]
     R = rng.standard_normal((T, B, H))
+    order = list(reversed(range(T))) if backward else list(range(T))  # the pass
 
     for p in layer.params.values():
         p.grad[...] = 0
-    ys, last, caches = _run_chain(layer, list(X), state0, masks)
+    ys, last, caches = [None] * T, state0, [None] * T
+    for t in order:
+        ctx = Context(step=t, unroll_len=T, mask=masks[t])
+        ys[t], last, cache = layer.forward(ctx, [X[t]], last)
+        caches[t] = (ctx, cache)
     dstate, dX = layer.zero_state(B), np.zeros_like(X)
-    for t in reversed(range(T)):
+    for t in reversed(order):
         (dX[t],), dstate = layer.backward(caches[t][0], R[t], dstate, caches[t][1])
     ref_grads = {k: p.grad.copy() for k, p in layer.params.items()}
+    assert all(np.abs(g).max() > 0 for g in ref_grads.values())
 
     for p in layer.params.values():
         p.grad[...] = 0
@@ -475,3 +514,35 @@ def test_against_torch_cells():
         set_cell(cell, P["w_hx"], P["w_hh"], P["b"])
         y, _, _ = layer.forward(Context(), [x], h.copy())
         np.testing.assert_allclose(y, cell(t(x), t(h)).detach().numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_gru_recurrent_bias_params_and_pytorch_gru():
+    """recurrent_bias adds c_hb (b_ch in r ⊙ (h W_ch^T + b_ch)) last: PyTorch's b_hn, so the
+    layer equals torch's GRUCell with any bias_hh (b_hr, b_hz fold into r_b, z_b)."""
+    layer = build("gru", recurrent_bias=True)
+    keys = ["z_hx", "r_hx", "c_hx", "z_hh", "r_hh", "c_hh", "z_b", "r_b", "c_b", "c_hb"]
+    assert list(layer.params) == keys == GRULayer.default_param_names(layer.conf)
+    hb = layer.params["c_hb"]
+    assert hb.name == "rec/c_hb" and hb.shape == (H,) and hb.default_init == ("constant", 0.0)
+    assert list(build("gru", bias=False, recurrent_bias=True).params) == keys[:6] + ["c_hb"]
+    rng = np.random.default_rng(12)
+    x, h = rng.standard_normal((B, D)), rng.uniform(-1, 1, (B, H))
+    P = {k: p.data for k, p in layer.params.items()}
+    assert np.abs(P["c_hb"]).min() > 0
+    z = sig(x @ P["z_hx"].T + h @ P["z_hh"].T + P["z_b"])
+    r = sig(x @ P["r_hx"].T + h @ P["r_hh"].T + P["r_b"])
+    c = np.tanh(x @ P["c_hx"].T + P["c_b"] + r * (h @ P["c_hh"].T + P["c_hb"]))
+    y, _, _ = layer.forward(Context(), [x], h)
+    np.testing.assert_allclose(y, z * h + (1 - z) * c, rtol=1e-12, atol=1e-14)
+
+    torch = pytest.importorskip("torch")
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))
+    cat = lambda keys: np.concatenate([P[k] for k in keys], axis=0)
+    b_hh = np.concatenate([rng.uniform(-1, 1, 2 * H), P["c_hb"]])
+    cell = torch.nn.GRUCell(D, H).double()
+    with torch.no_grad():
+        cell.weight_ih.copy_(t(cat(["r_hx", "z_hx", "c_hx"])))
+        cell.weight_hh.copy_(t(cat(["r_hh", "z_hh", "c_hh"])))
+        cell.bias_ih.copy_(t(cat(["r_b", "z_b", "c_b"]) - np.concatenate([b_hh[:2 * H], np.zeros(H)])))
+        cell.bias_hh.copy_(t(b_hh))
+    np.testing.assert_allclose(y, cell(t(x), t(h)).detach().numpy(), rtol=1e-10, atol=1e-12)

@@ -505,7 +505,8 @@ def test_our_extensions_use_numbers_singa_never_used():
         "AlgProto.state_carry", "LayerProto.euclideanloss_conf", "LayerProto.csvoutput_conf",
         "LayerProto.char_rnn_output_conf", "LayerProto.connection_type", "LayerProto.rnn_conf",
         "LayerProto.lstm_conf", "UpdaterProto.clip_norm", "ArgSortProto.temperature",
-        "StoreProto.shuffle", "CharRNNProto.encoding"])
+        "StoreProto.shuffle", "CharRNNProto.encoding", "GRUProto.recurrent_bias",
+        "GRUProto.direction"])
     for enum, values in SINGA_ENUMS.items():
         for v in our_enum(enum).values:
             if v.name in values:

@@ -334,6 +334,34 @@ def test_encoder_decoder():
     assert list(by_name["1#decoder"].srclayers) == ["1#dec_in", "0#decoder"]
 
 
+@pytest.mark.parametrize("type_, conf", [("kRNN", "rnn_conf"), ("kGRU", "gru_conf"),
+                                         ("kLSTM", "lstm_conf")])
+def test_backward_layer_reads_its_next_copy(type_, conf):
+    """direction: kBackward: (i+1)#L -> i#L context edges (offset -1); a first-to-last
+    source feeds the last copy, where the pass starts."""
+    g = unrolled(lay("x", T=4), lay("enc", type_, ["x"], extra=f"{conf} {{ dim_hidden: 4 }}"),
+                 lay("bwd", type_, ["x", "enc"], [O2O, F2L],
+                     extra=f"{conf} {{ dim_hidden: 4 direction: kBackward }}")).graph
+    assert edges(g, "bwd") == ({(f"{i}#x", f"{i}#bwd", O2O, 0) for i in range(4)}
+                               | {(f"{i + 1}#bwd", f"{i}#bwd", CTX, -1) for i in range(3)}
+                               | {("3#enc", "3#bwd", F2L, 0)})
+    assert all(g.edges[f"{i + 1}#bwd", f"{i}#bwd"]["recurrent"] for i in range(3))
+    layers = {x["name"]: x for x in g.graph["layers"]}
+    assert layers["bwd"]["context"] == [["bwd", -1]] and layers["enc"]["context"] == [["enc", 1]]
+    assert layers["bwd"]["recurrent"] is True and layers["x"]["context"] == []
+
+
+def test_bidirectional_level_unrolls_to_a_dag():
+    g = unrolled(lay("x", T=3), lay("f", "kLSTM", ["x"], extra="lstm_conf { dim_hidden: 4 }"),
+                 lay("b", "kLSTM", ["x"], extra="lstm_conf { dim_hidden: 4 direction: kBackward }"),
+                 lay("cat", "kConcate", ["f", "b"], extra="concate_conf { concate_dim: 1 }"),
+                 T=3).graph
+    assert nx.is_directed_acyclic_graph(g)
+    assert edges(g, "cat") == {(f"{i}#{s}", f"{i}#cat", O2O, 0) for i in range(3) for s in "fb"}
+    assert {(u, v) for u, v, _, _ in edges(g) if u.endswith("#b") and v.endswith("#b")} == \
+        {("2#b", "1#b"), ("1#b", "0#b")}
+
+
 def test_rnn_dummy_feeds_back_the_previous_steps_output():
     g = unrolled(lay("dummy", "kRNNDummy",
                      extra='rnn_dummy_conf { dynamic_srclayer: "argsort" integer: true shape: 1 }'),

@@ -34,6 +34,10 @@ TASK, the job that reads it, and the files written under ``--out`` (default
       x [N, T, 2] float32, y [N, 1] float32, lengths [N] int64. Predicting the
       mean gives a mean squared error of about 1/6.
 
+  addition-long  configs/addition-bilstm.conf   train.npz, val.npz
+      The same problem at lengths 50..55 (padded to 55), as Lasagne's recurrent
+      example sets it (MIN_LENGTH 50, MAX_LENGTH 55); 1000 validation sequences.
+
 Every generator is a pure function of its arguments and a numpy Generator;
 the files of a task depend only on --seed and the sizes (train and val draw
 from separate streams derived from the seed), so a run is reproducible.
@@ -46,14 +50,14 @@ import sys
 
 import numpy as np
 
-TASKS = ("classify", "parity", "reverse", "addition")
+TASKS = ("classify", "parity", "reverse", "addition", "addition-long")
 
 #: frequencies (cycles per step) of the classify task's classes
 FREQS = (0.04, 0.09, 0.15, 0.23)
 
 #: default sizes (train, val) per task
 SIZES = {"classify": (4000, 1000), "parity": (4000, 1000), "reverse": (8000, 1000),
-         "addition": (40000, 2000)}
+         "addition": (40000, 2000), "addition-long": (50000, 1000)}
 
 
 def rng_for(seed: int, task: str, split: str) -> np.random.Generator:
@@ -131,6 +135,8 @@ def generate(task: str, split: str, n: int, seed: int = 0, **kw) -> dict[str, di
         return {f"{split}_enc": enc, f"{split}_dec": dec}
     if task == "addition":
         return {split: make_addition(n, rng, **kw)}
+    if task == "addition-long":
+        return {split: make_addition(n, rng, **{"T": 55, "min_len": 50, **kw})}
     raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
 
 

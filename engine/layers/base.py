@@ -40,7 +40,9 @@ reference executor takes over, saying why.
 
 Declarations (class attributes and classmethods, read instead of type
 switches): recurrence (``context_sources``: copy i reads copy i - offset of a
-layer as its context; recurrent layers return ``[(conf.name, 1)]``), the
+layer as its context; recurrent layers return ``[(conf.name, 1)]``, or
+``[(conf.name, -1)]`` with ``direction: kBackward``: their pass then runs from
+copy T-1 down to copy 0, ``reverse_pass``), the
 settings a job must give (``required``), what the sampler keeps
 (``in_sampling_net``), whether outputs are probabilities, vocabularies. The
 input-layer protocol is ``InputLayer``, the loss-layer protocol ``LossLayer``.
@@ -218,6 +220,13 @@ class Layer:
         return [(conf.name, 1)] if cls.recurrent else []
 
     @classmethod
+    def reverse_pass(cls, conf) -> bool:
+        """The layer reads a later copy of itself as context (a negative offset): its pass
+        starts at copy T-1, whose state is the initial state (zeros, or a first-to-last
+        source's output), and ends at copy 0."""
+        return any(name == conf.name and off < 0 for name, off in cls.context_sources(conf))
+
+    @classmethod
     def default_param_names(cls, conf) -> list[str]:
         """Names of the params this layer type creates, in order (for docs and defaults)."""
         return []
@@ -278,9 +287,10 @@ class Layer:
 
     def forward_block(self, ctx: Context, xs: list, state):
         """All copies at once: ``(y, final_state, cache)``. ``state`` is the initial state
-        (copy 0's context: carried, zeros or from a first-to-last source) for a layer with
-        context, else None; ``final_state`` is the state after the last copy (what the
-        executor carries into the next batch), None for layers without context.
+        (the context of the copy where the pass starts, copy 0, or copy T-1 for a
+        ``reverse_pass`` layer: carried, zeros or from a first-to-last source) for a layer
+        with context, else None; ``final_state`` is the state after the pass's last copy
+        (what the executor carries into the next batch), None for layers without context.
         ``ctx.mask`` is the (T·B,) row mask or None; ``ctx.need_input_grads`` says, per
         source, whether its gradient is wanted; ``ctx.need_state_grad`` whether the
         gradient of the initial state is."""

@@ -38,6 +38,16 @@ Masking. ``ctx.mask`` is None or a (B,) array of 1/0: a masked sequence keeps
 its previous state exactly, new = m ⊙ new + (1 − m) ⊙ prev for h (and c), and
 outputs that state. A data position holding None (a one-to-one source with a
 shift, at the first copies) means no input this step: the projection is b.
+
+Direction. ``direction: kBackward`` in the layer's conf runs the pass from the
+last copy to the first: copy i reads copy i+1's state as its context
+(``context_sources`` gives offset −1, so the unroller draws (i+1)#L -> i#L), and
+copy T−1 starts from the initial state (zeros, or the first-to-last source,
+which the unroller connects to copy T−1). With masks, the padded steps at the
+end of a sequence keep that initial state, so a sequence's backward pass starts
+at its last valid step and padding never reaches the state. A backward layer
+never carries state across batches (engine/worker.py). A forward and a backward
+layer over the same source, joined by a kConcate, make a bidirectional layer.
 """
 from __future__ import annotations
 
@@ -137,6 +147,12 @@ class Recurrent(Layer):
         hx, hh, b = cls._keys(conf)
         return list(hx) + list(hh) + list(b)
 
+    @classmethod
+    def context_sources(cls, conf):
+        """Copy i reads copy i−1 (kForward) or copy i+1 (kBackward) of this layer."""
+        backward = getattr(conf, cls.CONF_FIELD).direction == pb.kBackward
+        return [(conf.name, -1 if backward else 1)]
+
     def make_cell(self):
         raise NotImplementedError
 
@@ -185,6 +201,13 @@ class Recurrent(Layer):
             self.add_param(key, (H,), self._bias_default(key), fan_in=H, fan_out=H)
         self.weights = GateWeights(self, {"x": tuple(hx), "h": tuple(hh), "b": tuple(b)})
         self.has_bias = bool(b)
+        #: the key of a bias added to rows ``hbias_from:`` of W_h h right after its GEMM (the
+        #: GRU's b_hn, ``GRULayer``), or None; its gradient is the sum of those rows of
+        #: dL/d(W_h h)
+        self.hbias_key = None
+        self.hbias_from = 0
+        #: the pass runs from copy T−1 down to copy 0 (direction: kBackward)
+        self.reverse = self.reverse_pass(self.conf)
         self.out_shape = (H,)
         #: step blocks kept across batches by forward_block / backward_block
         self._blocks: dict = {}
@@ -195,10 +218,21 @@ class Recurrent(Layer):
         else:
             self.weights.adopt(like.weights)
 
+    def _add_hbias(self, hproj) -> None:
+        """hproj[hbias_from:] += the hidden-side bias (columns are sequences)."""
+        if self.hbias_key is not None:
+            hproj[self.hbias_from:] += self.params[self.hbias_key].data[:, None]
+
+    def _hbias_grad(self, dhproj) -> None:
+        """Accumulate the hidden-side bias's gradient from dL/d(W_h h) (G·H, N)."""
+        if self.hbias_key is not None:
+            self.params[self.hbias_key].grad += dhproj[self.hbias_from:].sum(axis=1)
+
     @property
     def folds_input(self) -> bool:
         """Whether a block runs each step as one GEMM over [h; x; 1] (see the docstring)."""
-        return self.cell.sums_projections and self.D + 1 <= self.FOLD_INPUT * self.H
+        return (self.cell.sums_projections and self.hbias_key is None
+                and self.D + 1 <= self.FOLD_INPUT * self.H)
 
     # ----------------------------------------------------------------- state
     def zero_state(self, batch):
@@ -292,6 +326,7 @@ class Recurrent(Layer):
         if self.has_bias:
             xproj += w.data("b")[:, None]
         pre = xp.matmul(w.data("h"), parts[0])
+        self._add_hbias(pre)
         if self.cell.sums_projections:
             pre += xproj
         new, cache = self._step(pre, xproj, parts, self._mask(ctx.mask))
@@ -305,6 +340,7 @@ class Recurrent(Layer):
             None if dy is None else dy.T, None if dstate is None else self._inner(dstate),
             step_cache, w.data("h"))
         w.add_grad("h", dhp @ step_cache[0][0].T)
+        self._hbias_grad(dhp)
         if self.has_bias:
             w.add_grad("b", dx_pre.sum(axis=1))
         dxs = [None] * n
@@ -326,11 +362,14 @@ class Recurrent(Layer):
 
     def forward_block(self, ctx, xs, state):
         """The step loop over T copies, feature-major. ``hs`` (H, (T+1)·B) holds the states:
-        column block 0 the initial h, block t+1 the output of step t; step t's gates are
-        computed in slice t of one (T, G·H, B) block. Either the input projections of all
-        steps are one GEMM (G·H, T·B), added per step to W_h h; or, folding the input, ``hs``
-        is the top of z = [h; x; 1] (H+D+1, (T+1)·B) and each step is ONE GEMM
-        [W_h W_x b] z_t."""
+        forward, column block 0 the initial h and block t+1 the output of step t; backward
+        (``reverse``), block T the initial h and block t the output of step t, so the state
+        before step t is block t (forward) or t+1 (backward) and the outputs are T
+        consecutive blocks either way. Step t's gates are computed in slice t of one
+        (T, G·H, B) block. Either the input projections of all steps are one GEMM
+        (G·H, T·B), added per step to W_h h; or, folding the input, ``hs`` is the top of
+        z = [h; x; 1] (H+D+1, (T+1)·B), x_t sitting in the column block of the state before
+        step t, and each step is ONE GEMM [W_h W_x b] z_t."""
         xp = self.xp
         x = one_array(xs[self.data_pos])
         parts = self._inner(state)
@@ -340,13 +379,17 @@ class Recurrent(Layer):
         T = N // B
         w = self.weights
         fold = self.folds_input
+        rev = self.reverse
+        before = (lambda t: t + 1) if rev else (lambda t: t)  # block of the state before step t
+        first = T if rev else 0                               # block of the initial state
         pre = self._buffer("pre", (T, GH, B))
         if fold:
             nb = 1 if self.has_bias else 0
             z = self._buffer("z", (H + D + nb, N + B))
-            z[H:H + D, :N] = x.T
+            xcols = slice(B, N + B) if rev else slice(0, N)
+            z[H:H + D, xcols] = x.T
             if nb:
-                z[H + D, :N] = 1
+                z[H + D, xcols] = 1
             wc = self._buffer("wc", (GH, H + D + nb))
             wc[:, :H] = w.data("h")
             wc[:, H:H + D] = w.data("x")
@@ -359,33 +402,37 @@ class Recurrent(Layer):
             if self.has_bias:
                 xproj += w.data("b")[:, None]
             hs, w_h = self._buffer("hs", (H, N + B)), w.data("h")
-        hs[:, :B] = parts[0]
-        cur = (hs[:, :B],) + parts[1:]
+        hs[:, first * B:(first + 1) * B] = parts[0]
+        cur = (hs[:, first * B:(first + 1) * B],) + parts[1:]
         m = None if ctx.mask is None else ctx.mask.reshape(T, B)
-        caches = []
-        for t in range(T):
+        caches = [None] * T
+        for t in (range(T - 1, -1, -1) if rev else range(T)):
             cols = slice(t * B, (t + 1) * B)
             mm = None if m is None else self._mask(m[t])
             if fold:
-                new, sc = self._step(xp.matmul(wc, z[:, cols], out=pre[t]), None, cur, mm)
+                zt = z[:, before(t) * B:(before(t) + 1) * B]
+                new, sc = self._step(xp.matmul(wc, zt, out=pre[t]), None, cur, mm)
             else:
                 p = xp.matmul(w_h, cur[0], out=pre[t])
+                self._add_hbias(p)
                 if self.cell.sums_projections:
                     p += xproj[:, cols]
                 new, sc = self._step(p, xproj[:, cols], cur, mm)
-            nxt = hs[:, (t + 1) * B:(t + 2) * B]
+            out = t if rev else t + 1
+            nxt = hs[:, out * B:(out + 1) * B]
             nxt[...] = new[0]
             cur = (nxt,) + new[1:]
-            caches.append(sc)
+            caches[t] = sc
         # the carried state must not alias the blocks the next batch rewrites
         final = self._outer(tuple(xp.ascontiguousarray(s.T) for s in cur))
-        return hs[:, B:].T, final, (x, len(xs), caches, hs, z, wc)
+        ys = hs[:, :N] if rev else hs[:, B:]
+        return ys.T, final, (x, len(xs), caches, hs, z, wc)
 
     def backward_block(self, ctx, dy, cache):
-        """Reverse of ``forward_block``: the step loop backwards, each step's input- and
-        hidden-projection gradients written into (G·H, T·B) blocks, then every weight
-        gradient of the batch from one GEMM per group (one in all when the input is
-        folded) and the input gradient from one GEMM."""
+        """Reverse of ``forward_block``: the step loop in the opposite direction of the pass,
+        each step's input- and hidden-projection gradients written into (G·H, T·B) blocks,
+        then every weight gradient of the batch from one GEMM per group (one in all when the
+        input is folded) and the input gradient from one GEMM."""
         x, n_srcs, caches, hs, z, wc = cache
         T = len(caches)
         N = x.shape[0]
@@ -397,20 +444,24 @@ class Recurrent(Layer):
         # folded: W_h^T is read from [W_h W_x b]; besides saving a copy, its row stride
         # (H+D+1, not a power of two) makes the GEMM a little faster
         w_h = w.data("h") if wc is None else wc[:, :H]
+        rev = self.reverse
+        start = T - 1 if rev else 0          # the pass's first step: dprev is the initial state's
+        before = slice(B, N + B) if rev else slice(0, N)  # the states before steps 0..T-1
         dst = None
-        for t in range(T - 1, -1, -1):
+        for t in (range(T) if rev else range(T - 1, -1, -1)):
             cols = slice(t * B, (t + 1) * B)
             _, _, dst = self._step_backward(
                 dy[cols].T, dst, caches[t], w_h, out_x=dx_all[:, cols],
                 out_h=None if dh_all is dx_all else dh_all[:, cols],
-                need_dprev=t > 0 or ctx.need_state_grad)
+                need_dprev=t != start or ctx.need_state_grad)
         if z is None:
-            w.add_grad("h", dh_all @ hs[:, :N].T)  # sum_t dhproj_t h_t^T
+            w.add_grad("h", dh_all @ hs[:, before].T)  # sum_t dhproj_t h_t^T
+            self._hbias_grad(dh_all)
             if self.has_bias:
                 w.add_grad("b", dx_all.sum(axis=1))
             w.add_grad("x", dx_all @ x)
         else:
-            g = dx_all @ z[:, :N].T                # [dW_h dW_x db] = sum_t dpre_t z_t^T
+            g = dx_all @ z[:, before].T            # [dW_h dW_x db] = sum_t dpre_t z_t^T
             w.add_grad("h", g[:, :H])
             w.add_grad("x", g[:, H:H + D])
             if self.has_bias:
@@ -424,10 +475,11 @@ class Recurrent(Layer):
 
 @register(pb.kRNN)
 class RNNLayer(Recurrent):
-    """Vanilla recurrent layer (kRNN, rnn_conf: dim_hidden, bias_term, activation).
+    """Vanilla recurrent layer (kRNN, rnn_conf: dim_hidden, bias_term, activation, direction).
 
     h' = act(x W_hx^T + h W_hh^T + b),  act = tanh (TANH, default) or max(·, 0) (RELU).
-    Output y = h'; state h (B, H).
+    Output y = h'; state h (B, H); h is copy i−1's state, or copy i+1's with
+    direction: kBackward (module docstring).
     Params in order: w_hx (H×D), w_hh (H×H), then b (H) if bias_term.
     """
 
@@ -448,15 +500,21 @@ class RNNLayer(Recurrent):
 
 @register(pb.kGRU)
 class GRULayer(Recurrent):
-    """Gated recurrent unit (kGRU, gru_conf: dim_hidden, bias_term), SINGA's equations.
+    """Gated recurrent unit (kGRU, gru_conf: dim_hidden, bias_term, recurrent_bias,
+    direction), SINGA's equations.
 
     z = σ(x W_zx^T + h W_zh^T + b_z)
     r = σ(x W_rx^T + h W_rh^T + b_r)
-    c = tanh(x W_cx^T + b_c + r ⊙ (h W_ch^T))
+    c = tanh(x W_cx^T + b_c + r ⊙ (h W_ch^T + b_ch))     b_ch only with recurrent_bias
     h' = z ⊙ h + (1 − z) ⊙ c
-    Output y = h'; state h (B, H).
+    Output y = h'; state h (B, H); h is copy i−1's state, or copy i+1's with
+    direction: kBackward (module docstring).
     Params in order: z_hx, r_hx, c_hx (H×D), z_hh, r_hh, c_hh (H×H), then z_b, r_b, c_b (H)
-    if bias_term.
+    if bias_term, then c_hb (H, b_ch above, initialised to 0) if recurrent_bias. With
+    recurrent_bias this is PyTorch's GRU exactly (c_hb is its b_hn, r_b its b_ir + b_hr, z_b
+    its b_iz + b_hz). The cell maths (``engine/layers/cells.py``) is unchanged: b_ch is
+    added to the c rows of W_h h right after the step's GEMM, and its gradient is the sum
+    over steps and sequences of those rows of dL/d(W_h h).
     """
 
     CONF_FIELD = "gru_conf"
@@ -467,18 +525,33 @@ class GRULayer(Recurrent):
         b = ("z_b", "r_b", "c_b") if conf.gru_conf.bias_term else ()
         return ("z_hx", "r_hx", "c_hx"), ("z_hh", "r_hh", "c_hh"), b
 
+    @classmethod
+    def default_param_names(cls, conf):
+        extra = ["c_hb"] if conf.gru_conf.recurrent_bias else []
+        return super().default_param_names(conf) + extra
+
+    def setup(self, srcs):
+        super().setup(srcs)
+        if self.conf.gru_conf.recurrent_bias:
+            H = self.H
+            self.add_param("c_hb", (H,), ("constant", 0.0), fan_in=H, fan_out=H)
+            self.hbias_key = "c_hb"
+            self.hbias_from = 2 * H
+
     def make_cell(self):
         return GRUCell()
 
 
 @register(pb.kLSTM)
 class LSTMLayer(Recurrent):
-    """Long short-term memory (kLSTM, lstm_conf: dim_hidden, bias_term, forget_bias).
+    """Long short-term memory (kLSTM, lstm_conf: dim_hidden, bias_term, forget_bias,
+    direction).
 
     i = σ(x W_ix^T + h W_ih^T + b_i),  f = σ(x W_fx^T + h W_fh^T + b_f)
     o = σ(x W_ox^T + h W_oh^T + b_o),  g = tanh(x W_gx^T + h W_gh^T + b_g)
     c' = f ⊙ c + i ⊙ g,  h' = o ⊙ tanh(c')
-    Output y = h'; state the tuple (h, c), each (B, H).
+    Output y = h'; state the tuple (h, c), each (B, H), copy i−1's (or copy i+1's with
+    direction: kBackward).
     Params in order: i_hx, f_hx, o_hx, g_hx (H×D), i_hh, f_hh, o_hh, g_hh (H×H), then
     i_b, f_b, o_b, g_b (H) if bias_term; f_b starts at forget_bias [1], the others at 0.
     A first-to-last source's output y becomes the state (y, 0).
