@@ -10,11 +10,19 @@ from __future__ import annotations
 
 import os
 import pathlib
+import warnings
 
 import numpy as np
 
+from engine.checkpoint import write_atomic
+from engine.config import read_text
 from engine.layers.base import InputLayer, Layer, LayerError, register, step_ids
 from engine.proto import job_pb2 as pb
+
+#: Token ids a store may hold: 0 .. MAX_TOKEN_ID. The vocabulary is the largest id + 1, and
+#: a one-hot row of 2**24 float32 values is already 64 MiB; 2**24 is also the last integer
+#: float32 holds exactly.
+MAX_TOKEN_ID = 2 ** 24 - 1
 
 
 def resolve_path(path: str, info: dict) -> pathlib.Path:
@@ -27,8 +35,11 @@ def resolve_path(path: str, info: dict) -> pathlib.Path:
 
 
 def read_vocab(path: pathlib.Path) -> list[str]:
-    """A vocabulary file: UTF-8 text whose characters, in order, are the ids 0..V-1."""
-    text = path.read_text(encoding="utf-8")
+    """A vocabulary file: UTF-8 text whose characters, in order, are the ids 0..V-1. A
+    folder, an unreadable or a non-UTF-8 file is a LayerError naming it."""
+    text = read_text(path, "vocabulary file", LayerError)
+    if not text:
+        raise LayerError(f"vocabulary {path} is empty; list each character once")
     chars = list(text)
     if len(set(chars)) != len(chars):
         dup = next(c for c in chars if chars.count(c) > 1)
@@ -73,6 +84,32 @@ class CharRNNInput(InputLayer):
 
     is_stream = True
     text = True
+
+    @classmethod
+    def fit_readers(cls, conf, readers):
+        """The characters a batch moves on by, T = char_rnn_conf.unroll_len, must be the
+        unroll_len of the layers that read the streams (their copies 0..T-1 take columns
+        0..T of the T + 1 emitted). Left out, T follows theirs (rather than SINGA's
+        default 50); given and different, it is an error."""
+        lens = {r.name: r.unroll_len for r in readers}
+        values = sorted(set(lens.values()))
+        if not values or values[0] < 1:
+            return None  # no readers, or a bad unroll_len that validate names
+        names = " and ".join(f'"{n}"' for n in lens)
+        if len(values) > 1:
+            each = ", ".join(f'"{n}" {v}' for n, v in lens.items())
+            return (f"the layers reading it have different unroll_len ({each}); give them one "
+                    f"value, the characters each batch reads per stream")
+        c = conf.char_rnn_conf
+        if not c.HasField("unroll_len"):
+            c.unroll_len = values[0]
+        elif c.unroll_len != values[0]:
+            return (f"char_rnn_conf.unroll_len is {c.unroll_len} but {names}, which read it, "
+                    f"have unroll_len {values[0]}: each batch would read {values[0] + 1} "
+                    f"characters per stream and move on by {c.unroll_len}, skipping text while "
+                    f"the carried state jumps the gap; make them equal, or leave "
+                    f"char_rnn_conf.unroll_len out (it then follows theirs)")
+        return None
 
     def setup(self, srcs):
         c = self.conf.char_rnn_conf
@@ -131,7 +168,7 @@ class CharRNNInput(InputLayer):
         if ws:
             os.makedirs(ws, exist_ok=True)
             out = pathlib.Path(ws) / "vocab.txt"
-            out.write_text("".join(vocab), encoding="utf-8")
+            write_atomic(out, "".join(vocab).encode("utf-8"), "vocabulary", LayerError)
             self.info.setdefault("notes", []).append(f"vocabulary of {len(vocab)} characters "
                                                      f"built from the text, saved to {out}")
         return vocab
@@ -265,13 +302,21 @@ class SequenceInput(InputLayer):
         if not path.exists():
             raise self.error(f'data file {s.path} not found')
         backend = s.backend or ("csv" if path.suffix == ".csv" else "npz")
+        self._check_backend(backend)
         try:
             x, y, lengths = (self._load_npz(path) if backend == "npz" else self._load_csv(path, s))
         except LayerError:
             raise
         except Exception as e:  # noqa: BLE001 - any unreadable file is one clear line
             raise self.error(f'cannot read {s.path} as {backend}: {e}') from None
+        self._check_dtypes(x, y, lengths, s.path)
         self._check(x, y, lengths, s.path)
+        x = self._check_ids(x, s.path)
+        lengths = self._check_lengths(lengths, s.path)
+        self._check_finite(x, "x", s.path)
+        if y is not None:
+            self._check_finite(y, "y", s.path)
+        self._check_rows(x, s.path)
         self.x, self.y, self.lengths = x, y, lengths
         self.n = x.shape[0]
         self.is_ids = np.issubdtype(x.dtype, np.integer)
@@ -284,7 +329,77 @@ class SequenceInput(InputLayer):
         self.new_sequence = True
         self.stream_starts = None
 
+    # ------------------------------------------------ checks of the loaded store
+    # Each names the file and, for a bad value, its first position: one line, exit 2.
+
+    def _check_backend(self, backend: str) -> None:
+        if backend not in ("npz", "csv"):
+            raise self.error(f'store_conf.backend "{backend}" is not one this layer reads; use '
+                             f'"npz" or "csv" (or leave it out: a .csv file is csv, anything '
+                             f"else npz)")
+
+    def _check_npz_file(self, path) -> None:
+        """An .npz is a zip archive; anything else would reach numpy's pickle refusal."""
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head[:2] != b"PK":
+            what = "a single .npy array" if head == b"\x93NUM" else "not a zip archive"
+            raise self.error(f"{path} is not an .npz file ({what}); write the store with "
+                             f"numpy.savez(path, x=..., y=...)")
+
+    def _check_dtypes(self, x, y, lengths, where) -> None:
+        """x and y hold numbers (ints or floats: no text, no complex, no objects);
+        lengths holds whole numbers."""
+        for name, a in (("x", x), ("y", y), ("lengths", lengths)):
+            if a is None or a.dtype.kind in "iuf":
+                continue
+            kind = {"c": "complex numbers", "U": "text", "S": "bytes", "O": "Python objects",
+                    "b": "booleans"}.get(a.dtype.kind, f"values of type {a.dtype}")
+            raise self.error(f"{where}: {name} holds {kind} ({a.dtype}); store real numbers "
+                             f"(int token ids or float features)")
+
+    def _check_ids(self, x, where):
+        """Token ids (an integer x) lie in 0..MAX_TOKEN_ID; returned as int64."""
+        if x.dtype.kind not in "iu" or x.size == 0:
+            return x
+        lo, hi = x.min(), x.max()
+        if lo < 0 or hi > MAX_TOKEN_ID:
+            pos = tuple(int(i) for i in np.argwhere((x < 0) | (x > MAX_TOKEN_ID))[0])
+            raise self.error(f"{where}: x{list(pos)} is {x[pos]} (sequence {pos[0]}, step "
+                             f"{pos[1]}); token ids must lie in 0..{MAX_TOKEN_ID} (the "
+                             f"vocabulary is the largest id + 1)")
+        return x.astype(np.int64, copy=False)
+
+    def _check_lengths(self, lengths, where):
+        """Sequence lengths are whole numbers (3.0 is 3; 3.5 is an error); int64."""
+        if lengths is None or lengths.dtype.kind in "iu":
+            return lengths
+        bad = np.flatnonzero(~np.isfinite(lengths) | (lengths != np.round(lengths)))
+        if bad.size:
+            i = int(bad[0])
+            raise self.error(f"{where}: lengths[{i}] is {lengths[i]}; a length is a whole "
+                             f"number of steps")
+        return lengths.astype(np.int64)
+
+    def _check_finite(self, a, name, where) -> None:
+        """No NaN or infinity in float data (it would poison every step it reaches)."""
+        if a.dtype.kind != "f" or bool(np.isfinite(a).all()):
+            return
+        pos = tuple(int(i) for i in np.argwhere(~np.isfinite(a))[0])
+        seq = f"sequence {pos[0]}" + (f", step {pos[1]}" if name == "x" and len(pos) > 1 else "")
+        raise self.error(f"{where}: {name}{list(pos)} is {a[pos]} ({seq}); the data must hold "
+                         f"finite numbers")
+
+    def _check_rows(self, x, where) -> None:
+        """At least one batch of distinct sequences (a smaller store would repeat rows in
+        every batch)."""
+        if x.shape[0] < self.batchsize:
+            raise self.error(f"{where}: x holds {x.shape[0]} sequences, fewer than "
+                             f"store_conf.batchsize {self.batchsize}, so every batch would "
+                             f"repeat sequences; lower batchsize to {x.shape[0]} or add data")
+
     def _load_npz(self, path):
+        self._check_npz_file(path)
         with np.load(path, allow_pickle=False) as d:
             if "x" not in d:
                 raise self.error(f'{path} has no array "x" (arrays: '
@@ -298,7 +413,11 @@ class SequenceInput(InputLayer):
         shape = tuple(s.shape)
         if not shape:
             raise self.error('a .csv store needs store_conf.shape [T, F] or [T]')
-        rows = np.loadtxt(path, delimiter=s.separator or ",", ndmin=2)
+        with warnings.catch_warnings():  # an empty file is our error below, not numpy's warning
+            warnings.simplefilter("ignore")
+            rows = np.loadtxt(path, delimiter=s.separator or ",", ndmin=2)
+        if rows.size == 0:
+            raise self.error(f"{path} holds no rows; write one sequence per line")
         if s.has_label:
             y, feats = rows[:, 0], rows[:, 1:]
         else:
