@@ -6,18 +6,27 @@ checkpoints to ``<workspace>/checkpoints/``. A job with ``train_steps: 0`` and
 ``test_steps`` runs only its test phase (SINGA's way of sampling with a
 sample job and ``checkpoint_path``).
 
-Exit status: 0 done, 2 bad job/input (one line on stderr, ``--debug`` for the
-traceback), 1 the run failed (non-finite numbers, ...), 130/143 stopped by
-SIGINT/SIGTERM after writing a checkpoint.
+Exit status: 0 done, 2 bad job/input or a workspace that cannot be used, found
+before the first step (one line on stderr, ``--debug`` for the traceback), 1 the
+run started and failed (non-finite numbers, a checkpoint or the metrics log could
+not be written, ...), 130/143 stopped by SIGINT/SIGTERM (after writing a
+checkpoint when steps had run since the last one).
+
+Signals are handled from the first line below to the last save (engine/stopping.py).
 """
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import signal
 import sys
-import time
+
+from engine.stopping import StopSignals
+
+# Before the imports below: a Ctrl-C while they load is one line, exit 130 (not a traceback).
+_STOPS = StopSignals(sys.stdout).install() if __name__ == "__main__" else None
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
 
 import numpy as np
 from google.protobuf import text_format
@@ -25,17 +34,19 @@ from google.protobuf import text_format
 from engine import checkpoint as ckpt
 from engine import interop
 from engine.backend import BackendError, keep_freed_memory, make_backend
-from engine.config import ConfigError, Phase, job_dir, load_job
+from engine.config import ConfigError, Phase, check_trains, job_dir, load_job
 from engine.layers.input import resolve_path
 from engine.net import Net
 from engine.planner import NotPlannable, make_worker
 from engine.plot import PlotUnavailable, plot_metrics
 from engine.proto import job_pb2 as pb
-from engine.metrics import MetricsLog, Progress, derived_metrics, fmt_metrics, fmt_time, merge_metrics
-from engine.workspace import (ensure_workspace, load_params, net_info, param_arrays, phases_of,
-                              workspace_of, write_graphs)
+from engine.metrics import (MetricsError, MetricsLog, Progress, derived_metrics, fmt_metrics,
+                            fmt_time, merge_metrics)
+from engine.stopping import ABORT, DEFER, ForcedExit, Stop, exit_status, signal_name
+from engine.workspace import (check_layout, ensure_workspace, load_params, lock_workspace,
+                              net_info, param_arrays, phases_of, workspace_of, write_graphs)
 from engine.layers import LayerError
-from engine.updaters import Updater, UpdaterError, describe, global_grad_norm
+from engine.updaters import Updater, UpdaterError, describe, global_grad_norm, learning_rate
 from engine.worker import ContinuityError
 
 
@@ -43,31 +54,63 @@ class RunError(Exception):
     """The run cannot go on (message is one line)."""
 
 
-class Stop(Exception):
-    def __init__(self, signum):
-        self.signum = signum
+def new_window() -> dict:
+    """The display window being accumulated: metric sums ({name: [sum, count]}), the
+    steps merged into them and the steps skipped (non-finite). Saved in checkpoints."""
+    return {"total": {}, "steps": 0, "skipped": 0}
 
 
 class Trainer:
     """The job loop: train steps, displays, evaluations, checkpoints."""
 
-    def __init__(self, job: pb.JobProto, path: str, args):
+    def __init__(self, job: pb.JobProto, path: str, args, stops: StopSignals | None = None):
+        # without ``stops`` (a Trainer used as a library) no signal handler is installed
         self.job, self.path, self.args = job, path, args
-        self.ws = workspace_of(job, args.workspace)
-        ensure_workspace(self.ws)
+        self.stops = stops if stops is not None else StopSignals()
+        self.out = sys.stdout
+        self.progress = None
         self.seed = args.seed if args.seed is not None else job.seed
         self.train_steps = args.steps if args.steps is not None else job.train_steps
         if self.train_steps != job.train_steps:
             job.train_steps = self.train_steps
+            check_trains(job, path, f"--steps {self.train_steps}")
         gpu = args.gpu if args.gpu is not None else (job.gpu[0] if job.gpu else None)
         self.backend = make_backend(gpu, np.float32)
         self.phases = phases_of(job)
-        self.unrolled = write_graphs(job, path, self.ws, self.phases)
-        self.out = sys.stdout
-        self.log = MetricsLog(self.ws / "metrics.jsonl")
+        self.ws = workspace_of(job, args.workspace)
         self.ckpt_dir = self.ws / "checkpoints"
-        self.stop_signal = None
-        self.progress = None
+        self.log = MetricsLog(self.ws / "metrics.jsonl")
+        self.lock = None
+        self.updater = None
+        self.step = 0
+        self.saved_step = None  # the step of the newest checkpoint on disk (None: none)
+        self.steps_run = 0  # training steps run by this process
+        self.window = new_window()
+        self.accept()
+        self.unrolled = write_graphs(job, path, self.ws, self.phases)
+
+    # ------------------------------------------------------- the workspace
+    def accept(self) -> None:
+        """Take the workspace, or refuse it, before anything in it changes: its exclusive
+        lock (another run holding it is named), the kinds of its entries, and whether its
+        checkpoints may be continued (``--resume``) or must be left alone. Then the
+        temporary files that killed processes left are removed (and named)."""
+        ensure_workspace(self.ws)
+        self.lock = lock_workspace(self.ws)
+        check_layout(self.ws)
+        self.resume = bool(self.args.resume or self.job.resume)
+        existing = ckpt.list_checkpoints(self.ckpt_dir)
+        if existing and not self.resume and self.job.train_steps > 0:
+            raise ConfigError(f"{self.ckpt_dir} already holds checkpoints (newest: step "
+                              f"{existing[-1][0]}); continue with --resume, or start over in "
+                              f"another --workspace (nothing was overwritten)")
+        for p in ckpt.remove_stale_temps(self.ws, self.ckpt_dir, self.ws / "visualization"):
+            self.say(f"removed {p}, a temporary file of a process that no longer runs")
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # ----------------------------------------------------------- building
     def build(self) -> None:
@@ -86,16 +129,8 @@ class Trainer:
                 init_arrays.update(arrays)
                 vocab = vocab or meta.get("vocab")
         self.resume_from = None
-        resume = self.args.resume or job.resume
-        existing = ckpt.list_checkpoints(self.ckpt_dir)
-        if existing and not resume and job.train_steps > 0:
-            raise ConfigError(f"{self.ckpt_dir} already holds checkpoints (newest: step "
-                              f"{existing[-1][0]}); continue with --resume, or start over in "
-                              f"another --workspace (nothing was overwritten)")
-        if not resume:
-            self.log.truncate_after(-1)
-        if resume:
-            found = ckpt.newest_valid(self.ckpt_dir, warn=self.say)
+        if self.resume:
+            found = ckpt.newest_valid(self.ckpt_dir, warn=self.say, need=ckpt.RESUME_META)
             if found is None:
                 self.say(f"no valid checkpoint in {self.ckpt_dir}; starting from step 0")
             else:
@@ -132,6 +167,9 @@ class Trainer:
         if self.resume_from is not None:
             p, arrays, meta = self.resume_from
             self._restore(p, arrays, meta)
+        # the log holds what led to this step: newer records (of a run that went further
+        # and was killed, or of one whose checkpoints are all invalid) are dropped
+        self.log.truncate_after(self.step if self.resume else -1)
 
     # -------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> str:
@@ -143,12 +181,15 @@ class Trainer:
         arrays.update({f"worker/{k}": v for k, v in ws["arrays"].items()})
         meta = {"step": self.step, "job": text_format.MessageToString(self.job),
                 "job_path": str(self.path), "vocab": self.vocab, "seed": self.seed,
-                "worker": ws["meta"], "time": time.time()}
+                "worker": ws["meta"], "time": time.time(), "batchsize": w.batchsize,
+                "display": self.window}
         path = ckpt.save(self.ckpt_dir / f"step{self.step}.npz", arrays, meta)
+        self.saved_step = self.step
         ckpt.prune(self.ckpt_dir, self.job.keep_checkpoints, protect=path)
         return str(path)
 
     def _restore(self, path, arrays, meta) -> None:
+        self._check_batchsize(path, arrays, meta)
         load_params(self.main, arrays, str(path))
         if self.updater is not None:
             self.updater.load_state_dict({k[8:]: v for k, v in arrays.items()
@@ -157,9 +198,28 @@ class Trainer:
         if w is not None:
             w.load_state_dict({k[7:]: v for k, v in arrays.items() if k.startswith("worker/")},
                               meta.get("worker", {}))
-        self.step = int(meta["step"])
-        self.log.truncate_after(self.step)
+        self.step = self.saved_step = int(meta["step"])
+        window = meta.get("display")
+        if isinstance(window, dict) and isinstance(window.get("total"), dict):
+            self.window = window  # the display after the resume averages its whole window
         self.say(f"resumed from {path} at step {self.step}")
+
+    def _check_batchsize(self, path, arrays, meta) -> None:
+        """The carried state and the data cursors of a checkpoint hold one row per
+        sequence of the batch: resuming needs the batch size it was written with (its
+        meta says; older checkpoints: the rows of the carried state)."""
+        w = self.workers.get(Phase.TRAIN)
+        if w is None:
+            return
+        rows = meta.get("batchsize")
+        if not isinstance(rows, int):
+            rows = next((int(a.shape[0]) for k, a in sorted(arrays.items())
+                         if k.startswith("worker/carry/") and a.ndim >= 1), None)
+        if rows is not None and rows != w.batchsize:
+            raise ConfigError(f"{path}: the checkpoint was written with batch size {rows} and "
+                              f"the job now has {w.batchsize}; --resume needs the batch size it "
+                              f"was trained with (to start a new run from its params, give it "
+                              f"as checkpoint_path in another --workspace)")
 
     # ------------------------------------------------------------ running
     def say(self, msg: str) -> None:
@@ -186,7 +246,12 @@ class Trainer:
         w = self.workers[ph]
         w.reset()  # every evaluation reads the same batches from the same state
         t0 = time.time()
-        vals = self._measure(w, steps)
+        try:
+            vals = self._measure(w, steps)
+        except Stop:
+            self.say(f"step {self.step:>6}  {ph.label:<5} interrupted after {self.measured} of "
+                     f"{steps} batches (not recorded)")
+            raise
         self.log.write({"step": self.step, "phase": ph.label, **vals,
                         "seconds": round(time.time() - t0, 3)})
         self.say(f"step {self.step:>6}  {ph.label:<5} {fmt_metrics(vals)}")
@@ -226,12 +291,15 @@ class Trainer:
         self.say(f"debug statistics {path} (draw them: python tools/graph.py "
                  f"{self.ws / 'visualization' / 'train_net.json'} net.svg --stats {path})")
 
-    @staticmethod
-    def _measure(w, steps: int) -> dict:
-        """Forward ``steps`` batches without training; the derived metrics over all of them."""
+    def _measure(self, w, steps: int) -> dict:
+        """Forward ``steps`` batches without training; the derived metrics over all of them.
+        A stop signal ends it between two batches (``Stop``; ``self.measured`` batches ran)."""
         total: dict = {}
+        self.measured = 0
         for _ in range(steps):
+            self.stops.check()
             merge_metrics(total, w.run_batch(train=False))
+            self.measured += 1
         return derived_metrics(total, w.net)
 
     def _due(self, freq: int, after: int) -> bool:
@@ -243,14 +311,13 @@ class Trainer:
         if Phase.TRAIN not in self.nets:
             return self.run_test_only()
         w = self.workers[Phase.TRAIN]
-        total, t_disp, n_disp = {}, time.time(), 0
-        t_start = time.time()
+        self.t_start = self.t_disp = time.time()
+        self.n_rate, self.preds_per_batch = 0, None  # steps timed since the last display
         self.progress = Progress(self.train_steps, self.step)
-        lr = 0.0
-        preds_per_batch = None
+        skipped = 0
+        self.stops.phase = DEFER
         while self.step < self.train_steps:
-            if self.stop_signal is not None:
-                raise Stop(self.stop_signal)
+            self.stops.check()
             dump = self.debug and (
                 self._due_next(job.disp_freq, job.disp_after) or self.step + 1 == self.train_steps)
             w.record = dump
@@ -267,31 +334,26 @@ class Trainer:
             if bad:
                 where = self.diagnose(w, snap)
                 msg = f"step {self.step + 1}: non-finite loss or gradient; {where}"
-                if job.skip_nonfinite:
-                    self.say(f"warning: {msg}; batch skipped (skip_nonfinite)")
-                    self.step += 1
-                    continue
-                raise RunError(msg + "; lower the learning rate or clip gradients (the last good "
-                                     "checkpoint is kept)")
-            stats = self.updater.update(self.step, grad_norm=norm)
-            lr = stats["lr"]
+                if not job.skip_nonfinite:
+                    raise RunError(msg + "; lower the learning rate or clip gradients (the last "
+                                         "good checkpoint is kept)")
+                # a skipped step still counts: displays, evaluations and checkpoints due
+                # at it (and at the end) happen as scheduled
+                self.say(f"warning: {msg}; batch skipped (skip_nonfinite)")
+                self.window["skipped"] += 1
+                skipped += 1
+            else:
+                self.updater.update(self.step, grad_norm=norm)
+                merge_metrics(self.window["total"], metrics)
+                self.window["steps"] += 1
+                if self.preds_per_batch is None:
+                    self.preds_per_batch = loss[1]
             self.step += 1
-            merge_metrics(total, metrics)
-            n_disp += 1
-            if preds_per_batch is None:
-                preds_per_batch = loss[1]
+            self.steps_run += 1
+            self.n_rate += 1
             self.progress.update(self.step)
             if self._due(job.disp_freq, job.disp_after) or self.step == self.train_steps:
-                dt = max(1e-9, time.time() - t_disp)
-                vals = derived_metrics(total, self.main)
-                rate = n_disp * (preds_per_batch or 0) / dt
-                unit = "chars" if "bpc" in vals else "samples"
-                self.log.write({"step": self.step, "phase": "train", **vals, "lr": lr,
-                                f"{unit}_per_s": round(rate, 1),
-                                "elapsed": round(time.time() - t_start, 3)})
-                self.say(f"step {self.step:>6}  train {fmt_metrics(vals)}  lr {lr:.4g}  "
-                         f"{rate:,.0f} {unit}/s  {fmt_time(time.time() - t_start)}")
-                total, t_disp, n_disp = {}, time.time(), 0
+                self.display()
             if Phase.VAL in self.workers and (self._due(job.validate_freq, job.validate_after)
                                               or self.step == self.train_steps):
                 self.evaluate(Phase.VAL, job.validate_steps)
@@ -302,31 +364,76 @@ class Trainer:
                     self.step == self.train_steps:
                 self.say(f"checkpoint {self.save_checkpoint()}")
         self.progress.clear()
-        self.say(f"done: {self.step} steps in {fmt_time(time.time() - t_start)}; "
+        self.stops.phase = ABORT  # every step and checkpoint is on disk: nothing left to keep
+        note = f" ({skipped} skipped: non-finite)" if skipped else ""
+        self.say(f"done: {self.step} steps{note} in {fmt_time(time.time() - self.t_start)}; "
                  f"checkpoints in {self.ckpt_dir}")
-        self.plot()
+        try:
+            self.plot()
+        except Stop as st:
+            self.say(f"stopped by {signal_name(st.signum)} while drawing the plot; every step "
+                     f"and checkpoint is saved")
+            return exit_status(st.signum)
         return 0
 
+    def display(self) -> None:
+        """The training record of the display window that ends at this step: metrics
+        averaged over its steps (a resumed run continues the window its checkpoint
+        saved), the learning rate, speed, elapsed time, and how many steps were skipped."""
+        total, n, skipped = self.window["total"], self.window["steps"], self.window["skipped"]
+        now = time.time()
+        vals = derived_metrics(total, self.main) if n else {}
+        rate = self.n_rate * (self.preds_per_batch or 0) / max(1e-9, now - self.t_disp)
+        unit = "chars" if any(lay.text for lay in self.main.inputs) else "samples"
+        lr = learning_rate(self.job.updater.learning_rate, self.step - 1)
+        rec = {"step": self.step, "phase": "train", **vals, "lr": lr,
+               f"{unit}_per_s": round(rate, 1), "elapsed": round(now - self.t_start, 3)}
+        if skipped:
+            rec["skipped"] = skipped
+        self.log.write(rec)
+        shown = fmt_metrics(vals) if n else "every step since the last display was skipped"
+        self.say(f"step {self.step:>6}  train {shown}  lr {lr:.4g}  {rate:,.0f} {unit}/s  "
+                 f"{fmt_time(now - self.t_start)}" + (f"  ({skipped} skipped)" if skipped else ""))
+        self.window = new_window()
+        self.t_disp, self.n_rate = now, 0
+
     def plot(self) -> None:
+        """The learning curve, metrics.png. It comes after every step and checkpoint is on
+        disk, so whatever keeps it from being drawn (no matplotlib, a bad MPLBACKEND,
+        metrics.png a folder, ...) is a note, never a failed run."""
         try:
             self.say(f"plot {plot_metrics(self.ws)}")
         except PlotUnavailable as e:
             self.say(f"note: no plot: {e}")
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            first = (str(e).splitlines() or [""])[0]
+            self.say(f"warning: no plot: {type(e).__name__}: {first} (the run itself is "
+                     f"complete)")
 
     def run_test_only(self) -> int:
         ph = Phase.TEST if Phase.TEST in self.workers else self.phases[0]
         steps = self.job.test_steps or 1
         w = self.workers[ph]
-        vals = self._measure(w, steps)
+        self.stops.phase = DEFER
+        try:
+            vals = self._measure(w, steps)
+        except Stop as st:
+            self.report_text(w)  # what was generated so far is kept
+            self.say(f"stopped by {signal_name(st.signum)} after {self.measured} of {steps} "
+                     f"{ph.label} batches (metrics not recorded)")
+            return exit_status(st.signum)
         if vals:
             self.log.write({"step": self.step, "phase": ph.label, **vals})
             self.say(f"{ph.label}: {fmt_metrics(vals)}")
+        self.report_text(w)
+        return 0
+
+    def report_text(self, w) -> None:
         for lay in w.net.layers.values():
             text = lay.report()
             if text:
                 self.say(f"--- text written by layer {lay.name} ---")
                 self.say(text)
-        return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -352,62 +459,115 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    stops = _STOPS if _STOPS is not None else StopSignals(sys.stdout).install()
+    stops.phase = ABORT  # until the loops: a signal stops at once (nothing to keep yet)
     trainer = None
     try:
-        job = load_job(args.job)
-        if args.graph_only:
-            ws = workspace_of(job, args.workspace)
-            ensure_workspace(ws)
-            for ph, u in write_graphs(job, args.job, ws, phases_of(job)).items():
-                g = u.graph
-                print(f"wrote {ws / 'visualization' / (ph.label + '_net.json')} "
-                      f"({g.number_of_nodes()} nodes, {g.number_of_edges()} edges)")
-            return 0
-        trainer = Trainer(job, args.job, args)
-        keep_freed_memory()  # reuse each batch's large temporaries (see engine/backend.py)
-
-        def on_signal(signum, frame):
-            trainer.stop_signal = signum
-
-        old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        # overflow is detected and reported by the loop itself, not by numpy warnings
-        np.seterr(over="ignore", invalid="ignore", divide="ignore")
         try:
+            if args.steps is not None and args.steps < 0:
+                raise ConfigError(f"--steps is {args.steps}; it must be >= 0 (0: no training, "
+                                  f"only the test phase)")
+            job = load_job(args.job)
+            if args.graph_only:
+                return graph_only(job, args)
+            trainer = Trainer(job, args.job, args, stops)
+            keep_freed_memory()  # reuse each batch's large temporaries (see engine/backend.py)
+            # overflow is detected and reported by the loop itself, not by numpy warnings
+            np.seterr(over="ignore", invalid="ignore", divide="ignore")
             trainer.build()
             return trainer.run()
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
-    except Stop as st:
-        where = trainer.save_checkpoint() if trainer.updater is not None else "(nothing to save)"
-        name = "SIGINT" if st.signum == signal.SIGINT else "SIGTERM"
-        trainer.say(f"stopped by {name} at step {trainer.step}; checkpoint {where}; continue with "
-                    f"--resume")
-        return 130 if st.signum == signal.SIGINT else 143
-    except (ConfigError, BackendError, ckpt.CheckpointError) as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NotPlannable as e:
-        if args.debug:
-            raise
-        print(f"error: --executor planned: {e}; use --executor auto", file=sys.stderr)
-        return 2
-    except (RunError, ContinuityError) as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except Exception as e:  # noqa: BLE001 - an unexpected failure is still one line
-        if args.debug:
-            raise
-        if isinstance(e, (LayerError, UpdaterError)):
-            print(f"error: {args.job}: {e}", file=sys.stderr)
+        except Stop as st:
+            return stopped(trainer, stops, st.signum)
+        except (ConfigError, BackendError, ckpt.CheckpointError, MetricsError) as e:
+            if args.debug:
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            # the workspace could not be written mid-run: the run failed (1); anything
+            # found before the first step is the input's or the workspace's fault (2)
+            return 1 if trainer is not None and trainer.steps_run else 2
+        except NotPlannable as e:
+            if args.debug:
+                raise
+            print(f"error: --executor planned: {e}; use --executor auto", file=sys.stderr)
             return 2
-        print(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)",
-              file=sys.stderr)
+        except (RunError, ContinuityError) as e:
+            if args.debug:
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        except Exception as e:  # noqa: BLE001 - an unexpected failure is still one line
+            if args.debug:
+                raise
+            if isinstance(e, (LayerError, UpdaterError)):
+                print(f"error: {args.job}: {e}", file=sys.stderr)
+                return 2
+            print(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)",
+                  file=sys.stderr)
+            return 1
+    except ForcedExit as fx:
+        return forced_exit(trainer, fx.signum)
+    finally:
+        if trainer is not None:
+            trainer.release()
+        stops.uninstall()
+
+
+def graph_only(job, args) -> int:
+    """--graph-only: the unrolled graphs of the job's phases, written under the lock."""
+    ws = workspace_of(job, args.workspace)
+    ensure_workspace(ws)
+    lock = lock_workspace(ws)
+    try:
+        check_layout(ws)
+        for ph, u in write_graphs(job, args.job, ws, phases_of(job)).items():
+            g = u.graph
+            print(f"wrote {ws / 'visualization' / (ph.label + '_net.json')} "
+                  f"({g.number_of_nodes()} nodes, {g.number_of_edges()} edges)")
+    finally:
+        lock.release()
+    return 0
+
+
+def stopped(trainer: Trainer | None, stops: StopSignals, signum: int) -> int:
+    """A stop signal ended the run: write a checkpoint when steps ran since the newest
+    one (signals keep being handled until it is on disk; see engine/stopping.py), say
+    where to continue from, and exit 128 + signum. A checkpoint that cannot be written
+    is one error line naming it, exit 1."""
+    name = signal_name(signum)
+    if trainer is None or trainer.updater is None or trainer.steps_run == 0:
+        have = (f"; the newest checkpoint is step {trainer.saved_step}"
+                if trainer is not None and trainer.saved_step is not None else "")
+        print(f"stopped by {name} before the first step; nothing to save{have}", flush=True)
+        return exit_status(signum)
+    if trainer.saved_step == trainer.step:
+        trainer.say(f"stopped by {name} at step {trainer.step}; checkpoint "
+                    f"{trainer.ckpt_dir / f'step{trainer.step}.npz'} holds it; continue with "
+                    f"--resume")
+        return exit_status(signum)
+    stops.saving(f"writing the checkpoint of step {trainer.step}")
+    try:
+        where = trainer.save_checkpoint()
+    except ckpt.CheckpointError as e:
+        print(f"error: stopped by {name} at step {trainer.step}, but its checkpoint could not "
+              f"be written: {e}", file=sys.stderr)
         return 1
+    trainer.say(f"stopped by {name} at step {trainer.step}; checkpoint {where}; continue with "
+                f"--resume")
+    return exit_status(signum)
+
+
+def forced_exit(trainer: Trainer | None, signum: int) -> int:
+    """The third signal: leave without the save in progress, saying what is lost."""
+    if trainer is None or trainer.steps_run == 0 or trainer.saved_step == trainer.step:
+        lost = "nothing is lost"
+    elif trainer.saved_step is None:
+        lost = f"steps 1 to {trainer.step} are lost (no checkpoint was written)"
+    else:
+        lost = (f"steps {trainer.saved_step + 1} to {trainer.step} are lost; the newest "
+                f"checkpoint is step {trainer.saved_step}")
+    print(f"error: stopped by a third signal ({signal_name(signum)} first) without a "
+          f"checkpoint; {lost}", file=sys.stderr)
+    return exit_status(signum)
 
 
 if __name__ == "__main__":
