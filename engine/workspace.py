@@ -3,7 +3,6 @@ of the phases, the net-wide facts the layers get, and params to and from checkpo
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import pathlib
@@ -14,6 +13,11 @@ from engine.config import ConfigError, Phase, job_dir, layers_in_phase
 from engine.net import Net
 from engine.proto import job_pb2 as pb
 from engine.unroll import graph_to_json, unroll
+
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: workspaces are not locked there
+    fcntl = None
 
 
 def workspace_of(job: pb.JobProto, override: str | None) -> pathlib.Path:
@@ -45,7 +49,8 @@ class WorkspaceLock:
     holder's PID. The OS releases it when the holder's process ends, however it ends, so a
     killed run never leaves a stale lock (the file stays; its PID is only informative).
     Network file systems may not honour flock between machines: a workspace shared by
-    several machines is not protected by it."""
+    several machines is not protected by it. Without ``fcntl`` (not a POSIX system) the
+    lock is not taken."""
 
     def __init__(self, ws: pathlib.Path):
         self.path = pathlib.Path(ws) / LOCK
@@ -53,6 +58,8 @@ class WorkspaceLock:
 
     def acquire(self) -> "WorkspaceLock":
         """Take the lock or raise ConfigError naming the process that holds it."""
+        if fcntl is None:
+            return self
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:

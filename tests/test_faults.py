@@ -369,7 +369,9 @@ def test_sigterm_while_a_long_graph_is_built_is_one_line(tmp_path):
     job = char_job(tmp_path, steps=5, unroll=6000, batch=1, val=False)
     (tmp_path / "train.txt").write_text(TEXT * 4)
     proc = start(job, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(2.0)  # imports done; unrolling and building 6000 steps take longer
+    graph = tmp_path / "ws" / "visualization" / "train_net.json"
+    wait_for(graph.exists, proc, "the unrolled graph")  # now the 6000-step net is built
+    time.sleep(0.2)
     t0 = time.time()
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
