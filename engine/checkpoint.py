@@ -185,6 +185,9 @@ def load(path) -> tuple[dict[str, np.ndarray], dict]:
             if "meta" not in d.files:
                 raise CheckpointError(f"{path}: not a checkpoint of this engine (no meta record)")
             meta = json.loads(str(d["meta"]))
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{path}: not a checkpoint of this engine (its meta record is "
+                                  f"a JSON {type(meta).__name__}, not an object)")
     except CheckpointError:
         raise
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
@@ -207,12 +210,31 @@ def list_checkpoints(folder) -> list[tuple[int, pathlib.Path]]:
     return sorted(found)
 
 
-def newest_valid(folder, warn=print):
-    """The newest checkpoint that loads and verifies: (path, arrays, meta) or None.
-    Each invalid newer one is reported through ``warn`` and skipped."""
+# What engine.train needs in a checkpoint's meta to resume from it, and its JSON type.
+RESUME_META = {"step": int, "job": str}
+
+
+def check_meta(path, meta: dict, need: dict) -> None:
+    """CheckpointError naming ``path`` when ``meta`` lacks a key of ``need`` ({key: type})
+    or holds it with another type."""
+    for key, kind in need.items():
+        if key not in meta:
+            raise CheckpointError(f'{path}: the checkpoint has no "{key}" in its meta record; '
+                                  f"it was not written by engine.train")
+        v = meta[key]
+        if not isinstance(v, kind) or isinstance(v, bool):
+            raise CheckpointError(f'{path}: the checkpoint\'s "{key}" is {json.dumps(v)[:40]}, '
+                                  f"not a {kind.__name__}; it was not written by engine.train")
+
+
+def newest_valid(folder, warn=print, need: dict | None = None):
+    """The newest checkpoint that loads and verifies (and whose meta has the keys of
+    ``need``, see ``check_meta``): (path, arrays, meta) or None. Each invalid newer one
+    is reported through ``warn`` and skipped."""
     for step, p in reversed(list_checkpoints(folder)):
         try:
             arrays, meta = load(p)
+            check_meta(p, meta, need or {})
         except CheckpointError as e:
             warn(f"warning: skipping {e}")
             continue

@@ -181,7 +181,26 @@ def normalise(job: pb.JobProto, path: str = "<job>") -> pb.JobProto:
         n = len(layer.srclayers)
         layer.unroll_conn_type.extend([pb.kUnrollOneToOne] * (n - len(layer.unroll_conn_type)))
         layer.shift.extend([0] * (n - len(layer.shift)))
+    _fit_readers(job, path)
     return job
+
+
+def _fit_readers(job: pb.JobProto, path: str) -> None:
+    """Each layer class settles what must agree with its readers (``Layer.fit_readers``:
+    kCharRNN's char_rnn_conf.unroll_len follows the unroll_len of the layers reading
+    the streams), phase by phase."""
+    from engine.layers import layer_class
+
+    for ph in (Phase.TRAIN, Phase.VAL, Phase.TEST):
+        layers = layers_in_phase(job.neuralnet, ph)
+        for layer in layers:
+            cls = layer_class(layer.type)
+            if cls is None:
+                continue  # validate names the unknown type
+            readers = [r for r in layers if layer.name in r.srclayers and r.name != layer.name]
+            problem = cls.fit_readers(layer, readers)
+            if problem:
+                raise ConfigError(f'{path}: layer "{layer.name}": {problem}')
 
 
 def layer_phases(layer: pb.LayerProto) -> Phase:
@@ -334,6 +353,25 @@ def validate(job: pb.JobProto, path: str = "<job>") -> None:
     _check_counts(job, path)
     _check_user_types(job, path)
     _check_numbers(job, path)
+    check_trains(job, path)
+
+
+def check_trains(job: pb.JobProto, path: str, what: str = "") -> None:
+    """A job that trains (train_steps > 0; ``what`` names where that number came from,
+    e.g. ``--steps 5``) needs a loss layer in its train phase: without one every step
+    would learn nothing and the metrics would be empty. A test-only job (sampling)
+    needs none."""
+    from engine.layers import layer_class
+    from engine.layers.base import LossLayer
+
+    if job.train_steps <= 0:
+        return
+    classes = [layer_class(lay.type) for lay in layers_in_phase(job.neuralnet, Phase.TRAIN)]
+    if not any(c is not None and issubclass(c, LossLayer) for c in classes):
+        what = what or f"train_steps: {job.train_steps}"
+        raise ConfigError(f"{path}: the job trains ({what}) but its train phase has no loss "
+                          f"layer (kSoftmaxLoss, kEuclideanLoss), so no step would learn "
+                          f"anything; add one, or set train_steps: 0 for a job that only tests")
 
 
 def _check_user_types(job: pb.JobProto, path: str) -> None:

@@ -3,10 +3,12 @@ and the progress bar."""
 from __future__ import annotations
 
 import json
-import os
+import math
 import pathlib
 import sys
 import time
+
+from engine.checkpoint import write_atomic
 
 
 def derived_metrics(metrics: dict, net) -> dict:
@@ -26,10 +28,24 @@ def merge_metrics(total: dict, batch: dict) -> None:
         slot[1] += c
 
 
+class MetricsError(Exception):
+    """metrics.jsonl cannot be written (the message names it and the OS reason)."""
+
+
+def json_value(v):
+    """A record's value as strict JSON allows it: a NaN or infinite float becomes null
+    (json.dumps would write the bare ``NaN`` / ``Infinity``, which JSON does not have)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
 class MetricsLog:
     """Appends one JSON object per display or evaluation to <workspace>/metrics.jsonl,
     and, when tensorboardX is installed, the same numbers as TensorBoard scalars under
-    <workspace>/tensorboard (``<phase>/<metric>``)."""
+    <workspace>/tensorboard (``<phase>/<metric>``). Every line is strict JSON: a
+    non-finite number is written as null. A failed write is a MetricsError naming the
+    file."""
 
     def __init__(self, path: pathlib.Path):
         self.path = path
@@ -47,23 +63,37 @@ class MetricsLog:
         return self._tb
 
     def truncate_after(self, step: int) -> None:
-        """Drop records newer than ``step`` (resume from a checkpoint at that step)."""
+        """Drop records newer than ``step`` (resume from a checkpoint at that step; -1:
+        drop them all). The new file replaces the old one only once it is complete
+        (``write_atomic``); the old one is left as it was when that fails."""
         if not self.path.exists():
             return
-        keep = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        try:
+            text = self.path.read_text(encoding="utf-8", errors="replace")
+        except OSError as e:
+            raise MetricsError(f"{self.path}: cannot read the metrics log ({e.strerror})") from None
+        lines, keep = text.splitlines(), []
+        for line in lines:
             try:
-                if json.loads(line).get("step", 0) <= step:
-                    keep.append(line)
+                r = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a crash
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
-        os.replace(tmp, self.path)
+            s = r.get("step", 0) if isinstance(r, dict) else None
+            if isinstance(s, (int, float)) and s <= step:
+                keep.append(line)
+        if len(keep) == len(lines) and (not text or text.endswith("\n")):
+            return  # nothing to drop: the file stays as it is
+        write_atomic(self.path, "".join(k + "\n" for k in keep).encode("utf-8"), "metrics log",
+                     MetricsError)
 
     def write(self, record: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps({k: json_value(v) for k, v in record.items()}, allow_nan=False)
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+        except OSError as e:
+            raise MetricsError(f"{self.path}: cannot write the metrics log "
+                               f"({e.strerror or e})") from None
         tb = self._board()
         if tb is not None:
             for k, v in record.items():

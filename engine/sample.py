@@ -17,13 +17,25 @@ restricted to the K best with ``--top-k``. With a byte vocabulary (engine/text.p
 the bytes are printed as UTF-8, a sequence that does not decode as U+FFFD.
 ``--cpu`` samples on the CPU when the ``--job`` names a GPU (the checkpoint's own
 job's ``gpu`` field is never used: a checkpoint moves between machines).
+
+The text is printed as it is generated. SIGINT/SIGTERM stop between two
+characters (engine/stopping.py): what was printed stays, one line on stderr
+says so, exit 130/143.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
-import numpy as np
+from engine.stopping import StopSignals
+
+# Before the imports below: a Ctrl-C while they load is one line, exit 130 (not a traceback).
+_STOPS = StopSignals(sys.stderr).install() if __name__ == "__main__" else None
+
+import argparse  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+
+import numpy as np  # noqa: E402
 
 from engine import checkpoint as ckpt
 from engine.backend import BackendError, device_of, make_backend, to_host
@@ -34,6 +46,7 @@ from engine.layers.output import ArgSort
 from engine import text as tx
 from engine.net import Net
 from engine.proto import job_pb2 as pb
+from engine.stopping import ABORT, DEFER, ForcedExit, Stop, exit_status, signal_name
 from engine.workspace import load_params, net_info, workspace_of
 from engine.unroll import unroll
 from engine.worker import Worker
@@ -104,16 +117,22 @@ class Sampler:
         arrays, meta = ckpt.load_any(ckpt_path)  # this engine's .npz or SINGA's BlobProtos
         self.vocab = meta.get("vocab")
         self.encoding = meta.get("encoding") or tx.UTF8
+        if self.vocab is not None and (not isinstance(self.vocab, list) or
+                                       not all(isinstance(c, str) for c in self.vocab)):
+            raise ckpt.CheckpointError(f'{ckpt_path}: the checkpoint\'s "vocab" is not a list of '
+                                       f"characters; it was not written by engine.train")
         if job_path:
             job, where = load_job(job_path), job_path
-        elif "job" not in meta:
+        elif meta.get("format") == "singa":
             raise ConfigError(f"{ckpt_path}: a SINGA checkpoint holds params only; give the "
                               f"net to sample with --job (a sample job such as SINGA's "
                               f"sample.conf)")
         else:
+            ckpt.check_meta(ckpt_path, meta, {"job": str})
             job, where = parse_job(meta["job"], f"{ckpt_path} (its job)"), f"{ckpt_path} (its job)"
             normalise(job, where)
-        self.singa_style = any(_feedback(lay) for lay in job.neuralnet.layer)
+        # the sampling net is the job's test phase: its own feedback layer, if it has one
+        self.singa_style = any(_feedback(lay) for lay in layers_in_phase(job.neuralnet, Phase.TEST))
         if not self.vocab and not self.singa_style:
             why = ("a SINGA checkpoint; give --job a sample job whose kCharRNNOutput has "
                    "char_rnn_conf { vocab_path }" if meta.get("format") == "singa"
@@ -136,7 +155,12 @@ class Sampler:
                                   f"none; give the kCharRNNOutput layer char_rnn_conf "
                                   f"{{ vocab_path }}")
         self.worker = Worker(self.net, seed=seed, carry=pb.kCarry)
-        self.dummy = next(lay for lay in self.net.layers.values() if _feedback(lay.conf))
+        dummies = [lay for lay in self.net.layers.values() if _feedback(lay.conf)]
+        if not dummies:
+            raise ConfigError(f"{where}: the sampling net has no layer fed back from a kArgSort "
+                              f"(a kRNNDummy with dynamic_srclayer); sampling draws each next "
+                              f"character with one")
+        self.dummy = dummies[0]
         drawer = type(self.dummy).context_sources(self.dummy.conf)[0][0]
         self.argsort = self.net.layers[drawer]
         if not isinstance(self.argsort, ArgSort):
@@ -154,10 +178,10 @@ class Sampler:
         y = self.worker.outs[self.out_node]
         return int(to_host(y).reshape(-1)[0])
 
-    def generate(self, length: int, temperature: float = 1.0, prime: str = "",
-                 top_k: int = 0) -> str:
-        """``prime`` followed by ``length`` generated symbols (characters; bytes for a
-        byte vocabulary, printed as UTF-8 with U+FFFD for a sequence that does not decode)."""
+    def stream(self, length: int, temperature: float = 1.0, prime: str = "", top_k: int = 0):
+        """The ``length`` symbols generated after ``prime``, one at a time (a generator:
+        each is yielded as soon as it is drawn): characters, or bytes for a byte
+        vocabulary (``tx.Display`` prints them)."""
         self.argsort.temperature = float(temperature)
         self.argsort.sample_topk = int(top_k)
         prime = tx.from_user(prime, self.encoding)
@@ -171,11 +195,17 @@ class Sampler:
         nxt = None
         for i in ids:
             nxt = self._step(i)
-        out = []
-        for _ in range(length):
-            out.append(self.vocab[nxt])
-            nxt = self._step(None)
-        return tx.for_display(prime + "".join(out), self.encoding)
+        for k in range(length):
+            yield self.vocab[nxt]
+            if k + 1 < length:
+                nxt = self._step(None)
+
+    def generate(self, length: int, temperature: float = 1.0, prime: str = "",
+                 top_k: int = 0) -> str:
+        """``prime`` followed by ``length`` generated symbols, as printable text (bytes
+        decoded as UTF-8, U+FFFD for a sequence that does not decode)."""
+        symbols = "".join(self.stream(length, temperature, prime, top_k))
+        return tx.for_display(tx.from_user(prime, self.encoding) + symbols, self.encoding)
 
 
 def main(argv=None) -> int:
@@ -193,11 +223,43 @@ def main(argv=None) -> int:
                     help="sample on the CPU even when the --job names a GPU (gpu: 0)")
     ap.add_argument("--debug", action="store_true")
     a = ap.parse_args(argv)
-    if a.length < 0 or a.temperature < 0 or a.top_k < 0:
-        ap.error("--length, --temperature and --top-k must not be negative")
+    for opt, v in (("--length", a.length), ("--temperature", a.temperature), ("--top-k", a.top_k)):
+        if not math.isfinite(v) or v < 0:
+            print(f"error: {opt} is {v}; it must be a finite number >= 0", file=sys.stderr)
+            return 2
+    stops = _STOPS if _STOPS is not None else StopSignals(sys.stderr).install()
+    stops.phase = ABORT  # loading: a signal stops at once (nothing printed yet)
+    written = 0
     try:
         s = Sampler(a.checkpoint, a.job, a.seed, a.gpu, a.cpu)
-        text = s.generate(a.length, a.temperature, a.prime, a.top_k)
+        chars = s.stream(a.length, a.temperature, a.prime, a.top_k)
+        show = tx.Display(s.encoding)
+        text = a.prime
+        stops.phase = DEFER  # from here every character is printed as it comes
+        _emit(a.prime)
+        for ch in chars:
+            shown = show(ch)
+            _emit(shown)
+            text += shown
+            written += 1
+            stops.check()
+        tail = show.flush()  # an unfinished UTF-8 sequence at the end: U+FFFD
+        _emit(tail)
+        text += tail
+        _emit("" if text.endswith("\n") else "\n")
+        return 0
+    except (Stop, ForcedExit) as st:
+        if stops.phase == DEFER:
+            _emit("\n")
+            said = f"after {written} of {a.length} characters (printed above)"
+        else:
+            said = "before generating anything"
+        print(f"stopped by {signal_name(st.signum)} {said}", file=sys.stderr)
+        return exit_status(st.signum)
+    except BrokenPipeError:
+        # the reader went away (| head): nothing more to do, and nothing more to print
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ConfigError, ckpt.CheckpointError, BackendError) as e:
         if a.debug:
             raise
@@ -209,8 +271,14 @@ def main(argv=None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    sys.stdout.write(text + ("\n" if not text.endswith("\n") else ""))
-    return 0
+    finally:
+        stops.uninstall()
+
+
+def _emit(text: str) -> None:
+    if text:
+        sys.stdout.write(text)
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":

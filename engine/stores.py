@@ -388,6 +388,12 @@ def read_npz(path) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
 
     path = pathlib.Path(path)
     try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head[:2] != b"PK":  # an .npz is a zip archive; else numpy would talk of pickles
+            what = "a single .npy array" if head == b"\x93NUM" else "not a zip archive"
+            raise StoreError(f"{path} is not an .npz file ({what}); write the store with "
+                             f"numpy.savez(path, x=..., y=...)")
         with np.load(path, allow_pickle=False) as d:
             if "x" not in d.files:
                 raise StoreError(f'{path} has no array "x" (arrays: {", ".join(d.files) or "none"})')

@@ -17,6 +17,7 @@ not valid UTF-8, characters otherwise. A pure-ASCII text reads the same in both 
 """
 from __future__ import annotations
 
+import codecs
 import pathlib
 
 import numpy as np
@@ -140,3 +141,21 @@ def for_display(symbols: str, encoding: str) -> str:
     if encoding == BYTES:
         return symbols.encode("latin-1").decode("utf-8", errors="replace")
     return symbols
+
+
+class Display:
+    """``for_display`` for symbols that arrive one at a time (sampling prints each as it
+    is drawn): a multi-byte UTF-8 sequence is printed once its last byte has come, and
+    ``flush()`` gives what an unfinished sequence leaves (U+FFFD)."""
+
+    def __init__(self, encoding: str):
+        self.decoder = (codecs.getincrementaldecoder("utf-8")(errors="replace")
+                        if encoding == BYTES else None)
+
+    def __call__(self, symbols: str) -> str:
+        if self.decoder is None:
+            return symbols
+        return self.decoder.decode(symbols.encode("latin-1"))
+
+    def flush(self) -> str:
+        return "" if self.decoder is None else self.decoder.decode(b"", final=True)

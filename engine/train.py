@@ -6,24 +6,33 @@ checkpoints to ``<workspace>/checkpoints/``. A job with ``train_steps: 0`` and
 ``test_steps`` runs only its test phase (SINGA's way of sampling with a
 sample job and ``checkpoint_path``).
 
-Exit status: 0 done, 2 bad job/input (one line on stderr, ``--debug`` for the
-traceback), 1 the run failed (non-finite numbers, ...), 130/143 stopped by
-SIGINT/SIGTERM after writing a checkpoint.
+Exit status: 0 done, 2 bad job/input or a workspace that cannot be used, found
+before the first step (one line on stderr, ``--debug`` for the traceback), 1 the
+run started and failed (non-finite numbers, a checkpoint or the metrics log could
+not be written, ...), 130/143 stopped by SIGINT/SIGTERM (after writing a
+checkpoint when steps had run since the last one).
+
+Signals are handled from the first line below to the last save (engine/stopping.py).
 
 Several workers (``--workers N``, ``cluster { nworker_groups: N }``, or started by
 ``mpiexec -n N``) train one job data-parallel: see engine/distributed.py. Rank 0
 prints, logs, plots and checkpoints; the update step (``Trainer.train_step``) is the
-same on every worker.
+same on every worker, and a stop signal is agreed over the workers after each step.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import signal
 import sys
-import time
-import traceback
+
+from engine.stopping import StopSignals
+
+# Before the imports below: a Ctrl-C while they load is one line, exit 130 (not a traceback).
+_STOPS = StopSignals(sys.stdout).install() if __name__ == "__main__" else None
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
 
 import numpy as np
 from google.protobuf import text_format
@@ -32,18 +41,21 @@ from engine import checkpoint as ckpt
 from engine import distributed as dist
 from engine import interop
 from engine.backend import BackendError, device_of, keep_freed_memory, make_backend
-from engine.config import ConfigError, Phase, job_dir, load_job
+from engine.config import ConfigError, Phase, check_trains, job_dir, load_job
 from engine.layers.input import resolve_path
 from engine.net import Net
 from engine.planner import NotPlannable, make_worker
 from engine.plot import PlotUnavailable, plot_metrics
 from engine.proto import job_pb2 as pb
-from engine.metrics import MetricsLog, Progress, derived_metrics, fmt_metrics, fmt_time, merge_metrics
-from engine.workspace import (ensure_workspace, job_alg, load_params, net_info, param_arrays,
-                              phases_of, workspace_of, write_graphs)
+from engine.metrics import (MetricsError, MetricsLog, Progress, derived_metrics, fmt_metrics,
+                            fmt_time, merge_metrics)
+from engine.stopping import ABORT, DEFER, ForcedExit, Stop, exit_status, signal_name
+from engine.workspace import (check_layout, ensure_workspace, job_alg, load_params,
+                              lock_workspace, net_info, param_arrays, phases_of, workspace_of,
+                              write_graphs)
 from engine.layers import LayerError
 from engine.unroll import unroll
-from engine.updaters import Updater, UpdaterError, describe, global_grad_norm
+from engine.updaters import Updater, UpdaterError, describe, global_grad_norm, learning_rate
 from engine.worker import ContinuityError
 
 
@@ -52,24 +64,31 @@ class RunError(Exception):
     decided on numbers all workers share), so rank 0 alone reports it."""
 
 
-class Stop(Exception):
-    def __init__(self, signum):
-        self.signum = signum
+def new_window() -> dict:
+    """The display window being accumulated: metric sums ({name: [sum, count]}), the
+    steps merged into them and the steps skipped (non-finite). Saved in checkpoints."""
+    return {"total": {}, "steps": 0, "skipped": 0}
 
 
 class Trainer:
     """The job loop: train steps, displays, evaluations, checkpoints."""
 
-    def __init__(self, job: pb.JobProto, path: str, args, world: dist.World | None = None):
+    def __init__(self, job: pb.JobProto, path: str, args, stops: StopSignals | None = None,
+                 world: dist.World | None = None):
+        # without ``stops`` (a Trainer used as a library) no signal handler is installed
         self.job, self.path, self.args = job, path, args
+        self.stops = stops if stops is not None else StopSignals()
         #: the workers this one trains with (engine/distributed.py); one by default
         self.world = world or dist.World()
-        self.ws = workspace_of(job, args.workspace)
-        ensure_workspace(self.ws)
+        #: a stop request any worker got, agreed over all of them after each step
+        self.stop_agreed = None
+        self.out = sys.stdout
+        self.progress = None
         self.seed = args.seed if args.seed is not None else job.seed
         self.train_steps = args.steps if args.steps is not None else job.train_steps
         if self.train_steps != job.train_steps:
             job.train_steps = self.train_steps
+            check_trains(job, path, f"--steps {self.train_steps}")
         gpu = device_of(args.cpu, args.gpu, job.gpu)
         if gpu is not None:
             gpu += self.world.local_rank  # workers on one machine take consecutive GPUs
@@ -78,18 +97,44 @@ class Trainer:
         self.cpu_note = (f"--cpu: the job's gpu {', '.join(map(str, job.gpu))} is not used"
                          if args.cpu and job.gpu else "")
         self.phases = phases_of(job)
-        if self.world.leads:
+        self.ws = workspace_of(job, args.workspace)
+        self.ckpt_dir = self.ws / "checkpoints"
+        self.log = MetricsLog(self.ws / "metrics.jsonl")
+        self.lock = None
+        self.updater = None
+        self.step = 0
+        self.saved_step = None  # the step of the newest checkpoint on disk (None: none)
+        self.steps_run = 0  # training steps run by this process
+        self.window = new_window()
+        self.resume = bool(args.resume or job.resume)
+        if self.world.leads:  # rank 0 alone takes and writes the workspace
+            self.accept()
             self.unrolled = write_graphs(job, path, self.ws, self.phases)
         else:
             self.unrolled = {ph: unroll(job.neuralnet, ph, job.name, where=str(path))
                              for ph in self.phases}
-        self.out = sys.stdout
-        self.log = MetricsLog(self.ws / "metrics.jsonl")
-        self.ckpt_dir = self.ws / "checkpoints"
-        self.stop_signal = None
-        #: a stop request any worker got, agreed over all of them after each step
-        self.stop_agreed = None
-        self.progress = None
+
+    # ------------------------------------------------------- the workspace
+    def accept(self) -> None:
+        """Take the workspace, or refuse it, before anything in it changes: its exclusive
+        lock (another run holding it is named), the kinds of its entries, and whether its
+        checkpoints may be continued (``--resume``) or must be left alone. Then the
+        temporary files that killed processes left are removed (and named)."""
+        ensure_workspace(self.ws)
+        self.lock = lock_workspace(self.ws)
+        check_layout(self.ws)
+        existing = ckpt.list_checkpoints(self.ckpt_dir)
+        if existing and not self.resume and self.job.train_steps > 0:
+            raise ConfigError(f"{self.ckpt_dir} already holds checkpoints (newest: step "
+                              f"{existing[-1][0]}); continue with --resume, or start over in "
+                              f"another --workspace (nothing was overwritten)")
+        for p in ckpt.remove_stale_temps(self.ws, self.ckpt_dir, self.ws / "visualization"):
+            self.say(f"removed {p}, a temporary file of a process that no longer runs")
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # ----------------------------------------------------------- building
     def build(self) -> None:
@@ -109,16 +154,8 @@ class Trainer:
                 if not vocab and meta.get("vocab"):
                     vocab, encoding = meta["vocab"], meta.get("encoding")
         self.resume_from = None
-        resume = self.args.resume or job.resume
-        existing = ckpt.list_checkpoints(self.ckpt_dir)
-        if existing and not resume and job.train_steps > 0:
-            raise ConfigError(f"{self.ckpt_dir} already holds checkpoints (newest: step "
-                              f"{existing[-1][0]}); continue with --resume, or start over in "
-                              f"another --workspace (nothing was overwritten)")
-        if not resume and self.world.leads:
-            self.log.truncate_after(-1)
-        if resume:
-            found = ckpt.newest_valid(self.ckpt_dir, warn=self.say)
+        if self.resume:
+            found = ckpt.newest_valid(self.ckpt_dir, warn=self.say, need=ckpt.RESUME_META)
             if found is None:
                 self.say(f"no valid checkpoint in {self.ckpt_dir}; starting from step 0")
             else:
@@ -161,6 +198,10 @@ class Trainer:
         if self.resume_from is not None:
             p, arrays, meta = self.resume_from
             self._restore(p, arrays, meta)
+        # the log holds what led to this step: newer records (of a run that went further
+        # and was killed, or of one whose checkpoints are all invalid) are dropped
+        if self.world.leads:
+            self.log.truncate_after(self.step if self.resume else -1)
 
     def take_shares(self, net: Net) -> None:
         """Each input layer of ``net`` delivers only this worker's share of its batches
@@ -176,6 +217,7 @@ class Trainer:
         w = self.workers[Phase.TRAIN]
         ws = self.world.gather_worker_state(w.state_dict())
         if not self.world.leads:
+            self.saved_step = self.step  # rank 0 writes it
             return ""
         arrays = param_arrays(self.main)
         for k, v in self.updater.state_dict().items():
@@ -184,12 +226,18 @@ class Trainer:
         meta = {"step": self.step, "job": text_format.MessageToString(self.job),
                 "job_path": str(self.path), "vocab": self.vocab, "encoding": self.encoding,
                 "seed": self.seed, "worker": ws["meta"], "workers": self.world.size,
-                "time": time.time()}
+                "time": time.time(), "batchsize": self.batch_rows(w), "display": self.window}
         path = ckpt.save(self.ckpt_dir / f"step{self.step}.npz", arrays, meta)
+        self.saved_step = self.step
         ckpt.prune(self.ckpt_dir, self.job.keep_checkpoints, protect=path)
         return str(path)
 
+    def batch_rows(self, w) -> int:
+        """Rows of the whole batch (every worker's share together)."""
+        return w.batchsize * self.world.size
+
     def _restore(self, path, arrays, meta) -> None:
+        self._check_batchsize(path, arrays, meta)
         load_params(self.main, arrays, str(path))
         if self.updater is not None:
             self.updater.load_state_dict({k[8:]: v for k, v in arrays.items()
@@ -204,10 +252,28 @@ class Trainer:
                 raise ckpt.CheckpointError(f"{path}: {e}; resume with a number of workers "
                                            f"that divides them") from None
             w.load_state_dict(*mine)
-        self.step = int(meta["step"])
-        if self.world.leads:
-            self.log.truncate_after(self.step)
+        self.step = self.saved_step = int(meta["step"])
+        window = meta.get("display")
+        if isinstance(window, dict) and isinstance(window.get("total"), dict):
+            self.window = window  # the display after the resume averages its whole window
         self.say(f"resumed from {path} at step {self.step}")
+
+    def _check_batchsize(self, path, arrays, meta) -> None:
+        """The carried state and the data cursors of a checkpoint hold one row per
+        sequence of the batch: resuming needs the batch size it was written with (its
+        meta says; older checkpoints: the rows of the carried state)."""
+        w = self.workers.get(Phase.TRAIN)
+        if w is None:
+            return
+        rows = meta.get("batchsize")
+        if not isinstance(rows, int):
+            rows = next((int(a.shape[0]) for k, a in sorted(arrays.items())
+                         if k.startswith("worker/carry/") and a.ndim >= 1), None)
+        if rows is not None and rows != self.batch_rows(w):
+            raise ConfigError(f"{path}: the checkpoint was written with batch size {rows} and "
+                              f"the job now has {self.batch_rows(w)}; --resume needs the batch size it "
+                              f"was trained with (to start a new run from its params, give it "
+                              f"as checkpoint_path in another --workspace)")
 
     # ------------------------------------------------------------ running
     def say(self, msg: str) -> None:
@@ -275,7 +341,12 @@ class Trainer:
         w = self.workers[ph]
         w.reset()  # every evaluation reads the same batches from the same state
         t0 = time.time()
-        vals = self._measure(w, steps)
+        try:
+            vals = self._measure(w, steps)
+        except Stop:
+            self.say(f"step {self.step:>6}  {ph.label:<5} interrupted after {self.measured} of "
+                     f"{steps} batches (not recorded)")
+            raise
         self.log_record({"step": self.step, "phase": ph.label, **vals,
                          "seconds": round(time.time() - t0, 3)})
         self.say(f"step {self.step:>6}  {ph.label:<5} {fmt_metrics(vals)}")
@@ -334,10 +405,16 @@ class Trainer:
 
     def _measure(self, w, steps: int) -> dict:
         """Forward ``steps`` batches without training; the derived metrics over all of them
-        (and over every worker's share)."""
+        (and over every worker's share). A stop signal ends it between two batches (``Stop``;
+        ``self.measured`` batches ran); with several workers only between training steps,
+        where they agree on it."""
         total: dict = {}
+        self.measured = 0
         for _ in range(steps):
+            if self.world.size == 1:
+                self.stops.check()
             merge_metrics(total, w.run_batch(train=False))
+            self.measured += 1
         total, _ = self.world.reduce_metrics(total)
         return derived_metrics(total, w.net)
 
@@ -358,7 +435,7 @@ class Trainer:
         snap = w.snapshot()
         metrics = w.run_batch(train=True)
         self.world.allreduce_grads(self.main.grads)
-        metrics, self.stop_agreed = self.world.reduce_metrics(metrics, self.stop_signal)
+        metrics, self.stop_agreed = self.world.reduce_metrics(metrics, self.stops.pending)
         if dump:
             w.record = False
             self.dump_debug(w)
@@ -370,21 +447,24 @@ class Trainer:
         if bad:
             where = self.diagnose(w, snap)
             msg = f"step {self.step + 1}: non-finite loss or gradient; {where}"
-            if job.skip_nonfinite:
-                self.say(f"warning: {msg}; batch skipped (skip_nonfinite)")
-                self.step += 1
-                return None
-            raise RunError(msg + "; lower the learning rate or clip gradients (the last good "
-                                 "checkpoint is kept)")
-        stats = self.updater.update(self.step, grad_norm=norm)
-        self.lr = stats["lr"]
-        self.step += 1
+            if not job.skip_nonfinite:
+                raise RunError(msg + "; lower the learning rate or clip gradients (the last "
+                                     "good checkpoint is kept)")
+            # a skipped step still counts: displays, evaluations and checkpoints due
+            # at it (and at the end) happen as scheduled
+            self.say(f"warning: {msg}; batch skipped (skip_nonfinite)")
+            return None
+        self.updater.update(self.step, grad_norm=norm)
         return metrics
 
-    def _stop_requested(self):
-        """The signal to stop on, if any: this process's own with one worker, else the
-        request agreed over all workers after the last step."""
-        return self.stop_signal if self.world.size == 1 else self.stop_agreed
+    def check_stop(self) -> None:
+        """Raise Stop at the safe point between two steps: one worker, when a signal came;
+        several, when any of them got one (agreed in the last step's metrics sum), so that
+        every worker stops after the same step."""
+        if self.world.size == 1:
+            self.stops.check()
+        elif self.stop_agreed is not None:
+            raise Stop(self.stop_agreed)
 
     def run(self) -> int:
         job = self.job
@@ -393,44 +473,32 @@ class Trainer:
         if Phase.TRAIN not in self.nets:
             return self.run_test_only()
         w = self.workers[Phase.TRAIN]
-        total, t_disp, n_disp = {}, time.time(), 0
-        t_start = time.time()
-        steps_start, reduce_s0, step_s = self.step, 0.0, 0.0
+        self.t_start = self.t_disp = time.time()
+        self.n_rate, self.preds_per_batch = 0, None  # steps timed since the last display
+        self.step_s, self.reduce_s0 = 0.0, 0.0  # time in training steps; Allreduce at the last display
         self.progress = Progress(self.train_steps, self.step) if self.world.leads else None
-        self.lr = 0.0
-        preds_per_batch = None
+        skipped = 0
+        self.stops.phase = DEFER
         while self.step < self.train_steps:
-            stop = self._stop_requested()
-            if stop is not None:
-                raise Stop(stop)
+            self.check_stop()
             t_step = time.perf_counter()
             metrics = self.train_step(w)
-            step_s += time.perf_counter() - t_step
+            self.step_s += time.perf_counter() - t_step
             if metrics is None:
-                continue
-            lr = self.lr
-            merge_metrics(total, metrics)
-            n_disp += 1
-            if preds_per_batch is None:
-                preds_per_batch = metrics.get("loss", [0.0, 1.0])[1]
+                self.window["skipped"] += 1
+                skipped += 1
+            else:
+                merge_metrics(self.window["total"], metrics)
+                self.window["steps"] += 1
+                if self.preds_per_batch is None:
+                    self.preds_per_batch = metrics.get("loss", [0.0, 1.0])[1]
+            self.step += 1
+            self.steps_run += 1
+            self.n_rate += 1
             if self.progress is not None:
                 self.progress.update(self.step)
             if self._due(job.disp_freq, job.disp_after) or self.step == self.train_steps:
-                dt = max(1e-9, time.time() - t_disp)
-                vals = derived_metrics(total, self.main)
-                rate = n_disp * (preds_per_batch or 0) / dt
-                unit = "chars" if "bpc" in vals else "samples"
-                extra = {}
-                if self.world.size > 1:
-                    spent = self.world.allreduce_seconds - reduce_s0
-                    extra["allreduce_ms"] = round(1000 * spent / n_disp, 3)
-                    reduce_s0 = self.world.allreduce_seconds
-                self.log_record({"step": self.step, "phase": "train", **vals, "lr": lr,
-                                 f"{unit}_per_s": round(rate, 1), **extra,
-                                 "elapsed": round(time.time() - t_start, 3)})
-                self.say(f"step {self.step:>6}  train {fmt_metrics(vals)}  lr {lr:.4g}  "
-                         f"{rate:,.0f} {unit}/s  {fmt_time(time.time() - t_start)}")
-                total, t_disp, n_disp = {}, time.time(), 0
+                self.display()
                 if self.debug:
                     self.check_same_params(f"at step {self.step}")
             if Phase.VAL in self.workers and (self._due(job.validate_freq, job.validate_after)
@@ -441,42 +509,93 @@ class Trainer:
                 self.evaluate(Phase.TEST, job.test_steps)
             if self._due(job.checkpoint_freq, job.checkpoint_after) or \
                     self.step == self.train_steps:
-                path = self.save_checkpoint()
-                self.say(f"checkpoint {path}")
+                self.say(f"checkpoint {self.save_checkpoint()}")
         if self.progress is not None:
             self.progress.clear()
-        took = time.time() - t_start
-        self.say(f"done: {self.step} steps in {fmt_time(took)}; checkpoints in {self.ckpt_dir}")
-        if self.world.size > 1 and self.step > steps_start:
-            n = self.step - steps_start
-            self.say(f"allreduce: {1000 * self.world.allreduce_seconds / n:.3f} ms per step "
-                     f"on rank 0, {100 * self.world.allreduce_seconds / max(1e-9, step_s):.1f}% "
-                     f"of its {1000 * step_s / n:.1f} ms training step")
-        self.plot()
+        self.stops.phase = ABORT  # every step and checkpoint is on disk: nothing left to keep
+        note = f" ({skipped} skipped: non-finite)" if skipped else ""
+        self.say(f"done: {self.step} steps{note} in {fmt_time(time.time() - self.t_start)}; "
+                 f"checkpoints in {self.ckpt_dir}")
+        n = self.steps_run
+        if self.world.size > 1 and n:
+            spent = self.world.allreduce_seconds
+            self.say(f"allreduce: {1000 * spent / n:.3f} ms per step on rank 0, "
+                     f"{100 * spent / max(1e-9, self.step_s):.1f}% of its "
+                     f"{1000 * self.step_s / n:.1f} ms training step")
+        try:
+            self.plot()
+        except Stop as st:
+            self.say(f"stopped by {signal_name(st.signum)} while drawing the plot; every step "
+                     f"and checkpoint is saved")
+            return exit_status(st.signum)
         return 0
 
+    def display(self) -> None:
+        """The training record of the display window that ends at this step: metrics
+        averaged over its steps (a resumed run continues the window its checkpoint
+        saved), the learning rate, speed, elapsed time, and how many steps were skipped."""
+        total, n, skipped = self.window["total"], self.window["steps"], self.window["skipped"]
+        now = time.time()
+        vals = derived_metrics(total, self.main) if n else {}
+        rate = self.n_rate * (self.preds_per_batch or 0) / max(1e-9, now - self.t_disp)
+        unit = "chars" if any(lay.text for lay in self.main.inputs) else "samples"
+        lr = learning_rate(self.job.updater.learning_rate, self.step - 1)
+        rec = {"step": self.step, "phase": "train", **vals, "lr": lr,
+               f"{unit}_per_s": round(rate, 1), "elapsed": round(now - self.t_start, 3)}
+        if skipped:
+            rec["skipped"] = skipped
+        if self.world.size > 1 and self.n_rate:
+            spent = self.world.allreduce_seconds - self.reduce_s0
+            rec["allreduce_ms"] = round(1000 * spent / self.n_rate, 3)
+            self.reduce_s0 = self.world.allreduce_seconds
+        self.log_record(rec)
+        shown = fmt_metrics(vals) if n else "every step since the last display was skipped"
+        self.say(f"step {self.step:>6}  train {shown}  lr {lr:.4g}  {rate:,.0f} {unit}/s  "
+                 f"{fmt_time(now - self.t_start)}" + (f"  ({skipped} skipped)" if skipped else ""))
+        self.window = new_window()
+        self.t_disp, self.n_rate = now, 0
+
     def plot(self) -> None:
+        """The learning curve, metrics.png. It comes after every step and checkpoint is on
+        disk, so whatever keeps it from being drawn (no matplotlib, a bad MPLBACKEND,
+        metrics.png a folder, ...) is a note, never a failed run. Rank 0 only."""
         if not self.world.leads:
             return
         try:
             self.say(f"plot {plot_metrics(self.ws)}")
         except PlotUnavailable as e:
             self.say(f"note: no plot: {e}")
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            first = (str(e).splitlines() or [""])[0]
+            self.say(f"warning: no plot: {type(e).__name__}: {first} (the run itself is "
+                     f"complete)")
 
     def run_test_only(self) -> int:
         ph = Phase.TEST if Phase.TEST in self.workers else self.phases[0]
         steps = self.job.test_steps or 1
         w = self.workers[ph]
-        vals = self._measure(w, steps)
+        self.stops.phase = DEFER
+        try:
+            vals = self._measure(w, steps)
+        except Stop as st:
+            self.report_text(w)  # what was generated so far is kept
+            self.say(f"stopped by {signal_name(st.signum)} after {self.measured} of {steps} "
+                     f"{ph.label} batches (metrics not recorded)")
+            return exit_status(st.signum)
         if vals:
             self.log_record({"step": self.step, "phase": ph.label, **vals})
             self.say(f"{ph.label}: {fmt_metrics(vals)}")
+        self.report_text(w)
+        return 0
+
+    def report_text(self, w) -> None:
+        if not self.world.leads:
+            return
         for lay in w.net.layers.values():
             text = lay.report()
             if text:
                 self.say(f"--- text written by layer {lay.name} ---")
                 self.say(text)
-        return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -534,10 +653,13 @@ def start_workers(args, argv: list[str]):
         return 2
 
 
-def failure(e: Exception, args) -> tuple[int, str]:
-    """(exit status, one line) for an exception that ends a run."""
-    if isinstance(e, (ConfigError, BackendError, ckpt.CheckpointError, dist.DistributedError)):
-        return 2, str(e)
+def failure(e: Exception, args, trainer=None) -> tuple[int, str]:
+    """(exit status, one line) for an exception that ends a run. The job, its input or the
+    workspace at fault is 2 when found before the first step; a workspace that cannot be
+    written once steps ran (a checkpoint, the metrics log) is a failed run, 1."""
+    if isinstance(e, (ConfigError, BackendError, ckpt.CheckpointError, MetricsError,
+                      dist.DistributedError)):
+        return (1 if trainer is not None and trainer.steps_run else 2), str(e)
     if isinstance(e, NotPlannable):
         return 2, f"--executor planned: {e}; use --executor auto"
     if isinstance(e, (RunError, ContinuityError)):
@@ -547,7 +669,7 @@ def failure(e: Exception, args) -> tuple[int, str]:
     return 1, f"{type(e).__name__}: {e} (run with --debug for the traceback)"
 
 
-def report_failure(world: dist.World, started: bool, e: Exception, args) -> int:
+def report_failure(world: dist.World, started: bool, e: Exception, args, trainer=None) -> int:
     """Report ``e`` and return the exit status. One worker: its line. Several: before
     training started, every worker agrees on the first failing one's line (rank 0
     prints it: a bad job is one line, status 2, on every worker alike); a failure every
@@ -559,7 +681,7 @@ def report_failure(world: dist.World, started: bool, e: Exception, args) -> int:
     else:
         if args.debug:
             traceback.print_exc()
-        code, line = failure(e, args)
+        code, line = failure(e, args, trainer)
     if world.size == 1:
         print(f"error: {line}", file=sys.stderr)
         return code
@@ -575,54 +697,107 @@ def report_failure(world: dist.World, started: bool, e: Exception, args) -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    world = start_workers(args, argv)
-    if isinstance(world, int):
-        return world
-    trainer = None
-    started = False
+    stops = _STOPS if _STOPS is not None else StopSignals(sys.stdout).install()
+    stops.phase = ABORT  # until the loops: a signal stops at once (nothing to keep yet)
+    trainer, world, started = None, None, False
     try:
-        job = load_job(args.job)
-        if args.graph_only:
-            if world.leads:
-                ws = workspace_of(job, args.workspace)
-                ensure_workspace(ws)
-                for ph, u in write_graphs(job, args.job, ws, phases_of(job)).items():
-                    g = u.graph
-                    print(f"wrote {ws / 'visualization' / (ph.label + '_net.json')} "
-                          f"({g.number_of_nodes()} nodes, {g.number_of_edges()} edges)")
-            started = True
-            world.agree(None)
-            return 0
-        dist.check_world(world, args.workers, job)
-        trainer = Trainer(job, args.job, args, world)
-        keep_freed_memory()  # reuse each batch's large temporaries (see engine/backend.py)
-
-        def on_signal(signum, frame):
-            trainer.stop_signal = signum
-
-        old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        # overflow is detected and reported by the loop itself, not by numpy warnings
-        np.seterr(over="ignore", invalid="ignore", divide="ignore")
         try:
+            if args.steps is not None and args.steps < 0:
+                raise ConfigError(f"--steps is {args.steps}; it must be >= 0 (0: no training, "
+                                  f"only the test phase)")
+            world = start_workers(args, argv)
+            if isinstance(world, int):  # this process launched the workers, and they ended
+                return world
+            job = load_job(args.job)
+            if args.graph_only:
+                if world.leads:
+                    graph_only(job, args)
+                started = True
+                world.agree(None)
+                return 0
+            dist.check_world(world, args.workers, job)
+            trainer = Trainer(job, args.job, args, stops, world)
+            keep_freed_memory()  # reuse each batch's large temporaries (see engine/backend.py)
+            # overflow is detected and reported by the loop itself, not by numpy warnings
+            np.seterr(over="ignore", invalid="ignore", divide="ignore")
             trainer.build()
             started = True
             problem = world.agree(None)  # did every worker start? (one: it did)
             if problem is not None:
                 raise WorkersFailed(*problem)
             return trainer.run()
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
-    except Stop as st:
-        where = trainer.save_checkpoint() if trainer.updater is not None else "(nothing to save)"
-        name = "SIGINT" if st.signum == signal.SIGINT else "SIGTERM"
-        trainer.say(f"stopped by {name} at step {trainer.step}; checkpoint {where}; continue with "
+        except Stop as st:
+            return stopped(trainer, stops, st.signum)
+        except Exception as e:  # noqa: BLE001 - every failure is one line (and its exit status)
+            if args.debug and (world is None or world.size == 1):
+                raise
+            return report_failure(world or dist.World(), started, e, args, trainer)
+    except ForcedExit as fx:
+        return forced_exit(trainer, fx.signum)
+    finally:
+        if trainer is not None:
+            trainer.release()
+        stops.uninstall()
+
+
+def graph_only(job, args) -> int:
+    """--graph-only: the unrolled graphs of the job's phases, written under the lock."""
+    ws = workspace_of(job, args.workspace)
+    ensure_workspace(ws)
+    lock = lock_workspace(ws)
+    try:
+        check_layout(ws)
+        for ph, u in write_graphs(job, args.job, ws, phases_of(job)).items():
+            g = u.graph
+            print(f"wrote {ws / 'visualization' / (ph.label + '_net.json')} "
+                  f"({g.number_of_nodes()} nodes, {g.number_of_edges()} edges)")
+    finally:
+        lock.release()
+    return 0
+
+
+def stopped(trainer: Trainer | None, stops: StopSignals, signum: int) -> int:
+    """A stop signal ended the run: write a checkpoint when steps ran since the newest
+    one (signals keep being handled until it is on disk; see engine/stopping.py), say
+    where to continue from, and exit 128 + signum. A checkpoint that cannot be written
+    is one error line naming it, exit 1."""
+    name = signal_name(signum)
+    if trainer is None or trainer.updater is None or trainer.steps_run == 0:
+        have = (f"; the newest checkpoint is step {trainer.saved_step}"
+                if trainer is not None and trainer.saved_step is not None else "")
+        if trainer is None or trainer.world.leads:
+            print(f"stopped by {name} before the first step; nothing to save{have}", flush=True)
+        return exit_status(signum)
+    if trainer.saved_step == trainer.step:
+        trainer.say(f"stopped by {name} at step {trainer.step}; checkpoint "
+                    f"{trainer.ckpt_dir / f'step{trainer.step}.npz'} holds it; continue with "
                     f"--resume")
-        return 130 if st.signum == signal.SIGINT else 143
-    except Exception as e:  # noqa: BLE001 - every failure is one line (and its exit status)
-        if args.debug and world.size == 1:
-            raise
-        return report_failure(world, started, e, args)
+        return exit_status(signum)
+    stops.saving(f"writing the checkpoint of step {trainer.step}")
+    try:
+        where = trainer.save_checkpoint()
+    except ckpt.CheckpointError as e:
+        if trainer.world.leads:
+            print(f"error: stopped by {name} at step {trainer.step}, but its checkpoint could "
+                  f"not be written: {e}", file=sys.stderr)
+        return 1
+    trainer.say(f"stopped by {name} at step {trainer.step}; checkpoint {where}; continue with "
+                f"--resume")
+    return exit_status(signum)
+
+
+def forced_exit(trainer: Trainer | None, signum: int) -> int:
+    """The third signal: leave without the save in progress, saying what is lost."""
+    if trainer is None or trainer.steps_run == 0 or trainer.saved_step == trainer.step:
+        lost = "nothing is lost"
+    elif trainer.saved_step is None:
+        lost = f"steps 1 to {trainer.step} are lost (no checkpoint was written)"
+    else:
+        lost = (f"steps {trainer.saved_step + 1} to {trainer.step} are lost; the newest "
+                f"checkpoint is step {trainer.saved_step}")
+    print(f"error: stopped by a third signal ({signal_name(signum)} first) without a "
+          f"checkpoint; {lost}", file=sys.stderr)
+    return exit_status(signum)
 
 
 if __name__ == "__main__":

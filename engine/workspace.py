@@ -1,15 +1,23 @@
-"""The workspace of a job and what goes into it: the folder, the unrolled graphs of the
-phases, the net-wide facts the layers get, and params to and from checkpoint arrays."""
+"""The workspace of a job and what goes into it: the folder, its lock, the unrolled graphs
+of the phases, the net-wide facts the layers get, and params to and from checkpoint arrays."""
 from __future__ import annotations
 
+import errno
+import json
 import os
 import pathlib
 
 from engine.backend import to_host
+from engine.checkpoint import temp_path, write_atomic
 from engine.config import ConfigError, Phase, job_dir, layers_in_phase
 from engine.net import Net
 from engine.proto import job_pb2 as pb
-from engine.unroll import unroll, write_graph_json
+from engine.unroll import graph_to_json, unroll
+
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: workspaces are not locked there
+    fcntl = None
 
 
 def workspace_of(job: pb.JobProto, override: str | None) -> pathlib.Path:
@@ -25,12 +33,96 @@ def ensure_workspace(ws: pathlib.Path) -> None:
     """Create the workspace and check it is writable; ConfigError otherwise."""
     try:
         ws.mkdir(parents=True, exist_ok=True)
-        probe = ws / f".write-test-{os.getpid()}"
+        probe = temp_path(ws / "write-test")  # a killed run's probe is a stale temporary
         probe.write_text("")
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"{ws}: the workspace cannot be written ({e.strerror}); choose another "
                           f"with --workspace DIR") from None
+
+
+LOCK = "lock"
+
+
+class WorkspaceLock:
+    """An exclusive lock on a workspace: ``fcntl.flock`` on ``<ws>/lock``, whose text is the
+    holder's PID. The OS releases it when the holder's process ends, however it ends, so a
+    killed run never leaves a stale lock (the file stays; its PID is only informative).
+    Network file systems may not honour flock between machines: a workspace shared by
+    several machines is not protected by it. Without ``fcntl`` (not a POSIX system) the
+    lock is not taken."""
+
+    def __init__(self, ws: pathlib.Path):
+        self.path = pathlib.Path(ws) / LOCK
+        self.fd: int | None = None
+
+    def acquire(self) -> "WorkspaceLock":
+        """Take the lock or raise ConfigError naming the process that holds it."""
+        if fcntl is None:
+            return self
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ConfigError(f"{self.path}: cannot open the workspace lock ({e.strerror}); "
+                              f"choose another --workspace") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise ConfigError(f"{self.path.parent}: the workspace is in use by {holder} (it "
+                                  f"holds {self.path}); wait for it to finish or stop it, or use "
+                                  f"another --workspace") from None
+            raise ConfigError(f"{self.path}: cannot lock the workspace ({e.strerror}); the file "
+                              f"system may not support locks: use a local --workspace") from None
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError:
+            pass  # the PID is informative only; the lock itself is held
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        """Give the lock back (the process's end does the same)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __del__(self):
+        self.release()
+
+
+def _lock_holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 64, 0).decode("ascii", "replace").split()
+    except OSError:
+        text = []
+    return f"process {text[0]}" if text and text[0].isdigit() else "another process"
+
+
+def lock_workspace(ws: pathlib.Path) -> WorkspaceLock:
+    """``WorkspaceLock(ws).acquire()``: the run's exclusive hold on its workspace."""
+    return WorkspaceLock(ws).acquire()
+
+
+# What the engine keeps in a workspace, and whether each is a folder.
+_LAYOUT = {"checkpoints": True, "visualization": True, "metrics.jsonl": False,
+           "vocab.txt": False, LOCK: False}
+
+
+def check_layout(ws: pathlib.Path) -> None:
+    """Every entry the engine writes in ``ws`` that exists already has the right kind
+    (a folder ``checkpoints``, a file ``metrics.jsonl``, ...); ConfigError naming it
+    otherwise, before anything runs."""
+    for name, folder in _LAYOUT.items():
+        p = pathlib.Path(ws) / name
+        if not p.exists() or p.is_dir() == folder:
+            continue
+        kind, want = ("a folder", "a file") if p.is_dir() else ("not a folder", "a folder")
+        raise ConfigError(f"{p} is {kind}, but the engine keeps {want} there; move it away or "
+                          f"use another --workspace")
 
 
 def phases_of(job: pb.JobProto) -> list[Phase]:
@@ -47,13 +139,11 @@ def phases_of(job: pb.JobProto) -> list[Phase]:
 
 def write_graphs(job, path, ws: pathlib.Path, phases) -> dict:
     """Unroll each phase and write visualization/<phase>_net.json; returns {phase: Unrolled}."""
+    out = {ph: unroll(job.neuralnet, ph, job.name, where=str(path)) for ph in phases}
     vis = ws / "visualization"
-    vis.mkdir(parents=True, exist_ok=True)
-    out = {}
-    for ph in phases:
-        u = unroll(job.neuralnet, ph, job.name, where=str(path))
-        write_graph_json(u.graph, vis / f"{ph.label}_net.json")
-        out[ph] = u
+    for ph, u in out.items():  # each file whole or untouched (write_atomic)
+        write_atomic(vis / f"{ph.label}_net.json",
+                     json.dumps(graph_to_json(u.graph), indent=1).encode(), "graph", ConfigError)
     return out
 
 

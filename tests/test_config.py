@@ -275,6 +275,24 @@ MALFORMED = [
     ("a missing job file",
      None,
      ": no such job file"),
+    # ------------------------------------------ silent nonsense (issue 16, items 13 and 16)
+    ("char streams advance by another length than their readers read",
+     edit('char_rnn_conf { path: "train.txt" }', 'char_rnn_conf { path: "train.txt" unroll_len: 30 }'),
+     ': layer "data": char_rnn_conf.unroll_len is 30 but "onehot" and "label", which read it, '
+     "have unroll_len 3: each batch would read 4 characters per stream and move on by 30, "
+     "skipping text while the carried state jumps the gap; make them equal, or leave "
+     "char_rnn_conf.unroll_len out (it then follows theirs)"),
+    ("the readers of the char streams disagree on unroll_len",
+     edit('srclayers: "data" unroll_conn_type: kUnrollOneToAll }\n  layer { name: "label"',
+          'srclayers: "data" unroll_conn_type: kUnrollOneToAll unroll_len: 2 }\n  '
+          'layer { name: "label"'),
+     ': layer "data": the layers reading it have different unroll_len ("onehot" 2, "label" 3); '
+     "give them one value, the characters each batch reads per stream"),
+    ("a job that trains without a loss layer",
+     edit("  " + LOSS + "\n", ""),
+     ": the job trains (train_steps: 10) but its train phase has no loss layer (kSoftmaxLoss, "
+     "kEuclideanLoss), so no step would learn anything; add one, or set train_steps: 0 for a "
+     "job that only tests"),
 ]
 
 
@@ -569,3 +587,27 @@ def test_singa_char_rnn_job_parses_unchanged():
                and p.init.high == pytest.approx(0.08) for lay in net.layer for p in lay.param)
     assert [p.name for p in layer(job, "ip1").param] == ["w", "b"]
     assert list(layer(job, "loss").srclayers) == ["ip1", "label"]
+
+
+def test_char_stream_length_follows_its_readers_when_left_out(tmp_path):
+    """char_rnn_conf.unroll_len (SINGA's default 50) follows the layers reading the
+    streams when the file leaves it out (issue 16, item 13)."""
+    path = tmp_path / "job.conf"
+    path.write_text(BASE)
+    data = layer(load_job(path), "data")
+    assert data.char_rnn_conf.HasField("unroll_len") and data.char_rnn_conf.unroll_len == 3
+
+
+def test_steps_on_the_command_line_make_a_job_without_loss_train(tmp_path):
+    """A test-only job without a loss layer is fine; --steps makes it train: refused."""
+    path = tmp_path / "job.conf"
+    path.write_text(edit("train_steps: 10", "train_steps: 0 test_steps: 1", "  " + LOSS + "\n", ""))
+    load_job(path)  # valid as it is
+    r = subprocess.run([sys.executable, "-m", "engine.train", str(path), "--steps", "5",
+                        "--workspace", str(tmp_path / "ws")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr == (f"error: {path}: the job trains (--steps 5) but its train phase has no "
+                        f"loss layer (kSoftmaxLoss, kEuclideanLoss), so no step would learn "
+                        f"anything; add one, or set train_steps: 0 for a job that only tests\n")
+    assert not (tmp_path / "ws").exists()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from charjobs import run_cli
+from charjobs import char_job, run_cli
 
 
 def store_job(tmp_path, arrays: dict | None, extra_store: str = "", unroll: int = 4):
@@ -105,7 +105,8 @@ train_one_batch {{ alg: {alg} }}
 updater {{ type: kSGD learning_rate {{ type: kFixed base_lr: 0.1 }} }}
 neuralnet {{ unroll_len: {unroll if alg == "kBPTT" else 1}
   layer {{ name: "data" type: kRecordInput store_conf {{ {store} }} }}
-  layer {{ name: "ip" type: kInnerProduct srclayers: "data" innerproduct_conf {{ num_output: 2 }} }}
+  layer {{ name: "ip" type: kInnerProduct srclayers: "data" innerproduct_conf {{ num_output: 3 }} }}
+  layer {{ name: "loss" type: kSoftmaxLoss srclayers: "ip" srclayers: "data" }}
 }}
 cluster {{ workspace: "{tmp_path / 'ws'}" }}
 """)
@@ -152,3 +153,111 @@ def test_token_ids_refuse_normalisation(tmp_path):
     r = run_cli("engine.train", job)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "holds token ids; mean and std normalise features" in r.stderr
+
+
+# ------------------------------------- silent nonsense in stores (issue 16, items 17-20)
+
+IDS = np.array([[0, 1, 2, 3], [3, 2, 1, 0], [1, 1, 2, 2], [0, 0, 3, 3], [2, 3, 0, 1]])
+WITH_NAN = X.copy()
+WITH_NAN[3, 2, 1] = np.nan
+
+
+def onehot_job(tmp_path, arrays):
+    """store_job with token ids: data -> kOneHot -> kRNN."""
+    job = store_job(tmp_path, arrays)
+    job.write_text(job.read_text().replace(
+        'srclayers: "data" rnn_conf', 'srclayers: "onehot" rnn_conf').replace(
+        '  layer { name: "rnn"', '  layer { name: "onehot" type: kOneHot srclayers: "data" }\n'
+                                 '  layer { name: "rnn"'))
+    return job
+
+
+@pytest.mark.parametrize("arrays, expect", [
+    ({"x": np.where(IDS == 2, -1, IDS), "y": Y},  # was read as the last one-hot column
+     "x[0, 2] is -1 (sequence 0, step 2); token ids must lie in 0..16777215"),
+    ({"x": np.where(IDS == 3, 10 ** 9, IDS), "y": Y},  # was a 60 GiB MemoryError
+     "x[0, 3] is 1000000000 (sequence 0, step 3); token ids must lie in 0..16777215"),
+    ({"x": IDS.astype(np.uint64) + np.uint64(2 ** 63), "y": Y},  # was numpy's ValueError
+     f"x[0, 0] is {2 ** 63} (sequence 0, step 0); token ids must lie in 0..16777215"),
+])
+def test_token_ids_out_of_range_are_one_line_naming_the_place(tmp_path, arrays, expect):
+    r = run_cli("engine.train", onehot_job(tmp_path, arrays))
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and expect in lines[0], r.stderr
+    assert f'layer "data": {tmp_path / "d.npz"}: ' in lines[0]
+
+
+@pytest.mark.parametrize("arrays, expect", [
+    ({"x": X + 1j, "y": Y}, "x holds complex numbers (complex128); store real numbers"),
+    ({"x": X.astype(str), "y": Y}, "x holds text (<U32); store real numbers"),
+    ({"x": WITH_NAN, "y": Y}, "x[3, 2, 1] is nan (sequence 3, step 2); the data must hold finite"),
+    ({"x": X, "y": np.array([0.0, 1.0, np.inf, 0.0, 1.0])}, "y[2] is inf (sequence 2)"),
+    ({"x": X, "y": Y, "lengths": np.array([4, 3.5, 2, 1, 1])},
+     "lengths[1] is 3.5; a length is a whole number of steps"),
+    ({"x": X[:1], "y": Y[:1]},
+     "x holds 1 sequences, fewer than store_conf.batchsize 2, so every batch would repeat"),
+])
+def test_bad_values_in_a_store_are_one_line_naming_the_place(tmp_path, arrays, expect):
+    r = run_cli("engine.train", store_job(tmp_path, arrays))
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and expect in lines[0], r.stderr
+    assert f'layer "data": {tmp_path / "d.npz"}: ' in lines[0]
+
+
+def test_small_unsigned_ids_train(tmp_path):
+    rng = np.random.default_rng(0)
+    r = run_cli("engine.train", onehot_job(tmp_path, {"x": IDS.astype(np.uint64),
+                                                      "y": rng.integers(0, 2, 5)}))
+    assert r.returncode == 0, r.stderr
+
+
+def test_an_unknown_backend_is_one_line_naming_it(tmp_path):
+    r = run_cli("engine.train", store_job(tmp_path, {"x": X, "y": Y}, 'backend: "hdf5"'))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'store_conf.backend "hdf5"' in lines[0], r.stderr
+
+
+def test_a_file_that_is_not_an_npz_is_named_as_such(tmp_path):
+    job = store_job(tmp_path, None)
+    (tmp_path / "d.npz").write_bytes(b"x,y\n1,2\n")
+    r = run_cli("engine.train", job)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is not an .npz file (not a zip archive)" in lines[0], r.stderr
+    assert "pickled" not in r.stderr
+
+
+def test_an_empty_csv_is_one_line_without_numpy_warnings(tmp_path):
+    job = store_job(tmp_path, None, 'shape: 4 shape: 3')
+    (tmp_path / "d.csv").write_text("")
+    job.write_text(job.read_text().replace("d.npz", "d.csv").replace("kRecordInput", "kCSVInput"))
+    r = run_cli("engine.train", job)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f'error: {job}: layer "data": {tmp_path / "d.csv"}: the textfile holds no records']
+
+
+@pytest.mark.parametrize("kind", ["a folder", "not UTF-8"])
+def test_a_bad_vocabulary_file_is_one_line(tmp_path, kind):
+    """A folder is named as such. A vocabulary that is not UTF-8 is a byte vocabulary (as
+    SINGA's data.py writes them): this one lacks the text's bytes, which is one line
+    naming the text and the first byte it lacks."""
+    job = char_job(tmp_path, val=False)
+    vocab = tmp_path / "vocab.txt"
+    if kind == "a folder":
+        vocab.mkdir()
+        expect = [str(vocab), "folder"]
+    else:
+        vocab.write_bytes(b"ab\xff\xfe")
+        expect = ["train.txt", "is not in the vocabulary"]
+    job.write_text(job.read_text().replace("batchsize: 4", f'vocab_path: "{vocab}" batchsize: 4'))
+    r = run_cli("engine.train", job)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and all(e in lines[0] for e in expect), r.stderr

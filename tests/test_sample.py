@@ -106,3 +106,121 @@ cluster {{ workspace: "{tmp_path / 'ws'}" }}
     r = run_cli("engine.train", job)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "has no param gru/z_hx" in r.stderr
+
+
+# ---------------------------------------------------------- issue 16, items 8 and 18
+
+def test_text_is_streamed_and_sigint_keeps_it(trained):
+    import os
+    import select
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from charjobs import ROOT
+    _, _, ck = trained
+    proc = subprocess.Popen([sys.executable, "-m", "engine.sample", "--checkpoint", str(ck),
+                             "--length", "100000000", "--prime", "def "], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+    got = b""
+    deadline = time.time() + 60
+    try:
+        while len(got) < 30:  # characters arrive while the generation goes on
+            assert proc.poll() is None and time.time() < deadline, "no text while generating"
+            if select.select([proc.stdout], [], [], 0.2)[0]:
+                got += os.read(proc.stdout.fileno(), 100)
+    except AssertionError:
+        proc.kill()
+        proc.communicate()
+        raise
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    text = (got + out).decode()
+    assert proc.returncode == 130, err
+    assert text.startswith("def ") and len(text) > 30 and set(text) <= set(TEXT) | {"\n"}
+    lines = err.decode().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("stopped by SIGINT after "), err
+    assert int(lines[0].split("after ")[1].split()[0]) == len(text.rstrip("\n")) - 4
+
+
+def test_a_job_whose_sampling_net_has_no_feedback_is_one_line(trained, tmp_path):
+    """--job whose feedback (kRNNDummy <- kArgSort) is not in its test phase."""
+    _, _, ck = trained
+    job = tmp_path / "job.conf"
+    job.write_text(f"""name: "s" train_steps: 0 test_steps: 5
+neuralnet {{
+  layer {{ name: "data" type: kRNNDummy include: kTrain rnn_dummy_conf {{ dynamic_srclayer: "argsort" shape: 1 integer: true }} }}
+  layer {{ name: "onehot" type: kOneHot srclayers: "data" include: kTrain }}
+  layer {{ name: "rnn1" type: kGRU srclayers: "onehot" gru_conf {{ dim_hidden: 24 }} include: kTrain }}
+  layer {{ name: "ip1" type: kInnerProduct srclayers: "rnn1" innerproduct_conf {{ num_output: 40 }} include: kTrain }}
+  layer {{ name: "argsort" type: kArgSort srclayers: "ip1" include: kTrain }}
+  layer {{ name: "data" type: kCharRNN include: kTest char_rnn_conf {{ path: "{tmp_path / 't.txt'}" batchsize: 1 }} }}
+  layer {{ name: "onehot" type: kOneHot srclayers: "data" include: kTest unroll_conn_type: kUnrollOneToAll }}
+  layer {{ name: "rnn1" type: kGRU srclayers: "onehot" gru_conf {{ dim_hidden: 24 }} include: kTest }}
+  layer {{ name: "ip1" type: kInnerProduct srclayers: "rnn1" innerproduct_conf {{ num_output: 40 }} include: kTest }}
+}}
+""")
+    (tmp_path / "t.txt").write_text(TEXT)
+    r = run_cli("engine.sample", "--checkpoint", ck, "--job", job, "--length", 5)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {job}: "), r.stderr
+
+
+def _with_meta(src, dst, meta_json):
+    """A copy of checkpoint ``src`` whose meta record is ``meta_json`` (checksum kept)."""
+    import numpy as np
+    with np.load(src) as d:
+        arrays = {k: d[k] for k in d.files if k != "meta"}
+    np.savez(dst, meta=np.array(meta_json), **arrays)
+    return dst
+
+
+def test_a_checkpoint_whose_meta_is_not_an_object_is_one_line(trained, tmp_path):
+    _, _, ck = trained
+    bad = _with_meta(ck, tmp_path / "step1.npz", "[1, 2]")
+    r = run_cli("engine.sample", "--checkpoint", bad)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"error: {bad}: not a checkpoint of this engine (its meta record is a JSON list, not "
+        f"an object)"]
+
+
+def test_a_checkpoint_without_its_job_is_one_line(trained, tmp_path):
+    from engine import checkpoint as ckpt
+    _, _, ck = trained
+    arrays, meta = ckpt.load(ck)
+    del meta["job"]
+    bad = ckpt.save(tmp_path / "step60.npz", arrays, meta)
+    r = run_cli("engine.sample", "--checkpoint", bad)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f'error: {bad}: the checkpoint has no "job" in its meta record; it was not written by '
+        f"engine.train"]
+
+
+def test_resume_skips_checkpoints_with_a_bad_meta_record(tmp_path):
+    from engine import checkpoint as ckpt
+    job = char_job(tmp_path, steps=10, val=False)
+    assert run_cli("engine.train", job).returncode == 0
+    cp = tmp_path / "ws" / "checkpoints"
+    arrays, meta = ckpt.load(cp / "step10.npz")
+    ckpt.save(cp / "step15.npz", arrays, {k: v for k, v in meta.items() if k != "job"})
+    _with_meta(cp / "step10.npz", cp / "step20.npz", "[20]")
+    r = run_cli("engine.train", job, "--resume", "--steps", 12)
+    assert r.returncode == 0, r.stderr
+    assert f"warning: skipping {cp / 'step20.npz'}: not a checkpoint of this engine" in r.stdout
+    assert f'warning: skipping {cp / "step15.npz"}: the checkpoint has no "job"' in r.stdout
+    assert "at step 10" in r.stdout
+
+
+@pytest.mark.parametrize("opt", [("--temperature", "nan"), ("--temperature", "inf"),
+                                 ("--length", "-1"), ("--top-k", "-2")])
+def test_sampling_options_are_checked_in_one_line(trained, opt):
+    _, _, ck = trained
+    r = run_cli("engine.sample", "--checkpoint", ck, *opt)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == [
+        f"error: {opt[0]} is {float(opt[1]) if opt[0] == '--temperature' else opt[1]}; it must "
+        f"be a finite number >= 0"]

@@ -257,6 +257,7 @@ def test_explicit_encoding_and_bad_text_are_one_line(tmp_path):
     assert bytes(ord(c) for c in data.vocab) == "".join(sorted(set(text))).encode("utf-8")
     ids = data.streams.reshape(-1)
     assert bytes(ord(data.vocab[i]) for i in ids) == raw[: ids.size]  # é is two symbols
+    t.release()  # the workspace lock: the runs below use the same workspace
     (tmp_path / "bad.conf").write_text(job.replace('encoding: "bytes"', 'encoding: "latin1"'))
     r = run_cli("engine.train", tmp_path / "bad.conf", "--cpu")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1

@@ -227,6 +227,15 @@ class Layer:
         return any(name == conf.name and off < 0 for name, off in cls.context_sources(conf))
 
     @classmethod
+    def fit_readers(cls, conf, readers: list) -> str | None:
+        """Settle the settings of ``conf`` that must agree with the layers reading this
+        one (``readers``: their LayerProtos, all in one phase): fill them in place when
+        the file leaves them out, or return the disagreement (one line, without the
+        layer's name). ``config.normalise`` calls it once per phase; most layers have
+        no such setting."""
+        return None
+
+    @classmethod
     def default_param_names(cls, conf) -> list[str]:
         """Names of the params this layer type creates, in order (for docs and defaults)."""
         return []

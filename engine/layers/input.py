@@ -15,8 +15,14 @@ import numpy as np
 
 from engine import stores
 from engine import text as tx
-from engine.layers.base import InputLayer, Layer, register, step_ids
+from engine.checkpoint import write_atomic
+from engine.layers.base import InputLayer, Layer, LayerError, register, step_ids
 from engine.proto import job_pb2 as pb
+
+#: Token ids a store may hold: 0 .. MAX_TOKEN_ID. The vocabulary is the largest id + 1, and
+#: a one-hot row of 2**24 float32 values is already 64 MiB; 2**24 is also the last integer
+#: float32 holds exactly.
+MAX_TOKEN_ID = 2 ** 24 - 1
 
 
 def resolve_path(path: str, info: dict) -> pathlib.Path:
@@ -50,6 +56,32 @@ class CharRNNInput(InputLayer):
 
     is_stream = True
     text = True
+
+    @classmethod
+    def fit_readers(cls, conf, readers):
+        """The characters a batch moves on by, T = char_rnn_conf.unroll_len, must be the
+        unroll_len of the layers that read the streams (their copies 0..T-1 take columns
+        0..T of the T + 1 emitted). Left out, T follows theirs (rather than SINGA's
+        default 50); given and different, it is an error."""
+        lens = {r.name: r.unroll_len for r in readers}
+        values = sorted(set(lens.values()))
+        if not values or values[0] < 1:
+            return None  # no readers, or a bad unroll_len that validate names
+        names = " and ".join(f'"{n}"' for n in lens)
+        if len(values) > 1:
+            each = ", ".join(f'"{n}" {v}' for n, v in lens.items())
+            return (f"the layers reading it have different unroll_len ({each}); give them one "
+                    f"value, the characters each batch reads per stream")
+        c = conf.char_rnn_conf
+        if not c.HasField("unroll_len"):
+            c.unroll_len = values[0]
+        elif c.unroll_len != values[0]:
+            return (f"char_rnn_conf.unroll_len is {c.unroll_len} but {names}, which read it, "
+                    f"have unroll_len {values[0]}: each batch would read {values[0] + 1} "
+                    f"characters per stream and move on by {c.unroll_len}, skipping text while "
+                    f"the carried state jumps the gap; make them equal, or leave "
+                    f"char_rnn_conf.unroll_len out (it then follows theirs)")
+        return None
 
     def setup(self, srcs):
         c = self.conf.char_rnn_conf
@@ -112,7 +144,7 @@ class CharRNNInput(InputLayer):
         if ws:
             os.makedirs(ws, exist_ok=True)
             out = pathlib.Path(ws) / "vocab.txt"
-            out.write_bytes(tx.to_bytes("".join(vocab), encoding))
+            write_atomic(out, tx.to_bytes("".join(vocab), encoding), "vocabulary", LayerError)
             unit = "bytes" if encoding == tx.BYTES else "characters"
             self.info.setdefault("notes", []).append(f"vocabulary of {len(vocab)} {unit} "
                                                      f"built from the text, saved to {out}")
@@ -274,6 +306,7 @@ class SequenceInput(InputLayer):
                 s, backend, values, x.shape[1:])
         except stores.StoreError as e:
             raise self.error(str(e)) from None
+        self._check_dtypes(x, y, lengths, s.path)
         if self.records:
             self._check_records(x, lengths, s.path)
             x = x[:, None]  # one step: copy 0 emits whole records
@@ -282,8 +315,15 @@ class SequenceInput(InputLayer):
                 if s.mean_file or s.std_file or s.HasField("mean_value") or s.HasField("std_value"):
                     raise self.error(f"{s.path} holds token ids; mean and std normalise "
                                      f"features: remove mean_value/std_value/mean_file/std_file")
-                x = x.astype(np.int64)  # whole numbers of a SINGA store: token ids
+                self._check_finite(x, "x", s.path)
+                # whole numbers of a SINGA store are token ids too
+                x = self._check_ids(x if x.dtype.kind in "iu" else x.astype(np.int64), s.path)
             self._check(x, y, lengths, s.path)
+            lengths = self._check_lengths(lengths, s.path)
+        self._check_finite(x, "x", s.path)
+        if y is not None:
+            self._check_finite(y, "y", s.path)
+        self._check_rows(x, s.path)
         if y is not None and y.dtype == np.int32:
             y = y.astype(np.int64)
         self.x, self.y, self.lengths = x, y, lengths
@@ -367,6 +407,60 @@ class SequenceInput(InputLayer):
             return 0
         rng = np.random.default_rng([self.info.get("seed", 0), 3, 0x5C1B])
         return int(rng.integers(0, most + 1))
+
+    # ------------------------------------------------ checks of the loaded store
+    # Each names the file and, for a bad value, its first position: one line, exit 2.
+
+    def _check_dtypes(self, x, y, lengths, where) -> None:
+        """x and y hold numbers (ints or floats: no text, no complex, no objects);
+        lengths holds whole numbers."""
+        for name, a in (("x", x), ("y", y), ("lengths", lengths)):
+            if a is None or a.dtype.kind in "iuf":
+                continue
+            kind = {"c": "complex numbers", "U": "text", "S": "bytes", "O": "Python objects",
+                    "b": "booleans"}.get(a.dtype.kind, f"values of type {a.dtype}")
+            raise self.error(f"{where}: {name} holds {kind} ({a.dtype}); store real numbers "
+                             f"(int token ids or float features)")
+
+    def _check_ids(self, x, where):
+        """Token ids (an integer x) lie in 0..MAX_TOKEN_ID; returned as int64."""
+        if x.dtype.kind not in "iu" or x.size == 0:
+            return x
+        lo, hi = x.min(), x.max()
+        if lo < 0 or hi > MAX_TOKEN_ID:
+            pos = tuple(int(i) for i in np.argwhere((x < 0) | (x > MAX_TOKEN_ID))[0])
+            raise self.error(f"{where}: x{list(pos)} is {x[pos]} (sequence {pos[0]}, step "
+                             f"{pos[1]}); token ids must lie in 0..{MAX_TOKEN_ID} (the "
+                             f"vocabulary is the largest id + 1)")
+        return x.astype(np.int64, copy=False)
+
+    def _check_lengths(self, lengths, where):
+        """Sequence lengths are whole numbers (3.0 is 3; 3.5 is an error); int64."""
+        if lengths is None or lengths.dtype.kind in "iu":
+            return lengths
+        bad = np.flatnonzero(~np.isfinite(lengths) | (lengths != np.round(lengths)))
+        if bad.size:
+            i = int(bad[0])
+            raise self.error(f"{where}: lengths[{i}] is {lengths[i]}; a length is a whole "
+                             f"number of steps")
+        return lengths.astype(np.int64)
+
+    def _check_finite(self, a, name, where) -> None:
+        """No NaN or infinity in float data (it would poison every step it reaches)."""
+        if a.dtype.kind != "f" or bool(np.isfinite(a).all()):
+            return
+        pos = tuple(int(i) for i in np.argwhere(~np.isfinite(a))[0])
+        seq = f"sequence {pos[0]}" + (f", step {pos[1]}" if name == "x" and len(pos) > 1 else "")
+        raise self.error(f"{where}: {name}{list(pos)} is {a[pos]} ({seq}); the data must hold "
+                         f"finite numbers")
+
+    def _check_rows(self, x, where) -> None:
+        """At least one batch of distinct sequences (a smaller store would repeat rows in
+        every batch)."""
+        if x.shape[0] < self.batchsize:
+            raise self.error(f"{where}: x holds {x.shape[0]} sequences, fewer than "
+                             f"store_conf.batchsize {self.batchsize}, so every batch would "
+                             f"repeat sequences; lower batchsize to {x.shape[0]} or add data")
 
     def _check(self, x, y, lengths, where):
         T = self.conf.unroll_len
