@@ -51,13 +51,13 @@ def inference_job(job: pb.JobProto, feature_dims: dict | None = None,
     out.name = job.name
     out.neuralnet.unroll_len = job.neuralnet.unroll_len
     for lay in layers:
-        if lay.type in interop.OUTSIDE:
+        if interop.is_outside(lay):
             continue
         c = out.neuralnet.layer.add()
-        if lay.type in interop.SOURCES:
+        if interop.is_source(lay):
             c.name, c.type, c.unroll_len = lay.name, pb.kRNNDummy, lay.unroll_len
             c.rnn_dummy_conf.dynamic_srclayer = lay.name
-            if ids or lay.type == pb.kCharRNN:
+            if ids or interop.is_text_input(lay):
                 c.rnn_dummy_conf.integer = True
             else:
                 c.rnn_dummy_conf.shape.append(int(feature_dims.get(lay.name, 1)))

@@ -60,6 +60,7 @@ from engine.backend import to_host
 from engine import safetensors_io
 from engine.config import ConfigError, type_name
 from engine.layers import layer_class
+from engine.layers.base import InputLayer
 from engine.proto import job_pb2 as pb
 
 
@@ -101,17 +102,34 @@ CELLS = {
     pb.kRNN: CellSpec("RNN", ("w_hx",), ("w_hh",), ("b",), onnx_order=(0,)),
 }
 
-#: layers that give the model its input
-SOURCES = {pb.kCharRNN, pb.kRecordInput, pb.kCSVInput, pb.kRNNDummy}
-#: layers that are not part of the model (labels, losses, outputs)
-OUTSIDE = {pb.kRNNLabel, pb.kSoftmaxLoss, pb.kEuclideanLoss, pb.kAccuracy, pb.kArgSort,
-           pb.kCSVOutput, pb.kCharRNNOutput}
-#: identities at inference
-PASS = {pb.kDropout, pb.kDummy}
 ENCODERS = {pb.kOneHot, pb.kEmbedding}
 #: joins the two directions of a bidirectional level
 JOIN = pb.kConcate
-MODEL = set(CELLS) | PASS | ENCODERS | {pb.kInnerProduct, JOIN}
+#: the types with a place in the exchange formats (besides identities at inference)
+MODEL = set(CELLS) | ENCODERS | {pb.kInnerProduct, JOIN}
+
+
+# What a layer is to the model, from its class's declarations (engine/layers/base.py):
+def is_source(c) -> bool:
+    """A layer that gives the model its input: one with no srclayers (a data layer, or a
+    kRNNDummy placeholder)."""
+    return not c.srclayers
+
+
+def is_text_input(c) -> bool:
+    """A data layer that reads a text (kCharRNN): its model input is token ids."""
+    cls = layer_class(c.type)
+    return issubclass(cls, InputLayer) and cls.text
+
+
+def is_outside(c) -> bool:
+    """Not part of the model: labels, losses, outputs (what a sampling net drops too)."""
+    return not layer_class(c.type).in_sampling_net
+
+
+def is_identity(c) -> bool:
+    """An identity at inference (kDropout, kDummy): left out of the exported model."""
+    return layer_class(c.type).identity_at_inference
 
 HEAD_W, HEAD_B, EMBED_W = "head.weight", "head.bias", "embed.weight"
 
@@ -200,7 +218,7 @@ def chain_of(net, where: str) -> Chain:
     def err(c, why: str) -> InteropError:
         return InteropError(f'{where}: layer "{c.name}" ({type_name(c.type)}) {why}')
 
-    model = [c for c in confs if c.type not in SOURCES | OUTSIDE]
+    model = [c for c in confs if not (is_source(c) or is_outside(c))]
     if not model:
         raise InteropError(f"{where}: the net has no model layers to export")
 
@@ -208,7 +226,7 @@ def chain_of(net, where: str) -> Chain:
         return [c for c in model if name in c.srclayers]
 
     for c in model:
-        if c.type not in MODEL:
+        if c.type not in MODEL and not is_identity(c):
             raise err(c, "cannot be exported: an exported model is one chain of kOneHot or "
                          "kEmbedding, kRNN, kGRU or kLSTM layers and a kInnerProduct head, with "
                          "only kDropout or kDummy between them")
@@ -227,14 +245,14 @@ def chain_of(net, where: str) -> Chain:
         for k, sname in enumerate(c.srclayers):
             src = by_name[sname]
             conn, shift = _conn(c, k)
-            if src.type in OUTSIDE:
+            if is_outside(src):
                 raise err(c, f'reads "{src.name}" ({type_name(src.type)}), which is not part of '
                              f"the model; only data layers may feed it")
             if conn == pb.kUnrollFirstToLast:
                 raise err(c, f'reads "{src.name}" kUnrollFirstToLast (a many-to-one or '
                              f"encoder-decoder link); the exported model maps each step to its "
                              f"output, so every link must be one-to-one")
-            if conn == pb.kUnrollOneToAll and src.type not in SOURCES:
+            if conn == pb.kUnrollOneToAll and not is_source(src):
                 raise err(c, f'reads "{src.name}" kUnrollOneToAll; between model layers every '
                              f"link must be one-to-one")
             if shift:
@@ -261,7 +279,7 @@ def chain_of(net, where: str) -> Chain:
                              f'"{bwd.name}") feed one kConcate and nothing else, forward first')
         return fwd, bwd, consumers(fwd.name)[0]
 
-    starts = [c for c in model if by_name[c.srclayers[0]].type in SOURCES]
+    starts = [c for c in model if is_source(by_name[c.srclayers[0]])]
     first = level_at(starts)
     if not (len(starts) == 1 or (first is not None and len({c.srclayers[0] for c in starts}) == 1)):
         names = ", ".join(f'"{c.name}"' for c in starts) or "none"
@@ -290,7 +308,7 @@ def chain_of(net, where: str) -> Chain:
     if off:
         raise err(off[0], f'is not on the chain from "{starts[0].srclayers[0]}" to the head; '
                           f"the export takes one chain of layers")
-    core = [c for c in chain if isinstance(c, tuple) or c.type not in PASS]
+    core = [c for c in chain if isinstance(c, tuple) or not is_identity(c)]
     encoder = core.pop(0) if core and not isinstance(core[0], tuple) and \
         core[0].type in ENCODERS else None
     n = 0

@@ -191,6 +191,9 @@ class Layer:
     in_sampling_net: bool = True
     #: the output holds probabilities (a softmax), not raw scores
     outputs_probabilities: bool = False
+    #: the layer is the identity at inference (kDropout, kDummy): an exported model leaves
+    #: it out
+    identity_at_inference: bool = False
     #: for layers that read or emit token ids: the vocabulary (list of str), when known,
     #: and its size; a consumer (kOneHot, kRNNLabel) reads them from its source
     vocab: list | None = None

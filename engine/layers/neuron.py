@@ -181,6 +181,7 @@ class Dropout(Layer):
     """
 
     rowwise = True
+    identity_at_inference = True
 
     def setup(self, srcs):
         self.need_srcs(srcs, 1)
@@ -311,6 +312,8 @@ class Dummy(Elementwise):
     SINGA's test modes of kDummy (dummy_conf ``input``: random data without a source;
     ``output``: random gradients) are refused; dummy_conf ``shape`` (input mode only)
     has no use here."""
+
+    identity_at_inference = True
 
     def setup(self, srcs):
         c = self.conf.dummy_conf
