@@ -1,7 +1,8 @@
 """Where one char-rnn training step of the engine spends its time.
 
     python -m bench.profile [--case gru512|lstm512|rnn512|gru128|gru512x2] [--steps N]
-                            [--warmup N] [--kernels native|numpy] [--threads N] [--json FILE]
+                            [--warmup N] [--kernels native|numpy] [--clock wall|cpu]
+                            [--json FILE]
 
 Builds the engine's model of ``bench.charrnn`` for the case (same job, data and
 updater), runs ``--warmup`` steps, then ``--steps`` steps with probes and as
@@ -49,6 +50,9 @@ if str(ROOT) not in sys.path:
 
 from bench.charrnn import CASES, EngineRunner  # noqa: E402
 
+#: the clock of every probe: wall time, or this thread's CPU time (``--clock cpu``)
+CLOCK = [time.perf_counter]
+
 PARTS = (
     ("step_gemm_fwd", "step GEMMs forward"),
     ("gates_fwd", "gate maths forward"),
@@ -70,6 +74,7 @@ class Probes:
 
     def __init__(self):
         self.on = False
+        self.depth = 0           # nesting of the layer and updater probes
         self.step: dict = {}
         self.phase = None        # "fwd" / "bwd" inside a recurrent block call
         self.inner = 0.0         # time of the probed events inside the current block call
@@ -80,7 +85,7 @@ class Probes:
 
     def event(self, part: str, t0: float) -> None:
         """An event inside a recurrent block call that began at ``t0`` and ends now."""
-        t1 = time.perf_counter()
+        t1 = CLOCK[0]()
         self.add(part, t1 - t0)
         self.inner += t1 - t0
         self.last_end = t1
@@ -99,7 +104,7 @@ class TimedXP:
         p = self._probes
         if not p.on:
             return self._xp.matmul(*args, **kwargs)
-        t0 = time.perf_counter()
+        t0 = CLOCK[0]()
         r = self._xp.matmul(*args, **kwargs)
         if p.phase == "fwd":
             p.event("step_gemm_fwd" if r.shape[-1] == self._B else "proj_gemm", t0)
@@ -109,14 +114,18 @@ class TimedXP:
 
 
 def _timed(fn, probes: Probes, part: str):
+    """Time ``fn`` into ``part``; a call inside another probed call of this kind (a block
+    call that runs the layer's per-copy ``forward``) counts once, in the outer one."""
     def call(*args, **kwargs):
-        if not probes.on:
+        if not probes.on or probes.depth:
             return fn(*args, **kwargs)
-        t0 = time.perf_counter()
+        probes.depth += 1
+        t0 = CLOCK[0]()
         try:
             return fn(*args, **kwargs)
         finally:
-            probes.add(part, time.perf_counter() - t0)
+            probes.add(part, CLOCK[0]() - t0)
+            probes.depth -= 1
     return call
 
 
@@ -124,7 +133,7 @@ def _timed_event(fn, probes: Probes, part: str):
     def call(*args, **kwargs):
         if not probes.on:
             return fn(*args, **kwargs)
-        t0 = time.perf_counter()
+        t0 = CLOCK[0]()
         try:
             return fn(*args, **kwargs)
         finally:
@@ -139,11 +148,11 @@ def _timed_block(fn, probes: Probes, phase: str):
         if not probes.on:
             return fn(*args, **kwargs)
         probes.phase, probes.inner = phase, 0.0
-        t0 = probes.last_end = time.perf_counter()
+        t0 = probes.last_end = CLOCK[0]()
         try:
             return fn(*args, **kwargs)
         finally:
-            t1 = time.perf_counter()
+            t1 = CLOCK[0]()
             tail = t1 - probes.last_end if phase == "bwd" else 0.0
             probes.add("grads", tail)
             probes.add("rec_rest", (t1 - t0) - probes.inner - tail)
@@ -180,13 +189,13 @@ def profile(case: str, steps: int, warmup: int) -> dict:
         plain, probed, totals = [], [], []
         for _ in range(steps):
             probes.on = False
-            t0 = time.perf_counter()
+            t0 = CLOCK[0]()
             runner.step()
-            plain.append(time.perf_counter() - t0)
+            plain.append(CLOCK[0]() - t0)
             probes.on, probes.step = True, {}
-            t0 = time.perf_counter()
+            t0 = CLOCK[0]()
             runner.step()
-            total = time.perf_counter() - t0
+            total = CLOCK[0]() - t0
             probes.on = False
             step = dict(probes.step)
             step["rest"] = total - sum(step.values())
@@ -205,7 +214,7 @@ def print_profile(r: dict) -> None:
     print(f"{r['case']}: {cell} {H} x{layers} batch {B} unroll {T} vocab {V}; {r['executor']}")
     print(f"{r['kernels']}; {r['blas']}")
     print(f"{r['steps']} probed steps and {r['steps']} plain ones alternating, after "
-          f"{r['warmup']} warm-up steps; medians per part")
+          f"{r['warmup']} warm-up steps; medians per part; {r['clock']} time")
     total = r["probed_step_s"]
     print(f"{'part':<52}{'ms/step':>9}{'share':>8}")
     for k, label in PARTS:
@@ -222,19 +231,22 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--kernels", choices=["native", "numpy"],
                     help="the cell kernels (default: RNN_ENGINE_KERNELS, else native)")
-    ap.add_argument("--threads", type=int, help="threads per kernel call (default: the cores)")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="wall time (default), or the main thread's CPU time: with "
+                         "OPENBLAS_NUM_THREADS=1 a measure that other processes on a busy "
+                         "machine hardly disturb")
     ap.add_argument("--json", help="also write the result as JSON to this file")
     a = ap.parse_args(argv)
-    if a.steps < 1 or a.warmup < 0 or (a.threads is not None and a.threads < 0):
-        ap.error("--steps must be >= 1, --warmup and --threads >= 0")
+    if a.steps < 1 or a.warmup < 0:
+        ap.error("--steps must be >= 1 and --warmup >= 0")
     from engine.backend import keep_freed_memory
     from engine.layers import kernels
     keep_freed_memory()   # as engine.train does
     if a.kernels:
         kernels.use(a.kernels)
-    if a.threads is not None:
-        kernels.set_threads(a.threads)
+    CLOCK[0] = time.perf_counter if a.clock == "wall" else time.thread_time
     r = profile(a.case, a.steps, a.warmup)
+    r["clock"] = a.clock
     print_profile(r)
     if a.json:
         pathlib.Path(a.json).write_text(json.dumps(r, indent=1))

@@ -3,7 +3,7 @@
 The NumPy formulas of ``engine/layers/cells.py`` are the reference: one pass
 over memory per operation. The kernels here compute the same step in one pass
 per cell (``native.c``, built into ``_native`` by ``pip install``; see
-setup.py), split over threads. Each Python function below has the signature of
+setup.py), on the calling thread, with the GIL released. Each Python function below has the signature of
 its NumPy twin in cells.py, less ``xp``, and returns the same arrays (the
 tests, tests/test_kernels.py, compare the two).
 
@@ -31,7 +31,7 @@ ENV = "RNN_ENGINE_KERNELS"
 CHOICES = ("native", "numpy")
 
 #: the interface version native.c must have been built with (its KERNELS_VERSION)
-VERSION = 1
+VERSION = 2
 
 try:
     from engine.layers.kernels import _native
@@ -75,15 +75,8 @@ def use(name: str | None) -> str:
     return mode()
 
 
-def set_threads(n: int, min_work: int | None = None) -> None:
-    """Threads per kernel call (0: OpenMP's default, the core count or OMP_NUM_THREADS), and
-    the fewest H·B elements that each thread must get before a call is split."""
-    if _native is not None:
-        _native.set_threads(int(n), -1 if min_work is None else int(min_work))
-
-
 def info() -> dict:
-    """The compiled kernels' build: openmp (its version, 0 without), threads, isa."""
+    """The compiled kernels' build: {"isa": the instruction set their loops run with}."""
     return {} if _native is None else _native.info()
 
 
@@ -94,11 +87,13 @@ def describe(dtype=np.float32, xp=np) -> str:
     if np.dtype(dtype) != np.float32:
         return f"cell maths: NumPy formulas ({np.dtype(dtype).name})"
     if mode() == "native":
-        i = info()
-        par = f"OpenMP, {i['threads']} threads" if i["openmp"] else "no OpenMP, 1 thread"
-        return f"cell kernels: native ({par}, {i['isa']})"
-    why = (f"{ENV}={os.environ.get(ENV)}" if os.environ.get(ENV, "").strip().lower() == "numpy"
-           or available() else _why_not)
+        return f"cell kernels: native ({info()['isa']})"
+    if not available():
+        why = _why_not
+    elif os.environ.get(ENV, "").strip().lower() == "numpy":
+        why = f"{ENV}=numpy"
+    else:
+        why = "switched off in this process"
     return f"cell kernels: NumPy formulas ({why})"
 
 

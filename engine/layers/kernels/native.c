@@ -11,10 +11,12 @@
  * (engine/layers/kernels/__init__.py) checks that before calling and uses the NumPy
  * formulas otherwise; here a mismatch raises.
  *
- * Work is split by rows of H over OpenMP threads (when built with OpenMP, and only
- * when the step is large enough to pay for it); each thread's rows run a function
- * compiled for AVX-512, AVX2+FMA and baseline x86-64 (GCC's target_clones, picked
- * once at load time), so the binary runs on any x86-64 CPU.
+ * One thread: the kernels release the GIL but start no threads of their own (a second
+ * pool beside OpenBLAS's made steps slower; see the README's Speed section). The loops
+ * run a function compiled for AVX-512, AVX2+FMA and baseline x86-64 (GCC's
+ * target_clones, picked once at load time), so the binary runs on any x86-64 CPU. When
+ * every array of a call is a contiguous block (row stride B), each gate block is one
+ * run of H·B floats and is processed as one row, without a remainder per row of B.
  *
  * tanh is computed here (a rational function, see tanh_f), not by libm, so that the
  * loops vectorise, and σ(x) = 0.5 tanh(x / 2) + 0.5, as the NumPy formulas compute it.
@@ -23,12 +25,9 @@
 #include <Python.h>
 #include <string.h>
 #include <stdint.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 /* the interface's version: engine/layers/kernels/__init__.py refuses a build of another one */
-#define KERNELS_VERSION 1
+#define KERNELS_VERSION 2
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -81,28 +80,21 @@ typedef struct {
 typedef void (*rows_fn)(const mat *a, Py_ssize_t H, Py_ssize_t B, Py_ssize_t r0, Py_ssize_t r1,
                         int flag);
 
-static int n_threads = 0;          /* 0: OpenMP's default */
-static Py_ssize_t min_work = 8192; /* fewest H·B elements per thread */
-
-static void run_rows(rows_fn f, const mat *a, Py_ssize_t H, Py_ssize_t B, int flag)
+/* Run f over all H rows of the n arrays in a. When every array's rows are B apart, gate k
+ * of an array is the run of H·B floats at p + k·H·B: then f sees one row of H·B columns
+ * (and a row stride of H·B, so that its row index k·1 lands on gate k). */
+static void run_rows(rows_fn f, mat *a, int n, Py_ssize_t H, Py_ssize_t B, int flag)
 {
-#ifdef _OPENMP
-    int nt = n_threads > 0 ? n_threads : omp_get_max_threads();
-    Py_ssize_t most = (H * B) / (min_work > 0 ? min_work : 1);
-    if (most < nt)
-        nt = most < 1 ? 1 : (int)most;
-    if (nt > H)
-        nt = (int)H;
-    if (nt > 1) {
-#pragma omp parallel num_threads(nt)
-        {
-            int k = omp_get_thread_num(), n = omp_get_num_threads();
-            Py_ssize_t r0 = H * k / n, r1 = H * (k + 1) / n;
-            f(a, H, B, r0, r1, flag);
-        }
+    int flat = 1;
+    for (int k = 0; k < n; k++)
+        if (a[k].p && a[k].rs != B)
+            flat = 0;
+    if (flat && H > 1) {
+        for (int k = 0; k < n; k++)
+            a[k].rs = H * B;
+        f(a, 1, H * B, 0, 1, flag);
         return;
     }
-#endif
     f(a, H, B, 0, H, flag);
 }
 
@@ -364,11 +356,11 @@ static int shape_of(PyObject *o, Py_ssize_t *rows, Py_ssize_t *B)
     return 0;
 }
 
-#define RUN(fn, H, B, flag)                      \
-    do {                                         \
-        Py_BEGIN_ALLOW_THREADS                   \
-        run_rows(fn, m, H, B, flag);             \
-        Py_END_ALLOW_THREADS                     \
+#define RUN(fn, H, B, flag)                                         \
+    do {                                                            \
+        Py_BEGIN_ALLOW_THREADS                                      \
+        run_rows(fn, m, (int)(sizeof m / sizeof m[0]), H, B, flag); \
+        Py_END_ALLOW_THREADS                                        \
     } while (0)
 
 static PyObject *py_rnn_forward(PyObject *self, PyObject *args)
@@ -529,41 +521,19 @@ fail:
     return NULL;
 }
 
-static PyObject *py_set_threads(PyObject *self, PyObject *args)
-{
-    int n;
-    Py_ssize_t w = -1;
-    if (!PyArg_ParseTuple(args, "i|n", &n, &w))
-        return NULL;
-    if (n < 0) {
-        PyErr_SetString(PyExc_ValueError, "threads must be >= 0 (0: OpenMP's default)");
-        return NULL;
-    }
-    n_threads = n;
-    if (w >= 0)
-        min_work = w;
-    Py_RETURN_NONE;
-}
-
 static PyObject *py_info(PyObject *self, PyObject *noargs)
 {
-    int openmp = 0, max_threads = 1;
-#ifdef _OPENMP
-    openmp = _OPENMP;
-    max_threads = n_threads > 0 ? n_threads : omp_get_max_threads();
-#endif
-    const char *isa = "baseline x86-64";
+    const char *isa = "compiler default";
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
     __builtin_cpu_init();
     if (__builtin_cpu_supports("x86-64-v4"))
         isa = "AVX-512";
     else if (__builtin_cpu_supports("x86-64-v3"))
         isa = "AVX2";
-#else
-    isa = "compiler default";
+    else
+        isa = "baseline x86-64";
 #endif
-    return Py_BuildValue("{s:i,s:i,s:n,s:s}", "openmp", openmp, "threads", max_threads,
-                         "min_work", min_work, "isa", isa);
+    return Py_BuildValue("{s:s}", "isa", isa);
 }
 
 static PyMethodDef methods[] = {
@@ -579,10 +549,7 @@ static PyMethodDef methods[] = {
     {"lstm_backward", py_lstm_backward, METH_VARARGS,
      "lstm_backward(dh, dc or None, c, ifo, g, tc, dpre, dc_prev)"},
     {"tanh", py_tanh, METH_VARARGS, "tanh(a): the kernels' tanh, in place"},
-    {"set_threads", py_set_threads, METH_VARARGS,
-     "set_threads(n[, min_work]): threads per kernel (0: OpenMP's default) and the fewest "
-     "elements per thread"},
-    {"info", py_info, METH_NOARGS, "info(): openmp version (0: none), threads, min_work, isa"},
+    {"info", py_info, METH_NOARGS, "info(): {'isa': the instruction set the loops run with}"},
     {NULL, NULL, 0, NULL},
 };
 
