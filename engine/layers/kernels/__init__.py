@@ -22,6 +22,7 @@ NumPy formulas.
 from __future__ import annotations
 
 import os
+import pathlib
 
 import numpy as np
 
@@ -38,7 +39,11 @@ try:
     _why_not = ""
 except ImportError as e:  # not built (no compiler at install time) or not loadable
     _native = None
-    _why_not = f"the native kernels are not built ({e}); reinstall with a C compiler"
+    if any(pathlib.Path(__file__).parent.glob("_native*")):
+        _why_not = f"the native kernels do not load ({e}); rebuild them with pip install -e ."
+    else:
+        _why_not = ("the native kernels are not built: was there a C compiler at install "
+                    "time? Install one and run pip install -e . again")
 if _native is not None and getattr(_native, "VERSION", None) != VERSION:
     _native = None
     _why_not = ("the native kernels were built from another native.c; rebuild them with "
