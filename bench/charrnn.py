@@ -223,8 +223,10 @@ class EngineRunner:
         a @ a
 
     def describe(self) -> dict:
+        from engine.layers import kernels
         pools = thread_pools()
-        return {"executor": self.note, "pools": pools, "blas": "NumPy BLAS: " + describe_blas(pools)}
+        return {"executor": self.note, "pools": pools, "blas": "NumPy BLAS: " + describe_blas(pools),
+                "kernels": kernels.describe()}
 
 
 class TorchRunner:

@@ -42,6 +42,7 @@ from engine import distributed as dist
 from engine import interop
 from engine.backend import BackendError, device_of, keep_freed_memory, make_backend
 from engine.config import ConfigError, Phase, check_trains, job_dir, load_job
+from engine.layers import kernels
 from engine.layers.input import resolve_path
 from engine.net import Net
 from engine.planner import NotPlannable, make_worker
@@ -292,7 +293,9 @@ class Trainer:
     def banner(self) -> None:
         job, main = self.job, self.main
         self.say(f"job {job.name or '(unnamed)'}: {self.path}")
-        self.say(f"workspace {self.ws}  backend {self.backend.describe()}  seed {self.seed}")
+        cell_maths = kernels.describe(self.backend.dtype, self.backend.xp)
+        self.say(f"workspace {self.ws}  backend {self.backend.describe()}, {cell_maths}  "
+                 f"seed {self.seed}")
         if self.cpu_note:
             self.say(self.cpu_note)
         if self.world.size > 1:

@@ -134,3 +134,21 @@ def test_keep_freed_memory_takes_effect_on_glibc():
     from engine.backend import keep_freed_memory
 
     assert keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
+
+
+def test_profile_reports_every_part_of_a_step(tmp_path, capsys):
+    from bench import profile
+    out = tmp_path / "p.json"
+    assert profile.main(["--case", "gru128", "--steps", "2", "--warmup", "1", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    res = json.loads(out.read_text())
+    parts = res["parts_s"]
+    assert set(parts) == {k for k, _ in profile.PARTS}
+    for key in ("step_gemm_fwd", "gates_fwd", "proj_gemm", "step_gemm_bwd", "gates_bwd", "grads",
+                "output", "updater"):
+        assert parts[key] > 0, key            # the GRU projects its input in one GEMM
+    assert sum(v for k, v in parts.items() if k != "rest") <= res["probed_step_s"] * 1.5
+    assert res["plain_step_s"] > 0 and "planned" in res["executor"]
+    for _, label in profile.PARTS:
+        assert label in text
+    assert res["kernels"] in text and "cell kernels" in res["kernels"]

@@ -27,6 +27,8 @@ interface over the three cells:
 """
 from __future__ import annotations
 
+from engine.layers import kernels
+
 
 def sigmoid_(xp, a):
     """σ(a) = 1 / (1 + exp(-a)), computed as 0.5 tanh(a / 2) + 0.5 (no overflow) and
@@ -202,11 +204,17 @@ class RNNCell(Cell):
         self.relu = relu
 
     def forward(self, xp, pre, xproj, state):
-        h_raw = rnn_forward(xp, pre, self.relu)
+        if kernels.usable(state[0], inplace=pre):
+            h_raw = kernels.rnn_forward(pre, self.relu)
+        else:
+            h_raw = rnn_forward(xp, pre, self.relu)
         return (h_raw,), h_raw
 
     def backward(self, xp, dh, drest, state, cache, out_x=None, out_h=None):
-        dpre = rnn_backward(xp, dh, cache, self.relu, out=out_x)
+        if kernels.usable(dh, cache, out_x):
+            dpre = kernels.rnn_backward(dh, cache, self.relu, out=out_x)
+        else:
+            dpre = rnn_backward(xp, dh, cache, self.relu, out=out_x)
         return dpre, dpre, (None,)
 
 
@@ -218,11 +226,17 @@ class GRUCell(Cell):
     separate_dhproj = True
 
     def forward(self, xp, pre, xproj, state):
-        h_raw, cache = gru_forward(xp, xproj, pre, state[0])
+        if kernels.usable(xproj, state[0], inplace=pre):
+            h_raw, cache = kernels.gru_forward(xproj, pre, state[0])
+        else:
+            h_raw, cache = gru_forward(xp, xproj, pre, state[0])
         return (h_raw,), cache
 
     def backward(self, xp, dh, drest, state, cache, out_x=None, out_h=None):
-        dx, dhp, direct = gru_backward(xp, dh, state[0], *cache, out_x=out_x, out_h=out_h)
+        if kernels.usable(dh, state[0], *cache, out_x, out_h):
+            dx, dhp, direct = kernels.gru_backward(dh, state[0], *cache, out_x=out_x, out_h=out_h)
+        else:
+            dx, dhp, direct = gru_backward(xp, dh, state[0], *cache, out_x=out_x, out_h=out_h)
         return dx, dhp, (direct,)
 
 
@@ -233,9 +247,15 @@ class LSTMCell(Cell):
     parts = 2
 
     def forward(self, xp, pre, xproj, state):
-        h_raw, c_raw, cache = lstm_forward(xp, pre, state[1])
+        if kernels.usable(state[1], inplace=pre):
+            h_raw, c_raw, cache = kernels.lstm_forward(pre, state[1])
+        else:
+            h_raw, c_raw, cache = lstm_forward(xp, pre, state[1])
         return (h_raw, c_raw), cache
 
     def backward(self, xp, dh, drest, state, cache, out_x=None, out_h=None):
-        dpre, dc_prev = lstm_backward(xp, dh, drest[0], state[1], *cache, out=out_x)
+        if kernels.usable(dh, drest[0], state[1], *cache, out_x):
+            dpre, dc_prev = kernels.lstm_backward(dh, drest[0], state[1], *cache, out=out_x)
+        else:
+            dpre, dc_prev = lstm_backward(xp, dh, drest[0], state[1], *cache, out=out_x)
         return dpre, dpre, (None, dc_prev)

@@ -1,0 +1,195 @@
+"""Fused CPU cell kernels, and the one switch that chooses them.
+
+The NumPy formulas of ``engine/layers/cells.py`` are the reference: one pass
+over memory per operation. The kernels here compute the same step in one pass
+per cell (``native.c``, built into ``_native`` by ``pip install``; see
+setup.py), on the calling thread, with the GIL released. Each Python function below has the signature of
+its NumPy twin in cells.py, less ``xp``, and returns the same arrays (the
+tests, tests/test_kernels.py, compare the two).
+
+The switch: the environment variable ``RNN_ENGINE_KERNELS``, read once when
+first needed:
+
+* ``native`` (default): the kernels, when the extension is built; otherwise the
+  NumPy formulas, and ``describe()`` says why;
+* ``numpy``: the NumPy formulas always.
+
+``use(name)`` changes it in a running process (tests, benchmarks). Whatever the
+switch says, only NumPy float32 arrays take the kernels (``usable``): CuPy
+arrays and float64 (gradient checks, the planner's equality tests) take the
+NumPy formulas.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+
+import numpy as np
+
+from engine.backend import BackendError
+
+ENV = "RNN_ENGINE_KERNELS"
+CHOICES = ("native", "numpy")
+
+#: the interface version native.c must have been built with (its KERNELS_VERSION)
+VERSION = 2
+
+try:
+    from engine.layers.kernels import _native
+    _why_not = ""
+except ImportError as e:  # not built (no compiler at install time) or not loadable
+    _native = None
+    if any(pathlib.Path(__file__).parent.glob("_native*")):
+        _why_not = f"the native kernels do not load ({e}); rebuild them with pip install -e ."
+    else:
+        _why_not = ("the native kernels are not built: was there a C compiler at install "
+                    "time? Install one and run pip install -e . again")
+if _native is not None and getattr(_native, "VERSION", None) != VERSION:
+    _native = None
+    _why_not = ("the native kernels were built from another native.c; rebuild them with "
+                "pip install -e .")
+
+_mode: str | None = None     # "native" or "numpy" once resolved
+
+
+def available() -> bool:
+    """Whether the compiled kernels are importable."""
+    return _native is not None
+
+
+def mode() -> str:
+    """The kernels in use: "native" or "numpy" (the switch, resolved on first use).
+    A value of RNN_ENGINE_KERNELS other than native or numpy is a BackendError."""
+    global _mode
+    if _mode is None:
+        want = os.environ.get(ENV, "native").strip().lower() or "native"
+        if want not in CHOICES:
+            raise BackendError(f"{ENV}={os.environ[ENV]!r} is not a kernel choice; use "
+                               f"{ENV}=native (the compiled cell kernels) or {ENV}=numpy")
+        _mode = "native" if want == "native" and available() else "numpy"
+    return _mode
+
+
+def use(name: str | None) -> str:
+    """Switch to "native" or "numpy" for this process (None: read the environment again);
+    returns the mode now in use ("numpy" when "native" is asked for but not built)."""
+    global _mode
+    if name is not None and name not in CHOICES:
+        raise ValueError(f"kernels {name!r}: use one of {CHOICES}")
+    _mode = None if name is None else ("native" if name == "native" and available() else "numpy")
+    return mode()
+
+
+def info() -> dict:
+    """The compiled kernels' build: {"isa": the instruction set their loops run with}."""
+    return {} if _native is None else _native.info()
+
+
+def describe(dtype=np.float32, xp=np) -> str:
+    """One line for the training banner: which cell maths a net of ``dtype`` on ``xp`` runs."""
+    if xp is not np:
+        return "cell maths: NumPy formulas on the GPU"
+    if np.dtype(dtype) != np.float32:
+        return f"cell maths: NumPy formulas ({np.dtype(dtype).name})"
+    if mode() == "native":
+        return f"cell kernels: native ({info()['isa']})"
+    if not available():
+        why = _why_not
+    elif os.environ.get(ENV, "").strip().lower() == "numpy":
+        why = f"{ENV}=numpy"
+    else:
+        why = "switched off in this process"
+    return f"cell kernels: NumPy formulas ({why})"
+
+
+def usable(*arrays, inplace=None) -> bool:
+    """Whether the kernels take these arrays now: the switch says native, each array is a
+    NumPy float32 array (or None), and ``inplace``, the array a kernel writes its gates
+    into, has contiguous rows (inputs without them are copied)."""
+    if (_mode or mode()) != "native":
+        return False
+    for a in arrays + (inplace,):
+        if a is not None and (type(a) is not np.ndarray or a.dtype != np.float32):
+            return False
+    return inplace is None or _rows_ok(inplace)
+
+
+def _rows_ok(a) -> bool:
+    return a.ndim == 2 and (a.shape[1] <= 1 or a.strides[1] == 4)
+
+
+def _rows(a):
+    """``a`` with contiguous rows (the kernels' layout): itself, or a copy."""
+    return a if _rows_ok(a) else np.ascontiguousarray(a)
+
+
+def _out(out, shape):
+    """``out`` when it is a writable array with contiguous rows, else a new array."""
+    if out is not None and _rows_ok(out):
+        return out
+    return np.empty(shape, dtype=np.float32)
+
+
+def _fill(out, result):
+    """Copy a result into the caller's ``out`` when the kernel could not write it there."""
+    if out is not None and out is not result:
+        out[...] = result
+        return out
+    return result
+
+
+# ------------------------------------------------------------------- RNN
+def rnn_forward(pre, relu):
+    """cells.rnn_forward, fused: h' = act(pre), in ``pre`` (a step's own scratch, rows
+    contiguous)."""
+    _native.rnn_forward(pre, relu)
+    return pre
+
+
+def rnn_backward(dh_new, h_new, relu, out=None):
+    """cells.rnn_backward, fused."""
+    d = _out(out, h_new.shape)
+    _native.rnn_backward(_rows(dh_new), _rows(h_new), d, relu)
+    return _fill(out, d)
+
+
+# ------------------------------------------------------------------- GRU
+def gru_forward(xproj, hproj, h):
+    """cells.gru_forward, fused: z and r go into hproj[:2H], as there."""
+    H, B = h.shape
+    h_new = np.empty((H, B), dtype=np.float32)
+    c = np.empty((H, B), dtype=np.float32)
+    _native.gru_forward(_rows(xproj), hproj, _rows(h), h_new, c)
+    return h_new, (hproj[:2 * H], c, hproj[2 * H:])
+
+
+def gru_backward(dh_new, h, zr, c, hc, out_x=None, out_h=None):
+    """cells.gru_backward, fused."""
+    H, B = h.shape
+    dx = _out(out_x, (3 * H, B))
+    dhp = _out(out_h, (3 * H, B))
+    direct = np.empty((H, B), dtype=np.float32)
+    _native.gru_backward(_rows(dh_new), _rows(h), _rows(zr), _rows(c), _rows(hc), dx, dhp,
+                         direct)
+    return _fill(out_x, dx), _fill(out_h, dhp), direct
+
+
+# ------------------------------------------------------------------ LSTM
+def lstm_forward(pre, c):
+    """cells.lstm_forward, fused: the gates go into ``pre``, as there."""
+    H, B = c.shape
+    h_new = np.empty((H, B), dtype=np.float32)
+    c_new = np.empty((H, B), dtype=np.float32)
+    tc = np.empty((H, B), dtype=np.float32)
+    _native.lstm_forward(pre, _rows(c), h_new, c_new, tc)
+    return h_new, c_new, (pre[:3 * H], pre[3 * H:], tc)
+
+
+def lstm_backward(dh_new, dc_new, c, ifo, g, tc, out=None):
+    """cells.lstm_backward, fused."""
+    H, B = c.shape
+    dpre = _out(out, (4 * H, B))
+    dc_prev = np.empty((H, B), dtype=np.float32)
+    _native.lstm_backward(_rows(dh_new), None if dc_new is None else _rows(dc_new), _rows(c),
+                          _rows(ifo), _rows(g), _rows(tc), dpre, dc_prev)
+    return _fill(out, dpre), dc_prev

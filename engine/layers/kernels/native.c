@@ -1,0 +1,568 @@
+/* Fused float32 cell kernels for the CPU: engine.layers.kernels._native.
+ *
+ * Each function here is one pass over a step's (rows, B) arrays doing all of one
+ * cell's gate maths (forward or backward), where the NumPy formulas of
+ * engine/layers/cells.py make one pass per operation and write temporaries. The
+ * formulas are those of cells.py, operation for operation; the tests
+ * (tests/test_kernels.py) compare the two.
+ *
+ * Arrays are 2-D float32 with contiguous rows (column stride 4 bytes) and any row
+ * stride, so column slices of the layers' step blocks pass without copies. Python
+ * (engine/layers/kernels/__init__.py) checks that before calling and uses the NumPy
+ * formulas otherwise; here a mismatch raises.
+ *
+ * One thread: the kernels release the GIL but start no threads of their own (a second
+ * pool beside OpenBLAS's made steps slower; see the README's Speed section). The loops
+ * run a function compiled for AVX-512, AVX2+FMA and baseline x86-64 (GCC's
+ * target_clones, picked once at load time), so the binary runs on any x86-64 CPU. When
+ * every array of a call is a contiguous block (row stride B), each gate block is one
+ * run of H·B floats and is processed as one row, without a remainder per row of B.
+ *
+ * tanh is computed here (a rational function, see tanh_f), not by libm, so that the
+ * loops vectorise, and σ(x) = 0.5 tanh(x / 2) + 0.5, as the NumPy formulas compute it.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <string.h>
+#include <stdint.h>
+
+/* the interface's version: engine/layers/kernels/__init__.py refuses a build of another one */
+#define KERNELS_VERSION 2
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define CLONES
+#endif
+
+/* ------------------------------------------------------------------ maths */
+
+/* tanh(x) = x P(x²) / Q(x²) on |x| <= 9 (beyond, |tanh x| rounds to 1 in float32), the
+ * result clamped to [-1, 1]. P and Q are of degree 4; their coefficients are a minimax fit
+ * of the relative error on [0, 9] made by fit_tanh.py beside this file (float64 error
+ * 2e-8; evaluated in float32 at most 6 ulp from the true tanh, which the tests check).
+ * Comparisons are written so that a NaN falls through them: NaN gives NaN, ±inf ±1. */
+static inline float tanh_f(float x)
+{
+    float a = x > 9.0f ? 9.0f : x;
+    a = a < -9.0f ? -9.0f : a;
+    float s = a * a;
+    float p = 1.335319233e-08f;
+    p = p * s + 2.060803854e-05f;
+    p = p * s + 3.495526267e-03f;
+    p = p * s + 1.338097453e-01f;
+    p = p * s + 1.0f;
+    float q = 7.775960285e-07f;
+    q = q * s + 3.285532293e-04f;
+    q = q * s + 2.587674931e-02f;
+    q = q * s + 4.671429098e-01f;
+    q = q * s + 1.0f;
+    float y = a * p / q;
+    y = y > 1.0f ? 1.0f : y;
+    return y < -1.0f ? -1.0f : y;
+}
+
+static inline float sigmoid_f(float x)
+{
+    return 0.5f * tanh_f(0.5f * x) + 0.5f;
+}
+
+/* --------------------------------------------------------- array handling */
+
+typedef struct {
+    float *p;
+    Py_ssize_t rs;      /* row stride, in floats */
+} mat;
+
+#define AT(m, i) ((m).p + (i) * (m).rs)
+
+/* rows [r0, r1) of one kernel; the column count is B */
+typedef void (*rows_fn)(const mat *a, Py_ssize_t H, Py_ssize_t B, Py_ssize_t r0, Py_ssize_t r1,
+                        int flag);
+
+/* Run f over all H rows of the n arrays in a. When every array's rows are B apart, gate k
+ * of an array is the run of H·B floats at p + k·H·B: then f sees one row of H·B columns
+ * (and a row stride of H·B, so that its row index k·1 lands on gate k). */
+static void run_rows(rows_fn f, mat *a, int n, Py_ssize_t H, Py_ssize_t B, int flag)
+{
+    int flat = 1;
+    for (int k = 0; k < n; k++)
+        if (a[k].p && a[k].rs != B)
+            flat = 0;
+    if (flat && H > 1) {
+        for (int k = 0; k < n; k++)
+            a[k].rs = H * B;
+        f(a, 1, H * B, 0, 1, flag);
+        return;
+    }
+    f(a, H, B, 0, H, flag);
+}
+
+/* Fill m from a 2-D float32 buffer of shape (rows, B) with contiguous rows. */
+static int get_mat(PyObject *o, Py_buffer *view, int writable, Py_ssize_t rows, Py_ssize_t B,
+                   mat *m, const char *name)
+{
+    if (PyObject_GetBuffer(o, view, PyBUF_RECORDS_RO | (writable ? PyBUF_WRITABLE : 0)) < 0)
+        return -1;
+    const char *f = view->format;
+    if (f && (f[0] == '<' || f[0] == '=' || f[0] == '@'))
+        f++;
+    if (view->ndim != 2 || view->itemsize != 4 || !f || strcmp(f, "f") != 0) {
+        PyErr_Format(PyExc_TypeError, "%s: a 2-D float32 array is needed", name);
+        goto bad;
+    }
+    if (view->shape[0] != rows || view->shape[1] != B) {
+        PyErr_Format(PyExc_ValueError, "%s: shape (%zd, %zd), expected (%zd, %zd)", name,
+                     view->shape[0], view->shape[1], rows, B);
+        goto bad;
+    }
+    if ((B > 1 && view->strides[1] != 4) || view->strides[0] % 4 != 0) {
+        PyErr_Format(PyExc_ValueError, "%s: rows must be contiguous", name);
+        goto bad;
+    }
+    m->p = (float *)view->buf;
+    m->rs = view->strides[0] / 4;
+    return 0;
+bad:
+    PyBuffer_Release(view);
+    view->obj = NULL;
+    return -1;
+}
+
+#define MAXARGS 9
+
+typedef struct {
+    Py_buffer v[MAXARGS];
+    int n;
+} views;
+
+static void release(views *vs)
+{
+    for (int k = 0; k < vs->n; k++)
+        if (vs->v[k].obj)
+            PyBuffer_Release(&vs->v[k]);
+    vs->n = 0;
+}
+
+/* One argument: (object, writable, rows); None is allowed where optional. */
+static int take(views *vs, mat *m, PyObject *o, int writable, Py_ssize_t rows, Py_ssize_t B,
+                const char *name, int optional)
+{
+    if (optional && o == Py_None) {
+        m->p = NULL;
+        m->rs = 0;
+        return 0;
+    }
+    Py_buffer *v = &vs->v[vs->n];
+    v->obj = NULL;
+    if (get_mat(o, v, writable, rows, B, m, name) < 0)
+        return -1;
+    vs->n++;
+    return 0;
+}
+
+/* Each kernel is a function of one row (B columns, restrict pointers, so that the loop
+ * vectorises) and a function of rows r0..r1 that one thread runs. */
+
+/* ------------------------------------------------------------------- RNN */
+
+static inline void tanh_row(float *restrict p, Py_ssize_t B)
+{
+    for (Py_ssize_t j = 0; j < B; j++)
+        p[j] = tanh_f(p[j]);
+}
+
+static inline void relu_row(float *restrict p, Py_ssize_t B)
+{
+    for (Py_ssize_t j = 0; j < B; j++)
+        p[j] = p[j] < 0.0f ? 0.0f : p[j];
+}
+
+/* a: 0 pre (in: W_x x + b + W_h h, out: h') */
+CLONES static void rnn_fwd_rows(const mat *a, Py_ssize_t H, Py_ssize_t B, Py_ssize_t r0,
+                                Py_ssize_t r1, int relu)
+{
+    for (Py_ssize_t i = r0; i < r1; i++) {
+        if (relu)
+            relu_row(AT(a[0], i), B);
+        else
+            tanh_row(AT(a[0], i), B);
+    }
+}
+
+static inline void rnn_bwd_row(const float *restrict dh, const float *restrict h,
+                               float *restrict d, Py_ssize_t B, int relu)
+{
+    if (relu)
+        for (Py_ssize_t j = 0; j < B; j++)
+            d[j] = h[j] > 0.0f ? dh[j] : 0.0f * dh[j];
+    else
+        for (Py_ssize_t j = 0; j < B; j++)
+            d[j] = (1.0f - h[j] * h[j]) * dh[j];
+}
+
+/* a: 0 dh', 1 h', 2 out dpre */
+CLONES static void rnn_bwd_rows(const mat *a, Py_ssize_t H, Py_ssize_t B, Py_ssize_t r0,
+                                Py_ssize_t r1, int relu)
+{
+    for (Py_ssize_t i = r0; i < r1; i++)
+        rnn_bwd_row(AT(a[0], i), AT(a[1], i), AT(a[2], i), B, relu);
+}
+
+/* ------------------------------------------------------------------- GRU */
+
+static inline void gru_fwd_row(const float *restrict xz, const float *restrict xr,
+                               const float *restrict xc, float *restrict hz, float *restrict hr,
+                               const float *restrict hc, const float *restrict h,
+                               float *restrict hn, float *restrict c, Py_ssize_t B)
+{
+    for (Py_ssize_t j = 0; j < B; j++) {
+        float z = sigmoid_f(hz[j] + xz[j]);
+        float r = sigmoid_f(hr[j] + xr[j]);
+        float cc = tanh_f(r * hc[j] + xc[j]);
+        hz[j] = z;
+        hr[j] = r;
+        c[j] = cc;
+        hn[j] = (h[j] - cc) * z + cc;
+    }
+}
+
+/* a: 0 xproj (3H), 1 hproj (3H; out: rows 0..2H hold z, r), 2 h, 3 out h', 4 out c */
+CLONES static void gru_fwd_rows(const mat *a, Py_ssize_t H, Py_ssize_t B, Py_ssize_t r0,
+                                Py_ssize_t r1, int flag)
+{
+    (void)flag;
+    for (Py_ssize_t i = r0; i < r1; i++)
+        gru_fwd_row(AT(a[0], i), AT(a[0], H + i), AT(a[0], 2 * H + i), AT(a[1], i),
+                    AT(a[1], H + i), AT(a[1], 2 * H + i), AT(a[2], i), AT(a[3], i), AT(a[4], i), B);
+}
+
+static inline void gru_bwd_row(const float *restrict dh, const float *restrict h,
+                               const float *restrict zz, const float *restrict rr,
+                               const float *restrict c, const float *restrict hc,
+                               float *restrict dxz, float *restrict dxr, float *restrict dxc,
+                               float *restrict dhz, float *restrict dhr, float *restrict dhc,
+                               float *restrict dd, Py_ssize_t B)
+{
+    for (Py_ssize_t j = 0; j < B; j++) {
+        float z = zz[j], r = rr[j], g = dh[j];
+        float dc = (1.0f - c[j] * c[j]) * g;
+        dc = dc - dc * z;
+        float dz = (h[j] - c[j]) * g * (z - z * z);
+        float dr = dc * hc[j] * (r - r * r);
+        dxz[j] = dz;
+        dxr[j] = dr;
+        dxc[j] = dc;
+        dhz[j] = dz;
+        dhr[j] = dr;
+        dhc[j] = dc * r;
+        dd[j] = g * z;
+    }
+}
+
+/* a: 0 dh', 1 h, 2 zr (2H), 3 c, 4 hc, 5 out dxproj (3H), 6 out dhproj (3H), 7 out dh direct */
+CLONES static void gru_bwd_rows(const mat *a, Py_ssize_t H, Py_ssize_t B, Py_ssize_t r0,
+                                Py_ssize_t r1, int flag)
+{
+    (void)flag;
+    for (Py_ssize_t i = r0; i < r1; i++)
+        gru_bwd_row(AT(a[0], i), AT(a[1], i), AT(a[2], i), AT(a[2], H + i), AT(a[3], i),
+                    AT(a[4], i), AT(a[5], i), AT(a[5], H + i), AT(a[5], 2 * H + i), AT(a[6], i),
+                    AT(a[6], H + i), AT(a[6], 2 * H + i), AT(a[7], i), B);
+}
+
+/* ------------------------------------------------------------------ LSTM */
+
+static inline void lstm_fwd_row(float *restrict pi, float *restrict pf, float *restrict po,
+                                float *restrict pg, const float *restrict c, float *restrict hn,
+                                float *restrict cn, float *restrict tc, Py_ssize_t B)
+{
+    for (Py_ssize_t j = 0; j < B; j++) {
+        float ig = sigmoid_f(pi[j]), fg = sigmoid_f(pf[j]), og = sigmoid_f(po[j]);
+        float gg = tanh_f(pg[j]);
+        float cc = fg * c[j] + ig * gg;
+        float t = tanh_f(cc);
+        pi[j] = ig;
+        pf[j] = fg;
+        po[j] = og;
+        pg[j] = gg;
+        cn[j] = cc;
+        tc[j] = t;
+        hn[j] = og * t;
+    }
+}
+
+/* a: 0 pre (4H; out: rows i, f, o gates, g = tanh), 1 c, 2 out h', 3 out c', 4 out tanh(c') */
+CLONES static void lstm_fwd_rows(const mat *a, Py_ssize_t H, Py_ssize_t B, Py_ssize_t r0,
+                                 Py_ssize_t r1, int flag)
+{
+    (void)flag;
+    for (Py_ssize_t i = r0; i < r1; i++)
+        lstm_fwd_row(AT(a[0], i), AT(a[0], H + i), AT(a[0], 2 * H + i), AT(a[0], 3 * H + i),
+                     AT(a[1], i), AT(a[2], i), AT(a[3], i), AT(a[4], i), B);
+}
+
+/* dc may be NULL (no gradient from a later step) */
+static inline void lstm_bwd_row(const float *restrict dh, const float *restrict dc,
+                                const float *restrict c, const float *restrict ii,
+                                const float *restrict ff, const float *restrict oo,
+                                const float *restrict gg, const float *restrict tc,
+                                float *restrict di, float *restrict df, float *restrict dO,
+                                float *restrict dg, float *restrict dcp, Py_ssize_t B)
+{
+    for (Py_ssize_t j = 0; j < B; j++) {
+        float o = oo[j], t = tc[j], g = dh[j], in = ii[j], f = ff[j], gv = gg[j];
+        dO[j] = g * t * ((1.0f - o) * o);
+        float dct = (1.0f - t * t) * o * g;
+        if (dc)
+            dct += dc[j];
+        di[j] = dct * gv * ((1.0f - in) * in);
+        df[j] = dct * c[j] * ((1.0f - f) * f);
+        dg[j] = dct * ((1.0f - gv * gv) * in);
+        dcp[j] = dct * f;
+    }
+}
+
+/* a: 0 dh', 1 dc' (p NULL when there is none), 2 c, 3 ifo (3H), 4 g, 5 tanh(c'),
+ *    6 out dpre (4H), 7 out dc */
+CLONES static void lstm_bwd_rows(const mat *a, Py_ssize_t H, Py_ssize_t B, Py_ssize_t r0,
+                                 Py_ssize_t r1, int flag)
+{
+    (void)flag;
+    for (Py_ssize_t i = r0; i < r1; i++)
+        lstm_bwd_row(AT(a[0], i), a[1].p ? AT(a[1], i) : NULL, AT(a[2], i), AT(a[3], i),
+                     AT(a[3], H + i), AT(a[3], 2 * H + i), AT(a[4], i), AT(a[5], i), AT(a[6], i),
+                     AT(a[6], H + i), AT(a[6], 2 * H + i), AT(a[6], 3 * H + i), AT(a[7], i), B);
+}
+
+/* --------------------------------------------------------------- wrappers */
+
+/* shape (rows, B) of an array argument, from its buffer */
+static int shape_of(PyObject *o, Py_ssize_t *rows, Py_ssize_t *B)
+{
+    Py_buffer v;
+    if (PyObject_GetBuffer(o, &v, PyBUF_RECORDS_RO) < 0)
+        return -1;
+    int ok = v.ndim == 2;
+    if (ok) {
+        *rows = v.shape[0];
+        *B = v.shape[1];
+    }
+    PyBuffer_Release(&v);
+    if (!ok) {
+        PyErr_SetString(PyExc_TypeError, "a 2-D array is needed");
+        return -1;
+    }
+    return 0;
+}
+
+#define RUN(fn, H, B, flag)                                         \
+    do {                                                            \
+        Py_BEGIN_ALLOW_THREADS                                      \
+        run_rows(fn, m, (int)(sizeof m / sizeof m[0]), H, B, flag); \
+        Py_END_ALLOW_THREADS                                        \
+    } while (0)
+
+static PyObject *py_rnn_forward(PyObject *self, PyObject *args)
+{
+    PyObject *pre;
+    int relu;
+    if (!PyArg_ParseTuple(args, "Op", &pre, &relu))
+        return NULL;
+    Py_ssize_t H, B;
+    if (shape_of(pre, &H, &B) < 0)
+        return NULL;
+    views vs = {.n = 0};
+    mat m[1];
+    if (take(&vs, &m[0], pre, 1, H, B, "pre", 0) < 0)
+        goto fail;
+    RUN(rnn_fwd_rows, H, B, relu);
+    release(&vs);
+    Py_RETURN_NONE;
+fail:
+    release(&vs);
+    return NULL;
+}
+
+static PyObject *py_rnn_backward(PyObject *self, PyObject *args)
+{
+    PyObject *dh, *h, *out;
+    int relu;
+    if (!PyArg_ParseTuple(args, "OOOp", &dh, &h, &out, &relu))
+        return NULL;
+    Py_ssize_t H, B;
+    if (shape_of(h, &H, &B) < 0)
+        return NULL;
+    views vs = {.n = 0};
+    mat m[3];
+    if (take(&vs, &m[0], dh, 0, H, B, "dh", 0) < 0 || take(&vs, &m[1], h, 0, H, B, "h", 0) < 0 ||
+        take(&vs, &m[2], out, 1, H, B, "out", 0) < 0)
+        goto fail;
+    RUN(rnn_bwd_rows, H, B, relu);
+    release(&vs);
+    Py_RETURN_NONE;
+fail:
+    release(&vs);
+    return NULL;
+}
+
+static PyObject *py_gru_forward(PyObject *self, PyObject *args)
+{
+    PyObject *xproj, *hproj, *h, *hn, *c;
+    if (!PyArg_ParseTuple(args, "OOOOO", &xproj, &hproj, &h, &hn, &c))
+        return NULL;
+    Py_ssize_t H, B;
+    if (shape_of(h, &H, &B) < 0)
+        return NULL;
+    views vs = {.n = 0};
+    mat m[5];
+    if (take(&vs, &m[0], xproj, 0, 3 * H, B, "xproj", 0) < 0 ||
+        take(&vs, &m[1], hproj, 1, 3 * H, B, "hproj", 0) < 0 ||
+        take(&vs, &m[2], h, 0, H, B, "h", 0) < 0 || take(&vs, &m[3], hn, 1, H, B, "h_new", 0) < 0 ||
+        take(&vs, &m[4], c, 1, H, B, "c", 0) < 0)
+        goto fail;
+    RUN(gru_fwd_rows, H, B, 0);
+    release(&vs);
+    Py_RETURN_NONE;
+fail:
+    release(&vs);
+    return NULL;
+}
+
+static PyObject *py_gru_backward(PyObject *self, PyObject *args)
+{
+    PyObject *dh, *h, *zr, *c, *hc, *dx, *dhp, *direct;
+    if (!PyArg_ParseTuple(args, "OOOOOOOO", &dh, &h, &zr, &c, &hc, &dx, &dhp, &direct))
+        return NULL;
+    Py_ssize_t H, B;
+    if (shape_of(h, &H, &B) < 0)
+        return NULL;
+    views vs = {.n = 0};
+    mat m[8];
+    if (take(&vs, &m[0], dh, 0, H, B, "dh", 0) < 0 || take(&vs, &m[1], h, 0, H, B, "h", 0) < 0 ||
+        take(&vs, &m[2], zr, 0, 2 * H, B, "zr", 0) < 0 || take(&vs, &m[3], c, 0, H, B, "c", 0) < 0 ||
+        take(&vs, &m[4], hc, 0, H, B, "hc", 0) < 0 ||
+        take(&vs, &m[5], dx, 1, 3 * H, B, "dxproj", 0) < 0 ||
+        take(&vs, &m[6], dhp, 1, 3 * H, B, "dhproj", 0) < 0 ||
+        take(&vs, &m[7], direct, 1, H, B, "direct", 0) < 0)
+        goto fail;
+    RUN(gru_bwd_rows, H, B, 0);
+    release(&vs);
+    Py_RETURN_NONE;
+fail:
+    release(&vs);
+    return NULL;
+}
+
+static PyObject *py_lstm_forward(PyObject *self, PyObject *args)
+{
+    PyObject *pre, *c, *hn, *cn, *tc;
+    if (!PyArg_ParseTuple(args, "OOOOO", &pre, &c, &hn, &cn, &tc))
+        return NULL;
+    Py_ssize_t H, B;
+    if (shape_of(c, &H, &B) < 0)
+        return NULL;
+    views vs = {.n = 0};
+    mat m[5];
+    if (take(&vs, &m[0], pre, 1, 4 * H, B, "pre", 0) < 0 || take(&vs, &m[1], c, 0, H, B, "c", 0) < 0 ||
+        take(&vs, &m[2], hn, 1, H, B, "h_new", 0) < 0 ||
+        take(&vs, &m[3], cn, 1, H, B, "c_new", 0) < 0 || take(&vs, &m[4], tc, 1, H, B, "tc", 0) < 0)
+        goto fail;
+    RUN(lstm_fwd_rows, H, B, 0);
+    release(&vs);
+    Py_RETURN_NONE;
+fail:
+    release(&vs);
+    return NULL;
+}
+
+static PyObject *py_lstm_backward(PyObject *self, PyObject *args)
+{
+    PyObject *dh, *dc, *c, *ifo, *g, *tc, *dpre, *dcp;
+    if (!PyArg_ParseTuple(args, "OOOOOOOO", &dh, &dc, &c, &ifo, &g, &tc, &dpre, &dcp))
+        return NULL;
+    Py_ssize_t H, B;
+    if (shape_of(c, &H, &B) < 0)
+        return NULL;
+    views vs = {.n = 0};
+    mat m[8];
+    if (take(&vs, &m[0], dh, 0, H, B, "dh", 0) < 0 || take(&vs, &m[1], dc, 0, H, B, "dc", 1) < 0 ||
+        take(&vs, &m[2], c, 0, H, B, "c", 0) < 0 || take(&vs, &m[3], ifo, 0, 3 * H, B, "ifo", 0) < 0 ||
+        take(&vs, &m[4], g, 0, H, B, "g", 0) < 0 || take(&vs, &m[5], tc, 0, H, B, "tc", 0) < 0 ||
+        take(&vs, &m[6], dpre, 1, 4 * H, B, "dpre", 0) < 0 ||
+        take(&vs, &m[7], dcp, 1, H, B, "dc_prev", 0) < 0)
+        goto fail;
+    RUN(lstm_bwd_rows, H, B, m[1].p != NULL);
+    release(&vs);
+    Py_RETURN_NONE;
+fail:
+    release(&vs);
+    return NULL;
+}
+
+/* tanh of a float32 array with contiguous rows, in place (for the tests of tanh_f) */
+static PyObject *py_tanh(PyObject *self, PyObject *args)
+{
+    PyObject *a;
+    if (!PyArg_ParseTuple(args, "O", &a))
+        return NULL;
+    Py_ssize_t H, B;
+    if (shape_of(a, &H, &B) < 0)
+        return NULL;
+    views vs = {.n = 0};
+    mat m[1];
+    if (take(&vs, &m[0], a, 1, H, B, "a", 0) < 0)
+        goto fail;
+    RUN(rnn_fwd_rows, H, B, 0);
+    release(&vs);
+    Py_RETURN_NONE;
+fail:
+    release(&vs);
+    return NULL;
+}
+
+static PyObject *py_info(PyObject *self, PyObject *noargs)
+{
+    const char *isa = "compiler default";
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("x86-64-v4"))
+        isa = "AVX-512";
+    else if (__builtin_cpu_supports("x86-64-v3"))
+        isa = "AVX2";
+    else
+        isa = "baseline x86-64";
+#endif
+    return Py_BuildValue("{s:s}", "isa", isa);
+}
+
+static PyMethodDef methods[] = {
+    {"rnn_forward", py_rnn_forward, METH_VARARGS, "rnn_forward(pre, relu): h' = act(pre) in pre"},
+    {"rnn_backward", py_rnn_backward, METH_VARARGS,
+     "rnn_backward(dh, h, out, relu): out = dh (1 - h²), or dh [h > 0]"},
+    {"gru_forward", py_gru_forward, METH_VARARGS,
+     "gru_forward(xproj, hproj, h, h_new, c): the GRU step; z, r into hproj[:2H]"},
+    {"gru_backward", py_gru_backward, METH_VARARGS,
+     "gru_backward(dh, h, zr, c, hc, dxproj, dhproj, direct)"},
+    {"lstm_forward", py_lstm_forward, METH_VARARGS,
+     "lstm_forward(pre, c, h_new, c_new, tc): the LSTM step; the gates into pre"},
+    {"lstm_backward", py_lstm_backward, METH_VARARGS,
+     "lstm_backward(dh, dc or None, c, ifo, g, tc, dpre, dc_prev)"},
+    {"tanh", py_tanh, METH_VARARGS, "tanh(a): the kernels' tanh, in place"},
+    {"info", py_info, METH_NOARGS, "info(): {'isa': the instruction set the loops run with}"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_native", "Fused float32 cell kernels (see native.c).", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__native(void)
+{
+    PyObject *m = PyModule_Create(&module);
+    if (m && PyModule_AddIntConstant(m, "VERSION", KERNELS_VERSION) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

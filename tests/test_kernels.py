@@ -1,0 +1,336 @@
+"""The fused CPU cell kernels (engine/layers/kernels) against the NumPy formulas
+(engine/layers/cells.py), and the switch between them.
+
+In float32 every kernel's outputs agree with its NumPy twin to 1e-5 relative (of the
+array's largest entry), in the layouts the layers pass (column slices of step blocks,
+transposed views) and at odd sizes (H not a multiple of the vector width, B = 1); so do
+whole recurrent layers, block and per-copy, with masks. The kernels' tanh is measured
+against float64. The switch: RNN_ENGINE_KERNELS=numpy, a missing extension and float64
+all take the NumPy formulas, and the training banner says which maths runs.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from charjobs import ROOT, char_job, run_cli
+from engine.backend import BackendError
+from engine.layers import cells, kernels
+from engine.layers.base import Context
+from engine.layers.recurrent import GRULayer, LSTMLayer, RNNLayer
+from engine.proto import job_pb2 as pb
+from layercheck import FakeSrc
+
+F32 = np.float32
+# (H, B): the char-rnn size, B = 1, and sizes that are not multiples of any vector width
+SIZES = [(512, 50), (13, 1), (17, 7), (33, 19)]
+SIZE_IDS = [f"H{h}-B{b}" for h, b in SIZES]
+
+
+@pytest.fixture(autouse=True)
+def native():
+    """Every test starts on the compiled kernels (and leaves the switch as it found it)."""
+    assert kernels.available(), (
+        "the native cell kernels are not built in this environment; reinstall with a C "
+        "compiler (pip install -e .); engine.layers.kernels says: " + kernels.describe())
+    kernels.use("native")
+    yield
+    kernels.use(None)
+
+
+def close(got, want, what=""):
+    """Agreement to 1e-5 relative to the largest entry of ``want``."""
+    scale = float(np.abs(want).max()) or 1.0
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale, err_msg=what)
+
+
+def rand(rng, shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(F32)
+
+
+def cols(a, B, at=1):
+    """A (rows, B) column slice of a wider block, as the layers pass a step's columns."""
+    wide = np.zeros((a.shape[0], B * (at + 2)), F32)
+    wide[:, at * B:(at + 1) * B] = a
+    return wide[:, at * B:(at + 1) * B]
+
+
+def transposed(a):
+    """(rows, B) as the transposed view of a (B, rows) array (the per-copy path's layout)."""
+    return np.ascontiguousarray(a.T).T
+
+
+# ------------------------------------------------------------- the kernels' tanh
+def test_tanh_is_within_a_few_ulps_of_the_true_tanh():
+    x = np.concatenate([np.linspace(-12, 12, 1_200_001, dtype=F32),
+                        np.geomspace(1e-30, 1e-2, 2000, dtype=F32)])
+    x = np.concatenate([x, -x[-2000:]])
+    y = x.reshape(1, -1).copy()
+    kernels._native.tanh(y)
+    true = np.tanh(x.astype(np.float64))
+    ulps = np.abs(y[0] - true) / np.spacing(np.abs(true).astype(F32)).astype(np.float64)
+    assert ulps.max() <= 8, f"{ulps.max():.1f} ulp at x = {x[ulps.argmax()]}"
+    assert np.abs(y).max() <= 1
+
+
+def test_tanh_of_special_values():
+    x = np.array([[np.nan, np.inf, -np.inf, 1e30, -1e30, 0.0, 9.0, -9.5]], F32)
+    kernels._native.tanh(x)
+    assert np.isnan(x[0, 0])
+    np.testing.assert_array_equal(x[0, 1:6], [1, -1, 1, -1, 0])
+    np.testing.assert_allclose(x[0, 6:], [1, -1], rtol=1e-7)
+
+
+# ------------------------------------------------------------------- cell kernels
+@pytest.mark.parametrize("relu", [False, True], ids=["tanh", "relu"])
+@pytest.mark.parametrize("H,B", SIZES, ids=SIZE_IDS)
+def test_rnn_kernels(H, B, relu):
+    rng = np.random.default_rng(H + B)
+    pre = rand(rng, (H, B), 2.0)
+    ref = cells.rnn_forward(np, pre.copy(), relu)
+    got = kernels.rnn_forward(pre.copy(), relu)
+    close(got, ref, "h'")
+    dh = rand(rng, (H, B))
+    out = cols(np.zeros((H, B), F32), B)
+    d = kernels.rnn_backward(transposed(dh), cols(got, B), relu, out=out)
+    assert d is out
+    close(d, cells.rnn_backward(np, dh, ref, relu), "dpre")
+    close(kernels.rnn_backward(dh, got, relu), cells.rnn_backward(np, dh, ref, relu), "dpre")
+
+
+@pytest.mark.parametrize("H,B", SIZES, ids=SIZE_IDS)
+def test_gru_kernels(H, B):
+    rng = np.random.default_rng(H * B)
+    xproj, hproj, h = rand(rng, (3 * H, B), 1.5), rand(rng, (3 * H, B), 1.5), rand(rng, (H, B))
+    hp_ref, hp_got = hproj.copy(), hproj.copy()
+    h_ref, cache_ref = cells.gru_forward(np, xproj, hp_ref, h)
+    h_got, cache_got = kernels.gru_forward(cols(xproj, B), hp_got, cols(h, B))
+    close(h_got, h_ref, "h'")
+    close(hp_got[:2 * H], hp_ref[:2 * H], "z, r")     # the gates go where the formulas put them
+    for name, a, b in zip(("zr", "c", "hc"), cache_got, cache_ref):
+        close(a, b, name)
+    dh = rand(rng, (H, B))
+    ref = cells.gru_backward(np, dh, h, *cache_ref)
+    out_x, out_h = cols(np.zeros((3 * H, B), F32), B, 2), cols(np.zeros((3 * H, B), F32), B, 0)
+    got = kernels.gru_backward(dh, cols(h, B), *cache_got, out_x=out_x, out_h=out_h)
+    assert got[0] is out_x and got[1] is out_h
+    for name, a, b in zip(("dxproj", "dhproj", "dh direct"), got, ref):
+        close(a, b, name)
+    got = kernels.gru_backward(transposed(dh), transposed(h), *cache_got)
+    for name, a, b in zip(("dxproj", "dhproj", "dh direct"), got, ref):
+        close(a, b, name + " (transposed inputs)")
+
+
+@pytest.mark.parametrize("with_dc", [True, False], ids=["dc", "no-dc"])
+@pytest.mark.parametrize("H,B", SIZES, ids=SIZE_IDS)
+def test_lstm_kernels(H, B, with_dc):
+    rng = np.random.default_rng(H + 7 * B)
+    pre, c = rand(rng, (4 * H, B), 2.0), rand(rng, (H, B))
+    p_ref, p_got = pre.copy(), pre.copy()
+    h_ref, c_ref, cache_ref = cells.lstm_forward(np, p_ref, c)
+    h_got, c_got, cache_got = kernels.lstm_forward(p_got, transposed(c))
+    close(h_got, h_ref, "h'")
+    close(c_got, c_ref, "c'")
+    close(p_got, p_ref, "gates")
+    for name, a, b in zip(("ifo", "g", "tanh c'"), cache_got, cache_ref):
+        close(a, b, name)
+    dh, dc = rand(rng, (H, B)), (rand(rng, (H, B)) if with_dc else None)
+    d_ref, dc_ref = cells.lstm_backward(np, dh, dc, c, *cache_ref)
+    out = cols(np.zeros((4 * H, B), F32), B)
+    d_got, dc_got = kernels.lstm_backward(transposed(dh), dc, cols(c, B), *cache_got, out=out)
+    assert d_got is out
+    close(d_got, d_ref, "dpre")
+    close(dc_got, dc_ref, "dc")
+
+
+def test_contiguous_blocks_and_column_slices_give_the_same_bits():
+    """A call on contiguous blocks runs each gate block as one row of H·B; a call on column
+    slices runs row by row: every element is computed the same way either way."""
+    rng = np.random.default_rng(0)
+    H, B = 37, 19
+    pre, c = rand(rng, (4 * H, B), 2.0), rand(rng, (H, B))
+    dh, dc = rand(rng, (H, B)), rand(rng, (H, B))
+    results = []
+    for wrap in (lambda a: a, lambda a: cols(a, B)):
+        p = wrap(pre.copy())
+        h, c2, cache = kernels.lstm_forward(p, wrap(c))
+        results.append((h, c2, np.array(p)) + kernels.lstm_backward(wrap(dh), wrap(dc), wrap(c),
+                                                                    *cache, out=wrap(pre * 0)))
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_kernels_check_what_they_are_given():
+    a = np.zeros((4, 3), F32)
+    with pytest.raises(ValueError, match="shape"):
+        kernels._native.gru_forward(a, a, a, a, a)
+    with pytest.raises(TypeError, match="float32"):
+        kernels._native.rnn_forward(a.astype(np.float64), False)
+    with pytest.raises(ValueError, match="rows must be contiguous"):
+        kernels._native.rnn_forward(np.zeros((3, 4), F32).T, False)
+
+
+# ---------------------------------------------------------------- whole layers
+def build(kind, H, D, act=None, seed=0):
+    conf = pb.LayerProto(name="rec")
+    sub = {"rnn": (pb.kRNN, "rnn_conf"), "gru": (pb.kGRU, "gru_conf"),
+           "lstm": (pb.kLSTM, "lstm_conf")}[kind]
+    conf.type = sub[0]
+    getattr(conf, sub[1]).dim_hidden = H
+    if act is not None:
+        conf.rnn_conf.activation = act
+    layer = {"rnn": RNNLayer, "gru": GRULayer, "lstm": LSTMLayer}[kind](conf, np, F32)
+    layer.src_conn = []
+    layer.setup([FakeSrc((D,), name="data")])
+    rng = np.random.default_rng(seed)
+    for p in layer.params.values():
+        p.data = rng.uniform(-0.5, 0.5, p.shape).astype(F32)
+        p.grad = np.zeros(p.shape, F32)
+    layer.params_ready()
+    return layer
+
+
+LAYERS = [("rnn", pb.TANH), ("rnn", pb.RELU), ("gru", None), ("lstm", None)]
+LAYER_IDS = ["rnn-tanh", "rnn-relu", "gru", "lstm"]
+
+
+def _block_run(layer, X, state0, mask, R, T, B):
+    for p in layer.params.values():
+        p.grad[...] = 0
+    ctx = Context(step=0, unroll_len=T, mask=mask, steps=np.arange(T), batch=B, aux=[None],
+                  need_input_grads=[True], need_state_grad=True)
+    Y, final, cache = layer.forward_block(ctx, [X], state0)
+    Y = Y.copy()
+    (dX,), d0 = layer.backward_block(ctx, R, cache)
+    flat = (lambda s: list(s) if isinstance(s, tuple) else [s])
+    return ([Y] + [np.array(s) for s in flat(final)] + [dX] + [np.array(d) for d in flat(d0)]
+            + [p.grad.copy() for p in layer.params.values()])
+
+
+def _copy_run(layer, X, state0, masks, R, T, B):
+    for p in layer.params.values():
+        p.grad[...] = 0
+    state, caches, ys = state0, [], []
+    for t in range(T):
+        ctx = Context(step=t, unroll_len=T, mask=masks[t])
+        y, state, c = layer.forward(ctx, [X[t * B:(t + 1) * B]], state)
+        ys.append(np.array(y))
+        caches.append((ctx, c))
+    dstate = layer.zero_state(B)
+    dxs = []
+    for t in reversed(range(T)):
+        (dx,), dstate = layer.backward(caches[t][0], R[t * B:(t + 1) * B], dstate, caches[t][1])
+        dxs.append(dx)
+    flat = (lambda s: list(s) if isinstance(s, tuple) else [s])
+    return ([np.concatenate(ys)] + [np.array(s) for s in flat(state)]
+            + [np.concatenate(dxs[::-1])] + [np.array(d) for d in flat(dstate)]
+            + [p.grad.copy() for p in layer.params.values()])
+
+
+@pytest.mark.parametrize("how", ["block", "per-copy"])
+@pytest.mark.parametrize("H,D,B", [(33, 5, 7), (16, 40, 1), (64, 3, 50)],
+                         ids=["odd", "B1-wide-input", "folded"])
+@pytest.mark.parametrize("kind,act", LAYERS, ids=LAYER_IDS)
+def test_layer_with_kernels_equals_layer_with_formulas(kind, act, H, D, B, how):
+    """A recurrent layer in float32 gives the same outputs, final state, input and
+    initial-state gradients and param gradients on the kernels as on the NumPy formulas
+    (to 1e-5), with sequences masked at some steps."""
+    T = 5
+    layer = build(kind, H, D, act)
+    rng = np.random.default_rng(H + D + B)
+    X = rand(rng, (T * B, D))
+    R = rand(rng, (T * B, H))
+    parts = [rand(rng, (B, H), 0.5) for _ in range(2 if kind == "lstm" else 1)]
+    state0 = tuple(parts) if kind == "lstm" else parts[0]
+    masks = [None, (rng.random(B) < 0.5).astype(F32), None, np.zeros(B, F32), None]
+    mask = np.concatenate([np.ones(B, F32) if m is None else m for m in masks])
+    run = (lambda: _block_run(layer, X, state0, mask, R, T, B)) if how == "block" else \
+        (lambda: _copy_run(layer, X, state0, masks, R, T, B))
+    kernels.use("numpy")
+    want = run()
+    kernels.use("native")
+    got = run()
+    assert len(got) == len(want)
+    for k, (a, b) in enumerate(zip(got, want)):
+        assert a.dtype == F32
+        close(a, b, f"result {k}")
+
+
+def test_float64_and_the_numpy_switch_take_the_formulas(monkeypatch):
+    """With the switch on numpy, or for float64 arrays, no kernel is called."""
+    class Refuse:
+        def __getattr__(self, name):
+            raise AssertionError(f"kernel {name} called")
+
+    layer64 = build("gru", 8, 3)
+    monkeypatch.setattr(kernels, "_native", Refuse())
+    rng = np.random.default_rng(0)
+    h64 = rng.standard_normal((8, 2))
+    cell = cells.GRUCell()
+    cell.forward(np, rng.standard_normal((24, 2)), rng.standard_normal((24, 2)), (h64,))
+    assert not kernels.usable(h64)
+    kernels.use("numpy")
+    assert kernels.mode() == "numpy" and not kernels.usable(h64.astype(F32))
+    X = rand(rng, (2 * 4, 3))
+    ctx = Context(step=0, unroll_len=2, steps=np.arange(2), batch=4, aux=[None],
+                  need_input_grads=[True], need_state_grad=True)
+    Y, _, cache = layer64.forward_block(ctx, [X], np.zeros((4, 8), F32))
+    layer64.backward_block(ctx, np.ones_like(Y), cache)
+
+
+# ------------------------------------------------------------------ the switch
+def test_switch_reads_the_environment(monkeypatch):
+    monkeypatch.setenv(kernels.ENV, "numpy")
+    assert kernels.use(None) == "numpy"
+    assert "NumPy formulas (RNN_ENGINE_KERNELS=numpy)" in kernels.describe()
+    monkeypatch.setenv(kernels.ENV, "native")
+    assert kernels.use(None) == "native"
+    assert kernels.describe().startswith("cell kernels: native (")
+    assert kernels.describe(np.float64) == "cell maths: NumPy formulas (float64)"
+    monkeypatch.setenv(kernels.ENV, "fast")
+    with pytest.raises(BackendError, match="RNN_ENGINE_KERNELS='fast' is not a kernel choice"):
+        kernels.use(None)
+
+
+def _train_banner(tmp_path, env_value=None, block_native=False):
+    """Train a tiny LSTM job for 5 steps; returns (process, the final train loss)."""
+    job = char_job(tmp_path, rnn="kLSTM", steps=5, val=False)
+    env = dict(os.environ)
+    env.pop(kernels.ENV, None)
+    if env_value is not None:
+        env[kernels.ENV] = env_value
+    code = ("import sys; sys.modules['engine.layers.kernels._native'] = None\n" if block_native
+            else "") + "from engine.train import main; raise SystemExit(main(sys.argv[1:]))"
+    r = subprocess.run([sys.executable, "-c", "import sys\n" + code, str(job)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env=env)
+    loss = [line for line in r.stdout.splitlines() if "train loss" in line]
+    return r, loss[-1].split("train loss")[1].split()[0] if loss else None
+
+
+def test_training_banner_and_fallbacks(tmp_path):
+    """The banner's backend line names the cell maths; with the extension missing or the
+    switch on numpy the job trains on the NumPy formulas to the same loss."""
+    native, loss_native = _train_banner(tmp_path / "native")
+    assert native.returncode == 0, native.stderr
+    assert "cell kernels: native (" in native.stdout
+    off, loss_off = _train_banner(tmp_path / "off", env_value="numpy")
+    assert off.returncode == 0, off.stderr
+    assert "cell kernels: NumPy formulas (RNN_ENGINE_KERNELS=numpy)" in off.stdout
+    gone, loss_gone = _train_banner(tmp_path / "gone", block_native=True)
+    assert gone.returncode == 0, gone.stderr
+    assert "cell kernels: NumPy formulas (the native kernels do not load" in gone.stdout
+    assert loss_native is not None and loss_off == loss_gone
+    assert float(loss_native) == pytest.approx(float(loss_off), rel=1e-4)
+
+
+def test_a_bad_switch_value_is_one_error_line(tmp_path):
+    job = char_job(tmp_path, steps=2, val=False)
+    r = run_cli("engine.train", job, env={**os.environ, kernels.ENV: "fast"})
+    assert r.returncode == 2
+    assert r.stderr.strip() == ("error: RNN_ENGINE_KERNELS='fast' is not a kernel choice; use "
+                                "RNN_ENGINE_KERNELS=native (the compiled cell kernels) or "
+                                "RNN_ENGINE_KERNELS=numpy")
