@@ -130,7 +130,7 @@ def write_file(path: pathlib.Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def export(net: Net, out, vocab=None, where: str = "<net>") -> str:
+def export(net: Net, out, vocab=None, where: str = "<net>", encoding=None) -> str:
     """Write ``net`` to ``out`` in the format of its extension; returns a one-line summary."""
     out = pathlib.Path(out)
     fmt = format_of(out)
@@ -139,7 +139,7 @@ def export(net: Net, out, vocab=None, where: str = "<net>") -> str:
     L, H, V = d["num_layers"], d["hidden_size"], d["output_size"]
     bi = chain.directions == 2
     if fmt == "onnx":
-        model = interop.onnx_model(net, where, vocab)
+        model = interop.onnx_model(net, where, vocab, encoding)
         write_file(out, model.SerializeToString())
         x = "x [T, B, %s]" % d["input_size"] if chain.encoder is None else "ids [T, B]"
         n = chain.directions * len(chain.levels)
@@ -148,7 +148,7 @@ def export(net: Net, out, vocab=None, where: str = "<net>") -> str:
         return (f"ONNX opset {interop.OPSET}, {L} x {'bidirectional ' if bi else ''}{d['rnn']} "
                 f"{H}; inputs {x}, {state}; outputs logits [T, B, {V}], {state_out}")
     tensors = interop.torch_state(net, where)
-    write_file(out, safetensors_io.encode(tensors, interop.metadata(chain, vocab)))
+    write_file(out, safetensors_io.encode(tensors, interop.metadata(chain, vocab, encoding)))
     mods = (f"rnn = nn.{d['rnn']}({d['input_size']}, {H}, {L}"
             f"{', bidirectional=True' if bi else ''}), "
             f"head = nn.Linear({chain.directions * int(H)}, {V})")
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
         format_of(a.out)  # before the work
         arrays, meta = ckpt.load(a.checkpoint)
         net = inference_net(arrays, meta, a.checkpoint)
-        summary = export(net, a.out, meta.get("vocab"), a.checkpoint)
+        summary = export(net, a.out, meta.get("vocab"), a.checkpoint, meta.get("encoding"))
     except (ConfigError, ckpt.CheckpointError) as e:
         if a.debug:
             raise

@@ -506,9 +506,9 @@ def params_from_torch(net, tensors: dict[str, np.ndarray], where: str) -> dict[s
 OPSET, IR_VERSION = 17, 8
 
 
-def onnx_model(net, where: str, vocab=None):
+def onnx_model(net, where: str, vocab=None, encoding=None):
     """The net's inference model as an ``onnx.ModelProto`` (module docstring) with
-    ``metadata(chain, vocab)`` as its metadata_props, checked with ``onnx.checker``.
+    ``metadata(chain, vocab, encoding)`` as its metadata_props, checked with ``onnx.checker``.
     Needs the ``onnx`` package (the ``export`` extra)."""
     try:
         import onnx
@@ -603,19 +603,22 @@ def onnx_model(net, where: str, vocab=None):
     graph = helper.make_graph(nodes, "rnn_engine", inputs, outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               ir_version=IR_VERSION, producer_name="rnn-engine")
-    for key, value in metadata(chain, vocab).items():
+    for key, value in metadata(chain, vocab, encoding).items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.checker.check_model(model)
     return model
 
 
-def metadata(chain: Chain, vocab=None) -> dict[str, str]:
+def metadata(chain: Chain, vocab=None, encoding=None) -> dict[str, str]:
     """The strings both formats carry: the model's shape and, for char nets, the vocabulary
-    (a JSON list of characters, id order)."""
+    (a JSON list of symbols, id order) and its unit, ``vocab_unit``: "utf-8" (each symbol a
+    character) or "bytes" (each symbol one byte, written as the character of that code
+    point, as engine/text.py holds them)."""
     out = chain.describe()
     if vocab:
         out["vocab"] = json.dumps(list(vocab), ensure_ascii=False)
+        out["vocab_unit"] = encoding or "utf-8"
     return out
 
 

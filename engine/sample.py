@@ -140,6 +140,12 @@ class Sampler:
             raise ConfigError(f"{ckpt_path}: the checkpoint has no vocabulary ({why})")
         gpu = device_of(cpu, gpu, job.gpu if job_path else ())  # never the checkpoint's job's
         sjob = job if self.singa_style else sampling_job(job, where)
+        for lay in sjob.neuralnet.layer:
+            if layer_class(lay.type).reverse_pass(lay):
+                raise ConfigError(f'{where}: layer "{lay.name}" runs backward in time (direction: '
+                                  f"kBackward): each of its steps reads the symbols after it, "
+                                  f"and a sampler draws one symbol at a time, forward; sample "
+                                  f"with a net whose recurrent layers all run forward")
         self.job = sjob
         u = unroll(sjob.neuralnet, Phase.TEST, sjob.name, where=where)
         ws = workspace_of(job, None)

@@ -454,8 +454,11 @@ class Trainer:
                 raise RunError(msg + "; lower the learning rate or clip gradients (the last "
                                      "good checkpoint is kept)")
             # a skipped step still counts: displays, evaluations and checkpoints due
-            # at it (and at the end) happen as scheduled
-            self.say(f"warning: {msg}; batch skipped (skip_nonfinite)")
+            # at it (and at the end) happen as scheduled; the state it would carry on may
+            # hold its non-finite numbers, so the next batch starts from zeros
+            w.drop_carry()
+            self.say(f"warning: {msg}; batch skipped (skip_nonfinite), the next one starts "
+                     f"from a zero state")
             return None
         self.updater.update(self.step, grad_norm=norm)
         return metrics

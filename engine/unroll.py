@@ -111,7 +111,7 @@ def unroll(net: pb.NetProto, phase: Phase = Phase.TRAIN, job_name: str = "",
         cls = layer_class(layer.type)
         T = layer.unroll_len
         tname = type_name(layer.type)
-        group = _share_owner(layer, getattr(cls, "has_params", False))
+        group = _share_owner(layer, cls is not None and cls.has_params)
         g.add_nodes_from(
             (node_id(i, layer.name),
              {"layer": layer.name, "step": i, "type": tname, "unroll_len": T, "share_group": group})

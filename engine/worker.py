@@ -113,6 +113,11 @@ class Worker:
         self.carry.clear()
         self._prev_starts.clear()
 
+    def drop_carry(self) -> None:
+        """Forget the state carried into the next batch (it starts from zeros): after a
+        batch whose numbers went non-finite, its state must not reach the next one."""
+        self.carry.clear()
+
     def load(self) -> None:
         """Load the next batch into every input layer and decide about carried state."""
         new_seq = False

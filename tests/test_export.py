@@ -87,6 +87,7 @@ def test_onehot_char_net(tmp_path, kind):
     meta = {p.key: p.value for p in m.metadata_props}
     assert meta["input"] == "onehot" and meta["input_size"] == str(V_CHAR)
     assert len(json.loads(meta["vocab"])) == V_CHAR  # the char vocabulary, id order
+    assert meta["vocab_unit"] == "utf-8"  # characters (a byte vocabulary says "bytes")
 
 
 @pytest.mark.parametrize("kind", ["gru", "lstm", "rnn"])

@@ -178,6 +178,26 @@ def test_skipped_steps_keep_the_schedule_and_the_end_of_the_run(tmp_path, monkey
     assert "done: 20 steps (2 skipped: non-finite)" in out
 
 
+def test_a_skipped_batch_does_not_hand_its_state_on(tmp_path, monkeypatch, capsys):
+    """The state a skipped (non-finite) batch leaves is dropped: the next batch starts from
+    zeros instead of inheriting NaN, which would skip every later batch too."""
+    job = char_job(tmp_path, steps=8, val=False, extra="skip_nonfinite: true")
+
+    def poison(w, metrics):
+        if w.batch_index == 4:
+            metrics["loss"][0] = float("nan")
+            for name in list(w.carry):  # the bad batch's state, as an overflow leaves it
+                st = w.carry[name]
+                w.carry[name] = tuple(s * np.nan for s in st) if isinstance(st, tuple) else st * np.nan
+
+    hook_batches(monkeypatch, poison)
+    rc, out, err = run_main(capsys, job)
+    assert rc == 0, (out, err)
+    assert out.count("batch skipped (skip_nonfinite)") == 1, out
+    train_recs = [r for r in records(tmp_path / "ws") if r["phase"] == "train"]
+    assert train_recs and all(np.isfinite(r["loss"]) for r in train_recs)
+
+
 # --------------------------------- items 3 and 11: signals during the stop checkpoint
 
 def _signal_at(step, signum=signal.SIGINT):

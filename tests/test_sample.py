@@ -224,3 +224,17 @@ def test_sampling_options_are_checked_in_one_line(trained, opt):
     assert r.stderr.strip().splitlines() == [
         f"error: {opt[0]} is {float(opt[1]) if opt[0] == '--temperature' else opt[1]}; it must "
         f"be a finite number >= 0"]
+
+
+def test_a_net_with_a_backward_layer_cannot_sample(tmp_path):
+    """A kBackward layer reads the symbols after each step; generation draws them one at a
+    time, forward: one line, exit 2 (it used to sample with the backward layer restarting
+    from zeros at every symbol)."""
+    job = char_job(tmp_path, steps=2, val=False)
+    job.write_text(job.read_text().replace("dim_hidden: 16 }", "dim_hidden: 16 direction: kBackward }"))
+    r = run_cli("engine.train", job)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("engine.sample", "--checkpoint", tmp_path / "ws" / "checkpoints" / "step2.npz")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert 'layer "rnn1" runs backward in time (direction: kBackward)' in r.stderr
