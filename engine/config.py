@@ -140,19 +140,31 @@ def parse_job(text: str, path: str = "<job>") -> pb.JobProto:
     return job
 
 
-def read_text(path, what: str, error=None, hint: str = "") -> str:
-    """A UTF-8 text file's content; each way of failing is one ``error`` line naming the file."""
+def read_file(path, what: str, error=None, hint: str = "") -> bytes:
+    """A file's bytes; each way of failing is one ``error`` line (ConfigError by default)
+    naming the file: missing, a folder (``hint`` says what to give instead), unreadable.
+    The one reader of user files: job files, vocabularies, stores, exchange files."""
     error = error or ConfigError
     try:
-        return pathlib.Path(path).read_text(encoding="utf-8")
+        return pathlib.Path(path).read_bytes()
     except FileNotFoundError:
         raise error(f"{path}: no such {what}") from None
     except IsADirectoryError:
         raise error(f"{path}: is a folder" + (f"; {hint}" if hint else f", not a {what}")) from None
-    except UnicodeDecodeError as e:
-        raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:
         raise error(f"{path}: cannot read ({e.strerror})") from None
+
+
+def read_text(path, what: str, error=None, hint: str = "") -> str:
+    """A UTF-8 text file's content with universal newlines (``read_file``'s errors, and one
+    line for a file that is not UTF-8)."""
+    error = error or ConfigError
+    raw = read_file(path, what, error, hint)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def load_job(path: str | pathlib.Path) -> pb.JobProto:

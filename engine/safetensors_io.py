@@ -17,12 +17,12 @@ padded to a multiple of 8 bytes, tensors in name order); ``read(path)`` and
 from __future__ import annotations
 
 import json
-import pathlib
 import struct
 
 import numpy as np
 
 from engine.checkpoint import CheckpointError
+from engine.config import read_file
 
 #: safetensors dtype names <-> NumPy dtypes (little-endian); BF16 and the F8 types have
 #: no NumPy dtype and are refused with a line saying so
@@ -129,13 +129,4 @@ def decode(data: bytes, where: str = "<bytes>") -> tuple[dict[str, np.ndarray], 
 def read(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """(tensors, metadata) of a safetensors file; SafetensorsError naming the file when it
     cannot be read or is not valid."""
-    path = pathlib.Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise SafetensorsError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise SafetensorsError(f"{path}: is a folder, not a safetensors file") from None
-    except OSError as e:
-        raise SafetensorsError(f"{path}: cannot read ({e.strerror})") from None
-    return decode(data, str(path))
+    return decode(read_file(path, "safetensors file", SafetensorsError), str(path))

@@ -31,6 +31,7 @@ from collections.abc import Iterator
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from engine.config import read_file
 from engine.proto import job_pb2 as pb
 
 SIZE_T = 8  # bytes of SINGA's size_t length fields (64-bit, little-endian)
@@ -47,12 +48,7 @@ def kvfile_path(path) -> pathlib.Path:
 
 
 def _read_bytes(path: pathlib.Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise StoreError(f"{path}: no such {what}") from None
-    except OSError as e:
-        raise StoreError(f"{path}: cannot read ({e.strerror})") from None
+    return read_file(path, what, StoreError)
 
 
 def iter_kvfile(path) -> Iterator[tuple[int, int, bytes, bytes]]:

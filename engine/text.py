@@ -22,6 +22,8 @@ import pathlib
 
 import numpy as np
 
+from engine.config import read_file
+
 UTF8, BYTES = "utf-8", "bytes"
 ENCODINGS = (UTF8, BYTES)
 
@@ -39,14 +41,8 @@ def check_encoding(value: str, where: str) -> str:
 
 
 def read_bytes(path: pathlib.Path, what: str) -> bytes:
-    try:
-        return pathlib.Path(path).read_bytes()
-    except FileNotFoundError:
-        raise TextError(f"{what} {path} not found") from None
-    except IsADirectoryError:
-        raise TextError(f"{what} {path} is a folder; give a file") from None
-    except OSError as e:
-        raise TextError(f"{what} {path} cannot be read ({e.strerror})") from None
+    """The bytes of a text or vocabulary file (``config.read_file``: one TextError line)."""
+    return read_file(path, what, TextError, hint="give a file")
 
 
 def is_utf8(raw: bytes) -> bool:

@@ -111,6 +111,15 @@ def _fixedstep_table(conf: pb.LRGenProto) -> tuple[list[int], list[float]]:
     return steps, lrs
 
 
+def _refuse_other_subconfs(conf, own, subconfs, where: str, chosen: str) -> None:
+    """UpdaterError when ``conf`` sets a sub-conf other than ``own``, the one the ``chosen``
+    type reads: it would be ignored without a word."""
+    for sub in subconfs:
+        if sub != own and conf.HasField(sub):
+            raise UpdaterError(f"{where}.{sub} does not apply to {chosen}"
+                               + (f" (which reads {own})" if own else "") + f"; remove {sub}")
+
+
 def check_schedule(conf: pb.LRGenProto) -> None:
     """UpdaterError (one line naming the field) for a schedule that cannot run:
     a sub-conf of another change method (it would be ignored), base_lr not a finite
@@ -121,11 +130,8 @@ def check_schedule(conf: pb.LRGenProto) -> None:
     t = conf.type
     own = _LR_SUBCONF.get(t)
     if t in _CHANGE_NAMES:
-        for sub in _LR_SUBCONF.values():
-            if sub != own and conf.HasField(sub):
-                raise UpdaterError(f"updater.learning_rate.{sub} does not apply to "
-                                   f"learning_rate.type {_change_name(t)}"
-                                   + (f" (which reads {own})" if own else "") + f"; remove {sub}")
+        _refuse_other_subconfs(conf, own, _LR_SUBCONF.values(), "updater.learning_rate",
+                               f"learning_rate.type {_change_name(t)}")
     base = pfloat(conf.base_lr)
     _number("updater.learning_rate.base_lr", base, ">= 0", base >= 0)
     field = f"updater.learning_rate.{own}"
@@ -261,11 +267,8 @@ def check_conf(conf: pb.UpdaterProto) -> None:
     t = conf.type
     own = _UPDATER_SUBCONF.get(t)
     if t in _UPDATER_NAMES:
-        for sub in _UPDATER_SUBCONF.values():
-            if sub != own and conf.HasField(sub):
-                raise UpdaterError(f"updater.{sub} does not apply to updater.type "
-                                   f"{_updater_type_name(t)}"
-                                   + (f" (which reads {own})" if own else "") + f"; remove {sub}")
+        _refuse_other_subconfs(conf, own, _UPDATER_SUBCONF.values(), "updater",
+                               f"updater.type {_updater_type_name(t)}")
     momentum, decay = pfloat(conf.momentum), pfloat(conf.weight_decay)
     delta, norm = pfloat(conf.delta), pfloat(conf.clip_norm)
     low, high = pfloat(conf.clip_low), pfloat(conf.clip_high)
