@@ -25,6 +25,7 @@ import sys
 import numpy as np
 
 from engine import checkpoint as ckpt
+from engine import cli
 from engine import interop
 from engine import safetensors_io
 from engine.backend import make_backend
@@ -172,16 +173,15 @@ def main(argv=None) -> int:
         arrays, meta = ckpt.load(a.checkpoint)
         net = inference_net(arrays, meta, a.checkpoint)
         summary = export(net, a.out, meta.get("vocab"), a.checkpoint, meta.get("encoding"))
-    except (ConfigError, ckpt.CheckpointError) as e:
-        if a.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except OSError as e:
         if a.debug:
             raise
         print(f"error: {a.out}: cannot write ({e.strerror})", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - every failure is one line (engine/cli.py)
+        if a.debug:
+            raise
+        return cli.report(e)
     print(f"wrote {a.out}: {summary}")
     return 0
 

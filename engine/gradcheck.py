@@ -27,14 +27,13 @@ import sys
 
 import numpy as np
 
-from engine.backend import BackendError, make_backend
+from engine import cli
+from engine.backend import make_backend
 from engine.config import ConfigError, Phase, load_job
-from engine.layers import LayerError
 from engine.net import Net
 from engine.proto import job_pb2 as pb
 from engine.workspace import job_alg, net_info, workspace_of
 from engine.unroll import unroll
-from engine.updaters import UpdaterError
 from engine.worker import Worker
 
 
@@ -140,22 +139,10 @@ def main(argv=None) -> int:
         job = load_job(a.job)
         net, w = build(job, a.job, a.seed)
         worst = check(net, w, a.eps, a.max_full, a.samples, a.seed)
-    except (ConfigError, GradcheckError, BackendError) as e:
+    except Exception as e:  # noqa: BLE001 - every failure is one line (engine/cli.py)
         if a.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (LayerError, UpdaterError) as e:
-        if a.debug:
-            raise
-        print(f"error: {a.job}: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # noqa: BLE001 - an unexpected failure is still one line
-        if a.debug:
-            raise
-        print(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)",
-              file=sys.stderr)
-        return 1
+        return cli.report(e, a.job, inputs=(GradcheckError,))
     above = [k for k, v in worst.items() if v > a.tol]
     nonfinite = [k for k, v in worst.items() if math.isnan(v)]
     width = max(len(k) for k in worst)

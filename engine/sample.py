@@ -38,7 +38,8 @@ import os  # noqa: E402
 import numpy as np  # noqa: E402
 
 from engine import checkpoint as ckpt
-from engine.backend import BackendError, device_of, make_backend, to_host
+from engine import cli
+from engine.backend import device_of, make_backend, to_host
 from engine.config import ConfigError, Phase, layers_in_phase, load_job, normalise, parse_job, validate
 from engine.layers import layer_class
 from engine.layers.base import InputLayer, LossLayer
@@ -266,17 +267,10 @@ def main(argv=None) -> int:
         # the reader went away (| head): nothing more to do, and nothing more to print
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (ConfigError, ckpt.CheckpointError, BackendError) as e:
+    except Exception as e:  # noqa: BLE001 - every failure is one line (engine/cli.py)
         if a.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # noqa: BLE001
-        from engine.layers import LayerError
-        if a.debug or not isinstance(e, LayerError):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.report(e)
     finally:
         stops.uninstall()
 

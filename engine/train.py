@@ -38,9 +38,10 @@ import numpy as np
 from google.protobuf import text_format
 
 from engine import checkpoint as ckpt
+from engine import cli
 from engine import distributed as dist
 from engine import interop
-from engine.backend import BackendError, device_of, keep_freed_memory, make_backend
+from engine.backend import device_of, keep_freed_memory, make_backend
 from engine.config import ConfigError, Phase, check_trains, job_dir, load_job
 from engine.layers import kernels
 from engine.layers.input import resolve_path
@@ -54,9 +55,8 @@ from engine.stopping import ABORT, DEFER, ForcedExit, Stop, exit_status, signal_
 from engine.workspace import (check_layout, ensure_workspace, job_alg, load_params,
                               lock_workspace, net_info, param_arrays, phases_of, workspace_of,
                               write_graphs)
-from engine.layers import LayerError
 from engine.unroll import unroll
-from engine.updaters import Updater, UpdaterError, describe, global_grad_norm, learning_rate
+from engine.updaters import Updater, describe, global_grad_norm, learning_rate
 from engine.worker import ContinuityError
 
 
@@ -663,16 +663,13 @@ def failure(e: Exception, args, trainer=None) -> tuple[int, str]:
     """(exit status, one line) for an exception that ends a run. The job, its input or the
     workspace at fault is 2 when found before the first step; a workspace that cannot be
     written once steps ran (a checkpoint, the metrics log) is a failed run, 1."""
-    if isinstance(e, (ConfigError, BackendError, ckpt.CheckpointError, MetricsError,
-                      dist.DistributedError)):
+    if isinstance(e, cli.INPUT_ERRORS + (MetricsError, dist.DistributedError)):
         return (1 if trainer is not None and trainer.steps_run else 2), str(e)
     if isinstance(e, NotPlannable):
         return 2, f"--executor planned: {e}; use --executor auto"
     if isinstance(e, (RunError, ContinuityError)):
         return 1, str(e)
-    if isinstance(e, (LayerError, UpdaterError)):
-        return 2, f"{args.job}: {e}"
-    return 1, f"{type(e).__name__}: {e} (run with --debug for the traceback)"
+    return cli.failure(e, args.job)
 
 
 def report_failure(world: dist.World, started: bool, e: Exception, args, trainer=None) -> int:

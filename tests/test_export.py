@@ -351,3 +351,20 @@ def test_onnx_missing_is_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert err == "error: ONNX export needs the onnx package: pip install 'rnn-engine[export]' (or pip install onnx)"
     assert export.main([str(cp), str(tmp_path / "m.safetensors")]) == 0   # needs no package
+
+
+def test_an_unexpected_failure_is_one_line(tmp_path, monkeypatch, capsys):
+    """Any failure of engine.export is one line, exit 1 (it used to escape as a traceback)."""
+    from engine import checkpoint as ckpt
+    from engine import export
+
+    monkeypatch.setattr(ckpt, "load", lambda path: ({}, {}))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(export, "inference_net", broken)
+    rc = export.main([str(tmp_path / "step1.npz"), str(tmp_path / "out.onnx")])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert err.splitlines() == ["error: RuntimeError: boom (run with --debug for the traceback)"]

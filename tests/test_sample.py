@@ -238,3 +238,18 @@ def test_a_net_with_a_backward_layer_cannot_sample(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert 'layer "rnn1" runs backward in time (direction: kBackward)' in r.stderr
+
+
+def test_an_unexpected_failure_is_one_line(tmp_path, monkeypatch, capsys):
+    """Not only bad input: any failure of engine.sample is one line, exit 1 (it used to be
+    a traceback for everything but a layer's error)."""
+    import engine.sample as sample
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(sample, "Sampler", broken)
+    rc = sample.main(["--checkpoint", str(tmp_path / "step1.npz")])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert err.splitlines() == ["error: RuntimeError: boom (run with --debug for the traceback)"]
