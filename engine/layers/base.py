@@ -191,6 +191,9 @@ class Layer:
     in_sampling_net: bool = True
     #: the output holds probabilities (a softmax), not raw scores
     outputs_probabilities: bool = False
+    #: every output row is a one-hot code (exactly one 1, the rest 0; kOneHot): a consumer
+    #: may take W x as column argmax(x) of W instead of a product with the zeros
+    one_hot_rows: bool = False
     #: the layer is the identity at inference (kDropout, kDummy): an exported model leaves
     #: it out
     identity_at_inference: bool = False

@@ -176,6 +176,47 @@ def lstm_backward(xp, dh_new, dc_new, c, ifo, g, tc, out=None):
     return dpre, dct
 
 
+# ------------------------------------------------------- one-hot inputs, W_h^T
+# A one-hot input x_n = e_{idx[n]} projects to W x_n = column idx[n] of W: the recurrent
+# layers gather columns instead of multiplying by the zeros of x, and add the gradient's
+# columns into dW's (dW = dpre x^T). The compiled twins (kernels.gather, .scatter_add)
+# run where ``kernels.usable`` says so.
+def one_hot_index(xp, x):
+    """The column of the 1 in each row of ``x`` (N, V), as an int32 array (N,)."""
+    return xp.argmax(x, axis=1).astype(xp.int32)
+
+
+def gather_columns(xp, out, table, idx, add=False):
+    """out (R, n) = table[:, idx] (R, V) (``add``: +=); returns ``out``."""
+    if kernels.usable(table, inplace=out) and kernels.usable_index(idx):
+        return kernels.gather(out, table, idx, add)
+    cols = xp.take(table, idx, axis=1)
+    if add:
+        out += cols
+    else:
+        out[...] = cols
+    return out
+
+
+def scatter_columns(xp, acc, d, idx):
+    """acc[:, idx[j]] += d[:, j] for every column j of ``d`` (R, n); returns ``acc``."""
+    if kernels.usable(d, inplace=acc) and kernels.usable_index(idx):
+        return kernels.scatter_add(acc, d, idx)
+    hot = xp.zeros((idx.shape[0], acc.shape[1]), dtype=acc.dtype)
+    hot[xp.arange(idx.shape[0]), idx] = 1
+    acc += d @ hot
+    return acc
+
+
+def transpose_into(xp, out, a):
+    """out = a^T as a contiguous array (a step GEMM reads W_h^T faster from one than
+    through a transposed view: ``bench.gemm_layout``); returns ``out``."""
+    if kernels.usable(a, inplace=out):
+        return kernels.transpose(out, a)
+    out[...] = a.T
+    return out
+
+
 # ----------------------------------------------------------------- cells
 class Cell:
     """One cell type's step maths behind the interface the module docstring describes."""

@@ -232,6 +232,7 @@ class OneHot(Layer):
 
     rowwise = True
     step_select = True
+    one_hot_rows = True
 
     def setup(self, srcs):
         if len(srcs) != 1:

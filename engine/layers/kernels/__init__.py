@@ -32,7 +32,7 @@ ENV = "RNN_ENGINE_KERNELS"
 CHOICES = ("native", "numpy")
 
 #: the interface version native.c must have been built with (its KERNELS_VERSION)
-VERSION = 2
+VERSION = 3
 
 try:
     from engine.layers.kernels import _native
@@ -193,3 +193,28 @@ def lstm_backward(dh_new, dc_new, c, ifo, g, tc, out=None):
     _native.lstm_backward(_rows(dh_new), None if dc_new is None else _rows(dc_new), _rows(c),
                           _rows(ifo), _rows(g), _rows(tc), dpre, dc_prev)
     return _fill(out, dpre), dc_prev
+
+
+# --------------------------------------------- one-hot inputs, transposes
+def usable_index(idx) -> bool:
+    """Whether ``idx`` is an index array the kernels take: NumPy int32, contiguous, 1-D."""
+    return (type(idx) is np.ndarray and idx.dtype == np.int32 and idx.ndim == 1
+            and idx.flags.c_contiguous)
+
+
+def gather(out, table, idx, add):
+    """cells.gather_columns, compiled: ``out`` must have contiguous rows."""
+    _native.gather(out, _rows(table), idx, add)
+    return out
+
+
+def scatter_add(acc, d, idx):
+    """cells.scatter_columns, compiled: ``acc`` must have contiguous rows."""
+    _native.scatter_add(acc, _rows(d), idx)
+    return acc
+
+
+def transpose(out, a):
+    """cells.transpose_into, compiled: ``out`` must have contiguous rows."""
+    _native.transpose(out, _rows(a))
+    return out

@@ -27,7 +27,7 @@
 #include <stdint.h>
 
 /* the interface's version: engine/layers/kernels/__init__.py refuses a build of another one */
-#define KERNELS_VERSION 2
+#define KERNELS_VERSION 3
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -501,6 +501,178 @@ fail:
 }
 
 /* tanh of a float32 array with contiguous rows, in place (for the tests of tanh_f) */
+/* ------------------------------------------------ one-hot input projections */
+
+/* A one-hot input x_n = e_{idx[n]} projects to W x_n = column idx[n] of W, so the layers
+ * (engine/layers/recurrent.py) gather those columns instead of running a GEMM over
+ * the zeros of x, and scatter-add the gradient's columns instead of the GEMM dpre x^T. */
+
+/* out[r, j] = table[r, idx[j]] (add: +=) for rows r0..r1, j < n. (AVX-512 gathers,
+ * written out with intrinsics, measured no faster than this loop on the project's CPU.) */
+CLONES static void gather_cols_rows(float *out, Py_ssize_t ors, const float *table,
+                                    Py_ssize_t trs, const int32_t *restrict idx, Py_ssize_t n,
+                                    Py_ssize_t r0, Py_ssize_t r1, int add)
+{
+    for (Py_ssize_t r = r0; r < r1; r++) {
+        const float *restrict t = table + r * trs;
+        float *restrict o = out + r * ors;
+        if (add)
+            for (Py_ssize_t j = 0; j < n; j++)
+                o[j] += t[idx[j]];
+        else
+            for (Py_ssize_t j = 0; j < n; j++)
+                o[j] = t[idx[j]];
+    }
+}
+
+/* out = a^T for a (R, C) and out (C, R), both with contiguous rows, in 32 x 32 tiles so
+ * that reads and writes both stay in cache lines already loaded */
+CLONES static void transpose_tiles(float *out, Py_ssize_t ors, const float *a, Py_ssize_t ars,
+                                   Py_ssize_t R, Py_ssize_t C)
+{
+    const Py_ssize_t TB = 32;
+    for (Py_ssize_t i0 = 0; i0 < R; i0 += TB) {
+        Py_ssize_t i1 = i0 + TB < R ? i0 + TB : R;
+        for (Py_ssize_t j0 = 0; j0 < C; j0 += TB) {
+            Py_ssize_t j1 = j0 + TB < C ? j0 + TB : C;
+            for (Py_ssize_t j = j0; j < j1; j++) {
+                float *restrict o = out + j * ors;
+                for (Py_ssize_t i = i0; i < i1; i++)
+                    o[i] = a[i * ars + j];
+            }
+        }
+    }
+}
+
+/* acc[r, idx[j]] += d[r, j] for rows r0..r1, j < n */
+CLONES static void scatter_cols_rows(float *acc, Py_ssize_t ars, const float *d, Py_ssize_t drs,
+                                     const int32_t *restrict idx, Py_ssize_t n, Py_ssize_t r0,
+                                     Py_ssize_t r1)
+{
+    for (Py_ssize_t r = r0; r < r1; r++) {
+        float *restrict a = acc + r * ars;
+        const float *restrict dd = d + r * drs;
+        for (Py_ssize_t j = 0; j < n; j++)
+            a[idx[j]] += dd[j];
+    }
+}
+
+/* A 1-D int32 buffer of n indices, each in [0, V). */
+static int get_idx(PyObject *o, Py_buffer *view, Py_ssize_t V, const int32_t **idx, Py_ssize_t *n)
+{
+    if (PyObject_GetBuffer(o, view, PyBUF_RECORDS_RO) < 0)
+        return -1;
+    const char *f = view->format;
+    if (f && (f[0] == '<' || f[0] == '=' || f[0] == '@'))
+        f++;
+    if (view->ndim != 1 || view->itemsize != 4 || !f || strcmp(f, "i") != 0 ||
+        (view->shape[0] > 1 && view->strides[0] != 4)) {
+        PyErr_SetString(PyExc_TypeError, "idx: a contiguous 1-D int32 array is needed");
+        goto bad;
+    }
+    const int32_t *p = (const int32_t *)view->buf;
+    for (Py_ssize_t j = 0; j < view->shape[0]; j++)
+        if (p[j] < 0 || p[j] >= V) {
+            PyErr_Format(PyExc_IndexError, "idx[%zd] = %d is outside the table's %zd columns", j,
+                         (int)p[j], V);
+            goto bad;
+        }
+    *idx = p;
+    *n = view->shape[0];
+    return 0;
+bad:
+    PyBuffer_Release(view);
+    view->obj = NULL;
+    return -1;
+}
+
+/* gather(out, table, idx, add): out (R, n) (+)= the columns idx of table (R, V) */
+static PyObject *py_gather(PyObject *self, PyObject *args)
+{
+    PyObject *out, *table, *ido;
+    int add;
+    if (!PyArg_ParseTuple(args, "OOOp", &out, &table, &ido, &add))
+        return NULL;
+    Py_ssize_t R, V;
+    if (shape_of(table, &R, &V) < 0)
+        return NULL;
+    views vs = {.n = 0};
+    mat m[2];
+    Py_buffer iv = {.obj = NULL};
+    const int32_t *idx;
+    Py_ssize_t n;
+    if (get_idx(ido, &iv, V, &idx, &n) < 0)
+        goto fail;
+    if (take(&vs, &m[0], table, 0, R, V, "table", 0) < 0 ||
+        take(&vs, &m[1], out, 1, R, n, "out", 0) < 0)
+        goto fail;
+    Py_BEGIN_ALLOW_THREADS
+    gather_cols_rows(m[1].p, m[1].rs, m[0].p, m[0].rs, idx, n, 0, R, add);
+    Py_END_ALLOW_THREADS
+    release(&vs);
+    PyBuffer_Release(&iv);
+    Py_RETURN_NONE;
+fail:
+    release(&vs);
+    if (iv.obj)
+        PyBuffer_Release(&iv);
+    return NULL;
+}
+
+/* scatter_add(acc, d, idx): acc (R, V) column idx[j] += column j of d (R, n) */
+static PyObject *py_scatter_add(PyObject *self, PyObject *args)
+{
+    PyObject *acc, *d, *ido;
+    if (!PyArg_ParseTuple(args, "OOO", &acc, &d, &ido))
+        return NULL;
+    Py_ssize_t R, V;
+    if (shape_of(acc, &R, &V) < 0)
+        return NULL;
+    views vs = {.n = 0};
+    mat m[2];
+    Py_buffer iv = {.obj = NULL};
+    const int32_t *idx;
+    Py_ssize_t n;
+    if (get_idx(ido, &iv, V, &idx, &n) < 0)
+        goto fail;
+    if (take(&vs, &m[0], acc, 1, R, V, "acc", 0) < 0 || take(&vs, &m[1], d, 0, R, n, "d", 0) < 0)
+        goto fail;
+    Py_BEGIN_ALLOW_THREADS
+    scatter_cols_rows(m[0].p, m[0].rs, m[1].p, m[1].rs, idx, n, 0, R);
+    Py_END_ALLOW_THREADS
+    release(&vs);
+    PyBuffer_Release(&iv);
+    Py_RETURN_NONE;
+fail:
+    release(&vs);
+    if (iv.obj)
+        PyBuffer_Release(&iv);
+    return NULL;
+}
+
+/* transpose(out, a): out (C, R) = a (R, C)^T */
+static PyObject *py_transpose(PyObject *self, PyObject *args)
+{
+    PyObject *out, *a;
+    if (!PyArg_ParseTuple(args, "OO", &out, &a))
+        return NULL;
+    Py_ssize_t R, C;
+    if (shape_of(a, &R, &C) < 0)
+        return NULL;
+    views vs = {.n = 0};
+    mat m[2];
+    if (take(&vs, &m[0], a, 0, R, C, "a", 0) < 0 || take(&vs, &m[1], out, 1, C, R, "out", 0) < 0)
+        goto fail;
+    Py_BEGIN_ALLOW_THREADS
+    transpose_tiles(m[1].p, m[1].rs, m[0].p, m[0].rs, R, C);
+    Py_END_ALLOW_THREADS
+    release(&vs);
+    Py_RETURN_NONE;
+fail:
+    release(&vs);
+    return NULL;
+}
+
 static PyObject *py_tanh(PyObject *self, PyObject *args)
 {
     PyObject *a;
@@ -548,6 +720,11 @@ static PyMethodDef methods[] = {
      "lstm_forward(pre, c, h_new, c_new, tc): the LSTM step; the gates into pre"},
     {"lstm_backward", py_lstm_backward, METH_VARARGS,
      "lstm_backward(dh, dc or None, c, ifo, g, tc, dpre, dc_prev)"},
+    {"gather", py_gather, METH_VARARGS,
+     "gather(out, table, idx, add): out (+)= table[:, idx] (idx int32)"},
+    {"scatter_add", py_scatter_add, METH_VARARGS,
+     "scatter_add(acc, d, idx): acc[:, idx[j]] += d[:, j] (idx int32)"},
+    {"transpose", py_transpose, METH_VARARGS, "transpose(out, a): out = a.T (float32)"},
     {"tanh", py_tanh, METH_VARARGS, "tanh(a): the kernels' tanh, in place"},
     {"info", py_info, METH_NOARGS, "info(): {'isa': the instruction set the loops run with}"},
     {NULL, NULL, 0, NULL},
