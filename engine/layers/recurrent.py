@@ -468,14 +468,21 @@ class Recurrent(Layer):
         dh_all = self._buffer("dhproj", (GH, N)) if self.cell.separate_dhproj else dx_all
         w = self.weights
         w_hT = cells.transpose_into(xp, self._buffer("w_hT", (H, GH)), w.data("h"))
+        # dy feature-major: each step's dL/dh' is then a block with contiguous rows, added in
+        # place to the gradient the next step sends back (which this loop owns)
+        dyT = cells.transpose_into(xp, self._buffer("dyT", (H, N)), dy)
         rev = self.reverse
         start = T - 1 if rev else 0          # the pass's first step: dprev is the initial state's
         before = slice(B, N + B) if rev else slice(0, N)  # the states before steps 0..T-1
         dst = None
         for t in (range(T) if rev else range(T - 1, -1, -1)):
             cols = slice(t * B, (t + 1) * B)
+            dh = dyT[:, cols]
+            if dst is not None:
+                dst[0][...] += dh
+                dh = None
             _, _, dst = self._step_backward(
-                dy[cols].T, dst, caches[t], w_hT, out_x=dx_all[:, cols],
+                dh, dst, caches[t], w_hT, out_x=dx_all[:, cols],
                 out_h=None if dh_all is dx_all else dh_all[:, cols],
                 need_dprev=t != start or ctx.need_state_grad)
         if z is None:
