@@ -208,12 +208,16 @@ def scatter_columns(xp, acc, d, idx):
     return acc
 
 
-def transpose_into(xp, out, a):
-    """out = a^T as a contiguous array (a step GEMM reads W_h^T faster from one than
-    through a transposed view: ``bench.gemm_layout``); returns ``out``."""
+def transposed(xp, a, out):
+    """a^T with contiguous rows: the view a.T when it has them, else a copy in ``out``
+    (a step GEMM reads W_h^T faster from a contiguous array than through a transposed
+    view, and the cell kernels take rows that are contiguous)."""
+    t = a.T
+    if t.flags.c_contiguous:
+        return t
     if kernels.usable(a, inplace=out):
         return kernels.transpose(out, a)
-    out[...] = a.T
+    out[...] = t
     return out
 
 

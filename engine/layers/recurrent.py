@@ -467,10 +467,11 @@ class Recurrent(Layer):
         dx_all = self._buffer("dxproj", (GH, N))
         dh_all = self._buffer("dhproj", (GH, N)) if self.cell.separate_dhproj else dx_all
         w = self.weights
-        w_hT = cells.transpose_into(xp, self._buffer("w_hT", (H, GH)), w.data("h"))
-        # dy feature-major: each step's dL/dh' is then a block with contiguous rows, added in
-        # place to the gradient the next step sends back (which this loop owns)
-        dyT = cells.transpose_into(xp, self._buffer("dyT", (H, N)), dy)
+        w_hT = cells.transposed(xp, w.data("h"), self._buffer("w_hT", (H, GH)))
+        # dy feature-major (an InnerProduct above gives it so: dyT is then a view): each
+        # step's dL/dh' is a block with contiguous rows, added in place to the gradient the
+        # next step sends back (which this loop owns)
+        dyT = cells.transposed(xp, dy, self._buffer("dyT", (H, N)))
         rev = self.reverse
         start = T - 1 if rev else 0          # the pass's first step: dprev is the initial state's
         before = slice(B, N + B) if rev else slice(0, N)  # the states before steps 0..T-1

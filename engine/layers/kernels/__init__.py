@@ -215,6 +215,6 @@ def scatter_add(acc, d, idx):
 
 
 def transpose(out, a):
-    """cells.transpose_into, compiled: ``out`` must have contiguous rows."""
+    """cells.transposed, compiled: ``out`` must have contiguous rows."""
     _native.transpose(out, _rows(a))
     return out
