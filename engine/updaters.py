@@ -36,6 +36,7 @@ import math
 import numpy as np
 
 from engine.backend import to_host
+from engine.layers import kernels
 from engine.config import number_problem
 from engine.proto import job_pb2 as pb
 
@@ -458,6 +459,8 @@ class Updater:
             w += tmp                        # w + m*v_prev ...
             xp.multiply(v, 1.0 + m, out=tmp)
             w -= tmp                        # ... - (1+m)*v
+        elif kind in (pb.kAdaGrad, pb.kRMSProp) and kernels.usable_flat(w, g, st["history"]):
+            kernels.adarule(w, g, st["history"], lr, self.rho, self.delta, kind == pb.kAdaGrad)
         elif kind in (pb.kAdaGrad, pb.kRMSProp):
             h = st["history"]
             (tmp,) = self._tmp(w, 1)

@@ -174,8 +174,54 @@ def test_kernels_check_what_they_are_given():
         kernels._native.rnn_forward(np.zeros((3, 4), F32).T, False)
 
 
+# ------------------------------------------------- one-hot inputs, transposes
+def test_gather_scatter_and_transpose_equal_numpy():
+    """The compiled column gather, scatter-add and transpose give NumPy's results
+    exactly (they only move and add numbers, in the same order), on column slices."""
+    rng = np.random.default_rng(3)
+    R, V, n = 37, 11, 23
+    table = rand(rng, (R, V))
+    idx = rng.integers(0, V, n).astype(np.int32)
+    out = cols(rand(rng, (R, n)), n)
+    want = out + table[:, idx]
+    assert cells.gather_columns(np, out, table, idx, add=True) is out
+    np.testing.assert_array_equal(out, want)
+    cells.gather_columns(np, out, table, idx)
+    np.testing.assert_array_equal(out, table[:, idx])
+    d = cols(rand(rng, (R, n)), n)
+    acc = rand(rng, (R, V))
+    want = acc.copy()
+    for j in range(n):
+        want[:, idx[j]] += d[:, j]
+    cells.scatter_columns(np, acc, d, idx)
+    np.testing.assert_array_equal(acc, want)
+    a = rand(rng, (R, V))
+    got = cells.transposed(np, a, np.empty((V, R), F32))
+    assert got.flags.c_contiguous
+    np.testing.assert_array_equal(got, a.T)
+    b = np.ascontiguousarray(a.T).T   # its transpose has contiguous rows: no copy is made
+    assert cells.transposed(np, b, None).base is not None
+    # the NumPy path of the same helpers (int64 indices do not take the kernels)
+    before = acc.copy()
+    cells.scatter_columns(np, acc, d, idx.astype(np.int64))
+    close(acc - before, d @ np.eye(V, dtype=F32)[idx])  # the sum of d's columns per index
+    out2 = cells.gather_columns(np, np.zeros((R, n), F32), table, idx.astype(np.int64))
+    np.testing.assert_array_equal(out2, table[:, idx])
+
+
+def test_one_hot_kernels_refuse_a_bad_index():
+    table = np.zeros((4, 3), F32)
+    out = np.zeros((4, 2), F32)
+    with pytest.raises(IndexError, match="outside the table's 3 columns"):
+        kernels._native.gather(out, table, np.array([0, 3], np.int32), False)
+    with pytest.raises(IndexError, match=r"idx\[0\] = -1"):
+        kernels._native.scatter_add(table, out, np.array([-1, 0], np.int32))
+    with pytest.raises(TypeError, match="int32"):
+        kernels._native.gather(out, table, np.array([0, 1], np.int64), False)
+
+
 # ---------------------------------------------------------------- whole layers
-def build(kind, H, D, act=None, seed=0):
+def build(kind, H, D, act=None, seed=0, one_hot=False, dtype=F32):
     conf = pb.LayerProto(name="rec")
     sub = {"rnn": (pb.kRNN, "rnn_conf"), "gru": (pb.kGRU, "gru_conf"),
            "lstm": (pb.kLSTM, "lstm_conf")}[kind]
@@ -183,13 +229,13 @@ def build(kind, H, D, act=None, seed=0):
     getattr(conf, sub[1]).dim_hidden = H
     if act is not None:
         conf.rnn_conf.activation = act
-    layer = {"rnn": RNNLayer, "gru": GRULayer, "lstm": LSTMLayer}[kind](conf, np, F32)
+    layer = {"rnn": RNNLayer, "gru": GRULayer, "lstm": LSTMLayer}[kind](conf, np, dtype)
     layer.src_conn = []
-    layer.setup([FakeSrc((D,), name="data")])
+    layer.setup([FakeSrc((D,), name="data", one_hot_rows=one_hot)])
     rng = np.random.default_rng(seed)
     for p in layer.params.values():
-        p.data = rng.uniform(-0.5, 0.5, p.shape).astype(F32)
-        p.grad = np.zeros(p.shape, F32)
+        p.data = rng.uniform(-0.5, 0.5, p.shape).astype(dtype)
+        p.grad = np.zeros(p.shape, dtype)
     layer.params_ready()
     return layer
 
@@ -334,3 +380,31 @@ def test_a_bad_switch_value_is_one_error_line(tmp_path):
     assert r.stderr.strip() == ("error: RNN_ENGINE_KERNELS='fast' is not a kernel choice; use "
                                 "RNN_ENGINE_KERNELS=native (the compiled cell kernels) or "
                                 "RNN_ENGINE_KERNELS=numpy")
+
+
+@pytest.mark.parametrize("dtype", [np.float64, F32], ids=["float64", "float32"])
+@pytest.mark.parametrize("kind,act", LAYERS, ids=LAYER_IDS)
+def test_one_hot_source_gathers_what_a_dense_one_multiplies(kind, act, dtype):
+    """A block whose source declares one-hot rows (kOneHot) gathers W_x's columns and
+    adds up dW_x's by index; it gives the outputs, states and every gradient of the same
+    layer reading the rows as dense features (which folds them into the step GEMM, H
+    being wide enough), with masked steps: to 1e-12 in float64, 1e-5 in float32."""
+    H, D, B, T = 64, 7, 5, 4
+    rng = np.random.default_rng(7)
+    X = np.eye(D, dtype=dtype)[rng.integers(0, D, T * B)]
+    R = rng.standard_normal((T * B, H)).astype(dtype)
+    parts = [(rng.standard_normal((B, H)) * 0.5).astype(dtype)
+             for _ in range(2 if kind == "lstm" else 1)]
+    state0 = tuple(parts) if kind == "lstm" else parts[0]
+    mask = np.ones(T * B, dtype)
+    mask[B:2 * B] = rng.random(B) < 0.5
+    got, want = ([np.asarray(a) for a in _block_run(build(kind, H, D, act, one_hot=oh,
+                                                          dtype=dtype),
+                                                    X, state0, mask, R, T, B)]
+                 for oh in (True, False))
+    assert len(got) == len(want)
+    for k, (a, b) in enumerate(zip(got, want)):
+        if dtype == np.float64:
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12, err_msg=f"result {k}")
+        else:
+            close(a, b, f"result {k}")

@@ -539,3 +539,30 @@ def test_describe():
                               "(kFixedStep 0:0.001 1000:0.0001) clip_norm=5")
     assert describe(upconf(pb.kAdaDelta, lr=1.0, delta=1e-6, adadelta_conf__rho=0.95)) == \
         "AdaDelta rho=0.95 lr=1 (kFixed) delta=1e-06"
+
+
+# ------------------------------------------------------- the compiled rule
+
+@pytest.mark.parametrize("kind", [pb.kRMSProp, pb.kAdaGrad], ids=["rmsprop", "adagrad"])
+def test_compiled_rule_equals_the_numpy_formulas_to_the_bit(kind):
+    """RMSProp and AdaGrad on float32 run one compiled pass (engine/layers/kernels) that
+    gives exactly the NumPy formulas' params and state, with clipping and weight decay
+    around it; float64 never takes it."""
+    from engine.layers import kernels
+    if not kernels.available():
+        pytest.fail("the native kernels are not built: " + kernels.describe())
+
+    def run(mode):
+        kernels.use(mode)
+        try:
+            params = resume_params(np.float32)
+            run_steps(Updater(resume_conf(kind), params, np), params, range(6))
+            return params
+        finally:
+            kernels.use(None)
+
+    native, formulas = run("native"), run("numpy")
+    for p, q in zip(native, formulas):
+        assert np.array_equal(p.data, q.data), p.name
+    # and the run moved the params (the comparison is not between two untouched copies)
+    assert not np.array_equal(native[0].data, resume_params(np.float32)[0].data)

@@ -32,7 +32,7 @@ ENV = "RNN_ENGINE_KERNELS"
 CHOICES = ("native", "numpy")
 
 #: the interface version native.c must have been built with (its KERNELS_VERSION)
-VERSION = 3
+VERSION = 4
 
 try:
     from engine.layers.kernels import _native
@@ -218,3 +218,19 @@ def transpose(out, a):
     """cells.transposed, compiled: ``out`` must have contiguous rows."""
     _native.transpose(out, _rows(a))
     return out
+
+
+# ------------------------------------------------------- the updaters' rules
+def usable_flat(*arrays) -> bool:
+    """Whether the kernels take these arrays as flat runs: the switch says native and each
+    is a C-contiguous NumPy float32 array."""
+    if (_mode or mode()) != "native":
+        return False
+    return all(type(a) is np.ndarray and a.dtype == np.float32 and a.flags.c_contiguous
+               for a in arrays)
+
+
+def adarule(w, g, h, lr, rho, delta, adagrad):
+    """The RMSProp (or, ``adagrad``, AdaGrad) step of engine/updaters.py in one pass, equal
+    to its NumPy formulas to the bit; ``w`` and ``h`` are updated in place."""
+    _native.adarule(w, g, h, lr, rho, 1.0 - rho, delta, adagrad)

@@ -27,7 +27,7 @@
 #include <stdint.h>
 
 /* the interface's version: engine/layers/kernels/__init__.py refuses a build of another one */
-#define KERNELS_VERSION 3
+#define KERNELS_VERSION 4
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -673,6 +673,87 @@ fail:
     return NULL;
 }
 
+/* ---------------------------------------------------- the updaters' rules */
+
+/* RMSProp (adagrad 0) and AdaGrad (adagrad 1) on n floats, one pass: the operations of
+ * engine/updaters.py in their order and rounding (no fused multiply-adds here, so the
+ * result is the NumPy formulas' to the bit):
+ *   RMSProp  h = h·rho + (g·g)·(1 − rho)     AdaGrad  h = h + g·g
+ *   w = w − (g / (sqrt(h) + delta))·lr */
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+CLONES static void adarule(float *restrict w, const float *restrict g, float *restrict h,
+                           Py_ssize_t n, float lr, float rho, float omr, float delta, int adagrad)
+{
+    if (adagrad)
+        for (Py_ssize_t j = 0; j < n; j++) {
+            float gg = g[j] * g[j];
+            float hh = h[j] + gg;
+            h[j] = hh;
+            w[j] = w[j] - (g[j] / (__builtin_sqrtf(hh) + delta)) * lr;
+        }
+    else
+        for (Py_ssize_t j = 0; j < n; j++) {
+            float gg = (g[j] * g[j]) * omr;
+            float hh = h[j] * rho + gg;
+            h[j] = hh;
+            w[j] = w[j] - (g[j] / (__builtin_sqrtf(hh) + delta)) * lr;
+        }
+}
+#pragma GCC pop_options
+
+/* a contiguous float32 buffer of any shape, as n floats */
+static int get_flat(PyObject *o, Py_buffer *view, int writable, float **p, Py_ssize_t *n,
+                    const char *name)
+{
+    if (PyObject_GetBuffer(o, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT |
+                           (writable ? PyBUF_WRITABLE : 0)) < 0)
+        return -1;
+    const char *f = view->format;
+    if (f && (f[0] == '<' || f[0] == '=' || f[0] == '@'))
+        f++;
+    if (view->itemsize != 4 || !f || strcmp(f, "f") != 0) {
+        PyErr_Format(PyExc_TypeError, "%s: a contiguous float32 array is needed", name);
+        PyBuffer_Release(view);
+        view->obj = NULL;
+        return -1;
+    }
+    *p = (float *)view->buf;
+    *n = view->len / 4;
+    return 0;
+}
+
+/* adarule(w, g, h, lr, rho, one_minus_rho, delta, adagrad): see adarule above */
+static PyObject *py_adarule(PyObject *self, PyObject *args)
+{
+    PyObject *wo, *go, *ho;
+    float lr, rho, omr, delta;
+    int adagrad;
+    if (!PyArg_ParseTuple(args, "OOOffffp", &wo, &go, &ho, &lr, &rho, &omr, &delta, &adagrad))
+        return NULL;
+    Py_buffer v[3] = {{.obj = NULL}, {.obj = NULL}, {.obj = NULL}};
+    float *w, *g, *h;
+    Py_ssize_t nw, ng, nh;
+    PyObject *ret = NULL;
+    if (get_flat(wo, &v[0], 1, &w, &nw, "w") < 0 || get_flat(go, &v[1], 0, &g, &ng, "g") < 0 ||
+        get_flat(ho, &v[2], 1, &h, &nh, "h") < 0)
+        goto done;
+    if (ng != nw || nh != nw) {
+        PyErr_SetString(PyExc_ValueError, "w, g and h must have the same size");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    adarule(w, g, h, nw, lr, rho, omr, delta, adagrad);
+    Py_END_ALLOW_THREADS
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    for (int k = 0; k < 3; k++)
+        if (v[k].obj)
+            PyBuffer_Release(&v[k]);
+    return ret;
+}
+
 static PyObject *py_tanh(PyObject *self, PyObject *args)
 {
     PyObject *a;
@@ -725,6 +806,8 @@ static PyMethodDef methods[] = {
     {"scatter_add", py_scatter_add, METH_VARARGS,
      "scatter_add(acc, d, idx): acc[:, idx[j]] += d[:, j] (idx int32)"},
     {"transpose", py_transpose, METH_VARARGS, "transpose(out, a): out = a.T (float32)"},
+    {"adarule", py_adarule, METH_VARARGS,
+     "adarule(w, g, h, lr, rho, 1 - rho, delta, adagrad): RMSProp / AdaGrad in one pass"},
     {"tanh", py_tanh, METH_VARARGS, "tanh(a): the kernels' tanh, in place"},
     {"info", py_info, METH_NOARGS, "info(): {'isa': the instruction set the loops run with}"},
     {NULL, NULL, 0, NULL},
