@@ -13,8 +13,10 @@ the probed steps, in ms and as a share of the probed step:
   the input is folded into the step GEMM);
 - gate maths forward / backward: the cell's element-wise step (the NumPy
   formulas or the fused kernels, ``engine/layers/cells.py``);
-- input-projection GEMM: ``W_x X + b`` for all steps at once (layers that do not
-  fold their input: the GRU, and any layer above the first);
+- input projections: ``W_x X + b`` for all steps at once as one GEMM (layers that
+  neither fold their input nor read one-hot rows: any layer above the first), or, for
+  one-hot input (a kOneHot source), the gather of W_x's columns (the GRU: all steps at
+  once; the LSTM and RNN: each step's, added to its W_h h);
 - step GEMMs backward: each step's ``W_h^T dpre``;
 - weight and input gradients: everything a recurrent layer does after its
   backward step loop, which is the weight-gradient GEMMs of the batch (and the
@@ -56,7 +58,7 @@ CLOCK = [time.perf_counter]
 PARTS = (
     ("step_gemm_fwd", "step GEMMs forward"),
     ("gates_fwd", "gate maths forward"),
-    ("proj_gemm", "input-projection GEMM (all steps)"),
+    ("proj_gemm", "input projections (GEMM, or one-hot gathers)"),
     ("step_gemm_bwd", "step GEMMs backward"),
     ("gates_bwd", "gate maths backward"),
     ("grads", "weight and input gradients (after the step loop)"),
@@ -177,11 +179,28 @@ def install(runner: EngineRunner, probes: Probes, B: int) -> None:
     runner.updater.update = _timed(runner.updater.update, probes, "updater")
 
 
+class gathers_probed:
+    """While open, the recurrent layers' one-hot column gathers (``cells.gather_columns``, a
+    module function the layers call by name) count as input projections."""
+
+    def __init__(self, probes: Probes):
+        self.probes = probes
+
+    def __enter__(self):
+        from engine.layers import cells
+        self.cells, self.plain = cells, cells.gather_columns
+        cells.gather_columns = _timed_event(self.plain, self.probes, "proj_gemm")
+        return self
+
+    def __exit__(self, *exc):
+        self.cells.gather_columns = self.plain
+
+
 def profile(case: str, steps: int, warmup: int) -> dict:
     """Probed and plain step times of ``case``, alternating (see the module docstring)."""
     B = CASES[case][2]
     probes = Probes()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, gathers_probed(probes):
         runner = EngineRunner(case, pathlib.Path(tmp), "auto")
         install(runner, probes, B)
         for _ in range(warmup):
