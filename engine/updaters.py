@@ -422,6 +422,12 @@ class Updater:
         t = self.t + 1
         for p in self.params:
             g, w = p.grad, p.data
+            lr = lr0 * pfloat(p.lr_scale)
+            if self._compiled(p):  # clipping and the rule in one compiled pass
+                kernels.adarule(w, g, self._slot_arrays(p)["history"], lr, self.rho, self.delta,
+                                self.type == pb.kAdaGrad,
+                                (self.clip_low, self.clip_high) if clip else None)
+                continue
             if clip:
                 xp.clip(g, self.clip_low, self.clip_high, out=g)
             if self.weight_decay > 0:
@@ -430,10 +436,19 @@ class Updater:
                     (tmp,) = self._tmp(w, 1)
                     xp.multiply(w, wd, out=tmp)
                     g += tmp
-            lr = lr0 * pfloat(p.lr_scale)
             self._rule(p, g, w, lr, t)
         self.t = t
         return {"lr": lr0, "grad_norm": norm}
+
+    def _compiled(self, p) -> bool:
+        """Whether ``p``'s update runs as one compiled pass (engine/layers/kernels): RMSProp
+        or AdaGrad, no weight decay on it, float32 NumPy arrays (the kernel gives the
+        NumPy formulas' numbers to the bit)."""
+        if self.type not in (pb.kRMSProp, pb.kAdaGrad):
+            return False
+        if self.weight_decay > 0 and self.weight_decay * pfloat(p.wd_scale) != 0.0:
+            return False
+        return kernels.usable_flat(p.data, p.grad, self._slot_arrays(p)["history"])
 
     def _rule(self, p, g, w, lr: float, t: int) -> None:
         xp = self.xp
@@ -459,8 +474,6 @@ class Updater:
             w += tmp                        # w + m*v_prev ...
             xp.multiply(v, 1.0 + m, out=tmp)
             w -= tmp                        # ... - (1+m)*v
-        elif kind in (pb.kAdaGrad, pb.kRMSProp) and kernels.usable_flat(w, g, st["history"]):
-            kernels.adarule(w, g, st["history"], lr, self.rho, self.delta, kind == pb.kAdaGrad)
         elif kind in (pb.kAdaGrad, pb.kRMSProp):
             h = st["history"]
             (tmp,) = self._tmp(w, 1)

@@ -543,11 +543,13 @@ def test_describe():
 
 # ------------------------------------------------------- the compiled rule
 
+@pytest.mark.parametrize("decay", [0.01, 0.0], ids=["some-params-decay", "no-decay"])
 @pytest.mark.parametrize("kind", [pb.kRMSProp, pb.kAdaGrad], ids=["rmsprop", "adagrad"])
-def test_compiled_rule_equals_the_numpy_formulas_to_the_bit(kind):
-    """RMSProp and AdaGrad on float32 run one compiled pass (engine/layers/kernels) that
-    gives exactly the NumPy formulas' params and state, with clipping and weight decay
-    around it; float64 never takes it."""
+def test_compiled_rule_equals_the_numpy_formulas_to_the_bit(kind, decay):
+    """RMSProp and AdaGrad on float32 run element-wise clipping and the rule as one compiled
+    pass (engine/layers/kernels) for every param without weight decay; params, gradients
+    and state come out exactly as from the NumPy formulas (global-norm clipping before it,
+    weight decay on the other params). float64 never takes it."""
     from engine.layers import kernels
     if not kernels.available():
         pytest.fail("the native kernels are not built: " + kernels.describe())
@@ -555,14 +557,24 @@ def test_compiled_rule_equals_the_numpy_formulas_to_the_bit(kind):
     def run(mode):
         kernels.use(mode)
         try:
+            conf = resume_conf(kind)
+            conf.weight_decay = decay
             params = resume_params(np.float32)
-            run_steps(Updater(resume_conf(kind), params, np), params, range(6))
-            return params
+            up = Updater(conf, params, np)
+            run_steps(up, params, range(6))
+            compiled = [up._compiled(p) for p in params]
+            return params, up, compiled
         finally:
             kernels.use(None)
 
-    native, formulas = run("native"), run("numpy")
+    (native, up_n, compiled), (formulas, up_f, _) = run("native"), run("numpy")
+    # with decay only "layer/b" (wd_scale 0) takes the compiled pass; without, all do
+    assert compiled == ([False, True, False] if decay else [True, True, True])
     for p, q in zip(native, formulas):
         assert np.array_equal(p.data, q.data), p.name
+        assert np.array_equal(p.grad, q.grad), p.name
+        assert np.array_equal(up_n.state[p.name]["history"], up_f.state[p.name]["history"])
     # and the run moved the params (the comparison is not between two untouched copies)
-    assert not np.array_equal(native[0].data, resume_params(np.float32)[0].data)
+    assert not np.array_equal(native[1].data, resume_params(np.float32)[1].data)
+    f64 = resume_params(np.float64)
+    assert not Updater(resume_conf(kind), f64, np)._compiled(f64[1])

@@ -509,7 +509,8 @@ class Recurrent(Layer):
         dxs = [None] * n_srcs
         need = ctx.need_input_grads
         if need is None or need[self.data_pos]:
-            dxs[self.data_pos] = (dx_all.T @ w.data("x")).reshape(x.shape)
+            # dx = dpre^T W_x, made feature-major: a recurrent layer below reads dy^T as a view
+            dxs[self.data_pos] = (w.data("x").T @ dx_all).T.reshape(x.shape)
         return dxs, None if dst is None else self._outer(tuple(d.T for d in dst))
 
 

@@ -230,7 +230,9 @@ def usable_flat(*arrays) -> bool:
                for a in arrays)
 
 
-def adarule(w, g, h, lr, rho, delta, adagrad):
+def adarule(w, g, h, lr, rho, delta, adagrad, clip=None):
     """The RMSProp (or, ``adagrad``, AdaGrad) step of engine/updaters.py in one pass, equal
-    to its NumPy formulas to the bit; ``w`` and ``h`` are updated in place."""
-    _native.adarule(w, g, h, lr, rho, 1.0 - rho, delta, adagrad)
+    to its NumPy formulas to the bit, after the element-wise clipping to ``clip`` = (low,
+    high) when given (written back to ``g``); ``w`` and ``h`` are updated in place."""
+    lo, hi = clip if clip is not None else (0.0, 0.0)
+    _native.adarule(w, g, h, lr, rho, 1.0 - rho, delta, adagrad, clip is not None, lo, hi)

@@ -677,28 +677,27 @@ fail:
 
 /* RMSProp (adagrad 0) and AdaGrad (adagrad 1) on n floats, one pass: the operations of
  * engine/updaters.py in their order and rounding (no fused multiply-adds here, so the
- * result is the NumPy formulas' to the bit):
+ * result is the NumPy formulas' to the bit), the element-wise clipping first when asked
+ * (g = min(max(g, lo), hi), written back to g as np.clip does; NaN stays NaN):
  *   RMSProp  h = h·rho + (g·g)·(1 − rho)     AdaGrad  h = h + g·g
  *   w = w − (g / (sqrt(h) + delta))·lr */
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
-CLONES static void adarule(float *restrict w, const float *restrict g, float *restrict h,
-                           Py_ssize_t n, float lr, float rho, float omr, float delta, int adagrad)
+CLONES static void adarule(float *restrict w, float *restrict g, float *restrict h, Py_ssize_t n,
+                           float lr, float rho, float omr, float delta, int adagrad, int clip,
+                           float lo, float hi)
 {
-    if (adagrad)
-        for (Py_ssize_t j = 0; j < n; j++) {
-            float gg = g[j] * g[j];
-            float hh = h[j] + gg;
-            h[j] = hh;
-            w[j] = w[j] - (g[j] / (__builtin_sqrtf(hh) + delta)) * lr;
+    for (Py_ssize_t j = 0; j < n; j++) {
+        float gj = g[j];
+        if (clip) {
+            gj = gj < lo ? lo : gj;
+            gj = gj > hi ? hi : gj;
+            g[j] = gj;
         }
-    else
-        for (Py_ssize_t j = 0; j < n; j++) {
-            float gg = (g[j] * g[j]) * omr;
-            float hh = h[j] * rho + gg;
-            h[j] = hh;
-            w[j] = w[j] - (g[j] / (__builtin_sqrtf(hh) + delta)) * lr;
-        }
+        float hh = adagrad ? h[j] + gj * gj : h[j] * rho + (gj * gj) * omr;
+        h[j] = hh;
+        w[j] = w[j] - (gj / (__builtin_sqrtf(hh) + delta)) * lr;
+    }
 }
 #pragma GCC pop_options
 
@@ -723,19 +722,20 @@ static int get_flat(PyObject *o, Py_buffer *view, int writable, float **p, Py_ss
     return 0;
 }
 
-/* adarule(w, g, h, lr, rho, one_minus_rho, delta, adagrad): see adarule above */
+/* adarule(w, g, h, lr, rho, one_minus_rho, delta, adagrad, clip, lo, hi): see adarule */
 static PyObject *py_adarule(PyObject *self, PyObject *args)
 {
     PyObject *wo, *go, *ho;
-    float lr, rho, omr, delta;
-    int adagrad;
-    if (!PyArg_ParseTuple(args, "OOOffffp", &wo, &go, &ho, &lr, &rho, &omr, &delta, &adagrad))
+    float lr, rho, omr, delta, lo, hi;
+    int adagrad, clip;
+    if (!PyArg_ParseTuple(args, "OOOffffppff", &wo, &go, &ho, &lr, &rho, &omr, &delta, &adagrad,
+                          &clip, &lo, &hi))
         return NULL;
     Py_buffer v[3] = {{.obj = NULL}, {.obj = NULL}, {.obj = NULL}};
     float *w, *g, *h;
     Py_ssize_t nw, ng, nh;
     PyObject *ret = NULL;
-    if (get_flat(wo, &v[0], 1, &w, &nw, "w") < 0 || get_flat(go, &v[1], 0, &g, &ng, "g") < 0 ||
+    if (get_flat(wo, &v[0], 1, &w, &nw, "w") < 0 || get_flat(go, &v[1], 1, &g, &ng, "g") < 0 ||
         get_flat(ho, &v[2], 1, &h, &nh, "h") < 0)
         goto done;
     if (ng != nw || nh != nw) {
@@ -743,7 +743,7 @@ static PyObject *py_adarule(PyObject *self, PyObject *args)
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
-    adarule(w, g, h, nw, lr, rho, omr, delta, adagrad);
+    adarule(w, g, h, nw, lr, rho, omr, delta, adagrad, clip, lo, hi);
     Py_END_ALLOW_THREADS
     ret = Py_None;
     Py_INCREF(ret);
@@ -807,7 +807,7 @@ static PyMethodDef methods[] = {
      "scatter_add(acc, d, idx): acc[:, idx[j]] += d[:, j] (idx int32)"},
     {"transpose", py_transpose, METH_VARARGS, "transpose(out, a): out = a.T (float32)"},
     {"adarule", py_adarule, METH_VARARGS,
-     "adarule(w, g, h, lr, rho, 1 - rho, delta, adagrad): RMSProp / AdaGrad in one pass"},
+     "adarule(w, g, h, lr, rho, 1 - rho, delta, adagrad, clip, lo, hi): RMSProp / AdaGrad"},
     {"tanh", py_tanh, METH_VARARGS, "tanh(a): the kernels' tanh, in place"},
     {"info", py_info, METH_NOARGS, "info(): {'isa': the instruction set the loops run with}"},
     {NULL, NULL, 0, NULL},
