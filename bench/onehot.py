@@ -14,8 +14,9 @@ float32, the BLAS and the compiled kernels the engine uses):
 - the weight gradients after the step loop: folded, one GEMM dpre @ [h; x; 1]^T;
   gathered, dpre @ h^T and the scatter-add of dpre's columns by token
   (``kernels.scatter_add``);
-- the backward step GEMMs W_h^T @ dpre: from a transposed view of the stored W_h,
-  and from a contiguous copy made once per batch (``kernels.transpose``, included).
+- the backward step GEMMs W_h^T @ dpre: from a transposed view of the stored W_h
+  (what the layers do), and from a contiguous copy made once per batch
+  (``kernels.transpose``, included), which measured no faster.
 
 Prints the CPU, the BLAS and its kernel first; run it with OPENBLAS_CORETYPE and
 OPENBLAS_L2_SIZE unset (see the README's Speed section).
@@ -30,14 +31,18 @@ import time
 import numpy as np
 
 
-def median_ms(fn, rounds: int) -> float:
-    fn()
-    times = []
-    for _ in range(rounds):
-        t = time.perf_counter()
+def interleaved_ms(fns, rounds: int) -> list[float]:
+    """Median ms of each function, timed in turn round after round (A B C A B C ...), so
+    that a slow spell of a busy machine falls on all of them alike."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+    times = [[] for _ in fns]
+    for _ in range(rounds):
+        for k, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return [statistics.median(ts) * 1e3 for ts in times]
 
 
 def main(argv=None) -> int:
@@ -59,7 +64,7 @@ def main(argv=None) -> int:
     print(f"CPU: {cpu_model()}; NumPy BLAS: {describe_blas(thread_pools())}; "
           f"kernels: {kernels.describe()}")
     print(f"G*H = {GH}, H = {H}, one-hot V = {V}, batch {B}, {T} steps; ms per batch, "
-          f"median of {a.rounds}")
+          f"median of {a.rounds} interleaved rounds")
     rng = np.random.default_rng(0)
     f32 = np.float32
     wc = rng.standard_normal((GH, H + V + 1), dtype=f32)    # [W_h W_x b]
@@ -118,7 +123,7 @@ def main(argv=None) -> int:
             ("backward step GEMMs", bwd_view, bwd_copy, transpose_only, "the transpose")]
     print(f"{'part':<22}{'folded / view':>15}{'gathered / copy':>17}   of which")
     for label, old, new, part, what in rows:
-        t_old, t_new, t_part = (median_ms(f, a.rounds) for f in (old, new, part))
+        t_old, t_new, t_part = interleaved_ms((old, new, part), a.rounds)
         print(f"{label:<22}{t_old:15.2f}{t_new:17.2f}   {what} {t_part:.2f}")
     return 0
 

@@ -176,7 +176,7 @@ def lstm_backward(xp, dh_new, dc_new, c, ifo, g, tc, out=None):
     return dpre, dct
 
 
-# ------------------------------------------------------- one-hot inputs, W_h^T
+# ------------------------------------------------------- one-hot inputs, transposes
 # A one-hot input x_n = e_{idx[n]} projects to W x_n = column idx[n] of W: the recurrent
 # layers gather columns instead of multiplying by the zeros of x, and add the gradient's
 # columns into dW's (dW = dpre x^T). The compiled twins (kernels.gather, .scatter_add)
@@ -209,9 +209,8 @@ def scatter_columns(xp, acc, d, idx):
 
 
 def transposed(xp, a, out):
-    """a^T with contiguous rows: the view a.T when it has them, else a copy in ``out``
-    (a step GEMM reads W_h^T faster from a contiguous array than through a transposed
-    view, and the cell kernels take rows that are contiguous)."""
+    """a^T with contiguous rows (what the cell kernels take): the view a.T when it has
+    them, else a copy in ``out``."""
     t = a.T
     if t.flags.c_contiguous:
         return t

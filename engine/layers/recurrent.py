@@ -457,7 +457,7 @@ class Recurrent(Layer):
         each step's input- and hidden-projection gradients written into (G·H, T·B) blocks,
         then every weight gradient of the batch from one GEMM per group (one in all when the
         input is folded; the columns of a one-hot input's dW_x added up instead of a GEMM)
-        and the input gradient from one GEMM. The steps read W_h^T from a contiguous copy."""
+        and the input gradient from one GEMM."""
         xp = self.xp
         x, n_srcs, caches, hs, z, idx = cache
         T = len(caches)
@@ -467,7 +467,7 @@ class Recurrent(Layer):
         dx_all = self._buffer("dxproj", (GH, N))
         dh_all = self._buffer("dhproj", (GH, N)) if self.cell.separate_dhproj else dx_all
         w = self.weights
-        w_hT = cells.transposed(xp, w.data("h"), self._buffer("w_hT", (H, GH)))
+        w_hT = w.data("h").T  # a contiguous copy measured no faster (bench.onehot)
         # dy feature-major (an InnerProduct above gives it so: dyT is then a view): each
         # step's dL/dh' is a block with contiguous rows, added in place to the gradient the
         # next step sends back (which this loop owns)
