@@ -195,10 +195,12 @@ def test_gather_scatter_and_transpose_equal_numpy():
         want[:, idx[j]] += d[:, j]
     cells.scatter_columns(np, acc, d, idx)
     np.testing.assert_array_equal(acc, want)
+    for shape in [(R, V), (8, 8), (64, 50), (1, 9), (9, 1)]:   # 8 x 8 tiles and their edges
+        a = cols(rand(rng, shape), shape[1])
+        got = cells.transposed(np, a, np.empty(shape[::-1], F32))
+        assert got.flags.c_contiguous
+        np.testing.assert_array_equal(got, a.T)
     a = rand(rng, (R, V))
-    got = cells.transposed(np, a, np.empty((V, R), F32))
-    assert got.flags.c_contiguous
-    np.testing.assert_array_equal(got, a.T)
     b = np.ascontiguousarray(a.T).T   # its transpose has contiguous rows: no copy is made
     assert cells.transposed(np, b, None).base is not None
     # the NumPy path of the same helpers (int64 indices do not take the kernels)
