@@ -12,8 +12,9 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[Extension(
         "engine.layers.kernels._native", ["engine/layers/kernels/native.c"],
-        # -fno-trapping-math lets the compiler vectorise the selects of tanh (see native.c)
-        extra_compile_args=["-O3", "-fno-trapping-math", "--param=vect-partial-vector-usage=2"],
+        # -fno-trapping-math lets the compiler vectorise the selects of tanh (see native.c),
+        # -fno-math-errno the square roots of the updater's rule
+        extra_compile_args=["-O3", "-fno-trapping-math", "-fno-math-errno"],
         optional=True,  # a failed build leaves the NumPy formulas in use
     )],
 )
