@@ -11,8 +11,9 @@ their speed differs; this prints both, forward (W_h h) and backward (W_h^T dpre)
 each with a fresh output array and with a preallocated ``out=``, and the
 speed-up of the feature-major form over the row-major one measured in the same
 process. It also times the input projection of one-hot tokens for all steps, a
-GEMM with the dense one-hot block against gathering the columns of W_x, the
-choice the planner makes (it keeps the GEMM, or folds it into the step GEMM).
+GEMM with the dense one-hot block against NumPy's gather of the columns of W_x
+(what the recurrent layers do with one-hot input now, compiled and step by step,
+is measured by ``python -m bench.onehot``).
 """
 from __future__ import annotations
 

@@ -11,11 +11,14 @@ functions ``_step`` / ``_step_backward`` below and the cell maths of
   the block interface the planned executor uses): one GEMM for the input
   projections of all steps, the step loop over the recurrent part only, and
   the weight gradients of all steps as one GEMM each after the backward loop.
-  For a narrow input (D + 1 <= FOLD_INPUT · H, e.g. one-hot characters) into a
-  cell that only needs the sum of its projections (RNN, LSTM) the input is
-  folded into the step GEMM instead: each step is ONE GEMM [W_h W_x b] @
-  [h; x; 1], and all weight gradients one GEMM with the same stacked block. That
-  skips writing and re-reading a (G·H, T·B) projection block (20 MB for LSTM 512).
+  A one-hot input (a source with ``one_hot_rows``, kOneHot) is not multiplied:
+  its projection is a column of W_x + b, gathered (see ``forward_block``), and
+  dW_x the gradient's columns added up by token. A narrow dense input
+  (D + 1 <= FOLD_INPUT · H) into a cell that only needs the sum of its
+  projections (RNN, LSTM) is folded into the step GEMM instead: each step is ONE
+  GEMM [W_h W_x b] @ [h; x; 1], and all weight gradients one GEMM with the same
+  stacked block. That skips writing and re-reading a (G·H, T·B) projection block
+  (20 MB for LSTM 512).
   The step buffers are kept from batch to batch, so a step does not fault in
   fresh pages.
 
