@@ -639,15 +639,13 @@ bad:
     return -1;
 }
 
-/* gather(out, table, idx, add): out (R, n) (+)= the columns idx of table (R, V) */
-static PyObject *py_gather(PyObject *self, PyObject *args)
+/* The gather and the scatter-add over a table (R, V) and columns (R, n), by idx (n,):
+ * scatter 0, out = cols (+)= table[:, idx]; scatter 1, table[:, idx] += cols. */
+static PyObject *columns_call(PyObject *tab_o, PyObject *cols_o, PyObject *ido, int scatter,
+                              int add)
 {
-    PyObject *out, *table, *ido;
-    int add;
-    if (!PyArg_ParseTuple(args, "OOOp", &out, &table, &ido, &add))
-        return NULL;
     Py_ssize_t R, V;
-    if (shape_of(table, &R, &V) < 0)
+    if (shape_of(tab_o, &R, &V) < 0)
         return NULL;
     views vs = {.n = 0};
     mat m[2];
@@ -656,11 +654,14 @@ static PyObject *py_gather(PyObject *self, PyObject *args)
     Py_ssize_t n;
     if (get_idx(ido, &iv, V, &idx, &n) < 0)
         goto fail;
-    if (take(&vs, &m[0], table, 0, R, V, "table", 0) < 0 ||
-        take(&vs, &m[1], out, 1, R, n, "out", 0) < 0)
+    if (take(&vs, &m[0], tab_o, scatter, R, V, scatter ? "acc" : "table", 0) < 0 ||
+        take(&vs, &m[1], cols_o, !scatter, R, n, scatter ? "d" : "out", 0) < 0)
         goto fail;
     Py_BEGIN_ALLOW_THREADS
-    gather_cols_rows(m[1].p, m[1].rs, m[0].p, m[0].rs, idx, n, 0, R, add);
+    if (scatter)
+        scatter_cols_rows(m[0].p, m[0].rs, m[1].p, m[1].rs, idx, n, 0, R);
+    else
+        gather_cols_rows(m[1].p, m[1].rs, m[0].p, m[0].rs, idx, n, 0, R, add);
     Py_END_ALLOW_THREADS
     release(&vs);
     PyBuffer_Release(&iv);
@@ -672,35 +673,23 @@ fail:
     return NULL;
 }
 
+/* gather(out, table, idx, add): out (R, n) (+)= the columns idx of table (R, V) */
+static PyObject *py_gather(PyObject *self, PyObject *args)
+{
+    PyObject *out, *table, *ido;
+    int add;
+    if (!PyArg_ParseTuple(args, "OOOp", &out, &table, &ido, &add))
+        return NULL;
+    return columns_call(table, out, ido, 0, add);
+}
+
 /* scatter_add(acc, d, idx): acc (R, V) column idx[j] += column j of d (R, n) */
 static PyObject *py_scatter_add(PyObject *self, PyObject *args)
 {
     PyObject *acc, *d, *ido;
     if (!PyArg_ParseTuple(args, "OOO", &acc, &d, &ido))
         return NULL;
-    Py_ssize_t R, V;
-    if (shape_of(acc, &R, &V) < 0)
-        return NULL;
-    views vs = {.n = 0};
-    mat m[2];
-    Py_buffer iv = {.obj = NULL};
-    const int32_t *idx;
-    Py_ssize_t n;
-    if (get_idx(ido, &iv, V, &idx, &n) < 0)
-        goto fail;
-    if (take(&vs, &m[0], acc, 1, R, V, "acc", 0) < 0 || take(&vs, &m[1], d, 0, R, n, "d", 0) < 0)
-        goto fail;
-    Py_BEGIN_ALLOW_THREADS
-    scatter_cols_rows(m[0].p, m[0].rs, m[1].p, m[1].rs, idx, n, 0, R);
-    Py_END_ALLOW_THREADS
-    release(&vs);
-    PyBuffer_Release(&iv);
-    Py_RETURN_NONE;
-fail:
-    release(&vs);
-    if (iv.obj)
-        PyBuffer_Release(&iv);
-    return NULL;
+    return columns_call(acc, d, ido, 1, 0);
 }
 
 /* transpose(out, a): out (C, R) = a (R, C)^T */
