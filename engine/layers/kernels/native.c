@@ -356,151 +356,115 @@ static int shape_of(PyObject *o, Py_ssize_t *rows, Py_ssize_t *B)
     return 0;
 }
 
-#define RUN(fn, H, B, flag)                                         \
-    do {                                                            \
-        Py_BEGIN_ALLOW_THREADS                                      \
-        run_rows(fn, m, (int)(sizeof m / sizeof m[0]), H, B, flag); \
-        Py_END_ALLOW_THREADS                                        \
-    } while (0)
+/* One cell kernel's arguments, in call order: each a (rows·H, B) float32 array, read or
+ * written, or None where optional; H and B are read off argument `shape_arg` (H rows). */
+typedef struct {
+    const char *name;
+    int rows;           /* in units of H */
+    int writable;
+    int optional;       /* None allowed (its mat's p is then NULL) */
+} argspec;
+
+typedef struct {
+    const char *fname;
+    rows_fn fn;
+    int nargs;
+    int shape_arg;
+    int bool_flag;      /* a last bool argument is the kernel's flag (relu) */
+    int flag_arg;       /* or: the flag says whether this optional argument is given; -1 none */
+    argspec a[MAXARGS];
+} kernel;
+
+/* Check a kernel's arguments against its spec and run it over all rows, the GIL released. */
+static PyObject *call_kernel(const kernel *k, PyObject *args)
+{
+    Py_ssize_t given = PyTuple_GET_SIZE(args), want = k->nargs + (k->bool_flag ? 1 : 0);
+    if (given != want) {
+        PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments (%zd given)", k->fname, want,
+                     given);
+        return NULL;
+    }
+    int flag = 0;
+    if (k->bool_flag && (flag = PyObject_IsTrue(PyTuple_GET_ITEM(args, k->nargs))) < 0)
+        return NULL;
+    Py_ssize_t H, B;
+    if (shape_of(PyTuple_GET_ITEM(args, k->shape_arg), &H, &B) < 0)
+        return NULL;
+    views vs = {.n = 0};
+    mat m[MAXARGS];
+    for (int i = 0; i < k->nargs; i++) {
+        const argspec *s = &k->a[i];
+        if (take(&vs, &m[i], PyTuple_GET_ITEM(args, i), s->writable, s->rows * H, B, s->name,
+                 s->optional) < 0) {
+            release(&vs);
+            return NULL;
+        }
+    }
+    if (k->flag_arg >= 0)
+        flag = m[k->flag_arg].p != NULL;
+    Py_BEGIN_ALLOW_THREADS
+    run_rows(k->fn, m, k->nargs, H, B, flag);
+    Py_END_ALLOW_THREADS
+    release(&vs);
+    Py_RETURN_NONE;
+}
+
+static const kernel RNN_FORWARD = {"rnn_forward", rnn_fwd_rows, 1, 0, 1, -1,
+                                   {{"pre", 1, 1, 0}}};
+static const kernel RNN_BACKWARD = {"rnn_backward", rnn_bwd_rows, 3, 1, 1, -1,
+                                    {{"dh", 1, 0, 0}, {"h", 1, 0, 0}, {"out", 1, 1, 0}}};
+static const kernel GRU_FORWARD = {
+    "gru_forward", gru_fwd_rows, 5, 2, 0, -1,
+    {{"xproj", 3, 0, 0}, {"hproj", 3, 1, 0}, {"h", 1, 0, 0}, {"h_new", 1, 1, 0}, {"c", 1, 1, 0}}};
+static const kernel GRU_BACKWARD = {
+    "gru_backward", gru_bwd_rows, 8, 1, 0, -1,
+    {{"dh", 1, 0, 0}, {"h", 1, 0, 0}, {"zr", 2, 0, 0}, {"c", 1, 0, 0}, {"hc", 1, 0, 0},
+     {"dxproj", 3, 1, 0}, {"dhproj", 3, 1, 0}, {"direct", 1, 1, 0}}};
+static const kernel LSTM_FORWARD = {
+    "lstm_forward", lstm_fwd_rows, 5, 1, 0, -1,
+    {{"pre", 4, 1, 0}, {"c", 1, 0, 0}, {"h_new", 1, 1, 0}, {"c_new", 1, 1, 0}, {"tc", 1, 1, 0}}};
+static const kernel LSTM_BACKWARD = {
+    "lstm_backward", lstm_bwd_rows, 8, 2, 0, 1,
+    {{"dh", 1, 0, 0}, {"dc", 1, 0, 1}, {"c", 1, 0, 0}, {"ifo", 3, 0, 0}, {"g", 1, 0, 0},
+     {"tc", 1, 0, 0}, {"dpre", 4, 1, 0}, {"dc_prev", 1, 1, 0}}};
+/* the kernels' tanh of an array, in place (for the tests of tanh_f): the RNN's forward */
+static const kernel TANH = {"tanh", rnn_fwd_rows, 1, 0, 0, -1, {{"a", 1, 1, 0}}};
 
 static PyObject *py_rnn_forward(PyObject *self, PyObject *args)
 {
-    PyObject *pre;
-    int relu;
-    if (!PyArg_ParseTuple(args, "Op", &pre, &relu))
-        return NULL;
-    Py_ssize_t H, B;
-    if (shape_of(pre, &H, &B) < 0)
-        return NULL;
-    views vs = {.n = 0};
-    mat m[1];
-    if (take(&vs, &m[0], pre, 1, H, B, "pre", 0) < 0)
-        goto fail;
-    RUN(rnn_fwd_rows, H, B, relu);
-    release(&vs);
-    Py_RETURN_NONE;
-fail:
-    release(&vs);
-    return NULL;
+    return call_kernel(&RNN_FORWARD, args);
 }
 
 static PyObject *py_rnn_backward(PyObject *self, PyObject *args)
 {
-    PyObject *dh, *h, *out;
-    int relu;
-    if (!PyArg_ParseTuple(args, "OOOp", &dh, &h, &out, &relu))
-        return NULL;
-    Py_ssize_t H, B;
-    if (shape_of(h, &H, &B) < 0)
-        return NULL;
-    views vs = {.n = 0};
-    mat m[3];
-    if (take(&vs, &m[0], dh, 0, H, B, "dh", 0) < 0 || take(&vs, &m[1], h, 0, H, B, "h", 0) < 0 ||
-        take(&vs, &m[2], out, 1, H, B, "out", 0) < 0)
-        goto fail;
-    RUN(rnn_bwd_rows, H, B, relu);
-    release(&vs);
-    Py_RETURN_NONE;
-fail:
-    release(&vs);
-    return NULL;
+    return call_kernel(&RNN_BACKWARD, args);
 }
 
 static PyObject *py_gru_forward(PyObject *self, PyObject *args)
 {
-    PyObject *xproj, *hproj, *h, *hn, *c;
-    if (!PyArg_ParseTuple(args, "OOOOO", &xproj, &hproj, &h, &hn, &c))
-        return NULL;
-    Py_ssize_t H, B;
-    if (shape_of(h, &H, &B) < 0)
-        return NULL;
-    views vs = {.n = 0};
-    mat m[5];
-    if (take(&vs, &m[0], xproj, 0, 3 * H, B, "xproj", 0) < 0 ||
-        take(&vs, &m[1], hproj, 1, 3 * H, B, "hproj", 0) < 0 ||
-        take(&vs, &m[2], h, 0, H, B, "h", 0) < 0 || take(&vs, &m[3], hn, 1, H, B, "h_new", 0) < 0 ||
-        take(&vs, &m[4], c, 1, H, B, "c", 0) < 0)
-        goto fail;
-    RUN(gru_fwd_rows, H, B, 0);
-    release(&vs);
-    Py_RETURN_NONE;
-fail:
-    release(&vs);
-    return NULL;
+    return call_kernel(&GRU_FORWARD, args);
 }
 
 static PyObject *py_gru_backward(PyObject *self, PyObject *args)
 {
-    PyObject *dh, *h, *zr, *c, *hc, *dx, *dhp, *direct;
-    if (!PyArg_ParseTuple(args, "OOOOOOOO", &dh, &h, &zr, &c, &hc, &dx, &dhp, &direct))
-        return NULL;
-    Py_ssize_t H, B;
-    if (shape_of(h, &H, &B) < 0)
-        return NULL;
-    views vs = {.n = 0};
-    mat m[8];
-    if (take(&vs, &m[0], dh, 0, H, B, "dh", 0) < 0 || take(&vs, &m[1], h, 0, H, B, "h", 0) < 0 ||
-        take(&vs, &m[2], zr, 0, 2 * H, B, "zr", 0) < 0 || take(&vs, &m[3], c, 0, H, B, "c", 0) < 0 ||
-        take(&vs, &m[4], hc, 0, H, B, "hc", 0) < 0 ||
-        take(&vs, &m[5], dx, 1, 3 * H, B, "dxproj", 0) < 0 ||
-        take(&vs, &m[6], dhp, 1, 3 * H, B, "dhproj", 0) < 0 ||
-        take(&vs, &m[7], direct, 1, H, B, "direct", 0) < 0)
-        goto fail;
-    RUN(gru_bwd_rows, H, B, 0);
-    release(&vs);
-    Py_RETURN_NONE;
-fail:
-    release(&vs);
-    return NULL;
+    return call_kernel(&GRU_BACKWARD, args);
 }
 
 static PyObject *py_lstm_forward(PyObject *self, PyObject *args)
 {
-    PyObject *pre, *c, *hn, *cn, *tc;
-    if (!PyArg_ParseTuple(args, "OOOOO", &pre, &c, &hn, &cn, &tc))
-        return NULL;
-    Py_ssize_t H, B;
-    if (shape_of(c, &H, &B) < 0)
-        return NULL;
-    views vs = {.n = 0};
-    mat m[5];
-    if (take(&vs, &m[0], pre, 1, 4 * H, B, "pre", 0) < 0 || take(&vs, &m[1], c, 0, H, B, "c", 0) < 0 ||
-        take(&vs, &m[2], hn, 1, H, B, "h_new", 0) < 0 ||
-        take(&vs, &m[3], cn, 1, H, B, "c_new", 0) < 0 || take(&vs, &m[4], tc, 1, H, B, "tc", 0) < 0)
-        goto fail;
-    RUN(lstm_fwd_rows, H, B, 0);
-    release(&vs);
-    Py_RETURN_NONE;
-fail:
-    release(&vs);
-    return NULL;
+    return call_kernel(&LSTM_FORWARD, args);
 }
 
 static PyObject *py_lstm_backward(PyObject *self, PyObject *args)
 {
-    PyObject *dh, *dc, *c, *ifo, *g, *tc, *dpre, *dcp;
-    if (!PyArg_ParseTuple(args, "OOOOOOOO", &dh, &dc, &c, &ifo, &g, &tc, &dpre, &dcp))
-        return NULL;
-    Py_ssize_t H, B;
-    if (shape_of(c, &H, &B) < 0)
-        return NULL;
-    views vs = {.n = 0};
-    mat m[8];
-    if (take(&vs, &m[0], dh, 0, H, B, "dh", 0) < 0 || take(&vs, &m[1], dc, 0, H, B, "dc", 1) < 0 ||
-        take(&vs, &m[2], c, 0, H, B, "c", 0) < 0 || take(&vs, &m[3], ifo, 0, 3 * H, B, "ifo", 0) < 0 ||
-        take(&vs, &m[4], g, 0, H, B, "g", 0) < 0 || take(&vs, &m[5], tc, 0, H, B, "tc", 0) < 0 ||
-        take(&vs, &m[6], dpre, 1, 4 * H, B, "dpre", 0) < 0 ||
-        take(&vs, &m[7], dcp, 1, H, B, "dc_prev", 0) < 0)
-        goto fail;
-    RUN(lstm_bwd_rows, H, B, m[1].p != NULL);
-    release(&vs);
-    Py_RETURN_NONE;
-fail:
-    release(&vs);
-    return NULL;
+    return call_kernel(&LSTM_BACKWARD, args);
 }
 
-/* tanh of a float32 array with contiguous rows, in place (for the tests of tanh_f) */
+static PyObject *py_tanh(PyObject *self, PyObject *args)
+{
+    return call_kernel(&TANH, args);
+}
+
 /* ------------------------------------------------ one-hot input projections */
 
 /* A one-hot input x_n = e_{idx[n]} projects to W x_n = column idx[n] of W, so the layers
@@ -794,26 +758,6 @@ done:
         if (v[k].obj)
             PyBuffer_Release(&v[k]);
     return ret;
-}
-
-static PyObject *py_tanh(PyObject *self, PyObject *args)
-{
-    PyObject *a;
-    if (!PyArg_ParseTuple(args, "O", &a))
-        return NULL;
-    Py_ssize_t H, B;
-    if (shape_of(a, &H, &B) < 0)
-        return NULL;
-    views vs = {.n = 0};
-    mat m[1];
-    if (take(&vs, &m[0], a, 1, H, B, "a", 0) < 0)
-        goto fail;
-    RUN(rnn_fwd_rows, H, B, 0);
-    release(&vs);
-    Py_RETURN_NONE;
-fail:
-    release(&vs);
-    return NULL;
 }
 
 static PyObject *py_info(PyObject *self, PyObject *noargs)
