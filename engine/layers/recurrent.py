@@ -237,9 +237,10 @@ class Recurrent(Layer):
 
     @property
     def folds_input(self) -> bool:
-        """Whether a block runs each step as one GEMM over [h; x; 1] (see the docstring)."""
+        """Whether a block runs each step as one GEMM over [h; x; 1] (see the docstring); a
+        one-hot input is gathered instead, never folded."""
         return (self.cell.sums_projections and self.hbias_key is None
-                and self.D + 1 <= self.FOLD_INPUT * self.H)
+                and not self.one_hot_input and self.D + 1 <= self.FOLD_INPUT * self.H)
 
     # ----------------------------------------------------------------- state
     def zero_state(self, batch):
@@ -391,7 +392,7 @@ class Recurrent(Layer):
         N = x.shape[0]
         T = N // B
         w = self.weights
-        fold = self.folds_input and not self.one_hot_input
+        fold = self.folds_input
         rev = self.reverse
         before = (lambda t: t + 1) if rev else (lambda t: t)  # block of the state before step t
         first = T if rev else 0                               # block of the initial state

@@ -224,10 +224,7 @@ def transpose(out, a):
 def usable_flat(*arrays) -> bool:
     """Whether the kernels take these arrays as flat runs: the switch says native and each
     is a C-contiguous NumPy float32 array."""
-    if (_mode or mode()) != "native":
-        return False
-    return all(type(a) is np.ndarray and a.dtype == np.float32 and a.flags.c_contiguous
-               for a in arrays)
+    return usable(*arrays) and all(a.flags.c_contiguous for a in arrays)
 
 
 def adarule(w, g, h, lr, rho, delta, adagrad, clip=None):
