@@ -14,21 +14,7 @@ import pytest
 
 from engine import checkpoint as ckpt
 from engine.checkpoint import CheckpointError, load_any, load_singa, save_singa
-
-
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def ld(number: int, payload: bytes) -> bytes:
-    """A length-delimited field."""
-    return varint(number << 3 | 2) + varint(len(payload)) + payload
+from wire import ld, varint
 
 
 def blob(shape, values) -> bytes:

@@ -17,27 +17,13 @@ import pytest
 from engine.stores import (StoreError, iter_kvfile, read_kvfile, read_textfile, write_kvfile,
                            write_textfile)
 from engine.proto import job_pb2 as pb
+from wire import field, varint
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "singa_data.py"
 
 
 # --------------------------------------------------------------- wire format
-
-def varint(n: int) -> bytes:
-    n &= (1 << 64) - 1  # negative int32s are sign-extended to 10 bytes
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def field(number: int, wire: int) -> bytes:
-    return varint(number << 3 | wire)
-
 
 def record(shape, label=None, pixel=None, data=None) -> bytes:
     out = b"".join(field(1, 0) + varint(s) for s in shape)  # proto2 repeated int32: unpacked
