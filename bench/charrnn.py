@@ -42,7 +42,7 @@ With every result: CPU model, core count, the BLAS kernel and threads of each
 framework's processes, PyTorch's version and threads.
 
 Environment. ``OPENBLAS_CORETYPE`` and ``OPENBLAS_L2_SIZE`` pin OpenBLAS to an
-older kernel (see README, Speed). When they are set, the engine's processes
+older kernel (see docs/speed.md). When they are set, the engine's processes
 (and the GEMM peak's) run with both removed, and the output says so; PyTorch's
 processes get the environment unchanged (PyTorch brings its own BLAS, MKL in the
 x86 wheels, which does not read them).
@@ -377,7 +377,7 @@ def child_env(kind: str, environ) -> tuple[dict, dict]:
 
 def unset_note(removed: dict) -> str:
     return ("unset " + ", ".join(f"{k}={v}" for k, v in removed.items())
-            + " for the engine's processes (see README)")
+            + " for the engine's processes (see docs/speed.md)")
 
 
 def child_argv(kind: str, case: str, steps: int, warmup: int, executor: str) -> list[str]:

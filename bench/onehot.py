@@ -19,7 +19,7 @@ float32, the BLAS and the compiled kernels the engine uses):
   (``kernels.transpose``, included), which measured no faster.
 
 Prints the CPU, the BLAS and its kernel first; run it with OPENBLAS_CORETYPE and
-OPENBLAS_L2_SIZE unset (see the README's Speed section).
+OPENBLAS_L2_SIZE unset (see docs/speed.md).
 """
 from __future__ import annotations
 

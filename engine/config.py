@@ -11,58 +11,18 @@ for a layer, ``path: message`` otherwise.
 from __future__ import annotations
 
 import difflib
-import enum
-import math
 import pathlib
 import re
 
 from google.protobuf import text_format
 
+from engine.common import (  # noqa: F401  (re-exported: the config API)
+    ConfigError, Phase, job_dir, number_problem, read_file, read_text, type_name)
+from engine.layers import REGISTRY, layer_class
+from engine.layers.base import LossLayer
+from engine.params import ParamError, check_param_conf
 from engine.proto import job_pb2 as pb
-
-
-class ConfigError(Exception):
-    """A job-file problem; str(err) is one line naming the file and what to do."""
-
-
-class Phase(enum.Flag):
-    """Training phases; values are SINGA's Phase enum (kTrain=1, kVal=2, kTest=4)."""
-
-    TRAIN = 1
-    VAL = 2
-    TEST = 4
-
-    @classmethod
-    def parse(cls, name: str) -> "Phase":
-        key = name.strip().lower()
-        table = {"train": cls.TRAIN, "val": cls.VAL, "validate": cls.VAL, "validation": cls.VAL,
-                 "test": cls.TEST}
-        if key not in table:
-            raise ConfigError(f"unknown phase {name!r}; use train, val or test")
-        return table[key]
-
-    @property
-    def label(self) -> str:
-        return {Phase.TRAIN: "train", Phase.VAL: "val", Phase.TEST: "test"}[self]
-
-
-# Types that SINGA's enum has and that are not RNN layers: clear "not supported".
-_TYPE_NAMES = {v: k for k, v in pb.LayerType.items()}
-
-def number_problem(field: str, value: float, rule: str = "", ok: bool = True) -> str | None:
-    """The one-line complaint about a number of a job file, or None when it is fine:
-    "<field> is <value>; it must be [a finite number] <rule>". NaN and infinities always
-    fail (they would silently poison every step); ``ok`` says whether ``rule`` holds."""
-    if not math.isfinite(value):
-        return f"{field} is {value:g}; it must be a finite number" + (f" {rule}" if rule else "")
-    if not ok:
-        return f"{field} is {value:g}; it must be {rule}"
-    return None
-
-
-def type_name(t: int) -> str:
-    """LayerType value -> its name (``kGRU``)."""
-    return _TYPE_NAMES.get(t, str(t))
+from engine.updaters import UpdaterError, check_conf
 
 
 def _syntax_hint(msg: str, text: str, line: int | None, col: int | None) -> str:
@@ -140,33 +100,6 @@ def parse_job(text: str, path: str = "<job>") -> pb.JobProto:
     return job
 
 
-def read_file(path, what: str, error=None, hint: str = "") -> bytes:
-    """A file's bytes; each way of failing is one ``error`` line (ConfigError by default)
-    naming the file: missing, a folder (``hint`` says what to give instead), unreadable.
-    The one reader of user files: job files, vocabularies, stores, exchange files."""
-    error = error or ConfigError
-    try:
-        return pathlib.Path(path).read_bytes()
-    except FileNotFoundError:
-        raise error(f"{path}: no such {what}") from None
-    except IsADirectoryError:
-        raise error(f"{path}: is a folder" + (f"; {hint}" if hint else f", not a {what}")) from None
-    except OSError as e:
-        raise error(f"{path}: cannot read ({e.strerror})") from None
-
-
-def read_text(path, what: str, error=None, hint: str = "") -> str:
-    """A UTF-8 text file's content with universal newlines (``read_file``'s errors, and one
-    line for a file that is not UTF-8)."""
-    error = error or ConfigError
-    raw = read_file(path, what, error, hint)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    return text.replace("\r\n", "\n").replace("\r", "\n")
-
-
 def load_job(path: str | pathlib.Path) -> pb.JobProto:
     """Read, normalise and validate a job file. Raises ConfigError."""
     text = read_text(path, "job file", ConfigError, hint="give the job file (e.g. job.conf)")
@@ -201,7 +134,6 @@ def _fit_readers(job: pb.JobProto, path: str) -> None:
     """Each layer class settles what must agree with its readers (``Layer.fit_readers``:
     kCharRNN's char_rnn_conf.unroll_len follows the unroll_len of the layers reading
     the streams), phase by phase."""
-    from engine.layers import layer_class
 
     for ph in (Phase.TRAIN, Phase.VAL, Phase.TEST):
         layers = layers_in_phase(job.neuralnet, ph)
@@ -240,7 +172,6 @@ def validate(job: pb.JobProto, path: str = "<job>") -> None:
     """Check names, references, sharing, unrolling settings and per-type settings; then
     the job's counts (none negative) and numbers (updater, schedule, param inits and
     scales, loss scales: finite and within their sign rules)."""
-    from engine.layers import layer_class
 
     def err(layer, msg):
         return ConfigError(f'{path}: layer "{layer.name}": {msg}')
@@ -309,9 +240,8 @@ def validate(job: pb.JobProto, path: str = "<job>") -> None:
         t = layer.type
         cls = layer_class(t)
         if t == pb.kUserLayer and not layer.HasField("type"):
-            raise err(layer, "has no type; add type: kXxx (see the README's layer list)")
+            raise err(layer, "has no type; add type: kXxx (see the layer table in docs/config.md)")
         if cls is None:
-            from engine.layers import REGISTRY
             line = _layer_line(path, net, layer)
             supported = ", ".join(type_name(k) for k in sorted(REGISTRY))
             raise ConfigError(f'{path}{f":{line}" if line else ""}: layer "{layer.name}": type '
@@ -373,8 +303,6 @@ def check_trains(job: pb.JobProto, path: str, what: str = "") -> None:
     e.g. ``--steps 5``) needs a loss layer in its train phase: without one every step
     would learn nothing and the metrics would be empty. A test-only job (sampling)
     needs none."""
-    from engine.layers import layer_class
-    from engine.layers.base import LossLayer
 
     if job.train_steps <= 0:
         return
@@ -436,10 +364,6 @@ def _check_counts(job: pb.JobProto, path: str) -> None:
 def _check_numbers(job: pb.JobProto, path: str) -> None:
     """The updater and its schedule (engine.updaters.check_conf), each param's init and
     scales (engine.params.check_param_conf) and each loss's scale (finite, >= 0)."""
-    from engine.layers import layer_class
-    from engine.layers.base import LossLayer
-    from engine.params import ParamError, check_param_conf
-    from engine.updaters import UpdaterError, check_conf
 
     try:
         if job.HasField("updater"):  # a job that only tests needs none
@@ -460,11 +384,6 @@ def _check_numbers(job: pb.JobProto, path: str) -> None:
                                  "not train)", scale >= 0)
             if bad:
                 raise ConfigError(f'{path}: layer "{layer.name}": {bad}')
-
-
-def job_dir(path) -> pathlib.Path:
-    """Folder against which the job's relative paths are resolved."""
-    return pathlib.Path(path).resolve().parent
 
 
 # ------------------------------------------------ where a layer is in the file

@@ -58,7 +58,7 @@ import numpy as np
 
 from engine.backend import to_host
 from engine import safetensors_io
-from engine.config import ConfigError, type_name
+from engine.common import ConfigError, type_name
 from engine.layers import layer_class
 from engine.layers.base import InputLayer
 from engine.proto import job_pb2 as pb

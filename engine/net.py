@@ -14,7 +14,7 @@ import networkx as nx
 import numpy as np
 
 from engine.backend import INIT, Backend, rng_stream
-from engine.config import ConfigError, type_name
+from engine.common import ConfigError, type_name
 from engine.layers import Layer, LayerError, layer_class
 from engine.params import GradBuffer, ParamError, init_param, resolve_sharing
 from engine.proto import job_pb2 as pb

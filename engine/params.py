@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.config import number_problem
+from engine.common import number_problem
 from engine.layers.base import Param
 from engine.proto import job_pb2 as pb
 

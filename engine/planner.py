@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.backend import DROPOUT, LazyRNG
-from engine.config import type_name
+from engine.common import type_name
 from engine.layers import Context
 from engine.layers.base import add_grads
 from engine.net import Net

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import pathlib
 
-from engine.config import read_text
+from engine.common import read_text
 
 SKIP = {"step", "phase", "seconds", "elapsed", "chars_per_s", "samples_per_s"}
 

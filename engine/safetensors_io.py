@@ -22,7 +22,7 @@ import struct
 import numpy as np
 
 from engine.checkpoint import CheckpointError
-from engine.config import read_file
+from engine.common import read_file
 
 #: safetensors dtype names <-> NumPy dtypes (little-endian); BF16 and the F8 types have
 #: no NumPy dtype and are refused with a line saying so

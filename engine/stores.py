@@ -31,7 +31,7 @@ from collections.abc import Iterator
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from engine.config import read_file
+from engine.common import read_file
 from engine.proto import job_pb2 as pb
 
 SIZE_T = 8  # bytes of SINGA's size_t length fields (64-bit, little-endian)

@@ -22,7 +22,7 @@ import pathlib
 
 import numpy as np
 
-from engine.config import read_file
+from engine.common import read_file
 
 UTF8, BYTES = "utf-8", "bytes"
 ENCODINGS = (UTF8, BYTES)

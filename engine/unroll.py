@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import networkx as nx
 
 from engine.config import ConfigError, Phase, layers_in_phase, type_name
+from engine.layers import layer_class
 from engine.proto import job_pb2 as pb
 
 CONN_NAMES = {pb.kUnrollOneToOne: "kUnrollOneToOne", pb.kUnrollOneToAll: "kUnrollOneToAll",
@@ -99,7 +100,7 @@ def unroll(net: pb.NetProto, phase: Phase = Phase.TRAIN, job_name: str = "",
            where: str = "<job>") -> Unrolled:
     """Unroll the layers of ``phase``. Raises ConfigError for sources missing in the
     phase, impossible one-to-one links and cycles (the cycle is printed)."""
-    from engine.layers import layer_class
+
 
     layers = layers_in_phase(net, phase)
     by_name = {layer.name: layer for layer in layers}
@@ -176,7 +177,7 @@ def unrolled_netproto(u: Unrolled) -> pb.NetProto:
     """The unrolled net as a NetProto: copies ``i#L`` with unroll_index i, their
     srclayers rewired to source copies (data sources in srclayer order, then the
     context source), params ``i#p`` sharing ``0#p``."""
-    from engine.layers import layer_class
+
 
     out = pb.NetProto()
     out.CopyFrom(u.net)

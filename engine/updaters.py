@@ -37,7 +37,7 @@ import numpy as np
 
 from engine.backend import to_host
 from engine.layers import kernels
-from engine.config import number_problem
+from engine.common import number_problem
 from engine.proto import job_pb2 as pb
 
 #: state_dict key of the update counter t (param keys are "<param name>/<slot>")

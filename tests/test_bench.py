@@ -83,7 +83,7 @@ def test_child_environment_drops_the_openblas_kernel_choice_for_the_engine_only(
     assert charrnn.child_env("engine", {"PATH": "/bin"}) == ({"PATH": "/bin"}, {})
     assert parent["OPENBLAS_CORETYPE"] == "FakeCore"  # the caller's mapping is left alone
     assert charrnn.unset_note(removed) == ("unset OPENBLAS_CORETYPE=FakeCore, OPENBLAS_L2_SIZE=12345 "
-                                           "for the engine's processes (see README)")
+                                           "for the engine's processes (see docs/speed.md)")
 
 
 def _run(meds, train, rss):

@@ -264,7 +264,7 @@ MALFORMED = [
       for t in ("kConvolution", "kPooling", "kLRN", "kRBMHid", "kCudnnConv", "kUserLayer")],
     ("a layer without a type",
      edit("type: kInnerProduct ", ""),
-     ': layer "ip1": has no type; add type: kXxx (see the README\'s layer list)'),
+     ': layer "ip1": has no type; add type: kXxx (see the layer table in docs/config.md)'),
     # -------------------------------------------------------------- the job
     ("a job without layers",
      'name: "t"\ntrain_steps: 10\n',

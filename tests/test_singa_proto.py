@@ -499,7 +499,7 @@ def test_our_extensions_use_numbers_singa_never_used():
             assert f.number not in used, f"{message}.{f.name} = {f.number} is a SINGA number"
             assert not lo <= f.number <= hi, f"{message}.{f.name} = {f.number} is in SINGA's " \
                                              f"extension range {lo}-{hi}"
-    # the list is the README's: adding an extension means documenting it there
+    # the list is docs/config.md's: adding an extension means documenting it there
     assert sorted(extra) == sorted([
         "JobProto.seed", "JobProto.keep_checkpoints", "JobProto.skip_nonfinite",
         "AlgProto.state_carry", "LayerProto.euclideanloss_conf", "LayerProto.csvoutput_conf",

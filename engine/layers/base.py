@@ -51,7 +51,7 @@ Adding a layer type: give it a LayerType value in ``proto/job.proto`` (a number
 SINGA never used) and its settings message, regenerate
 ``engine/proto/job_pb2.py`` (``python tools/gen_proto.py``), write the class in
 the family module under ``engine/layers/`` with ``@register(pb.kYours)`` and its
-formula in the docstring, add a row to the README's layer table, and a test
+formula in the docstring, add a row to the layer table in docs/config.md, and a test
 (``tests/layercheck.py`` checks a layer's gradients by finite differences).
 """
 from __future__ import annotations

@@ -12,7 +12,7 @@
  * formulas otherwise; here a mismatch raises.
  *
  * One thread: the kernels release the GIL but start no threads of their own (a second
- * pool beside OpenBLAS's made steps slower; see the README's Speed section). The loops
+ * pool beside OpenBLAS's made steps slower; see docs/speed.md). The loops
  * run a function compiled for AVX-512, AVX2+FMA and baseline x86-64 (GCC's
  * target_clones, picked once at load time), so the binary runs on any x86-64 CPU. When
  * every array of a call is a contiguous block (row stride B), each gate block is one
