@@ -41,8 +41,8 @@ def make_conf(kind, name="rec", hidden=H, bias=True, activation=None, forget_bia
 
 CLASSES = {"rnn": RNNLayer, "gru": GRULayer, "lstm": LSTMLayer}
 # (kind, activation) for every layer variant
-VARIANTS = [("rnn", pb.TANH), ("rnn", pb.RELU), ("gru", None), ("lstm", None)]
-VARIANT_IDS = ["rnn-tanh", "rnn-relu", "gru", "lstm"]
+VARIANTS = [("rnn", pb.TANH), ("rnn", pb.RELU), ("rnn", pb.LINEAR), ("gru", None), ("lstm", None)]
+VARIANT_IDS = ["rnn-tanh", "rnn-relu", "rnn-linear", "gru", "lstm"]
 
 
 def build(kind, bias=True, activation=None, src_conn=None, srcs=None, seed=0, **kw):
@@ -430,7 +430,7 @@ def test_absent_input_uses_bias_only():
 # --------------------------------------------------------------------- errors
 def test_rnn_bad_activation():
     conf = make_conf("rnn", name="vanilla", activation=pb.SIGMOID)
-    with pytest.raises(LayerError, match=r'"vanilla".*SIGMOID.*TANH or RELU'):
+    with pytest.raises(LayerError, match=r'"vanilla".*SIGMOID.*TANH, RELU or LINEAR'):
         RNNLayer(conf, np, np.float64).setup([FakeSrc((D,))])
 
 

@@ -242,12 +242,15 @@ class Cell:
 
 
 class RNNCell(Cell):
-    """h' = act(W_x x + b + W_h h), act tanh or relu."""
+    """h' = act(W_x x + b + W_h h), act tanh, relu, or the identity (``linear``)."""
 
-    def __init__(self, relu: bool = False):
+    def __init__(self, relu: bool = False, linear: bool = False):
         self.relu = relu
+        self.linear = linear
 
     def forward(self, xp, pre, xproj, state):
+        if self.linear:
+            return (pre,), pre
         if kernels.usable(state[0], inplace=pre):
             h_raw = kernels.rnn_forward(pre, self.relu)
         else:
@@ -255,6 +258,9 @@ class RNNCell(Cell):
         return (h_raw,), h_raw
 
     def backward(self, xp, dh, drest, state, cache, out_x=None, out_h=None):
+        if self.linear:
+            dpre = dh.copy() if out_x is None else xp.copyto(out_x, dh) or out_x
+            return dpre, dpre, (None,)
         if kernels.usable(dh, cache, out_x):
             dpre = kernels.rnn_backward(dh, cache, self.relu, out=out_x)
         else:

@@ -522,7 +522,8 @@ class Recurrent(Layer):
 class RNNLayer(Recurrent):
     """Vanilla recurrent layer (kRNN, rnn_conf: dim_hidden, bias_term, activation, direction).
 
-    h' = act(x W_hx^T + h W_hh^T + b),  act = tanh (TANH, default) or max(·, 0) (RELU).
+    h' = act(x W_hx^T + h W_hh^T + b),  act = tanh (TANH, default), max(·, 0) (RELU) or the
+    identity (LINEAR: a linear recurrence).
     Output y = h'; state h (B, H); h is copy i−1's state, or copy i+1's with
     direction: kBackward (module docstring).
     Params in order: w_hx (H×D), w_hh (H×H), then b (H) if bias_term.
@@ -537,10 +538,10 @@ class RNNLayer(Recurrent):
 
     def make_cell(self):
         act = self.conf.rnn_conf.activation
-        if act not in (pb.TANH, pb.RELU):
+        if act not in (pb.TANH, pb.RELU, pb.LINEAR):
             raise self.error(f"rnn_conf.activation {pb.ActivationType.Name(act)} is not "
-                             f"supported; use TANH or RELU")
-        return RNNCell(relu=act == pb.RELU)
+                             f"supported; use TANH, RELU or LINEAR")
+        return RNNCell(relu=act == pb.RELU, linear=act == pb.LINEAR)
 
 
 @register(pb.kGRU)
