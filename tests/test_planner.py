@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import cellkinds as ck
 import test_gradcheck as gc
 from engine.backend import make_backend
 from engine.config import Phase, load_job
@@ -61,11 +62,11 @@ def assert_same(tmp_path, text, steps=3):
     folded = {n for n, lay in net_p.layers.items() if lay.recurrent and lay.folds_input}
     # every layer that sums its projections folds a dense input; one-hot input is gathered
     dense_summing = {n for n, lay in net_p.layers.items()
-                     if lay.recurrent and lay.cell.sums_projections and not lay.one_hot_input}
+                     if lay.recurrent and lay.sums_projections and not lay.one_hot_input}
     assert folded == (dense_summing if Recurrent.FOLD_INPUT > 1 else set())
 
 
-@pytest.mark.parametrize("kind", ["gru", "lstm", "rnn", "rnn-relu"])
+@pytest.mark.parametrize("kind", list(ck.VARIANTS))
 def test_char_rnn(tmp_path, kind):
     text = gc.job_text(gc.char_layers(gc.char_data(tmp_path)) + gc.rec_conf(kind, "rec", "onehot", 6)
                        + gc.ip_loss("rec", gc.vocab_size()), extra=UPDATER)
@@ -210,7 +211,7 @@ def test_bidirectional_char_rnn(tmp_path, kind):
     assert set(w.carry) == {"bi1_f", "bi2_f"}
 
 
-@pytest.mark.parametrize("kind", ["gru", "lstm", "rnn"])
+@pytest.mark.parametrize("kind", list(ck.CELLS))
 def test_bidirectional_many_to_one_masked(tmp_path, kind):
     path, *_ = gc.masked_store(tmp_path)
     assert_same(tmp_path, gc.bidir_many_to_one_text(path, kind).replace(
