@@ -123,7 +123,8 @@ def make_checkpoint(job_path, seed: int = 1, scale: float = 0.5) -> pathlib.Path
         p.data[...] = rng.uniform(-scale, scale, p.data.shape)
     meta = {"step": 1, "job": text_format.MessageToString(job), "job_path": str(job_path),
             "vocab": net.info.get("vocab")}
-    return ckpt.save(pathlib.Path(job_path).parent / "ckpt" / "step1.npz", param_arrays(net), meta)
+    return ckpt.save(pathlib.Path(job_path).parent / "ckpt" / "step1.npz",
+                     ckpt.join(param=param_arrays(net)), meta)
 
 
 def engine_forward(job_path, checkpoint, h0=None, c0=None):

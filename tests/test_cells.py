@@ -11,7 +11,7 @@ import pytest
 import cellkinds as ck
 from engine.layers import kernels
 from engine.layers.base import Context
-from engine.layers.recurrent import MGULayer, Recurrent
+from engine.layers.recurrent import MGULayer, Recurrent, describe_cells
 from engine.layers.tape import Direct, Tape, Taped
 from engine.params import init_param
 from engine.proto import job_pb2 as pb
@@ -219,5 +219,38 @@ def test_cell_facts_live_on_the_classes():
     assert set(interop.CELLS) == {t for t, (_, cls) in ((ck.CELLS[k][0], ck.CELLS[k])
                                                         for k in ck.CELLS) if cls.export}
     assert pb.kMGU not in interop.CELLS and MGULayer.export is None
-    assert MGULayer.describe_maths(np, np.float32) == "formula, derived backward"
     assert issubclass(MGULayer, Recurrent) and not MGULayer.hand_written()
+
+
+def test_the_banner_says_what_each_cell_runs():
+    """Per cell type, not per process: a kernel, NumPy formulas, or the derived backward."""
+    layers = [build("mgu"), build("gru"), build("rnn-linear"), build("gru", derived=True)]
+    assert describe_cells(layers) == ("kMGU: formula, derived backward, kGRU: NumPy formulas, "
+                                      "kRNN: NumPy formulas, kGRU: formula, derived backward")
+    if kernels.available():
+        kernels.use("native")
+        try:
+            got = describe_cells([build("gru", dtype=np.float32), build("rnn-linear", dtype=np.float32)])
+        finally:
+            kernels.use(None)
+        assert got == "kGRU: gru kernel, kRNN: NumPy formulas"
+
+
+def test_an_mgu_char_rnn_trains_samples_and_refuses_export(tmp_path):
+    """The whole tool with a cell that is only a formula: train (planned executor, the
+    banner names what it runs), the loss falls, sample, and export says in one line that
+    the exchange formats have no such cell."""
+    import json
+    from charjobs import char_job, run_cli
+    job = char_job(tmp_path, rnn="kMGU", steps=40, hidden=24, unroll=10, val=False)
+    r = run_cli("engine.train", job)
+    assert r.returncode == 0, r.stderr
+    assert "kMGU: formula, derived backward" in r.stdout and "executor: planned" in r.stdout
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "ws" / "metrics.jsonl").open()
+              if json.loads(line).get("phase") == "train"]
+    assert losses[-1] < losses[0] - 0.5, losses   # 3.58 -> 2.89 nats when measured
+    ck = tmp_path / "ws" / "checkpoints" / "step40.npz"
+    s = run_cli("engine.sample", "--checkpoint", ck, "--length", "30", "--prime", "def ")
+    assert s.returncode == 0 and s.stdout.startswith("def ") and len(s.stdout) >= 30, s.stderr
+    e = run_cli("engine.export", ck, tmp_path / "m.onnx")
+    assert e.returncode == 2 and e.stderr.count("\n") == 1 and "kMGU" in e.stderr, e.stderr

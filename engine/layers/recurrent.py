@@ -78,7 +78,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 
 from engine.layers import cells, kernels
 from engine.layers.base import Layer, LayerError, add_grads, one_array, register
@@ -383,15 +382,18 @@ class Recurrent(Layer):
         """Whether the class gives its own step_forward/step_backward."""
         return cls.step_forward is not Recurrent.step_forward
 
-    @classmethod
-    def describe_maths(cls, xp, dtype) -> str:
-        """What this cell's step runs on ``xp``/``dtype``: its kernel, its NumPy maths or its
-        formula with the derived backward."""
-        if not cls.hand_written():
+    def describe_maths(self) -> str:
+        """What this layer's step runs: its fused kernel, its hand-written NumPy maths, or
+        its formula with the derived backward."""
+        if self.uses_formula:
             return "formula, derived backward"
-        if cls.fused and xp is np and np.dtype(dtype) == np.float32 and kernels.mode() == "native":
-            return "native kernel"
+        if self.has_kernel() and kernels.usable(self.xp.zeros((1, 1), dtype=self.dtype)):
+            return f"{self.fused} kernel"
         return "NumPy formulas"
+
+    def has_kernel(self) -> bool:
+        """Whether a fused kernel exists for this layer's settings."""
+        return bool(self.fused)
 
     def step_forward(self, xp, ops: Products, x, state):
         """One step: (raw new state parts, what the backward needs); ``x`` is the step's
@@ -829,6 +831,9 @@ class RNNLayer(Recurrent):
                              f"supported; use TANH, RELU or LINEAR")
         self.relu, self.linear = act == pb.RELU, act == pb.LINEAR
 
+    def has_kernel(self) -> bool:
+        return not self.linear   # the identity needs no kernel
+
     def formula(self, f, x, state, U):
         act = f.relu if self.relu else f.identity if self.linear else f.tanh
         return (act(x[0] + U(ALL, state[0])),)
@@ -1006,6 +1011,16 @@ class MGULayer(Recurrent):
         fg = f.sigmoid(x[0] + U(0, h))
         c = f.tanh(x[1] + U(1, fg * h))
         return (h + fg * (c - h),)
+
+
+def describe_cells(layers) -> str:
+    """What the recurrent layers among ``layers`` run, per cell type (``kGRU: gru kernel``),
+    one part of the training banner; "" when there are none."""
+    seen = {}
+    for lay in layers:
+        if isinstance(lay, Recurrent):
+            seen.setdefault(f"{pb.LayerType.Name(lay.conf.type)}: {lay.describe_maths()}", None)
+    return ", ".join(seen)
 
 
 def cell_classes() -> dict:
