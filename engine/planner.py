@@ -240,7 +240,7 @@ class PlannedWorker(Worker):
                 continue
             bad = ~xp.isfinite(y.reshape(y.shape[0], -1)).all(axis=1)
             if bool(bad.any()):
-                return f"{int(xp.argmax(bad)) // B}#{b.layer.name}"
+                return node_id(int(xp.argmax(bad)) // B, b.layer.name)
         return None
 
     # ----------------------------------------------------------- backward
@@ -267,7 +267,7 @@ class PlannedWorker(Worker):
             if self.probe and self.first_bad_grad is None and dy is not None:
                 bad = ~xp.isfinite(dy.reshape(dy.shape[0], -1)).all(axis=1)
                 if bool(bad.any()):  # backward order visits the last step first
-                    self.first_bad_grad = f"{int(xp.flatnonzero(bad)[-1]) // B}#{name}"
+                    self.first_bad_grad = node_id(int(xp.flatnonzero(bad)[-1]) // B, name)
             ctx, c = self.ctxs[name], self.caches[name]
             if lay.recurrent:
                 dxs, dstate0 = lay.backward_block(ctx, dy, c)
