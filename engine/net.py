@@ -32,6 +32,14 @@ class Link:
     shift: int      # one-to-one: copy i reads source copy i - shift
 
 
+@dataclass(frozen=True)
+class Zeros:
+    """In a Node's ``srcs``: this copy reads zeros shaped like ``src``'s output in place of
+    a source copy (the unroller's ``zeros`` node attribute: kUnrollOneToFirst)."""
+
+    src: str
+
+
 @dataclass
 class Node:
     """One copy ``i#L`` of a layer and where its inputs come from."""
@@ -40,8 +48,8 @@ class Node:
     index: int                 # position in the schedule
     layer: Layer
     step: int
-    # per data srclayer: None, a node id, a list of node ids (one-to-all), with the
-    # piece index when the source is multi-output
+    # per data srclayer: None, a node id, a list of node ids (one-to-all), Zeros, with
+    # the piece index when the source is multi-output
     srcs: list = field(default_factory=list)
     pieces: list = field(default_factory=list)
     ctx_src: str | None = None      # node whose state (or output) is this copy's context
@@ -165,9 +173,10 @@ class Net:
                     node.ctx_is_state = g.nodes[u]["layer"] == layer.name
                 else:
                     feeds.setdefault(e["src_index"], []).append((g.nodes[u]["step"], u))
+            zeros = a.get("zeros", ())
             for link in self.links[layer.name]:
                 got = [u for _, u in sorted(feeds.get(link.index, []))]
-                s = None
+                s = Zeros(link.src) if link.index in zeros else None
                 if len(got) > 1 or (got and link.conn == pb.kUnrollOneToAll
                                     and self.confs[link.src].unroll_len > 1):
                     s = got

@@ -14,7 +14,9 @@ How a layer reads a source, from the links the Net read off the graph's edges:
              their step with ``step_ids``): that copy's B rows;
 * FIRST      one-to-one into a single-copy layer: copy 0 of the source (rows 0..B-1);
 * LAST       first-to-last: the last copy of the source (its last B rows); into a
-             recurrent layer it is the initial state instead.
+             recurrent layer it is the initial state instead;
+* ONLY_FIRST one-to-first: the last copy of the source as the block's first B rows,
+             zeros in the rows of the other copies (the unroller's ``zeros``).
 
 A layer with context reads its own copies at offset 1 (copy i-1) or -1 (copy i+1,
 ``direction: kBackward``); its ``forward_block`` / ``backward_block`` run the step
@@ -49,7 +51,7 @@ class NotPlannable(Exception):
 
 
 # how a block reads one source
-SAME, BROADCAST, FIRST, LAST = "same", "broadcast", "first", "last"
+SAME, BROADCAST, FIRST, LAST, ONLY_FIRST = "same", "broadcast", "first", "last", "only-first"
 
 
 @dataclass
@@ -83,6 +85,8 @@ def _how(link, TS: int, TL: int, recurrent: bool) -> str | None:
         return BROADCAST if TS == 1 else None
     if link.conn == pb.kUnrollFirstToLast:
         return LAST if (recurrent or TL == 1) else None
+    if link.conn == pb.kUnrollOneToFirst:
+        return ONLY_FIRST
     return None
 
 
@@ -132,25 +136,29 @@ def plan(net: Net) -> Plan:
     return Plan(T=T, blocks=[blocks[n] for n in net.order])
 
 
-def _take(a, how: str, B: int):
-    """The rows of block ``a`` that a reader gets."""
+def _take(a, how: str, B: int, T: int = 1, xp=None, dtype=None):
+    """The rows of block ``a`` that a reader of ``T`` copies gets (ONLY_FIRST: float zeros of
+    ``dtype`` in the other copies' rows, as the reference worker's ``Zeros``)."""
     if a is None:
         return None
     if how == FIRST:
         return a[:B]
     if how == LAST:
         return a[-B:]
+    if how == ONLY_FIRST:
+        return xp.concatenate([a[-B:].astype(dtype),
+                               xp.zeros(((T - 1) * B,) + a.shape[1:], dtype=dtype)])
     return a
 
 
 def _put(full_like, d, how: str, B: int, xp):
     """Gradient of ``_take``: scatter ``d`` into a block-shaped zero array."""
-    if how in (FIRST, LAST):
+    if how in (FIRST, LAST, ONLY_FIRST):
         out = xp.zeros_like(full_like)
         if how == FIRST:
             out[:B] = d
         else:
-            out[-B:] = d
+            out[-B:] = d[:B]
         return out
     return d
 
@@ -177,8 +185,8 @@ class PlannedWorker(Worker):
                     src_aux.append(None)
                     continue
                 sname, how = r
-                xs.append(_take(out[sname], how, B))
-                a = aux.get(sname)
+                xs.append(_take(out[sname], how, B, b.T, self.xp, self.net.dtype))
+                a = aux.get(sname) if how != ONLY_FIRST else None
                 src_aux.append(_take(a, how, B) if a is not None and a.shape[0] == out[sname].shape[0]
                                else a)
             m = None
