@@ -99,3 +99,21 @@ def test_count_ones_learns_to_count_from_the_tutorials_start(tmp_path):
     twx, twrec = torch_count_ones(d["x"], d["y"], 500)
     print(f"count-ones: torch  wx {twx:.6f} wRec {twrec:.6f}")
     assert abs(twx - 1) < 0.01 and abs(twrec - 1) < 0.01
+
+
+# -------------------------------------------------------------- one-to-many
+
+@pytest.mark.parametrize("conf,task,metric,ok", [
+    ("one-to-many.conf", "count-up", "accuracy", lambda v: v >= 0.95),
+    ("one-to-many-real.conf", "ramp", "mse", lambda v: v < 0.01)])
+def test_one_to_many_reaches_its_target_within_600_steps(tmp_path, conf, task, metric, ok):
+    job = load_job(ROOT / "configs" / conf)
+    assert job.train_steps <= 600
+    gru = next(c for c in job.neuralnet.layer if c.name == "gru")
+    assert list(gru.unroll_conn_type) == [pb.kUnrollOneToFirst]
+    assert all(c.unroll_len == 1 for c in job.neuralnet.layer if c.name == "data")
+    ws = run_job(conf, task, tmp_path, n_train=1000, n_val=500, validate_steps=10)
+    val = records(ws, "val")
+    assert val[-1]["step"] == job.train_steps
+    print(f"{conf}: val {metric} {val[-1][metric]:.6f} at step {val[-1]['step']}")
+    assert ok(val[-1][metric]), val[-1]
