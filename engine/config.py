@@ -272,9 +272,13 @@ def validate(job: pb.JobProto, path: str = "<job>") -> None:
         for s in layer.srclayers:
             if s not in names_all:
                 raise err(layer, f'srclayer "{s}" is not a layer of this net; check the spelling')
-            if s == layer.name:
+            k = list(layer.srclayers).index(s)
+            conn = layer.unroll_conn_type[k] if k < len(layer.unroll_conn_type) else pb.kUnrollOneToOne
+            if s == layer.name and not (conn == pb.kUnrollOneToOne and k < len(layer.shift)
+                                        and layer.shift[k] > 0):
                 raise err(layer, "lists itself as a srclayer; recurrent layers read their previous "
-                                 "step by themselves")
+                                 "step by themselves, and any layer may read its own earlier "
+                                 "copy one-to-one with a shift >= 1")
             if s in seen_src:
                 raise err(layer, f'srclayer "{s}" is listed twice; list it once')
             seen_src.add(s)

@@ -141,7 +141,7 @@ MALFORMED = [
     ("a layer listing itself as srclayer",
      edit('srclayers: "gru1"', 'srclayers: "ip1"'),
      ': layer "ip1": lists itself as a srclayer; recurrent layers read their previous step by '
-     'themselves'),
+     'themselves, and any layer may read its own earlier copy one-to-one with a shift >= 1'),
     ("a srclayer listed twice",
      edit('srclayers: "gru1"', 'srclayers: "gru1" srclayers: "gru1"'),
      ': layer "ip1": srclayer "gru1" is listed twice; list it once'),
