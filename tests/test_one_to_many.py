@@ -117,3 +117,46 @@ def test_labels_with_too_few_columns_are_one_line(tmp_path):
                                         r"y \[N, 3\]") as e:
         w.run_batch(train=False)
     assert "\n" not in str(e.value)
+
+
+# ------------------------------------------- the planner covers these sources too
+
+def assert_planned_and_same(tmp_path, text):
+    text = text.replace("train_one_batch { alg: kBPTT }", "train_one_batch { alg: kBPTT }\n" + UPDATER)
+    path = gc.write_job(tmp_path, text)
+    job = load_job(path)
+    net = Net(unroll(job.neuralnet, Phase.TRAIN), make_backend(None), net_info(path, tmp_path, 0))
+    w, note = make_worker(net)
+    assert type(w) is PlannedWorker, note
+    assert note.startswith("executor: planned")
+    assert_same(tmp_path, text)
+
+
+def test_one_copy_input_at_every_step_is_planned(tmp_path):
+    """One-to-all from a one-copy data layer into a layer that does not pick a step (the
+    same features at every copy, Karpathy's one-to-many with the input repeated)."""
+    layers = (f'layer {{ name: "data" type: kRecordInput unroll_len: 1 '
+              f'store_conf {{ path: "{real_store(tmp_path)}" batchsize: {B} }} }}\n'
+              'layer { name: "proj" type: kInnerProduct srclayers: "data" '
+              "unroll_conn_type: kUnrollOneToAll innerproduct_conf { num_output: 3 } }\n"
+              'layer { name: "act" type: kActivation srclayers: "proj" activation_conf { type: TANH } }\n'
+              + gc.rec_conf("rnn", "rec", "act", 4)
+              + 'layer { name: "ip" type: kInnerProduct srclayers: "rec" innerproduct_conf { num_output: 1 } }\n'
+                'layer { name: "loss" type: kEuclideanLoss srclayers: "ip" srclayers: "data" '
+                "unroll_conn_type: kUnrollOneToOne unroll_conn_type: kUnrollOneToAll "
+                f"{EUCLID_LABELS} }}\n")
+    assert_planned_and_same(tmp_path, gc.job_text(layers, unroll=T))
+
+
+def test_fewer_copies_reading_the_first_steps_is_planned(tmp_path):
+    """A layer of 2 copies reading a 4-copy source one-to-one reads its first 2 copies."""
+    rng = np.random.default_rng(9)
+    path = gc.save_npz(tmp_path / "seq.npz", x=rng.standard_normal((N, T, 2)),
+                       y=rng.standard_normal((N, T)), lengths=np.array([4, 1, 3, 2, 4, 4]))
+    layers = (f'layer {{ name: "data" type: kRecordInput store_conf {{ path: "{path}" batchsize: {B} }} }}\n'
+              + gc.rec_conf("lstm", "rec", "data", 4)
+              + 'layer { name: "ip" type: kInnerProduct unroll_len: 2 srclayers: "rec" '
+                "innerproduct_conf { num_output: 1 } }\n"
+                'layer { name: "loss" type: kEuclideanLoss unroll_len: 2 srclayers: "ip" srclayers: "data" '
+                f"{EUCLID_LABELS} }}\n")
+    assert_planned_and_same(tmp_path, gc.job_text(layers, unroll=T))
