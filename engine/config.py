@@ -25,6 +25,10 @@ from engine.proto import job_pb2 as pb
 from engine.updaters import UpdaterError, check_conf
 
 
+#: spellings of SINGA's documentation ("RNN in SINGA" writes ``net { ... }``) -> the field
+SINGA_DOC_SPELLINGS = {"net": "neuralnet"}
+
+
 def _syntax_hint(msg: str, text: str, line: int | None, col: int | None) -> str:
     """Say what to do about a text-format error: the likely field or enum value meant,
     a field written in the wrong message (a misplaced brace), or an unclosed block."""
@@ -36,6 +40,8 @@ def _syntax_hint(msg: str, text: str, line: int | None, col: int | None) -> str:
         except KeyError:
             return ""
         close = difflib.get_close_matches(name, list(owner.fields_by_name), n=1)
+        if SINGA_DOC_SPELLINGS.get(name) in owner.fields_by_name:
+            close = [SINGA_DOC_SPELLINGS[name]]
         homes = [d.name for d in pb.DESCRIPTOR.message_types_by_name.values()
                  if name in d.fields_by_name]
         if homes:

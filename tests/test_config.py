@@ -73,6 +73,9 @@ MALFORMED = [
      edit('srclayers: "gru1"', 'srclayer: "gru1"'),
      ':9:43: Message type "rnnengine.LayerProto" has no field named "srclayer"; '
      'did you mean "srclayers"?'),
+    ("SINGA's documentation spelling net",
+     edit('neuralnet {', 'net {'),
+     ':3:1: Message type "rnnengine.JobProto" has no field named "net"; did you mean "neuralnet"?'),
     ("unknown top-level field",
      edit('name: "t"', 'nmae: "t"'),
      ':1:1: Message type "rnnengine.JobProto" has no field named "nmae"; did you mean "name"?'),
