@@ -32,6 +32,27 @@ class Link:
     shift: int      # one-to-one: copy i reads source copy i - shift
 
 
+@dataclass(frozen=True)
+class Joined:
+    """In a Node's ``srcs``: every copy of a source (kUnrollAllToOne), read as one array
+    joined along axis 1 (the first feature axis) in time order."""
+
+    ids: tuple
+
+
+class _JoinedShape:
+    """A source read kUnrollAllToOne, as its reader's setup sees it: T copies joined along
+    the first feature axis; every other declaration is the source's."""
+
+    def __init__(self, layer, copies: int):
+        self._layer = layer
+        shape = tuple(layer.out_shape)
+        self.out_shape = (copies * shape[0],) + shape[1:] if shape else (copies,)
+
+    def __getattr__(self, attr):
+        return getattr(self._layer, attr)
+
+
 class _Pending:
     """A source not set up yet (read with a delay): its assumed output shape; every other
     declaration is the Layer base class's default."""
@@ -157,8 +178,10 @@ class Net:
                 if name in layers:
                     continue
                 srcs = []
-                for s in self.confs[name].srclayers:
-                    if s in layers:
+                for k, s in enumerate(self.confs[name].srclayers):
+                    if s in layers and self.links[name][k].conn == pb.kUnrollAllToOne:
+                        srcs.append(_JoinedShape(layers[s], self.confs[s].unroll_len))
+                    elif s in layers:
                         srcs.append(layers[s])
                     else:
                         used[s] = assumed.get(s, (1,))
@@ -229,7 +252,9 @@ class Net:
             for link in self.links[layer.name]:
                 got = [u for _, u in sorted(feeds.get(link.index, []))]
                 s = Zeros(link.src) if link.index in zeros else None
-                if len(got) > 1 or (got and link.conn == pb.kUnrollOneToAll
+                if link.conn == pb.kUnrollAllToOne:
+                    s = Joined(tuple(got))
+                elif len(got) > 1 or (got and link.conn == pb.kUnrollOneToAll
                                     and self.confs[link.src].unroll_len > 1):
                     s = got
                 elif got:
@@ -246,6 +271,7 @@ class Net:
             lay = n.layer
             feeds = [s for s in n.srcs if isinstance(s, str)]
             feeds += [x for s in n.srcs if isinstance(s, list) for x in s]
+            feeds += [x for s in n.srcs if isinstance(s, Joined) for x in s.ids]
             feeds += [s for s in (n.ctx_src, n.init_src) if s is not None]
             n.needs_grad = lay.differentiable and (bool(lay.params) or any(
                 by_id[s].needs_grad for s in feeds))

@@ -18,6 +18,8 @@ How a layer reads a source, from the links the Net read off the graph's edges:
 * HEAD       one-to-one (no shift) from a source of more copies: its first T copies;
 * LAST       first-to-last: the last copy of the source (its last B rows); into a
              recurrent layer it is the initial state instead;
+* JOIN       all-to-one: every copy of the source as one input per row, joined along
+             the first feature axis in time order ((T·B, F) -> (B, T·F));
 * ONLY_FIRST one-to-first: the last copy of the source as the block's first B rows,
              zeros in the rows of the other copies (the unroller's ``zeros``).
 
@@ -55,7 +57,7 @@ class NotPlannable(Exception):
 
 # how a block reads one source
 SAME, BROADCAST, FIRST, LAST, ONLY_FIRST = "same", "broadcast", "first", "last", "only-first"
-REPEAT, HEAD = "repeat", "head"
+REPEAT, HEAD, JOIN = "repeat", "head", "join"
 
 
 @dataclass
@@ -93,6 +95,8 @@ def _how(link, TS: int, TL: int, recurrent: bool, step_select: bool = True) -> s
         return LAST if (recurrent or TL == 1) else None
     if link.conn == pb.kUnrollOneToFirst:
         return ONLY_FIRST
+    if link.conn == pb.kUnrollAllToOne:
+        return JOIN
     return None
 
 
@@ -153,6 +157,10 @@ def _take(a, how: str, B: int, T: int = 1, xp=None, dtype=None):
         return a[-B:]
     if how == REPEAT:
         return xp.concatenate([a] * T) if T > 1 else a
+    if how == JOIN:
+        steps = a.shape[0] // B
+        parts = a.reshape((steps, B) + a.shape[1:])
+        return xp.concatenate(list(parts), axis=1)
     if how == ONLY_FIRST:
         return xp.concatenate([a[-B:].astype(dtype),
                                xp.zeros(((T - 1) * B,) + a.shape[1:], dtype=dtype)])
@@ -164,6 +172,9 @@ def _put(full_like, d, how: str, B: int, xp):
     the copies' gradients up)."""
     if how == REPEAT:
         return d.reshape((-1,) + full_like.shape).sum(axis=0)
+    if how == JOIN:
+        steps = full_like.shape[0] // B
+        return xp.concatenate(xp.split(d, steps, axis=1), axis=0)
     if how in (FIRST, HEAD, LAST, ONLY_FIRST):
         out = xp.zeros_like(full_like)
         if how in (FIRST, HEAD):
@@ -197,7 +208,7 @@ class PlannedWorker(Worker):
                     continue
                 sname, how = r
                 xs.append(_take(out[sname], how, B, b.T, self.xp, self.net.dtype))
-                a = aux.get(sname) if how != ONLY_FIRST else None
+                a = aux.get(sname) if how not in (ONLY_FIRST, JOIN) else None
                 src_aux.append(_take(a, how, B, b.T, self.xp, a.dtype if a is not None else None)
                                if a is not None and a.shape[0] == out[sname].shape[0]
                                else a)

@@ -33,7 +33,7 @@ import numpy as np
 from engine.backend import DROPOUT, LazyRNG, to_host
 from engine.layers import Context
 from engine.layers.base import add_grads
-from engine.net import Net, Zeros
+from engine.net import Joined, Net, Zeros
 from engine.proto import job_pb2 as pb
 
 
@@ -192,6 +192,9 @@ class Worker:
                 if s is None:
                     xs.append(None)
                     aux.append(None)
+                elif isinstance(s, Joined):
+                    xs.append(self.xp.concatenate([outs[x] for x in s.ids], axis=1))
+                    aux.append(None)
                 elif isinstance(s, Zeros):
                     xs.append(self.xp.zeros((self.batchsize,) + tuple(self.net.layers[s.src].out_shape),
                                             dtype=self.net.dtype))
@@ -285,7 +288,10 @@ class Worker:
             for s, piece, dx in zip(n.srcs, n.pieces, dxs):
                 if dx is None or s is None or isinstance(s, Zeros):
                     continue
-                if isinstance(s, list):
+                if isinstance(s, Joined):
+                    for sid, d in zip(s.ids, self.xp.split(dx, len(s.ids), axis=1)):
+                        acc(dout, sid, d)
+                elif isinstance(s, list):
                     for sid, d in zip(s, dx):
                         if d is not None:
                             acc(dout, sid, d)
