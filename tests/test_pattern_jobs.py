@@ -117,3 +117,31 @@ def test_one_to_many_reaches_its_target_within_600_steps(tmp_path, conf, task, m
     assert val[-1]["step"] == job.train_steps
     print(f"{conf}: val {metric} {val[-1][metric]:.6f} at step {val[-1]['step']}")
     assert ok(val[-1][metric]), val[-1]
+
+
+# ------------------------------------------------------------ one-to-one, gallery
+
+def test_one_to_one_learns_the_quadrants(tmp_path):
+    ws = run_job("one-to-one.conf", "quadrant", tmp_path)
+    val = records(ws, "val")
+    print(f"one-to-one: val accuracy {val[-1]['accuracy']:.4f}")
+    assert val[-1]["step"] == 600 and val[-1]["accuracy"] >= 0.95
+
+
+def test_gallery_renders_the_five_patterns_and_the_docs_show_them(tmp_path):
+    pytest.importorskip("graphviz")
+    import shutil
+    if shutil.which("dot") is None:
+        pytest.skip("Graphviz's dot is not installed")
+    import gallery
+    assert gallery.main(["--out", str(tmp_path)]) == 0
+    names = [name for name, _ in gallery.PATTERNS]
+    assert sorted(p.stem for p in tmp_path.glob("*.png")) == sorted(names)
+    assert all((tmp_path / f"{n}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in names)
+    jobs = (ROOT / "docs" / "jobs.md").read_text(encoding="utf-8")
+    for n in names:
+        assert f"gallery/{n}.png" in jobs and (ROOT / "docs" / "gallery" / f"{n}.png").exists()
+    assert "python tools/gallery.py" in jobs
+    # the shortened copy keeps each pattern: the decoder still follows the encoder
+    text = gallery.shortened(ROOT / "configs" / "encoder-decoder.conf", 4)
+    assert "unroll_len: 4" in text and "unroll_len: 6" not in text

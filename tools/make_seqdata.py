@@ -55,6 +55,11 @@ TASK, the job that reads it, and the files written under ``--out`` (default
       [-1, 1]; the targets are the T points of the ramp a + b t / (T - 1) from a
       to a + b. x [N, 1, 2] float32, y [N, T] float32.
 
+  quadrant   configs/one-to-one.conf     train.npz, val.npz
+      One-to-one (no recurrence): a point (u, v) uniform in [-1, 1]^2 and the
+      quadrant it lies in (0: u, v >= 0; 1: u < 0 <= v; 2: u, v < 0; 3: v < 0 <= u).
+      x [N, 2] float32 (one record = one example, alg kBP), y [N] int64.
+
 Every generator is a pure function of its arguments and a numpy Generator;
 the files of a task depend only on --seed and the sizes (train and val draw
 from separate streams derived from the seed), so a run is reproducible.
@@ -68,7 +73,7 @@ import sys
 import numpy as np
 
 TASKS = ("classify", "parity", "reverse", "addition", "addition-long", "count-ones", "count-up",
-         "ramp")
+         "ramp", "quadrant")
 
 #: frequencies (cycles per step) of the classify task's classes
 FREQS = (0.04, 0.09, 0.15, 0.23)
@@ -76,7 +81,8 @@ FREQS = (0.04, 0.09, 0.15, 0.23)
 #: default sizes (train, val) per task
 SIZES = {"classify": (4000, 1000), "parity": (4000, 1000), "reverse": (8000, 1000),
          "addition": (40000, 2000), "addition-long": (50000, 1000), "count-ones": (20, 20),
-         "count-up": (4000, 1000), "ramp": (4000, 1000)}
+         "count-up": (4000, 1000), "ramp": (4000, 1000),
+         "quadrant": (4000, 1000)}
 
 
 def rng_for(seed: int, task: str, split: str) -> np.random.Generator:
@@ -161,6 +167,14 @@ def make_ramp(n: int, rng: np.random.Generator, T: int = 5) -> dict:
     return {"x": ab[:, None, :].astype(np.float32), "y": y.astype(np.float32)}
 
 
+def make_quadrant(n: int, rng: np.random.Generator) -> dict:
+    """Points in [-1, 1]^2 and their quadrant (see the module docstring)."""
+    x = rng.uniform(-1.0, 1.0, size=(n, 2))
+    u, v = x[:, 0] >= 0, x[:, 1] >= 0
+    y = np.select([u & v, ~u & v, ~u & ~v], [0, 1, 2], 3)
+    return {"x": x.astype(np.float32), "y": y.astype(np.int64)}
+
+
 # ----------------------------------------------------------------- writing
 
 def generate(task: str, split: str, n: int, seed: int = 0, **kw) -> dict[str, dict]:
@@ -183,6 +197,8 @@ def generate(task: str, split: str, n: int, seed: int = 0, **kw) -> dict[str, di
         return {split: make_count_up(n, rng, **kw)}
     if task == "ramp":
         return {split: make_ramp(n, rng, **kw)}
+    if task == "quadrant":
+        return {split: make_quadrant(n, rng, **kw)}
     raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
 
 
