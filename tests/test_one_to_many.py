@@ -160,3 +160,13 @@ def test_fewer_copies_reading_the_first_steps_is_planned(tmp_path):
                 'layer { name: "loss" type: kEuclideanLoss unroll_len: 2 srclayers: "ip" srclayers: "data" '
                 f"{EUCLID_LABELS} }}\n")
     assert_planned_and_same(tmp_path, gc.job_text(layers, unroll=T))
+
+
+def test_export_refuses_a_one_to_first_link(tmp_path):
+    """An exported model maps step t to output t: a one-to-many net is not one (one line,
+    instead of a model that would feed the input at every step)."""
+    from engine.interop import InteropError, chain_of
+    net, _ = gc.build(tmp_path, one_to_many_text(real_store(tmp_path), EUCLID, loss_extra=EUCLID_LABELS))
+    with pytest.raises(InteropError, match=r'layer "rec".*reads "data" kUnrollOneToFirst') as e:
+        chain_of(net, "job.conf")
+    assert "\n" not in str(e.value)

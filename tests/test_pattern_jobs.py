@@ -145,3 +145,24 @@ def test_gallery_renders_the_five_patterns_and_the_docs_show_them(tmp_path):
     # the shortened copy keeps each pattern: the decoder still follows the encoder
     text = gallery.shortened(ROOT / "configs" / "encoder-decoder.conf", 4)
     assert "unroll_len: 4" in text and "unroll_len: 6" not in text
+
+
+def test_export_refuses_the_linear_rnn_instead_of_writing_tanh(tmp_path):
+    """PyTorch's nn.RNN has no identity: exporting count-ones' linear kRNN is one line (it
+    was exported as a tanh RNN)."""
+    from engine.backend import make_backend
+    from engine.config import Phase
+    from engine.interop import InteropError, chain_of
+    from engine.net import Net
+    from engine.unroll import unroll
+    from engine.workspace import net_info
+    gen.write_task("count-ones", tmp_path / "data", seed=0)
+    job = load_job(ROOT / "configs" / "count-ones.conf")
+    job.neuralnet.layer[0].store_conf.path = str(tmp_path / "data" / "train.npz")
+    out = job.neuralnet.layer.add(name="out", type=pb.kInnerProduct, srclayers=["rnn"], unroll_len=10,
+                                  unroll_conn_type=[pb.kUnrollOneToOne], shift=[0])
+    out.innerproduct_conf.num_output = 1
+    net = Net(unroll(job.neuralnet, Phase.TRAIN), make_backend(None),
+              net_info(tmp_path / "c.conf", tmp_path / "ws", 0))
+    with pytest.raises(InteropError, match=r'layer "rnn".*activation LINEAR.*tanh and relu only'):
+        chain_of(net, "c.conf")
