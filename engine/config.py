@@ -25,6 +25,10 @@ from engine.proto import job_pb2 as pb
 from engine.updaters import UpdaterError, check_conf
 
 
+#: spellings of SINGA's documentation ("RNN in SINGA" writes ``net { ... }``) -> the field
+SINGA_DOC_SPELLINGS = {"net": "neuralnet"}
+
+
 def _syntax_hint(msg: str, text: str, line: int | None, col: int | None) -> str:
     """Say what to do about a text-format error: the likely field or enum value meant,
     a field written in the wrong message (a misplaced brace), or an unclosed block."""
@@ -36,6 +40,8 @@ def _syntax_hint(msg: str, text: str, line: int | None, col: int | None) -> str:
         except KeyError:
             return ""
         close = difflib.get_close_matches(name, list(owner.fields_by_name), n=1)
+        if SINGA_DOC_SPELLINGS.get(name) in owner.fields_by_name:
+            close = [SINGA_DOC_SPELLINGS[name]]
         homes = [d.name for d in pb.DESCRIPTOR.message_types_by_name.values()
                  if name in d.fields_by_name]
         if homes:
@@ -272,9 +278,13 @@ def validate(job: pb.JobProto, path: str = "<job>") -> None:
         for s in layer.srclayers:
             if s not in names_all:
                 raise err(layer, f'srclayer "{s}" is not a layer of this net; check the spelling')
-            if s == layer.name:
+            k = list(layer.srclayers).index(s)
+            conn = layer.unroll_conn_type[k] if k < len(layer.unroll_conn_type) else pb.kUnrollOneToOne
+            if s == layer.name and not (conn == pb.kUnrollOneToOne and k < len(layer.shift)
+                                        and layer.shift[k] > 0):
                 raise err(layer, "lists itself as a srclayer; recurrent layers read their previous "
-                                 "step by themselves")
+                                 "step by themselves, and any layer may read its own earlier "
+                                 "copy one-to-one with a shift >= 1")
             if s in seen_src:
                 raise err(layer, f'srclayer "{s}" is listed twice; list it once')
             seen_src.add(s)

@@ -10,12 +10,18 @@ writing belong to the caller (``tools/graph.py``).
 
 The unrolled picture (top to bottom, steps side by side from left to right):
 
-* every step i is a cluster ``cluster_step_<i>`` labelled "step i" holding
-  the copies ``i#L`` of the layers with more than one copy; copies of
+* every time column c is a cluster ``cluster_step_<c>`` labelled "step c"
+  holding the copies of the layers with more than one copy that run at time c
+  (``columns``): copy i#L sits in column offset(L) + i, where a layer that
+  starts from another one's last copy (first-to-last, directly or through
+  single-copy layers: encoder → decoder, the delayed many-to-many) runs after
+  it, so a decoder's step t is drawn in column T_enc + t. Copies of
   single-copy layers (``unroll_len`` 1, e.g. the data layer) stand outside
-  the clusters, drawn with a double border and a third line "all steps";
-* data edges are solid black (one-to-all edges grey, first-to-last edges
-  blue and labelled); context edges (``recurrent`` True: a copy reading an
+  the clusters, drawn with a double border and a line per layer they feed
+  saying which steps ("→ gru: step 0", "→ loss: every step");
+* data edges are solid black (one-to-all edges thin and grey, routed
+  quietly; first-to-last, one-to-first and all-to-one edges blue and
+  labelled); context edges (``recurrent`` True: a copy reading an
   earlier copy's state) are dashed red with ``constraint=false``, so they
   run sideways between steps instead of pushing ranks down; context edges
   from a later copy (offset < 0: a ``direction: kBackward`` layer reading
@@ -30,7 +36,8 @@ The unrolled picture (top to bottom, steps side by side from left to right):
 Layout: top to bottom along the data flow, the data layer on the top rank,
 the copies of a layer on one row, and the step clusters kept in step order
 from left to right by a chain of invisible anchors under them (dot does not
-order clusters by itself). Data edges that run backwards in time
+order clusters by itself) and a second chain of anchors on the top rank,
+each pointing at its step's first node. Data edges that run backwards in time
 (first-to-last) get ``constraint=false`` too, and so does a first-to-last edge
 from a step into a single-copy layer that another data edge already places
 (the last step's state read beside the first step's, as a bidirectional read-out
@@ -51,7 +58,7 @@ import re
 import networkx as nx
 
 __all__ = ["PALETTE", "CONN_SHORT", "to_dot", "to_dot_folded", "visible_subgraph",
-           "folded_edges", "group_colours", "dot_id", "short_conn"]
+           "folded_edges", "group_colours", "dot_id", "short_conn", "columns"]
 
 #: fill colours of the shared-param groups (ColorBrewer Set3, then Pastel1), in order
 PALETTE = (
@@ -63,10 +70,12 @@ CONTEXT_COLOUR = "#d62728"
 BACKWARD_CONTEXT_COLOUR = "#9467bd"
 ONE_TO_ALL_COLOUR = "#7f7f7f"
 FIRST_TO_LAST_COLOUR = "#1f77b4"
+QUIET_COLOUR = "#c7c7c7"
 
 #: short edge labels of the connection types
 CONN_SHORT = {"kUnrollOneToOne": "1:1", "kUnrollOneToAll": "1:all",
-              "kUnrollFirstToLast": "first\u2192last"}
+              "kUnrollFirstToLast": "first\u2192last", "kUnrollOneToFirst": "first step only",
+              "kUnrollAllToOne": "all\u2192one"}
 
 _NODE_KEYS = ("layer", "step", "type", "unroll_len")
 _SAFE = re.compile(r"[A-Za-z0-9_]+")
@@ -158,6 +167,87 @@ def _net_len(g: nx.DiGraph) -> int:
     return max(lens, default=int(g.graph.get("unroll_len") or 1))
 
 
+# ----------------------------------------------------------------- columns
+def columns(g: nx.DiGraph) -> dict[str, int]:
+    """The time column of every copy of a multi-copy layer: offset(L) + step.
+
+    Layers joined by data edges other than first-to-last (one-to-one, one-to-all,
+    ...) run in step and share an offset. A layer reached from another layer's copy
+    through a first-to-last edge, directly or through single-copy layers (a bridge),
+    runs after that copy: its offset is at least that copy's column + 1 (the decoder of
+    an encoder of T steps starts in column T). A constraint of a layer on itself is
+    ignored (nets that mix both directions stay in step)."""
+    multi = {n for n, d in g.nodes(data=True) if int(d["unroll_len"]) > 1}
+    parent: dict[str, str] = {}
+
+    def find(x):
+        while parent.setdefault(x, x) != x:
+            x = parent[x]
+        return x
+
+    data_edges = [(u, v, d) for u, v, d in g.edges(data=True) if not d.get("recurrent")]
+    for u, v, d in data_edges:
+        if u in multi and v in multi and d.get("conn") != "kUnrollFirstToLast":
+            parent[find(g.nodes[u]["layer"])] = find(g.nodes[v]["layer"])
+    comp = {n: find(g.nodes[n]["layer"]) for n in multi}
+    offset = dict.fromkeys(comp.values(), 0)
+    dag = nx.DiGraph()
+    dag.add_nodes_from(g.nodes)
+    dag.add_edges_from((u, v) for u, v, _ in data_edges)
+    topo = list(nx.topological_sort(dag))
+    for _ in range(len(offset) + 2):
+        ready: dict[str, int] = {}
+        changed = False
+        for n in topo:
+            if n in multi:
+                c = comp[n]
+                for p in g.predecessors(n):
+                    d = g.edges[p, n]
+                    if d.get("recurrent"):
+                        continue
+                    need = 0
+                    if p in multi and comp[p] != c and d.get("conn") == "kUnrollFirstToLast":
+                        need = offset[comp[p]] + int(g.nodes[p]["step"]) + 1
+                    elif p not in multi and ready.get(p, 0) > 0 and \
+                            not any(comp.get(q) == c for q in nx.ancestors(dag, p)):
+                        need = ready[p]
+                    if need > offset[c]:
+                        offset[c], changed = need, True
+            else:
+                r = 0
+                for p in dag.predecessors(n):
+                    r = max(r, offset[comp[p]] + int(g.nodes[p]["step"]) + 1 if p in multi
+                            else ready.get(p, 0))
+                ready[n] = r
+        if not changed:
+            break
+    return {n: offset[comp[n]] + int(g.nodes[n]["step"]) for n in multi}
+
+
+def _single_lines(g: nx.DiGraph, n: str, order: dict[str, int]) -> list[str]:
+    """What a single-copy node does, one line per multi-copy layer it feeds or reads:
+    "→ gru: step 0", "→ loss: every step", "← lstm: step 24"."""
+    def describe(arrow, nodes):
+        lines = []
+        by_layer: dict[str, set] = {}
+        for m in nodes:
+            d = g.nodes[m]
+            if int(d["unroll_len"]) > 1:
+                by_layer.setdefault(d["layer"], set()).add(int(d["step"]))
+        for layer in sorted(by_layer, key=lambda x: (order.get(x, len(order)), x)):
+            steps = sorted(by_layer[layer])
+            T = next(int(g.nodes[m]["unroll_len"]) for m in nodes if g.nodes[m]["layer"] == layer)
+            what = ("every step" if len(steps) == T else
+                    "step " + ", ".join(map(str, steps)) if len(steps) <= 3 else
+                    f"steps {steps[0]}..{steps[-1]}")
+            lines.append(f"{arrow} {layer}: {what}")
+        return lines
+
+    data = [(u, v) for u, v, d in g.in_edges(n, data=True) if not d.get("recurrent")]
+    outs = [(u, v) for u, v, d in g.out_edges(n, data=True) if not d.get("recurrent")]
+    return describe("\u2190", [u for u, _ in data]) + describe("\u2192", [v for _, v in outs])
+
+
 # ----------------------------------------------------------- node selection
 def visible_subgraph(g: nx.DiGraph, steps: tuple[int, int] | None = None) -> nx.DiGraph:
     """The part of ``g`` that ``to_dot(g, steps)`` draws (a subgraph view).
@@ -223,10 +313,12 @@ def _stats_lines(entry: dict) -> list[str]:
     return lines
 
 
-def _node_label(nid: str, d: dict, single: bool, stats_entry) -> str:
+def _node_label(nid: str, d: dict, single, stats_entry) -> str:
+    """``single``: None for a copy in a step column, else the lines saying what the one copy
+    of a single-copy layer reads and feeds."""
     lines = [nid, d["type"]]
-    if single:
-        lines.append("all steps")
+    if single is not None:
+        lines += single or ["one copy"]
     if not stats_entry:
         return _lines(*lines)
     small = "<BR/>".join(_h(s) for s in _stats_lines(stats_entry))
@@ -280,9 +372,10 @@ def _is_backward_context(d: dict) -> bool:
     return bool(d.get("recurrent")) and int(d.get("shift", 1)) < 0
 
 
-def _edge_attrs(d: dict, backwards: bool) -> dict:
+def _edge_attrs(d: dict, backwards: bool, quiet: bool = False) -> dict:
     """Style of one edge; ``backwards``: a data edge from a later step to an earlier one
-    (first-to-last), which must not pull the later step's cluster to the left."""
+    (first-to-last), which must not pull the later step's cluster to the left; ``quiet``:
+    a one-to-all edge into a loss (labels), drawn thin and without pull on the layout."""
     if _is_backward_context(d):
         return {"style": "dotted", "color": _q(BACKWARD_CONTEXT_COLOUR), "penwidth": "2",
                 "constraint": "false"}
@@ -293,7 +386,10 @@ def _edge_attrs(d: dict, backwards: bool) -> dict:
     a = {}
     if conn == "kUnrollOneToAll":
         a = {"color": _q(ONE_TO_ALL_COLOUR)}
-    elif conn == "kUnrollFirstToLast":
+        if quiet:
+            a.update({"color": _q(QUIET_COLOUR), "penwidth": "0.6", "arrowsize": "0.4",
+                      "weight": "0"})
+    elif conn in ("kUnrollFirstToLast", "kUnrollOneToFirst", "kUnrollAllToOne"):
         a = {"color": _q(FIRST_TO_LAST_COLOUR), "fontcolor": _q(FIRST_TO_LAST_COLOUR),
              "label": _q(short_conn(conn)), "fontsize": "9"}
     elif conn == "kUnrollOneToOne" and d.get("shift"):
@@ -312,6 +408,23 @@ def _data_depth(sub: nx.DiGraph) -> dict:
     for n in nx.topological_sort(data):
         depth[n] = max((depth[p] + 1 for p in data.predecessors(n)), default=0)
     return depth
+
+
+def _top_anchor_lines(by_step: dict, ids: dict) -> list[str]:
+    """A second chain of invisible anchors on the top rank, each pointing at the first
+    node of its column: with the bottom chain of ``_row_lines`` it holds every column
+    between two ordered anchors (one chain alone let dot swap columns next to
+    cross-step edges: 54 before 53 in a bidirectional net's last steps)."""
+    if len(by_step) < 2:
+        return []
+    steps = sorted(by_step)
+    tops = [f"step_top_{i}" for i in steps]
+    lines = [f'  {a} [shape=point, style=invis, width=0, height=0, label=""];' for a in tops]
+    lines.append("  { rank=min; " + " ".join(f"{a};" for a in tops) + " }")
+    lines += [f"  {a} -> {b} [style=invis];" for a, b in zip(tops, tops[1:])]
+    lines += [f"  {a} -> {ids[by_step[i][0]]} [style=invis, weight=10];"
+              for i, a in zip(steps, tops)]
+    return lines
 
 
 def _row_lines(sub: nx.DiGraph, by_step: dict, ids: dict, order: dict,
@@ -385,14 +498,16 @@ def to_dot(g: nx.DiGraph, steps: tuple[int, int] | None = None, title: str | Non
     ]
 
     T = _net_len(g)
-    nodes = sorted(sub.nodes, key=key)
+    col = columns(g)
+    nodes = sorted(sub.nodes, key=lambda n: (col.get(n, int(sub.nodes[n]["step"])),) + key(n))
     # copies of single-copy layers stand outside the step clusters
     singles = {n for n in nodes if int(sub.nodes[n]["unroll_len"]) == 1 and T > 1}
 
     def node_line(n, indent):
         d = sub.nodes[n]
         single = n in singles
-        a = {"label": _node_label(n, d, single, stats.get(n)),
+        a = {"label": _node_label(n, d, _single_lines(g, n, order) if single else None,
+                                  stats.get(n)),
              "fillcolor": _q(colours.get(d.get("share_group", ""), NO_GROUP_FILL)),
              "tooltip": _q(f"{n}: {d['type']}, share group "
                            f"{d.get('share_group') or '(none)'}")}
@@ -403,7 +518,7 @@ def to_dot(g: nx.DiGraph, steps: tuple[int, int] | None = None, title: str | Non
     by_step: dict[int, list] = {}
     for n in nodes:
         if n not in singles:
-            by_step.setdefault(int(sub.nodes[n]["step"]), []).append(n)
+            by_step.setdefault(col.get(n, int(sub.nodes[n]["step"])), []).append(n)
     for n in nodes:
         if n in singles:
             out.append(node_line(n, "  "))
@@ -417,6 +532,7 @@ def to_dot(g: nx.DiGraph, steps: tuple[int, int] | None = None, title: str | Non
     # single-copy sources (data layers) go on the top rank
     out.extend(_row_lines(sub, by_step, ids, order,
                           top=[n for n in nodes if n in singles and sub.in_degree(n) == 0]))
+    out.extend(_top_anchor_lines(by_step, ids))
     def placed(v, u):
         """``v`` has a constraining data edge besides the one from ``u``."""
         return any(w != u and not d.get("recurrent") and d.get("conn") != "kUnrollFirstToLast"
@@ -425,11 +541,18 @@ def to_dot(g: nx.DiGraph, steps: tuple[int, int] | None = None, title: str | Non
     for u, v in sorted(sub.edges, key=lambda e: (key(e[0]), key(e[1]))):
         du, dv = sub.nodes[u], sub.nodes[v]
         backwards = (u not in singles and v not in singles
-                     and int(du["step"]) > int(dv["step"]))
+                     and col.get(u, int(du["step"])) > col.get(v, int(dv["step"])))
         if u not in singles and v in singles and \
                 sub.edges[u, v].get("conn") == "kUnrollFirstToLast" and placed(v, u):
             backwards = True
-        a = _edge_attrs(sub.edges[u, v], backwards)
+        if u not in singles and v in singles and any(
+                w not in singles and col.get(w, 0) > col.get(u, 0) for w in sub.successors(v)):
+            backwards = True  # into a bridge that feeds later columns: it hangs from those
+        d = sub.edges[u, v]
+        quiet = u in singles and v not in singles and dv["type"].endswith("Loss")
+        a = _edge_attrs(d, backwards, quiet)
+        if d.get("conn") == "kUnrollAllToOne" and int(du["step"]) != 0:
+            a.pop("label", None)  # one label for the bundle
         out.append(f"  {ids[u]} -> {ids[v]}" + (f" [{_attrs(a)}]" if a else "") + ";")
     out.append("}")
     return "\n".join(out) + "\n"
@@ -441,9 +564,11 @@ def folded_edges(g: nx.DiGraph) -> list[tuple[str, str, str, int]]:
     ``context`` is 0 for a data edge and the context offset d for a context edge (truthy).
 
     Data edges come from ``g.graph["layers"]`` (label: ``short_conn``); context
-    edges from the recurrent edges of ``g`` (label "t-d", or "t+1" for d = -1), plus a
-    self-loop for every layer flagged recurrent that has none (e.g. one copy), at the
-    offsets its ``context`` lists (graphs written before that attribute: "t-1").
+    edges from the recurrent edges of ``g`` (label "t-d", or "t+1" for d = -1), plus, for
+    every layer flagged recurrent, an edge from each (layer, offset) its ``context`` lists
+    that the copies do not show (e.g. one copy): a self-loop for its own state, the
+    feedback edge for a kRNNDummy fed from another layer (kArgSort -> kRNNDummy, "t-1");
+    graphs written before that attribute: a "t-1" self-loop.
     """
     layers = g.graph.get("layers")
     if not layers:
@@ -464,9 +589,14 @@ def folded_edges(g: nx.DiGraph) -> list[tuple[str, str, str, int]]:
             lu, lv = g.nodes[u].get("layer", u), g.nodes[v].get("layer", v)
             context.setdefault((lu, lv), set()).add(int(d.get("shift", 1)))
     for lay in layers:
-        if lay.get("recurrent") and (lay["name"], lay["name"]) not in context:
-            own = {int(off) for name, off in lay.get("context", []) if name == lay["name"]}
-            context[(lay["name"], lay["name"])] = own or {1}
+        if not lay.get("recurrent"):
+            continue
+        listed = lay.get("context")
+        if listed is None:  # written before the attribute existed
+            listed = [[lay["name"], 1]]
+        for name, off in listed:
+            if (name, lay["name"]) not in context and name in names:
+                context[(name, lay["name"])] = {int(off)}
     for (lu, lv), offs in context.items():
         for off in offs:
             edges.add((lu, lv, _offset_label(off), int(off)))

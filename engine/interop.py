@@ -214,6 +214,9 @@ def chain_of(net, where: str) -> Chain:
         elif len(c.srclayers) != 1:
             raise err(c, f"reads {len(c.srclayers)} srclayers ({', '.join(c.srclayers)}); an "
                          f"exported model is one chain in which each layer reads one source")
+        if c.type == pb.kRNN and c.rnn_conf.activation not in (pb.TANH, pb.RELU):
+            raise err(c, f"has rnn_conf.activation {pb.ActivationType.Name(c.rnn_conf.activation)}; "
+                         f"PyTorch's nn.RNN (and so the exported model) knows tanh and relu only")
         for k, sname in enumerate(c.srclayers):
             src = by_name[sname]
             conn, shift = _conn(c, k)
@@ -223,6 +226,10 @@ def chain_of(net, where: str) -> Chain:
             if conn == pb.kUnrollFirstToLast:
                 raise err(c, f'reads "{src.name}" kUnrollFirstToLast (a many-to-one or '
                              f"encoder-decoder link); the exported model maps each step to its "
+                             f"output, so every link must be one-to-one")
+            if conn in (pb.kUnrollOneToFirst, pb.kUnrollAllToOne):
+                raise err(c, f'reads "{src.name}" {pb.UnrollConnType.Name(conn)} (a one-to-many '
+                             f"or all-to-one link); the exported model maps each step to its "
                              f"output, so every link must be one-to-one")
             if conn == pb.kUnrollOneToAll and not is_source(src):
                 raise err(c, f'reads "{src.name}" kUnrollOneToAll; between model layers every '

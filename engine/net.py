@@ -32,6 +32,46 @@ class Link:
     shift: int      # one-to-one: copy i reads source copy i - shift
 
 
+@dataclass(frozen=True)
+class Joined:
+    """In a Node's ``srcs``: every copy of a source (kUnrollAllToOne), read as one array
+    joined along axis 1 (the first feature axis) in time order."""
+
+    ids: tuple
+
+
+class _JoinedShape:
+    """A source read kUnrollAllToOne, as its reader's setup sees it: T copies joined along
+    the first feature axis; every other declaration is the source's."""
+
+    def __init__(self, layer, copies: int):
+        self._layer = layer
+        shape = tuple(layer.out_shape)
+        self.out_shape = (copies * shape[0],) + shape[1:] if shape else (copies,)
+
+    def __getattr__(self, attr):
+        return getattr(self._layer, attr)
+
+
+class _Pending:
+    """A source not set up yet (read with a delay): its assumed output shape; every other
+    declaration is the Layer base class's default."""
+
+    def __init__(self, name: str, out_shape: tuple):
+        self.name, self.out_shape = name, out_shape
+
+    def __getattr__(self, attr):
+        return getattr(Layer, attr)
+
+
+@dataclass(frozen=True)
+class Zeros:
+    """In a Node's ``srcs``: this copy reads zeros shaped like ``src``'s output in place of
+    a source copy (the unroller's ``zeros`` node attribute: kUnrollOneToFirst)."""
+
+    src: str
+
+
 @dataclass
 class Node:
     """One copy ``i#L`` of a layer and where its inputs come from."""
@@ -40,8 +80,8 @@ class Node:
     index: int                 # position in the schedule
     layer: Layer
     step: int
-    # per data srclayer: None, a node id, a list of node ids (one-to-all), with the
-    # piece index when the source is multi-output
+    # per data srclayer: None, a node id, a list of node ids (one-to-all), Zeros, with
+    # the piece index when the source is multi-output
     srcs: list = field(default_factory=list)
     pieces: list = field(default_factory=list)
     ctx_src: str | None = None      # node whose state (or output) is this copy's context
@@ -68,26 +108,10 @@ class Net:
         self.confs = confs
         #: per layer, how it reads each srclayer (from the graph's edges)
         self.links: dict[str, list[Link]] = self._links(g)
-        #: configured layers, each after its data sources (the set-up order)
-        self.order: list[str] = self._setup_order(unrolled)
-        self.layers: dict[str, Layer] = {}
-        for name in self.order:
-            conf = confs[name]
-            cls = layer_class(conf.type)
-            layer = cls(conf, self.xp, self.dtype)
-            layer.info = info
-            layer.src_conn = [link.conn for link in self.links[name]]
-            try:
-                layer.setup([self.layers[s] for s in conf.srclayers])
-            except LayerError as e:
-                msg = str(e)
-                if f'"{name}"' not in msg:
-                    msg = f'layer "{name}": {msg}'
-                raise ConfigError(f"{where}: {msg}") from None
-            if layer.vocab is not None and "vocab" not in info:
-                info["vocab"] = layer.vocab
-                info["encoding"] = layer.encoding
-            self.layers[name] = layer
+        #: configured layers, each after its data sources (the set-up order; a source read
+        #: with a delay, one-to-one with shift >= 1, may come after: see _setup_layers)
+        self.order: list[str] = self._setup_order(unrolled, self.links)
+        self.layers: dict[str, Layer] = self._setup_layers()
         try:
             self.params = resolve_sharing([self.layers[c.name] for c in unrolled.layers])
         except ParamError as e:
@@ -122,14 +146,72 @@ class Net:
             out[c.name] = [found[c.name][k] for k in range(len(c.srclayers))]
         return out
 
+    def _new_layer(self, name: str, srcs: list) -> Layer:
+        conf = self.confs[name]
+        layer = layer_class(conf.type)(conf, self.xp, self.dtype)
+        layer.info = self.info
+        layer.src_conn = [link.conn for link in self.links[name]]
+        try:
+            layer.setup(srcs)
+        except LayerError as e:
+            msg = str(e)
+            if f'"{name}"' not in msg:
+                msg = f'layer "{name}": {msg}'
+            raise ConfigError(f"{self.where}: {msg}") from None
+        if layer.vocab is not None and "vocab" not in self.info:
+            self.info["vocab"] = layer.vocab
+            self.info["encoding"] = layer.encoding
+        return layer
+
+    def _setup_layers(self) -> dict[str, Layer]:
+        """Set every layer up in ``self.order``. A source read with a delay that comes later
+        in that order (a layer fed back from its own output at an earlier step: a
+        recurrence built from ordinary layers) is not set up yet when its reader is; the
+        reader sees its output shape as assumed ((1,) at first), and when the assumption
+        was wrong every layer with sources is set up again with the shapes found, until
+        they agree (a cycle whose shapes do not settle is one error line)."""
+        assumed: dict[str, tuple] = {}
+        layers: dict[str, Layer] = {}
+        for _ in range(4):
+            used: dict[str, tuple] = {}
+            for name in self.order:
+                if name in layers:
+                    continue
+                srcs = []
+                for k, s in enumerate(self.confs[name].srclayers):
+                    if s in layers and self.links[name][k].conn == pb.kUnrollAllToOne:
+                        srcs.append(_JoinedShape(layers[s], self.confs[s].unroll_len))
+                    elif s in layers:
+                        srcs.append(layers[s])
+                    else:
+                        used[s] = assumed.get(s, (1,))
+                        srcs.append(_Pending(s, used[s]))
+                layers[name] = self._new_layer(name, srcs)
+            wrong = {s: tuple(layers[s].out_shape) for s, shape in used.items()
+                     if tuple(layers[s].out_shape) != shape}
+            if not wrong:
+                return layers
+            assumed.update(wrong)
+            layers = {n: lay for n, lay in layers.items() if not self.confs[n].srclayers}
+        s, shape = next(iter(wrong.items()))
+        raise ConfigError(f'{self.where}: layer "{s}" is read with a delay (shift) by a layer it '
+                          f"depends on, and its output shape does not settle ({shape} now); put "
+                          f"a layer whose width is set in its config (kInnerProduct, a recurrent "
+                          f"layer) on that loop")
+
     @staticmethod
-    def _setup_order(u: Unrolled) -> list[str]:
-        """Configured layers ordered so each comes after its data sources (context ignored)."""
+    def _setup_order(u: Unrolled, links: dict | None = None) -> list[str]:
+        """Configured layers ordered so each comes after its data sources (context ignored,
+        and sources read one-to-one with a shift >= 1: a delay, so such a loop is no cycle;
+        the unrolled graph is a DAG)."""
         lg = nx.DiGraph()
         index = {c.name: k for k, c in enumerate(u.layers)}
         lg.add_nodes_from(index)
         for c in u.layers:
-            for s in c.srclayers:
+            for k, s in enumerate(c.srclayers):
+                link = links[c.name][k] if links else None
+                if link is not None and link.conn == pb.kUnrollOneToOne and link.shift > 0:
+                    continue
                 lg.add_edge(s, c.name)
         try:
             return list(nx.lexicographical_topological_sort(lg, key=index.__getitem__))
@@ -137,7 +219,8 @@ class Net:
             cycle = nx.find_cycle(lg)
             path = " -> ".join([a for a, _ in cycle] + [cycle[-1][1]])
             raise ConfigError(f"{u.graph.graph.get('name') or 'job'}: the layers form a cycle "
-                              f"through their srclayers: {path}") from None
+                              f"through their srclayers: {path}; to read an earlier step, connect "
+                              f"one of them one-to-one with a shift >= 1") from None
 
     def _schedule(self, g: nx.DiGraph) -> list[Node]:
         """Every copy in a topological order of the graph, with its inputs read off its
@@ -165,10 +248,13 @@ class Net:
                     node.ctx_is_state = g.nodes[u]["layer"] == layer.name
                 else:
                     feeds.setdefault(e["src_index"], []).append((g.nodes[u]["step"], u))
+            zeros = a.get("zeros", ())
             for link in self.links[layer.name]:
                 got = [u for _, u in sorted(feeds.get(link.index, []))]
-                s = None
-                if len(got) > 1 or (got and link.conn == pb.kUnrollOneToAll
+                s = Zeros(link.src) if link.index in zeros else None
+                if link.conn == pb.kUnrollAllToOne:
+                    s = Joined(tuple(got))
+                elif len(got) > 1 or (got and link.conn == pb.kUnrollOneToAll
                                     and self.confs[link.src].unroll_len > 1):
                     s = got
                 elif got:
@@ -185,6 +271,7 @@ class Net:
             lay = n.layer
             feeds = [s for s in n.srcs if isinstance(s, str)]
             feeds += [x for s in n.srcs if isinstance(s, list) for x in s]
+            feeds += [x for s in n.srcs if isinstance(s, Joined) for x in s.ids]
             feeds += [s for s in (n.ctx_src, n.init_src) if s is not None]
             n.needs_grad = lay.differentiable and (bool(lay.params) or any(
                 by_id[s].needs_grad for s in feeds))

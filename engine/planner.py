@@ -12,9 +12,16 @@ How a layer reads a source, from the links the Net read off the graph's edges:
 * SAME       one-to-one (no shift) from a source of the same T: its block as is;
 * BROADCAST  one-to-all from a single-copy source (kOneHot / kRNNLabel picking
              their step with ``step_ids``): that copy's B rows;
+* REPEAT     one-to-all from a single-copy source into a layer that does not pick a
+             step from it: that copy's B rows once per copy (its gradient: their sum);
 * FIRST      one-to-one into a single-copy layer: copy 0 of the source (rows 0..B-1);
+* HEAD       one-to-one (no shift) from a source of more copies: its first T copies;
 * LAST       first-to-last: the last copy of the source (its last B rows); into a
-             recurrent layer it is the initial state instead.
+             recurrent layer it is the initial state instead;
+* JOIN       all-to-one: every copy of the source as one input per row, joined along
+             the first feature axis in time order ((T·B, F) -> (B, T·F));
+* ONLY_FIRST one-to-first: the last copy of the source as the block's first B rows,
+             zeros in the rows of the other copies (the unroller's ``zeros``).
 
 A layer with context reads its own copies at offset 1 (copy i-1) or -1 (copy i+1,
 ``direction: kBackward``); its ``forward_block`` / ``backward_block`` run the step
@@ -50,7 +57,8 @@ class NotPlannable(Exception):
 
 
 # how a block reads one source
-SAME, BROADCAST, FIRST, LAST = "same", "broadcast", "first", "last"
+SAME, BROADCAST, FIRST, LAST, ONLY_FIRST = "same", "broadcast", "first", "last", "only-first"
+REPEAT, HEAD, JOIN = "repeat", "head", "join"
 
 
 @dataclass
@@ -75,15 +83,21 @@ class Plan:
     blocks: list
 
 
-def _how(link, TS: int, TL: int, recurrent: bool) -> str | None:
+def _how(link, TS: int, TL: int, recurrent: bool, step_select: bool = True) -> str | None:
     """How a layer of TL copies reads a source of TS copies through ``link``; None when
     the planner does not batch that (shifts are refused before)."""
     if link.conn == pb.kUnrollOneToOne:
-        return SAME if TS == TL else (FIRST if TL == 1 else None)
+        return SAME if TS == TL else (FIRST if TL == 1 else HEAD)
     if link.conn == pb.kUnrollOneToAll:
-        return BROADCAST if TS == 1 else None
+        if TS != 1:
+            return None
+        return BROADCAST if (step_select or TL == 1) else REPEAT
     if link.conn == pb.kUnrollFirstToLast:
         return LAST if (recurrent or TL == 1) else None
+    if link.conn == pb.kUnrollOneToFirst:
+        return ONLY_FIRST
+    if link.conn == pb.kUnrollAllToOne:
+        return JOIN
     return None
 
 
@@ -113,13 +127,11 @@ def plan(net: Net) -> Plan:
             TS = net.layers[link.src].conf.unroll_len
             if link.shift != 0:
                 raise NotPlannable(f'{what} reads "{link.src}" with a shift ({link.shift})')
-            how = _how(link, TS, TL, lay.recurrent)
+            how = _how(link, TS, TL, lay.recurrent, lay.step_select)
             if how is None:
                 raise NotPlannable(f'{what} reads "{link.src}" ({TS} copies) '
                                    f"{pb.UnrollConnType.Name(link.conn)}, a way the planner does "
                                    f"not batch")
-            if how == BROADCAST and TL > 1 and not lay.step_select:
-                raise NotPlannable(f'{what} reads one copy of "{link.src}" at every step')
             if how == LAST and lay.recurrent:
                 b.init_src = link.src
                 b.reads.append(None)
@@ -136,25 +148,43 @@ def plan(net: Net) -> Plan:
     return Plan(T=T, blocks=[blocks[n] for n in net.order])
 
 
-def _take(a, how: str, B: int):
-    """The rows of block ``a`` that a reader gets."""
+def _take(a, how: str, B: int, T: int = 1, xp=None, dtype=None):
+    """The rows of block ``a`` that a reader of ``T`` copies gets (ONLY_FIRST: float zeros of
+    ``dtype`` in the other copies' rows, as the reference worker's ``Zeros``)."""
     if a is None:
         return None
     if how == FIRST:
         return a[:B]
+    if how == HEAD:
+        return a[:T * B]
     if how == LAST:
         return a[-B:]
+    if how == REPEAT:
+        return xp.concatenate([a] * T) if T > 1 else a
+    if how == JOIN:
+        steps = a.shape[0] // B
+        parts = a.reshape((steps, B) + a.shape[1:])
+        return xp.concatenate(list(parts), axis=1)
+    if how == ONLY_FIRST:
+        return xp.concatenate([a[-B:].astype(dtype),
+                               xp.zeros(((T - 1) * B,) + a.shape[1:], dtype=dtype)])
     return a
 
 
 def _put(full_like, d, how: str, B: int, xp):
-    """Gradient of ``_take``: scatter ``d`` into a block-shaped zero array."""
-    if how in (FIRST, LAST):
+    """Gradient of ``_take``: scatter ``d`` into a block-shaped zero array (REPEAT: add
+    the copies' gradients up)."""
+    if how == REPEAT:
+        return d.reshape((-1,) + full_like.shape).sum(axis=0)
+    if how == JOIN:
+        steps = full_like.shape[0] // B
+        return xp.concatenate(xp.split(d, steps, axis=1), axis=0)
+    if how in (FIRST, HEAD, LAST, ONLY_FIRST):
         out = xp.zeros_like(full_like)
-        if how == FIRST:
-            out[:B] = d
+        if how in (FIRST, HEAD):
+            out[:d.shape[0]] = d
         else:
-            out[-B:] = d
+            out[-B:] = d[:B]
         return out
     return d
 
@@ -181,13 +211,14 @@ class PlannedWorker(Worker):
                     src_aux.append(None)
                     continue
                 sname, how = r
-                xs.append(_take(out[sname], how, B))
-                a = aux.get(sname)
-                src_aux.append(_take(a, how, B) if a is not None and a.shape[0] == out[sname].shape[0]
+                xs.append(_take(out[sname], how, B, b.T, self.xp, self.net.dtype))
+                a = aux.get(sname) if how not in (ONLY_FIRST, JOIN) else None
+                src_aux.append(_take(a, how, B, b.T, self.xp, a.dtype if a is not None else None)
+                               if a is not None and a.shape[0] == out[sname].shape[0]
                                else a)
             m = None
             if b.mask_from is not None and mask.get(b.mask_from) is not None:
-                m = _take(mask[b.mask_from], b.mask_how, B)
+                m = _take(mask[b.mask_from], b.mask_how, B, b.T, self.xp)
             ctx = Context(step=0, unroll_len=b.T, train=train, mask=m, aux=src_aux,
                           rng=LazyRNG(self.seed, DROPOUT, self.batch_index, self._stream(b)),
                           metrics=metrics, need_input_grads=b.need_input_grads,

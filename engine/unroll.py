@@ -9,8 +9,12 @@ Node attributes: ``layer`` (origin layer name), ``step`` (copy index i),
 layer), ``share_group`` (name of the param that owns the node's first param,
 "" for layers without params).
 
+Node attribute ``zeros`` (only where non-empty): the source indices this copy reads
+as zeros (no edge: the other copies of a kUnrollOneToFirst reader).
+
 Edge attributes: ``conn`` ("kUnrollOneToOne", "kUnrollOneToAll",
-"kUnrollFirstToLast", or "context" for a layer's own recurrence),
+"kUnrollFirstToLast", "kUnrollOneToFirst", "kUnrollAllToOne", or "context" for a layer's
+own recurrence),
 ``shift`` (one-to-one offset; the context offset for context edges),
 ``recurrent`` (True for context edges, which cross time steps),
 ``src_index`` (position of the source among the layer's srclayers; -1 for
@@ -27,7 +31,12 @@ kUnrollOneToOne with shift s connects (i-s)#S -> i#L; kUnrollOneToAll connects
 every copy of S to every copy of L; kUnrollFirstToLast connects the last copy
 of S to 0#L, or to (T-1)#L when L's pass runs backwards (``reverse_pass``: a
 kBackward recurrent layer starts at its last copy, which takes the initial
-state). A layer class whose ``context_sources(conf)`` lists (M, d) reads
+state); kUnrollOneToFirst (an extension: Karpathy's one-to-many, one input then a
+sequence of outputs) connects the last copy of S to 0#L as a data input (never
+an initial state), and copies 1.. of L read zeros in its place (node attribute
+``zeros``); kUnrollAllToOne (an extension: "flatten the time steps into one dense
+layer") connects every copy of S to the one copy of L, which reads them as one input,
+joined along the first feature axis in time order (copy 0's features first). A layer class whose ``context_sources(conf)`` lists (M, d) reads
 (i-d)#M as context (recurrent layers: (L, 1); kBackward ones (L, -1), i.e.
 (i+1)#L -> i#L). The unroller never tests a layer's type name: recurrence is
 the class's declaration.
@@ -44,7 +53,8 @@ from engine.layers import layer_class
 from engine.proto import job_pb2 as pb
 
 CONN_NAMES = {pb.kUnrollOneToOne: "kUnrollOneToOne", pb.kUnrollOneToAll: "kUnrollOneToAll",
-              pb.kUnrollFirstToLast: "kUnrollFirstToLast"}
+              pb.kUnrollFirstToLast: "kUnrollFirstToLast", pb.kUnrollOneToFirst: "kUnrollOneToFirst",
+              pb.kUnrollAllToOne: "kUnrollAllToOne"}
 
 
 def node_id(step: int, layer: str) -> str:
@@ -154,6 +164,18 @@ def unroll(net: pb.NetProto, phase: Phase = Phase.TRAIN, job_name: str = "",
             elif conn == pb.kUnrollFirstToLast:
                 start = T - 1 if cls is not None and cls.reverse_pass(layer) else 0
                 g.add_edge(node_id(TS - 1, sname), node_id(start, layer.name), **attrs)
+            elif conn == pb.kUnrollAllToOne:
+                if T != 1:
+                    raise ConfigError(
+                        f'{where}: layer "{layer.name}": it reads "{sname}" kUnrollAllToOne (every '
+                        f"copy joined into one input), which feeds a layer of one copy, but it has "
+                        f"{T}; set its unroll_len: 1")
+                g.add_edges_from((node_id(j, sname), node_id(0, layer.name), attrs)
+                                 for j in range(TS))
+            elif conn == pb.kUnrollOneToFirst:
+                g.add_edge(node_id(TS - 1, sname), node_id(0, layer.name), **attrs)
+                for i in range(1, T):
+                    g.nodes[node_id(i, layer.name)].setdefault("zeros", []).append(k)
         for cname, off in (cls.context_sources(layer) if cls is not None else []):
             ctx_layer = by_name.get(cname)
             if ctx_layer is None:

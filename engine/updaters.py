@@ -223,7 +223,7 @@ def _describe_lr(conf: pb.LRGenProto) -> str:
 
 _UPDATER_NAMES = {pb.kSGD: "SGD", pb.kNesterov: "Nesterov", pb.kAdaGrad: "AdaGrad",
                   pb.kRMSProp: "RMSProp", pb.kAdaDelta: "AdaDelta", pb.kAdam: "Adam",
-                  pb.kAdamMax: "AdamMax"}
+                  pb.kAdamMax: "AdamMax", pb.kRProp: "RProp"}
 
 
 def describe(conf: pb.UpdaterProto) -> str:
@@ -241,6 +241,10 @@ def describe(conf: pb.UpdaterProto) -> str:
     elif t == pb.kAdamMax:
         parts.append(f"beta1={pfloat(conf.adammax_conf.beta1):g} "
                      f"beta2={pfloat(conf.adammax_conf.beta2):g}")
+    elif t == pb.kRProp:
+        c = conf.rprop_conf
+        parts.append(f"eta_plus={pfloat(c.eta_plus):g} eta_minus={pfloat(c.eta_minus):g} "
+                     f"delta=[{pfloat(c.delta_min):g}, {pfloat(c.delta_max):g}]")
     parts.append(f"lr={pfloat(conf.learning_rate.base_lr):g} ({_describe_lr(conf.learning_rate)})")
     if t not in (pb.kSGD, pb.kNesterov) and conf.HasField("delta"):
         parts.append(f"delta={pfloat(conf.delta):g}")
@@ -255,7 +259,7 @@ def describe(conf: pb.UpdaterProto) -> str:
 
 #: the sub-conf each updater type reads (kSGD, kNesterov, kAdaGrad read none)
 _UPDATER_SUBCONF = {pb.kRMSProp: "rmsprop_conf", pb.kAdaDelta: "adadelta_conf",
-                    pb.kAdam: "adam_conf", pb.kAdamMax: "adammax_conf"}
+                    pb.kAdam: "adam_conf", pb.kAdamMax: "adammax_conf", pb.kRProp: "rprop_conf"}
 
 
 def check_conf(conf: pb.UpdaterProto) -> None:
@@ -294,6 +298,19 @@ def check_conf(conf: pb.UpdaterProto) -> None:
         for name in ("beta1", "beta2"):
             beta = pfloat(getattr(c, name))
             _number(f"updater.{own}.{name}", beta, "in [0, 1)", 0 <= beta < 1)
+    elif t == pb.kRProp:
+        c = conf.rprop_conf
+        up, down = pfloat(c.eta_plus), pfloat(c.eta_minus)
+        lo, hi = pfloat(c.delta_min), pfloat(c.delta_max)
+        _number("updater.rprop_conf.eta_plus", up, "> 1", up > 1)
+        _number("updater.rprop_conf.eta_minus", down, "in (0, 1)", 0 < down < 1)
+        _number("updater.rprop_conf.delta_min", lo, ">= 0", lo >= 0)
+        _number("updater.rprop_conf.delta_max", hi, f">= delta_min ({lo:g})", hi >= lo)
+        if conf.learning_rate.HasField("type") and conf.learning_rate.type != pb.kFixed:
+            raise UpdaterError(f"updater.type kRProp takes its first step size from "
+                               f"learning_rate.base_lr and adapts it itself, so learning_rate.type "
+                               f"{_change_name(conf.learning_rate.type)} would be ignored; set "
+                               f"learning_rate {{ type: kFixed base_lr: ... }}")
     check_schedule(conf.learning_rate)
 
 
@@ -316,6 +333,8 @@ def _slots(conf: pb.UpdaterProto) -> tuple[str, ...]:
         return ("m", "v")
     if t == pb.kAdamMax:
         return ("m", "u")
+    if t == pb.kRProp:
+        return ("prev", "step")
     raise UpdaterError(f"updater.type is {_updater_type_name(t)}"
                        f"{' (unset)' if not conf.HasField('type') else ''}, which is not "
                        f"supported; set updater {{ type: ... }} to one of "
@@ -348,9 +367,16 @@ class Updater:
                  w -= lr/(1-b1^t) * m / (sqrt(v/(1-b2^t)) + delta)        (adam_conf)
       kAdamMax   m = b1*m + (1-b1)*g;  u = max(b2*u, |g|);
                  w -= lr/(1-b1^t) * m / (u + delta)                       (adammax_conf)
+      kRProp     s = sign(g * prev);  step = clip(step * (eta_plus if s > 0, eta_minus if
+                 s < 0, else 1), delta_min, delta_max);  g' = 0 where s < 0, else g;
+                 w -= sign(g') * step;  prev = g'       (rprop_conf; torch.optim.Rprop)
+                 step starts at learning_rate.base_lr * lr_scale, prev at 0. Rprop reads
+                 only signs, so it is meant for full batches (the same objective every
+                 step: batchsize = the whole store), as the numpy BPTT tutorial uses it.
 
-    State slots (v/h: "history", d: "update", Adam "m" "v", AdamMax "m" "u") are
-    allocated lazily with xp.zeros_like(p.data); ``state_dict`` / ``load_state_dict``
+    State slots (v/h: "history", d: "update", Adam "m" "v", AdamMax "m" "u", RProp
+    "prev" "step") are allocated lazily with xp.zeros_like(p.data) (RProp's "step" with
+    the first step size); ``state_dict`` / ``load_state_dict``
     carry them and t so that a resumed run is bitwise identical to an uninterrupted one.
     ``p.data`` is updated in place (it stays the same array object).
     """
@@ -391,9 +417,16 @@ class Updater:
     def _slot_arrays(self, p) -> dict:
         st = self.state.get(p.name)
         if st is None:
-            st = {s: self.xp.zeros_like(p.data) for s in self.slots}
+            st = {s: self._fresh(p, s) for s in self.slots}
             self.state[p.name] = st
         return st
+
+    def _fresh(self, p, slot: str):
+        """A slot before the first update: zeros, or RProp's first step size."""
+        if slot == "step":
+            return self.xp.full_like(p.data, pfloat(self.conf.learning_rate.base_lr)
+                                     * pfloat(p.lr_scale))
+        return self.xp.zeros_like(p.data)
 
     def _tmp(self, like, n: int) -> list:
         """n scratch arrays shaped like ``like`` (shared by params of one shape and dtype)."""
@@ -540,6 +573,20 @@ class Updater:
             xp.divide(m, tmp, out=tmp)
             tmp *= lr / (1.0 - b1 ** t)
             w -= tmp
+        elif kind == pb.kRProp:
+            c = self.conf.rprop_conf
+            prev, size = st["prev"], st["step"]
+            (tmp,) = self._tmp(w, 1)
+            xp.multiply(g, prev, out=tmp)
+            flipped = tmp < 0
+            size *= xp.where(tmp > 0, pfloat(c.eta_plus),
+                             xp.where(flipped, pfloat(c.eta_minus), 1.0)).astype(size.dtype)
+            xp.clip(size, pfloat(c.delta_min), pfloat(c.delta_max), out=size)
+            xp.copyto(prev, g)
+            prev[flipped] = 0                # no step, and no sign to compare, after a flip
+            xp.sign(prev, out=tmp)
+            tmp *= size
+            w -= tmp
         else:  # pragma: no cover - _slots rejected it in __init__
             raise UpdaterError(f"updater.type {_updater_type_name(kind)} is not supported")
 
@@ -554,8 +601,8 @@ class Updater:
             st = self.state.get(p.name)
             for s in self.slots:
                 key = f"{p.name}/{s}"
-                if st is None:  # no update yet: the lazily allocated zeros
-                    out[key] = np.zeros(tuple(p.data.shape), dtype=np.dtype(p.data.dtype))
+                if st is None:  # no update yet: what _slot_arrays would allocate
+                    out[key] = to_host(self._fresh(p, s)).copy()
                 else:
                     out[key] = to_host(st[s]).copy()  # a snapshot, not a view
         return out

@@ -33,7 +33,7 @@ import numpy as np
 from engine.backend import DROPOUT, LazyRNG, to_host
 from engine.layers import Context
 from engine.layers.base import add_grads
-from engine.net import Net
+from engine.net import Joined, Net, Zeros
 from engine.proto import job_pb2 as pb
 from engine.unroll import node_id
 
@@ -267,6 +267,13 @@ class Worker:
                 if s is None:
                     xs.append(None)
                     aux.append(None)
+                elif isinstance(s, Joined):
+                    xs.append(self.xp.concatenate([outs[x] for x in s.ids], axis=1))
+                    aux.append(None)
+                elif isinstance(s, Zeros):
+                    xs.append(self.xp.zeros((self.batchsize,) + tuple(self.net.layers[s.src].out_shape),
+                                            dtype=self.net.dtype))
+                    aux.append(None)
                 elif isinstance(s, list):
                     xs.append([outs[x] for x in s])
                     aux.append(auxs.get(s[0]))
@@ -354,9 +361,12 @@ class Worker:
                 self.first_bad_grad = n.id
             dxs, dprev = lay.backward(self.ctxs[n.id], dy, ds, self.caches[n.id])
             for s, piece, dx in zip(n.srcs, n.pieces, dxs):
-                if dx is None or s is None:
+                if dx is None or s is None or isinstance(s, Zeros):
                     continue
-                if isinstance(s, list):
+                if isinstance(s, Joined):
+                    for sid, d in zip(s.ids, self.xp.split(dx, len(s.ids), axis=1)):
+                        acc(dout, sid, d)
+                elif isinstance(s, list):
                     for sid, d in zip(s, dx):
                         if d is not None:
                             acc(dout, sid, d)

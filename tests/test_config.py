@@ -73,6 +73,9 @@ MALFORMED = [
      edit('srclayers: "gru1"', 'srclayer: "gru1"'),
      ':9:43: Message type "rnnengine.LayerProto" has no field named "srclayer"; '
      'did you mean "srclayers"?'),
+    ("SINGA's documentation spelling net",
+     edit('neuralnet {', 'net {'),
+     ':3:1: Message type "rnnengine.JobProto" has no field named "net"; did you mean "neuralnet"?'),
     ("unknown top-level field",
      edit('name: "t"', 'nmae: "t"'),
      ':1:1: Message type "rnnengine.JobProto" has no field named "nmae"; did you mean "name"?'),
@@ -141,7 +144,7 @@ MALFORMED = [
     ("a layer listing itself as srclayer",
      edit('srclayers: "gru1"', 'srclayers: "ip1"'),
      ': layer "ip1": lists itself as a srclayer; recurrent layers read their previous step by '
-     'themselves'),
+     'themselves, and any layer may read its own earlier copy one-to-one with a shift >= 1'),
     ("a srclayer listed twice",
      edit('srclayers: "gru1"', 'srclayers: "gru1" srclayers: "gru1"'),
      ': layer "ip1": srclayer "gru1" is listed twice; list it once'),

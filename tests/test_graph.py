@@ -145,7 +145,9 @@ def test_unrolled_dot_groups_steps_and_labels_copies():
     # the data layer (one copy) stands outside every step cluster
     outside = src.split("subgraph cluster_step_0")[0]
     assert "n_0_data [" in outside and "n_0_gru1 [" not in outside
-    assert "all steps" in nodes["n_0_data"]
+    # it says what it feeds: every copy of onehot and of label
+    assert "→ onehot: every step\\n→ label: every step" in nodes["n_0_data"]
+    assert "all steps" not in src
 
 
 def test_context_edges_are_drawn_differently_from_data_edges():
@@ -616,3 +618,98 @@ def test_every_shipped_config_renders(tmp_path, conf):
                 assert layer.name in text
             elif layer.unroll_len > 1:  # steps 0..2 of every unrolled layer
                 assert f"0#{layer.name}" in text and f"2#{layer.name}" in text
+
+
+# ================================================= issue 21: patterns drawn as documented
+BRIDGE = """
+name: "bridge"
+neuralnet {
+  unroll_len: 5
+  layer { name: "src" type: kCharRNN unroll_len: 1 char_rnn_conf { path: "s.txt" } }
+  layer { name: "data" type: kCharRNN unroll_len: 1 char_rnn_conf { path: "t.txt" } }
+  layer { name: "onehot" type: kOneHot unroll_len: 6 srclayers: "src" unroll_conn_type: kUnrollOneToAll }
+  layer { name: "enc" type: kGRU unroll_len: 6 srclayers: "onehot" gru_conf { dim_hidden: 8 } }
+  layer { name: "bridge" type: kInnerProduct unroll_len: 1 srclayers: "enc"
+          unroll_conn_type: kUnrollFirstToLast innerproduct_conf { num_output: 8 } }
+  layer { name: "dec" type: kGRU srclayers: "bridge" unroll_conn_type: kUnrollOneToAll
+          gru_conf { dim_hidden: 8 } }
+  layer { name: "ip" type: kInnerProduct srclayers: "dec" innerproduct_conf { num_output: 5 } }
+  layer { name: "label" type: kRNNLabel srclayers: "data" unroll_conn_type: kUnrollOneToAll }
+  layer { name: "loss" type: kSoftmaxLoss srclayers: "ip" srclayers: "label" }
+}
+"""
+
+
+def graph_of(text: str, name: str = "t.conf") -> nx.DiGraph:
+    job = parse_job(text, name)
+    normalise(job, name)
+    validate(job, name)
+    return unroll(job.neuralnet, Phase.TRAIN, job.name, where=name).graph
+
+
+def shipped_graph(conf: str, phase=Phase.TRAIN) -> nx.DiGraph:
+    from engine.config import load_job
+    job = load_job(ROOT / "configs" / conf)
+    return unroll(job.neuralnet, phase, job.name).graph
+
+
+def test_a_decoder_runs_after_the_encoder_it_reads():
+    """Its step t is column T_enc + t, directly (first-to-last) or through a one-copy bridge;
+    the first→last edge then runs left to right and constrains the layout like any other."""
+    g = shipped_graph("encoder-decoder.conf")
+    col = draw.columns(g)
+    assert [col[f"{t}#encoder"] for t in range(6)] == list(range(6))
+    assert [col[f"{t}#decoder"] for t in range(6)] == list(range(6, 12))
+    assert col["0#dec_data"] == col["0#loss"] == 6       # the decoder's inputs and outputs too
+    edges = dot_edges(draw.to_dot(g))
+    assert "constraint=false" not in edges[("n_5_encoder", "n_0_decoder")]
+    col = draw.columns(graph_of(BRIDGE))
+    assert [col[f"{t}#dec"] for t in range(5)] == list(range(6, 11))
+    assert col["0#onehot"] == 0 and col["5#enc"] == 5
+    # a synced net keeps one column per step
+    assert set(draw.columns(char_rnn_graph(5)).values()) == set(range(5))
+
+
+@needs_dot
+@pytest.mark.parametrize("conf,steps", [
+    ("addition-bilstm.conf", (50, 55)), ("addition-bilstm.conf", (15, 20)),
+    ("encoder-decoder.conf", None), ("many-to-one.conf", None), ("one-to-many.conf", None),
+    ("count-ones.conf", None)])
+def test_shipped_pictures_put_their_columns_in_time_order(conf, steps):
+    g = shipped_graph(conf)
+    found = [step for _, step in cluster_lefts(draw.to_dot(g, steps=steps))]
+    assert found == sorted(found) and len(found) == len(set(found))
+    if steps is None:
+        assert found == sorted(set(draw.columns(g).values()))
+
+
+@needs_dot
+def test_bridge_picture_columns_in_time_order():
+    found = [step for _, step in cluster_lefts(draw.to_dot(graph_of(BRIDGE)))]
+    assert found == list(range(11))
+
+
+def test_one_copy_nodes_say_what_their_edges_do():
+    g = shipped_graph("one-to-many.conf")
+    src = draw.to_dot(g)
+    nodes, edges = dot_nodes(src), dot_edges(src)
+    assert "→ gru: step 0\\n→ loss: every step" in nodes["n_0_data"]
+    assert "all steps" not in src
+    assert 'label="first step only"' in edges[("n_0_data", "n_0_gru")]
+    # the label edges to every loss copy are kept, routed quietly
+    for t in range(5):
+        quiet = edges[("n_0_data", f"n_{t}_loss")]
+        assert "weight=0" in quiet and "penwidth=0.6" in quiet and "label" not in quiet
+    m2o = dot_nodes(draw.to_dot(shipped_graph("many-to-one.conf")))
+    assert "← gru: step 23" in m2o["n_0_ip"]
+
+
+def test_the_sampling_net_draws_its_feedback_edge_and_no_false_self_loop():
+    g = shipped_graph("char-rnn-sample.conf", Phase.TEST)
+    dummy = next(lay for lay in g.graph["layers"] if lay["type"] == "kRNNDummy")
+    argsort = next(lay for lay in g.graph["layers"] if lay["type"] == "kArgSort")
+    edges = {(a, b): (label, off) for a, b, label, off in draw.folded_edges(g)}
+    assert (dummy["name"], dummy["name"]) not in edges
+    assert edges[(argsort["name"], dummy["name"])] == ("t-1", 1)
+    folded = dot_edges(draw.to_dot_folded(g))
+    assert (draw.dot_id(argsort["name"]), draw.dot_id(dummy["name"])) in folded

@@ -217,6 +217,7 @@ EXPECT = {
     "SIGMOID": lambda x: 1 / (1 + np.exp(-x)),
     "TANH": np.tanh,
     "STANH": _stanh,
+    "LINEAR": lambda x: x,
 }
 
 

@@ -508,7 +508,7 @@ def test_our_extensions_use_numbers_singa_never_used():
         "JobProto.seed", "JobProto.keep_checkpoints", "JobProto.skip_nonfinite",
         "AlgProto.state_carry", "LayerProto.euclideanloss_conf", "LayerProto.csvoutput_conf",
         "LayerProto.char_rnn_output_conf", "LayerProto.connection_type",
-        "UpdaterProto.clip_norm", "ArgSortProto.temperature",
+        "UpdaterProto.clip_norm", "UpdaterProto.rprop_conf", "ArgSortProto.temperature",
         "StoreProto.shuffle", "CharRNNProto.encoding", "GRUProto.recurrent_bias",
         "GRUProto.direction", *ours_cells])
     for enum, values in SINGA_ENUMS.items():

@@ -141,6 +141,18 @@ def test_first_to_last_reads_the_last_copy_into_copy_0():
     assert [g.in_degree(n) for n in copies(g, "b")] == [1, 0, 0]
 
 
+def test_one_to_first_feeds_copy_0_and_marks_the_other_copies_zeros():
+    g = unrolled(lay("a", T=1), lay("c", T=1), lay("b", srcs=["c", "a"], conn=[O2A, "kUnrollOneToFirst"],
+                                                    T=4)).graph
+    assert edges(g, "b") == {("0#a", "0#b", "kUnrollOneToFirst", 0)} | \
+        {("0#c", f"{i}#b", O2A, 0) for i in range(4)}
+    assert "zeros" not in g.nodes["0#b"]
+    assert [g.nodes[f"{i}#b"]["zeros"] for i in range(1, 4)] == [[1], [1], [1]]
+    # from a source of several copies: its last copy, as first-to-last, but as data
+    g = unrolled(lay("a", T=3), lay("b", srcs=["a"], conn=["kUnrollOneToFirst"], T=2)).graph
+    assert edges(g) == {("2#a", "0#b", "kUnrollOneToFirst", 0)}
+
+
 def test_a_layer_whose_unroll_len_differs_from_the_nets():
     u = unrolled(lay("a"), lay("b", srcs=["a"], T=2), T=4)
     g = u.graph

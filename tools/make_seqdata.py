@@ -38,6 +38,28 @@ TASK, the job that reads it, and the files written under ``--out`` (default
       The same problem at lengths 50..55 (padded to 55), as Lasagne's recurrent
       example sets it (MIN_LENGTH 50, MAX_LENGTH 55); 1000 validation sequences.
 
+  count-ones  configs/count-ones.conf   train.npz, val.npz
+      The numpy BPTT tutorial's task: binary sequences of 10 steps (one feature,
+      0 or 1); the target is how many ones the sequence holds. x [N, 10, 1]
+      float32, y [N] float32. A linear recurrence h' = wx x + wRec h counts them
+      exactly with wx = wRec = 1. 20 training sequences, as the tutorial.
+
+  count-up   configs/one-to-many.conf     train.npz, val.npz
+      One-to-many with class labels: one input, then a sequence of outputs. The
+      input is a digit d in [0, V) as a one-hot vector; the targets are the T
+      digits d, d+1, ... counting up modulo V. x [N, 1, V] float32 (one step),
+      y [N, T] int64 (target of output step t in column t).
+
+  ramp       configs/one-to-many-real.conf  train.npz, val.npz
+      One-to-many with real targets: the input is (a, b), each uniform in
+      [-1, 1]; the targets are the T points of the ramp a + b t / (T - 1) from a
+      to a + b. x [N, 1, 2] float32, y [N, T] float32.
+
+  quadrant   configs/one-to-one.conf     train.npz, val.npz
+      One-to-one (no recurrence): a point (u, v) uniform in [-1, 1]^2 and the
+      quadrant it lies in (0: u, v >= 0; 1: u < 0 <= v; 2: u, v < 0; 3: v < 0 <= u).
+      x [N, 2] float32 (one record = one example, alg kBP), y [N] int64.
+
 Every generator is a pure function of its arguments and a numpy Generator;
 the files of a task depend only on --seed and the sizes (train and val draw
 from separate streams derived from the seed), so a run is reproducible.
@@ -50,14 +72,17 @@ import sys
 
 import numpy as np
 
-TASKS = ("classify", "parity", "reverse", "addition", "addition-long")
+TASKS = ("classify", "parity", "reverse", "addition", "addition-long", "count-ones", "count-up",
+         "ramp", "quadrant")
 
 #: frequencies (cycles per step) of the classify task's classes
 FREQS = (0.04, 0.09, 0.15, 0.23)
 
 #: default sizes (train, val) per task
 SIZES = {"classify": (4000, 1000), "parity": (4000, 1000), "reverse": (8000, 1000),
-         "addition": (40000, 2000), "addition-long": (50000, 1000)}
+         "addition": (40000, 2000), "addition-long": (50000, 1000), "count-ones": (20, 20),
+         "count-up": (4000, 1000), "ramp": (4000, 1000),
+         "quadrant": (4000, 1000)}
 
 
 def rng_for(seed: int, task: str, split: str) -> np.random.Generator:
@@ -121,6 +146,35 @@ def make_addition(n: int, rng: np.random.Generator, T: int = 25, min_len: int = 
             "lengths": lengths.astype(np.int64)}
 
 
+def make_count_ones(n: int, rng: np.random.Generator, T: int = 10) -> dict:
+    """Binary sequences and their number of ones (the numpy BPTT tutorial's data)."""
+    x = rng.integers(0, 2, size=(n, T)).astype(np.float32)
+    return {"x": x[:, :, None], "y": x.sum(axis=1).astype(np.float32)}
+
+
+def make_count_up(n: int, rng: np.random.Generator, T: int = 5, vocab: int = 8) -> dict:
+    """One one-hot digit d in, the digits d, d+1, ... (mod vocab) out, one per step."""
+    d = rng.integers(0, vocab, size=n)
+    x = np.eye(vocab, dtype=np.float32)[d][:, None, :]
+    y = (d[:, None] + np.arange(T)[None, :]) % vocab
+    return {"x": x, "y": y.astype(np.int64)}
+
+
+def make_ramp(n: int, rng: np.random.Generator, T: int = 5) -> dict:
+    """(a, b) in, the ramp a + b t / (T - 1), t = 0..T-1, out, one point per step."""
+    ab = rng.uniform(-1.0, 1.0, size=(n, 2))
+    y = ab[:, :1] + ab[:, 1:] * (np.arange(T)[None, :] / (T - 1))
+    return {"x": ab[:, None, :].astype(np.float32), "y": y.astype(np.float32)}
+
+
+def make_quadrant(n: int, rng: np.random.Generator) -> dict:
+    """Points in [-1, 1]^2 and their quadrant (see the module docstring)."""
+    x = rng.uniform(-1.0, 1.0, size=(n, 2))
+    u, v = x[:, 0] >= 0, x[:, 1] >= 0
+    y = np.select([u & v, ~u & v, ~u & ~v], [0, 1, 2], 3)
+    return {"x": x.astype(np.float32), "y": y.astype(np.int64)}
+
+
 # ----------------------------------------------------------------- writing
 
 def generate(task: str, split: str, n: int, seed: int = 0, **kw) -> dict[str, dict]:
@@ -137,6 +191,14 @@ def generate(task: str, split: str, n: int, seed: int = 0, **kw) -> dict[str, di
         return {split: make_addition(n, rng, **kw)}
     if task == "addition-long":
         return {split: make_addition(n, rng, **{"T": 55, "min_len": 50, **kw})}
+    if task == "count-ones":
+        return {split: make_count_ones(n, rng, **kw)}
+    if task == "count-up":
+        return {split: make_count_up(n, rng, **kw)}
+    if task == "ramp":
+        return {split: make_ramp(n, rng, **kw)}
+    if task == "quadrant":
+        return {split: make_quadrant(n, rng, **kw)}
     raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
 
 

@@ -278,6 +278,13 @@ class SequenceInput(InputLayer):
     targets ([N] or [N, K]), y[:, i] for per-step ones ([N, T]). With ``lengths``, copy i
     also publishes the mask (i < length) so later layers skip padding.
 
+    Records longer than unroll_len (S > T steps) are walked window by window, nothing
+    dropped: a batch of rows is read in ceil(S / T) consecutive batches, steps w·T ..
+    w·T + T - 1 in batch w, and the recurrent state is carried from window to window
+    (the layer is a stream: ``new_sequence`` only at the first window; the last window's
+    steps past S are masked). Labels must then be per step (y [N, S]); per-sequence
+    labels with long records are one error line.
+
     Features are normalised as SINGA's record layers do: x' = (x - mean) / std, mean and
     std per value from store_conf.mean_file / std_file (the first record of a store of
     the same backend) or one number mean_value / std_value. Batches walk the store in
@@ -341,6 +348,18 @@ class SequenceInput(InputLayer):
         self.epoch = 0
         self.new_sequence = True
         self.stream_starts = None
+        T = int(self.conf.unroll_len)
+        steps = 1 if self.records else int(x.shape[1])
+        #: windows of T steps per record (1: the record fits the copies)
+        self.windows = -(-steps // T)
+        self.is_stream = self.windows > 1
+        self.window, self.idx = 0, None
+        if self.windows > 1 and y is not None and not self._y_per_step:
+            raise self.error(f"{s.path}: records have {steps} steps but unroll_len is {T}, so "
+                             f"they are read in {self.windows} windows of {T} steps with the "
+                             f"state carried, and that needs per-step labels y [N, {steps}] "
+                             f"(y has shape {list(y.shape)}); set unroll_len to {steps}, or "
+                             f"give per-step labels")
 
     @staticmethod
     def _ids(x, backend: str) -> bool:
@@ -511,6 +530,7 @@ class SequenceInput(InputLayer):
     def rewind(self) -> None:
         """Back to the first batch of the first epoch (every evaluation reads the same batches)."""
         self.cursor, self.epoch, self.new_sequence = 0, 0, True
+        self.window, self.idx = 0, None
         self.order = self._epoch_order(0)
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
@@ -529,14 +549,35 @@ class SequenceInput(InputLayer):
 
     def load_batch(self):
         B = self.whole_batch
+        if self.idx is not None and self.window + 1 < self.windows:
+            self.window += 1  # the next window of the same rows, state carried
+            self._load_rows(self.idx, self.window)
+            self.new_sequence = False
+            return
         if self.cursor + B > self.n:
             self.cursor = 0
             self.epoch += 1
             self.order = self._epoch_order(self.epoch)
         idx = self.order[(self.skip + np.arange(self.cursor, self.cursor + B)) % self.n][self.rows]
         self.cursor += B
+        self.idx, self.window = idx, 0
+        self._load_rows(idx, 0)
+        self.new_sequence = True
+
+    def _window(self, a, w: int):
+        """Steps w·T .. w·T + T - 1 of a [rows, S, ...] array, zero-padded to T steps."""
+        if self.windows == 1:
+            return a
+        T = int(self.conf.unroll_len)
+        part = a[:, w * T:(w + 1) * T]
+        if part.shape[1] < T:
+            pad = np.zeros((part.shape[0], T - part.shape[1]) + part.shape[2:], dtype=part.dtype)
+            part = np.concatenate([part, pad], axis=1)
+        return part
+
+    def _load_rows(self, idx, w: int) -> None:
         xp = self.xp
-        xb = self.x[idx]
+        xb = self._window(self.x[idx], w)
         if not self.is_ids:
             xb = xb.astype(self.dtype)
             if self.mean is not None:
@@ -546,16 +587,18 @@ class SequenceInput(InputLayer):
         self.xb = xp.asarray(xb)
         self.yb = None
         if self.y is not None:
-            yb = self.y[idx]
+            yb = self._window(self.y[idx], w) if self._y_per_step else self.y[idx]
             if not np.issubdtype(yb.dtype, np.integer):
                 yb = yb.astype(self.dtype)
             self.yb = xp.asarray(yb)
         self.maskb = None
-        if self.lengths is not None:
+        if self.lengths is not None or (self.windows > 1 and
+                                        self.windows * self.conf.unroll_len > self.x.shape[1]):
             T = self.conf.unroll_len
-            m = (np.arange(T)[None, :] < self.lengths[idx][:, None]).astype(self.dtype)
+            lengths = self.lengths[idx] if self.lengths is not None else \
+                np.full(len(idx), self.x.shape[1])
+            m = (w * T + np.arange(T)[None, :] < lengths[:, None]).astype(self.dtype)
             self.maskb = xp.asarray(m)
-        self.new_sequence = True
 
     def forward(self, ctx, xs, state):
         i = ctx.step
@@ -572,20 +615,28 @@ class SequenceInput(InputLayer):
         return self.y is not None and self.y.ndim == 2 and self.y.shape[1] == self.x.shape[1]
 
     def cursor_state(self) -> dict:
-        return {"cursor": int(self.cursor), "epoch": int(self.epoch),
-                "order": self.order.tolist() if self.conf.store_conf.shuffle else None}
+        d = {"cursor": int(self.cursor), "epoch": int(self.epoch),
+             "order": self.order.tolist() if self.conf.store_conf.shuffle else None}
+        if self.windows > 1 and self.idx is not None:  # inside a record: its rows and window
+            d["window"], d["rows"] = int(self.window), [int(i) for i in self.idx]
+        return d
 
     def snapshot(self) -> dict:
-        return {"cursor": self.cursor, "epoch": self.epoch, "order": self.order}
+        return {"cursor": self.cursor, "epoch": self.epoch, "order": self.order,
+                "window": self.window, "idx": self.idx}
 
     def restore(self, snap: dict) -> None:
         self.cursor, self.epoch, self.order = snap["cursor"], snap["epoch"], snap["order"]
+        self.window, self.idx = snap["window"], snap["idx"]
 
     def load_cursor_state(self, d: dict) -> None:
         self.cursor = int(d["cursor"])
         self.epoch = int(d["epoch"])
         if d.get("order") is not None:
             self.order = np.asarray(d["order"], dtype=np.int64)
+        self.window, self.idx = 0, None
+        if d.get("rows") is not None:
+            self.window, self.idx = int(d["window"]), np.asarray(d["rows"], dtype=np.int64)
 
 
 @register(pb.kRNNDummy)

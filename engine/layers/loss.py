@@ -45,9 +45,36 @@ class Supervised(Layer):
     """Shared set-up of layers comparing source 0 with the labels of source 1.
 
     ``ctx.batch`` (rows of one copy) normalises a block call over several copies
-    exactly as the copies one by one would be."""
+    exactly as the copies one by one would be.
+
+    Per-step labels from one copy (the same rule for every loss): when source 1 is
+    connected kUnrollOneToAll and has a single copy, its labels hold every step, one
+    column per copy (y [N, T], or [N, T, K]), and copy t reads column t (a block call:
+    the columns of ``ctx.steps``, step-major); labels y [N] (one per sequence) serve
+    every copy."""
 
     rowwise = True
+    step_select = True
+
+    def labels_per_step(self) -> bool:
+        """Source 1 is read one-to-all: its labels hold a column per copy."""
+        return len(self.src_conn) > 1 and self.src_conn[1] == pb.kUnrollOneToAll
+
+    def step_columns(self, a, ctx, what: str):
+        """Column ctx.step of per-step labels ``a`` (B, S, ...) (block: ctx.steps)."""
+        if a.ndim == 1:  # one label per sequence: the same for every copy
+            return a if ctx.steps is None else self.xp.concatenate([a] * len(ctx.steps))
+        steps = ctx.steps if ctx.steps is not None else [ctx.step]
+        last = int(max(steps)) if len(steps) else 0
+        if a.shape[1] <= last:
+            raise self.error(f"{what} have shape {tuple(a.shape)}, but source 1 is read "
+                             f"one-to-all, so copy {last} reads column {last} of them; give "
+                             f"the data layer y [N, {last + 1}] (a column per copy) or connect "
+                             f"source 1 one-to-one")
+        if ctx.steps is None:
+            return a[:, ctx.step]
+        cols = self.xp.swapaxes(a[:, ctx.steps], 0, 1)
+        return cols.reshape((-1,) + a.shape[2:])
 
     def check_sources(self, srcs):
         self.need_srcs(srcs, 2, "the prediction, then the labels")
@@ -73,7 +100,10 @@ class Supervised(Layer):
         if lab is None:
             raise self.error("source 1 gives no labels at this step; connect the label source "
                              "to every copy")
-        lab = self.ids_at_step(lab, ctx, "labels")
+        if self.labels_per_step() and not isinstance(xs[1], list):
+            lab = self.as_ids(self.step_columns(self.xp.asarray(lab), ctx, "labels"), "labels")
+        else:
+            lab = self.ids_at_step(lab, ctx, "labels")
         if lab.ndim != 1 or lab.shape[0] != batch:
             raise self.error(f"labels have shape {tuple(lab.shape)}, expected ({batch},) for a "
                              f"batch of {batch} rows")
@@ -157,7 +187,8 @@ class EuclideanLoss(Supervised, LossLayer):
     """Half squared error between a prediction and a float target.
 
     loss_r = 0.5 * sum_k (p_rk - t_rk)^2 for prediction p (B, K) (source 0) and
-    target t (B, K). euclideanloss_conf.target says what t is:
+    target t (B, K) (per step from a one-to-all single copy: see Supervised).
+    euclideanloss_conf.target says what t is:
     kOutput (default, SINGA's meaning): source 1's output, flattened per row (the
     auto-encoder's data layer: the net reconstructs its input); kLabels: the labels
     that source 1 carries (a data layer's y: regression targets; a (B,) target is
@@ -197,6 +228,8 @@ class EuclideanLoss(Supervised, LossLayer):
                 raise self.error("source 1 carries no labels at this step; target: kLabels "
                                  "needs a data layer with labels (y) as source 1")
             t = self.src_input([t], 0, "labels")
+            if self.labels_per_step():
+                t = self.step_columns(t, ctx, "the labels")
             if t.shape != (b, k) and not (t.shape == (b,) and k == 1):
                 raise self.error(f"the labels have shape {tuple(t.shape)}, expected ({b}, {k}) "
                                  f"to match the prediction")

@@ -231,6 +231,8 @@ ACTIVATIONS = {
     IDENTITY: (lambda xp, x, a: x,
                lambda xp, x, y, a: xp.ones_like(x)),
 }
+#: LINEAR (an extension, ActivationType 10) is the identity: the same functions
+ACTIVATIONS[pb.LINEAR] = ACTIVATIONS[IDENTITY]
 
 
 def activation_name(key) -> str:
@@ -251,7 +253,7 @@ class Elementwise(Layer):
         key, self.arg = self.function()
         if key not in ACTIVATIONS:
             raise self.error(f"activation type {key} is not supported; use RELU, SIGMOID, "
-                             f"TANH or STANH")
+                             f"TANH, STANH or LINEAR")
         self.fn, self.dfn = ACTIVATIONS[key]
         self.out_shape = tuple(srcs[0].out_shape)
 
@@ -273,8 +275,8 @@ class Elementwise(Layer):
 @register(pb.kActivation)
 class Activation(Elementwise):
     """y = f(x) with f chosen by activation_conf.type:
-    RELU max(x, 0), SIGMOID 1/(1+exp(-x)), TANH tanh(x), STANH 1.7159047 tanh(2x/3).
-    No params."""
+    RELU max(x, 0), SIGMOID 1/(1+exp(-x)), TANH tanh(x), STANH 1.7159047 tanh(2x/3),
+    LINEAR x (the identity, an extension). No params."""
 
     def function(self):
         return self.conf.activation_conf.type, 0.0
