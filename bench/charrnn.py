@@ -161,7 +161,9 @@ def corpus(path: pathlib.Path, V: int, n: int = 400_000) -> None:
 
 def job_text(case: str, data: pathlib.Path, ws: pathlib.Path) -> str:
     cell, H, B, T, V, layers = CASES[case]
-    conf = {"GRU": "gru_conf", "LSTM": "lstm_conf", "RNN": "rnn_conf"}[cell]
+    from engine.layers import layer_class      # the engine's processes only
+    from engine.proto import job_pb2 as pb
+    conf = layer_class(getattr(pb, f"k{cell}")).CONF_FIELD   # the cell class says its conf
     rec = ""
     src = "onehot"
     for k in range(layers):

@@ -143,6 +143,24 @@ def _timed_event(fn, probes: Probes, part: str):
     return call
 
 
+def _timed_step(fn, probes: Probes, part: str):
+    """A cell's step (``step_forward``/``step_backward``): its time less the probed events
+    inside it (the step's product GEMMs, one-hot gathers) is ``part``, the gate maths."""
+    def call(*args, **kwargs):
+        if not probes.on:
+            return fn(*args, **kwargs)
+        inner0, t0 = probes.inner, CLOCK[0]()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            t1 = CLOCK[0]()
+            own = (t1 - t0) - (probes.inner - inner0)
+            probes.add(part, own)
+            probes.inner += own
+            probes.last_end = t1
+    return call
+
+
 def _timed_block(fn, probes: Probes, phase: str):
     """A recurrent layer's block call: what its probed events do not cover is "rec_rest",
     except after the last event of the backward call, which is "grads"."""
@@ -167,8 +185,10 @@ def install(runner: EngineRunner, probes: Probes, B: int) -> None:
     for lay in runner.net.layers.values():
         if lay.recurrent:
             lay.xp = TimedXP(lay.xp, probes, B)
-            lay.cell.forward = _timed_event(lay.cell.forward, probes, "gates_fwd")
-            lay.cell.backward = _timed_event(lay.cell.backward, probes, "gates_bwd")
+            for fwd, bwd in (("step_forward", "step_backward"),
+                             ("formula_forward", "formula_backward")):
+                setattr(lay, fwd, _timed_step(getattr(lay, fwd), probes, "gates_fwd"))
+                setattr(lay, bwd, _timed_step(getattr(lay, bwd), probes, "gates_bwd"))
             lay.forward_block = _timed_block(lay.forward_block, probes, "fwd")
             lay.backward_block = _timed_block(lay.backward_block, probes, "bwd")
             continue

@@ -1,9 +1,10 @@
 """Checkpoints: one ``.npz`` file per snapshot, written atomically, with a checksum.
 
-A checkpoint ``<workspace>/checkpoints/step<N>.npz`` holds:
+A checkpoint ``<workspace>/checkpoints/step<N>.npz`` holds named sections (``SECTIONS``;
+``join`` builds the flat names, ``section`` reads one back):
   param/<name>      every owner param (host arrays, training dtype)
   updater/<key>     the updater's state (histories, Adam's t, ...)
-  worker/<key>      carried recurrent state
+  worker/<key>      the worker's state: carried recurrent state, carry/<layer>/<part>/<parts>
   meta              one JSON string: format version, step, the job text it was
                     trained with, vocabulary, RNG/data cursors, and the SHA-256
                     of all arrays above (checked on load)
@@ -121,6 +122,28 @@ def write_atomic(path, data, what: str = "file", error=None) -> pathlib.Path:
     except OSError:
         pass
     return path
+
+
+#: the sections of a checkpoint's arrays, each a prefix ``<section>/``
+SECTIONS = ("param", "updater", "worker")
+
+
+def join(**sections: dict) -> dict:
+    """One flat dict of arrays from named sections (``param=..., updater=...``)."""
+    out = {}
+    for name, arrays in sections.items():
+        if name not in SECTIONS:
+            raise ValueError(f"unknown checkpoint section {name!r}")
+        out.update({f"{name}/{k}": v for k, v in arrays.items()})
+    return out
+
+
+def section(arrays: dict, name: str) -> dict:
+    """The arrays of one section, named without its prefix."""
+    if name not in SECTIONS:
+        raise ValueError(f"unknown checkpoint section {name!r}")
+    head = name + "/"
+    return {k[len(head):]: v for k, v in arrays.items() if k.startswith(head)}
 
 
 def save(path, arrays: dict[str, np.ndarray], meta: dict) -> pathlib.Path:

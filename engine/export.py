@@ -97,7 +97,7 @@ def inference_net(arrays: dict, meta: dict, where: str) -> Net:
     net = build()
     chain = interop.chain_of(net, where)
     first = chain.cells[0]
-    w = arrays.get(f"param/{first.params[chain.spec.hx[0]].name}")
+    w = ckpt.section(arrays, "param").get(first.params[chain.spec.hx[0]].name)
     if w is not None and w.ndim == 2 and w.shape[1] != first.D:
         if chain.encoder is None:
             dims[chain.source.name] = int(w.shape[1])

@@ -3,7 +3,8 @@
 Builds the job's train net in float64 on NumPy (whatever GPU the job names: its
 ``gpu`` field is not used, and ``--cpu`` is accepted so that the same command line
 serves engine.train, engine.sample and this), loads one batch, and compares
-each param's analytic gradient (the BPTT worker's backward) with central
+each param's analytic gradient (the BPTT worker's backward: the reference
+executor's and, where the net fits it, the planned executor's) with central
 differences of the objective (the sum over loss copies of scale x the mean
 over the batch of the per-row loss) at every entry of small params and at a
 random sample of entries of large ones. Prints the worst relative error per
@@ -34,7 +35,12 @@ from engine.net import Net
 from engine.proto import job_pb2 as pb
 from engine.workspace import job_alg, net_info, workspace_of
 from engine.unroll import unroll
+from engine.planner import NotPlannable, PlannedWorker
 from engine.worker import Worker
+
+
+#: --executor -> the executors checked, in order
+EXECUTORS = {"both": ("reference", "planned"), "reference": ("reference",), "planned": ("planned",)}
 
 
 class GradcheckError(ValueError):
@@ -58,8 +64,11 @@ def check_options(eps: float, max_full: int, samples: int, tol: float | None = N
                              f"(default 1e-4)")
 
 
-def build(job: pb.JobProto, path: str, seed: int = 0, workspace=None, phase=Phase.TRAIN):
-    """A float64 NumPy net and worker over one loaded batch (state starts from zeros)."""
+def build(job: pb.JobProto, path: str, seed: int = 0, workspace=None, phase=Phase.TRAIN,
+          executor: str = "reference"):
+    """A float64 NumPy net and worker over one loaded batch (state starts from zeros):
+    ``executor`` "reference" (node by node) or "planned" (NotPlannable when the net does
+    not fit the planner)."""
     ws = workspace_of(job, workspace)
     u = unroll(job.neuralnet, phase, job.name, where=str(path))
     net = Net(u, make_backend(None, np.float64), net_info(path, ws, seed, alg=job_alg(job)),
@@ -68,7 +77,10 @@ def build(job: pb.JobProto, path: str, seed: int = 0, workspace=None, phase=Phas
         raise ConfigError(f"{path}: the net has no loss layer, so there is no objective to check")
     if not net.params:
         raise ConfigError(f"{path}: the net has no params, so there is no gradient to check")
-    w = Worker(net, seed=seed, carry=pb.kResetBatch)
+    if executor == "planned":
+        w = PlannedWorker(net, seed=seed, carry=pb.kResetBatch)
+    else:
+        w = Worker(net, seed=seed, carry=pb.kResetBatch)
     w.load()
     return net, w
 
@@ -132,31 +144,46 @@ def main(argv=None) -> int:
     ap.add_argument("--cpu", action="store_true",
                     help="accepted for a job that names a GPU (gpu: 0); the check always runs "
                          "on the CPU (NumPy, float64)")
+    ap.add_argument("--executor", choices=list(EXECUTORS), default="both",
+                    help="which executor's backward to check: both (default; the planned one "
+                         "where the net fits it), reference or planned")
     ap.add_argument("--debug", action="store_true")
     a = ap.parse_args(argv)
     try:
         check_options(a.eps, a.max_full, a.samples, a.tol)
         job = load_job(a.job)
-        net, w = build(job, a.job, a.seed)
-        worst = check(net, w, a.eps, a.max_full, a.samples, a.seed)
+        runs = {}
+        for executor in EXECUTORS[a.executor]:
+            try:
+                net, w = build(job, a.job, a.seed, executor=executor)
+            except NotPlannable as e:
+                if a.executor == "planned":
+                    raise ConfigError(f"{a.job}: the planned executor does not run this net: {e}")
+                print(f"planned executor: not checked, the net does not fit it ({e})")
+                continue
+            runs[executor] = check(net, w, a.eps, a.max_full, a.samples, a.seed)
     except Exception as e:  # noqa: BLE001 - every failure is one line (engine/cli.py)
         if a.debug:
             raise
         return cli.report(e, a.job, inputs=(GradcheckError,))
-    above = [k for k, v in worst.items() if v > a.tol]
-    nonfinite = [k for k, v in worst.items() if math.isnan(v)]
-    width = max(len(k) for k in worst)
-    for name, err in worst.items():
-        verdict = ("FAIL (gradient or objective not finite)" if math.isnan(err)
-                   else "FAIL" if err > a.tol else "ok")
-        print(f"{name:<{width}}  worst relative error {err:.2e}  {verdict}")
-    summary = (f"gradcheck: {len(worst) - len(above) - len(nonfinite)} params within tolerance "
-               f"{a.tol:g}, {len(above)} above")
-    if nonfinite:
-        summary += f", {len(nonfinite)} not finite"
-    print(summary)
-    return 1 if above or nonfinite else 0
-
+    failed = False
+    for executor, worst in runs.items():
+        above = [k for k, v in worst.items() if v > a.tol]
+        nonfinite = [k for k, v in worst.items() if math.isnan(v)]
+        width = max(len(k) for k in worst)
+        if len(runs) > 1:
+            print(f"{executor} executor:")
+        for name, err in worst.items():
+            verdict = ("FAIL (gradient or objective not finite)" if math.isnan(err)
+                       else "FAIL" if err > a.tol else "ok")
+            print(f"{name:<{width}}  worst relative error {err:.2e}  {verdict}")
+        summary = (f"gradcheck ({executor}): {len(worst) - len(above) - len(nonfinite)} params "
+                   f"within tolerance {a.tol:g}, {len(above)} above")
+        if nonfinite:
+            summary += f", {len(nonfinite)} not finite"
+        print(summary)
+        failed = failed or bool(above or nonfinite)
+    return 1 if failed else 0
 
 if __name__ == "__main__":
     sys.exit(main())

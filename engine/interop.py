@@ -61,6 +61,7 @@ from engine import safetensors_io
 from engine.common import ConfigError, type_name
 from engine.layers import layer_class
 from engine.layers.base import InputLayer
+from engine.layers.recurrent import ExportForm, cell_classes
 from engine.proto import job_pb2 as pb
 
 
@@ -69,38 +70,9 @@ class InteropError(ConfigError):
 
 
 # ----------------------------------------------------------------- the cells
-@dataclass(frozen=True)
-class CellSpec:
-    """How one recurrent type maps to PyTorch's and ONNX's layouts.
-
-    ``hx``, ``hh``, ``b``: the engine's param roles, one per gate in PyTorch's gate order;
-    ``onnx_order``: ONNX's gate order as positions in PyTorch's;
-    ``reset_gated``: the gate whose recurrent part is multiplied by the reset gate (its
-    recurrent bias cannot join the input bias), or None;
-    ``hb``: the engine's role of that gate's recurrent bias (PyTorch's b_hn), a param a
-    layer has when it is configured so (``gru_conf { recurrent_bias: true }``).
-    """
-
-    torch_name: str
-    hx: tuple
-    hh: tuple
-    b: tuple
-    onnx_order: tuple
-    reset_gated: int | None = None
-    hb: str | None = None
-
-    @property
-    def gates(self) -> int:
-        return len(self.hx)
-
-
-CELLS = {
-    pb.kGRU: CellSpec("GRU", ("r_hx", "z_hx", "c_hx"), ("r_hh", "z_hh", "c_hh"),
-                      ("r_b", "z_b", "c_b"), onnx_order=(1, 0, 2), reset_gated=2, hb="c_hb"),
-    pb.kLSTM: CellSpec("LSTM", ("i_hx", "f_hx", "g_hx", "o_hx"), ("i_hh", "f_hh", "g_hh", "o_hh"),
-                       ("i_b", "f_b", "g_b", "o_b"), onnx_order=(0, 3, 1, 2)),
-    pb.kRNN: CellSpec("RNN", ("w_hx",), ("w_hh",), ("b",), onnx_order=(0,)),
-}
+#: LayerType -> the export form its cell class declares (engine/layers/recurrent.py), for
+#: every registered cell that has one
+CELLS = {t: cls.export for t, cls in cell_classes().items() if cls.export is not None}
 
 ENCODERS = {pb.kOneHot, pb.kEmbedding}
 #: joins the two directions of a bidirectional level
@@ -167,7 +139,7 @@ class Chain:
         return self.cells[0].conf.type
 
     @property
-    def spec(self) -> CellSpec:
+    def spec(self) -> ExportForm:
         return CELLS[self.kind]
 
     @property

@@ -48,6 +48,7 @@ from engine.layers import Context
 from engine.layers.base import add_grads
 from engine.net import Net
 from engine.proto import job_pb2 as pb
+from engine.unroll import node_id
 from engine.worker import Worker
 
 
@@ -110,8 +111,11 @@ def plan(net: Net) -> Plan:
         if lay.multi_output:
             raise NotPlannable(f"{what} has several outputs")
         ctx_srcs = type(lay).context_sources(lay.conf)
-        if any(c != name for c, _ in ctx_srcs):
-            raise NotPlannable(f"{what} is fed back from another layer")
+        others = [c for c, _ in ctx_srcs if c != name]
+        if others and (TL > 1 or any(net.layers[c].conf.unroll_len > 1 for c in others)):
+            raise NotPlannable(f"{what} is fed back from another layer within a batch")
+        if others:   # one copy fed from the last batch (a sampling net): the carried state
+            ctx_srcs = []
         if ctx_srcs and ctx_srcs not in ([(name, 1)], [(name, -1)]):
             raise NotPlannable(f"{what} reads its own copies at offsets {[o for _, o in ctx_srcs]}")
         if (TL > 1 or ctx_srcs) and not lay.supports_block():
@@ -216,7 +220,7 @@ class PlannedWorker(Worker):
             if b.mask_from is not None and mask.get(b.mask_from) is not None:
                 m = _take(mask[b.mask_from], b.mask_how, B, b.T, self.xp)
             ctx = Context(step=0, unroll_len=b.T, train=train, mask=m, aux=src_aux,
-                          rng=LazyRNG(self.seed, DROPOUT, self.batch_index, 100000 + b.index),
+                          rng=LazyRNG(self.seed, DROPOUT, self.batch_index, self._stream(b)),
                           metrics=metrics, need_input_grads=b.need_input_grads,
                           need_state_grad=b.need_state_grad)
             if b.T > 1:
@@ -228,22 +232,36 @@ class PlannedWorker(Worker):
                 y, final[name], c = lay.forward_block(ctx, xs, state)
             elif b.T > 1:
                 y, _, c = lay.forward_block(ctx, xs, None)
-            else:
-                y, _, c = lay.forward(ctx, xs, None)
+            else:   # one copy; fed back from another layer's last batch (sampling) if so
+                state = self.initial_state(lay) if name in self.starts_from_state else None
+                y, _, c = lay.forward(ctx, xs, state)
             if ctx.mask_out is not None:
                 ctx.mask = ctx.mask_out
             out[name], aux[name], mask[name] = y, ctx.aux_out, ctx.mask
             if b.needs_grad:
                 cache[name], ctxs[name] = c, ctx
-        self.blocks, self.caches, self.ctxs = out, cache, ctxs
-        # the state where each pass ended (copy T-1, or copy 0 for a backward pass), keyed
-        # like the reference worker's nodes: what _end_batch carries
-        self.states = {}
-        for n, s in final.items():
-            lay = self.net.layers[n]
-            end = 0 if lay.reverse_pass(lay.conf) else lay.conf.unroll_len - 1
-            self.states[f"{end}#{n}"] = s
-        self.outs = {}
+        self.blocks, self.caches, self.ctxs, self.final = out, cache, ctxs, final
+
+    def _stream(self, b: Block) -> int:
+        """The random stream of a block: a single copy draws from its node's stream, as in
+        the reference executor (so a sampler draws the same characters under both); a block
+        of several copies from one of its own."""
+        if b.T == 1:
+            return self.net.by_id[node_id(0, b.layer.name)].index
+        return 100000 + b.index
+
+    def output(self, layer: str, copy: int | None = None):
+        """Copy ``copy`` (default: the last) of ``layer``'s block: its rows of that copy."""
+        y = self.blocks.get(layer)
+        if y is None:
+            return None
+        T = self.net.layers[layer].conf.unroll_len
+        B = y.shape[0] // T
+        t = T - 1 if copy is None else copy
+        return y[t * B:(t + 1) * B]
+
+    def end_state(self, layer: str):
+        return self.final.get(layer)
 
     def first_nonfinite_output(self) -> str | None:
         xp, B = self.xp, self.batchsize

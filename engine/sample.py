@@ -50,7 +50,7 @@ from engine.proto import job_pb2 as pb
 from engine.stopping import ABORT, DEFER, ForcedExit, Stop, exit_status, signal_name
 from engine.workspace import load_params, net_info, workspace_of
 from engine.unroll import unroll
-from engine.worker import Worker
+from engine.planner import make_worker
 
 PREV, SAMPLE = "prev_char", "sample"
 
@@ -161,7 +161,7 @@ class Sampler:
                 raise ConfigError(f"{where}: no vocabulary to sample with: the checkpoint has "
                                   f"none; give the kCharRNNOutput layer char_rnn_conf "
                                   f"{{ vocab_path }}")
-        self.worker = Worker(self.net, seed=seed, carry=pb.kCarry)
+        self.worker, self.executor = make_worker(self.net, seed=seed, carry=pb.kCarry)
         dummies = [lay for lay in self.net.layers.values() if _feedback(lay.conf)]
         if not dummies:
             raise ConfigError(f"{where}: the sampling net has no layer fed back from a kArgSort "
@@ -175,14 +175,13 @@ class Sampler:
                               f'"{drawer}", which is not a kArgSort; sampling draws each next '
                               f"character with a kArgSort layer")
         self.argsort.limit = len(self.vocab)
-        self.out_node = f"{self.argsort.conf.unroll_len - 1}#{self.argsort.name}"
         self.xp = self.net.xp
 
     def _step(self, feed_id: int | None) -> int:
         if feed_id is not None:
             self.worker.carry[self.dummy.name] = self.xp.asarray(np.array([feed_id], np.int64))
         self.worker.run_batch(train=False, load=False)
-        y = self.worker.outs[self.out_node]
+        y = self.worker.output(self.argsort.name)
         return int(to_host(y).reshape(-1)[0])
 
     def stream(self, length: int, temperature: float = 1.0, prime: str = "", top_k: int = 0):

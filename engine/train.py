@@ -45,6 +45,7 @@ from engine.backend import device_of, keep_freed_memory, make_backend
 from engine.config import ConfigError, Phase, check_trains, job_dir, load_job
 from engine.layers import kernels
 from engine.layers.input import resolve_path
+from engine.layers.recurrent import describe_cells
 from engine.net import Net
 from engine.planner import NotPlannable, make_worker
 from engine.plot import PlotUnavailable, plot_metrics
@@ -220,10 +221,8 @@ class Trainer:
         if not self.world.leads:
             self.saved_step = self.step  # rank 0 writes it
             return ""
-        arrays = param_arrays(self.main)
-        for k, v in self.updater.state_dict().items():
-            arrays[f"updater/{k}"] = v
-        arrays.update({f"worker/{k}": v for k, v in ws["arrays"].items()})
+        arrays = ckpt.join(param=param_arrays(self.main), updater=self.updater.state_dict(),
+                           worker=ws["arrays"])
         meta = {"step": self.step, "job": text_format.MessageToString(self.job),
                 "job_path": str(self.path), "vocab": self.vocab, "encoding": self.encoding,
                 "seed": self.seed, "worker": ws["meta"], "workers": self.world.size,
@@ -241,14 +240,12 @@ class Trainer:
         self._check_batchsize(path, arrays, meta)
         load_params(self.main, arrays, str(path))
         if self.updater is not None:
-            self.updater.load_state_dict({k[8:]: v for k, v in arrays.items()
-                                          if k.startswith("updater/")})
+            self.updater.load_state_dict(ckpt.section(arrays, "updater"))
         w = self.workers.get(Phase.TRAIN)
         if w is not None:
             try:
-                mine = self.world.share_worker_state(
-                    {k[7:]: v for k, v in arrays.items() if k.startswith("worker/")},
-                    meta.get("worker", {}))
+                mine = self.world.share_worker_state(ckpt.section(arrays, "worker"),
+                                                     meta.get("worker", {}))
             except dist.DistributedError as e:
                 raise ckpt.CheckpointError(f"{path}: {e}; resume with a number of workers "
                                            f"that divides them") from None
@@ -268,8 +265,8 @@ class Trainer:
             return
         rows = meta.get("batchsize")
         if not isinstance(rows, int):
-            rows = next((int(a.shape[0]) for k, a in sorted(arrays.items())
-                         if k.startswith("worker/carry/") and a.ndim >= 1), None)
+            rows = next((int(a.shape[0]) for k, a in sorted(ckpt.section(arrays, "worker").items())
+                         if k.startswith("carry/") and a.ndim >= 1), None)
         if rows is not None and rows != self.batch_rows(w):
             raise ConfigError(f"{path}: the checkpoint was written with batch size {rows} and "
                               f"the job now has {self.batch_rows(w)}; --resume needs the batch size it "
@@ -294,6 +291,9 @@ class Trainer:
         job, main = self.job, self.main
         self.say(f"job {job.name or '(unnamed)'}: {self.path}")
         cell_maths = kernels.describe(self.backend.dtype, self.backend.xp)
+        per_cell = describe_cells(main.layers.values())
+        if per_cell:
+            cell_maths += f" ({per_cell})"
         self.say(f"workspace {self.ws}  backend {self.backend.describe()}, {cell_maths}  "
                  f"seed {self.seed}")
         if self.cpu_note:

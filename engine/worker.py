@@ -35,6 +35,7 @@ from engine.layers import Context
 from engine.layers.base import add_grads
 from engine.net import Joined, Net, Zeros
 from engine.proto import job_pb2 as pb
+from engine.unroll import node_id
 
 
 def summarize(xp, a) -> dict | None:
@@ -51,6 +52,67 @@ def summarize(xp, a) -> dict | None:
 
 class ContinuityError(RuntimeError):
     """Carried state would meet data that does not continue the previous batch."""
+
+
+class CarriedState:
+    """The state carried from one batch into the next, keyed by layer name: an array, or a
+    tuple of arrays (an LSTM's (h, c)). The one owner of its checkpoint form: ``arrays()``
+    gives host arrays named ``<layer>/<part>/<parts>``, ``load`` reads them back."""
+
+    def __init__(self, values: dict | None = None):
+        self._values: dict = dict(values or {})
+
+    def __getitem__(self, layer: str):
+        return self._values[layer]
+
+    def __setitem__(self, layer: str, value) -> None:
+        self._values[layer] = value
+
+    def __contains__(self, layer: str) -> bool:
+        return layer in self._values
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def get(self, layer: str, default=None):
+        return self._values.get(layer, default)
+
+    def items(self):
+        return self._values.items()
+
+    def clear(self) -> None:
+        self._values.clear()
+
+    def copy(self) -> "CarriedState":
+        """A shallow copy (the arrays are replaced between batches, never written in place)."""
+        return CarriedState(self._values)
+
+    def arrays(self) -> dict:
+        """Host arrays for a checkpoint: ``<layer>/<part>/<parts>`` -> array."""
+        out = {}
+        for name, st in self._values.items():
+            parts = st if isinstance(st, tuple) else (st,)
+            for k, a in enumerate(parts):
+                out[f"{name}/{k}/{len(parts)}"] = to_host(a)
+        return out
+
+    @classmethod
+    def load(cls, arrays: dict, xp) -> "CarriedState":
+        """The inverse of ``arrays`` (the arrays moved to ``xp``)."""
+        groups: dict[str, dict[int, object]] = {}
+        sizes: dict[str, int] = {}
+        for key, a in arrays.items():
+            name, k, n = key.rsplit("/", 2)
+            groups.setdefault(name, {})[int(k)] = xp.asarray(a)
+            sizes[name] = int(n)
+        out = cls()
+        for name, parts in groups.items():
+            vals = tuple(parts[k] for k in range(sizes[name]))
+            out[name] = vals if sizes[name] > 1 else vals[0]
+        return out
 
 
 def _zeros_like(xp, a):
@@ -71,10 +133,10 @@ class Worker:
         if carry == pb.kCarryAuto:
             carry = pb.kResetBoundary if streams else pb.kResetBatch
         self.policy = carry
-        self.carry: dict[str, object] = {}
+        self.carry = CarriedState()
         self._prev_starts: dict[str, np.ndarray] = {}
-        # layers whose first copy (copy 0) takes a context from the previous batch: the
-        # last copy of the context layer
+        # layers whose first copy (copy 0) takes a context from the previous batch: (layer,
+        # the context layer, whether that is the layer itself: its state, else its output)
         self.ctx_layers = []
         #: layers with context: the copy that starts their pass gets ``initial_state``
         self.starts_from_state: set[str] = set()
@@ -83,8 +145,7 @@ class Worker:
                 self.starts_from_state.add(layer.name)
                 if off < 0:   # a backward pass: nothing is carried (module docstring)
                     continue
-                T = net.layers[cname].conf.unroll_len
-                self.ctx_layers.append((layer, f"{T - 1}#{cname}", cname == layer.name))
+                self.ctx_layers.append((layer, cname, cname == layer.name))
         self.batch_index = 0
         self.outs: dict = {}
         #: when True, the next batch records per-node and per-param statistics in
@@ -167,14 +228,28 @@ class Worker:
         return metrics
 
     def _end_batch(self) -> None:
-        for layer, last, is_state in self.ctx_layers:
-            val = self.states.get(last) if is_state else self.outs.get(last)
+        for layer, cname, is_state in self.ctx_layers:
+            val = self.end_state(cname) if is_state else self.output(cname)
             if val is not None and self.policy != pb.kResetBatch:
                 self.carry[layer.name] = val
         for lay in self.net.inputs:
             lay.end_batch()
         self.caches = {}
         self.ctxs = {}
+
+    # ------------------------------------------------------- what a batch left
+    def output(self, layer: str, copy: int | None = None):
+        """The output of copy ``copy`` (default: the last) of ``layer`` in the last forward,
+        or None."""
+        T = self.net.layers[layer].conf.unroll_len
+        return self.outs.get(node_id(T - 1 if copy is None else copy, layer))
+
+    def end_state(self, layer: str):
+        """The state of ``layer`` where its pass ended in the last forward (after copy T−1,
+        or after copy 0 for a backward pass), or None."""
+        lay = self.net.layers[layer]
+        end = 0 if lay.reverse_pass(lay.conf) else lay.conf.unroll_len - 1
+        return self.states.get(node_id(end, layer))
 
     # ------------------------------------------------------------ forward
     def initial_state(self, layer):
@@ -308,12 +383,12 @@ class Worker:
         """What the next batch changes in the worker and its input layers (cheap: no
         array copies; the arrays involved are replaced, never written in place)."""
         inputs = {lay.name: lay.snapshot() for lay in self.net.inputs}
-        return {"carry": dict(self.carry), "prev": dict(self._prev_starts),
+        return {"carry": self.carry.copy(), "prev": dict(self._prev_starts),
                 "batch_index": self.batch_index, "inputs": inputs}
 
     def restore(self, snap: dict) -> None:
         """Back to a ``snapshot``: the next run_batch reads the same batch again."""
-        self.carry = dict(snap["carry"])
+        self.carry = snap["carry"].copy()
         self._prev_starts = dict(snap["prev"])
         self.batch_index = snap["batch_index"]
         for lay in self.net.inputs:
@@ -321,12 +396,9 @@ class Worker:
 
     # --------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
-        """Carried states (host arrays) and input cursors, for exact resume."""
-        arrays = {}
-        for name, st in self.carry.items():
-            parts = st if isinstance(st, tuple) else (st,)
-            for k, a in enumerate(parts):
-                arrays[f"carry/{name}/{k}/{len(parts)}"] = to_host(a)
+        """Carried states (host arrays, named by ``CarriedState.arrays``) and input cursors,
+        for exact resume: {"arrays": {"carry/<layer>/<part>/<parts>": array}, "meta": ...}."""
+        arrays = {f"carry/{k}": a for k, a in self.carry.arrays().items()}
         meta = {"batch_index": self.batch_index,
                 "cursors": {lay.name: lay.cursor_state() for lay in self.net.inputs},
                 "prev_starts": {k: [v[0].tolist(), v[1]] for k, v in self._prev_starts.items()}}
@@ -340,13 +412,5 @@ class Worker:
                 lay.load_cursor_state(cur)
         self._prev_starts = {k: (np.asarray(v[0], dtype=np.int64), int(v[1]))
                              for k, v in meta.get("prev_starts", {}).items()}
-        groups: dict[str, dict[int, object]] = {}
-        sizes: dict[str, int] = {}
-        for key, a in arrays.items():
-            name, k, n = key.split("/", 1)[1].rsplit("/", 2)
-            groups.setdefault(name, {})[int(k)] = self.xp.asarray(a)
-            sizes[name] = int(n)
-        self.carry = {}
-        for name, parts in groups.items():
-            vals = tuple(parts[k] for k in range(sizes[name]))
-            self.carry[name] = vals if sizes[name] > 1 else vals[0]
+        carried = {k.split("/", 1)[1]: a for k, a in arrays.items() if k.startswith("carry/")}
+        self.carry = CarriedState.load(carried, self.xp)

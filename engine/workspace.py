@@ -8,7 +8,7 @@ import os
 import pathlib
 
 from engine.backend import to_host
-from engine.checkpoint import temp_path, write_atomic
+from engine.checkpoint import section, temp_path, write_atomic
 from engine.config import ConfigError, Phase, job_dir, layers_in_phase
 from engine.net import Net
 from engine.proto import job_pb2 as pb
@@ -168,8 +168,9 @@ def job_alg(job: pb.JobProto) -> int | None:
 def load_params(net: Net, arrays: dict, where: str) -> None:
     """Copy ``param/<name>`` arrays into the net's params, naming every mismatch."""
     missing, wrong = [], []
+    params = section(arrays, "param")
     for p in net.params:
-        a = arrays.get(f"param/{p.name}")
+        a = params.get(p.name)
         if a is None:
             missing.append(p.name)
         elif tuple(a.shape) != tuple(p.shape):
@@ -179,11 +180,12 @@ def load_params(net: Net, arrays: dict, where: str) -> None:
     if wrong:
         raise ConfigError(f"{where}: param shapes differ from the net: {', '.join(wrong)}")
     if missing:
-        have = sorted(k[6:] for k in arrays if k.startswith("param/"))
+        have = sorted(params)
         raise ConfigError(f"{where}: the checkpoint has no param {', '.join(missing)} (it has "
                           f"{', '.join(have) or 'none'}); the net's param names must match the "
                           f"job that wrote it")
 
 
 def param_arrays(net: Net) -> dict:
-    return {f"param/{p.name}": to_host(p.data) for p in net.params}
+    """The net's params as host arrays by name (the checkpoint section ``param``)."""
+    return {p.name: to_host(p.data) for p in net.params}

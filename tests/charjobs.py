@@ -5,13 +5,17 @@ import pathlib
 import subprocess
 import sys
 
+from engine.layers.recurrent import cell_classes
+from engine.proto import job_pb2 as pb
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 TEXT = ("def add(a, b):\n    return a + b\n\n"
         "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n\n"
         "for i in range(10):\n    print(add(i, i * 2))\n") * 12
 
-RECURRENT_CONF = {"kGRU": "gru_conf", "kLSTM": "lstm_conf", "kRNN": "rnn_conf"}
+#: LayerType name -> conf field of every registered cell (from the registry)
+RECURRENT_CONF = {pb.LayerType.Name(t): cls.CONF_FIELD for t, cls in cell_classes().items()}
 
 
 def char_job(tmp: pathlib.Path, *, rnn: str = "kGRU", hidden: int = 16, batch: int = 4,

@@ -13,6 +13,7 @@ from engine.config import Phase, load_job
 from engine.net import Net
 from engine.proto import job_pb2 as pb
 from engine.workspace import load_params, net_info, param_arrays
+import cellkinds as ck
 from engine.unroll import unroll
 from engine.worker import Worker
 
@@ -20,9 +21,6 @@ TEXT = "the cat ate a bad bee; a tea cab ebbed at the deck.\n" * 6
 V_CHAR = len(set(TEXT))
 N_SEQ, STEPS, F, CLASSES, ID_VOCAB = 8, 9, 3, 4, 7
 
-CELL = {"gru": ("kGRU", "gru_conf", ""), "gru-hb": ("kGRU", "gru_conf", " recurrent_bias: true"),
-        "lstm": ("kLSTM", "lstm_conf", ""), "rnn": ("kRNN", "rnn_conf", ""),
-        "rnn-relu": ("kRNN", "rnn_conf", " activation: RELU")}
 
 
 def write_data(tmp: pathlib.Path) -> None:
@@ -37,11 +35,8 @@ def write_data(tmp: pathlib.Path) -> None:
 
 
 def cell(kind: str, name: str, src: str, hidden: int, extra: str = "", backward: bool = False) -> str:
-    t, conf, act = CELL[kind]
-    if backward:
-        act += " direction: kBackward"
-    return (f'layer {{ name: "{name}" type: {t} srclayers: "{src}" {extra} '
-            f"{conf} {{ dim_hidden: {hidden}{act} }} }}\n")
+    return (f'layer {{ name: "{name}" type: {ck.type_name(kind)} srclayers: "{src}" {extra} '
+            f"{ck.conf_text(kind, hidden, 'direction: kBackward' if backward else '')} }}\n")
 
 
 def bidir(kind: str, k: int, src: str, hidden: int) -> str:
@@ -123,7 +118,8 @@ def make_checkpoint(job_path, seed: int = 1, scale: float = 0.5) -> pathlib.Path
         p.data[...] = rng.uniform(-scale, scale, p.data.shape)
     meta = {"step": 1, "job": text_format.MessageToString(job), "job_path": str(job_path),
             "vocab": net.info.get("vocab")}
-    return ckpt.save(pathlib.Path(job_path).parent / "ckpt" / "step1.npz", param_arrays(net), meta)
+    return ckpt.save(pathlib.Path(job_path).parent / "ckpt" / "step1.npz",
+                     ckpt.join(param=param_arrays(net)), meta)
 
 
 def engine_forward(job_path, checkpoint, h0=None, c0=None):

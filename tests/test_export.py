@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from charjobs import run_cli
+import cellkinds as ck
 from exportjobs import (CLASSES, F, ID_VOCAB, V_CHAR, bidir, cell, engine_forward, make_checkpoint,
                         model_job)
 from engine import checkpoint as ckpt
@@ -77,7 +78,7 @@ def test_onehot_char_net(tmp_path, kind):
         b = onnx.numpy_helper.to_array([i for i in m.graph.initializer if i.name == "B0"][0])
         np.testing.assert_array_equal(b[0, 3 * 6 + 2 * 6:], ckpt.load(cp)[0]["param/rec1/c_hb"])
         kind = "gru"
-    op = {"gru": "GRU", "lstm": "LSTM", "rnn": "RNN", "rnn-relu": "RNN"}[kind]
+    op = ck.cls_of(kind).export.torch_name
     (node,) = [n for n in m.graph.node if n.op_type == op]  # ONNX's own operator
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     if kind == "gru":

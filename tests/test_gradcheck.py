@@ -17,6 +17,7 @@ import sys
 import numpy as np
 import pytest
 
+import cellkinds as ck
 from engine import gradcheck
 from engine.config import load_job
 from engine.proto import job_pb2 as pb
@@ -40,11 +41,12 @@ def write_job(tmp_path, text: str, fname: str = "job.conf") -> pathlib.Path:
     return p
 
 
-def build(tmp_path, text: str, scale: float = 0.6, seed: int = 0):
+def build(tmp_path, text: str, scale: float = 0.6, seed: int = 0, executor: str = "reference"):
     """(net, worker) of the job text, params redrawn from U(-scale, scale)."""
     path = write_job(tmp_path, text)
     job = load_job(path)
-    net, w = gradcheck.build(job, str(path), seed=seed, workspace=tmp_path / "ws")
+    net, w = gradcheck.build(job, str(path), seed=seed, workspace=tmp_path / "ws",
+                             executor=executor)
     rng = np.random.default_rng(1234 + seed)
     for p in net.params:
         p.data[...] = rng.uniform(-scale, scale, p.data.shape)
@@ -77,14 +79,11 @@ def vocab_size() -> int:
 
 def rec_conf(kind: str, name: str, src: str, hidden: int, extra: str = "",
              conf_extra: str = "") -> str:
-    """A recurrent layer; ``kind`` gru, gru-hb (recurrent_bias), lstm, rnn, rnn-relu;
-    ``conf_extra`` goes inside its conf (e.g. "direction: kBackward")."""
-    t = {"gru": "kGRU", "gru-hb": "kGRU", "lstm": "kLSTM", "rnn": "kRNN", "rnn-relu": "kRNN"}[kind]
-    field = {"gru": "gru_conf", "gru-hb": "gru_conf", "lstm": "lstm_conf", "rnn": "rnn_conf",
-             "rnn-relu": "rnn_conf"}[kind]
-    act = {"rnn-relu": " activation: RELU", "gru-hb": " recurrent_bias: true"}.get(kind, "")
-    return (f'layer {{ name: "{name}" type: {t} srclayers: "{src}" {extra} '
-            f"{field} {{ dim_hidden: {hidden}{act} {conf_extra} }} }}\n")
+    """A recurrent layer; ``kind`` any cell or variant of tests/cellkinds.py (gru, gru-hb,
+    lstm, rnn, rnn-relu, mgu, ...); ``conf_extra`` goes inside its conf (e.g.
+    "direction: kBackward")."""
+    return (f'layer {{ name: "{name}" type: {ck.type_name(kind)} srclayers: "{src}" {extra} '
+            f"{ck.conf_text(kind, hidden, conf_extra)} }}\n")
 
 
 def bidir_level(kind: str, name: str, src: str, hidden: int, extra: str = "") -> str:
@@ -139,11 +138,13 @@ def save_npz(path, **arrays) -> str:
 
 # ------------------------------------------------------------- char-rnn nets
 
-@pytest.mark.parametrize("kind", ["gru", "lstm", "rnn", "rnn-relu"])
-def test_char_rnn(tmp_path, kind):
+@pytest.mark.parametrize("executor", ["reference", "planned"])
+@pytest.mark.parametrize("kind", list(ck.VARIANTS))
+def test_char_rnn(tmp_path, kind, executor):
+    """Every cell's BPTT gradients over 5 steps, from both executors' backward passes."""
     text = job_text(char_layers(char_data(tmp_path)) + rec_conf(kind, "rec", "onehot", 4)
                     + ip_loss("rec", vocab_size()))
-    net, w = build(tmp_path, text)
+    net, w = build(tmp_path, text, executor=executor)
     assert len(net.nodes) == 1 + 5 * 5  # data + 5 copies of onehot, label, rec, ip, loss
     worst = assert_grads_ok(net, w)
     assert any(k.startswith("rec/") for k in worst)
@@ -520,8 +521,29 @@ def test_cli_subprocess_passes(tmp_path):
     r = subprocess.run([sys.executable, "-m", "engine.gradcheck", str(job)], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "0 above" in r.stdout
-    assert r.stdout.count(" ok") == 9 + 2  # 9 GRU params, ip w and b
+    assert "gradcheck (reference): 11 params" in r.stdout
+    assert "gradcheck (planned): 11 params" in r.stdout
+    assert r.stdout.count(" ok") == 2 * (9 + 2)  # 9 GRU params, ip w and b; both executors
+
+
+def test_cli_catches_a_wrong_gradient_of_the_planned_executor_alone(tmp_path, monkeypatch, capsys):
+    """The planned executor's backward is checked too (a fault there alone fails the check)."""
+    from engine.planner import PlannedWorker
+
+    job = cli_job(tmp_path)
+    orig = PlannedWorker.backward
+
+    def wrong(self):
+        orig(self)
+        self.net.params[0].grad[...] *= 1.01
+
+    monkeypatch.setattr(PlannedWorker, "backward", wrong)
+    assert gradcheck.main([str(job), "--executor", "reference"]) == 0
+    capsys.readouterr()
+    assert gradcheck.main([str(job)]) == 1
+    out = capsys.readouterr().out
+    assert "gradcheck (reference): 11 params within tolerance 0.0001, 0 above" in out
+    assert "gradcheck (planned): 10 params within tolerance 0.0001, 1 above" in out
 
 
 # ------------------------------------- bad options, NaN, nothing checked (issue 16)
@@ -585,7 +607,10 @@ def test_nan_objective_is_a_failure(tmp_path):
     text = job_text(char_layers(char_data(tmp_path)) + rec_conf("gru", "rec", "onehot", 4)
                     + ip_loss("rec", vocab_size()))
     net, w = build(tmp_path, text)
-    net.params[0].data.reshape(-1)[0] = np.nan  # every output, loss and gradient becomes NaN
+    # a NaN in the recurrent weights reaches every output, loss and gradient (one in W_x
+    # would reach only the rows of one token: a one-hot input is gathered, not multiplied)
+    hh = next(p for p in net.params if p.name == "rec/z_hh")
+    hh.data.reshape(-1)[0] = np.nan
     worst = gradcheck.check(net, w)
     assert worst and all(np.isnan(v) for v in worst.values()), worst
 
@@ -621,4 +646,4 @@ def test_cli_nan_objective_fails(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(gradcheck, "build", poisoned)
     assert gradcheck.main([str(job)]) == 1
     out = capsys.readouterr().out
-    assert " ok" not in out and out.count("FAIL") == 11
+    assert " ok" not in out and out.count("FAIL") == 2 * 11  # both executors

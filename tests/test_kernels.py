@@ -21,7 +21,7 @@ from charjobs import ROOT, char_job, run_cli
 from engine.backend import BackendError
 from engine.layers import cells, kernels
 from engine.layers.base import Context
-from engine.layers.recurrent import GRULayer, LSTMLayer, RNNLayer
+import cellkinds as ck
 from engine.proto import job_pb2 as pb
 from layercheck import FakeSrc
 
@@ -224,14 +224,8 @@ def test_one_hot_kernels_refuse_a_bad_index():
 
 # ---------------------------------------------------------------- whole layers
 def build(kind, H, D, act=None, seed=0, one_hot=False, dtype=F32):
-    conf = pb.LayerProto(name="rec")
-    sub = {"rnn": (pb.kRNN, "rnn_conf"), "gru": (pb.kGRU, "gru_conf"),
-           "lstm": (pb.kLSTM, "lstm_conf")}[kind]
-    conf.type = sub[0]
-    getattr(conf, sub[1]).dim_hidden = H
-    if act is not None:
-        conf.rnn_conf.activation = act
-    layer = {"rnn": RNNLayer, "gru": GRULayer, "lstm": LSTMLayer}[kind](conf, np, dtype)
+    conf = ck.make_conf(kind, hidden=H, **({} if act is None else {"activation": act}))
+    layer = ck.cls_of(kind)(conf, np, dtype)
     layer.src_conn = []
     layer.setup([FakeSrc((D,), name="data", one_hot_rows=one_hot)])
     rng = np.random.default_rng(seed)
@@ -318,8 +312,9 @@ def test_float64_and_the_numpy_switch_take_the_formulas(monkeypatch):
     monkeypatch.setattr(kernels, "_native", Refuse())
     rng = np.random.default_rng(0)
     h64 = rng.standard_normal((8, 2))
-    cell = cells.GRUCell()
-    cell.forward(np, rng.standard_normal((24, 2)), rng.standard_normal((24, 2)), (h64,))
+    gru64 = build("gru", 8, 3, dtype=np.float64)
+    y, _, c64 = gru64.forward(Context(aux=[None]), [rng.standard_normal((2, 3))], h64.T)
+    gru64.backward(Context(aux=[None]), np.ones_like(y), None, c64)
     assert not kernels.usable(h64)
     kernels.use("numpy")
     assert kernels.mode() == "numpy" and not kernels.usable(h64.astype(F32))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import cellkinds as ck
 import test_gradcheck as gc
 from engine.backend import make_backend
 from engine.config import Phase, load_job
@@ -61,11 +62,11 @@ def assert_same(tmp_path, text, steps=3):
     folded = {n for n, lay in net_p.layers.items() if lay.recurrent and lay.folds_input}
     # every layer that sums its projections folds a dense input; one-hot input is gathered
     dense_summing = {n for n, lay in net_p.layers.items()
-                     if lay.recurrent and lay.cell.sums_projections and not lay.one_hot_input}
+                     if lay.recurrent and lay.sums_projections and not lay.one_hot_input}
     assert folded == (dense_summing if Recurrent.FOLD_INPUT > 1 else set())
 
 
-@pytest.mark.parametrize("kind", ["gru", "lstm", "rnn", "rnn-relu"])
+@pytest.mark.parametrize("kind", list(ck.VARIANTS))
 def test_char_rnn(tmp_path, kind):
     text = gc.job_text(gc.char_layers(gc.char_data(tmp_path)) + gc.rec_conf(kind, "rec", "onehot", 6)
                        + gc.ip_loss("rec", gc.vocab_size()), extra=UPDATER)
@@ -154,19 +155,40 @@ def test_not_plannable_falls_back_with_the_reason(tmp_path):
     assert type(w2) is Worker
 
 
-def test_sampling_net_is_not_planned(tmp_path):
+def sampling_net(tmp_path, T):
     layers = ('layer { name: "d" type: kRNNDummy rnn_dummy_conf { dynamic_srclayer: "s" integer: true } }\n'
               'layer { name: "oh" type: kOneHot srclayers: "d" onehot_conf { vocab_size: 5 } }\n'
               + gc.rec_conf("gru", "g", "oh", 4)
               + 'layer { name: "ip" type: kInnerProduct srclayers: "g" innerproduct_conf { num_output: 5 } }\n'
                 'layer { name: "s" type: kArgSort srclayers: "ip" }\n')
-    path = gc.write_job(tmp_path, gc.job_text(layers, unroll=1))
+    path = gc.write_job(tmp_path, gc.job_text(layers, unroll=T))
     job = load_job(path)
-    net = Net(unroll(job.neuralnet, Phase.TEST), make_backend(None), net_info(path, tmp_path, 0))
-    with pytest.raises(NotPlannable, match="fed back"):
-        plan(net)
+    return Net(unroll(job.neuralnet, Phase.TEST), make_backend(None), net_info(path, tmp_path, 0))
 
 
+def test_a_one_step_sampling_net_is_planned_and_a_longer_one_is_not(tmp_path):
+    """A one-copy net fed back from the last batch (the sampler's) runs planned: the
+    feedback is carried state; feedback inside a batch of several copies is refused."""
+    assert plan(sampling_net(tmp_path, 1)).T == 1
+    with pytest.raises(NotPlannable, match="fed back from another layer within a batch"):
+        plan(sampling_net(tmp_path, 3))
+
+
+def test_the_sampler_runs_planned_and_draws_what_the_reference_draws(tmp_path, monkeypatch):
+    """engine.sample on the planned executor prints the reference executor's characters."""
+    from charjobs import char_job, run_cli
+    from engine import planner, sample
+    r = run_cli("engine.train", char_job(tmp_path, steps=20, hidden=12, unroll=10))
+    assert r.returncode == 0, r.stderr
+    ckpt = tmp_path / "ws" / "checkpoints" / "step20.npz"
+    planned = sample.Sampler(str(ckpt), seed=5)
+    assert isinstance(planned.worker, PlannedWorker)
+    text = planned.generate(60, temperature=1.0)
+    monkeypatch.setattr(sample, "make_worker",
+                        lambda net, **kw: planner.make_worker(net, executor="reference", **kw))
+    ref = sample.Sampler(str(ckpt), seed=5)
+    assert type(ref.worker) is Worker
+    assert ref.generate(60, temperature=1.0) == text
 
 
 @pytest.mark.parametrize("executor", ["reference", "auto"])
@@ -210,7 +232,7 @@ def test_bidirectional_char_rnn(tmp_path, kind):
     assert set(w.carry) == {"bi1_f", "bi2_f"}
 
 
-@pytest.mark.parametrize("kind", ["gru", "lstm", "rnn"])
+@pytest.mark.parametrize("kind", list(ck.CELLS))
 def test_bidirectional_many_to_one_masked(tmp_path, kind):
     path, *_ = gc.masked_store(tmp_path)
     assert_same(tmp_path, gc.bidir_many_to_one_text(path, kind).replace(

@@ -1,4 +1,4 @@
-"""Tests of the recurrent layers (kRNN, kGRU, kLSTM) in float64 on NumPy."""
+"""Tests of the recurrent layers (every registered cell: tests/cellkinds.py) in float64 on NumPy."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,6 +8,7 @@ from engine.layers.base import Context, LayerError
 from engine.layers.recurrent import GRULayer, LSTMLayer, Recurrent, RNNLayer
 from engine.proto import job_pb2 as pb
 from layercheck import FakeSrc, check_layer, rel_err
+import cellkinds as ck
 
 B, D, H = 3, 4, 5
 MASK = np.array([1.0, 0.0, 1.0])
@@ -15,42 +16,28 @@ MASK = np.array([1.0, 0.0, 1.0])
 
 def make_conf(kind, name="rec", hidden=H, bias=True, activation=None, forget_bias=None,
               direction=None, recurrent_bias=False):
-    conf = pb.LayerProto(name=name)
+    fields = {}
+    if activation is not None:
+        fields["activation"] = activation
+    if forget_bias is not None:
+        fields["forget_bias"] = forget_bias
     if direction is not None:
-        getattr(conf, f"{kind}_conf").direction = direction
+        fields["direction"] = direction
     if recurrent_bias:
-        conf.gru_conf.recurrent_bias = True
-    if kind == "rnn":
-        conf.type = pb.kRNN
-        conf.rnn_conf.dim_hidden = hidden
-        conf.rnn_conf.bias_term = bias
-        if activation is not None:
-            conf.rnn_conf.activation = activation
-    elif kind == "gru":
-        conf.type = pb.kGRU
-        conf.gru_conf.dim_hidden = hidden
-        conf.gru_conf.bias_term = bias
-    else:
-        conf.type = pb.kLSTM
-        conf.lstm_conf.dim_hidden = hidden
-        conf.lstm_conf.bias_term = bias
-        if forget_bias is not None:
-            conf.lstm_conf.forget_bias = forget_bias
-    return conf
+        fields["recurrent_bias"] = True
+    return ck.make_conf(kind, name=name, hidden=hidden, bias=bias, **fields)
 
 
-CLASSES = {"rnn": RNNLayer, "gru": GRULayer, "lstm": LSTMLayer}
-# (kind, activation) for every layer variant
-VARIANTS = [("rnn", pb.TANH), ("rnn", pb.RELU), ("rnn", pb.LINEAR), ("gru", None), ("lstm", None)]
-VARIANT_IDS = ["rnn-tanh", "rnn-relu", "rnn-linear", "gru", "lstm"]
+# every registered cell and variant (tests/cellkinds.py): (kind, None)
+VARIANTS = [(k, None) for k in ck.VARIANTS if k != "gru-hb"]
+VARIANT_IDS = [k for k, _ in VARIANTS]
 
 
 def build(kind, bias=True, activation=None, src_conn=None, srcs=None, seed=0, **kw):
     conf = make_conf(kind, bias=bias, activation=activation, **kw)
     if srcs is None:
         srcs = [FakeSrc((D,), name="data")]
-    cls = CLASSES[kind]
-    layer = cls(conf, np, np.float64)
+    layer = ck.cls_of(kind)(conf, np, np.float64)
     layer.src_conn = list(src_conn or [])
     layer.setup(srcs)
     from engine.params import init_param
@@ -64,7 +51,7 @@ def build(kind, bias=True, activation=None, src_conn=None, srcs=None, seed=0, **
 
 
 def rand_state(layer, rng):
-    if isinstance(layer, LSTMLayer):
+    if layer.parts == 2:
         return (rng.uniform(-1, 1, (B, H)), rng.uniform(-1, 1, (B, H)))
     return rng.uniform(-1, 1, (B, H))
 
@@ -195,9 +182,7 @@ BLOCK_IDS = VARIANT_IDS + ["gru-recurrent-bias"]
 
 
 def build_variant(kind, act, **kw):
-    if kind == "gru-hb":
-        return build("gru", recurrent_bias=True, **kw)
-    return build(kind, activation=act, **kw)
+    return build(kind, **kw)
 
 
 @pytest.mark.parametrize("direction", [pb.kForward, pb.kBackward], ids=["forward", "backward"])
@@ -214,7 +199,7 @@ def test_block_equals_steps(kind, act, fold, direction, monkeypatch):
     backward = direction == pb.kBackward
     assert layer.reverse == backward
     assert type(layer).context_sources(layer.conf) == [("rec", -1 if backward else 1)]
-    assert layer.folds_input == (fold and layer.cell.sums_projections)
+    assert layer.folds_input == (fold and layer.sums_projections)
     rng = np.random.default_rng(5)
     X = rng.standard_normal((T, B, D))
     state0 = rand_state(layer, rng)
@@ -434,9 +419,9 @@ def test_rnn_bad_activation():
         RNNLayer(conf, np, np.float64).setup([FakeSrc((D,))])
 
 
-@pytest.mark.parametrize("kind", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("kind", list(ck.CELLS))
 def test_source_errors(kind):
-    cls = CLASSES[kind]
+    cls = ck.cls_of(kind)
 
     def setup(srcs, conn=()):
         layer = cls(make_conf(kind, name="dec"), np, np.float64)

@@ -13,6 +13,7 @@ import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, text_format
 
 from engine.config import parse_job
+from engine.layers.recurrent import cell_classes
 from engine.proto import job_pb2 as pb
 
 # message -> field -> (number, label, type, default)
@@ -499,14 +500,17 @@ def test_our_extensions_use_numbers_singa_never_used():
             assert f.number not in used, f"{message}.{f.name} = {f.number} is a SINGA number"
             assert not lo <= f.number <= hi, f"{message}.{f.name} = {f.number} is in SINGA's " \
                                              f"extension range {lo}-{hi}"
-    # the list is docs/config.md's: adding an extension means documenting it there
+    # the list is docs/config.md's: adding an extension means documenting it there; the
+    # confs of the cells this project adds come from the registry
+    ours_cells = [f"LayerProto.{cls.CONF_FIELD}" for t, cls in cell_classes().items()
+                  if pb.LayerType.Name(t) not in SINGA_ENUMS["LayerType"]]
     assert sorted(extra) == sorted([
         "JobProto.seed", "JobProto.keep_checkpoints", "JobProto.skip_nonfinite",
         "AlgProto.state_carry", "LayerProto.euclideanloss_conf", "LayerProto.csvoutput_conf",
-        "LayerProto.char_rnn_output_conf", "LayerProto.connection_type", "LayerProto.rnn_conf",
-        "LayerProto.lstm_conf", "UpdaterProto.clip_norm", "UpdaterProto.rprop_conf", "ArgSortProto.temperature",
+        "LayerProto.char_rnn_output_conf", "LayerProto.connection_type",
+        "UpdaterProto.clip_norm", "UpdaterProto.rprop_conf", "ArgSortProto.temperature",
         "StoreProto.shuffle", "CharRNNProto.encoding", "GRUProto.recurrent_bias",
-        "GRUProto.direction"])
+        "GRUProto.direction", *ours_cells])
     for enum, values in SINGA_ENUMS.items():
         for v in our_enum(enum).values:
             if v.name in values:
@@ -516,7 +520,7 @@ def test_our_extensions_use_numbers_singa_never_used():
                 continue
             assert v.number not in values.values(), f"{enum}.{v.name} = {v.number} is SINGA's"
     assert {v.name for v in our_enum("LayerType").values} - set(SINGA_ENUMS["LayerType"]) == \
-        {"kRNN", "kLSTM"}
+        {pb.LayerType.Name(t) for t in cell_classes()} - {"kGRU"}
 
 
 FEED_FORWARD = """

@@ -1,29 +1,15 @@
-"""The maths of one recurrent step, for each cell type, in one place.
+"""The hand-written maths of one recurrent step (RNN, GRU, LSTM), and the one-hot
+helpers of the step loop.
 
 Everything here is feature-major: arrays are (features, B), one column per
 sequence, and gate k of a stacked (G·H, B) array is the row block
 [k·H:(k+1)·H]. The functions take the array module ``xp`` (NumPy or CuPy) and
-arrays only; they are the reference formulas, written with in-place NumPy
-operations. A fused kernel for a cell (a compiled CPU loop, a CuPy
-ElementwiseKernel) goes beside its pair of functions here, behind the same
-signature, and the tests compare it with these.
-
-A ``Cell`` object gives the recurrent layers (engine/layers/recurrent.py) one
-interface over the three cells:
-
-* ``forward(xp, pre, xproj, state) -> (raw_state, cache)``: ``state`` is the
-  tuple of state parts before the step ((h,) or (h, c), each (H, B));
-  ``raw_state`` the parts after it, before any masking. For a cell with
-  ``sums_projections`` (RNN, LSTM) ``pre`` holds W_x x + b + W_h h and
-  ``xproj`` is None; for the GRU ``pre`` holds W_h h and ``xproj`` W_x x + b,
-  since its reset gate multiplies W_ch h alone. ``pre`` is a scratch array
-  the gates are computed in.
-* ``backward(xp, dh, drest, state, cache, out_x, out_h) -> (dxproj, dhproj,
-  direct)``: given dL/dh' (and dL/dc' in ``drest`` for the LSTM; None when
-  absent), the gradient at the input projection and at W_h h (the same array
-  unless ``separate_dhproj``), written into ``out_x``/``out_h`` when given,
-  and ``direct``: per state part, the part of dL/d(state) that does not pass
-  through W_h h (None when there is none).
+arrays only, written with in-place operations; the cell classes of
+``engine/layers/recurrent.py`` call them from their hand-written steps (each
+cell's ``formula`` there is the definition they are tested against). A fused
+kernel for a cell (a compiled CPU loop, a CuPy ElementwiseKernel) goes beside
+its pair of functions here, behind the same signature, and the tests compare it
+with these.
 """
 from __future__ import annotations
 
@@ -218,94 +204,3 @@ def transposed(xp, a, out):
         return kernels.transpose(out, a)
     out[...] = t
     return out
-
-
-# ----------------------------------------------------------------- cells
-class Cell:
-    """One cell type's step maths behind the interface the module docstring describes."""
-
-    #: gates stacked in the projections (G)
-    gates = 1
-    #: state parts: 1 (h) or 2 (h, c)
-    parts = 1
-    #: the step needs only the sum W_x x + b + W_h h, so a caller may compute it with ONE
-    #: GEMM over the stacked [h; x; 1] (the GRU applies r to W_ch h alone)
-    sums_projections = True
-    #: the gradient at W_h h is not the gradient at the input projection (the GRU's r)
-    separate_dhproj = False
-
-    def forward(self, xp, pre, xproj, state):
-        raise NotImplementedError
-
-    def backward(self, xp, dh, drest, state, cache, out_x=None, out_h=None):
-        raise NotImplementedError
-
-
-class RNNCell(Cell):
-    """h' = act(W_x x + b + W_h h), act tanh, relu, or the identity (``linear``)."""
-
-    def __init__(self, relu: bool = False, linear: bool = False):
-        self.relu = relu
-        self.linear = linear
-
-    def forward(self, xp, pre, xproj, state):
-        if self.linear:
-            return (pre,), pre
-        if kernels.usable(state[0], inplace=pre):
-            h_raw = kernels.rnn_forward(pre, self.relu)
-        else:
-            h_raw = rnn_forward(xp, pre, self.relu)
-        return (h_raw,), h_raw
-
-    def backward(self, xp, dh, drest, state, cache, out_x=None, out_h=None):
-        if self.linear:
-            dpre = dh.copy() if out_x is None else xp.copyto(out_x, dh) or out_x
-            return dpre, dpre, (None,)
-        if kernels.usable(dh, cache, out_x):
-            dpre = kernels.rnn_backward(dh, cache, self.relu, out=out_x)
-        else:
-            dpre = rnn_backward(xp, dh, cache, self.relu, out=out_x)
-        return dpre, dpre, (None,)
-
-
-class GRUCell(Cell):
-    """SINGA's GRU (see ``gru_forward``)."""
-
-    gates = 3
-    sums_projections = False
-    separate_dhproj = True
-
-    def forward(self, xp, pre, xproj, state):
-        if kernels.usable(xproj, state[0], inplace=pre):
-            h_raw, cache = kernels.gru_forward(xproj, pre, state[0])
-        else:
-            h_raw, cache = gru_forward(xp, xproj, pre, state[0])
-        return (h_raw,), cache
-
-    def backward(self, xp, dh, drest, state, cache, out_x=None, out_h=None):
-        if kernels.usable(dh, state[0], *cache, out_x, out_h):
-            dx, dhp, direct = kernels.gru_backward(dh, state[0], *cache, out_x=out_x, out_h=out_h)
-        else:
-            dx, dhp, direct = gru_backward(xp, dh, state[0], *cache, out_x=out_x, out_h=out_h)
-        return dx, dhp, (direct,)
-
-
-class LSTMCell(Cell):
-    """The LSTM with gate order i, f, o, g (see ``lstm_forward``)."""
-
-    gates = 4
-    parts = 2
-
-    def forward(self, xp, pre, xproj, state):
-        if kernels.usable(state[1], inplace=pre):
-            h_raw, c_raw, cache = kernels.lstm_forward(pre, state[1])
-        else:
-            h_raw, c_raw, cache = lstm_forward(xp, pre, state[1])
-        return (h_raw, c_raw), cache
-
-    def backward(self, xp, dh, drest, state, cache, out_x=None, out_h=None):
-        if kernels.usable(dh, drest[0], state[1], *cache, out_x):
-            dpre, dc_prev = kernels.lstm_backward(dh, drest[0], state[1], *cache, out=out_x)
-        else:
-            dpre, dc_prev = lstm_backward(xp, dh, drest[0], state[1], *cache, out=out_x)
-        return dpre, dpre, (None, dc_prev)

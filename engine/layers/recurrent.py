@@ -1,26 +1,42 @@
-"""Layer family: recurrent (kRNN, kGRU, kLSTM).
+"""Layer family: recurrent (kRNN, kGRU, kLSTM, kMGU).
 
 A recurrent layer computes one time step per unrolled copy, reading its own
-previous copy's state as context. It runs in two ways, both through the step
-functions ``_step`` / ``_step_backward`` below and the cell maths of
-``engine/layers/cells.py``:
+previous copy's state as context. A cell is one class here: it declares its
+facts (gates, state parts, param names, export form, whether a fused kernel
+exists) and writes its step once, as ``formula``; the base class ``Recurrent``
+owns everything else, in ONE step loop:
 
-* one copy at a time (``forward`` / ``backward``, the contract of
-  ``engine/layers/base.py``, used by the reference executor);
 * all T copies of a batch in one call (``forward_block`` / ``backward_block``,
-  the block interface the planned executor uses): one GEMM for the input
-  projections of all steps, the step loop over the recurrent part only, and
-  the weight gradients of all steps as one GEMM each after the backward loop.
-  A one-hot input (a source with ``one_hot_rows``, kOneHot) is not multiplied:
-  its projection is a column of W_x + b, gathered (see ``forward_block``), and
-  dW_x the gradient's columns added up by token. A narrow dense input
-  (D + 1 <= FOLD_INPUT · H) into a cell that only needs the sum of its
-  projections (RNN, LSTM) is folded into the step GEMM instead: each step is ONE
-  GEMM [W_h W_x b] @ [h; x; 1], and all weight gradients one GEMM with the same
-  stacked block. That skips writing and re-reading a (G·H, T·B) projection block
-  (20 MB for LSTM 512).
-  The step buffers are kept from batch to batch, so a step does not fault in
-  fresh pages.
+  the block interface the planned executor uses);
+* one copy at a time (``forward`` / ``backward``, the contract of
+  ``engine/layers/base.py``, used by the reference executor) is the same loop
+  with T = 1 (its buffers fresh, since each copy's cache must outlive the next).
+
+The cell's step. ``formula(f, x, state, U)`` computes the new state parts from
+``x`` (the per-gate input projections W_x x + b, each (H, B)), ``state`` (the
+parts before the step, feature-major (H, B)) and ``U(gates, v)``, the recurrent
+product of those gates' rows of W_h with a vector ``v``: a cell may gate h before
+multiplying (MGU's U_h (f ⊙ h)), or use one product for all gates (the common
+form). ``f`` holds the element-wise functions. From that formula alone the cell
+trains: ``step_forward`` / ``step_backward`` run it on a tape
+(``engine/layers/tape.py``) that derives the backward. A cell may override the
+two with hand-written maths, and a fused kernel beside them (RNN, GRU, LSTM:
+``engine/layers/cells.py`` and ``kernels/``); the tests check those against the
+derived reference.
+
+What the loop does around the step (``Products``): the recurrent products
+(``ops.product`` / ``ops.product_backward``), so that each group of W_h's rows
+gets its gradient from ONE GEMM over all steps after the backward loop; the
+input projections, one GEMM for all steps, or, for a one-hot input (a source
+with ``one_hot_rows``, kOneHot), gathered columns of W_x + b and the gradient's
+columns added up by token; for a cell that only needs the sum W_x x + b + W_h h
+(``sums_projections``: RNN, LSTM) and a narrow dense input (D + 1 <=
+FOLD_INPUT · H), the input folded into the step GEMM: each step is ONE GEMM
+[W_h W_x b] @ [h; x; 1], all weight gradients one GEMM with the same stacked
+block, and no (G·H, T·B) projection block is written and read back (20 MB for
+LSTM 512). Masks, direction, carried and initial state are the loop's too.
+Block buffers are kept from batch to batch, so a step does not fault in fresh
+pages.
 
 Layout. Inside, the maths is feature-major: states and gates are (features, B)
 arrays, a step's GEMM is W_h (G·H, H) @ h (H, B), which BLAS runs faster than
@@ -37,9 +53,9 @@ Sources. Exactly one *data* source (one-to-one or one-to-all, ``out_shape``
 (encoder -> decoder, ``out_shape`` (H,)), whose output becomes copy 0's state
 (``state_from_source``) and is passed as ``None`` in ``xs``.
 
-Masking. ``ctx.mask`` is None or a (B,) array of 1/0: a masked sequence keeps
-its previous state exactly, new = m ⊙ new + (1 − m) ⊙ prev for h (and c), and
-outputs that state. A data position holding None (a one-to-one source with a
+Masking. ``ctx.mask`` is None or a (B,) array of 1/0 per step: a masked sequence
+keeps its previous state exactly, new = m ⊙ new + (1 − m) ⊙ prev for h (and c),
+and outputs that state. A data position holding None (a one-to-one source with a
 shift, at the first copies) means no input this step: the projection is b.
 
 Direction. ``direction: kBackward`` in the layer's conf runs the pass from the
@@ -51,13 +67,80 @@ end of a sequence keep that initial state, so a sequence's backward pass starts
 at its last valid step and padding never reaches the state. A backward layer
 never carries state across batches (engine/worker.py). A forward and a backward
 layer over the same source, joined by a kConcate, make a bidirectional layer.
+
+Adding a cell: one class below, registered under its LayerType, with its facts
+and its ``formula`` (kMGU is the example: nothing else), its ``<name>_conf`` in
+proto/job.proto, and its name in the tests' lists of cells. See
+docs/architecture.md, "Adding a cell".
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
+
+from engine.layers import cells, kernels
 from engine.layers.base import Layer, LayerError, add_grads, one_array, register
-from engine.layers import cells
-from engine.layers.cells import GRUCell, LSTMCell, RNNCell
+from engine.layers.tape import Direct, Tape, Taped
 from engine.proto import job_pb2 as pb
+
+
+@dataclass(frozen=True)
+class ExportForm:
+    """How a cell maps to PyTorch's and ONNX's layouts (engine/interop.py reads it).
+
+    ``torch_name``: the torch.nn module (and ONNX operator); ``hx``, ``hh``, ``b``: the
+    engine's param roles, one per gate in PyTorch's gate order; ``onnx_order``: ONNX's gate
+    order as positions in PyTorch's; ``reset_gated``: the gate whose recurrent part is
+    multiplied by the reset gate (its recurrent bias cannot join the input bias), or None;
+    ``hb``: the engine's role of that gate's recurrent bias (PyTorch's b_hn), a param a
+    layer has when it is configured so (``gru_conf { recurrent_bias: true }``).
+    """
+
+    torch_name: str
+    hx: tuple
+    hh: tuple
+    b: tuple
+    onnx_order: tuple
+    reset_gated: int | None = None
+    hb: str | None = None
+
+    @property
+    def gates(self) -> int:
+        return len(self.hx)
+
+
+@dataclass
+class StepCache:
+    """What one step keeps for its backward: the state parts before it (feature-major),
+    what the cell's forward kept (``cell``), and the mask rows (m, 1 − m) or None."""
+
+    state: tuple
+    cell: Any
+    mask: Any
+
+
+@dataclass
+class BlockCache:
+    """What one call of the step loop keeps for its backward."""
+
+    x: Any              # the data source's rows (T·B, D), or None (no input)
+    n_srcs: int         # len(xs)
+    steps: list         # StepCache per step, in step order
+    hs: Any             # (H, (T+1)·B) the states (see ``Recurrent._forward``)
+    ops: "Products"     # the recurrent products and the input projections
+    idx: Any            # one-hot input: the token of each row, else None
+
+
+@dataclass
+class TapedStep:
+    """A derived cell's step as recorded: the tape, the leaves (per-gate input projections,
+    state parts) and the outputs (new state parts)."""
+
+    tape: Tape
+    x: list
+    state: tuple
+    out: tuple
 
 
 class GateWeights:
@@ -128,23 +211,250 @@ class GateWeights:
             self.layer.params[key].grad += g[k * H:(k + 1) * H]
 
 
-class Recurrent(Layer):
-    """Shared set-up, state handling and step loops of the recurrent layers.
+class Products:
+    """The recurrent products and input projections of one call of the step loop (T steps
+    of B columns), step by step: ``at(t, h)`` makes step t current (``h`` its state h).
 
-    Subclasses set ``CONF_FIELD`` and ``required``, give the param keys (``_keys``) and
-    the cell (``make_cell``)."""
+    ``product(gates, v, with_input)`` computes W_h[rows of ``gates``] @ v (+ the GRU's
+    recurrent bias on its rows), plus, ``with_input``, the step's input projection of those
+    rows (added, gathered, or folded into the GEMM). It keeps ``v`` for the weight gradient:
+    a product of the state h itself reads the loop's state block, any other vector (MGU's
+    f ⊙ h) is copied into a block of its own. ``product_backward(gates, g)`` stores dL/d
+    (the product) for the weight gradient and returns W_h[rows]^T g, the gradient at ``v``.
+    ``weight_grads`` then adds Σ_t g_t v_t^T per group of rows, one GEMM each."""
+
+    def __init__(self, layer: "Recurrent", T: int, B: int, hs, buffer):
+        self.layer, self.xp = layer, layer.xp
+        self.T, self.B, self.H = T, B, layer.H
+        self.GH = layer.gates * layer.H
+        self.hs = hs
+        self.buffer = buffer
+        self.pre = buffer("pre", (T, self.GH, B))
+        self.w_h = layer.weights.data("h")
+        self.w_hT = self.w_h.T   # a contiguous copy measured no faster (bench.onehot)
+        #: (first row, last row) -> None (the product reads the state h) or its (H, T·B) block
+        self.groups: dict = {}
+        self.xproj = None        # (G·H, T·B) input projections, when materialised
+        self.table = self.idx = None   # one-hot input: W_x + b and the tokens
+        self.wc = self.z = None        # folded input: [W_h W_x b] and [h; x; 1]
+        self.dx = self.dh = None       # backward: dL/d(input projection), dL/d(products)
+        self.t, self.cols, self.h, self.zt = 0, slice(0, B), None, None
+
+    def at(self, t: int, h, zt=None) -> None:
+        self.t, self.cols, self.h, self.zt = t, slice(t * self.B, (t + 1) * self.B), h, zt
+
+    def rows(self, gates) -> tuple:
+        """(first, last) row of W_h for a gate index or a slice of gates."""
+        H = self.H
+        if isinstance(gates, slice):
+            start, stop, _ = gates.indices(self.layer.gates)
+            return start * H, stop * H
+        return gates * H, (gates + 1) * H
+
+    # ------------------------------------------------------------- forward
+    def product(self, gates, v, with_input: bool = False):
+        xp = self.xp
+        r0, r1 = self.rows(gates)
+        out = self.pre[self.t][r0:r1]
+        if with_input and self.z is not None:   # folded input: ONE GEMM [W_h W_x b] [h; x; 1]
+            if (r0, r1) != (0, self.GH) or v is not self.h:
+                raise RuntimeError(f"{self.layer.name}: a folded input needs one product of h "
+                                   f"for all gates")
+            xp.matmul(self.wc, self.zt, out=out)
+        else:
+            xp.matmul(self.w_h[r0:r1], v, out=out)
+            self.layer.add_hbias(out, r0)
+            if with_input:
+                if self.xproj is None:     # one-hot input: the step's columns of W_x + b
+                    cells.gather_columns(xp, out, self.table[r0:r1], self.idx[self.cols], add=True)
+                else:
+                    out += self.xproj[r0:r1, self.cols]
+        self._keep(r0, r1, v)
+        return out
+
+    def _keep(self, r0, r1, v) -> None:
+        key = (r0, r1)
+        if key not in self.groups:
+            self.groups[key] = None if v is self.h else self.buffer(
+                f"operand{r0}", (self.H, self.T * self.B))
+        block = self.groups[key]
+        if block is not None:
+            block[:, self.cols] = v
+        elif v is not self.h:
+            raise RuntimeError(f"{self.layer.name}: rows {r0}:{r1} multiply h at one step and "
+                               f"another vector at the next")
+
+    def input_projection(self):
+        """This step's W_x x + b (G·H, B) (materialised projections only)."""
+        return None if self.xproj is None else self.xproj[:, self.cols]
+
+    # ------------------------------------------------------------ backward
+    def start_backward(self, separate: bool, zero: bool) -> None:
+        """Blocks for the gradients: dL/d(input projections) (G·H, T·B) and, when
+        ``separate``, dL/d(products) apart from it (the same block otherwise: a cell that
+        sums its projections has one gradient for both); ``zero`` clears them first (a
+        derived cell writes only the rows that its tape reached)."""
+        N = self.T * self.B
+        self.dx = self.buffer("dxproj", (self.GH, N))
+        self.dh = self.buffer("dhproj", (self.GH, N)) if separate else self.dx
+        if zero:
+            self.dx[...] = 0
+            if separate:
+                self.dh[...] = 0
+
+    def d_input(self):
+        """Where this step's dL/d(W_x x + b) (G·H, B) goes."""
+        return self.dx[:, self.cols]
+
+    def d_product(self, gates):
+        """Where this step's dL/d(product of ``gates``) goes."""
+        r0, r1 = self.rows(gates)
+        return self.dh[r0:r1, self.cols]
+
+    def product_backward(self, gates, g=None):
+        """Store ``g`` = dL/d(product) (None: the caller wrote it into ``d_product``) and
+        return W_h[rows]^T g, the gradient at the vector the product multiplied."""
+        r0, r1 = self.rows(gates)
+        dst = self.dh[r0:r1, self.cols]
+        if g is not None:
+            dst[...] = g
+        return self.xp.matmul(self.w_hT[:, r0:r1], dst)
+
+    def weight_grads(self, before) -> None:
+        """Add dW_h, and the recurrent bias's gradient, from the stored gradients: per group
+        of rows Σ_t g_t v_t^T (``before``: the columns of ``hs`` holding the states before
+        steps 0..T−1). Not for a folded input (``Recurrent._backward`` does that one)."""
+        layer, w = self.layer, self.layer.weights
+        if list(self.groups) == [(0, self.GH)] and self.groups[(0, self.GH)] is None:
+            w.add_grad("h", self.dh @ self.hs[:, before].T)   # one group: Σ_t dhproj_t h_t^T
+        elif self.groups:
+            g = self.xp.zeros((self.GH, self.H), dtype=layer.dtype)
+            for (r0, r1), block in self.groups.items():
+                v = self.hs[:, before] if block is None else block
+                g[r0:r1] += self.dh[r0:r1] @ v.T
+            w.add_grad("h", g)
+        layer.hbias_grad(self.dh)
+
+
+class Recurrent(Layer):
+    """The step loop, state handling and set-up shared by every cell.
+
+    A cell subclass sets ``CONF_FIELD``, ``required``, ``gates`` (G), ``gate_names``,
+    ``parts`` and writes ``formula``; it may declare ``sums_projections``, give hand-written
+    ``step_forward`` / ``step_backward`` (``fused`` names their kernel), an ``export`` form,
+    and override ``_keys`` for param names of its own."""
 
     recurrent = True
     has_params = True
     CONF_FIELD = ""
+    #: gates stacked in the projections (G), and their names (param keys ``<gate>_hx`` ...)
+    gates = 1
+    gate_names: tuple = ()
+    #: state parts: 1 (h) or 2 (h, c)
+    parts = 1
+    #: the step needs only the sum W_x x + b + W_h h, so the loop may compute it with ONE
+    #: GEMM over the stacked [h; x; 1] (the GRU applies r to W_ch h alone)
+    sums_projections = False
+    #: the gradient at W_h h differs from the gradient at the input projection (set with
+    #: hand-written steps that keep the two apart, the GRU's)
+    separate_dhproj = True
+    #: the hand-written step's fused CPU kernel (engine/layers/kernels), or "" when the cell
+    #: runs its formula or NumPy maths only
+    fused = ""
+    #: how the cell maps to PyTorch's and ONNX's layouts, or None (not exportable)
+    export: ExportForm | None = None
     #: fold the input projection into the step GEMM when D + 1 <= FOLD_INPUT · H (and the
     #: cell sums its projections)
     FOLD_INPUT = 0.5
+    #: run the formula on a tape even where the cell has hand-written steps (tests compare
+    #: the two; a class without hand-written steps always does)
+    derived = False
 
+    # ------------------------------------------------------------- the cell
+    def formula(self, f, x, state, U):
+        """The cell's step: new state parts (h first) from ``x`` (per-gate input projections),
+        ``state`` (the parts before the step) and ``U(gates, v)`` (the recurrent product);
+        see the module docstring."""
+        raise NotImplementedError(f"{type(self).__name__} has no formula")
+
+    @classmethod
+    def hand_written(cls) -> bool:
+        """Whether the class gives its own step_forward/step_backward."""
+        return cls.step_forward is not Recurrent.step_forward
+
+    def describe_maths(self) -> str:
+        """What this layer's step runs: its fused kernel, its hand-written NumPy maths, or
+        its formula with the derived backward."""
+        if self.uses_formula:
+            return "formula, derived backward"
+        if self.has_kernel() and kernels.usable(self.xp.zeros((1, 1), dtype=self.dtype)):
+            return f"{self.fused} kernel"
+        return "NumPy formulas"
+
+    def has_kernel(self) -> bool:
+        """Whether a fused kernel exists for this layer's settings."""
+        return bool(self.fused)
+
+    def step_forward(self, xp, ops: Products, x, state):
+        """One step: (raw new state parts, what the backward needs); ``x`` is the step's
+        input projection (G·H, B), or None when the loop does not materialise it (a cell
+        that sums its projections asks ``ops.product(..., with_input=True)`` instead). This
+        default runs the formula on a tape (``formula_forward``)."""
+        return self.formula_forward(xp, ops, x, state)
+
+    def step_backward(self, xp, ops: Products, d, state, cache, need_dprev: bool):
+        """Reverse of ``step_forward``: ``d`` the gradients at the new state parts (None:
+        none); writes dL/d(input projection) into ``ops.d_input()`` and the products'
+        gradients through ``ops.product_backward``; returns the gradients at the state
+        parts before the step (None where none flows), or None without ``need_dprev``.
+        This default walks the tape back (``formula_backward``)."""
+        return self.formula_backward(xp, ops, d, state, cache, need_dprev)
+
+    def formula_forward(self, xp, ops: Products, x, state):
+        """``formula`` on a tape: the step's new state parts and the recorded tape."""
+        tape = Tape(xp)
+        H = self.H
+        xv = [tape.leaf(x[k * H:(k + 1) * H]) for k in range(self.gates)]
+        sv = tuple(tape.leaf(s) for s in state)
+
+        def U(gates, v):
+            value = ops.product(gates, v.value if hasattr(v, "value") else v)
+            return tape.record(value, (v,), lambda g: (ops.product_backward(gates, g),))
+
+        out = tuple(self.formula(Taped(tape), xv, sv, U))
+        return tuple(o.value for o in out), TapedStep(tape, xv, sv, out)
+
+    def formula_backward(self, xp, ops: Products, d, state, cache: TapedStep, need_dprev: bool):
+        """The backward derived from ``formula``: the tape of ``formula_forward`` walked in
+        reverse (see ``step_backward`` for what it writes and returns)."""
+        tape = cache.tape
+        tape.backward(zip(cache.out, d))
+        dx, H = ops.d_input(), self.H
+        for k, leaf in enumerate(cache.x):
+            g = tape.grad(leaf)
+            dx[k * H:(k + 1) * H] = 0 if g is None else g
+        if not need_dprev:
+            return None
+        # the loop adds into what it gets back: never hand it an array it gave (a seed
+        # passed straight through an addition)
+        grads = tuple(tape.grad(s) for s in cache.state)
+        return tuple(g.copy() if g is not None and any(g is s for s in d) else g for g in grads)
+
+    def evaluate(self, xp, x, state, U):
+        """The formula on plain arrays (its forward value only)."""
+        return tuple(self.formula(Direct(xp), x, state, U))
+
+    # ---------------------------------------------------------------- params
     @classmethod
     def _keys(cls, conf):
         """(input-to-hidden keys, hidden-to-hidden keys, bias keys), in param order."""
-        raise NotImplementedError
+        b = tuple(f"{g}_b" for g in cls.gate_names) if cls.cell_conf(conf).bias_term else ()
+        return (tuple(f"{g}_hx" for g in cls.gate_names),
+                tuple(f"{g}_hh" for g in cls.gate_names), b)
+
+    @classmethod
+    def cell_conf(cls, conf):
+        return getattr(conf, cls.CONF_FIELD)
 
     @classmethod
     def default_param_names(cls, conf):
@@ -154,19 +464,16 @@ class Recurrent(Layer):
     @classmethod
     def context_sources(cls, conf):
         """Copy i reads copy i−1 (kForward) or copy i+1 (kBackward) of this layer."""
-        backward = getattr(conf, cls.CONF_FIELD).direction == pb.kBackward
+        backward = cls.cell_conf(conf).direction == pb.kBackward
         return [(conf.name, -1 if backward else 1)]
-
-    def make_cell(self):
-        raise NotImplementedError
 
     def _bias_default(self, key):
         return ("constant", 0.0)
 
     # ------------------------------------------------------------------ setup
     def setup(self, srcs):
-        self.cell = self.make_cell()
-        self.H = H = int(getattr(self.conf, self.CONF_FIELD).dim_hidden)
+        self.check_cell()
+        self.H = H = int(self.cell_conf(self.conf).dim_hidden)
         data, init = [], []
         for k, conn in enumerate(self.src_conn[:len(srcs)]):
             (init if conn == pb.kUnrollFirstToLast else data).append(k)
@@ -188,8 +495,8 @@ class Recurrent(Layer):
                 f"needs (D,) float features per row; put a kOneHot or kEmbedding layer between "
                 f"token ids and it, or flatten the source")
         self.D = D = int(shape[0])
-        #: the data source's rows are one-hot codes (kOneHot): a block gathers the columns
-        #: of W_x instead of multiplying x by it (see forward_block)
+        #: the data source's rows are one-hot codes (kOneHot): the loop gathers the columns
+        #: of W_x instead of multiplying x by it
         self.one_hot_input = bool(getattr(srcs[self.data_pos], "one_hot_rows", False))
         if init:
             ishape = tuple(srcs[init[0]].out_shape)
@@ -219,33 +526,44 @@ class Recurrent(Layer):
         #: step blocks kept across batches by forward_block / backward_block
         self._blocks: dict = {}
 
+    def check_cell(self) -> None:
+        """Refuse settings the cell cannot run (one line naming the layer)."""
+
     def params_ready(self, like=None) -> None:
         if like is None:
             self.weights.fuse()
         else:
             self.weights.adopt(like.weights)
 
-    def _add_hbias(self, hproj) -> None:
-        """hproj[hbias_from:] += the hidden-side bias (columns are sequences)."""
+    def add_hbias(self, hproj, first_row: int = 0) -> None:
+        """Add the hidden-side bias to a product's rows (``first_row``: its first row of W_h h;
+        columns are sequences)."""
         if self.hbias_key is not None:
-            hproj[self.hbias_from:] += self.params[self.hbias_key].data[:, None]
+            lo = self.hbias_from - first_row
+            if 0 <= lo < hproj.shape[0]:
+                hproj[lo:] += self.params[self.hbias_key].data[:, None]
 
-    def _hbias_grad(self, dhproj) -> None:
+    def hbias_grad(self, dhproj) -> None:
         """Accumulate the hidden-side bias's gradient from dL/d(W_h h) (G·H, N)."""
         if self.hbias_key is not None:
             self.params[self.hbias_key].grad += dhproj[self.hbias_from:].sum(axis=1)
 
     @property
+    def uses_formula(self) -> bool:
+        """The step runs on the tape (no hand-written step, or ``derived`` asked for)."""
+        return self.derived or not self.hand_written()
+
+    @property
     def folds_input(self) -> bool:
         """Whether a block runs each step as one GEMM over [h; x; 1] (see the docstring); a
         one-hot input is gathered instead, never folded."""
-        return (self.cell.sums_projections and self.hbias_key is None
+        return (self.sums_projections and not self.uses_formula and self.hbias_key is None
                 and not self.one_hot_input and self.D + 1 <= self.FOLD_INPUT * self.H)
 
     # ----------------------------------------------------------------- state
     def zero_state(self, batch):
         xp = self.xp
-        parts = tuple(xp.zeros((batch, self.H), dtype=self.dtype) for _ in range(self.cell.parts))
+        parts = tuple(xp.zeros((batch, self.H), dtype=self.dtype) for _ in range(self.parts))
         return self._outer(parts)
 
     def _outer(self, parts):
@@ -257,7 +575,6 @@ class Recurrent(Layer):
         parts = state if isinstance(state, tuple) else (state,)
         return tuple(None if s is None else s.T for s in parts)
 
-    # ---------------------------------------------------------- one step, maths
     def _mask(self, mask):
         """(m, 1 − m) as (1, B) rows of self.dtype, or None."""
         if mask is None:
@@ -265,53 +582,8 @@ class Recurrent(Layer):
         m = self.xp.asarray(mask, dtype=self.dtype).reshape(1, -1)
         return m, 1 - m
 
-    def _step(self, pre, xproj, parts, mm):
-        """One step, feature-major: ``pre`` (G·H, B) holds W_x x + b + W_h h (cells that sum
-        their projections) or W_h h (the GRU, with ``xproj`` = W_x x + b); ``parts`` the
-        state parts before the step; ``mm`` the mask rows. Returns (new parts, cache)."""
-        raw, cache = self.cell.forward(self.xp, pre, xproj, parts)
-        if mm is not None:
-            raw = tuple(mm[0] * r + mm[1] * p for r, p in zip(raw, parts))
-        return raw, (parts, cache, mm)
-
-    def _step_backward(self, dh, dstate, cache, w_hT, out_x=None, out_h=None, need_dprev=True):
-        """Reverse of ``_step``: ``dh`` the gradient at the step's output h', ``dstate`` the
-        gradient at its state parts (from the next step; None at the last). Returns
-        (dxproj, dhproj, dprev parts); the W_h gradient (dhproj h^T) is the caller's; dprev
-        is None without ``need_dprev`` (the first step of a state nothing learns from)."""
-        xp = self.xp
-        parts, cache, mm = cache
-        d = [None] * len(parts) if dstate is None else list(dstate)
-        d[0] = add_grads(dh, d[0])
-        if d[0] is None:
-            d[0] = xp.zeros_like(parts[0])
-        keep = [None] * len(parts)
-        if mm is not None:  # masked columns pass their gradient straight to the old state
-            for k, g in enumerate(d):
-                if g is not None:
-                    d[k], keep[k] = mm[0] * g, mm[1] * g
-        dx, dhp, direct = self.cell.backward(xp, d[0], d[1:], parts, cache, out_x, out_h)
-        if not need_dprev:
-            return dx, dhp, None
-        back = xp.matmul(w_hT, dhp)  # the part through W_h h, which reaches h only
-        dprev = []
-        for k, (g, kept) in enumerate(zip(direct, keep)):
-            if k == 0:
-                if g is None:
-                    g = back
-                else:
-                    g += back
-            if kept is not None:
-                if g is None:
-                    g = kept
-                else:
-                    g += kept
-            dprev.append(g)
-        return dx, dhp, tuple(dprev)
-
     # ------------------------------------------------------- one copy (reference)
     def forward(self, ctx, xs, state):
-        xp = self.xp
         try:
             x = one_array(xs[self.data_pos])
         except LayerError as e:
@@ -326,36 +598,13 @@ class Recurrent(Layer):
             if x.ndim != 2 or x.shape[1] != self.D:
                 raise self.error(f"input of shape {tuple(x.shape)}, expected (batch, {self.D})")
         parts = self._inner(self.zero_state(batch) if state is None else state)
-        w = self.weights
-        if x is None:
-            xproj = xp.zeros((self.cell.gates * self.H, batch), dtype=self.dtype)
-        else:
-            xproj = xp.matmul(w.data("x"), x.T)
-        if self.has_bias:
-            xproj += w.data("b")[:, None]
-        pre = xp.matmul(w.data("h"), parts[0])
-        self._add_hbias(pre)
-        if self.cell.sums_projections:
-            pre += xproj
-        new, cache = self._step(pre, xproj, parts, self._mask(ctx.mask))
-        y = new[0].T
-        return y, self._outer((y,) + tuple(p.T for p in new[1:])), (x, len(xs), cache)
+        fresh = lambda what, shape: self.xp.empty(shape, dtype=self.dtype)  # noqa: E731
+        return self._forward(ctx, x, len(xs), parts, 1, batch, fresh)
 
     def backward(self, ctx, dy, dstate, cache):
-        x, n, step_cache = cache
-        w = self.weights
-        dx_pre, dhp, dprev = self._step_backward(
-            None if dy is None else dy.T, None if dstate is None else self._inner(dstate),
-            step_cache, w.data("h").T)
-        w.add_grad("h", dhp @ step_cache[0][0].T)
-        self._hbias_grad(dhp)
-        if self.has_bias:
-            w.add_grad("b", dx_pre.sum(axis=1))
-        dxs = [None] * n
-        if x is not None:
-            w.add_grad("x", dx_pre @ x)
-            dxs[self.data_pos] = dx_pre.T @ w.data("x")
-        return dxs, self._outer(tuple(d.T for d in dprev))
+        dxs, d0 = self._backward(ctx, dy, None if dstate is None else self._inner(dstate),
+                                 cache, True)
+        return dxs, None if d0 is None else self._outer(tuple(d.T for d in d0))
 
     # --------------------------------------------------- all copies (planned)
     def supports_block(self) -> bool:
@@ -369,153 +618,187 @@ class Recurrent(Layer):
         return buf
 
     def forward_block(self, ctx, xs, state):
-        """The step loop over T copies, feature-major. ``hs`` (H, (T+1)·B) holds the states:
-        forward, column block 0 the initial h and block t+1 the output of step t; backward
-        (``reverse``), block T the initial h and block t the output of step t, so the state
-        before step t is block t (forward) or t+1 (backward) and the outputs are T
-        consecutive blocks either way. Step t's gates are computed in slice t of one
-        (T, G·H, B) block. Either the input projections of all steps are one GEMM
-        (G·H, T·B), added per step to W_h h; or, folding the input, ``hs`` is the top of
-        z = [h; x; 1] (H+D+1, (T+1)·B), x_t sitting in the column block of the state before
-        step t, and each step is ONE GEMM [W_h W_x b] z_t.
-
-        One-hot input (``one_hot_input``): W_x x + b is a column of the table W_x + b, so
-        it is gathered, not multiplied, and never folded: each step is the GEMM W_h h plus
-        the step's gathered columns (cells that sum their projections), or the input
-        projections of all steps are one gather (the GRU). Against the folded GEMM this
-        measured 8 ms less per LSTM 512 batch (the GEMM's K shrinks from H+D+1 to H)."""
-        xp = self.xp
+        """The step loop over all T copies (see ``_forward``)."""
         x = one_array(xs[self.data_pos])
         parts = self._inner(state)
         B = parts[0].shape[1]
-        H, D, GH = self.H, self.D, self.cell.gates * self.H
-        N = x.shape[0]
-        T = N // B
+        return self._forward(ctx, x, len(xs), parts, x.shape[0] // B, B, self._buffer)
+
+    def backward_block(self, ctx, dy, cache):
+        """Reverse of ``forward_block``: the gradient at the final state is not wanted (it
+        is carried into the next batch without one)."""
+        dxs, d0 = self._backward(ctx, dy, None, cache, ctx.need_state_grad)
+        return dxs, None if d0 is None else self._outer(tuple(d.T for d in d0))
+
+    # ----------------------------------------------------------- the step loop
+    def _forward(self, ctx, x, n_srcs, parts, T, B, buffer):
+        """T steps from the state ``parts``. ``hs`` (H, (T+1)·B) holds the states: forward,
+        column block 0 the initial h and block t+1 the output of step t; backward
+        (``reverse``), block T the initial h and block t the output of step t, so the state
+        before step t is block t (forward) or t+1 (backward) and the outputs are T
+        consecutive blocks either way. Step t's products are computed in slice t of one
+        (T, G·H, B) block. The input projections: one GEMM (G·H, T·B); or, for a one-hot
+        input, gathered columns of the table W_x + b (all steps at once, or per step added
+        to the product of a cell that sums its projections: the GEMM's K shrinks from
+        H+D+1 to H, 8 ms less per LSTM 512 batch than the folded GEMM); or folded: ``hs``
+        is the top of z = [h; x; 1] (H+D+1, (T+1)·B), x_t in the column block of the state
+        before step t, and each step ONE GEMM [W_h W_x b] z_t. Returns the output (T·B, H)
+        row-major (a view), the final state (row-major, not aliasing the kept blocks) and
+        the cache."""
+        xp = self.xp
+        H, D, GH = self.H, self.D, self.gates * self.H
+        N = T * B
         w = self.weights
-        fold = self.folds_input
         rev = self.reverse
         before = (lambda t: t + 1) if rev else (lambda t: t)  # block of the state before step t
         first = T if rev else 0                               # block of the initial state
-        pre = self._buffer("pre", (T, GH, B))
-        idx = table = None
-        if self.one_hot_input:
-            idx = cells.one_hot_index(xp, x)
-            table = self._buffer("table", (GH, D))
-            table[...] = w.data("x")
-            if self.has_bias:
-                table += w.data("b")[:, None]
-        wc = xproj = None
+        formula = self.uses_formula
+        step = self.formula_forward if formula else self.step_forward
+        fold = x is not None and self.folds_input
+        idx = None
         if fold:
             nb = 1 if self.has_bias else 0
-            z = self._buffer("z", (H + D + nb, N + B))
+            z = buffer("z", (H + D + nb, N + B))
             xcols = slice(B, N + B) if rev else slice(0, N)
             z[H:H + D, xcols] = x.T
             if nb:
                 z[H + D, xcols] = 1
-            wc = self._buffer("wc", (GH, H + D + nb))
-            wc[:, :H] = w.data("h")
+            hs = z[:H]
+            ops = Products(self, T, B, hs, buffer)
+            ops.z = z
+            ops.wc = wc = buffer("wc", (GH, H + D + nb))
+            wc[:, :H] = ops.w_h
             wc[:, H:H + D] = w.data("x")
             if nb:
                 wc[:, H + D] = w.data("b")
-            hs = z[:H]
         else:
-            z = None
-            if idx is None:
-                xproj = xp.matmul(w.data("x"), x.T, out=self._buffer("xproj", (GH, N)))
+            hs = buffer("hs", (H, N + B))
+            ops = Products(self, T, B, hs, buffer)
+            if x is None:                       # no input this step: the projection is b
+                ops.xproj = xproj = buffer("xproj", (GH, N))
+                xproj[...] = w.data("b")[:, None] if self.has_bias else 0
+            elif self.one_hot_input:
+                idx = cells.one_hot_index(xp, x)
+                ops.idx = idx
+                ops.table = table = buffer("table", (GH, D))
+                table[...] = w.data("x")
                 if self.has_bias:
-                    xproj += w.data("b")[:, None]
-            elif not self.cell.sums_projections:
-                xproj = cells.gather_columns(xp, self._buffer("xproj", (GH, N)), table, idx)
-            hs = self._buffer("hs", (H, N + B))
-        w_h = w.data("h")
-        hs[:, first * B:(first + 1) * B] = parts[0]
-        cur = (hs[:, first * B:(first + 1) * B],) + parts[1:]
-        m = None if ctx.mask is None else ctx.mask.reshape(T, B)
-        caches = [None] * T
-        for t in (range(T - 1, -1, -1) if rev else range(T)):
-            cols = slice(t * B, (t + 1) * B)
-            mm = None if m is None else self._mask(m[t])
-            if fold:
-                zt = z[:, before(t) * B:(before(t) + 1) * B]
-                new, sc = self._step(xp.matmul(wc, zt, out=pre[t]), None, cur, mm)
+                    table += w.data("b")[:, None]
+                if formula or not self.sums_projections:
+                    ops.xproj = cells.gather_columns(xp, buffer("xproj", (GH, N)), table, idx)
             else:
-                p = xp.matmul(w_h, cur[0], out=pre[t])
-                self._add_hbias(p)
-                if xproj is None:  # one-hot input into a cell that sums its projections
-                    cells.gather_columns(xp, p, table, idx[cols], add=True)
-                elif self.cell.sums_projections:
-                    p += xproj[:, cols]
-                new, sc = self._step(p, None if xproj is None else xproj[:, cols], cur, mm)
+                ops.xproj = xp.matmul(w.data("x"), x.T, out=buffer("xproj", (GH, N)))
+                if self.has_bias:
+                    ops.xproj += w.data("b")[:, None]
+        hs[:, first * B:(first + 1) * B] = parts[0]
+        cur = (hs[:, first * B:(first + 1) * B],) + tuple(parts[1:])
+        m = None if ctx.mask is None else ctx.mask.reshape(T, B)
+        steps = [None] * T
+        for t in (range(T - 1, -1, -1) if rev else range(T)):
+            mm = None if m is None else self._mask(m[t])
+            zt = None if not fold else ops.z[:, before(t) * B:(before(t) + 1) * B]
+            ops.at(t, cur[0], zt)
+            new, cc = step(xp, ops, ops.input_projection(), cur)
+            if mm is not None:
+                new = tuple(mm[0] * r + mm[1] * p for r, p in zip(new, cur))
             out = t if rev else t + 1
             nxt = hs[:, out * B:(out + 1) * B]
             nxt[...] = new[0]
-            cur = (nxt,) + new[1:]
-            caches[t] = sc
-        # the carried state must not alias the blocks the next batch rewrites
-        final = self._outer(tuple(xp.ascontiguousarray(s.T) for s in cur))
-        ys = hs[:, :N] if rev else hs[:, B:]
-        return ys.T, final, (x, len(xs), caches, hs, z, idx)
+            steps[t] = StepCache(cur, cc, mm)
+            cur = (nxt,) + tuple(new[1:])
+        ys = (hs[:, :N] if rev else hs[:, B:]).T
+        if buffer == self._buffer:
+            # the carried state must not alias the blocks the next batch rewrites
+            final = self._outer(tuple(xp.ascontiguousarray(s.T) for s in cur))
+        else:   # one copy, fresh blocks: its output is its state h
+            final = self._outer((ys,) + tuple(s.T for s in cur[1:]))
+        return ys, final, BlockCache(x, n_srcs, steps, hs, ops, idx)
 
-    def backward_block(self, ctx, dy, cache):
-        """Reverse of ``forward_block``: the step loop in the opposite direction of the pass,
-        each step's input- and hidden-projection gradients written into (G·H, T·B) blocks,
-        then every weight gradient of the batch from one GEMM per group (one in all when the
+    def _backward(self, ctx, dy, dfinal, cache: BlockCache, need_state_grad: bool):
+        """Reverse of ``_forward``: the step loop in the opposite direction of the pass
+        (``dfinal``: the gradient at the final state parts, or None), each step's gradients
+        at the input projection and the products written into (G·H, T·B) blocks, then
+        every weight gradient of the call from one GEMM per group (one in all when the
         input is folded; the columns of a one-hot input's dW_x added up instead of a GEMM)
-        and the input gradient from one GEMM."""
+        and the input gradient from one GEMM. Returns (dxs, gradient at the initial state
+        parts or None)."""
         xp = self.xp
-        x, n_srcs, caches, hs, z, idx = cache
-        T = len(caches)
-        N = x.shape[0]
-        B = N // T
-        H, D, GH = self.H, self.D, self.cell.gates * self.H
-        dx_all = self._buffer("dxproj", (GH, N))
-        dh_all = self._buffer("dhproj", (GH, N)) if self.cell.separate_dhproj else dx_all
+        x, steps, ops = cache.x, cache.steps, cache.ops
+        T = len(steps)
+        B = ops.B
+        N = T * B
+        H, D = self.H, self.D
         w = self.weights
-        w_hT = w.data("h").T  # a contiguous copy measured no faster (bench.onehot)
+        formula = self.uses_formula
+        step = self.formula_backward if formula else self.step_backward
+        ops.start_backward(formula or self.separate_dhproj, zero=formula)
         # dy feature-major (an InnerProduct above gives it so: dyT is then a view): each
         # step's dL/dh' is a block with contiguous rows, added in place to the gradient the
         # next step sends back (which this loop owns)
-        dyT = cells.transposed(xp, dy, self._buffer("dyT", (H, N)))
+        dyT = None if dy is None else cells.transposed(xp, dy, ops.buffer("dyT", (H, N)))
         rev = self.reverse
-        start = T - 1 if rev else 0          # the pass's first step: dprev is the initial state's
+        start = T - 1 if rev else 0           # the pass's first step: dprev is the initial state's
         before = slice(B, N + B) if rev else slice(0, N)  # the states before steps 0..T-1
-        dst = None
+        # dst: the gradients at the state after the step being undone; owned by this loop
+        # (fresh arrays), so dL/dh' of the step is added in place
+        dst = None if dfinal is None else [None if g is None else g.copy() for g in dfinal]
         for t in (range(T) if rev else range(T - 1, -1, -1)):
-            cols = slice(t * B, (t + 1) * B)
-            dh = dyT[:, cols]
-            if dst is not None:
-                dst[0][...] += dh
-                dh = None
-            _, _, dst = self._step_backward(
-                dh, dst, caches[t], w_hT, out_x=dx_all[:, cols],
-                out_h=None if dh_all is dx_all else dh_all[:, cols],
-                need_dprev=t != start or ctx.need_state_grad)
-        if z is None:
-            w.add_grad("h", dh_all @ hs[:, before].T)  # sum_t dhproj_t h_t^T
-            self._hbias_grad(dh_all)
-            if idx is None:
-                if self.has_bias:
-                    w.add_grad("b", dx_all.sum(axis=1))
-                w.add_grad("x", dx_all @ x)
-            else:
-                dtable = self._buffer("dtable", (GH, D))
-                dtable[...] = 0
-                cells.scatter_columns(xp, dtable, dx_all, idx)
-                if self.has_bias:  # every column of dx_all went into one column of dtable
-                    w.add_grad("b", dtable.sum(axis=1))
-                w.add_grad("x", dtable)
-        else:
-            g = dx_all @ z[:, before].T            # [dW_h dW_x db] = sum_t dpre_t z_t^T
+            sc = steps[t]
+            d = [None] * self.parts if dst is None else dst
+            if dyT is not None:
+                dh = dyT[:, t * B:(t + 1) * B]
+                if d[0] is None:
+                    d[0] = dh        # not owned: nothing below writes into it
+                else:
+                    d[0] += dh
+            if d[0] is None:
+                d[0] = xp.zeros_like(sc.state[0])
+            keep = [None] * self.parts
+            if sc.mask is not None:  # masked columns pass their gradient straight to the old state
+                for k, g in enumerate(d):
+                    if g is not None:
+                        d[k], keep[k] = sc.mask[0] * g, sc.mask[1] * g
+            ops.at(t, sc.state[0])
+            need = t != start or need_state_grad
+            dprev = step(xp, ops, d, sc.state, sc.cell, need)
+            if not need:
+                dst = None
+                continue
+            dst = [add_grads(g, kept) for g, kept in zip(dprev, keep)]
+        if ops.z is not None:
+            g = ops.dx @ ops.z[:, before].T           # [dW_h dW_x db] = Σ_t dpre_t z_t^T
             w.add_grad("h", g[:, :H])
             w.add_grad("x", g[:, H:H + D])
             if self.has_bias:
                 w.add_grad("b", g[:, H + D])
-        dxs = [None] * n_srcs
-        need = ctx.need_input_grads
-        if need is None or need[self.data_pos]:
+        else:
+            ops.weight_grads(before)
+            if x is None:
+                if self.has_bias:
+                    w.add_grad("b", ops.dx.sum(axis=1))
+            elif cache.idx is None:
+                if self.has_bias:
+                    w.add_grad("b", ops.dx.sum(axis=1))
+                w.add_grad("x", ops.dx @ x)
+            else:
+                dtable = self._buffer("dtable", (self.gates * H, D))
+                dtable[...] = 0
+                cells.scatter_columns(xp, dtable, ops.dx, cache.idx)
+                if self.has_bias:  # every column of dx went into one column of dtable
+                    w.add_grad("b", dtable.sum(axis=1))
+                w.add_grad("x", dtable)
+        dxs = [None] * cache.n_srcs
+        need_in = ctx.need_input_grads
+        if x is not None and (need_in is None or need_in[self.data_pos]):
             # dx = dpre^T W_x, made feature-major: a recurrent layer below reads dy^T as a view
-            dxs[self.data_pos] = (w.data("x").T @ dx_all).T.reshape(x.shape)
-        return dxs, None if dst is None else self._outer(tuple(d.T for d in dst))
+            dxs[self.data_pos] = (w.data("x").T @ ops.dx).T.reshape(x.shape)
+        if dst is not None:
+            dst = [xp.zeros_like(p) if g is None else g for g, p in zip(dst, steps[start].state)]
+        return dxs, dst
+
+
+# ------------------------------------------------------------------ the cells
+ALL = slice(None)   # every gate's rows: the common one-product form
 
 
 @register(pb.kRNN)
@@ -531,17 +814,49 @@ class RNNLayer(Recurrent):
 
     CONF_FIELD = "rnn_conf"
     required = (("rnn_conf", "dim_hidden"),)
+    gate_names = ("w",)
+    sums_projections = True
+    separate_dhproj = False
+    fused = "rnn"
+    export = ExportForm("RNN", ("w_hx",), ("w_hh",), ("b",), onnx_order=(0,))
 
     @classmethod
     def _keys(cls, conf):
         return ("w_hx",), ("w_hh",), (("b",) if conf.rnn_conf.bias_term else ())
 
-    def make_cell(self):
+    def check_cell(self):
         act = self.conf.rnn_conf.activation
         if act not in (pb.TANH, pb.RELU, pb.LINEAR):
             raise self.error(f"rnn_conf.activation {pb.ActivationType.Name(act)} is not "
                              f"supported; use TANH, RELU or LINEAR")
-        return RNNCell(relu=act == pb.RELU, linear=act == pb.LINEAR)
+        self.relu, self.linear = act == pb.RELU, act == pb.LINEAR
+
+    def has_kernel(self) -> bool:
+        return not self.linear   # the identity needs no kernel
+
+    def formula(self, f, x, state, U):
+        act = f.relu if self.relu else f.identity if self.linear else f.tanh
+        return (act(x[0] + U(ALL, state[0])),)
+
+    def step_forward(self, xp, ops, x, state):
+        pre = ops.product(ALL, state[0], with_input=True)
+        if self.linear:
+            return (pre,), pre
+        if kernels.usable(state[0], inplace=pre):
+            h = kernels.rnn_forward(pre, self.relu)
+        else:
+            h = cells.rnn_forward(xp, pre, self.relu)
+        return (h,), h
+
+    def step_backward(self, xp, ops, d, state, cache, need_dprev):
+        out = ops.d_input()
+        if self.linear:
+            out[...] = d[0]
+        elif kernels.usable(d[0], cache, out):
+            kernels.rnn_backward(d[0], cache, self.relu, out=out)
+        else:
+            cells.rnn_backward(xp, d[0], cache, self.relu, out=out)
+        return (ops.product_backward(ALL),) if need_dprev else None
 
 
 @register(pb.kGRU)
@@ -558,18 +873,17 @@ class GRULayer(Recurrent):
     Params in order: z_hx, r_hx, c_hx (H×D), z_hh, r_hh, c_hh (H×H), then z_b, r_b, c_b (H)
     if bias_term, then c_hb (H, b_ch above, initialised to 0) if recurrent_bias. With
     recurrent_bias this is PyTorch's GRU exactly (c_hb is its b_hn, r_b its b_ir + b_hr, z_b
-    its b_iz + b_hz). The cell maths (``engine/layers/cells.py``) is unchanged: b_ch is
-    added to the c rows of W_h h right after the step's GEMM, and its gradient is the sum
-    over steps and sequences of those rows of dL/d(W_h h).
+    its b_iz + b_hz): b_ch is added to the c rows of W_h h right after the step's GEMM, and
+    its gradient is the sum over steps and sequences of those rows of dL/d(W_h h).
     """
 
     CONF_FIELD = "gru_conf"
     required = (("gru_conf", "dim_hidden"),)
-
-    @classmethod
-    def _keys(cls, conf):
-        b = ("z_b", "r_b", "c_b") if conf.gru_conf.bias_term else ()
-        return ("z_hx", "r_hx", "c_hx"), ("z_hh", "r_hh", "c_hh"), b
+    gates = 3
+    gate_names = ("z", "r", "c")
+    fused = "gru"
+    export = ExportForm("GRU", ("r_hx", "z_hx", "c_hx"), ("r_hh", "z_hh", "c_hh"),
+                        ("r_b", "z_b", "c_b"), onnx_order=(1, 0, 2), reset_gated=2, hb="c_hb")
 
     @classmethod
     def default_param_names(cls, conf):
@@ -584,8 +898,31 @@ class GRULayer(Recurrent):
             self.hbias_key = "c_hb"
             self.hbias_from = 2 * H
 
-    def make_cell(self):
-        return GRUCell()
+    def formula(self, f, x, state, U):
+        h = state[0]
+        z = f.sigmoid(x[0] + U(0, h))
+        r = f.sigmoid(x[1] + U(1, h))
+        c = f.tanh(x[2] + r * U(2, h))
+        return (z * h + (1 - z) * c,)
+
+    def step_forward(self, xp, ops, x, state):
+        hp = ops.product(ALL, state[0])
+        if kernels.usable(x, state[0], inplace=hp):
+            h, cache = kernels.gru_forward(x, hp, state[0])
+        else:
+            h, cache = cells.gru_forward(xp, x, hp, state[0])
+        return (h,), cache
+
+    def step_backward(self, xp, ops, d, state, cache, need_dprev):
+        out_x, out_h = ops.d_input(), ops.d_product(ALL)
+        if kernels.usable(d[0], state[0], *cache, out_x, out_h):
+            _, _, direct = kernels.gru_backward(d[0], state[0], *cache, out_x=out_x, out_h=out_h)
+        else:
+            _, _, direct = cells.gru_backward(xp, d[0], state[0], *cache, out_x=out_x, out_h=out_h)
+        if not need_dprev:
+            return None
+        direct += ops.product_backward(ALL)
+        return (direct,)
 
 
 @register(pb.kLSTM)
@@ -605,14 +942,14 @@ class LSTMLayer(Recurrent):
 
     CONF_FIELD = "lstm_conf"
     required = (("lstm_conf", "dim_hidden"),)
-
-    @classmethod
-    def _keys(cls, conf):
-        b = ("i_b", "f_b", "o_b", "g_b") if conf.lstm_conf.bias_term else ()
-        return ("i_hx", "f_hx", "o_hx", "g_hx"), ("i_hh", "f_hh", "o_hh", "g_hh"), b
-
-    def make_cell(self):
-        return LSTMCell()
+    gates = 4
+    gate_names = ("i", "f", "o", "g")
+    parts = 2
+    sums_projections = True
+    separate_dhproj = False
+    fused = "lstm"
+    export = ExportForm("LSTM", ("i_hx", "f_hx", "g_hx", "o_hx"), ("i_hh", "f_hh", "g_hh", "o_hh"),
+                        ("i_b", "f_b", "g_b", "o_b"), onnx_order=(0, 3, 1, 2))
 
     def _bias_default(self, key):
         if key == "f_b":
@@ -624,3 +961,69 @@ class LSTMLayer(Recurrent):
 
     def source_grad_from_state(self, dstate):
         return dstate[0]
+
+    def formula(self, f, x, state, U):
+        h, c = state
+        i = f.sigmoid(x[0] + U(0, h))
+        fg = f.sigmoid(x[1] + U(1, h))
+        o = f.sigmoid(x[2] + U(2, h))
+        g = f.tanh(x[3] + U(3, h))
+        c_new = fg * c + i * g
+        return (o * f.tanh(c_new), c_new)
+
+    def step_forward(self, xp, ops, x, state):
+        pre = ops.product(ALL, state[0], with_input=True)
+        if kernels.usable(state[1], inplace=pre):
+            h, c, cache = kernels.lstm_forward(pre, state[1])
+        else:
+            h, c, cache = cells.lstm_forward(xp, pre, state[1])
+        return (h, c), cache
+
+    def step_backward(self, xp, ops, d, state, cache, need_dprev):
+        out = ops.d_input()
+        if kernels.usable(d[0], d[1], state[1], *cache, out):
+            _, dc_prev = kernels.lstm_backward(d[0], d[1], state[1], *cache, out=out)
+        else:
+            _, dc_prev = cells.lstm_backward(xp, d[0], d[1], state[1], *cache, out=out)
+        return (ops.product_backward(ALL), dc_prev) if need_dprev else None
+
+
+@register(pb.kMGU)
+class MGULayer(Recurrent):
+    """Minimal gated unit (kMGU, mgu_conf: dim_hidden, bias_term, direction; Zhou et al.
+    2016): one forget gate, which also gates h before the candidate's recurrent product.
+
+    f = σ(x W_fx^T + h W_fh^T + b_f)
+    c = tanh(x W_cx^T + (f ⊙ h) W_ch^T + b_c)
+    h' = (1 − f) ⊙ h + f ⊙ c
+    Output y = h'; state h (B, H), copy i−1's (or copy i+1's with direction: kBackward).
+    Params in order: f_hx, c_hx (H×D), f_hh, c_hh (H×H), then f_b, c_b (H) if bias_term.
+    Only the formula is written: the step's backward is derived from it (engine/layers/tape.py).
+    """
+
+    CONF_FIELD = "mgu_conf"
+    required = (("mgu_conf", "dim_hidden"),)
+    gates = 2
+    gate_names = ("f", "c")
+
+    def formula(self, f, x, state, U):
+        h = state[0]
+        fg = f.sigmoid(x[0] + U(0, h))
+        c = f.tanh(x[1] + U(1, fg * h))
+        return (h + fg * (c - h),)
+
+
+def describe_cells(layers) -> str:
+    """What the recurrent layers among ``layers`` run, per cell type (``kGRU: gru kernel``),
+    one part of the training banner; "" when there are none."""
+    seen = {}
+    for lay in layers:
+        if isinstance(lay, Recurrent):
+            seen.setdefault(f"{pb.LayerType.Name(lay.conf.type)}: {lay.describe_maths()}", None)
+    return ", ".join(seen)
+
+
+def cell_classes() -> dict:
+    """LayerType -> class of every registered recurrent cell (derived from the registry)."""
+    from engine.layers.base import REGISTRY
+    return {t: c for t, c in REGISTRY.items() if isinstance(c, type) and issubclass(c, Recurrent)}
