@@ -211,6 +211,10 @@ class GateWeights:
             self.layer.params[key].grad += g[k * H:(k + 1) * H]
 
 
+#: every gate's rows: the common one-product form (``U(ALL, h)``)
+ALL = slice(None)
+
+
 class Products:
     """The recurrent products and input projections of one call of the step loop (T steps
     of B columns), step by step: ``at(t, h)`` makes step t current (``h`` its state h).
@@ -246,6 +250,8 @@ class Products:
     def rows(self, gates) -> tuple:
         """(first, last) row of W_h for a gate index or a slice of gates."""
         H = self.H
+        if gates is ALL:      # the common one-product form: every row
+            return 0, self.GH
         if isinstance(gates, slice):
             start, stop, _ = gates.indices(self.layer.gates)
             return start * H, stop * H
@@ -254,19 +260,22 @@ class Products:
     # ------------------------------------------------------------- forward
     def product(self, gates, v, with_input: bool = False):
         xp = self.xp
-        r0, r1 = self.rows(gates)
-        out = self.pre[self.t][r0:r1]
+        every = gates is ALL          # the common form: no row slices (a step's Python cost)
+        r0, r1 = (0, self.GH) if every else self.rows(gates)
+        out = self.pre[self.t] if every else self.pre[self.t][r0:r1]
         if with_input and self.z is not None:   # folded input: ONE GEMM [W_h W_x b] [h; x; 1]
-            if (r0, r1) != (0, self.GH) or v is not self.h:
+            if not every or v is not self.h:
                 raise RuntimeError(f"{self.layer.name}: a folded input needs one product of h "
                                    f"for all gates")
             xp.matmul(self.wc, self.zt, out=out)
         else:
-            xp.matmul(self.w_h[r0:r1], v, out=out)
-            self.layer.add_hbias(out, r0)
+            xp.matmul(self.w_h if every else self.w_h[r0:r1], v, out=out)
+            if self.layer.hbias_key is not None:
+                self.layer.add_hbias(out, r0)
             if with_input:
                 if self.xproj is None:     # one-hot input: the step's columns of W_x + b
-                    cells.gather_columns(xp, out, self.table[r0:r1], self.idx[self.cols], add=True)
+                    table = self.table if every else self.table[r0:r1]
+                    cells.gather_columns(xp, out, table, self.idx[self.cols], add=True)
                 else:
                     out += self.xproj[r0:r1, self.cols]
         self._keep(r0, r1, v)
@@ -274,10 +283,10 @@ class Products:
 
     def _keep(self, r0, r1, v) -> None:
         key = (r0, r1)
-        if key not in self.groups:
-            self.groups[key] = None if v is self.h else self.buffer(
+        block = self.groups.get(key, False)
+        if block is False:
+            block = self.groups[key] = None if v is self.h else self.buffer(
                 f"operand{r0}", (self.H, self.T * self.B))
-        block = self.groups[key]
         if block is not None:
             block[:, self.cols] = v
         elif v is not self.h:
@@ -308,17 +317,22 @@ class Products:
 
     def d_product(self, gates):
         """Where this step's dL/d(product of ``gates``) goes."""
+        if gates is ALL:
+            return self.dh[:, self.cols]
         r0, r1 = self.rows(gates)
         return self.dh[r0:r1, self.cols]
 
     def product_backward(self, gates, g=None):
         """Store ``g`` = dL/d(product) (None: the caller wrote it into ``d_product``) and
         return W_h[rows]^T g, the gradient at the vector the product multiplied."""
-        r0, r1 = self.rows(gates)
-        dst = self.dh[r0:r1, self.cols]
+        if gates is ALL:
+            dst, w_hT = self.dh[:, self.cols], self.w_hT
+        else:
+            r0, r1 = self.rows(gates)
+            dst, w_hT = self.dh[r0:r1, self.cols], self.w_hT[:, r0:r1]
         if g is not None:
             dst[...] = g
-        return self.xp.matmul(self.w_hT[:, r0:r1], dst)
+        return self.xp.matmul(w_hT, dst)
 
     def weight_grads(self, before) -> None:
         """Add dW_h, and the recurrent bias's gradient, from the stored gradients: per group
@@ -798,7 +812,6 @@ class Recurrent(Layer):
 
 
 # ------------------------------------------------------------------ the cells
-ALL = slice(None)   # every gate's rows: the common one-product form
 
 
 @register(pb.kRNN)
