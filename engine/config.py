@@ -11,10 +11,12 @@ for a layer, ``path: message`` otherwise.
 from __future__ import annotations
 
 import difflib
+import math
 import pathlib
 import re
 
 from google.protobuf import text_format
+from google.protobuf.descriptor import FieldDescriptor
 
 from engine.common import (  # noqa: F401  (re-exported: the config API)
     ConfigError, Phase, job_dir, number_problem, read_file, read_text, type_name)
@@ -394,6 +396,32 @@ def _check_numbers(job: pb.JobProto, path: str) -> None:
                                  "not train)", scale >= 0)
             if bad:
                 raise ConfigError(f'{path}: layer "{layer.name}": {bad}')
+    # every other float of every message: no NaN or infinity anywhere (one generic walk over
+    # the schema's float and double fields, not a list of them)
+    for where, field, value in _floats(job):
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: {where}{field} is {value:g}; it must be a finite number")
+
+
+_FLOATS = (FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_DOUBLE)
+
+
+def _floats(msg, prefix: str = "", where: str = ""):
+    """(where, dotted field name, value) of every float or double set in ``msg`` and its
+    sub-messages; ``where`` names the layer (``layer "x": ``) inside a NetProto."""
+    for fd, value in msg.ListFields():
+        name = f"{prefix}{fd.name}"
+        values = value if fd.is_repeated else [value]
+        if fd.type == FieldDescriptor.TYPE_MESSAGE:
+            for k, sub in enumerate(values):
+                if isinstance(sub, pb.LayerProto):
+                    yield from _floats(sub, "", f'layer "{sub.name}": ')
+                else:
+                    index = f"[{k}]" if fd.is_repeated else ""
+                    yield from _floats(sub, f"{name}{index}.", where)
+        elif fd.type in _FLOATS:
+            for v in values:
+                yield where, name, float(v)
 
 
 # ------------------------------------------------ where a layer is in the file

@@ -101,6 +101,29 @@ def workers_wanted(flag: int | None, job) -> int:
     return workers_of_job(job) or 1
 
 
+def check_split(job, workers: int) -> None:
+    """DistributedError (one line) unless every input layer's batch (train phase, read from
+    the job alone) splits evenly over ``workers``: checked before any worker is started,
+    so an impossible ``--workers`` starts nothing."""
+    if workers <= 1:
+        return
+    from engine.config import Phase, layers_in_phase  # noqa: PLC0415 - launcher only
+    from engine.layers import layer_class  # noqa: PLC0415
+    from engine.layers.base import InputLayer  # noqa: PLC0415
+    for conf in layers_in_phase(job.neuralnet, Phase.TRAIN):
+        cls = layer_class(conf.type)
+        if cls is None or not issubclass(cls, InputLayer):
+            continue
+        rows = cls.configured_batch(conf)
+        if rows and rows % workers:
+            fits = [n for n in range(2, rows + 1) if rows % n == 0]
+            raise DistributedError(
+                f"{workers} workers: the batch of layer \"{conf.name}\" has {rows} rows, which "
+                f"do not split evenly over {workers} workers; give --workers a divisor of "
+                f"{rows} ({', '.join(map(str, fits[:8])) or '1 only'}), or a larger batch "
+                f"(nothing was started)")
+
+
 def check_world(world: "World", flag: int | None, job) -> None:
     """DistributedError (one line) when the launcher started a number of workers that
     contradicts ``--workers``, or, without the flag, the job's cluster fields."""

@@ -62,27 +62,48 @@ class MetricsLog:
             self._tb = SummaryWriter(str(self.path.parent / "tensorboard"))
         return self._tb
 
+    def count(self) -> int:
+        """How many lines the log holds (0 when it does not exist or cannot be read)."""
+        try:
+            with open(self.path, "rb") as f:
+                return sum(1 for line in f if line.strip())
+        except OSError:
+            return 0
+
+    @property
+    def superseded(self) -> pathlib.Path:
+        """Where ``truncate_after`` keeps the records it takes out of the log."""
+        return self.path.with_name(self.path.stem + ".superseded" + self.path.suffix)
+
     def truncate_after(self, step: int) -> None:
-        """Drop records newer than ``step`` (resume from a checkpoint at that step; -1:
-        drop them all). The new file replaces the old one only once it is complete
-        (``write_atomic``); the old one is left as it was when that fails."""
+        """Take the records newer than ``step`` out of the log (resume from a checkpoint at
+        that step; -1: all of them): they are appended to ``superseded`` first, so no
+        record is ever lost, then the shortened log replaces the old one only once it is
+        complete (``write_atomic``); the old one is left as it was when that fails."""
         if not self.path.exists():
             return
         try:
             text = self.path.read_text(encoding="utf-8", errors="replace")
         except OSError as e:
             raise MetricsError(f"{self.path}: cannot read the metrics log ({e.strerror})") from None
-        lines, keep = text.splitlines(), []
+        lines, keep, drop = text.splitlines(), [], []
         for line in lines:
             try:
                 r = json.loads(line)
             except json.JSONDecodeError:
+                drop.append(line)
                 continue  # a line cut by a crash
             s = r.get("step", 0) if isinstance(r, dict) else None
-            if isinstance(s, (int, float)) and s <= step:
-                keep.append(line)
+            (keep if isinstance(s, (int, float)) and s <= step else drop).append(line)
         if len(keep) == len(lines) and (not text or text.endswith("\n")):
             return  # nothing to drop: the file stays as it is
+        if drop:
+            try:
+                with open(self.superseded, "a", encoding="utf-8") as f:
+                    f.write("".join(d + "\n" for d in drop))
+            except OSError as e:
+                raise MetricsError(f"{self.superseded}: cannot keep the records the resumed run "
+                                   f"supersedes ({e.strerror}); nothing was changed") from None
         write_atomic(self.path, "".join(k + "\n" for k in keep).encode("utf-8"), "metrics log",
                      MetricsError)
 

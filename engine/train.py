@@ -130,6 +130,13 @@ class Trainer:
             raise ConfigError(f"{self.ckpt_dir} already holds checkpoints (newest: step "
                               f"{existing[-1][0]}); continue with --resume, or start over in "
                               f"another --workspace (nothing was overwritten)")
+        records = self.log.count()
+        if records and not existing and not self.resume and self.job.train_steps > 0:
+            raise ConfigError(f"{self.log.path} already holds {records} metrics record(s) of a "
+                              f"run that wrote no checkpoint; continue with --resume (its "
+                              f"records are kept), or start over in another --workspace "
+                              f"(nothing was overwritten)")
+        self.lock.stamp()   # accepted: the lock names this run
         for p in ckpt.remove_stale_temps(self.ws, self.ckpt_dir, self.ws / "visualization"):
             self.say(f"removed {p}, a temporary file of a process that no longer runs")
 
@@ -649,8 +656,10 @@ def start_workers(args, argv: list[str]):
     env = dist.launcher_env()
     try:
         if env is None and not args.graph_only:
-            n = dist.workers_wanted(args.workers, load_job(args.job))
+            job = load_job(args.job)
+            n = dist.workers_wanted(args.workers, job)
             if n > 1:
+                dist.check_split(job, n)   # before anything starts
                 return dist.launch(argv, n)
         return dist.join()
     except (ConfigError, dist.DistributedError) as e:
@@ -697,6 +706,10 @@ def report_failure(world: dist.World, started: bool, e: Exception, args, trainer
     return code
 
 
+#: the largest step count a job file can hold (train_steps is an int32)
+MAX_STEPS = 2 ** 31 - 1
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -705,6 +718,9 @@ def main(argv=None) -> int:
     trainer, world, started = None, None, False
     try:
         try:
+            if args.steps is not None and args.steps > MAX_STEPS:
+                raise ConfigError(f"--steps is {args.steps}; it must be at most {MAX_STEPS} "
+                                  f"(train_steps is a 32-bit number in a job file)")
             if args.steps is not None and args.steps < 0:
                 raise ConfigError(f"--steps is {args.steps}; it must be >= 0 (0: no training, "
                                   f"only the test phase)")
@@ -750,7 +766,8 @@ def graph_only(job, args) -> int:
     lock = lock_workspace(ws)
     try:
         check_layout(ws)
-        for ph, u in write_graphs(job, args.job, ws, phases_of(job)).items():
+        trained = ckpt.list_checkpoints(ws / "checkpoints")
+        for ph, u in write_graphs(job, args.job, ws, phases_of(job), keep=bool(trained)).items():
             g = u.graph
             print(f"wrote {ws / 'visualization' / (ph.label + '_net.json')} "
                   f"({g.number_of_nodes()} nodes, {g.number_of_edges()} edges)")

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import pathlib
+import stat
 
 from engine.backend import to_host
 from engine.checkpoint import section, temp_path, write_atomic
@@ -57,14 +58,26 @@ class WorkspaceLock:
         self.fd: int | None = None
 
     def acquire(self) -> "WorkspaceLock":
-        """Take the lock or raise ConfigError naming the process that holds it."""
+        """Take the lock or raise ConfigError naming the process that holds it. The file is
+        opened without following a symbolic link (a link named ``lock`` is refused: the
+        run would write into whatever it points to) and must be a regular file. Nothing is
+        written into it here: ``stamp`` writes the PID once the run is accepted, so a
+        refused run leaves the file as it found it."""
         if fcntl is None:
             return self
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         except OSError as e:
+            if e.errno == errno.ELOOP or self.path.is_symlink():
+                raise ConfigError(f"{self.path} is a symbolic link; the engine keeps its own lock "
+                                  f"file there and would write into what the link points to: "
+                                  f"remove the link, or use another --workspace") from None
             raise ConfigError(f"{self.path}: cannot open the workspace lock ({e.strerror}); "
                               f"choose another --workspace") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise ConfigError(f"{self.path} is not a regular file; the engine keeps its lock file "
+                              f"there: move it away, or use another --workspace")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -76,13 +89,18 @@ class WorkspaceLock:
                                   f"another --workspace") from None
             raise ConfigError(f"{self.path}: cannot lock the workspace ({e.strerror}); the file "
                               f"system may not support locks: use a local --workspace") from None
-        try:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
-        except OSError:
-            pass  # the PID is informative only; the lock itself is held
         self.fd = fd
         return self
+
+    def stamp(self) -> None:
+        """Write this process's PID into the held lock (what a refused run names)."""
+        if self.fd is None:
+            return
+        try:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass  # the PID is informative only; the lock itself is held
 
     def release(self) -> None:
         """Give the lock back (the process's end does the same)."""
@@ -109,6 +127,7 @@ def lock_workspace(ws: pathlib.Path) -> WorkspaceLock:
 
 # What the engine keeps in a workspace, and whether each is a folder.
 _LAYOUT = {"checkpoints": True, "visualization": True, "metrics.jsonl": False,
+           "metrics.superseded.jsonl": False,
            "vocab.txt": False, LOCK: False}
 
 
@@ -137,13 +156,23 @@ def phases_of(job: pb.JobProto) -> list[Phase]:
     return out or [Phase.TRAIN]
 
 
-def write_graphs(job, path, ws: pathlib.Path, phases) -> dict:
-    """Unroll each phase and write visualization/<phase>_net.json; returns {phase: Unrolled}."""
+def write_graphs(job, path, ws: pathlib.Path, phases, keep: bool = False) -> dict:
+    """Unroll each phase and write visualization/<phase>_net.json; returns {phase: Unrolled}.
+    ``keep``: the workspace's graphs belong to its checkpoints, so a graph that differs
+    from the one there is a ConfigError (nothing written) instead of a replacement."""
     out = {ph: unroll(job.neuralnet, ph, job.name, where=str(path)) for ph in phases}
     vis = ws / "visualization"
-    for ph, u in out.items():  # each file whole or untouched (write_atomic)
-        write_atomic(vis / f"{ph.label}_net.json",
-                     json.dumps(graph_to_json(u.graph), indent=1).encode(), "graph", ConfigError)
+    texts = {ph: json.dumps(graph_to_json(u.graph), indent=1).encode() for ph, u in out.items()}
+    if keep:
+        for ph, text in texts.items():
+            old = vis / f"{ph.label}_net.json"
+            if old.exists() and old.read_bytes() != text:
+                raise ConfigError(f"{old} is the graph the checkpoints in {ws / 'checkpoints'} "
+                                  f"were trained with, and this job's {ph.label} net differs; "
+                                  f"write its graphs to another --workspace (nothing was "
+                                  f"overwritten)")
+    for ph, text in texts.items():  # each file whole or untouched (write_atomic)
+        write_atomic(vis / f"{ph.label}_net.json", text, "graph", ConfigError)
     return out
 
 

@@ -424,6 +424,13 @@ class InputLayer(Layer):
     stream_starts = None
     stream_advance: int = 0
 
+    @classmethod
+    def configured_batch(cls, conf) -> int | None:
+        """The batch size ``conf`` gives this input layer, read from the job alone (before
+        any layer is built: a launcher checks that the batch splits over its workers), or
+        None when the layer type does not say."""
+        return None
+
     def load_batch(self) -> None:
         raise NotImplementedError
 

@@ -83,6 +83,10 @@ class CharRNNInput(InputLayer):
                     f"char_rnn_conf.unroll_len out (it then follows theirs)")
         return None
 
+    @classmethod
+    def configured_batch(cls, conf):
+        return int(conf.char_rnn_conf.batchsize)
+
     def setup(self, srcs):
         c = self.conf.char_rnn_conf
         self.batchsize = int(c.batchsize)
@@ -293,6 +297,11 @@ class SequenceInput(InputLayer):
     """
 
     required = (("store_conf", "path"),)
+
+    @classmethod
+    def configured_batch(cls, conf):
+        s = conf.store_conf
+        return int(s.batchsize[0]) if s.batchsize else None
 
     def setup(self, srcs):
         s = self.conf.store_conf

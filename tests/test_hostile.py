@@ -1,0 +1,184 @@
+"""The hostile-but-fair cases of round three (issue 23), one parametrised case per row: each
+sets up a workspace or input, runs a command as a user would (``sys.executable -m ...``),
+and checks the exit status, the one error line and what is left on disk. A new round adds
+its rows here.
+
+Small jobs throughout: GRU 16, batch 4, unroll 10, a few-KB corpus (tests/charjobs.py)."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from charjobs import ROOT, char_job
+
+NO_TRACEBACK = re.compile(r"Traceback \(most recent call last\)")
+
+
+def run(*args, cwd=ROOT, env=None, timeout=300):
+    """``sys.executable ARGS`` in ``cwd``; this checkout's engine whatever the folder."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def train(job, *extra, **kw):
+    return run("-m", "engine.train", job, *extra, **kw)
+
+
+def small_job(tmp, **kw):
+    return char_job(tmp, hidden=16, batch=4, unroll=10, steps=kw.pop("steps", 10), val=False, **kw)
+
+
+def one_error_line(r, *patterns):
+    """The run ended with exactly one ``error:`` line on stderr matching every pattern."""
+    assert not NO_TRACEBACK.search(r.stderr), r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, r.stderr
+    for p in patterns:
+        assert re.search(p, lines[0]), (p, lines[0])
+    return lines[0]
+
+
+# ---------------------------------------------------------------- the cases
+def case_symlinked_lock(tmp):
+    """1: <workspace>/lock is a symbolic link: refused, and the file it points to is
+    untouched (the run wrote its PID into it before)."""
+    job = small_job(tmp)
+    ws = tmp / "ws"
+    ws.mkdir()
+    target = tmp / "precious.txt"
+    target.write_text("my notes\n")
+    (ws / "lock").symlink_to(target)
+    r = train(job)
+    assert r.returncode == 2
+    one_error_line(r, r"lock is a symbolic link", r"remove the link")
+    assert target.read_text() == "my notes\n"
+    assert not (ws / "checkpoints").exists()
+
+
+def case_refused_run_leaves_the_lock_alone(tmp):
+    """1, 25: a run refused because the workspace holds checkpoints does not write its PID
+    into the lock (the file still names the run that wrote the checkpoints)."""
+    job = small_job(tmp)
+    assert train(job).returncode == 0
+    lock = tmp / "ws" / "lock"
+    lock.write_text("4242\n")            # the last holder, as the file names it
+    r = train(job)
+    assert r.returncode == 2
+    one_error_line(r, r"already holds checkpoints")
+    assert lock.read_text() == "4242\n"
+
+
+def case_metrics_without_checkpoint(tmp):
+    """2: a run killed before its first checkpoint left metrics: a plain re-run is refused
+    (it replaced 688 records with 3); --resume keeps every old record."""
+    job = small_job(tmp, steps=10)
+    ws = tmp / "ws"
+    ws.mkdir()
+    old = [json.dumps({"step": s, "phase": "train", "loss": 4.0}) for s in range(1, 689)]
+    (ws / "metrics.jsonl").write_text("\n".join(old) + "\n")
+    r = train(job)
+    assert r.returncode == 2
+    one_error_line(r, r"688 metrics record", r"--resume", r"nothing was overwritten")
+    assert (ws / "metrics.jsonl").read_text().count("\n") == 688
+    r = train(job, "--resume")
+    assert r.returncode == 0, r.stderr
+    kept = (ws / "metrics.superseded.jsonl").read_text().splitlines()
+    assert kept == old            # the records the restarted run supersedes, all of them
+
+
+def case_unrelated_metrics_in_dot(tmp):
+    """2: a workspace of "." holding somebody's metrics.jsonl is refused, not replaced."""
+    job = small_job(tmp)
+    here = tmp / "here"
+    here.mkdir()
+    (here / "metrics.jsonl").write_text('{"step": 1, "mine": true}\n')
+    r = train(job, "--workspace", ".", cwd=here)
+    assert r.returncode == 2
+    one_error_line(r, r"metrics record")
+    assert (here / "metrics.jsonl").read_text() == '{"step": 1, "mine": true}\n'
+
+
+def case_graph_only_on_a_trained_workspace(tmp):
+    """3: --graph-only with a changed net on a trained workspace does not replace the
+    graph its checkpoints were trained with."""
+    job = small_job(tmp)
+    assert train(job).returncode == 0
+    graph = tmp / "ws" / "visualization" / "train_net.json"
+    before = graph.read_bytes()
+    changed = tmp / "changed.conf"
+    changed.write_text(job.read_text().replace("dim_hidden: 16", "dim_hidden: 17")
+                       .replace("unroll_len: 10", "unroll_len: 5"))
+    r = train(changed, "--graph-only")
+    assert r.returncode == 2
+    one_error_line(r, r"train_net.json is the graph the checkpoints", r"another --workspace")
+    assert graph.read_bytes() == before
+    assert train(job, "--graph-only").returncode == 0       # the same net: rewritten alike
+    assert graph.read_bytes() == before
+
+
+def case_too_many_workers(tmp):
+    """5: --workers 1000 with batch 4 starts nothing: one line before any rank runs."""
+    job = small_job(tmp)
+    r = train(job, "--workers", "1000", timeout=60)
+    assert r.returncode == 2
+    one_error_line(r, r'batch of layer "data" has 4 rows', r"--workers a divisor of 4 \(2, 4\)",
+                   r"nothing was started")
+    assert not (tmp / "ws").exists()
+
+
+def _edited(tmp, old, new):
+    job = small_job(tmp)
+    text = job.read_text()
+    assert old in text
+    job.write_text(text.replace(old, new))
+    return job
+
+
+def case_forget_bias_inf(tmp):
+    """4, 7: lstm_conf { forget_bias: inf } trained, checkpointed and exported inf; now the
+    job is refused in one line naming the layer and the field (a generic check over every
+    float field of every conf)."""
+    job = _edited(tmp, "type: kGRU srclayers: \"onehot\" gru_conf { dim_hidden: 16 }",
+                  "type: kLSTM srclayers: \"onehot\" lstm_conf { dim_hidden: 16 forget_bias: inf }")
+    r = train(job)
+    assert r.returncode == 2
+    one_error_line(r, r'layer "rnn1": lstm_conf.forget_bias is inf; it must be a finite number')
+    assert not (tmp / "ws" / "checkpoints").exists()
+
+
+def case_relu_slope_nan(tmp):
+    """7: relu_conf { negative_slope: nan } is refused like every other non-finite float."""
+    job = _edited(tmp, '  layer { name: "ip1"',
+                  '  layer { name: "act" type: kReLU srclayers: "rnn1" relu_conf { negative_slope: nan } }\n'
+                  '  layer { name: "ip1"')
+    r = train(job)
+    assert r.returncode == 2
+    one_error_line(r, r'layer "act": relu_conf.negative_slope is nan')
+
+
+def case_steps_out_of_range(tmp):
+    """9: --steps 99999999999999999999999 is one line (was "ValueError: Value out of range")."""
+    r = train(small_job(tmp), "--steps", "99999999999999999999999")
+    assert r.returncode == 2
+    one_error_line(r, r"--steps is 99999999999999999999999; it must be at most 2147483647")
+
+
+CASES = {f.__name__[5:]: f for f in [
+    case_symlinked_lock, case_refused_run_leaves_the_lock_alone, case_metrics_without_checkpoint,
+    case_unrelated_metrics_in_dot, case_graph_only_on_a_trained_workspace, case_too_many_workers,
+    case_forget_bias_inf, case_relu_slope_nan, case_steps_out_of_range,
+]}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_hostile_case(name, tmp_path):
+    CASES[name](tmp_path)
