@@ -197,6 +197,17 @@ def remove_stale_temps(*folders) -> list[pathlib.Path]:
     return removed
 
 
+def npz_problem(e: Exception) -> str:
+    """What went wrong reading an .npz, in words that never advise unpickling it: NumPy's
+    own message for an array of Python objects says to pass allow_pickle=True, which would
+    let an untrusted file run code."""
+    text = str(e)
+    if "pickle" in text.lower():
+        return ("it holds Python objects (pickled data), which the engine never loads: "
+                "an untrusted file could run code")
+    return f"{type(e).__name__}: {text}"
+
+
 def load(path) -> tuple[dict[str, np.ndarray], dict]:
     """Read a checkpoint and verify its checksum; CheckpointError when unusable."""
     path = pathlib.Path(path)
@@ -214,7 +225,7 @@ def load(path) -> tuple[dict[str, np.ndarray], dict]:
     except CheckpointError:
         raise
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
-        raise CheckpointError(f"{path}: truncated or corrupted ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{path}: truncated or corrupted ({npz_problem(e)})") from None
     if meta.get("sha256") != _digest(arrays):
         raise CheckpointError(f"{path}: checksum mismatch: the file is corrupted")
     return arrays, meta

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import sys
 import time
@@ -75,6 +76,25 @@ class MetricsLog:
         """Where ``truncate_after`` keeps the records it takes out of the log."""
         return self.path.with_name(self.path.stem + ".superseded" + self.path.suffix)
 
+    def _keep_superseded(self, lines: list) -> None:
+        """Append ``lines`` to ``superseded``; on a failure the file is put back as it was
+        (removed when it did not exist) and MetricsError names it."""
+        existed = self.superseded.exists()
+        size = self.superseded.stat().st_size if existed else 0
+        try:
+            with open(self.superseded, "a", encoding="utf-8") as f:
+                f.write("".join(d + "\n" for d in lines))
+        except OSError as e:
+            try:
+                if existed:
+                    os.truncate(self.superseded, size)
+                else:
+                    self.superseded.unlink(missing_ok=True)
+            except OSError:
+                pass
+            raise MetricsError(f"{self.superseded}: cannot keep the records the resumed run "
+                               f"supersedes ({e.strerror}); the metrics log was not changed") from None
+
     def truncate_after(self, step: int) -> None:
         """Take the records newer than ``step`` out of the log (resume from a checkpoint at
         that step; -1: all of them): they are appended to ``superseded`` first, so no
@@ -98,12 +118,7 @@ class MetricsLog:
         if len(keep) == len(lines) and (not text or text.endswith("\n")):
             return  # nothing to drop: the file stays as it is
         if drop:
-            try:
-                with open(self.superseded, "a", encoding="utf-8") as f:
-                    f.write("".join(d + "\n" for d in drop))
-            except OSError as e:
-                raise MetricsError(f"{self.superseded}: cannot keep the records the resumed run "
-                                   f"supersedes ({e.strerror}); nothing was changed") from None
+            self._keep_superseded(drop)
         write_atomic(self.path, "".join(k + "\n" for k in keep).encode("utf-8"), "metrics log",
                      MetricsError)
 

@@ -31,6 +31,7 @@ from collections.abc import Iterator
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from engine.checkpoint import npz_problem
 from engine.common import read_file
 from engine.proto import job_pb2 as pb
 
@@ -400,7 +401,7 @@ def read_npz(path) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     except FileNotFoundError:
         raise StoreError(f"{path}: no such file") from None
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-        raise StoreError(f"{path}: not a readable .npz ({type(e).__name__}: {e})") from None
+        raise StoreError(f"{path}: not a readable .npz ({npz_problem(e)})") from None
 
 
 def read_store(backend: str, path, *, values: str, shape=None, has_label: bool = True,

@@ -8,6 +8,8 @@ import os
 import pathlib
 import stat
 
+import numpy as np
+
 from engine.backend import to_host
 from engine.checkpoint import section, temp_path, write_atomic
 from engine.config import ConfigError, Phase, job_dir, layers_in_phase
@@ -194,6 +196,24 @@ def job_alg(job: pb.JobProto) -> int | None:
     return job.train_one_batch.alg if job.train_one_batch.HasField("alg") else None
 
 
+def check_values(a, what: str) -> None:
+    """ConfigError unless ``a`` holds real, finite numbers (a param read from a file: a NaN
+    would poison every step and every sample, an imaginary part would be dropped)."""
+    a = np.asarray(a)
+    if a.dtype.kind == "c":
+        raise ConfigError(f"{what} holds complex numbers ({a.dtype}); the engine's params are "
+                          f"real: write the real part, or fix the file")
+    if a.dtype.kind not in "fiub":
+        raise ConfigError(f"{what} holds {a.dtype} values, not numbers")
+    if a.dtype.kind == "f":
+        bad = ~np.isfinite(a)
+        if bad.any():
+            first = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ConfigError(f"{what} holds {int(bad.sum())} non-finite value(s) (the first, "
+                              f"{a[first]}, at index {list(first)}); the file's weights are "
+                              f"unusable: use an earlier checkpoint")
+
+
 def load_params(net: Net, arrays: dict, where: str) -> None:
     """Copy ``param/<name>`` arrays into the net's params, naming every mismatch."""
     missing, wrong = [], []
@@ -205,6 +225,7 @@ def load_params(net: Net, arrays: dict, where: str) -> None:
         elif tuple(a.shape) != tuple(p.shape):
             wrong.append(f"{p.name} {list(a.shape)} vs net {list(p.shape)}")
         else:
+            check_values(a, f'{where}: param "{p.name}"')
             p.data[...] = net.xp.asarray(a.astype(p.data.dtype, copy=False))
     if wrong:
         raise ConfigError(f"{where}: param shapes differ from the net: {', '.join(wrong)}")

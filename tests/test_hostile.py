@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import re
 import subprocess
 import sys
@@ -172,10 +171,85 @@ def case_steps_out_of_range(tmp):
     one_error_line(r, r"--steps is 99999999999999999999999; it must be at most 2147483647")
 
 
+def _trained(tmp):
+    """A small trained workspace: (job, its last checkpoint)."""
+    job = small_job(tmp)
+    assert train(job).returncode == 0
+    return job, tmp / "ws" / "checkpoints" / "step10.npz"
+
+
+def _poisoned(ck, out, how):
+    """A copy of checkpoint ``ck`` at ``out`` (checksum rewritten) with its first param
+    changed by ``how``; returns that param's name."""
+    from engine import checkpoint as ckpt
+    arrays, meta = ckpt.load(ck)
+    name = sorted(k for k in arrays if k.startswith("param/"))[0]
+    arrays[name] = how(arrays[name])
+    ckpt.save(out, arrays, {k: v for k, v in meta.items() if k not in ("sha256", "format")})
+    return name[len("param/"):]
+
+
+def _nan(a):
+    a = a.copy()
+    a.reshape(-1)[3] = np.nan
+    return a
+
+
+def case_sample_and_export_of_nan_params(tmp):
+    """15: sampling a checkpoint whose params hold NaN printed 30 newlines (exit 0) and its
+    export exited 0: both refuse, naming the param."""
+    _, ck = _trained(tmp)
+    bad = tmp / "bad" / "step10.npz"
+    name = _poisoned(ck, bad, _nan)
+    r = run("-m", "engine.sample", "--checkpoint", bad, "--length", "30")
+    assert r.returncode == 2 and r.stdout == ""
+    one_error_line(r, re.escape(f'param "{name}" holds 1 non-finite value'), r"index \[")
+    r = run("-m", "engine.export", bad, tmp / "m.safetensors")
+    assert r.returncode == 2
+    one_error_line(r, re.escape(f'param "{name}"'), r"non-finite")
+    assert not (tmp / "m.safetensors").exists()
+
+
+def case_checkpoint_path_with_nan(tmp):
+    """8: checkpoint_path to a file holding NaN weights names the file and the tensor."""
+    job, ck = _trained(tmp)
+    bad = tmp / "bad" / "step10.npz"
+    name = _poisoned(ck, bad, _nan)
+    other = tmp / "other"
+    job2 = small_job(other)
+    job2.write_text(job2.read_text() + f'checkpoint_path: "{bad}"\n')
+    r = train(job2)
+    assert r.returncode == 2
+    one_error_line(r, re.escape(str(bad)), re.escape(f'param "{name}"'), r"non-finite")
+
+
+def case_complex_param(tmp):
+    """16: a complex64 param in a checkpoint lost its imaginary part silently; refused."""
+    _, ck = _trained(tmp)
+    bad = tmp / "bad" / "step10.npz"
+    name = _poisoned(ck, bad, lambda a: a.astype(np.complex64) + 1j)
+    r = run("-m", "engine.sample", "--checkpoint", bad, "--length", "5")
+    assert r.returncode == 2
+    one_error_line(r, re.escape(f'param "{name}" holds complex numbers'))
+
+
+def case_garbage_npz_advice(tmp):
+    """14: a garbage .npz was reported with NumPy's advice to load it with allow_pickle;
+    the engine never advises unpickling an untrusted file."""
+    bad = tmp / "step3.npz"
+    bad.write_bytes(b"\x80\x04K\x01." + b"junk" * 10)       # pickled data, not a zip
+    r = run("-m", "engine.export", bad, tmp / "m.onnx")
+    assert r.returncode == 2
+    line = one_error_line(r, r"never loads")
+    assert "allow_pickle" not in r.stderr and "allow_pickle" not in line
+
+
 CASES = {f.__name__[5:]: f for f in [
     case_symlinked_lock, case_refused_run_leaves_the_lock_alone, case_metrics_without_checkpoint,
     case_unrelated_metrics_in_dot, case_graph_only_on_a_trained_workspace, case_too_many_workers,
     case_forget_bias_inf, case_relu_slope_nan, case_steps_out_of_range,
+    case_sample_and_export_of_nan_params, case_checkpoint_path_with_nan, case_complex_param,
+    case_garbage_npz_advice,
 ]}
 
 

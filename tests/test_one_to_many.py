@@ -10,12 +10,11 @@ import pytest
 import test_gradcheck as gc
 from engine import gradcheck
 from engine.backend import make_backend
-from engine.config import ConfigError, Phase, load_job
+from engine.config import Phase, load_job
 from engine.net import Net
 from engine.planner import PlannedWorker, make_worker
 from engine.unroll import unroll
 from engine.workspace import net_info
-from engine.worker import Worker
 from test_planner import UPDATER, assert_same
 
 T, B, N = 4, 3, 6
