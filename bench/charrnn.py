@@ -520,6 +520,11 @@ def main(argv=None) -> int:
             ap.error("--child needs one --case")
         return child_main(a.child, a.case, a.steps, a.warmup, a.executor)
 
+    from engine.common import output_problem   # the engine's processes only
+    bad = a.json and output_problem(a.json, "--json")
+    if bad:
+        print(f"error: {bad}", file=sys.stderr)
+        return 2
     torch_found = have_torch()
     if a.framework == "pytorch" and not torch_found:
         ap.error("PyTorch is not installed (pip install torch==2.13.0); use --framework engine")

@@ -56,6 +56,7 @@ if str(ROOT) not in sys.path:
 
 from engine import distributed as dist  # noqa: E402
 from engine.backend import keep_freed_memory  # noqa: E402
+from engine.common import PICTURE_SUFFIXES, output_problem  # noqa: E402
 from engine.config import ConfigError, Phase, load_job  # noqa: E402
 
 
@@ -243,11 +244,16 @@ def plot(rows: list[dict], path: str, unit: str, title: str) -> str:
 
 
 def network(text: str) -> tuple[float, float]:
+    """GBPS:LATENCY_US: a bandwidth > 0 and a latency >= 0, both finite."""
     try:
-        gbps, lat = text.split(":")
-        return float(gbps), float(lat)
+        gbps, lat = (float(v) for v in text.split(":"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: give GBPS:LATENCY_US, e.g. 10:50") from None
+    if not (math.isfinite(gbps) and gbps > 0 and math.isfinite(lat) and lat >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: the bandwidth must be a finite number of "
+                                         f"Gb/s above 0 and the latency a finite number of "
+                                         f"µs >= 0, e.g. 10:50")
+    return gbps, lat
 
 
 def main(argv=None) -> int:
@@ -281,6 +287,11 @@ def main(argv=None) -> int:
     if a.steps < 1 or a.warmup < 0 or a.max_workers < 1 or a.local_steps < 4:
         print("error: --steps and --max-workers must be >= 1, --warmup >= 0, --local-steps >= 4",
               file=sys.stderr)
+        return 2
+    bad = ((a.json and output_problem(a.json, "--json"))
+           or (a.plot and output_problem(a.plot, "--plot", PICTURE_SUFFIXES)))
+    if bad:
+        print(f"error: {bad}", file=sys.stderr)
         return 2
     networks = a.network or [(10.0, 50.0), (100.0, 5.0)]
     keep_freed_memory()

@@ -261,6 +261,18 @@ def check_meta(path, meta: dict, need: dict) -> None:
                                   f"not a {kind.__name__}; it was not written by engine.train")
 
 
+def meta_vocab(path, meta: dict) -> list | None:
+    """The vocabulary a checkpoint's meta records (a list of symbols), or None when it has
+    none; CheckpointError naming ``path`` when it records something else."""
+    v = meta.get("vocab")
+    if v is None:
+        return None
+    if not isinstance(v, list) or not all(isinstance(c, str) for c in v):
+        raise CheckpointError(f'{path}: the checkpoint\'s "vocab" is {json.dumps(v)[:40]}, not a '
+                              f"list of characters; it was not written by engine.train")
+    return v
+
+
 def newest_valid(folder, warn=print, need: dict | None = None):
     """The newest checkpoint that loads and verifies (and whose meta has the keys of
     ``need``, see ``check_meta``): (path, arrays, meta) or None. Each invalid newer one

@@ -88,3 +88,24 @@ def read_text(path, what: str, error=None, hint: str = "") -> str:
 def job_dir(path) -> pathlib.Path:
     """Folder against which the job's relative paths are resolved."""
     return pathlib.Path(path).resolve().parent
+
+
+#: what a picture may be written as (the formats matplotlib's Agg, SVG and PDF backends write)
+PICTURE_SUFFIXES = (".png", ".svg", ".pdf", ".jpg", ".jpeg", ".eps", ".ps", ".tif", ".tiff",
+                    ".webp")
+
+
+def output_problem(path, option: str, suffixes: tuple = ()) -> str | None:
+    """Why ``path`` (given as ``option``) cannot be written, in one line, or None: checked
+    before a long run, so its results are not lost at the end. A missing folder, a folder
+    in its place, or (``suffixes`` given) a suffix that is not one of them."""
+    p = pathlib.Path(path)
+    if p.is_dir():
+        return f"{option} {path}: is a folder; give a file name"
+    if not p.parent.is_dir():
+        return f"{option} {path}: the folder {p.parent} does not exist; create it first"
+    if suffixes and p.suffix.lower() not in suffixes:
+        return (f"{option} {path}: cannot write a {p.suffix or 'file without extension'}; "
+                f"use one of {', '.join(suffixes)}")
+    return None
+

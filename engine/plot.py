@@ -12,6 +12,7 @@ one line naming the file.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 
 from engine.common import read_text
@@ -86,7 +87,11 @@ def output_path(ws, out=None) -> pathlib.Path:
     return path
 
 
-def plot_metrics(ws, out=None) -> pathlib.Path:
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend. The engine draws files only, so the user's
+    MPLBACKEND (which matplotlib validates on import: a bogus value is a ValueError) is set
+    aside while matplotlib loads."""
+    saved = os.environ.pop("MPLBACKEND", None)
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -94,6 +99,14 @@ def plot_metrics(ws, out=None) -> pathlib.Path:
     except ImportError:
         raise PlotUnavailable("matplotlib is not installed (pip install matplotlib); "
                               "metrics.jsonl has the numbers") from None
+    finally:
+        if saved is not None:
+            os.environ["MPLBACKEND"] = saved
+    return plt
+
+
+def plot_metrics(ws, out=None) -> pathlib.Path:
+    plt = _pyplot()
     path = output_path(ws, out)
     data = series(read_metrics(ws))
     if not data:

@@ -116,12 +116,8 @@ class Sampler:
     def __init__(self, ckpt_path: str, job_path: str | None = None, seed: int = 0, gpu=None,
                  cpu: bool = False):
         arrays, meta = ckpt.load_any(ckpt_path)  # this engine's .npz or SINGA's BlobProtos
-        self.vocab = meta.get("vocab")
+        self.vocab = ckpt.meta_vocab(ckpt_path, meta)
         self.encoding = meta.get("encoding") or tx.UTF8
-        if self.vocab is not None and (not isinstance(self.vocab, list) or
-                                       not all(isinstance(c, str) for c in self.vocab)):
-            raise ckpt.CheckpointError(f'{ckpt_path}: the checkpoint\'s "vocab" is not a list of '
-                                       f"characters; it was not written by engine.train")
         if job_path:
             job, where = load_job(job_path), job_path
         elif meta.get("format") == "singa":

@@ -160,7 +160,7 @@ class Trainer:
                     continue
                 arrays, meta = ckpt.load_any(path)  # this engine's .npz or SINGA's BlobProtos
                 init_arrays.update(arrays)
-                if not vocab and meta.get("vocab"):
+                if not vocab and ckpt.meta_vocab(path, meta):
                     vocab, encoding = meta["vocab"], meta.get("encoding")
         self.resume_from = None
         if self.resume:
@@ -169,7 +169,7 @@ class Trainer:
                 self.say(f"no valid checkpoint in {self.ckpt_dir}; starting from step 0")
             else:
                 self.resume_from = found
-                if found[2].get("vocab"):
+                if ckpt.meta_vocab(found[0], found[2]):
                     vocab, encoding = found[2]["vocab"], found[2].get("encoding")
         info = net_info(self.path, self.ws, self.seed, vocab, encoding, job_alg(job))
         if not self.world.leads:

@@ -24,12 +24,21 @@ except ImportError:  # not a POSIX system: workspaces are not locked there
 
 
 def workspace_of(job: pb.JobProto, override: str | None) -> pathlib.Path:
-    """``--workspace``, else cluster.workspace, else workspace/<job name>."""
+    """``--workspace``, else cluster.workspace, else workspace/<job name>. A job name is a
+    name, not a path: it becomes ONE folder under ./workspace (a separator, or a name of
+    "." or "..", cannot take the run outside it)."""
     if override:
         return pathlib.Path(override)
     if job.cluster.workspace:
         return pathlib.Path(job.cluster.workspace)
-    return pathlib.Path("workspace") / (job.name or "job")
+    return pathlib.Path("workspace") / folder_name(job.name or "job")
+
+
+def folder_name(name: str) -> str:
+    """``name`` as a single, harmless folder name: path separators and NUL become "_", and
+    "." or ".." (or nothing) becomes "_"."""
+    safe = "".join("_" if c in "/\\\0" else c for c in name)
+    return "_" if safe in ("", ".", "..") else safe
 
 
 def ensure_workspace(ws: pathlib.Path) -> None:

@@ -476,8 +476,12 @@ def test_a_failed_plot_is_a_warning(tmp_path, how):
         (tmp_path / "ws" / "metrics.png").mkdir(parents=True)
     r = run_cli("engine.train", job, env=env)
     assert r.returncode == 0, (r.stdout, r.stderr)
-    assert "no plot:" in r.stdout and "Traceback" not in r.stderr
+    assert "Traceback" not in r.stderr
     assert (tmp_path / "ws" / "checkpoints" / "step5.npz").exists()
+    if how == "bogus backend":   # the engine draws files on Agg whatever MPLBACKEND says
+        assert "no plot" not in r.stdout and (tmp_path / "ws" / "metrics.png").is_file()
+    else:
+        assert "no plot:" in r.stdout
 
 
 # -------------------------------------------- item 18: --steps must not be negative

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -244,12 +245,73 @@ def case_garbage_npz_advice(tmp):
     assert "allow_pickle" not in r.stderr and "allow_pickle" not in line
 
 
+def case_meta_vocab_not_a_list(tmp):
+    """12: a checkpoint whose meta says "vocab": 7 made --resume end in a TypeError."""
+    job, ck = _trained(tmp)
+    from engine import checkpoint as ckpt
+    arrays, meta = ckpt.load(ck)
+    meta["vocab"] = 7
+    ckpt.save(ck, arrays, {k: v for k, v in meta.items() if k not in ("sha256", "format")})
+    r = train(job, "--resume", "--steps", "20")
+    assert r.returncode == 2
+    one_error_line(r, r'"vocab" is 7, not a list of characters')
+
+
+def case_plot_with_a_bogus_backend(tmp):
+    """20: MPLBACKEND=bogus python tools/plot.py WS OUT was a ValueError traceback; the
+    engine draws files on Agg, whatever the variable says."""
+    pytest.importorskip("matplotlib")
+    _trained(tmp)
+    env = dict(os.environ, MPLBACKEND="bogus")
+    r = run("tools/plot.py", tmp / "ws", tmp / "curve.png", env=env)
+    assert r.returncode == 0, r.stderr
+    assert (tmp / "curve.png").stat().st_size > 0
+
+
+def case_bench_outputs_checked_first(tmp):
+    """21: --json into a missing folder lost the results after the whole benchmark; bad
+    --network values (0:50 divided by zero, 10:-5 and nan:nan were taken) and --plot x.xyz
+    are refused before anything is measured."""
+    missing = tmp / "no" / "such" / "r.json"
+    r = run("-m", "bench.charrnn", "--framework", "engine", "--json", missing, timeout=60)
+    assert r.returncode == 2
+    one_error_line(r, r"--json .*the folder .* does not exist")
+    job = small_job(tmp)
+    for net in ("0:50", "10:-5", "nan:nan"):
+        r = run("-m", "bench.scaling", job, "--network", net, timeout=60)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and net in r.stderr, r.stderr
+    for extra in (["--json", missing], ["--plot", tmp / "x.xyz"]):
+        r = run("-m", "bench.scaling", job, *extra, timeout=60)
+        assert r.returncode == 2
+        one_error_line(r, r"--json|--plot")
+        assert "measured" not in r.stdout and "job " not in r.stdout
+
+
+def case_job_name_is_not_a_path(tmp):
+    """23: a job named ../../escaped (or /abs) without cluster.workspace wrote outside
+    ./workspace; the name becomes one folder under it."""
+    job = small_job(tmp)
+    here = tmp / "run" / "in" / "here"
+    here.mkdir(parents=True)
+    for name in ("../../escaped", "/tmp/absolute-escape"):
+        text = job.read_text().replace('name: "tiny"', f'name: "{name}"')
+        text = "\n".join(ln for ln in text.splitlines() if "cluster" not in ln)
+        j = tmp / "named.conf"
+        j.write_text(text)
+        r = train(j, "--steps", "2", cwd=here)
+        assert r.returncode == 0, r.stderr
+    made = sorted(p.name for p in (here / "workspace").iterdir())
+    assert made == [".._.._escaped", "_tmp_absolute-escape"]
+    assert not (tmp / "run" / "escaped").exists() and not pathlib.Path("/tmp/absolute-escape").exists()
+
+
 CASES = {f.__name__[5:]: f for f in [
     case_symlinked_lock, case_refused_run_leaves_the_lock_alone, case_metrics_without_checkpoint,
     case_unrelated_metrics_in_dot, case_graph_only_on_a_trained_workspace, case_too_many_workers,
     case_forget_bias_inf, case_relu_slope_nan, case_steps_out_of_range,
     case_sample_and_export_of_nan_params, case_checkpoint_path_with_nan, case_complex_param,
-    case_garbage_npz_advice,
+    case_garbage_npz_advice, case_meta_vocab_not_a_list, case_plot_with_a_bogus_backend,
+    case_bench_outputs_checked_first, case_job_name_is_not_a_path,
 ]}
 
 
