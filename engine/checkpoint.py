@@ -27,6 +27,7 @@ import errno
 import hashlib
 import io
 import json
+import math
 import os
 import pathlib
 import re
@@ -363,10 +364,10 @@ def load_singa(path) -> tuple[dict[str, np.ndarray], dict]:
         if not key:
             raise CheckpointError(f"{path}: param {i} has no name")
         shape = tuple(int(s) for s in blob.shape)
-        if any(s < 0 for s in shape) or int(np.prod(shape)) != len(blob.data):
+        need = math.prod(int(s) for s in shape)    # Python's integers: no wrap-around
+        if any(s < 0 for s in shape) or need != len(blob.data):
             raise CheckpointError(f'{path}: param "{name}": shape {list(shape)} needs '
-                                  f"{int(np.prod(shape))} values but its blob holds "
-                                  f"{len(blob.data)}")
+                                  f"{need} values but its blob holds {len(blob.data)}")
         a = np.fromiter(blob.data, dtype=np.float32, count=len(blob.data)).reshape(shape)
         if key in arrays:
             if arrays[key].shape != a.shape or not np.array_equal(arrays[key], a):

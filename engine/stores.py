@@ -290,6 +290,9 @@ def _csv_records(items, path, what: str, shape, has_label: bool,
                 raise StoreError(f"{at}: the label {fields[0].strip()!r} is not an "
                                  f"integer (the first field is the label; has_label: false "
                                  f"if there is none)")
+            if not 0 <= label < 2 ** 31:
+                raise StoreError(f"{at}: the label {fields[0].strip()!r} is not a class id "
+                                 f"(a whole number from 0 to {2 ** 31 - 1})")
             labels.append(label)
             fields = fields[1:]
         try:

@@ -42,8 +42,9 @@ from engine import cli
 from engine import distributed as dist
 from engine import interop
 from engine.backend import device_of, keep_freed_memory, make_backend
-from engine.config import ConfigError, Phase, check_trains, job_dir, load_job
-from engine.layers import kernels
+from engine.config import ConfigError, Phase, check_trains, job_dir, layers_in_phase, load_job
+from engine.layers import kernels, layer_class
+from engine.layers.base import InputLayer
 from engine.layers.input import resolve_path
 from engine.layers.recurrent import describe_cells
 from engine.net import Net
@@ -109,6 +110,7 @@ class Trainer:
         self.steps_run = 0  # training steps run by this process
         self.window = new_window()
         self.resume = bool(args.resume or job.resume)
+        precheck_inputs(job, path)   # what needs no graph first (a 100000-copy unroll)
         if self.world.leads:  # rank 0 alone takes and writes the workspace
             self.accept()
             self.unrolled = write_graphs(job, path, self.ws, self.phases)
@@ -646,6 +648,18 @@ class WorkersFailed(Exception):
     def __init__(self, code: int, line: str):
         super().__init__(line)
         self.code, self.line = code, line
+
+
+def precheck_inputs(job, path) -> None:
+    """ConfigError for a data problem the job alone shows (each input layer's ``precheck``)."""
+    info = {"job_dir": str(job_dir(path))}
+    for ph in phases_of(job):
+        for conf in layers_in_phase(job.neuralnet, ph):
+            cls = layer_class(conf.type)
+            if cls is not None and issubclass(cls, InputLayer):
+                problem = cls.precheck(conf, info)
+                if problem:
+                    raise ConfigError(f'{path}: layer "{conf.name}": {problem}')
 
 
 def start_workers(args, argv: list[str]):

@@ -305,6 +305,78 @@ def case_job_name_is_not_a_path(tmp):
     assert not (tmp / "run" / "escaped").exists() and not pathlib.Path("/tmp/absolute-escape").exists()
 
 
+def _store_job(tmp, path, extra=""):
+    """A many-to-one job over the store at ``path`` (x: (N, T, 3), y: classes)."""
+    job = tmp / "store.conf"
+    job.write_text(f"""name: "store" train_steps: 3 disp_freq: 1
+train_one_batch {{ alg: kBPTT }}
+updater {{ type: kSGD learning_rate {{ type: kFixed base_lr: 0.1 }} }}
+neuralnet {{ unroll_len: 4
+  layer {{ name: "data" type: kRecordInput store_conf {{ path: "{path}" batchsize: 4 {extra} }} }}
+  layer {{ name: "rnn" type: kGRU srclayers: "data" gru_conf {{ dim_hidden: 8 }} }}
+  layer {{ name: "ip" type: kInnerProduct unroll_len: 1 srclayers: "rnn"
+    unroll_conn_type: kUnrollFirstToLast innerproduct_conf {{ num_output: 2 }} }}
+  layer {{ name: "loss" type: kSoftmaxLoss unroll_len: 1 srclayers: "ip" srclayers: "data"
+    unroll_conn_type: kUnrollOneToOne unroll_conn_type: kUnrollFirstToLast }}
+}}
+cluster {{ workspace: "{tmp / 'ws'}" }}
+""")
+    return job
+
+
+def case_float64_overflowing_float32(tmp):
+    """6: a float64 .npz with x = 1e300 passed the finite check and overflowed in float32
+    (exit 1, "lower the learning rate"); now exit 2 naming the file and the position."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 4, 3))
+    x[5, 2, 1] = 1e300
+    np.savez(tmp / "big.npz", x=x, y=rng.integers(0, 2, 8))
+    r = train(_store_job(tmp, tmp / "big.npz"))
+    assert r.returncode == 2
+    one_error_line(r, r"big.npz: x\[5, 2, 1\] is 1e\+300 \(sequence 5, step 2\), beyond what "
+                      r"float32 holds")
+
+
+def case_csv_label_out_of_range(tmp):
+    """9: a CSV label 1e30 ended in an OverflowError; now one line naming the line."""
+    lines = [f"{i % 2}," + ",".join(["0.5"] * 12) for i in range(8)]
+    lines[3] = "1e30," + ",".join(["0.5"] * 12)
+    (tmp / "d.csv").write_text("\n".join(lines) + "\n")
+    job = _store_job(tmp, tmp / "d.csv", 'backend: "textfile" shape: 4 shape: 3')
+    job.write_text(job.read_text().replace("kRecordInput", "kCSVInput"))
+    r = train(job)
+    assert r.returncode == 2
+    one_error_line(r, r"d.csv.*4.*the label '1e30' is not a class id")
+
+
+def case_singa_blob_shape_overflow(tmp):
+    """11: a SINGA blob whose shape product wraps around 64 bits (2^21 x 2^21 x 2^22 = 2^64)
+    passed the size check as 0 values and failed in a reshape."""
+    from wire import ld, varint
+    blob = b"".join(varint(1 << 3) + varint(s) for s in (2 ** 21, 2 ** 21, 2 ** 22))
+    path = tmp / "step1-worker0"
+    path.write_bytes(varint(3 << 3) + varint(1) + ld(4, b"0#w") + ld(5, blob))
+    job = small_job(tmp)
+    job.write_text(job.read_text() + f'checkpoint_path: "{path}"\n')
+    r = train(job)
+    assert r.returncode == 2
+    one_error_line(r, r'param "0#w": shape \[2097152, 2097152, 4194304\] needs '
+                      r"18446744073709551616 values but its blob holds 0")
+
+
+def case_unroll_longer_than_the_corpus(tmp):
+    """10: unroll_len 100000 on a small corpus built gigabytes of graph before "corpus too
+    short" (1000000: a MemoryError with an empty reason); the corpus is checked first."""
+    job = small_job(tmp)
+    text = job.read_text().replace("unroll_len: 10", "unroll_len: 1000000")
+    job.write_text(text)
+    r = train(job, timeout=60)
+    assert r.returncode == 2
+    one_error_line(r, r'layer "data": .*train.txt has \d+ bytes, fewer than batchsize x '
+                      r"\(unroll_len \+ 1\) = 4000004")
+    assert not (tmp / "ws" / "visualization").exists()
+
+
 CASES = {f.__name__[5:]: f for f in [
     case_symlinked_lock, case_refused_run_leaves_the_lock_alone, case_metrics_without_checkpoint,
     case_unrelated_metrics_in_dot, case_graph_only_on_a_trained_workspace, case_too_many_workers,
@@ -312,6 +384,8 @@ CASES = {f.__name__[5:]: f for f in [
     case_sample_and_export_of_nan_params, case_checkpoint_path_with_nan, case_complex_param,
     case_garbage_npz_advice, case_meta_vocab_not_a_list, case_plot_with_a_bogus_backend,
     case_bench_outputs_checked_first, case_job_name_is_not_a_path,
+    case_float64_overflowing_float32, case_csv_label_out_of_range, case_singa_blob_shape_overflow,
+    case_unroll_longer_than_the_corpus,
 ]}
 
 

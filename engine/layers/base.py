@@ -431,6 +431,13 @@ class InputLayer(Layer):
         None when the layer type does not say."""
         return None
 
+    @classmethod
+    def precheck(cls, conf, info: dict) -> str | None:
+        """A problem with the layer's data that the job alone shows, found before the
+        unrolled graph is built (cheap: file sizes, not contents), or None. ``info`` holds
+        ``job_dir`` for relative paths."""
+        return None
+
     def load_batch(self) -> None:
         raise NotImplementedError
 

@@ -87,6 +87,22 @@ class CharRNNInput(InputLayer):
     def configured_batch(cls, conf):
         return int(conf.char_rnn_conf.batchsize)
 
+    @classmethod
+    def precheck(cls, conf, info):
+        """A text shorter than one batch in BYTES is shorter in characters too: said before
+        an unroll of 100000 copies is built for it."""
+        c = conf.char_rnn_conf
+        need = int(c.batchsize) * (int(c.unroll_len) + 1)
+        try:
+            size = resolve_path(c.path, info).stat().st_size
+        except OSError:
+            return None     # setup says what is wrong with the path
+        if 0 < size < need:
+            return (f"{c.path} has {size} bytes, fewer than batchsize x (unroll_len + 1) = "
+                    f"{need} characters; use a longer text, a smaller batch or a shorter "
+                    f"unroll_len")
+        return None
+
     def setup(self, srcs):
         c = self.conf.char_rnn_conf
         self.batchsize = int(c.batchsize)
@@ -475,11 +491,21 @@ class SequenceInput(InputLayer):
         return lengths.astype(np.int64)
 
     def _check_finite(self, a, name, where) -> None:
-        """No NaN or infinity in float data (it would poison every step it reaches)."""
-        if a.dtype.kind != "f" or bool(np.isfinite(a).all()):
+        """No NaN or infinity in float data (it would poison every step it reaches), also
+        once cast to the training dtype: a float64 1e300 is infinite in float32."""
+        if a.dtype.kind != "f":
             return
-        pos = tuple(int(i) for i in np.argwhere(~np.isfinite(a))[0])
+        narrow = np.dtype(self.dtype).itemsize < a.dtype.itemsize
+        with np.errstate(over="ignore"):
+            ok = np.isfinite(a.astype(self.dtype) if narrow else a)
+        if bool(ok.all()):
+            return
+        pos = tuple(int(i) for i in np.argwhere(~ok)[0])
         seq = f"sequence {pos[0]}" + (f", step {pos[1]}" if name == "x" and len(pos) > 1 else "")
+        if np.isfinite(a[pos]):
+            top = float(np.finfo(self.dtype).max)
+            raise self.error(f"{where}: {name}{list(pos)} is {a[pos]:g} ({seq}), beyond what "
+                             f"{np.dtype(self.dtype).name} holds (±{top:.3g}); scale the data")
         raise self.error(f"{where}: {name}{list(pos)} is {a[pos]} ({seq}); the data must hold "
                          f"finite numbers")
 
