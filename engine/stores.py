@@ -166,6 +166,11 @@ def _atomic_write(path: pathlib.Path, chunks) -> None:
 
 def _check_rows(x, y, where: str) -> tuple[np.ndarray, np.ndarray | None]:
     x = np.asarray(x)
+    for name, a in (("x", x), ("y", None if y is None else np.asarray(y))):
+        if a is not None and a.dtype.kind not in "iufb":
+            kind = "complex numbers" if a.dtype.kind == "c" else f"{a.dtype} values"
+            raise StoreError(f"{where}: {name} holds {kind}; a SINGA record holds real numbers "
+                             f"(write the real part, or fix the data)")
     if x.ndim < 2 or x.shape[0] < 1:
         raise StoreError(f"{where}: x has shape {x.shape}; a store needs [N, ...] with at "
                          f"least one record and one value axis")
@@ -338,11 +343,32 @@ def _is_float(s: str) -> bool:
         return False
 
 
+#: characters a number is written with: none of them can separate fields
+NUMBER_CHARS = set("0123456789.+-eEnaNinfIF")
+
+
+def separator_problem(separator: str) -> str | None:
+    """Why ``separator`` cannot separate the fields this module writes (its reader splits
+    at every character of it), or None: one character, not one numbers are written with,
+    not a line break."""
+    if len(separator) != 1:
+        return (f"the separator {separator!r} must be one character (the reader splits at each "
+                f"of its characters); use e.g. \",\" or a tab")
+    if separator in NUMBER_CHARS or separator in "\r\n":
+        return (f"the separator {separator!r} is a character numbers or lines are written with, "
+                f"so the file would not read back; use e.g. \",\" or a tab")
+    return None
+
+
 def write_textfile(path, x, y=None, separator: str = ",") -> int:
     """Write one line per record: the label (when y is given), then x[i]'s values,
-    separated by ``separator``. Floats are written with 9 significant digits (exact
-    for float32). Returns the number of records."""
+    separated by ``separator`` (one character that no number holds: ``separator_problem``).
+    Floats are written with 9 significant digits (exact for float32). Returns the number
+    of records."""
     path = pathlib.Path(path)
+    bad = separator_problem(separator)
+    if bad:
+        raise StoreError(f"{path}: {bad}")
     x, y = _check_rows(x, y, str(path))
     flat = x.reshape(x.shape[0], -1)
     fmt = (lambda v: str(int(v))) if np.issubdtype(x.dtype, np.integer) else (lambda v: f"{v:.9g}")

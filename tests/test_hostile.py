@@ -377,6 +377,26 @@ def case_unroll_longer_than_the_corpus(tmp):
     assert not (tmp / "ws" / "visualization").exists()
 
 
+def case_singa_data_refuses_what_it_cannot_write(tmp):
+    """16, 17: tools/singa_data.py dropped the imaginary part of a complex x, and wrote a
+    textfile its own reader refused or misread with --separator "" (or 5, or .)."""
+    rng = np.random.default_rng(1)
+    np.savez(tmp / "c.npz", x=rng.standard_normal((4, 3)) + 1j, y=np.arange(4))
+    r = run("tools/singa_data.py", tmp / "c.npz", tmp / "c.bin")
+    assert r.returncode == 2 and not (tmp / "c.bin").exists()
+    one_error_line(r, r"x holds complex numbers")
+    np.savez(tmp / "r.npz", x=rng.standard_normal((4, 3)), y=np.arange(4))
+    for sep in ("", "5", ".", ";;"):
+        out = tmp / f"r{len(sep)}{sep.strip('.;') or 'x'}.txt"
+        r = run("tools/singa_data.py", tmp / "r.npz", out, "--backend", "textfile",
+                "--separator", sep)
+        assert r.returncode == 2 and not out.exists(), (sep, r.stderr)
+        one_error_line(r, r"separator")
+    r = run("tools/singa_data.py", tmp / "r.npz", tmp / "ok.txt", "--backend", "textfile",
+            "--separator", "\t")
+    assert r.returncode == 0, r.stderr
+
+
 CASES = {f.__name__[5:]: f for f in [
     case_symlinked_lock, case_refused_run_leaves_the_lock_alone, case_metrics_without_checkpoint,
     case_unrelated_metrics_in_dot, case_graph_only_on_a_trained_workspace, case_too_many_workers,
@@ -385,7 +405,7 @@ CASES = {f.__name__[5:]: f for f in [
     case_garbage_npz_advice, case_meta_vocab_not_a_list, case_plot_with_a_bogus_backend,
     case_bench_outputs_checked_first, case_job_name_is_not_a_path,
     case_float64_overflowing_float32, case_csv_label_out_of_range, case_singa_blob_shape_overflow,
-    case_unroll_longer_than_the_corpus,
+    case_unroll_longer_than_the_corpus, case_singa_data_refuses_what_it_cannot_write,
 ]}
 
 
