@@ -31,6 +31,8 @@ _STOPS = StopSignals(sys.stdout).install() if __name__ == "__main__" else None
 import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 
@@ -284,12 +286,33 @@ class Trainer:
 
     # ------------------------------------------------------------ running
     def say(self, msg: str) -> None:
-        """Print a line (rank 0 only)."""
+        """Print a line (rank 0 only). When the reader of stdout went away (``| head``),
+        the run stops as on SIGTERM (at the end of the step, with a checkpoint; exit 141,
+        128 + SIGPIPE) and what it has to say goes on to ``<workspace>/train.log``."""
         if not self.world.leads:
             return
         if self.progress is not None:
             self.progress.clear()
-        print(msg, file=self.out, flush=True)
+        try:
+            print(msg, file=self.out, flush=True)
+        except BrokenPipeError:
+            self._stdout_closed()
+            print(msg, file=self.out, flush=True)
+
+    def _stdout_closed(self) -> None:
+        """stdout's reader is gone: the rest of the narrative to train.log, stdout itself to
+        /dev/null (so that no flush fails at exit), and a stop at the next safe point."""
+        self.out = open(self.ws / "train.log", "a", encoding="utf-8")
+        self.progress = None
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, sys.stdout.fileno())
+            os.close(null)
+        except (OSError, ValueError):
+            pass
+        self.stops.stream = self.out
+        if self.stops.pending is None:
+            self.stops.pending = signal.SIGPIPE
 
     def log_record(self, record: dict) -> None:
         """Append to metrics.jsonl (rank 0 only)."""
@@ -799,8 +822,11 @@ def stopped(trainer: Trainer | None, stops: StopSignals, signum: int) -> int:
     if trainer is None or trainer.updater is None or trainer.steps_run == 0:
         have = (f"; the newest checkpoint is step {trainer.saved_step}"
                 if trainer is not None and trainer.saved_step is not None else "")
-        if trainer is None or trainer.world.leads:
-            print(f"stopped by {name} before the first step; nothing to save{have}", flush=True)
+        line = f"stopped by {name} before the first step; nothing to save{have}"
+        if trainer is not None:
+            trainer.say(line)           # rank 0; train.log when stdout was closed
+        else:
+            print(line, flush=True)
         return exit_status(signum)
     if trainer.saved_step == trainer.step:
         trainer.say(f"stopped by {name} at step {trainer.step}; checkpoint "

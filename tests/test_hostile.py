@@ -397,6 +397,26 @@ def case_singa_data_refuses_what_it_cannot_write(tmp):
     assert r.returncode == 0, r.stderr
 
 
+def case_stdout_closed_by_head(tmp):
+    """22: engine.train ... | head -n 3 ended in a BrokenPipeError, exit 1, no checkpoint; a
+    closed stdout is a stop like SIGTERM: checkpoint, exit 141, the rest in train.log."""
+    job = small_job(tmp, steps=400)          # disp_freq 5: the 4th line comes early
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run(["bash", "-c", f'"{sys.executable}" -m engine.train "{job}" | head -n 3; '
+                        'echo "status ${PIPESTATUS[0]}" >&2'], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert "status 141" in r.stderr, r.stderr
+    assert not NO_TRACEBACK.search(r.stderr) and "BrokenPipe" not in r.stderr, r.stderr
+    assert len(r.stdout.splitlines()) == 3
+    log = (tmp / "ws" / "train.log").read_text()
+    # head may close the pipe before the first step (nothing to save) or after some
+    m = re.search(r"stopped by SIGPIPE (at step (\d+); checkpoint (\S+\.npz)|before the first "
+                  r"step; nothing to save)", log)
+    assert m, log[-500:]
+    if m.group(2):
+        assert pathlib.Path(m.group(3)).is_file() and int(m.group(2)) < 400
+
+
 CASES = {f.__name__[5:]: f for f in [
     case_symlinked_lock, case_refused_run_leaves_the_lock_alone, case_metrics_without_checkpoint,
     case_unrelated_metrics_in_dot, case_graph_only_on_a_trained_workspace, case_too_many_workers,
@@ -406,6 +426,7 @@ CASES = {f.__name__[5:]: f for f in [
     case_bench_outputs_checked_first, case_job_name_is_not_a_path,
     case_float64_overflowing_float32, case_csv_label_out_of_range, case_singa_blob_shape_overflow,
     case_unroll_longer_than_the_corpus, case_singa_data_refuses_what_it_cannot_write,
+    case_stdout_closed_by_head,
 ]}
 
 
