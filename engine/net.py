@@ -8,6 +8,8 @@ where each input comes from, so the worker only walks lists.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -91,6 +93,46 @@ class Node:
     needs_grad: bool = False
 
 
+#: copies of each param's size a training run holds: the values, the gradient buffer, and
+#: up to two updater histories (Adam's m and v)
+PARAM_COPIES = 4
+
+
+def available_memory() -> int | None:
+    """Bytes this machine can still give (MemAvailable), or None where it does not say."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(params, dtype, where: str) -> None:
+    """ConfigError, before anything is allocated, when the params alone (with their
+    gradients and updater histories, ``PARAM_COPIES``) need more memory than the machine
+    has; it names the largest param, its layer and the figures."""
+    have = available_memory()
+    if have is None or not params:
+        return
+    size = np.dtype(dtype).itemsize
+    need = sum(math.prod(p.shape) for p in params) * size * PARAM_COPIES
+    if need <= have:
+        return
+    big = max(params, key=lambda p: math.prod(p.shape))
+    raise ConfigError(
+        f'{where}: layer "{big.owner_layer}": its param "{big.name}" {list(big.shape)} alone is '
+        f"{_gib(math.prod(big.shape) * size)}; the net's params need about {_gib(need)} with "
+        f"their gradients and updater state, and this machine has {_gib(have)} free; make the "
+        f"layer smaller")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2 ** 30:.3g} GiB" if n >= 2 ** 27 else f"{n / 2 ** 20:.3g} MiB"
+
+
 class Net:
     """Set-up layers, owner params and the node schedule of one phase."""
 
@@ -116,6 +158,7 @@ class Net:
             self.params = resolve_sharing([self.layers[c.name] for c in unrolled.layers])
         except ParamError as e:
             raise ConfigError(f"{where}: {e}") from None
+        check_memory(self.params, self.dtype, where)
         rng = rng_stream(seed, INIT)
         for p in self.params:
             init_param(p, self.xp, self.dtype, rng)

@@ -417,6 +417,20 @@ def case_stdout_closed_by_head(tmp):
         assert pathlib.Path(m.group(3)).is_file() and int(m.group(2)) < 400
 
 
+def case_a_billion_wide_layer(tmp):
+    """9: dim_hidden / num_output 10^9 ended in a MemoryError (exit 1, no layer named); the
+    params' memory is estimated before anything is allocated."""
+    for old, new, layer in (("dim_hidden: 16", "dim_hidden: 1000000000", "rnn1"),
+                            ("num_output: 40", "num_output: 1000000000", "ip1")):
+        sub = tmp / layer
+        job = small_job(sub)
+        job.write_text(job.read_text().replace(old, new))
+        r = train(job, timeout=120)
+        assert r.returncode == 2, r.stderr
+        one_error_line(r, f'layer "{layer}": its param ', r"GiB", r"make the layer smaller")
+        assert not (sub / "ws" / "checkpoints").exists()
+
+
 CASES = {f.__name__[5:]: f for f in [
     case_symlinked_lock, case_refused_run_leaves_the_lock_alone, case_metrics_without_checkpoint,
     case_unrelated_metrics_in_dot, case_graph_only_on_a_trained_workspace, case_too_many_workers,
@@ -426,7 +440,7 @@ CASES = {f.__name__[5:]: f for f in [
     case_bench_outputs_checked_first, case_job_name_is_not_a_path,
     case_float64_overflowing_float32, case_csv_label_out_of_range, case_singa_blob_shape_overflow,
     case_unroll_longer_than_the_corpus, case_singa_data_refuses_what_it_cannot_write,
-    case_stdout_closed_by_head,
+    case_stdout_closed_by_head, case_a_billion_wide_layer,
 ]}
 
 
