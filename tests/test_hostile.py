@@ -431,6 +431,37 @@ def case_a_billion_wide_layer(tmp):
         assert not (sub / "ws" / "checkpoints").exists()
 
 
+def case_resume_after_the_vocabulary_changed(tmp):
+    """13: --resume after the vocabulary file changed resumed silently (ids now mean other
+    characters): compared with the vocabulary the checkpoint stores."""
+    job = small_job(tmp)
+    text = (tmp / "train.txt").read_text()
+    (tmp / "vocab.txt").write_text("".join(sorted(set(text))))
+    job.write_text(job.read_text().replace('unroll_len: 10 }', f'unroll_len: 10 vocab_path: "{tmp / "vocab.txt"}" }}', 1))
+    assert train(job).returncode == 0, "first run"
+    (tmp / "vocab.txt").write_text("".join(sorted(set(text + "@"))))   # "@" sorts early
+    r = train(job, "--resume", "--steps", "20")
+    assert r.returncode == 2
+    one_error_line(r, r"vocab_path .* is not the vocabulary the checkpoint was trained with")
+
+
+def case_resume_after_the_corpus_changed(tmp):
+    """13: after the corpus changed (or shrank), --resume said "row 1 starts at offset ...;
+    set state_carry: kResetBatch", the wrong cause, or resumed silently; it names the text."""
+    for how in ("changed", "shrunk"):
+        sub = tmp / how
+        job = small_job(sub)
+        assert train(job).returncode == 0
+        corpus = sub / "train.txt"
+        text = corpus.read_text()
+        corpus.write_text(text.replace("return", "yields") if how == "changed"
+                          else text[: len(text) * 2 // 3])
+        r = train(job, "--resume", "--steps", "20")
+        assert r.returncode == 2, (how, r.stdout[-300:])
+        one_error_line(r, r"train.txt is not the text the checkpoint was trained on")
+        assert "kResetBatch" not in r.stderr
+
+
 CASES = {f.__name__[5:]: f for f in [
     case_symlinked_lock, case_refused_run_leaves_the_lock_alone, case_metrics_without_checkpoint,
     case_unrelated_metrics_in_dot, case_graph_only_on_a_trained_workspace, case_too_many_workers,
@@ -441,6 +472,7 @@ CASES = {f.__name__[5:]: f for f in [
     case_float64_overflowing_float32, case_csv_label_out_of_range, case_singa_blob_shape_overflow,
     case_unroll_longer_than_the_corpus, case_singa_data_refuses_what_it_cannot_write,
     case_stdout_closed_by_head, case_a_billion_wide_layer,
+    case_resume_after_the_vocabulary_changed, case_resume_after_the_corpus_changed,
 ]}
 
 

@@ -8,6 +8,7 @@ streams, where each row starts, and their cursors for checkpoints.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
 
@@ -125,6 +126,8 @@ class CharRNNInput(InputLayer):
             raise self.error(str(e)) from None
         if not text:
             raise self.error(f'data file {c.path} is empty')
+        #: which text this is (a checkpoint's cursor belongs to one text)
+        self.text_id = {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()[:32]}
         self.vocab_size = len(self.vocab)
         need = self.batchsize * (self.steps + 1)
         unit = "bytes" if self.encoding == tx.BYTES else "characters"
@@ -155,7 +158,17 @@ class CharRNNInput(InputLayer):
             if not vp.exists():
                 raise self.error(f'vocab_path {c.vocab_path} not found; fix the '
                                  f"path, or remove vocab_path to build the vocabulary from the text")
-            return tx.read_vocab(vp, setting)
+            vocab, unit = tx.read_vocab(vp, setting)
+            stored = self.info.get("vocab")     # a checkpoint's (resume, checkpoint_path)
+            if stored and list(stored) != list(vocab):
+                first = next((k for k, (a, b) in enumerate(zip(stored, vocab)) if a != b),
+                             min(len(stored), len(vocab)))
+                raise self.error(f"vocab_path {c.vocab_path} is not the vocabulary the checkpoint "
+                                 f"was trained with ({len(vocab)} symbols now, {len(stored)} then; "
+                                 f"they differ from id {first} on), so every id after it would "
+                                 f"mean another character; restore the file, or train a new "
+                                 f"model in another --workspace")
+            return vocab, unit
         if self.info.get("vocab"):  # the training net's (or the checkpoint's)
             return list(self.info["vocab"]), setting or self.info.get("encoding") or tx.UTF8
         encoding = tx.pick_encoding(setting, raw)
@@ -205,9 +218,19 @@ class CharRNNInput(InputLayer):
 
     def cursor_state(self) -> dict:
         return {"cursor": int(self.cursor), "epoch": int(self.epoch),
-                "new_sequence": bool(self.new_sequence)}
+                "new_sequence": bool(self.new_sequence), "text": self.text_id}
 
     def load_cursor_state(self, d: dict) -> None:
+        """Continue where a checkpoint's cursor was; a text that is not the one the cursor
+        was in (another size or digest: changed, shrunk or replaced) is a LayerError, as
+        the cursor would continue its streams at offsets of another text."""
+        was = d.get("text")
+        if was is not None and was != self.text_id:
+            raise self.error(f"data file {self.conf.char_rnn_conf.path} is not the text the "
+                             f"checkpoint was trained on ({was.get('bytes')} bytes then, "
+                             f"{self.text_id['bytes']} now; the contents differ), so its streams "
+                             f"would continue in another text; restore the file, or start over "
+                             f"in another --workspace (checkpoint_path keeps the weights)")
         self.cursor = int(d["cursor"])
         self.epoch = int(d["epoch"])
         self.new_sequence = bool(d["new_sequence"])
