@@ -17,23 +17,30 @@ shows the traceback).
 """
 from __future__ import annotations
 
-import argparse
-import os
-import pathlib
 import sys
 
-import numpy as np
+from engine.stopping import StopSignals
 
-from engine import checkpoint as ckpt
-from engine import cli
-from engine import interop
-from engine import safetensors_io
-from engine.backend import make_backend
-from engine.config import ConfigError, Phase, layers_in_phase, normalise, parse_job
-from engine.net import Net
-from engine.proto import job_pb2 as pb
-from engine.workspace import load_params, net_info
-from engine.unroll import unroll
+# Before the imports below: a Ctrl-C while they load (or while this short command runs)
+# is one line on stderr and exit 130, not a traceback.
+_STOPS = StopSignals(sys.stderr).install() if __name__ == "__main__" else None
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import pathlib  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from engine import checkpoint as ckpt  # noqa: E402
+from engine import cli  # noqa: E402
+from engine import interop  # noqa: E402
+from engine import safetensors_io  # noqa: E402
+from engine.backend import make_backend  # noqa: E402
+from engine.config import ConfigError, Phase, layers_in_phase, normalise, parse_job  # noqa: E402
+from engine.net import Net  # noqa: E402
+from engine.proto import job_pb2 as pb  # noqa: E402
+from engine.workspace import load_params, net_info  # noqa: E402
+from engine.unroll import unroll  # noqa: E402
 
 FORMATS = {".onnx": "onnx", ".safetensors": "safetensors"}
 

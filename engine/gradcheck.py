@@ -22,21 +22,28 @@ against that floor instead of their own size.
 """
 from __future__ import annotations
 
-import argparse
-import math
 import sys
 
-import numpy as np
+from engine.stopping import StopSignals
 
-from engine import cli
-from engine.backend import make_backend
-from engine.config import ConfigError, Phase, load_job
-from engine.net import Net
-from engine.proto import job_pb2 as pb
-from engine.workspace import job_alg, net_info, workspace_of
-from engine.unroll import unroll
-from engine.planner import NotPlannable, PlannedWorker
-from engine.worker import Worker
+# Before the imports below: a Ctrl-C while they load (or while this short command runs)
+# is one line on stderr and exit 130, not a traceback.
+_STOPS = StopSignals(sys.stderr).install() if __name__ == "__main__" else None
+
+import argparse  # noqa: E402
+import math  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from engine import cli  # noqa: E402
+from engine.backend import make_backend  # noqa: E402
+from engine.config import ConfigError, Phase, load_job  # noqa: E402
+from engine.net import Net  # noqa: E402
+from engine.proto import job_pb2 as pb  # noqa: E402
+from engine.workspace import job_alg, net_info, workspace_of  # noqa: E402
+from engine.unroll import unroll  # noqa: E402
+from engine.planner import NotPlannable, PlannedWorker  # noqa: E402
+from engine.worker import Worker  # noqa: E402
 
 
 #: --executor -> the executors checked, in order

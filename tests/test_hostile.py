@@ -462,6 +462,31 @@ def case_resume_after_the_corpus_changed(tmp):
         assert "kResetBatch" not in r.stderr
 
 
+def case_ctrl_c_early_in_every_command(tmp):
+    """24: a Ctrl-C before a command's handler was installed printed a KeyboardInterrupt
+    traceback; every command installs it first thing (the interpreter's own start-up,
+    before any of the engine's code, is the only window left)."""
+    import signal
+    import time
+    job = small_job(tmp)
+    commands = [["-m", "engine.gradcheck", job], ["-m", "engine.export", tmp / "none.npz", tmp / "m.onnx"],
+                ["tools/graph.py", job, tmp / "g.svg"], ["tools/plot.py", tmp],
+                ["tools/singa_data.py", "--info", tmp / "none.bin"]]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for cmd in commands:
+        for delay in (0.08, 0.25):
+            p = subprocess.Popen([sys.executable, *map(str, cmd)], cwd=ROOT, env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            time.sleep(delay)
+            p.send_signal(signal.SIGINT)
+            out, err = p.communicate(timeout=60)
+            assert "Traceback" not in err and "KeyboardInterrupt" not in err, (cmd, delay, err)
+            assert p.returncode == 130 or delay > 0.1, (cmd, p.returncode, err)  # still starting
+            if p.returncode == 130:
+                assert err.strip().splitlines() == [
+                    "stopped by SIGINT during start-up; nothing was written"], err
+
+
 CASES = {f.__name__[5:]: f for f in [
     case_symlinked_lock, case_refused_run_leaves_the_lock_alone, case_metrics_without_checkpoint,
     case_unrelated_metrics_in_dot, case_graph_only_on_a_trained_workspace, case_too_many_workers,
@@ -473,6 +498,7 @@ CASES = {f.__name__[5:]: f for f in [
     case_unroll_longer_than_the_corpus, case_singa_data_refuses_what_it_cannot_write,
     case_stdout_closed_by_head, case_a_billion_wide_layer,
     case_resume_after_the_vocabulary_changed, case_resume_after_the_corpus_changed,
+    case_ctrl_c_early_in_every_command,
 ]}
 
 

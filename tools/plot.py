@@ -11,6 +11,13 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from engine.stopping import StopSignals  # noqa: E402
+
+# Before the imports below: a Ctrl-C while they load (or while this short command runs)
+# is one line on stderr and exit 130, not a traceback.
+_STOPS = StopSignals(sys.stderr).install() if __name__ == "__main__" else None
+
+
 from engine.plot import PlotUnavailable, plot_metrics  # noqa: E402
 
 

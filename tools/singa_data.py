@@ -32,6 +32,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from engine.stopping import StopSignals  # noqa: E402
+
+# Before the imports below: a Ctrl-C while they load (or while this short command runs)
+# is one line on stderr and exit 130, not a traceback.
+_STOPS = StopSignals(sys.stderr).install() if __name__ == "__main__" else None
+
+
 import argparse  # noqa: E402
 
 import numpy as np  # noqa: E402
