@@ -101,7 +101,7 @@ def workers_wanted(flag: int | None, job) -> int:
     return workers_of_job(job) or 1
 
 
-def check_split(job, workers: int) -> None:
+def check_split(job, workers: int, path: str = "<job>") -> None:
     """DistributedError (one line) unless every input layer's batch (train phase, read from
     the job alone) splits evenly over ``workers``: checked before any worker is started,
     so an impossible ``--workers`` starts nothing."""
@@ -118,10 +118,9 @@ def check_split(job, workers: int) -> None:
         if rows and rows % workers:
             fits = [n for n in range(2, rows + 1) if rows % n == 0]
             raise DistributedError(
-                f"{workers} workers: the batch of layer \"{conf.name}\" has {rows} rows, which "
-                f"do not split evenly over {workers} workers; give --workers a divisor of "
-                f"{rows} ({', '.join(map(str, fits[:8])) or '1 only'}), or a larger batch "
-                f"(nothing was started)")
+                f'{path}: layer "{conf.name}": batch size {rows} cannot be split evenly over '
+                f"{workers} workers; use a batch size divisible by {workers}, or --workers "
+                f"{' or '.join(map(str, fits[:6])) or '1'} (nothing was started)")
 
 
 def check_world(world: "World", flag: int | None, job) -> None:

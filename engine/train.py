@@ -696,7 +696,7 @@ def start_workers(args, argv: list[str]):
             job = load_job(args.job)
             n = dist.workers_wanted(args.workers, job)
             if n > 1:
-                dist.check_split(job, n)   # before anything starts
+                dist.check_split(job, n, args.job)   # before anything starts
                 return dist.launch(argv, n)
         return dist.join()
     except (ConfigError, dist.DistributedError) as e:

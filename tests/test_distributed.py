@@ -304,7 +304,7 @@ def test_start_up_errors_are_one_line_exit_2(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         f'error: {job}: layer "data": batch size 4 cannot be split evenly over 3 workers; '
-        f"use a batch size divisible by 3"]
+        f"use a batch size divisible by 3, or --workers 2 or 4 (nothing was started)"]
     r = mpijobs.train(job, "--workspace", tmp_path / "a", "--workers", 3, workers=2, mpiexec=True)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [

@@ -130,8 +130,8 @@ def case_too_many_workers(tmp):
     job = small_job(tmp)
     r = train(job, "--workers", "1000", timeout=60)
     assert r.returncode == 2
-    one_error_line(r, r'batch of layer "data" has 4 rows', r"--workers a divisor of 4 \(2, 4\)",
-                   r"nothing was started")
+    one_error_line(r, r'layer "data": batch size 4 cannot be split evenly over 1000 workers',
+                   r"--workers 2 or 4", r"nothing was started")
     assert not (tmp / "ws").exists()
 
 
