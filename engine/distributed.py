@@ -41,11 +41,13 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -394,6 +396,45 @@ def _die_with_parent() -> None:
         pass
 
 
+#: lines of the MPI runtime itself (MPICH's error stacks and hydra's banners), not of a worker
+_RUNTIME_LINE = re.compile(
+    r"^[\s=]*(Abort\(|Fatal error in |P?MPI[A-Z]?[A-Za-z]*_|MPID|MPIR|MPII|MPIC|\(unknown\)\(\)|"
+    r"$|BAD TERMINATION|PID \d+ RUNNING AT|EXIT CODE:|CLEANING UP REMAINING|"
+    r"YOU CAN IGNORE THE BELOW|YOUR APPLICATION TERMINATED|This typically refers to a problem|"
+    r"Please see the FAQ page|\[proxy:|\[mpiexec@|\[cli_\d+\]|internal_|Other MPI error|"
+    r"Communication error|Killed by signal)")
+
+
+class RuntimeLines:
+    """Relays the ranks' stderr as it comes, holding back the MPI runtime's own lines: when
+    a worker is killed, the others' runtime stacks (16 lines, in some runs) are replaced by
+    the launcher's one line; otherwise they are shown at the end."""
+
+    def __init__(self):
+        self.held: list[str] = []
+
+    @staticmethod
+    def is_runtime(line: str) -> bool:
+        return bool(_RUNTIME_LINE.match(line))
+
+    def relay(self, stream, out) -> None:
+        for raw in iter(stream.readline, b""):
+            line = raw.decode("utf-8", "replace")
+            if self.is_runtime(line):
+                self.held.append(line)
+                continue
+            try:
+                out.write(line)
+                out.flush()
+            except (OSError, ValueError):
+                pass
+
+    def flush(self, out) -> None:
+        for line in self.held:
+            out.write(line)
+        self.held = []
+
+
 def launch(argv: list[str], workers: int) -> int:
     """Run ``mpiexec -n workers python -m engine.train argv`` and return its exit status.
 
@@ -422,8 +463,12 @@ def launch(argv: list[str], workers: int) -> int:
     os.close(fd)
     env[FAILURE_FILE] = failures
     cmd = [mpiexec, "-n", str(workers), sys.executable, "-m", "engine.train", *argv]
+    held = RuntimeLines()
     try:
-        proc = subprocess.Popen(cmd, env=env, process_group=0, preexec_fn=_die_with_parent)
+        proc = subprocess.Popen(cmd, env=env, process_group=0, preexec_fn=_die_with_parent,
+                                stderr=subprocess.PIPE)
+        relay = threading.Thread(target=held.relay, args=(proc.stderr, sys.stderr), daemon=True)
+        relay.start()
 
         def forward(signum, frame):
             try:
@@ -434,6 +479,7 @@ def launch(argv: list[str], workers: int) -> int:
         old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             rc = proc.wait()
+            relay.join(timeout=10)
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
@@ -446,7 +492,9 @@ def launch(argv: list[str], workers: int) -> int:
     if rc < 0:
         return 128 - rc
     if rc in (0, 1, 2, 130, 143):
+        held.flush(sys.stderr)   # an ordinary end: the runtime's lines, if any, are shown
         return rc
+    # a worker was killed: MPICH's error stacks from the others say only that, at length
     print(f"error: a worker ended abnormally (mpiexec exit status {rc}); the others were "
           f"stopped; continue from the last checkpoint with --resume", file=sys.stderr)
     return 1

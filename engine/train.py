@@ -393,34 +393,43 @@ class Trainer:
         the first node whose incoming gradient is not finite; else the first param whose
         gradient is not finite. With several workers each looks at its own share (no
         collective inside) and rank 0 names the first worker that found a node or param."""
-        where = self._diagnose_share(w, snap)
+        where, bad_here = self._diagnose_share(w, snap)
         if self.world.size == 1:
             return where
-        every = self.world.gather(where)
+        every = self.world.gather((where, bad_here))
         if every is None:
             return ""
-        found = [(r, x) for r, x in enumerate(every) if x != self.NO_CULPRIT]
-        r, x = found[0] if found else (0, every[0])
-        return f"worker {r}: {x}"
+        # the first worker that found a node or param, else the first whose own share of the
+        # batch gave a non-finite loss (a label of 1e30 in its rows), else worker 0
+        found = ([(r, x) for r, (x, _) in enumerate(every) if x != self.NO_CULPRIT]
+                 or [(r, x) for r, (x, bad) in enumerate(every) if bad])
+        r, x = found[0] if found else (0, every[0][0])
+        b = w.batchsize
+        return f"worker {r} (rows {r * b}-{(r + 1) * b - 1} of the batch): {x}"
 
     NO_CULPRIT = "every output is finite but the loss overflowed"
 
-    def _diagnose_share(self, w, snap) -> str:
+    def _diagnose_share(self, w, snap) -> tuple[str, bool]:
+        """(what this worker finds in its share of the batch, whether its own metrics of
+        that share are non-finite)."""
         node = w.first_nonfinite_output()
         if node is not None:
-            return f"first non-finite output at {node}"
+            return f"first non-finite output at {node}", True
         w.restore(snap)
         w.probe, w.first_bad_grad = True, None
         try:
-            w.run_batch(train=True)
+            mine = w.run_batch(train=True)
         finally:
             w.probe = False
+        bad_here = any(not math.isfinite(v[0]) for v in mine.values())
         if w.first_bad_grad is not None:
-            return f"outputs finite; first non-finite gradient arriving at {w.first_bad_grad}"
+            return (f"outputs finite; first non-finite gradient arriving at {w.first_bad_grad}",
+                    True)
         bad_p = [p.name for p in self.main.params if not bool(self.backend.xp.isfinite(p.grad).all())]
         if bad_p:
-            return f"outputs and their gradients finite; first non-finite gradient in param {bad_p[0]}"
-        return self.NO_CULPRIT
+            return (f"outputs and their gradients finite; first non-finite gradient in param "
+                    f"{bad_p[0]}", True)
+        return self.NO_CULPRIT, bad_here
 
     def _due_next(self, freq: int, after: int) -> bool:
         """Will the step about to run (number self.step + 1) be a due step?"""

@@ -487,6 +487,78 @@ def case_ctrl_c_early_in_every_command(tmp):
                     "stopped by SIGINT during start-up; nothing was written"], err
 
 
+MPICH_STACK = """Abort(15) on node 1 (rank 1 in comm 0): Fatal error in internal_Allreduce: Other MPI error, error stack:
+internal_Allreduce(4014)..................: MPI_Allreduce(sendbuf=MPI_IN_PLACE, count=1) failed
+MPIR_Allreduce_impl(3804).................:
+MPIR_Allreduce_allcomm_auto(3688).........:
+MPIC_Sendrecv(266)........................:
+MPID_Isend(63)............................:
+MPIDI_CH3_iStartMsg(144)..................: Communication error with rank 0
+[cli_1]: readline failed
+===================================================================================
+=   BAD TERMINATION OF ONE OF YOUR APPLICATION PROCESSES
+=   PID 1234 RUNNING AT host
+=   EXIT CODE: 9
+=   CLEANING UP REMAINING PROCESSES
+=   YOU CAN IGNORE THE BELOW CLEANUP MESSAGES
+===================================================================================
+YOUR APPLICATION TERMINATED WITH THE EXIT STRING: Killed (signal 9)
+"""
+
+
+def case_killed_worker_is_one_line(tmp):
+    """19: kill -9 of one rank sometimes printed MPICH's 16-line error stack before the
+    documented line; the launcher holds the runtime's lines back and prints its one line
+    (a stand-in mpiexec prints a recorded stack and ends as mpiexec does then)."""
+    import contextlib
+    import io
+    pytest.importorskip("mpi4py")
+    from engine import distributed as dist
+    fake = tmp / "mpiexec"
+    (tmp / "stack.txt").write_text(MPICH_STACK)
+    fake.write_text(f"#!/bin/sh\necho 'step 5 from a worker' >&2\ncat '{tmp / 'stack.txt'}' >&2\n"
+                    f"exit ${{FAKE_RC:-9}}\n")
+    fake.chmod(0o755)
+    real = dist.find_mpiexec
+    dist.find_mpiexec = lambda: str(fake)
+    try:
+        for rc, want in (("9", 1), ("1", 1)):
+            os.environ["FAKE_RC"] = rc
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                got = dist.launch(["job.conf"], 2)
+            lines = err.getvalue().splitlines()
+            assert got == want and lines[0] == "step 5 from a worker", lines
+            if rc == "9":    # killed: the runtime's stack is replaced by one line
+                assert len(lines) == 2 and lines[1].startswith("error: a worker ended abnormally")
+            else:            # an ordinary failure: nothing is hidden
+                assert len(lines) == 1 + len(MPICH_STACK.splitlines())
+    finally:
+        dist.find_mpiexec = real
+        os.environ.pop("FAKE_RC", None)
+
+
+def case_the_worker_whose_rows_overflow_is_named(tmp):
+    """18: --workers 2 with y = 1e30 only in worker 1's rows named worker 0; the worker (and
+    its rows of the batch) whose own share went non-finite is named."""
+    pytest.importorskip("mpi4py")
+    from engine.distributed import find_mpiexec
+    if find_mpiexec() is None:
+        pytest.skip("no mpiexec beside this Python (pip install mpich)")
+    rng = np.random.default_rng(0)
+    y = rng.standard_normal((8, 1)).astype(np.float32)
+    y[3, 0] = 1e30                      # batch 0, row 3: worker 1's rows are 2-3
+    np.savez(tmp / "d.npz", x=rng.standard_normal((8, 4, 3)).astype(np.float32), y=y)
+    job = _store_job(tmp, tmp / "d.npz")
+    job.write_text(job.read_text().replace("num_output: 2", "num_output: 1").replace(
+        'kSoftmaxLoss unroll_len: 1 srclayers: "ip" srclayers: "data"',
+        'kEuclideanLoss unroll_len: 1 srclayers: "ip" srclayers: "data" '
+        "euclideanloss_conf { target: kLabels }"))
+    r = train(job, "--workers", "2", timeout=120)
+    assert r.returncode == 1
+    one_error_line(r, r"step 1: non-finite .*; worker 1 \(rows 2-3 of the batch\)")
+
+
 CASES = {f.__name__[5:]: f for f in [
     case_symlinked_lock, case_refused_run_leaves_the_lock_alone, case_metrics_without_checkpoint,
     case_unrelated_metrics_in_dot, case_graph_only_on_a_trained_workspace, case_too_many_workers,
@@ -498,7 +570,8 @@ CASES = {f.__name__[5:]: f for f in [
     case_unroll_longer_than_the_corpus, case_singa_data_refuses_what_it_cannot_write,
     case_stdout_closed_by_head, case_a_billion_wide_layer,
     case_resume_after_the_vocabulary_changed, case_resume_after_the_corpus_changed,
-    case_ctrl_c_early_in_every_command,
+    case_ctrl_c_early_in_every_command, case_killed_worker_is_one_line,
+    case_the_worker_whose_rows_overflow_is_named,
 ]}
 
 
