@@ -58,8 +58,9 @@ def _syntax_hint(msg: str, text: str, line: int | None, col: int | None) -> str:
             enum_type = pool.FindEnumTypeByName(m.group(1))
         except KeyError:
             return ""
-        values = [v for v in enum_type.values_by_name
-                  if v != "kUnknown" and not v.startswith("kUser")]  # never meant to be written
+        values = [v for v in enum_type.values_by_name   # those never meant to be written out:
+                  if v != "kUnknown" and not v.startswith("kUser")   # placeholders, user types,
+                  and not (enum_type.name == "Phase" and enum_type.values_by_name[v].number > 4)]  # SINGA's flags
         close = difflib.get_close_matches(m.group(2), values, n=1)
         if close:
             return f"; did you mean {close[0]}?"
@@ -101,7 +102,12 @@ def parse_job(text: str, path: str = "<job>") -> pb.JobProto:
             if msg.startswith(echo):
                 msg = msg[len(echo):]
         msg = msg.rstrip(".")
-        msg += _syntax_hint(msg, text, line, col)
+        ext = re.match(r'Extension "(\w+)" not registered', msg)
+        if ext:   # a SINGA job extending its messages with its own C++ layers (rnnlm)
+            msg = (f"user-defined layers (extension `{ext.group(1)}`) are not supported: they "
+                   f"are C++ code of SINGA's own; write the net with the built-in layer types")
+        else:
+            msg += _syntax_hint(msg, text, line, col)
         if line is None:
             raise ConfigError(f"{path}: {msg}") from None
         raise ConfigError(f"{path}:{line}:{col}: {msg}") from None
@@ -206,9 +212,18 @@ def validate(job: pb.JobProto, path: str = "<job>") -> None:
             raise ConfigError(f"{path}: a layer of type {type_name(layer.type)} has no name; "
                               f"add name: \"...\"")
         for key in ("include", "exclude"):
-            if any(v not in (pb.kTrain, pb.kVal, pb.kTest) for v in getattr(layer, key)):
-                raise err(layer, f"{key} kUnknown is not a phase (the layer would silently drop "
-                                 f"out); use kTrain, kVal or kTest")
+            bad = [v for v in getattr(layer, key) if v not in (pb.kTrain, pb.kVal, pb.kTest)]
+            if bad:
+                name = pb.Phase.Name(bad[0])
+                why = ("is not a phase (the layer would silently drop out)" if bad[0] == pb.kUnknown
+                       else "is one of SINGA's internal flags, not a phase a job's layers are in")
+                raise err(layer, f"{key} {name} {why}; use kTrain, kVal or kTest")
+        for conn in list(layer.unroll_conn_type) + list(layer.connection_type):
+            if conn == pb.kUnrollCustomized:
+                raise err(layer, "kUnrollCustomized (SINGA's connection defined by C++ code, "
+                                 "src_conn) is not supported; use kUnrollOneToOne (with shift), "
+                                 "kUnrollOneToAll, kUnrollFirstToLast, kUnrollOneToFirst or "
+                                 "kUnrollAllToOne")
         for ch in "#@":
             if ch in layer.name:
                 raise err(layer, f"the name contains '{ch}', which unrolling reserves; rename it")
@@ -404,6 +419,42 @@ def _check_numbers(job: pb.JobProto, path: str) -> None:
 
 
 _FLOATS = (FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_DOUBLE)
+
+
+# ------------------------------------------------ SINGA's syntax, or this project's
+#: the fields this project added to SINGA v0.3's schema (tests/test_singa_proto.py checks
+#: this list against SINGA's own, field by field)
+EXTENSION_FIELDS = frozenset({
+    "JobProto.seed", "JobProto.keep_checkpoints", "JobProto.skip_nonfinite",
+    "AlgProto.state_carry", "LayerProto.euclideanloss_conf", "LayerProto.csvoutput_conf",
+    "LayerProto.char_rnn_output_conf", "LayerProto.connection_type", "LayerProto.rnn_conf",
+    "LayerProto.lstm_conf", "LayerProto.mgu_conf", "UpdaterProto.clip_norm",
+    "UpdaterProto.rprop_conf", "ArgSortProto.temperature", "StoreProto.shuffle",
+    "CharRNNProto.encoding", "GRUProto.recurrent_bias", "GRUProto.direction"})
+#: the enum values this project added (enum name -> value names)
+EXTENSION_VALUES = {"LayerType": {"kRNN", "kLSTM", "kMGU"},
+                    "UnrollConnType": {"kUnrollOneToFirst", "kUnrollAllToOne"},
+                    "UpdaterType": {"kRProp"}, "ActivationType": {"LINEAR"}}
+
+
+def singa_syntax(job: pb.JobProto) -> bool:
+    """Whether the job is written in SINGA v0.3's syntax alone: it sets no field and names
+    no enum value that this project added. Such a job follows SINGA's rules where the two
+    differ (a GRU's biases, a vocabulary's bytes, SINGA's checkpoint files beside ours)."""
+    def clean(msg) -> bool:
+        for fd, value in msg.ListFields():
+            if f"{msg.DESCRIPTOR.name}.{fd.name}" in EXTENSION_FIELDS:
+                return False
+            values = value if fd.is_repeated else [value]
+            if fd.type == FieldDescriptor.TYPE_MESSAGE:
+                if not all(clean(v) for v in values):
+                    return False
+            elif fd.type == FieldDescriptor.TYPE_ENUM:
+                added = EXTENSION_VALUES.get(fd.enum_type.name, ())
+                if any(fd.enum_type.values_by_number[v].name in added for v in values):
+                    return False
+        return True
+    return clean(job)
 
 
 def _floats(msg, prefix: str = "", where: str = ""):
