@@ -115,7 +115,9 @@ def encode_text(text: str, vocab: list[str], where: str, encoding: str = UTF8) -
     if bad.size:
         off = int(bad[0])
         unit = "byte" if encoding == BYTES else "character"
-        raise TextError(f"{where}: {unit} {describe(text[off], encoding)} at offset {off} is "
+        sym = describe(text[off], encoding)          # "byte 0x9f" names its unit already
+        sym = sym if sym.startswith("byte ") else f"{unit} {sym}"
+        raise TextError(f"{where}: {sym} at offset {off} is "
                         f"not in the vocabulary; rebuild the vocabulary from this text or remove "
                         f"the {unit}")
     return ids

@@ -30,7 +30,7 @@ def char_job(tmp: pathlib.Path, *, rnn: str = "kGRU", hidden: int = 16, batch: i
     def data(phase, path):
         return f"""
   layer {{ name: "data" type: kCharRNN unroll_len: 1 include: {phase}
-    char_rnn_conf {{ path: "{path}" batchsize: {batch} unroll_len: {unroll} }} }}"""
+    char_rnn_conf {{ path: "{path}" batchsize: {batch} unroll_len: {unroll} encoding: "utf-8" }} }}"""
 
     layers = data("kTrain", tmp / "train.txt") + (data("kVal", tmp / "val.txt") if val else "")
     layers += f"""

@@ -234,7 +234,8 @@ def test_crlf_text_with_a_utf8_vocabulary(tmp_path):
     t = Trainer(load_job(job), str(job), args)
     t.build()
     data = t.main.layers["data"]
-    assert data.encoding == tx.UTF8 and data.vocab == chars
+    # a job in SINGA's syntax reads bytes (as SINGA did): ASCII bytes are these characters
+    assert data.encoding == tx.BYTES and data.vocab == chars
     ids = data.streams.reshape(-1)
     assert "".join(chars[i] for i in ids) == text[: ids.size]
 
@@ -262,9 +263,11 @@ def test_explicit_encoding_and_bad_text_are_one_line(tmp_path):
     r = run_cli("engine.train", tmp_path / "bad.conf", "--cpu")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert 'char_rnn_conf.encoding "latin1" is not a text unit' in r.stderr
-    # a corpus that is not UTF-8 under a UTF-8 vocabulary: the offset and the setting
+    # a corpus that is not UTF-8 under a UTF-8 vocabulary (a job that says so: one in
+    # SINGA's syntax reads bytes): the offset and the setting
     (tmp_path / "t.txt").write_bytes(b"abc\x9f" + raw)
-    r = run_cli("engine.train", tmp_path / "job.conf", "--cpu", "--workspace", tmp_path / "w2")
+    (tmp_path / "utf8.conf").write_text(job.replace('encoding: "bytes"', 'encoding: "utf-8"'))
+    r = run_cli("engine.train", tmp_path / "utf8.conf", "--cpu", "--workspace", tmp_path / "w2")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "is not UTF-8 text (byte 0x9f at offset 3); to read it as bytes, as SINGA did, set " \
            'char_rnn_conf { encoding: "bytes" }' in r.stderr
