@@ -176,7 +176,7 @@ updater {{ type: kRMSProp rmsprop_conf {{ rho: 0.95 }}
   learning_rate {{ type: kFixed base_lr: 0.002 }} clip_low: -5 clip_high: 5 }}
 neuralnet {{ unroll_len: {T}
 layer {{ name: "data" type: kCharRNN unroll_len: 1
-  char_rnn_conf {{ path: "{data}" batchsize: {B} unroll_len: {T} }} }}
+  char_rnn_conf {{ path: "{data}" batchsize: {B} unroll_len: {T} encoding: "utf-8" }} }}
 layer {{ name: "onehot" type: kOneHot srclayers: "data" unroll_conn_type: kUnrollOneToAll
   onehot_conf {{ vocab_size: {V} }} }}
 layer {{ name: "label" type: kRNNLabel srclayers: "data" unroll_conn_type: kUnrollOneToAll }}

@@ -383,23 +383,46 @@ def load_singa(path) -> tuple[dict[str, np.ndarray], dict]:
 
 
 def save_singa(path, params: dict[str, np.ndarray], versions: dict[str, int] | None = None,
-               prefix: str = "0#") -> pathlib.Path:
+               prefix: str = "0#", step: int | None = None) -> pathlib.Path:
     """Write ``{name: array}`` as a SINGA v0.3 checkpoint (BlobProtos), each param named
     ``prefix + name`` (SINGA's owner copy ``0#``; "" for a net that was not unrolled),
-    float32 values, ``versions[name]`` (default 0). For tests and for handing weights back
-    to SINGA."""
+    float32 values, version ``step`` for every param when given, else ``versions[name]``
+    (default 0; SINGA initialises a param whose version is 0 anew instead of loading it, so
+    a checkpoint for SINGA gives the step). Written atomically (``write_atomic``)."""
     path = pathlib.Path(path)
     bps = pb.BlobProtos()
     for name, a in params.items():
         a = np.asarray(a, dtype=np.float32)
         bps.name.append(prefix + name)
-        bps.version.append(int((versions or {}).get(name, 0)))
+        bps.version.append(int(step) if step is not None else int((versions or {}).get(name, 0)))
         blob = bps.blob.add()
         blob.shape.extend(int(s) for s in a.shape)
         blob.data.extend(a.ravel().tolist())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(bps.SerializeToString())
-    return path
+    return write_atomic(path, bps.SerializeToString(), "SINGA checkpoint")
+
+
+#: what SINGA names its checkpoints: ``step<N>-worker<K>``
+SINGA_NAME = re.compile(r"^step(\d+)-worker(\d+)$")
+
+
+def singa_checkpoint_name(path) -> tuple[int, int] | None:
+    """(step, worker) when ``path`` is named like a SINGA checkpoint, else None."""
+    m = SINGA_NAME.match(pathlib.Path(path).name)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def workspace_listing(ws) -> str:
+    """What checkpoints a workspace holds, in words, for a "no such checkpoint" line:
+    ``checkpoints/step10.npz, checkpoint/step10-worker0`` or "none"."""
+    ws = pathlib.Path(ws)
+    found = []
+    for sub, pattern in (("checkpoints", "step*.npz"), ("checkpoint", "step*-worker*")):
+        folder = ws / sub
+        if folder.is_dir():
+            found += sorted((f"{sub}/{p.name}" for p in folder.glob(pattern)),
+                            key=lambda s: [int(x) if x.isdigit() else x
+                                           for x in re.split(r"(\d+)", s)])
+    return ", ".join(found) if found else "no checkpoint"
 
 
 def load_any(path) -> tuple[dict[str, np.ndarray], dict]:

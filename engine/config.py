@@ -447,6 +447,12 @@ EXTENSION_VALUES = {"LayerType": {"kRNN", "kLSTM", "kMGU"},
                     "UpdaterType": {"kRProp"}, "ActivationType": {"LINEAR"}}
 
 
+def file_in_singa_syntax(path) -> bool:
+    """``singa_syntax`` of the job file as written (before ``normalise`` fills in settings
+    of its own)."""
+    return singa_syntax(parse_job(read_text(path, "job file"), str(path)))
+
+
 def singa_syntax(job: pb.JobProto) -> bool:
     """Whether the job is written in SINGA v0.3's syntax alone: it sets no field and names
     no enum value that this project added. Such a job follows SINGA's rules where the two

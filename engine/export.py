@@ -39,10 +39,10 @@ from engine.backend import make_backend  # noqa: E402
 from engine.config import ConfigError, Phase, layers_in_phase, normalise, parse_job  # noqa: E402
 from engine.net import Net  # noqa: E402
 from engine.proto import job_pb2 as pb  # noqa: E402
-from engine.workspace import load_params, net_info  # noqa: E402
+from engine.workspace import check_values, load_params, net_info  # noqa: E402
 from engine.unroll import unroll  # noqa: E402
 
-FORMATS = {".onnx": "onnx", ".safetensors": "safetensors"}
+FORMATS = {".onnx": "onnx", ".safetensors": "safetensors", ".bin": "singa"}
 
 
 def inference_job(job: pb.JobProto, feature_dims: dict | None = None,
@@ -116,13 +116,28 @@ def inference_net(arrays: dict, meta: dict, where: str) -> Net:
 
 
 def format_of(out) -> str:
-    """"onnx" or "safetensors", from OUT's extension; ConfigError otherwise."""
+    """"onnx", "safetensors" or "singa" (OUT named like SINGA's checkpoints,
+    ``step<N>-worker<K>``, or ending in .bin), from OUT's name; ConfigError otherwise."""
+    if ckpt.singa_checkpoint_name(out) is not None:
+        return "singa"
     suffix = pathlib.Path(out).suffix
     fmt = FORMATS.get(suffix.lower())
     if fmt is None:
         raise ConfigError(f"{out}: unknown format {suffix or '(no extension)'!r}; OUT must end in "
-                          f".onnx or .safetensors")
+                          f".onnx, .safetensors or .bin, or be named step<N>-worker<K> (SINGA)")
     return fmt
+
+
+def export_singa(arrays: dict, meta: dict, out, where: str = "<checkpoint>") -> str:
+    """The checkpoint's params as a SINGA v0.3 checkpoint (BlobProtos): every param by its
+    name, owner copy ``0#``, version = the checkpoint's step (SINGA initialises a param of
+    version 0 anew), so SINGA's Worker loads them all. Params must be real and finite."""
+    params = ckpt.section(arrays, "param")
+    for name, a in params.items():
+        check_values(a, f'{where}: param "{name}"')
+    step = int(meta.get("step", 0)) or 1
+    ckpt.save_singa(out, params, step=step)
+    return f"{len(params)} params as a SINGA checkpoint (BlobProtos), version {step}"
 
 
 def write_file(path: pathlib.Path, data: bytes) -> None:
@@ -172,14 +187,18 @@ def main(argv=None) -> int:
                     "(needs the onnx package); OUT.safetensors, the weights in PyTorch's layout "
                     "(rnn.weight_ih_l0 ..., head.weight, head.bias).")
     ap.add_argument("checkpoint", help="a checkpoint written by engine.train (step<N>.npz)")
-    ap.add_argument("out", help="the file to write: .onnx or .safetensors")
+    ap.add_argument("out", help="the file to write: .onnx, .safetensors, or a SINGA checkpoint "
+                                "(named step<N>-worker<K>, or ending in .bin)")
     ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     a = ap.parse_args(argv)
     try:
-        format_of(a.out)  # before the work
+        fmt = format_of(a.out)  # before the work
         arrays, meta = ckpt.load(a.checkpoint)
-        net = inference_net(arrays, meta, a.checkpoint)
-        summary = export(net, a.out, meta.get("vocab"), a.checkpoint, meta.get("encoding"))
+        if fmt == "singa":   # params only: any net SINGA can hold them for
+            summary = export_singa(arrays, meta, a.out, a.checkpoint)
+        else:
+            net = inference_net(arrays, meta, a.checkpoint)   # its params are checked on loading
+            summary = export(net, a.out, meta.get("vocab"), a.checkpoint, meta.get("encoding"))
     except OSError as e:
         if a.debug:
             raise

@@ -40,9 +40,11 @@ import numpy as np  # noqa: E402
 from engine import checkpoint as ckpt
 from engine import cli
 from engine.backend import device_of, make_backend, to_host
-from engine.config import ConfigError, Phase, layers_in_phase, load_job, normalise, parse_job, validate
+from engine.config import (ConfigError, Phase, job_dir, layers_in_phase, load_job, normalise,  # noqa: E402
+                           parse_job, validate)
 from engine.layers import layer_class
 from engine.layers.base import InputLayer, LossLayer
+from engine.layers.input import resolve_path  # noqa: E402
 from engine.layers.output import ArgSort
 from engine import text as tx
 from engine.net import Net
@@ -110,6 +112,23 @@ def sampling_job(job: pb.JobProto, where: str = "<job>") -> pb.JobProto:
     return out
 
 
+def _job_vocab(job: pb.JobProto, job_path) -> tuple[list, str] | None:
+    """(vocabulary, unit) from the vocab_path of the job's text input layer (kCharRNN's
+    char_rnn_conf), read in the unit the job says (a job in SINGA's syntax: bytes), or None
+    when it names none."""
+    for lay in layers_in_phase(job.neuralnet, Phase.TRAIN):
+        cls = layer_class(lay.type)
+        if cls is not None and issubclass(cls, InputLayer) and cls.text and \
+                lay.char_rnn_conf.vocab_path:
+            c = lay.char_rnn_conf
+            path = resolve_path(c.vocab_path, {"job_dir": str(job_dir(job_path))})
+            try:
+                return tx.read_vocab(path, tx.check_encoding(c.encoding, "char_rnn_conf.encoding"))
+            except tx.TextError as e:
+                raise ConfigError(f'{job_path}: layer "{lay.name}": {e}') from None
+    return None
+
+
 class Sampler:
     """A one-step net over a checkpoint's params that emits one character per step."""
 
@@ -130,6 +149,8 @@ class Sampler:
             normalise(job, where)
         # the sampling net is the job's test phase: its own feedback layer, if it has one
         self.singa_style = any(_feedback(lay) for lay in layers_in_phase(job.neuralnet, Phase.TEST))
+        if not self.vocab and job_path:   # a SINGA checkpoint: the job's text input names it
+            self.vocab, self.encoding = _job_vocab(job, job_path) or (None, self.encoding)
         if not self.vocab and not self.singa_style:
             why = ("a SINGA checkpoint; give --job a sample job whose kCharRNNOutput has "
                    "char_rnn_conf { vocab_path }" if meta.get("format") == "singa"

@@ -44,7 +44,8 @@ from engine import cli
 from engine import distributed as dist
 from engine import interop
 from engine.backend import device_of, keep_freed_memory, make_backend
-from engine.config import ConfigError, Phase, check_trains, job_dir, layers_in_phase, load_job
+from engine.config import (ConfigError, Phase, check_trains, file_in_singa_syntax, job_dir,
+                           layers_in_phase, load_job)
 from engine.layers import kernels, layer_class
 from engine.layers.base import InputLayer
 from engine.layers.input import resolve_path
@@ -112,6 +113,8 @@ class Trainer:
         self.steps_run = 0  # training steps run by this process
         self.window = new_window()
         self.resume = bool(args.resume or job.resume)
+        #: a job in SINGA's syntax also gets SINGA's checkpoint files (checkpoint/step<N>-worker0)
+        self.singa_files = file_in_singa_syntax(path)
         precheck_inputs(job, path)   # what needs no graph first (a 100000-copy unroll)
         if self.world.leads:  # rank 0 alone takes and writes the workspace
             self.accept()
@@ -159,6 +162,10 @@ class Trainer:
             init_arrays = {}
             for cp in job.checkpoint_path:
                 path = resolve_path(cp, {"job_dir": str(job_dir(self.path))})
+                if not path.exists():
+                    raise ConfigError(f"{self.path}: checkpoint_path {cp}: no such checkpoint; "
+                                      f"the workspace {self.ws} holds "
+                                      f"{ckpt.workspace_listing(self.ws)}")
                 if interop.is_torch_file(path):
                     torch_files.append(path)
                     continue
@@ -203,7 +210,10 @@ class Trainer:
         if init_arrays is not None:
             for path in torch_files:
                 init_arrays.update(interop.load_torch_file(main, path))
-            load_params(main, init_arrays, ", ".join(job.checkpoint_path))
+            fresh = load_params(main, init_arrays, ", ".join(job.checkpoint_path), partial=True)
+            if fresh:
+                self.say(f"warning: checkpoint_path {', '.join(job.checkpoint_path)} holds no "
+                         f"{', '.join(fresh)}: initialised, not loaded (as SINGA does)")
         self.updater = None
         if Phase.TRAIN in self.nets:
             self.updater = Updater(job.updater, main.params, self.backend.xp)
@@ -239,6 +249,9 @@ class Trainer:
                 "seed": self.seed, "worker": ws["meta"], "workers": self.world.size,
                 "time": time.time(), "batchsize": self.batch_rows(w), "display": self.window}
         path = ckpt.save(self.ckpt_dir / f"step{self.step}.npz", arrays, meta)
+        if self.singa_files:   # SINGA's own file beside ours: what its sample.conf points at
+            ckpt.save_singa(self.ws / "checkpoint" / f"step{self.step}-worker0",
+                            ckpt.section(arrays, "param"), step=self.step)
         self.saved_step = self.step
         ckpt.prune(self.ckpt_dir, self.job.keep_checkpoints, protect=path)
         return str(path)
@@ -351,9 +364,19 @@ class Trainer:
     def state_note(self) -> str:
         """For a net with recurrent layers: how the state passes from batch to batch, and
         the setting that gives SINGA v0.3's behaviour (every batch starts from zeros)."""
-        if Phase.TRAIN not in self.workers or not any(
-                lay.recurrent for lay in self.main.layers.values()):
+        if not any(lay.recurrent for lay in self.main.layers.values()):
             return ""
+        if Phase.TRAIN not in self.workers:
+            w = next(iter(self.workers.values()), None)
+            if w is None or not w.feedback:
+                return ""
+            if w.policy == pb.kResetBatch:
+                return ("sampling: every symbol starts from a zero state (state_carry: "
+                        "kResetBatch, as SINGA v0.3's sample net); the symbol drawn is still fed "
+                        "back")
+            return ("sampling: the recurrent state is carried from each symbol to the next "
+                    "(SINGA v0.3's sample net started every symbol from a zero state; "
+                    "train_one_batch { state_carry: kResetBatch } does that)")
         policy = self.workers[Phase.TRAIN].policy
         if policy == pb.kResetBatch:
             return "state between batches: every batch starts from zeros (as SINGA v0.3)"

@@ -83,8 +83,10 @@ class CarriedState:
     def items(self):
         return self._values.items()
 
-    def clear(self) -> None:
-        self._values.clear()
+    def clear(self, keep=()) -> None:
+        """Forget every carried value but those of the layers in ``keep``."""
+        for name in [n for n in self._values if n not in keep]:
+            del self._values[name]
 
     def copy(self) -> "CarriedState":
         """A shallow copy (the arrays are replaced between batches, never written in place)."""
@@ -146,6 +148,10 @@ class Worker:
                 if off < 0:   # a backward pass: nothing is carried (module docstring)
                     continue
                 self.ctx_layers.append((layer, cname, cname == layer.name))
+        #: layers fed back from ANOTHER layer's last output (a sampler's kRNNDummy): what
+        #: they carry is the last symbol drawn, not a recurrent state, so no state_carry
+        #: policy resets it (kResetBatch would feed the first symbol forever)
+        self.feedback = {layer.name for layer, _, is_state in self.ctx_layers if not is_state}
         self.batch_index = 0
         self.outs: dict = {}
         #: when True, the next batch records per-node and per-param statistics in
@@ -186,7 +192,7 @@ class Worker:
             lay.load_batch()
             new_seq = new_seq or bool(lay.new_sequence)
         if self.policy == pb.kResetBatch or (self.policy == pb.kResetBoundary and new_seq):
-            self.carry.clear()
+            self.carry.clear(keep=self.feedback)
         elif self.carry:
             self._check_continuity()
         for lay in self.net.inputs:
@@ -230,7 +236,7 @@ class Worker:
     def _end_batch(self) -> None:
         for layer, cname, is_state in self.ctx_layers:
             val = self.end_state(cname) if is_state else self.output(cname)
-            if val is not None and self.policy != pb.kResetBatch:
+            if val is not None and (self.policy != pb.kResetBatch or not is_state):
                 self.carry[layer.name] = val
         for lay in self.net.inputs:
             lay.end_batch()

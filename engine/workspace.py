@@ -223,8 +223,10 @@ def check_values(a, what: str) -> None:
                               f"unusable: use an earlier checkpoint")
 
 
-def load_params(net: Net, arrays: dict, where: str) -> None:
-    """Copy ``param/<name>`` arrays into the net's params, naming every mismatch."""
+def load_params(net: Net, arrays: dict, where: str, partial: bool = False) -> list:
+    """Copy ``param/<name>`` arrays into the net's params, naming every mismatch. With
+    ``partial`` (``checkpoint_path``, as SINGA's Worker::InitNetParams does) a param the
+    arrays lack keeps its initial value; the names of those are returned."""
     missing, wrong = [], []
     params = section(arrays, "param")
     for p in net.params:
@@ -238,11 +240,14 @@ def load_params(net: Net, arrays: dict, where: str) -> None:
             p.data[...] = net.xp.asarray(a.astype(p.data.dtype, copy=False))
     if wrong:
         raise ConfigError(f"{where}: param shapes differ from the net: {', '.join(wrong)}")
+    if missing and partial and len(missing) < len(net.params):
+        return missing      # some loaded: the rest keep their initial values
     if missing:
         have = sorted(params)
         raise ConfigError(f"{where}: the checkpoint has no param {', '.join(missing)} (it has "
                           f"{', '.join(have) or 'none'}); the net's param names must match the "
                           f"job that wrote it")
+    return []
 
 
 def param_arrays(net: Net) -> dict:
