@@ -128,12 +128,13 @@ def normalise(job: pb.JobProto, path: str = "<job>") -> pb.JobProto:
     unroll_len from the net's; connection_type -> unroll_conn_type; one unroll_conn_type
     (kUnrollOneToOne) and one shift (0) per srclayer where the file gives fewer. A job in
     SINGA's syntax (``singa_syntax``) gets SINGA's rules where they differ from ours: a
-    kGRU declaring 6 params or fewer has no biases (gru.cc: biases when param_size() > 6),
+    kGRU declaring 1 to 6 params has no biases (gru.cc: biases when param_size() > 6; a
+    GRU declaring none, which SINGA cannot run, takes this engine's bias_term),
     and texts and vocabularies are read as bytes (SINGA's data.py wrote a set of bytes)."""
     net = job.neuralnet
     if singa_syntax(job):
         for layer in net.layer:
-            if layer.type == pb.kGRU and len(layer.param) <= 6 and \
+            if layer.type == pb.kGRU and 0 < len(layer.param) <= 6 and \
                     not layer.gru_conf.HasField("bias_term"):
                 layer.gru_conf.bias_term = False
             if layer.HasField("char_rnn_conf") and not layer.char_rnn_conf.encoding:

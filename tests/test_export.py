@@ -232,7 +232,7 @@ def one_error_line(r, *parts):
 def test_bad_extension_missing_and_corrupt_checkpoint(tmp_path):
     job = model_job(tmp_path)
     cp = make_checkpoint(job)
-    one_error_line(run_cli("engine.export", cp, tmp_path / "m.pt"), "'.pt'", ".onnx or .safetensors")
+    one_error_line(run_cli("engine.export", cp, tmp_path / "m.pt"), "'.pt'", ".onnx, .safetensors or .bin")
     one_error_line(run_cli("engine.export", tmp_path / "nope.npz", tmp_path / "m.onnx"),
                    "nope.npz", "no such checkpoint")
     bad = tmp_path / "bad.npz"

@@ -437,7 +437,9 @@ def case_resume_after_the_vocabulary_changed(tmp):
     job = small_job(tmp)
     text = (tmp / "train.txt").read_text()
     (tmp / "vocab.txt").write_text("".join(sorted(set(text))))
-    job.write_text(job.read_text().replace('unroll_len: 10 }', f'unroll_len: 10 vocab_path: "{tmp / "vocab.txt"}" }}', 1))
+    text = job.read_text()
+    assert 'encoding: "utf-8" }' in text
+    job.write_text(text.replace('encoding: "utf-8" }', f'encoding: "utf-8" vocab_path: "{tmp / "vocab.txt"}" }}', 1))
     assert train(job).returncode == 0, "first run"
     (tmp / "vocab.txt").write_text("".join(sorted(set(text + "@"))))   # "@" sorts early
     r = train(job, "--resume", "--steps", "20")

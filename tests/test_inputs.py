@@ -255,7 +255,9 @@ def test_a_bad_vocabulary_file_is_one_line(tmp_path, kind):
     else:
         vocab.write_bytes(b"ab\xff\xfe")
         expect = ["train.txt", "is not in the vocabulary"]
-    job.write_text(job.read_text().replace("batchsize: 4", f'vocab_path: "{vocab}" batchsize: 4'))
+    # the unit picked by the files (the job says none)
+    job.write_text(job.read_text().replace("batchsize: 4", f'vocab_path: "{vocab}" batchsize: 4')
+                   .replace(' encoding: "utf-8"', ""))
     r = run_cli("engine.train", job)
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert "Traceback" not in r.stderr

@@ -176,3 +176,16 @@ def test_singas_own_vocabulary_gets_one_line(tmp_path, text, want):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and want in lines[0], lines
+
+
+def test_the_seed_changes_the_first_sampled_symbol(trained):
+    """8: --seed draws another first symbol (a SINGA checkpoint, its job's vocabulary)."""
+    tmp, ex, _ = trained
+    firsts = set()
+    for seed in range(6):
+        r = run(tmp, "-m", "engine.sample", "--checkpoint", ex / "checkpoint" / "step2-worker0",
+                "--job", "job.conf", "--cpu", "--length", "1", "--temperature", "1",
+                "--seed", str(seed))
+        assert r.returncode == 0, r.stderr
+        firsts.add(r.stdout[:1])
+    assert len(firsts) > 1, firsts
