@@ -41,6 +41,24 @@ def to_host(a):
     return cupy.asnumpy(a)
 
 
+def on_device(v) -> bool:
+    """Whether ``v`` is an array of a device array module: not None, not a Python number,
+    not a NumPy array or scalar."""
+    return v is not None and not isinstance(v, (bool, int, float, np.generic, np.ndarray))
+
+
+def host_floats(xp, values) -> list:
+    """``values`` as Python floats (None stays None): host numbers directly, device scalars
+    (0-d arrays of ``xp``) with one copy from the device for all of them, one wait."""
+    out = list(values)
+    dev = [k for k, v in enumerate(out) if on_device(v)]
+    if dev:
+        got = to_host(xp.stack([xp.asarray(out[k], dtype=xp.float64).reshape(()) for k in dev]))
+        for k, v in zip(dev, got.tolist()):
+            out[k] = v
+    return [None if v is None else float(v) for v in out]
+
+
 def make_backend(gpu: int | None = None, dtype=np.float32) -> Backend:
     """NumPy when ``gpu`` is None, else CuPy on that device; BackendError when impossible.
     The error is one line that says why and names ``--cpu``, the option of the training,

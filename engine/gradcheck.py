@@ -36,7 +36,7 @@ import math  # noqa: E402
 import numpy as np  # noqa: E402
 
 from engine import cli  # noqa: E402
-from engine.backend import make_backend  # noqa: E402
+from engine.backend import device_of, make_backend, to_host  # noqa: E402
 from engine.config import ConfigError, Phase, load_job  # noqa: E402
 from engine.net import Net  # noqa: E402
 from engine.proto import job_pb2 as pb  # noqa: E402
@@ -72,13 +72,13 @@ def check_options(eps: float, max_full: int, samples: int, tol: float | None = N
 
 
 def build(job: pb.JobProto, path: str, seed: int = 0, workspace=None, phase=Phase.TRAIN,
-          executor: str = "reference"):
-    """A float64 NumPy net and worker over one loaded batch (state starts from zeros):
-    ``executor`` "reference" (node by node) or "planned" (NotPlannable when the net does
-    not fit the planner)."""
+          executor: str = "reference", gpu: int | None = None):
+    """A float64 net and worker over one loaded batch (state starts from zeros), on NumPy
+    or, with ``gpu``, on that GPU (CuPy): ``executor`` "reference" (node by node) or
+    "planned" (NotPlannable when the net does not fit the planner)."""
     ws = workspace_of(job, workspace)
     u = unroll(job.neuralnet, phase, job.name, where=str(path))
-    net = Net(u, make_backend(None, np.float64), net_info(path, ws, seed, alg=job_alg(job)),
+    net = Net(u, make_backend(gpu, np.float64), net_info(path, ws, seed, alg=job_alg(job)),
               seed=seed, where=str(path))
     if not net.losses:
         raise ConfigError(f"{path}: the net has no loss layer, so there is no objective to check")
@@ -96,7 +96,7 @@ def objective(w: Worker) -> float:
     """Forward the loaded batch (same dropout masks every time) and return the objective."""
     metrics: dict = {}
     w.forward(True, metrics)
-    return float(metrics["objective"][0])
+    return w.host_values(metrics["objective"][0])[0]
 
 
 def check(net: Net, w: Worker, eps: float = 1e-3, max_full: int = 300, samples: int = 40,
@@ -113,7 +113,7 @@ def check(net: Net, w: Worker, eps: float = 1e-3, max_full: int = 300, samples: 
     rng = np.random.default_rng(seed)
     worst = {}
     for p in net.params:
-        g = p.grad.copy()
+        g = to_host(p.grad).copy()
         if not np.isfinite(g).all():
             worst[p.name] = math.nan
             continue
@@ -124,7 +124,7 @@ def check(net: Net, w: Worker, eps: float = 1e-3, max_full: int = 300, samples: 
         err = 0.0
         floor = max(1e-7, 1e-3 * float(np.abs(g).max()))
         for k in idx:
-            old = flat[k]
+            old = float(flat[k])
             flat[k] = old + eps
             lp = objective(w)
             flat[k] = old - eps
@@ -148,9 +148,12 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=40, help="entries checked per large param")
     ap.add_argument("--max-full", type=int, default=300, help="params up to this size: every entry")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gpu", type=int,
+                    help="check on this GPU (CuPy, float64); the default is the CPU (NumPy), "
+                         "whatever the job's gpu field says")
     ap.add_argument("--cpu", action="store_true",
-                    help="accepted for a job that names a GPU (gpu: 0); the check always runs "
-                         "on the CPU (NumPy, float64)")
+                    help="accepted for a job that names a GPU (gpu: 0); without --gpu the "
+                         "check runs on the CPU (NumPy, float64)")
     ap.add_argument("--executor", choices=list(EXECUTORS), default="both",
                     help="which executor's backward to check: both (default; the planned one "
                          "where the net fits it), reference or planned")
@@ -162,7 +165,8 @@ def main(argv=None) -> int:
         runs = {}
         for executor in EXECUTORS[a.executor]:
             try:
-                net, w = build(job, a.job, a.seed, executor=executor)
+                net, w = build(job, a.job, a.seed, executor=executor,
+                               gpu=device_of(a.cpu, a.gpu))
             except NotPlannable as e:
                 if a.executor == "planned":
                     raise ConfigError(f"{a.job}: the planned executor does not run this net: {e}")

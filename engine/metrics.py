@@ -9,6 +9,7 @@ import pathlib
 import sys
 import time
 
+from engine.backend import host_floats
 from engine.checkpoint import write_atomic
 
 
@@ -20,6 +21,14 @@ def derived_metrics(metrics: dict, net) -> dict:
     for lay in net.losses:
         out.update(lay.derived_metrics(out, text))
     return out
+
+
+def host_metrics(metrics: dict, xp) -> dict:
+    """{name: [sum, count]} with Python floats, read from the device in one copy where the
+    sums are device scalars (a GPU run keeps them there between displays)."""
+    keys = list(metrics)
+    flat = host_floats(xp, [v for k in keys for v in metrics[k]])
+    return {k: [flat[2 * i], flat[2 * i + 1]] for i, k in enumerate(keys)}
 
 
 def merge_metrics(total: dict, batch: dict) -> None:

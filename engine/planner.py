@@ -221,7 +221,7 @@ class PlannedWorker(Worker):
                 m = _take(mask[b.mask_from], b.mask_how, B, b.T, self.xp)
             ctx = Context(step=0, unroll_len=b.T, train=train, mask=m, aux=src_aux,
                           rng=LazyRNG(self.seed, DROPOUT, self.batch_index, self._stream(b)),
-                          metrics=metrics, need_input_grads=b.need_input_grads,
+                          metrics=metrics, checks=self.checks, need_input_grads=b.need_input_grads,
                           need_state_grad=b.need_state_grad)
             if b.T > 1:
                 ctx.steps = self.xp.arange(b.T)

@@ -55,13 +55,14 @@ from engine.planner import NotPlannable, make_worker
 from engine.plot import PlotUnavailable, plot_metrics
 from engine.proto import job_pb2 as pb
 from engine.metrics import (MetricsError, MetricsLog, Progress, derived_metrics, fmt_metrics,
+                            host_metrics,
                             fmt_time, merge_metrics)
 from engine.stopping import ABORT, DEFER, ForcedExit, Stop, exit_status, signal_name
 from engine.workspace import (check_layout, ensure_workspace, job_alg, load_params,
                               lock_workspace, net_info, param_arrays, phases_of, workspace_of,
                               write_graphs)
 from engine.unroll import unroll
-from engine.updaters import Updater, describe, global_grad_norm, learning_rate
+from engine.updaters import Updater, describe, grad_norm_squared, learning_rate
 from engine.worker import ContinuityError
 
 
@@ -247,7 +248,9 @@ class Trainer:
         meta = {"step": self.step, "job": text_format.MessageToString(self.job),
                 "job_path": str(self.path), "vocab": self.vocab, "encoding": self.encoding,
                 "seed": self.seed, "worker": ws["meta"], "workers": self.world.size,
-                "time": time.time(), "batchsize": self.batch_rows(w), "display": self.window}
+                "time": time.time(), "batchsize": self.batch_rows(w),
+                "display": {**self.window, "total": host_metrics(self.window["total"],
+                                                                 self.backend.xp)}}
         path = ckpt.save(self.ckpt_dir / f"step{self.step}.npz", arrays, meta)
         if self.singa_files:   # SINGA's own file beside ours: what its sample.conf points at
             ckpt.save_singa(self.ws / "checkpoint" / f"step{self.step}-worker0",
@@ -482,7 +485,8 @@ class Trainer:
                 self.stops.check()
             merge_metrics(total, w.run_batch(train=False))
             self.measured += 1
-        total, _ = self.world.reduce_metrics(total)
+        w.host_values()  # the layers' checks of these batches
+        total, _ = self.world.reduce_metrics(host_metrics(total, self.backend.xp))
         return derived_metrics(total, w.net)
 
     def _due(self, freq: int, after: int) -> bool:
@@ -502,14 +506,18 @@ class Trainer:
         snap = w.snapshot()
         metrics = w.run_batch(train=True)
         self.world.allreduce_grads(self.main.grads)
+        if self.world.size > 1:  # the workers sum host numbers
+            metrics = host_metrics(metrics, self.backend.xp)
         metrics, self.stop_agreed = self.world.reduce_metrics(metrics, self.stops.pending)
         if dump:
             w.record = False
             self.dump_debug(w)
-        loss = metrics.get("loss", [0.0, 1.0])
         xp = self.backend.xp
-        norm = global_grad_norm(self.main.params, xp)  # finite norm: every gradient finite
-        bad = not math.isfinite(loss[0]) or (not math.isfinite(norm) and not all(
+        # the step's one read from a GPU: the loss, the gradient norm and the layers' checks
+        loss, norm_sq = w.host_values(metrics.get("loss", [0.0])[0],
+                                      grad_norm_squared(self.main.params, xp))
+        norm = math.sqrt(norm_sq) if math.isfinite(norm_sq) else math.inf
+        bad = not math.isfinite(loss) or (not math.isfinite(norm) and not all(
             bool(xp.isfinite(p.grad).all()) for p in self.main.params))
         if bad:
             where = self.diagnose(w, snap)
@@ -560,8 +568,8 @@ class Trainer:
             else:
                 merge_metrics(self.window["total"], metrics)
                 self.window["steps"] += 1
-                if self.preds_per_batch is None:
-                    self.preds_per_batch = metrics.get("loss", [0.0, 1.0])[1]
+                if self.preds_per_batch is None:  # (one read, at the first step)
+                    self.preds_per_batch = float(metrics.get("loss", [0.0, 1.0])[1])
             self.step += 1
             self.steps_run += 1
             self.n_rate += 1
@@ -606,7 +614,7 @@ class Trainer:
         saved), the learning rate, speed, elapsed time, and how many steps were skipped."""
         total, n, skipped = self.window["total"], self.window["steps"], self.window["skipped"]
         now = time.time()
-        vals = derived_metrics(total, self.main) if n else {}
+        vals = derived_metrics(host_metrics(total, self.backend.xp), self.main) if n else {}
         rate = self.n_rate * (self.preds_per_batch or 0) / max(1e-9, now - self.t_disp)
         unit = "chars" if any(lay.text for lay in self.main.inputs) else "samples"
         lr = learning_rate(self.job.updater.learning_rate, self.step - 1)

@@ -341,14 +341,19 @@ def _slots(conf: pb.UpdaterProto) -> tuple[str, ...]:
                        f"{', '.join('k' + n for n in _UPDATER_NAMES.values())}")
 
 
-def global_grad_norm(params, xp) -> float:
-    """sqrt(sum of squares of all params' gradients), as a Python float (one device sync)."""
-    total = None
+def grad_norm_squared(params, xp):
+    """sum of squares of all params' gradients, where they are (a 0-d array of ``xp``, no
+    device wait; 0.0 without params)."""
+    total = 0.0
     for p in params:
         g = p.grad.ravel()
-        sq = xp.vdot(g, g)
-        total = sq if total is None else total + sq
-    return 0.0 if total is None else math.sqrt(float(total))
+        total = total + xp.vdot(g, g)
+    return total
+
+
+def global_grad_norm(params, xp) -> float:
+    """sqrt(sum of squares of all params' gradients), as a Python float (one device sync)."""
+    return math.sqrt(float(grad_norm_squared(params, xp)))
 
 
 class Updater:

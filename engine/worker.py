@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.backend import DROPOUT, LazyRNG, to_host
+from engine.backend import DROPOUT, LazyRNG, host_floats, to_host
 from engine.layers import Context
 from engine.layers.base import add_grads
 from engine.net import Joined, Net, Zeros
@@ -163,6 +163,8 @@ class Worker:
         #: order) whose incoming gradient is not finite (diagnosing a bad batch)
         self.probe = False
         self.first_bad_grad: str | None = None
+        #: the layers' checks of device values not read yet (Context.check)
+        self.checks: list = []
 
     # ------------------------------------------------------------ batches
     @property
@@ -214,8 +216,27 @@ class Worker:
                     f"state would meet unrelated text; set train_one_batch {{ state_carry: "
                     f"kResetBatch }} or fix the data order")
 
+    #: checks kept unread at most for this many batches (a loop that never reads a
+    #: number, e.g. a benchmark, still reads them now and then)
+    MAX_PENDING = 64
+
+    def host_values(self, *values) -> list[float]:
+        """``values`` (Python or NumPy numbers, or 0-d device arrays) as Python floats, read
+        from the device in one copy together with the layers' pending checks; the first
+        failed check raises its error. The one place a training step waits for a GPU."""
+        checks, self.checks[:] = list(self.checks), []
+        flat = [v for failed, value, _ in checks for v in (failed, value)]
+        got = host_floats(self.xp, [*flat, *values])
+        for k, (_, value, error) in enumerate(checks):
+            if got[2 * k]:
+                raise error(None if value is None else got[2 * k + 1])
+        return got[len(flat):]
+
     def run_batch(self, train: bool = True, load: bool = True) -> dict:
-        """One batch: load, forward, (train: zero grads, backward). Returns metrics {name: [sum, count]}."""
+        """One batch: load, forward, (train: zero grads, backward). Returns metrics
+        {name: [sum, count]}; on a GPU the sums are device scalars (``host_values``)."""
+        if len(self.checks) > self.MAX_PENDING:
+            self.host_values()
         if load:
             self.load()
         metrics: dict = {}
@@ -300,7 +321,8 @@ class Worker:
             elif lay.name in has_ctx:
                 state = self.initial_state(lay)
             ctx = Context(step=n.step, unroll_len=lay.conf.unroll_len, train=train, mask=mask,
-                          aux=aux, rng=LazyRNG(seed, DROPOUT, bi, n.index), metrics=metrics)
+                          aux=aux, rng=LazyRNG(seed, DROPOUT, bi, n.index), metrics=metrics,
+                          checks=self.checks)
             y, st, cache = lay.forward(ctx, xs, state)
             if ctx.mask_out is not None:
                 ctx.mask = ctx.mask_out

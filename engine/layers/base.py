@@ -62,6 +62,7 @@ from typing import Any, Callable
 import numpy as np
 
 from engine.proto import job_pb2 as pb
+from engine.backend import on_device
 
 REGISTRY: dict[int, type["Layer"]] = {}
 
@@ -111,6 +112,12 @@ class Param:
     grad_buffer: Any = None
 
 
+def host_or_device(v):
+    """A host number (a NumPy scalar or 0-d array) as a Python float; anything else (a
+    device array, a Python number) as it is."""
+    return float(v) if isinstance(v, (np.generic, np.ndarray)) else v
+
+
 @dataclass
 class Context:
     """What a layer gets to know about the copy it is computing.
@@ -145,11 +152,25 @@ class Context:
     #: block calls: whether the gradient of the initial state is wanted
     need_state_grad: bool = True
 
-    def add_metric(self, name: str, total: float, count: float) -> None:
-        """Accumulate a metric as a (sum, count) pair; its value is sum / count."""
+    #: checks of device values not yet read (see ``check``); the worker's list
+    checks: Any = None
+
+    def add_metric(self, name: str, total, count) -> None:
+        """Accumulate a metric as a (sum, count) pair; its value is sum / count. A sum or
+        count on the device (a 0-d array of a GPU array module) stays there: the trainer
+        reads metrics at display steps only (``Worker.host_values``)."""
         slot = self.metrics.setdefault(name, [0.0, 0.0])
-        slot[0] += float(total)
-        slot[1] += float(count)
+        slot[0] = slot[0] + host_or_device(total)
+        slot[1] = slot[1] + host_or_device(count)
+
+    def check(self, failed, error, value=None) -> None:
+        """Raise ``error(value)`` (an exception) where ``failed`` holds. With NumPy at once;
+        a device flag (and ``value``) is kept in ``checks`` and read with the next host
+        read of the step (``Worker.host_values``), so a check costs no wait for the GPU."""
+        if on_device(failed) and self.checks is not None:
+            self.checks.append((failed, value, error))
+        elif bool(failed):
+            raise error(None if value is None else host_or_device(value))
 
     def label(self, xs: list, pos: int):
         """Labels carried by data source ``pos``: its aux output if any, else its data."""

@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 
 from engine.layers.base import Layer, LossLayer, register
-from engine.backend import to_host
 from engine.layers.neuron import log_softmax
 from engine.proto import job_pb2 as pb
 
@@ -109,10 +108,9 @@ class Supervised(Layer):
                              f"batch of {batch} rows")
         in_range = (lab >= 0) & (lab < n_classes)
         bad = (~in_range) & (m > 0)
-        if bool(bad.any()):
-            first = int(to_host(lab[bad])[0])
-            raise self.error(f"label {first} is outside [0, {n_classes}) (the width of source 0); "
-                             f"widen the layer before the loss or fix the labels")
+        ctx.check(bad.any(), lambda first: self.error(
+            f"label {int(first)} is outside [0, {n_classes}) (the width of source 0); widen "
+            f"the layer before the loss or fix the labels"), lab[xp.argmax(bad)])
         return xp.where(in_range, lab, 0)
 
 
@@ -164,12 +162,12 @@ class SoftmaxLoss(Supervised, LossLayer):
         logp = log_softmax(xp, s)
         rows = xp.arange(b)
         nll = -logp[rows, lab]
-        valid = float(m.sum())
-        total = float((nll * m).sum())
+        valid = m.sum()
+        total = (nll * m).sum()
         ctx.add_metric("loss", total, valid)
         ctx.add_metric("objective", self.scale * total / (ctx.batch or b), 0)
         correct = topk_correct(xp, s, lab, self.topk).astype(self.dtype)
-        ctx.add_metric("accuracy", float((correct * m).sum()), valid)
+        ctx.add_metric("accuracy", (correct * m).sum(), valid)
         p = xp.exp(logp)
         return p, None, (p, lab, m, len(xs), ctx.batch or b)
 
@@ -250,11 +248,11 @@ class EuclideanLoss(Supervised, LossLayer):
         m = self.mask_or_ones(ctx, b)
         d = p - t
         sq = (d * d).sum(axis=1)
-        valid = float(m.sum())
-        total = float(0.5 * (sq * m).sum())
+        valid = m.sum()
+        total = 0.5 * (sq * m).sum()
         ctx.add_metric("loss", total, valid)
         ctx.add_metric("objective", self.scale * total / (ctx.batch or b), 0)
-        ctx.add_metric("mse", float((sq * m).sum()), valid * k)
+        ctx.add_metric("mse", (sq * m).sum(), valid * k)
         return p, None, (d, m, len(xs), ctx.batch or b)
 
     def backward(self, ctx, dy, dstate, cache):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.backend import scatter_add, to_host
+from engine.backend import scatter_add
 from engine.layers.base import Layer, register
 from engine.proto import job_pb2 as pb
 
@@ -154,10 +154,10 @@ class Embedding(Layer):
             return None, None, None
         ids = self.ids_at_step(x, ctx, "source 0")
         bad = (ids < 0) | (ids >= self.vocab_size)
-        if bool(bad.any()):
-            first = int(to_host(ids[bad])[0])
-            raise self.error(f"id {first} is outside [0, {self.vocab_size}) "
-                             f"(embedding_conf.vocab_size); raise vocab_size or fix the data")
+        ctx.check(bad.any(), lambda first: self.error(
+            f"id {int(first)} is outside [0, {self.vocab_size}) (embedding_conf.vocab_size); "
+            f"raise vocab_size or fix the data"), ids.reshape(-1)[self.xp.argmax(bad.reshape(-1))])
+        ids = self.xp.clip(ids, 0, self.vocab_size - 1)  # on a device the check is read later
         return self.params["w"].data[ids], None, ids
 
     def backward(self, ctx, dy, dstate, cache):

@@ -57,7 +57,7 @@ class Accuracy(OutputLayer, Supervised):
         m = self.mask_or_ones(ctx, b)
         lab = self.class_labels(ctx, xs, b, s.shape[1], m)
         correct = topk_correct(self.xp, s, lab, self.topk).astype(self.dtype) * m
-        ctx.add_metric("accuracy", float(correct.sum()), float(m.sum()))
+        ctx.add_metric("accuracy", correct.sum(), m.sum())
         return correct, None, None
 
 
