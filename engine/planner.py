@@ -226,6 +226,9 @@ class PlannedWorker(Worker):
             if b.T > 1:
                 ctx.steps = self.xp.arange(b.T)
                 ctx.batch = B
+                ctx.copy_streams = [(self.seed, DROPOUT, self.batch_index,
+                                     self.net.by_id[node_id(t, lay.name)].index)
+                                    for t in range(b.T)]
             if lay.recurrent:
                 state = (lay.state_from_source(out[b.init_src][-B:]) if b.init_src is not None
                          else self.initial_state(lay))

@@ -80,6 +80,19 @@ def test_stacked_gru(tmp_path):
     assert_same(tmp_path, text)
 
 
+def test_dropout_draws_the_reference_masks(tmp_path):
+    """A dropout layer run as one block draws each copy's mask from that copy's own stream,
+    so the planned executor trains as the reference one does (it drew from a stream of
+    the block before, and the two runs parted at the first step)."""
+    text = gc.job_text(gc.char_layers(gc.char_data(tmp_path), unroll=4)
+                       + gc.rec_conf("gru", "gru1", "onehot", 5)
+                       + 'layer { name: "drop" type: kDropout srclayers: "gru1" '
+                         "dropout_conf { dropout_ratio: 0.4 } }\n"
+                       + gc.rec_conf("gru", "gru2", "drop", 3)
+                       + gc.ip_loss("gru2", gc.vocab_size()), unroll=4, extra=UPDATER)
+    assert_same(tmp_path, text)
+
+
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
 def test_many_to_one_masked(tmp_path, kind):
     path, *_ = gc.masked_store(tmp_path)

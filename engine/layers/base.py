@@ -62,7 +62,7 @@ from typing import Any, Callable
 import numpy as np
 
 from engine.proto import job_pb2 as pb
-from engine.backend import on_device
+from engine.backend import on_device, rng_stream
 
 REGISTRY: dict[int, type["Layer"]] = {}
 
@@ -154,6 +154,19 @@ class Context:
 
     #: checks of device values not yet read (see ``check``); the worker's list
     checks: Any = None
+    #: a block call of several copies: the keys of each copy's random stream, in step
+    #: order (``engine.backend.rng_stream``; made only when a layer draws)
+    copy_streams: Any = None
+
+    def random(self, shape) -> np.ndarray:
+        """Uniform numbers in [0, 1) of ``shape``, on the host. A block call's rows
+        (step-major T·B) come from each copy's own stream, so that the planned executor
+        draws what the reference one draws copy by copy (dropout masks, samples)."""
+        if self.copy_streams is None:
+            return self.rng.random(shape)
+        rows = shape[0] // len(self.copy_streams)
+        return np.concatenate([rng_stream(*key).random((rows, *shape[1:]))
+                               for key in self.copy_streams])
 
     def add_metric(self, name: str, total, count) -> None:
         """Accumulate a metric as a (sum, count) pair; its value is sum / count. A sum or

@@ -199,7 +199,7 @@ class Dropout(Layer):
             return x, None, ("identity",)
         if ctx.rng is None:
             raise self.error("training needs ctx.rng to draw the dropout mask")
-        keep = ctx.rng.random(x.shape) >= self.ratio
+        keep = ctx.random(x.shape) >= self.ratio
         mask = self.xp.asarray((keep / (1.0 - self.ratio)).astype(self.dtype))
         return x * mask, None, ("mask", mask)
 

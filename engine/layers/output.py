@@ -132,7 +132,7 @@ class ArgSort(OutputLayer):
             z = kept
         p = np.exp(z - z.max(axis=1, keepdims=True))
         cdf = np.cumsum(p, axis=1)
-        u = 1.0 - ctx.rng.random(b)  # in (0, 1]: a zero-probability id is never chosen
+        u = 1.0 - ctx.random((b,))  # in (0, 1]: a zero-probability id is never chosen
         target = u[:, None] * cdf[:, -1:]
         ids = (cdf < target).sum(axis=1)
         return np.minimum(ids, v - 1).astype(np.int64)
