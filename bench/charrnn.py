@@ -60,6 +60,7 @@ import argparse
 import importlib.metadata
 import importlib.util
 import json
+import math
 import os
 import pathlib
 import re
@@ -92,16 +93,19 @@ UNSET_FOR_ENGINE = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 CHILD_TIMEOUT_S = 3600
 
 
-def gemm_peak() -> float:
-    """Best float32 GEMM rate of NumPy in this process, GFLOP/s: 2·n³ / best time, n = 2048."""
-    n = 2048
-    a = np.random.default_rng(0).random((n, n), dtype=np.float32)
-    b = np.random.default_rng(1).random((n, n), dtype=np.float32)
-    a @ b
+def gemm_peak(gpu: int | None = None) -> float:
+    """Best float32 GEMM rate in this process, GFLOP/s: 2·n³ / best time, n = 2048 (NumPy's
+    BLAS, or with ``gpu`` CuPy's on that GPU, n = 8192, waiting for the device)."""
+    from engine.backend import make_backend, to_host
+    xp = make_backend(gpu).xp
+    n = 2048 if gpu is None else 8192
+    a = xp.asarray(np.random.default_rng(0).random((n, n), dtype=np.float32))
+    b = xp.asarray(np.random.default_rng(1).random((n, n), dtype=np.float32))
+    to_host((a @ b)[0, 0])
     best = float("inf")
     for _ in range(5):
         t = time.perf_counter()
-        a @ b
+        to_host((a @ b)[0, 0])        # the copy of one number waits for the product
         best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 / best / 1e9
 
@@ -190,7 +194,7 @@ cluster {{ workspace: "{ws}" }}
 class EngineRunner:
     """The engine's char-rnn: the job of ``job_text`` built as ``engine.train`` builds it."""
 
-    def __init__(self, case, tmp: pathlib.Path, executor: str):
+    def __init__(self, case, tmp: pathlib.Path, executor: str, gpu: int | None = None):
         from engine.backend import make_backend
         from engine.config import Phase, normalise, parse_job, validate
         from engine.net import Net
@@ -208,16 +212,22 @@ class EngineRunner:
         validate(job)
         info = net_info(tmp / "job.conf", tmp / "ws", 0)
         info["vocab"] = [chr(c) for c in range(33, 33 + V - 1)] + ["\n"]
-        self.net = Net(unroll(job.neuralnet, Phase.TRAIN), make_backend(None), info, seed=0)
+        self.backend = make_backend(gpu)
+        self.net = Net(unroll(job.neuralnet, Phase.TRAIN), self.backend, info, seed=0)
         self.worker, self.note = make_worker(self.net, 0, executor=executor)
-        self.updater = Updater(job.updater, self.net.params, np)
+        self.updater = Updater(job.updater, self.net.params, self.backend.xp)
         self.step_no = 0
 
     def step(self) -> float:
+        """One training step as engine.train runs it, with its one read of the loss and the
+        gradient norm (on a GPU: the wait for the step's work)."""
+        from engine.updaters import grad_norm_squared
         m = self.worker.run_batch(train=True)
-        self.updater.update(self.step_no)
+        loss, count, norm_sq = self.worker.host_values(
+            m["loss"][0], m["loss"][1], grad_norm_squared(self.net.params, self.backend.xp))
+        self.updater.update(self.step_no, grad_norm=math.sqrt(norm_sq))
         self.step_no += 1
-        return m["loss"][0] / m["loss"][1]
+        return loss / count
 
     def warm_library(self) -> None:
         """One small GEMM, so NumPy's BLAS has its buffers and threads before the set-up RSS."""
@@ -227,31 +237,34 @@ class EngineRunner:
     def describe(self) -> dict:
         from engine.layers import kernels
         pools = thread_pools()
-        return {"executor": self.note, "pools": pools, "blas": "NumPy BLAS: " + describe_blas(pools),
-                "kernels": kernels.describe()}
+        blas = ("NumPy BLAS: " + describe_blas(pools) if self.backend.device is None
+                else f"CuPy on {self.backend.describe()}")
+        return {"executor": self.note, "pools": pools, "blas": blas,
+                "kernels": kernels.describe(self.backend.dtype, self.backend.xp)}
 
 
 class TorchRunner:
     """The same model in PyTorch: nn.GRU/LSTM/RNN, nn.Linear, RMSprop, clamped gradients."""
 
-    def __init__(self, case):
+    def __init__(self, case, gpu: int | None = None):
         import torch
         from torch import nn
 
+        self.dev = torch.device("cpu" if gpu is None else f"cuda:{gpu}")
         torch.manual_seed(0)
         torch.set_num_threads(os.cpu_count() or 1)
         cell, H, B, T, V, layers = CASES[case]
         self.torch, self.T, self.B, self.V = torch, T, B, V
         mod = {"GRU": nn.GRU, "LSTM": nn.LSTM, "RNN": nn.RNN}[cell]
-        self.rnn = mod(V, H, num_layers=layers)
-        self.head = nn.Linear(H, V)
+        self.rnn = mod(V, H, num_layers=layers).to(self.dev)
+        self.head = nn.Linear(H, V).to(self.dev)
         self.params = list(self.rnn.parameters()) + list(self.head.parameters())
         self.opt = torch.optim.RMSprop(self.params, lr=0.002, alpha=0.95, eps=1e-8)
         L = 400_000 // B
-        self.streams = torch.from_numpy(np.random.default_rng(0).integers(0, V, (B, L)))
+        self.streams = torch.from_numpy(np.random.default_rng(0).integers(0, V, (B, L))).to(self.dev)
         self.cursor = 0
         self.state = None
-        self.eye = torch.eye(V)
+        self.eye = torch.eye(V, device=self.dev)
 
     def step(self) -> float:
         torch, T, B = self.torch, self.T, self.B
@@ -286,7 +299,10 @@ class TorchRunner:
                 "blas": f"PyTorch {torch.__version__}: BLAS {built.group(1) if built else 'unknown'}, "
                         f"CPU capability {torch.backends.cpu.get_cpu_capability()}, "
                         f"{torch.get_num_threads()} threads, "
-                        f"{torch.get_num_interop_threads()} inter-op threads"}
+                        f"{torch.get_num_interop_threads()} inter-op threads"
+                        + ("" if self.dev.type == "cpu" else
+                           f"; on {torch.cuda.get_device_name(self.dev)} with cuDNN "
+                           f"{torch.backends.cudnn.version()}")}
 
 
 def have_torch() -> bool:
@@ -318,7 +334,8 @@ def _reset_peak() -> bool:
         return False
 
 
-def child_main(kind: str, case: str, steps: int, warmup: int, executor: str) -> int:
+def child_main(kind: str, case: str, steps: int, warmup: int, executor: str,
+               gpu: int | None = None) -> int:
     """One measurement: print one JSON line with this process's result.
 
     ``kind`` "gemm": NumPy's GEMM peak and BLAS. "engine"/"pytorch": set up ``case``,
@@ -330,13 +347,15 @@ def child_main(kind: str, case: str, steps: int, warmup: int, executor: str) -> 
         from engine.backend import keep_freed_memory  # as engine.train does
         rep["malloc"] = "keeps freed memory" if keep_freed_memory() else "default (no glibc)"
     if kind == "gemm":
-        rep["gemm_peak_gflops"] = round(gemm_peak(), 1)
+        rep["gemm_peak_gflops"] = round(gemm_peak(gpu), 1)
         rep["pools"] = thread_pools()
-        rep["blas"] = "NumPy BLAS: " + describe_blas(rep["pools"])
+        rep["blas"] = ("NumPy BLAS: " + describe_blas(rep["pools"]) if gpu is None
+                       else f"CuPy GEMM on GPU {gpu}")
         print(json.dumps(rep))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        runner = EngineRunner(case, pathlib.Path(tmp), executor) if kind == "engine" else TorchRunner(case)
+        runner = (EngineRunner(case, pathlib.Path(tmp), executor, gpu) if kind == "engine"
+                  else TorchRunner(case, gpu))
         runner.warm_library()
         setup_rss, setup_peak = _status_mib("VmRSS"), _status_mib("VmHWM")
         reset = _reset_peak()
@@ -382,19 +401,22 @@ def unset_note(removed: dict) -> str:
             + " for the engine's processes (see docs/speed.md)")
 
 
-def child_argv(kind: str, case: str, steps: int, warmup: int, executor: str) -> list[str]:
+def child_argv(kind: str, case: str, steps: int, warmup: int, executor: str,
+               gpu: int | None = None) -> list[str]:
     """The command line of one measurement process."""
-    return [sys.executable, "-m", "bench.charrnn", "--child", kind, "--case", case,
-            "--steps", str(steps), "--warmup", str(warmup), "--executor", executor]
+    return ([sys.executable, "-m", "bench.charrnn", "--child", kind, "--case", case,
+             "--steps", str(steps), "--warmup", str(warmup), "--executor", executor]
+            + ([] if gpu is None else ["--gpu", str(gpu)]))
 
 
-def run_child(kind: str, case: str, steps: int, warmup: int, executor: str, label: str) -> dict:
+def run_child(kind: str, case: str, steps: int, warmup: int, executor: str, label: str,
+              gpu: int | None = None) -> dict:
     """Run one measurement process (in the repository root, so it imports this checkout's
     ``bench`` and ``engine``) and return its JSON result plus its wall time ``process_s``."""
     env, _ = child_env(kind, os.environ)
     t = time.perf_counter()
     try:
-        r = subprocess.run(child_argv(kind, case, steps, warmup, executor), capture_output=True,
+        r = subprocess.run(child_argv(kind, case, steps, warmup, executor, gpu), capture_output=True,
                            text=True, env=env, cwd=ROOT, timeout=CHILD_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         raise ChildFailed(f"{label} ran past {CHILD_TIMEOUT_S} s and was stopped") from None
@@ -459,7 +481,7 @@ def run_case(case: str, a, frameworks: tuple[str, ...], peak: float) -> dict:
         line = []
         for k in frameworks:
             rep = run_child(k, case, a.steps, a.warmup, a.executor,
-                            f"{k} process {i + 1} of {a.pairs} ({case})")
+                            f"{k} process {i + 1} of {a.pairs} ({case})", a.gpu)
             runs[k].append(rep)
             line.append(f"{NAMES[k]} {statistics.median(rep['step_s']) * 1000:.2f} ms/step")
         print(f"  {'pair' if len(frameworks) == 2 else 'run'} {i + 1}: " + ", ".join(line), flush=True)
@@ -512,13 +534,15 @@ def main(argv=None) -> int:
                     help="processes per framework, alternating engine, PyTorch (default 5)")
     ap.add_argument("--framework", default="both", choices=["engine", "pytorch", "both"])
     ap.add_argument("--executor", default="auto", choices=["auto", "planned", "reference"])
+    ap.add_argument("--gpu", type=int, help="both frameworks on this GPU (the engine on CuPy, "
+                    "PyTorch on CUDA/cuDNN); the peak is CuPy's GEMM")
     ap.add_argument("--json", help="also write the results as one JSON object to this file")
     ap.add_argument("--child", choices=["engine", "pytorch", "gemm"], help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
         if a.case == "all" and a.child != "gemm":
             ap.error("--child needs one --case")
-        return child_main(a.child, a.case, a.steps, a.warmup, a.executor)
+        return child_main(a.child, a.case, a.steps, a.warmup, a.executor, a.gpu)
 
     from engine.common import output_problem   # the engine's processes only
     bad = a.json and output_problem(a.json, "--json")
@@ -534,14 +558,15 @@ def main(argv=None) -> int:
         frameworks = ("engine",)
     _, removed = child_env("engine", os.environ)
     try:
-        gemm = run_child("gemm", "gru128", 1, 0, a.executor, "the NumPy GEMM peak process")
+        gemm = run_child("gemm", "gru128", 1, 0, a.executor, "the GEMM peak process", a.gpu)
         peak = gemm["gemm_peak_gflops"]
         machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "numpy_blas": gemm["blas"],
                    "numpy_pools": gemm["pools"], "gemm_peak_gflops": peak,
                    "pytorch": importlib.metadata.version("torch") if torch_found else None,
                    "unset_for_engine": removed}
         print(f"CPU: {machine['cpu']}, {machine['cores']} cores")
-        print(f"{gemm['blas']} (in the engine's processes); float32 GEMM peak (NumPy, 2048^3): "
+        print(f"{gemm['blas']} (in the engine's processes); float32 GEMM peak "
+              f"({'NumPy, 2048^3' if a.gpu is None else 'CuPy, 8192^3'}): "
               f"{peak:.1f} GFLOP/s")
         if removed:
             print(unset_note(removed))

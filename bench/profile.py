@@ -2,7 +2,7 @@
 
     python -m bench.profile [--case gru512|lstm512|rnn512|gru128|gru512x2] [--steps N]
                             [--warmup N] [--kernels native|numpy] [--clock wall|cpu]
-                            [--json FILE]
+                            [--gpu ID] [--json FILE]
 
 Builds the engine's model of ``bench.charrnn`` for the case (same job, data and
 updater), runs ``--warmup`` steps, then ``--steps`` steps with probes and as
@@ -216,21 +216,29 @@ class gathers_probed:
         self.cells.gather_columns = self.plain
 
 
-def profile(case: str, steps: int, warmup: int) -> dict:
-    """Probed and plain step times of ``case``, alternating (see the module docstring)."""
+def profile(case: str, steps: int, warmup: int, gpu: int | None = None) -> dict:
+    """Probed and plain step times of ``case``, alternating (see the module docstring);
+    on the CuPy stand-in also the host<->device traffic of the plain steps."""
     B = CASES[case][2]
     probes = Probes()
     with tempfile.TemporaryDirectory() as tmp, gathers_probed(probes):
-        runner = EngineRunner(case, pathlib.Path(tmp), "auto")
+        runner = EngineRunner(case, pathlib.Path(tmp), "auto", gpu)
+        traffic = getattr(runner.backend.xp, "TRAFFIC", None)   # the stand-in counts
+        counted = {}
         install(runner, probes, B)
         for _ in range(warmup):
             runner.step()
         plain, probed, totals = [], [], []
         for _ in range(steps):
             probes.on = False
+            if traffic is not None:
+                traffic.reset()
             t0 = CLOCK[0]()
             runner.step()
             plain.append(CLOCK[0]() - t0)
+            if traffic is not None:
+                for k, v in traffic.snapshot().items():
+                    counted[k] = counted.get(k, 0) + v
             probes.on, probes.step = True, {}
             t0 = CLOCK[0]()
             runner.step()
@@ -245,12 +253,15 @@ def profile(case: str, steps: int, warmup: int) -> dict:
     return {"case": case, "steps": steps, "warmup": warmup, "executor": note["executor"],
             "kernels": note["kernels"], "blas": note["blas"],
             "probed_step_s": statistics.median(totals), "plain_step_s": statistics.median(plain),
-            "parts_s": parts}
+            "parts_s": parts, "device": runner.backend.describe(),
+            "traffic_per_step": ({k: v / steps for k, v in counted.items()}
+                                 if traffic is not None else None)}
 
 
 def print_profile(r: dict) -> None:
     cell, H, B, T, V, layers = CASES[r["case"]]
-    print(f"{r['case']}: {cell} {H} x{layers} batch {B} unroll {T} vocab {V}; {r['executor']}")
+    print(f"{r['case']}: {cell} {H} x{layers} batch {B} unroll {T} vocab {V}; {r['executor']}; "
+          f"{r.get('device', 'numpy')}")
     print(f"{r['kernels']}; {r['blas']}")
     print(f"{r['steps']} probed steps and {r['steps']} plain ones alternating, after "
           f"{r['warmup']} warm-up steps; medians per part; {r['clock']} time")
@@ -261,6 +272,14 @@ def print_profile(r: dict) -> None:
         print(f"{label:<52}{v * 1000:9.2f}{100 * v / total:7.1f}%")
     print(f"{'step (probed)':<52}{total * 1000:9.2f}")
     print(f"{'step (plain, no probes)':<52}{r['plain_step_s'] * 1000:9.2f}")
+    t = r.get("traffic_per_step")
+    if t is not None:
+        print(f"host<->device per step (plain steps): {t['h2d']:g} copies to the device "
+              f"({t['h2d_bytes']:,.0f} bytes), {t['d2h']:g} from it ({t['d2h_bytes']:,.0f} bytes), "
+              f"{t['sync']:g} scalar waits")
+    elif r.get("device", "").startswith("cupy"):
+        print("host<->device per step: counted on the CuPy stand-in only "
+              "(python tests/standin/run.py -m bench.profile --gpu 0)")
 
 
 def main(argv=None) -> int:
@@ -274,6 +293,8 @@ def main(argv=None) -> int:
                     help="wall time (default), or the main thread's CPU time: with "
                          "OPENBLAS_NUM_THREADS=1 a measure that other processes on a busy "
                          "machine hardly disturb")
+    ap.add_argument("--gpu", type=int, help="profile the step on this GPU (CuPy); under "
+                    "tests/standin/run.py the stand-in's host<->device counts are printed")
     ap.add_argument("--json", help="also write the result as JSON to this file")
     a = ap.parse_args(argv)
     if a.steps < 1 or a.warmup < 0:
@@ -284,7 +305,7 @@ def main(argv=None) -> int:
     if a.kernels:
         kernels.use(a.kernels)
     CLOCK[0] = time.perf_counter if a.clock == "wall" else time.thread_time
-    r = profile(a.case, a.steps, a.warmup)
+    r = profile(a.case, a.steps, a.warmup, a.gpu)
     r["clock"] = a.clock
     print_profile(r)
     if a.json:

@@ -115,7 +115,29 @@ def bidirectional(tmp_path):
         "train_one_batch { alg: kBPTT }", "train_one_batch { alg: kBPTT }\n" + UPDATER)
 
 
-NETS = {"char-gru": char_gru, "stacked-lstm-rnn": char_lstm_stacked, "many-to-one": many_to_one,
+def the_rest(tmp_path):
+    """The layer types no other net here has: kCSVInput (a textfile store), kDropout,
+    kSplit, kMGU and kCSVOutput."""
+    rng = np.random.default_rng(8)
+    lines = [",".join([str(int(rng.integers(0, 3)))] + [f"{v:.6f}" for v in rng.standard_normal(12)])
+             for _ in range(6)]
+    (tmp_path / "d.csv").write_text("\n".join(lines) + "\n")
+    layers = (f'layer {{ name: "data" type: kCSVInput store_conf {{ backend: "textfile" '
+              f'path: "{tmp_path / "d.csv"}" batchsize: 3 shape: 4 shape: 3 }} }}\n'
+              'layer { name: "drop" type: kDropout srclayers: "data" dropout_conf { dropout_ratio: 0.3 } }\n'
+              'layer { name: "split" type: kSplit srclayers: "drop" split_conf { num_splits: 2 } }\n'
+              'layer { name: "mgu" type: kMGU srclayers: "split" mgu_conf { dim_hidden: 4 } }\n'
+              'layer { name: "st" type: kSTanh srclayers: "split" }\n'
+              'layer { name: "cat" type: kConcate srclayers: "mgu" srclayers: "st" concate_conf { concate_dim: 1 } }\n'
+              'layer { name: "ip" type: kInnerProduct unroll_len: 1 srclayers: "cat" '
+              'unroll_conn_type: kUnrollFirstToLast innerproduct_conf { num_output: 3 } }\n'
+              f'layer {{ name: "out" type: kCSVOutput unroll_len: 1 srclayers: "ip" '
+              f'csvoutput_conf {{ path: "{tmp_path / "out.csv"}" }} }}\n'
+              'layer { name: "loss" type: kSoftmaxLoss unroll_len: 1 srclayers: "ip" srclayers: "data" }\n')
+    return gc.job_text(layers, unroll=4, extra=UPDATER)
+
+
+NETS = {"char-gru": char_gru, "the-rest": the_rest, "stacked-lstm-rnn": char_lstm_stacked, "many-to-one": many_to_one,
         "every-layer": every_layer, "embedding-euclid": embedding_euclid,
         "bidirectional-gru-hb": bidirectional}
 

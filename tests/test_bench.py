@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 
 import pytest
 
@@ -152,3 +153,39 @@ def test_profile_reports_every_part_of_a_step(tmp_path, capsys):
     for _, label in profile.PARTS:
         assert label in text
     assert res["kernels"] in text and "cell kernels" in res["kernels"]
+
+
+def test_profile_on_the_standin_prints_the_device_traffic(tmp_path, capsys, standin):
+    """bench.profile --gpu 0 on the CuPy stand-in: the step's parts and its host<->device
+    traffic, one batch copy in and one small read out per step."""
+    from bench import profile
+    out = tmp_path / "p.json"
+    assert profile.main(["--case", "gru128", "--gpu", "0", "--steps", "2", "--warmup", "1",
+                         "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert res["device"].startswith("cupy GPU 0")
+    t = res["traffic_per_step"]
+    assert (t["h2d"], t["d2h"], t["sync"]) == (1, 1, 0), t
+    assert "host<->device per step (plain steps): 1 copies to the device" in text
+
+
+def test_gpu_check_script_is_ready():
+    """tools/gpu_check.sh parses, and every command line it runs takes the flags it gives."""
+    import subprocess
+    import sys
+    root = pathlib.Path(__file__).resolve().parents[1]
+    script = root / "tools" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    for module, flags in (("engine.train", ["--steps", "--gpu", "--cpu", "--workspace"]),
+                          ("bench.charrnn", ["--gpu", "--case", "--pairs", "--steps", "--warmup",
+                                             "--json"])):
+        assert f"python -m {module}" in text
+        helptext = subprocess.run([sys.executable, "-m", module, "--help"], cwd=root,
+                                  capture_output=True, text=True).stdout
+        for f in flags:
+            assert f in helptext, (module, f)
+    for path in ("tests/test_backends.py", "tests/test_standin.py", "tests/test_device_path.py",
+                 "tools/make_corpus.py", "configs/char-rnn.conf"):
+        assert path in text and (root / path).exists(), path

@@ -266,11 +266,12 @@ class ndarray:  # noqa: N801 - CuPy's name
         return ndarray(_np.asarray(r)) if isinstance(r, _np.generic) else ndarray(r)
 
     def __setitem__(self, key, value):
-        if isinstance(value, (_np.ndarray, list)):
-            arr = _np.asarray(value)
-            TRAFFIC.note("h2d", arr.nbytes)
-            value = arr
-        self._a[_index(key)] = _operand(value)
+        if isinstance(value, (_np.ndarray, list)):   # CuPy copies host values over
+            value = _np.asarray(value)
+            TRAFFIC.note("h2d", value.nbytes)
+        else:
+            value = _operand(value)
+        self._a[_index(key)] = value
 
     # -- attributes and methods: those CuPy's ndarray has ---------------------------------------
     def __getattr__(self, name):
