@@ -213,7 +213,7 @@ def load(path) -> tuple[dict[str, np.ndarray], dict]:
     """Read a checkpoint and verify its checksum; CheckpointError when unusable."""
     path = pathlib.Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint")
+        raise missing(path)
     try:
         with np.load(path, allow_pickle=False) as d:
             arrays = {k: d[k] for k in d.files if k != "meta"}
@@ -333,7 +333,7 @@ def load_singa(path) -> tuple[dict[str, np.ndarray], dict]:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such checkpoint") from None
+        raise missing(path) from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
     if raw[:4] == b"PK\x03\x04":
@@ -409,6 +409,13 @@ def singa_checkpoint_name(path) -> tuple[int, int] | None:
     """(step, worker) when ``path`` is named like a SINGA checkpoint, else None."""
     m = SINGA_NAME.match(pathlib.Path(path).name)
     return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def missing(path: pathlib.Path) -> CheckpointError:
+    """The error for a checkpoint that is not there, naming what its workspace holds (the
+    folder above ``checkpoints/`` or SINGA's ``checkpoint/``, else the file's folder)."""
+    ws = path.parent.parent if path.parent.name in ("checkpoints", "checkpoint") else path.parent
+    return CheckpointError(f"{path}: no such checkpoint; {ws} holds {workspace_listing(ws)}")
 
 
 def workspace_listing(ws) -> str:

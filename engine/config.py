@@ -128,15 +128,25 @@ def normalise(job: pb.JobProto, path: str = "<job>") -> pb.JobProto:
     unroll_len from the net's; connection_type -> unroll_conn_type; one unroll_conn_type
     (kUnrollOneToOne) and one shift (0) per srclayer where the file gives fewer. A job in
     SINGA's syntax (``singa_syntax``) gets SINGA's rules where they differ from ours: a
-    kGRU declaring 1 to 6 params has no biases (gru.cc: biases when param_size() > 6; a
+    kGRU declaring params has biases exactly when it declares more than 6 (gru.cc reads
+    param_size() and ignores bias_term, so a bias_term that says otherwise is an error; a
     GRU declaring none, which SINGA cannot run, takes this engine's bias_term),
     and texts and vocabularies are read as bytes (SINGA's data.py wrote a set of bytes)."""
     net = job.neuralnet
     if singa_syntax(job):
         for layer in net.layer:
-            if layer.type == pb.kGRU and 0 < len(layer.param) <= 6 and \
-                    not layer.gru_conf.HasField("bias_term"):
-                layer.gru_conf.bias_term = False
+            if layer.type == pb.kGRU and layer.param:
+                singa_bias = len(layer.param) > 6
+                c = layer.gru_conf
+                if c.HasField("bias_term") and c.bias_term != singa_bias:
+                    raise ConfigError(
+                        f'{path}: layer "{layer.name}": gru_conf.bias_term is '
+                        f"{str(c.bias_term).lower()} but the layer declares "
+                        f"{len(layer.param)} params; SINGA ignores bias_term and gives a GRU "
+                        f"biases exactly when it declares more than 6 params (9: z_hx r_hx "
+                        f"c_hx z_hh r_hh c_hh z_b r_b c_b), so remove bias_term or declare "
+                        f"{'the 3 bias params' if c.bias_term else 'only the 6 weights'}")
+                c.bias_term = singa_bias
             if layer.HasField("char_rnn_conf") and not layer.char_rnn_conf.encoding:
                 layer.char_rnn_conf.encoding = "bytes"
     for layer in net.layer:

@@ -223,8 +223,10 @@ class Trainer:
             p, arrays, meta = self.resume_from
             self._restore(p, arrays, meta)
         # the log holds what led to this step: newer records (of a run that went further
-        # and was killed, or of one whose checkpoints are all invalid) are dropped
-        if self.world.leads:
+        # and was killed, or of one whose checkpoints are all invalid) are dropped. A job
+        # that does not train (SINGA's sample.conf, in the training job's workspace) only
+        # adds its record: the training run's log is not its own to shorten
+        if self.world.leads and Phase.TRAIN in self.nets:
             self.log.truncate_after(self.step if self.resume else -1)
 
     def take_shares(self, net: Net) -> None:

@@ -89,6 +89,37 @@ cluster {{ workspace: "{tmp_path / 'ws'}" }}
     assert r2.returncode == 0, r2.stderr
 
 
+def test_a_sample_job_in_the_training_workspace_keeps_its_log_and_plot(trained):
+    """SINGA's sample.conf shares the training job's workspace: the sampling run adds its
+    record to metrics.jsonl and leaves the training run's records and plot as they were
+    (it used to move them all to metrics.superseded.jsonl and redraw the plot)."""
+    tmp, _, ck = trained
+    ws = tmp / "ws"
+    log_before = (ws / "metrics.jsonl").read_text()
+    png = ws / "metrics.png"
+    png_before = png.read_bytes() if png.exists() else None
+    job = tmp / "sample-here.conf"
+    job.write_text(f"""name: "s" train_steps: 0 test_steps: 10
+checkpoint_path: "{ck}"
+train_one_batch {{ alg: kBPTT }}
+neuralnet {{
+  layer {{ name: "data" type: kRNNDummy rnn_dummy_conf {{ dynamic_srclayer: "argsort" shape: 1 integer: true }} }}
+  layer {{ name: "onehot" type: kOneHot srclayers: "data" }}
+  layer {{ name: "rnn1" type: kGRU srclayers: "onehot" gru_conf {{ dim_hidden: 24 }} }}
+  layer {{ name: "ip1" type: kInnerProduct srclayers: "rnn1" innerproduct_conf {{ num_output: 40 }} }}
+  layer {{ name: "softmax" type: kSoftmax srclayers: "ip1" }}
+  layer {{ name: "argsort" type: kArgSort srclayers: "softmax" argsort_conf {{ temperature: 1 }} }}
+  layer {{ name: "out" type: kCharRNNOutput srclayers: "argsort" }}
+}}
+cluster {{ workspace: "{ws}" }}
+""")
+    r = run_cli("engine.train", job)
+    assert r.returncode == 0, r.stderr
+    assert (ws / "metrics.jsonl").read_text().startswith(log_before)
+    assert not (ws / "metrics.superseded.jsonl").exists()
+    assert (png.read_bytes() if png.exists() else None) == png_before
+
+
 def test_singa_sample_job_with_wrong_params(trained, tmp_path):
     _, _, ck = trained
     job = tmp_path / "sample.conf"

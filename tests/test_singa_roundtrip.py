@@ -117,6 +117,18 @@ def test_a_missing_checkpoint_says_what_the_workspace_holds(trained):
     assert "checkpoints/step2.npz, checkpoint/step2-worker0" in line[0]
 
 
+def test_engine_sample_names_what_the_workspace_holds(trained):
+    """engine.sample --checkpoint of a SINGA checkpoint that is not there names the
+    checkpoints its workspace does hold (it said only "no such checkpoint")."""
+    tmp, _, _ = trained
+    missing = next((tmp).rglob("step2-worker0")).with_name("step2000-worker0")
+    r = run(tmp, "-m", "engine.sample", "--checkpoint", str(missing), "--cpu")
+    assert r.returncode == 2
+    line = r.stderr.strip().splitlines()
+    assert len(line) == 1 and "step2000-worker0: no such checkpoint" in line[0], line
+    assert "checkpoints/step2.npz, checkpoint/step2-worker0" in line[0]
+
+
 def test_kresetbatch_in_a_sample_job_still_feeds_the_symbol_back(trained):
     """7: state_carry: kResetBatch resets the state, not the symbol fed back (it printed the
     first symbol over and over)."""
@@ -189,3 +201,33 @@ def test_the_seed_changes_the_first_sampled_symbol(trained):
         assert r.returncode == 0, r.stderr
         firsts.add(r.stdout[:1])
     assert len(firsts) > 1, firsts
+
+
+GRU_JOB = """name: "g" train_steps: 1
+train_one_batch {{ alg: kBPTT }}
+neuralnet {{
+  layer {{ name: "gru" type: kGRU gru_conf {{ dim_hidden: 4 {bias} }}
+{params}  }}
+}}
+"""
+WEIGHTS = ["z_hx", "r_hx", "c_hx", "z_hh", "r_hh", "c_hh"]
+
+
+@pytest.mark.parametrize("names, bias, want", [
+    (WEIGHTS, "", False), (WEIGHTS + ["z_b", "r_b", "c_b"], "", True),
+    (WEIGHTS, "bias_term: false", False), (WEIGHTS + ["z_b", "r_b", "c_b"], "bias_term: true", True),
+    (WEIGHTS, "bias_term: true", "error"), (WEIGHTS + ["z_b", "r_b", "c_b"], "bias_term: false", "error")])
+def test_singa_gru_biases_follow_the_declared_params(names, bias, want):
+    """SINGA's gru.cc gives biases exactly when more than 6 params are declared and never
+    reads bias_term; a bias_term that says otherwise is one error naming the layer (it
+    used to override the params, building a net SINGA would not)."""
+    from engine.config import ConfigError, normalise, parse_job
+    params = "".join(f'    param {{ name: "{n}" }}\n' for n in names)
+    job = parse_job(GRU_JOB.format(bias=bias, params=params), "g.conf")
+    if want == "error":
+        with pytest.raises(ConfigError, match=r'layer "gru": gru_conf.bias_term is .* SINGA '
+                                              r"ignores bias_term"):
+            normalise(job, "g.conf")
+    else:
+        normalise(job, "g.conf")
+        assert job.neuralnet.layer[0].gru_conf.bias_term is want
