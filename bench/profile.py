@@ -200,20 +200,26 @@ def install(runner: EngineRunner, probes: Probes, B: int) -> None:
 
 
 class gathers_probed:
-    """While open, the recurrent layers' one-hot column gathers (``cells.gather_columns``, a
-    module function the layers call by name) count as input projections."""
+    """While open, the recurrent layers' one-hot column gathers (``cells.gather_columns`` and
+    ``cells.gather_steps``, module functions the layers call by name) count as input
+    projections."""
 
     def __init__(self, probes: Probes):
         self.probes = probes
 
+    NAMES = ("gather_columns", "gather_steps")
+
     def __enter__(self):
         from engine.layers import cells
-        self.cells, self.plain = cells, cells.gather_columns
-        cells.gather_columns = _timed_event(self.plain, self.probes, "proj_gemm")
+        self.cells = cells
+        self.plain = {n: getattr(cells, n) for n in self.NAMES}
+        for n, fn in self.plain.items():
+            setattr(cells, n, _timed_event(fn, self.probes, "proj_gemm"))
         return self
 
     def __exit__(self, *exc):
-        self.cells.gather_columns = self.plain
+        for n, fn in self.plain.items():
+            setattr(self.cells, n, fn)
 
 
 def profile(case: str, steps: int, warmup: int, gpu: int | None = None) -> dict:

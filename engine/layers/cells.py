@@ -184,6 +184,18 @@ def gather_columns(xp, out, table, idx, add=False):
     return out
 
 
+def gather_steps(xp, out, table, idx):
+    """out (T, R, B)[t] = table[:, idx[t·B:(t+1)·B]] (R, V): the columns of each step in a
+    contiguous block of its own; returns ``out``."""
+    T, _, B = out.shape
+    if kernels.usable(table, inplace=out[0]) and kernels.usable_index(idx):
+        for t in range(T):
+            kernels.gather(out[t], table, idx[t * B:(t + 1) * B], False)
+        return out
+    xp.copyto(out, xp.take(table, idx, axis=1).reshape(table.shape[0], T, B).transpose(1, 0, 2))
+    return out
+
+
 def scatter_columns(xp, acc, d, idx):
     """acc[:, idx[j]] += d[:, j] for every column j of ``d`` (R, n); returns ``acc``."""
     if kernels.usable(d, inplace=acc) and kernels.usable_index(idx):
