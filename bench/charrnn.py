@@ -2,7 +2,8 @@
 
     python -m bench.charrnn [--case gru512|lstm512|rnn512|gru128|gru512x2|all] [--steps N]
                             [--warmup N] [--pairs N] [--framework engine|pytorch|both]
-                            [--executor auto|planned|reference] [--json FILE]
+                            [--executor auto|planned|reference] [--gpu ID]
+                            [--emulate-avx2] [--json FILE]
 
 For each case both frameworks train the same model (one-hot input, recurrent
 layer(s), linear head, softmax cross-entropy summed over steps and averaged over
@@ -89,6 +90,12 @@ FRAMEWORKS = ("engine", "pytorch")
 NAMES = {"engine": "engine", "pytorch": "PyTorch"}
 #: removed from the environment of the engine's processes when set (see the module docstring)
 UNSET_FOR_ENGINE = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+#: --emulate-avx2 on an AVX-512 machine: each framework's math library limited to AVX2
+#: (NumPy's OpenBLAS on its Haswell kernel; PyTorch's ATen and MKL on AVX2). The engine's
+#: own cell kernels have no such switch and keep the CPU's best instruction set.
+AVX2 = {"engine": {"OPENBLAS_CORETYPE": "Haswell"}, "gemm": {"OPENBLAS_CORETYPE": "Haswell"},
+        "pytorch": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
+EMULATE_AVX2 = [False]
 #: seconds one child process may run before it counts as failed
 CHILD_TIMEOUT_S = 3600
 
@@ -393,6 +400,8 @@ def child_env(kind: str, environ) -> tuple[dict, dict]:
     removed = {}
     if kind in ("engine", "gemm"):
         removed = {k: env.pop(k) for k in UNSET_FOR_ENGINE if k in env}
+    if EMULATE_AVX2[0]:
+        env.update(AVX2[kind])
     return env, removed
 
 
@@ -536,6 +545,10 @@ def main(argv=None) -> int:
     ap.add_argument("--executor", default="auto", choices=["auto", "planned", "reference"])
     ap.add_argument("--gpu", type=int, help="both frameworks on this GPU (the engine on CuPy, "
                     "PyTorch on CUDA/cuDNN); the peak is CuPy's GEMM")
+    ap.add_argument("--emulate-avx2", action="store_true",
+                    help="on an AVX-512 CPU, limit both frameworks' math libraries to AVX2 "
+                         "(OpenBLAS's Haswell kernel; PyTorch's ATen and MKL on AVX2); the "
+                         "engine's cell kernels keep AVX-512")
     ap.add_argument("--json", help="also write the results as one JSON object to this file")
     ap.add_argument("--child", choices=["engine", "pytorch", "gemm"], help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -556,6 +569,7 @@ def main(argv=None) -> int:
     alone = a.framework == "both" and not torch_found
     if alone:
         frameworks = ("engine",)
+    EMULATE_AVX2[0] = a.emulate_avx2
     _, removed = child_env("engine", os.environ)
     try:
         gemm = run_child("gemm", "gru128", 1, 0, a.executor, "the GEMM peak process", a.gpu)
@@ -563,13 +577,17 @@ def main(argv=None) -> int:
         machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "numpy_blas": gemm["blas"],
                    "numpy_pools": gemm["pools"], "gemm_peak_gflops": peak,
                    "pytorch": importlib.metadata.version("torch") if torch_found else None,
-                   "unset_for_engine": removed}
+                   "unset_for_engine": removed, "emulate_avx2": a.emulate_avx2}
         print(f"CPU: {machine['cpu']}, {machine['cores']} cores")
         print(f"{gemm['blas']} (in the engine's processes); float32 GEMM peak "
               f"({'NumPy, 2048^3' if a.gpu is None else 'CuPy, 8192^3'}): "
               f"{peak:.1f} GFLOP/s")
         if removed:
             print(unset_note(removed))
+        if a.emulate_avx2:
+            print("AVX2 emulated: " + "; ".join(f"{k}: " + ", ".join(f"{n}={v}" for n, v in e.items())
+                                                for k, e in AVX2.items() if k != "gemm")
+                  + " (the engine's cell kernels keep the CPU's best instruction set)")
         print(f"PyTorch {machine['pytorch']} (threads: see each case)" if torch_found else
               "PyTorch is not installed: the engine is measured alone (pip install torch==2.13.0)")
         order = (f"engine and PyTorch alternating, {a.pairs} pair{'s' * (a.pairs > 1)}"

@@ -87,6 +87,18 @@ def test_child_environment_drops_the_openblas_kernel_choice_for_the_engine_only(
                                            "for the engine's processes (see docs/speed.md)")
 
 
+def test_emulated_avx2_limits_each_frameworks_library(monkeypatch):
+    """--emulate-avx2: the engine (and the GEMM peak) on OpenBLAS's Haswell kernel even
+    where the parent pinned another, PyTorch's ATen and MKL on AVX2."""
+    monkeypatch.setattr(charrnn, "EMULATE_AVX2", [True])
+    parent = {"PATH": "/bin", "OPENBLAS_CORETYPE": "Sandybridge"}
+    for kind in ("engine", "gemm"):
+        env, removed = charrnn.child_env(kind, parent)
+        assert env["OPENBLAS_CORETYPE"] == "Haswell" and removed == {"OPENBLAS_CORETYPE": "Sandybridge"}
+    env, _ = charrnn.child_env("pytorch", parent)
+    assert env["ATEN_CPU_CAPABILITY"] == "avx2" and env["MKL_ENABLE_INSTRUCTIONS"] == "AVX2"
+
+
 def _run(meds, train, rss):
     # a process whose median step time is meds (its other steps around it)
     return {"step_s": [meds * 0.5, meds, meds * 3], "train_mib": train, "peak_rss_mib": rss,
