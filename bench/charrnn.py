@@ -91,10 +91,12 @@ NAMES = {"engine": "engine", "pytorch": "PyTorch"}
 #: removed from the environment of the engine's processes when set (see the module docstring)
 UNSET_FOR_ENGINE = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 #: --emulate-avx2 on an AVX-512 machine: each framework's math library limited to AVX2
-#: (NumPy's OpenBLAS on its Haswell kernel; PyTorch's ATen and MKL on AVX2). The engine's
+#: (NumPy's OpenBLAS on its Haswell kernel; PyTorch's ATen, MKL and oneDNN, which runs its
+#: LSTM, on AVX2). The engine's
 #: own cell kernels have no such switch and keep the CPU's best instruction set.
 AVX2 = {"engine": {"OPENBLAS_CORETYPE": "Haswell"}, "gemm": {"OPENBLAS_CORETYPE": "Haswell"},
-        "pytorch": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
+        "pytorch": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+                    "ONEDNN_MAX_CPU_ISA": "AVX2"}}
 EMULATE_AVX2 = [False]
 #: seconds one child process may run before it counts as failed
 CHILD_TIMEOUT_S = 3600
@@ -547,7 +549,7 @@ def main(argv=None) -> int:
                     "PyTorch on CUDA/cuDNN); the peak is CuPy's GEMM")
     ap.add_argument("--emulate-avx2", action="store_true",
                     help="on an AVX-512 CPU, limit both frameworks' math libraries to AVX2 "
-                         "(OpenBLAS's Haswell kernel; PyTorch's ATen and MKL on AVX2); the "
+                         "(OpenBLAS's Haswell kernel; PyTorch's ATen, MKL and oneDNN on AVX2); the "
                          "engine's cell kernels keep AVX-512")
     ap.add_argument("--json", help="also write the results as one JSON object to this file")
     ap.add_argument("--child", choices=["engine", "pytorch", "gemm"], help=argparse.SUPPRESS)

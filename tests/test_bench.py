@@ -97,6 +97,7 @@ def test_emulated_avx2_limits_each_frameworks_library(monkeypatch):
         assert env["OPENBLAS_CORETYPE"] == "Haswell" and removed == {"OPENBLAS_CORETYPE": "Sandybridge"}
     env, _ = charrnn.child_env("pytorch", parent)
     assert env["ATEN_CPU_CAPABILITY"] == "avx2" and env["MKL_ENABLE_INSTRUCTIONS"] == "AVX2"
+    assert env["ONEDNN_MAX_CPU_ISA"] == "AVX2"
 
 
 def _run(meds, train, rss):

@@ -196,6 +196,17 @@ def gather_steps(xp, out, table, idx):
     return out
 
 
+def scatter_steps(xp, acc, d_steps, idx):
+    """acc[:, idx[t·B + j]] += d_steps[t][:, j] for every step t and column j of the
+    step-major ``d_steps`` (T, R, B); returns ``acc``."""
+    T, R, B = d_steps.shape
+    if kernels.usable(d_steps[0], inplace=acc) and kernels.usable_index(idx):
+        for t in range(T):
+            kernels.scatter_add(acc, d_steps[t], idx[t * B:(t + 1) * B])
+        return acc
+    return scatter_columns(xp, acc, d_steps.transpose(1, 0, 2).reshape(R, T * B), idx)
+
+
 def scatter_columns(xp, acc, d, idx):
     """acc[:, idx[j]] += d[:, j] for every column j of ``d`` (R, n); returns ``acc``."""
     if kernels.usable(d, inplace=acc) and kernels.usable_index(idx):

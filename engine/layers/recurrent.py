@@ -241,8 +241,8 @@ class Products:
         self.xproj = None        # (T, G·H, B) input projections, when materialised
         self.table = self.idx = None   # one-hot input: W_x + b and the tokens
         self.wc = self.z = None        # folded input: [W_h W_x b] and [h; x; 1]
-        self.dx = self.dh = None       # backward: dL/d(input projection), dL/d(products)
-        self.dx_steps = self.dh_steps = None   # the same, step-major, while the loop runs
+        self.dx_steps = self.dh_steps = None   # backward: dL/d(input projection), dL/d(products)
+        self._dx = self._dh = None             # the same feature-major (``dx``, ``dh``)
         self.t, self.cols, self.h, self.zt = 0, slice(0, B), None, None
 
     def at(self, t: int, h, zt=None) -> None:
@@ -299,39 +299,52 @@ class Products:
         return None if self.xproj is None else self.xproj[self.t]
 
     # ------------------------------------------------------------ backward
-    def start_backward(self, separate: bool, zero: bool) -> None:
+    def start_backward(self, separate: bool, zero: bool, reuse_xproj: bool = False) -> None:
         """Blocks for the gradients: dL/d(input projections) and, when ``separate``,
         dL/d(products) apart from it (the same block otherwise: a cell that sums its
         projections has one gradient for both); ``zero`` clears them first (a derived cell
         writes only the rows that its tape reached). The steps write step-major (T, G·H, B)
         blocks, each step's contiguous: into the columns of a (G·H, T·B) block, rows T·B
         apart, the LSTM 512 backward kernel took 15.5 against 6.5 ms per batch (partial
-        cache lines a GEMM evicts between steps). ``finish_backward`` then lays them out
-        feature-major for the weight gradients, one copy (1.5 ms for LSTM 512)."""
+        cache lines a GEMM evicts between steps). ``dx`` and ``dh`` lay them out
+        feature-major when asked, one copy each. ``reuse_xproj``: the forward's step-major
+        input projections are dead (a hand-written step keeps what it needs in its cache),
+        so dL/d(input projections) takes their memory."""
         shape = (self.T, self.GH, self.B)
-        self.dx_steps = self.buffer("dxsteps", shape)
+        self.dx_steps = self.buffer("xproj" if reuse_xproj else "dxsteps", shape)
         self.dh_steps = self.buffer("dhsteps", shape) if separate else self.dx_steps
-        self.dx = self.dh = None
+        self._dx = self._dh = None
         if zero:
             self.dx_steps[...] = 0
             if separate:
                 self.dh_steps[...] = 0
 
-    def finish_backward(self) -> None:
-        """``dx`` and ``dh``: the steps' gradients as (G·H, T·B) blocks (step t's columns
-        t·B..t·B+B-1), for the weight gradients after the loop."""
+    def _flat(self, steps, name):
+        """``steps`` (T, G·H, B) as a (G·H, T·B) block: step t in columns t·B..t·B+B-1."""
         T, GH, B = self.T, self.GH, self.B
         if T == 1:
-            self.dx = self.dx_steps.reshape(GH, B)
-            self.dh = self.dh_steps.reshape(GH, B)
-            return
-        self.dx = self.buffer("dxproj", (GH, T * B))
-        self.xp.copyto(self.dx.reshape(GH, T, B), self.dx_steps.transpose(1, 0, 2))
-        if self.dh_steps is self.dx_steps:
-            self.dh = self.dx
-        else:
-            self.dh = self.buffer("dhproj", (GH, T * B))
-            self.xp.copyto(self.dh.reshape(GH, T, B), self.dh_steps.transpose(1, 0, 2))
+            return steps.reshape(GH, B)
+        flat = self.buffer(name, (GH, T * B))
+        self.xp.copyto(flat.reshape(GH, T, B), steps.transpose(1, 0, 2))
+        return flat
+
+    @property
+    def dh(self):
+        """dL/d(products) of every step, (G·H, T·B), for the weight gradients."""
+        if self._dh is None:
+            self._dh = self._flat(self.dh_steps, "flat")
+            if self.dh_steps is self.dx_steps:
+                self._dx = self._dh
+        return self._dh
+
+    @property
+    def dx(self):
+        """dL/d(input projections) of every step, (G·H, T·B) (a GEMM with the input)."""
+        if self._dx is None:
+            if self.dh_steps is self.dx_steps:
+                return self.dh
+            self._dx = self._flat(self.dx_steps, "flatx")
+        return self._dx
 
     def d_input(self):
         """Where this step's dL/d(W_x x + b) (G·H, B) goes."""
@@ -726,7 +739,7 @@ class Recurrent(Layer):
                 if formula or not self.sums_projections:
                     ops.xproj = cells.gather_steps(xp, buffer("xproj", (T, GH, B)), table, idx)
             else:
-                flat = xp.matmul(w.data("x"), x.T, out=buffer("xprojflat", (GH, N)))
+                flat = xp.matmul(w.data("x"), x.T, out=buffer("flat", (GH, N)))
                 if self.has_bias:
                     flat += w.data("b")[:, None]
                 ops.xproj = buffer("xproj", (T, GH, B))
@@ -772,7 +785,8 @@ class Recurrent(Layer):
         w = self.weights
         formula = self.uses_formula
         step = self.formula_backward if formula else self.step_backward
-        ops.start_backward(formula or self.separate_dhproj, zero=formula)
+        ops.start_backward(formula or self.separate_dhproj, zero=formula,
+                           reuse_xproj=not formula and ops.xproj is not None)
         # dy feature-major (an InnerProduct above gives it so: dyT is then a view): each
         # step's dL/dh' is a block with contiguous rows, added in place to the gradient the
         # next step sends back (which this loop owns)
@@ -806,7 +820,6 @@ class Recurrent(Layer):
                 dst = None
                 continue
             dst = [add_grads(g, kept) for g, kept in zip(dprev, keep)]
-        ops.finish_backward()
         if ops.z is not None:
             g = ops.dx @ ops.z[:, before].T           # [dW_h dW_x db] = Σ_t dpre_t z_t^T
             w.add_grad("h", g[:, :H])
@@ -817,15 +830,15 @@ class Recurrent(Layer):
             ops.weight_grads(before)
             if x is None:
                 if self.has_bias:
-                    w.add_grad("b", ops.dx.sum(axis=1))
+                    w.add_grad("b", ops.dx_steps.sum(axis=(0, 2)))
             elif cache.idx is None:
                 if self.has_bias:
-                    w.add_grad("b", ops.dx.sum(axis=1))
+                    w.add_grad("b", ops.dx_steps.sum(axis=(0, 2)))
                 w.add_grad("x", ops.dx @ x)
             else:
                 dtable = self._buffer("dtable", (self.gates * H, D))
                 dtable[...] = 0
-                cells.scatter_columns(xp, dtable, ops.dx, cache.idx)
+                cells.scatter_steps(xp, dtable, ops.dx_steps, cache.idx)
                 if self.has_bias:  # every column of dx went into one column of dtable
                     w.add_grad("b", dtable.sum(axis=1))
                 w.add_grad("x", dtable)
