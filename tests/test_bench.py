@@ -202,3 +202,16 @@ def test_gpu_check_script_is_ready():
     for path in ("tests/test_backends.py", "tests/test_standin.py", "tests/test_device_path.py",
                  "tools/make_corpus.py", "configs/char-rnn.conf"):
         assert path in text and (root / path).exists(), path
+
+
+def test_addition_bench_runs_the_shipped_bilstm_job(tmp_path, capsys):
+    """bench.addition: the engine's process trains configs/addition-bilstm.conf's net (one
+    step here) and reports its step time."""
+    from bench import addition
+    out = tmp_path / "a.json"
+    assert addition.main(["--framework", "engine", "--pairs", "1", "--steps", "1", "--warmup", "0",
+                          "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert res["engine"]["median_step_s"] > 0 and "planned" in res["about"]["engine"]
+    assert "bi-LSTM 100, addition problem" in text
