@@ -38,17 +38,19 @@ UPDATER = ('updater { type: kAdam learning_rate { type: kFixed base_lr: 0.01 } '
            'clip_low: -1 clip_high: 1 }')
 
 
-def run(tmp_path, text, backend, executor, steps=2):
+def run(tmp_path, text, backend, executor, steps=2, dtype=np.float32):
+    """(losses, last gradients, params) of ``steps`` training steps on "numpy" or on GPU 0
+    ("cupy": CuPy, or the stand-in where tests/standin is installed as cupy)."""
     path = gc.write_job(tmp_path, text)
     job = load_job(path)
-    be = make_backend(None if backend == "numpy" else 0, np.float32)
+    be = make_backend(None if backend == "numpy" else 0, dtype)
     net = Net(unroll(job.neuralnet, Phase.TRAIN), be, net_info(path, tmp_path / "ws", 0), seed=1)
     w, _ = make_worker(net, seed=1, executor=executor)
     up = Updater(job.updater, net.params, be.xp)
     losses, grads = [], {}
     for step in range(steps):
         m = w.run_batch(train=True)
-        losses.append(m["objective"][0])
+        losses.append(w.host_values(m["objective"][0])[0])
         grads = {p.name: to_host(p.grad).copy() for p in net.params}
         up.update(step)
     params = {p.name: to_host(p.data).copy() for p in net.params}

@@ -25,14 +25,8 @@ from google.protobuf import text_format
 
 import test_gradcheck as gc
 from charjobs import TEXT, char_job
-from engine.backend import make_backend, to_host
-from engine.config import Phase, load_job
-from engine.net import Net
-from engine.planner import make_worker
-from engine.unroll import unroll
-from engine.updaters import Updater
-from engine.workspace import net_info
-from test_backends import NETS
+from engine.config import load_job
+from test_backends import NETS, run
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUNNER = ROOT / "tests" / "standin" / "run.py"
@@ -42,30 +36,13 @@ import make_seqdata as gen  # noqa: E402
 TOL = dict(rtol=1e-9, atol=1e-12)
 
 
-def run(tmp_path, text, gpu, executor, steps=2):
-    path = gc.write_job(tmp_path, text)
-    job = load_job(path)
-    be = make_backend(gpu, np.float64)
-    net = Net(unroll(job.neuralnet, Phase.TRAIN), be, net_info(path, tmp_path / "ws", 0), seed=1)
-    w, _ = make_worker(net, seed=1, executor=executor)
-    up = Updater(job.updater, net.params, be.xp)
-    losses, grads = [], {}
-    for step in range(steps):
-        m = w.run_batch(train=True)
-        losses.append(w.host_values(m["objective"][0])[0])
-        grads = {p.name: to_host(p.grad).copy() for p in net.params}
-        up.update(step)
-    params = {p.name: to_host(p.data).copy() for p in net.params}
-    return losses, grads, params
-
-
 @pytest.mark.parametrize("executor", ["reference", "auto"])
 @pytest.mark.parametrize("net", sorted(NETS))
 def test_standin_equals_numpy(tmp_path, standin, executor, net):
     text = NETS[net](tmp_path)
-    ref = run(tmp_path, text, None, executor)
+    ref = run(tmp_path, text, "numpy", executor, dtype=np.float64)
     standin.TRAFFIC.reset()
-    got = run(tmp_path, text, 0, executor)
+    got = run(tmp_path, text, "cupy", executor, dtype=np.float64)
     assert standin.TRAFFIC.h2d > 0, "the run did not go through the stand-in"
     np.testing.assert_allclose(got[0], ref[0], **TOL)
     for k in ref[1]:

@@ -63,10 +63,10 @@ def test_mismatched_job_names_the_params(trained, tmp_path):
     assert "param shapes differ" in r.stderr and "rnn1/z_hx" in r.stderr
 
 
-def test_singa_sample_job_through_train(trained, tmp_path):
-    _, _, ck = trained
-    job = tmp_path / "sample.conf"
-    job.write_text(f"""name: "s" train_steps: 0 test_steps: 40
+def sample_job(path, ck, ws, steps: int):
+    """A SINGA-style sampling job (train_steps 0, kRNNDummy fed back from kArgSort) over the
+    ``trained`` net's checkpoint ``ck``, written to ``path``."""
+    path.write_text(f"""name: "s" train_steps: 0 test_steps: {steps}
 checkpoint_path: "{ck}"
 train_one_batch {{ alg: kBPTT }}
 neuralnet {{
@@ -78,8 +78,14 @@ neuralnet {{
   layer {{ name: "argsort" type: kArgSort srclayers: "softmax" argsort_conf {{ temperature: 1 }} }}
   layer {{ name: "out" type: kCharRNNOutput srclayers: "argsort" }}
 }}
-cluster {{ workspace: "{tmp_path / 'ws'}" }}
+cluster {{ workspace: "{ws}" }}
 """)
+    return path
+
+
+def test_singa_sample_job_through_train(trained, tmp_path):
+    _, _, ck = trained
+    job = sample_job(tmp_path / "sample.conf", ck, tmp_path / "ws", 40)
     r = run_cli("engine.train", job)
     assert r.returncode == 0, r.stderr
     text = r.stdout.split("--- text written by layer out ---\n")[1]
@@ -98,21 +104,7 @@ def test_a_sample_job_in_the_training_workspace_keeps_its_log_and_plot(trained):
     log_before = (ws / "metrics.jsonl").read_text()
     png = ws / "metrics.png"
     png_before = png.read_bytes() if png.exists() else None
-    job = tmp / "sample-here.conf"
-    job.write_text(f"""name: "s" train_steps: 0 test_steps: 10
-checkpoint_path: "{ck}"
-train_one_batch {{ alg: kBPTT }}
-neuralnet {{
-  layer {{ name: "data" type: kRNNDummy rnn_dummy_conf {{ dynamic_srclayer: "argsort" shape: 1 integer: true }} }}
-  layer {{ name: "onehot" type: kOneHot srclayers: "data" }}
-  layer {{ name: "rnn1" type: kGRU srclayers: "onehot" gru_conf {{ dim_hidden: 24 }} }}
-  layer {{ name: "ip1" type: kInnerProduct srclayers: "rnn1" innerproduct_conf {{ num_output: 40 }} }}
-  layer {{ name: "softmax" type: kSoftmax srclayers: "ip1" }}
-  layer {{ name: "argsort" type: kArgSort srclayers: "softmax" argsort_conf {{ temperature: 1 }} }}
-  layer {{ name: "out" type: kCharRNNOutput srclayers: "argsort" }}
-}}
-cluster {{ workspace: "{ws}" }}
-""")
+    job = sample_job(tmp / "sample-here.conf", ck, ws, 10)
     r = run_cli("engine.train", job)
     assert r.returncode == 0, r.stderr
     assert (ws / "metrics.jsonl").read_text().startswith(log_before)
