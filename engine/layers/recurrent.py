@@ -40,7 +40,11 @@ pages.
 
 Layout. Inside, the maths is feature-major: states and gates are (features, B)
 arrays, a step's GEMM is W_h (G·H, H) @ h (H, B), which BLAS runs faster than
-the row-major h @ W_h^T at these batch sizes (``python -m bench.gemm_layout``).
+the row-major h @ W_h^T at these batch sizes (``python -m bench.gemm_layout``; in
+a 50-step loop on the AVX-512 machine of issue 25 the two were equal, docs/speed.md).
+Blocks a step reads or writes whole (gates, projections, gradients) are step-major,
+(T, G·H, B), so each step's is contiguous; column slices of (G·H, T·B) blocks made
+the gate kernels 2 to 3 times slower.
 Outside, the layer contract is row-major: outputs and states are (B, H). A
 block's output is a transposed view (T·B, H) of the feature-major state block.
 
@@ -686,8 +690,9 @@ class Recurrent(Layer):
         (``reverse``), block T the initial h and block t the output of step t, so the state
         before step t is block t (forward) or t+1 (backward) and the outputs are T
         consecutive blocks either way. Step t's products are computed in slice t of one
-        (T, G·H, B) block. The input projections: one GEMM (G·H, T·B); or, for a one-hot
-        input, gathered columns of the table W_x + b (all steps at once, or per step added
+        (T, G·H, B) block. The input projections: one GEMM (G·H, T·B), laid out step-major
+        (T, G·H, B); or, for a one-hot input, gathered columns of the table W_x + b (into a
+        step-major block, or per step added
         to the product of a cell that sums its projections: the GEMM's K shrinks from
         H+D+1 to H, 8 ms less per LSTM 512 batch than the folded GEMM); or folded: ``hs``
         is the top of z = [h; x; 1] (H+D+1, (T+1)·B), x_t in the column block of the state
@@ -771,9 +776,10 @@ class Recurrent(Layer):
     def _backward(self, ctx, dy, dfinal, cache: BlockCache, need_state_grad: bool):
         """Reverse of ``_forward``: the step loop in the opposite direction of the pass
         (``dfinal``: the gradient at the final state parts, or None), each step's gradients
-        at the input projection and the products written into (G·H, T·B) blocks, then
-        every weight gradient of the call from one GEMM per group (one in all when the
-        input is folded; the columns of a one-hot input's dW_x added up instead of a GEMM)
+        at the input projection and the products written into step-major (T, G·H, B)
+        blocks (laid out (G·H, T·B) after the loop where a GEMM reads them), then every
+        weight gradient of the call from one GEMM per group (one in all when the input is
+        folded; the columns of a one-hot input's dW_x added up step by step instead of a GEMM)
         and the input gradient from one GEMM. Returns (dxs, gradient at the initial state
         parts or None)."""
         xp = self.xp
