@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import pathlib
 import statistics
@@ -47,8 +46,9 @@ def data(tmp: pathlib.Path) -> pathlib.Path:
     return folder
 
 
-class EngineRunner:
-    """configs/addition-bilstm.conf's training net, one step as engine.train runs it."""
+class EngineRunner(charrnn.EngineRunner):
+    """configs/addition-bilstm.conf's training net; ``step`` is bench.charrnn's, one step as
+    engine.train runs it."""
 
     def __init__(self, tmp: pathlib.Path):
         from google.protobuf import text_format
@@ -72,17 +72,8 @@ class EngineRunner:
         self.net = Net(unroll(job.neuralnet, Phase.TRAIN), self.backend,
                        net_info(path, tmp / "ws", 0, alg=job_alg(job)), seed=0)
         self.worker, self.note = make_worker(self.net, 0, job.train_one_batch.state_carry)
-        self.updater = Updater(job.updater, self.net.params, np)
+        self.updater = Updater(job.updater, self.net.params, self.backend.xp)
         self.step_no = 0
-
-    def step(self) -> float:
-        from engine.updaters import grad_norm_squared
-        m = self.worker.run_batch(train=True)
-        loss, count, norm_sq = self.worker.host_values(
-            m["loss"][0], m["loss"][1], grad_norm_squared(self.net.params, np))
-        self.updater.update(self.step_no, grad_norm=math.sqrt(norm_sq))
-        self.step_no += 1
-        return loss / count
 
     def describe(self) -> str:
         from engine.layers import kernels

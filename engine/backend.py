@@ -47,6 +47,12 @@ def on_device(v) -> bool:
     return v is not None and not isinstance(v, (bool, int, float, np.generic, np.ndarray))
 
 
+def host_or_device(v):
+    """A host number (a NumPy scalar or 0-d array) as a Python float; anything else (a
+    device array, a Python number) as it is."""
+    return float(v) if isinstance(v, (np.generic, np.ndarray)) else v
+
+
 def host_floats(xp, values) -> list:
     """``values`` as Python floats (None stays None): host numbers directly, device scalars
     (0-d arrays of ``xp``) with one copy from the device for all of them, one wait."""

@@ -55,8 +55,7 @@ from engine.planner import NotPlannable, make_worker
 from engine.plot import PlotUnavailable, plot_metrics
 from engine.proto import job_pb2 as pb
 from engine.metrics import (MetricsError, MetricsLog, Progress, derived_metrics, fmt_metrics,
-                            host_metrics,
-                            fmt_time, merge_metrics)
+                            fmt_time, host_metrics, merge_metrics)
 from engine.stopping import ABORT, DEFER, ForcedExit, Stop, exit_status, signal_name
 from engine.workspace import (check_layout, ensure_workspace, job_alg, load_params,
                               lock_workspace, net_info, param_arrays, phases_of, workspace_of,

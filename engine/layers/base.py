@@ -62,7 +62,7 @@ from typing import Any, Callable
 import numpy as np
 
 from engine.proto import job_pb2 as pb
-from engine.backend import on_device, rng_stream
+from engine.backend import host_or_device, on_device, rng_stream
 
 REGISTRY: dict[int, type["Layer"]] = {}
 
@@ -110,12 +110,6 @@ class Param:
     #: the net's gradient buffer (``engine.params.GradBuffer``) whose view ``grad`` is, or
     #: None for a param outside a Net (a layer tested alone)
     grad_buffer: Any = None
-
-
-def host_or_device(v):
-    """A host number (a NumPy scalar or 0-d array) as a Python float; anything else (a
-    device array, a Python number) as it is."""
-    return float(v) if isinstance(v, (np.generic, np.ndarray)) else v
 
 
 @dataclass

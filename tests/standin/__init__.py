@@ -224,22 +224,6 @@ class ndarray:  # noqa: N801 - CuPy's name
         TRAFFIC.note("sync")
         return self._a.item(*args)
 
-    def __float__(self):
-        TRAFFIC.note("sync")
-        return float(self._a)
-
-    def __int__(self):
-        TRAFFIC.note("sync")
-        return int(self._a)
-
-    def __complex__(self):
-        TRAFFIC.note("sync")
-        return complex(self._a)
-
-    def __bool__(self):
-        TRAFFIC.note("sync")
-        return bool(self._a)
-
     def __format__(self, spec):
         TRAFFIC.note("sync")
         return format(self._a.item() if self._a.ndim == 0 else self._a, spec)
@@ -323,6 +307,17 @@ for _name in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__
               "__xor__", "__rxor__", "__lshift__", "__rlshift__", "__rshift__", "__rrshift__",
               "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__"):
     setattr(ndarray, _name, _binop(_name))
+def _scalar_read(conv):
+    """float(a), int(a), complex(a), bool(a): CuPy waits for the device there."""
+    def f(self):
+        TRAFFIC.note("sync")
+        return conv(self._a)
+    f.__name__ = f"__{conv.__name__}__"
+    return f
+
+
+for _conv in (float, int, complex, bool):
+    setattr(ndarray, f"__{_conv.__name__}__", _scalar_read(_conv))
 for _name in ("__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__",
               "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__"):
     setattr(ndarray, _name, _iop(_name))
