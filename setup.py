@@ -11,7 +11,8 @@ from setuptools import Extension, setup
 
 setup(
     ext_modules=[Extension(
-        "engine.layers.kernels._native", ["engine/layers/kernels/native.c"],
+        "engine.layers.kernels._native", ["engine/layers/kernels/native.c", "engine/layers/kernels/stepgemm.c"],
+        depends=["engine/layers/kernels/stepgemm.h"],
         # -fno-trapping-math lets the compiler vectorise the selects of tanh (see native.c),
         # -fno-math-errno the square roots of the updater's rule
         extra_compile_args=["-O3", "-fno-trapping-math", "-fno-math-errno"],

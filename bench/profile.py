@@ -131,7 +131,8 @@ def _timed(fn, probes: Probes, part: str):
     return call
 
 
-def _timed_event(fn, probes: Probes, part: str):
+def _timed_event(fn, probes: Probes, part):
+    """Time ``fn`` as an event of ``part`` (a name, or a function giving it at the call)."""
     def call(*args, **kwargs):
         if not probes.on:
             return fn(*args, **kwargs)
@@ -139,7 +140,7 @@ def _timed_event(fn, probes: Probes, part: str):
         try:
             return fn(*args, **kwargs)
         finally:
-            probes.event(part, t0)
+            probes.event(part if isinstance(part, str) else part(), t0)
     return call
 
 
@@ -202,24 +203,34 @@ def install(runner: EngineRunner, probes: Probes, B: int) -> None:
 class gathers_probed:
     """While open, the recurrent layers' one-hot column gathers (``cells.gather_columns`` and
     ``cells.gather_steps``, module functions the layers call by name) count as input
-    projections."""
+    projections, and the packed step GEMM (``kernels.step_gemm``, ``kernels.Packed``: the
+    packing of W_h counts too) as the step GEMMs of its phase."""
 
     def __init__(self, probes: Probes):
         self.probes = probes
 
     NAMES = ("gather_columns", "gather_steps")
+    STEP = ("step_gemm", "Packed")
 
     def __enter__(self):
-        from engine.layers import cells
-        self.cells = cells
+        from engine.layers import cells, kernels
+        self.cells, self.kernels = cells, kernels
         self.plain = {n: getattr(cells, n) for n in self.NAMES}
         for n, fn in self.plain.items():
             setattr(cells, n, _timed_event(fn, self.probes, "proj_gemm"))
+        self.plain_step = {n: getattr(kernels, n) for n in self.STEP}
+        for n, fn in self.plain_step.items():
+            setattr(kernels, n, _timed_event(fn, self.probes, self.step_part))
         return self
+
+    def step_part(self) -> str:
+        return "step_gemm_fwd" if self.probes.phase == "fwd" else "step_gemm_bwd"
 
     def __exit__(self, *exc):
         for n, fn in self.plain.items():
             setattr(self.cells, n, fn)
+        for n, fn in self.plain_step.items():
+            setattr(self.kernels, n, fn)
 
 
 def profile(case: str, steps: int, warmup: int, gpu: int | None = None) -> dict:

@@ -223,8 +223,8 @@ def test_one_hot_kernels_refuse_a_bad_index():
 
 
 # ---------------------------------------------------------------- whole layers
-def build(kind, H, D, act=None, seed=0, one_hot=False, dtype=F32):
-    conf = ck.make_conf(kind, hidden=H, **({} if act is None else {"activation": act}))
+def build(kind, H, D, act=None, seed=0, one_hot=False, dtype=F32, **fields):
+    conf = ck.make_conf(kind, hidden=H, **({} if act is None else {"activation": act}), **fields)
     layer = ck.cls_of(kind)(conf, np, dtype)
     layer.src_conn = []
     layer.setup([FakeSrc((D,), name="data", one_hot_rows=one_hot)])

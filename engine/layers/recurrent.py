@@ -240,6 +240,11 @@ class Products:
         self.pre = buffer("pre", (T, self.GH, B))
         self.w_h = layer.weights.data("h")
         self.w_hT = self.w_h.T   # a contiguous copy measured no faster (bench.onehot)
+        # the step GEMM (kernels.step_gemm): W_h packed once for the T steps of this call,
+        # and W_h^T at the first backward step; None: NumPy's matmul
+        self.packed = self.packed_T = None
+        self.packing = not layer.uses_formula and kernels.packs(self.w_h, T)
+        kernels.loop_threads(self.packing)
         #: (first row, last row) -> None (the product reads the state h) or its (H, T·B) block
         self.groups: dict = {}
         self.xproj = None        # (T, G·H, B) input projections, when materialised
@@ -272,9 +277,19 @@ class Products:
             if not every or v is not self.h:
                 raise RuntimeError(f"{self.layer.name}: a folded input needs one product of h "
                                    f"for all gates")
-            xp.matmul(self.wc, self.zt, out=out)
+            if self.packing:
+                if self.packed is None:
+                    self.packed = kernels.Packed(self.wc)
+                kernels.step_gemm(out, self.packed, self.zt)
+            else:
+                xp.matmul(self.wc, self.zt, out=out)
         else:
-            xp.matmul(self.w_h if every else self.w_h[r0:r1], v, out=out)
+            if every and self.packing:
+                if self.packed is None:
+                    self.packed = kernels.Packed(self.w_h)
+                kernels.step_gemm(out, self.packed, v)
+            else:
+                xp.matmul(self.w_h if every else self.w_h[r0:r1], v, out=out)
             if self.layer.hbias_key is not None:
                 self.layer.add_hbias(out, r0)
             if with_input:
@@ -314,6 +329,7 @@ class Products:
         feature-major when asked, one copy each. ``reuse_xproj``: the forward's step-major
         input projections are dead (a hand-written step keeps what it needs in its cache),
         so dL/d(input projections) takes their memory."""
+        kernels.loop_threads(self.packing)
         shape = (self.T, self.GH, self.B)
         self.dx_steps = self.buffer("xproj" if reuse_xproj else "dxsteps", shape)
         self.dh_steps = self.buffer("dhsteps", shape) if separate else self.dx_steps
@@ -371,6 +387,11 @@ class Products:
             dst, w_hT = self.dh_steps[self.t][r0:r1], self.w_hT[:, r0:r1]
         if g is not None:
             dst[...] = g
+        if gates is ALL and self.packing:
+            if self.packed_T is None:
+                self.packed_T = kernels.Packed(w_hT)
+            return kernels.step_gemm(self.xp.empty((self.H, self.B), dtype=dst.dtype),
+                                     self.packed_T, dst)
         return self.xp.matmul(w_hT, dst)
 
     def weight_grads(self, before) -> None:

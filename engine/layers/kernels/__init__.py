@@ -32,7 +32,7 @@ ENV = "RNN_ENGINE_KERNELS"
 CHOICES = ("native", "numpy")
 
 #: the interface version native.c must have been built with (its KERNELS_VERSION)
-VERSION = 4
+VERSION = 5
 
 try:
     from engine.layers.kernels import _native
@@ -92,7 +92,7 @@ def describe(dtype=np.float32, xp=np) -> str:
     if np.dtype(dtype) != np.float32:
         return f"cell maths: NumPy formulas ({np.dtype(dtype).name})"
     if mode() == "native":
-        return f"cell kernels: native ({info()['isa']})"
+        return f"cell kernels: native ({info()['isa']}), {step_describe()}"
     if not available():
         why = _why_not
     elif os.environ.get(ENV, "").strip().lower() == "numpy":
@@ -217,6 +217,148 @@ def scatter_add(acc, d, idx):
 def transpose(out, a):
     """cells.transposed, compiled: ``out`` must have contiguous rows."""
     _native.transpose(out, _rows(a))
+    return out
+
+
+# ---------------------------------------------------------- the step GEMM
+#: the step GEMM's switch: auto (the best of this CPU), avx512, avx2, or blas (NumPy's matmul)
+STEP_ENV = "RNN_ENGINE_STEP_GEMM"
+STEP_CHOICES = ("auto", "avx512", "avx2", "blas")
+_ISA_CODE = {"avx2": 2, "avx512": 3}
+#: the fewest steps for which a loop packs W_h (about 2 ms for LSTM 512, 0.2 ms saved a step)
+STEP_MIN_T = 8
+
+_step: dict | None = None    # {"isa": "avx512" | "avx2" | "blas", "why": str, "blas": ...}
+
+
+def _openblas():
+    """NumPy's OpenBLAS as a ctypes library, found among the process's mapped files (it is
+    loaded already), with the two functions the step GEMM needs: ``blas_thread_shutdown_``
+    (puts its spinning threads to sleep; it makes them anew at its next call) and its
+    thread count; None when NumPy links another BLAS."""
+    import ctypes
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "openblas" in line.lower()}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        try:
+            lib = ctypes.CDLL(path)
+            shutdown = lib.blas_thread_shutdown_
+        except (OSError, AttributeError):
+            continue
+        for name in ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_",
+                     "openblas_get_num_threads"):
+            threads = getattr(lib, name, None)
+            if threads is not None:
+                threads.restype = ctypes.c_int
+                return {"path": path, "shutdown": ctypes.cast(shutdown, ctypes.c_void_p).value,
+                        "threads": threads}
+    return None
+
+
+def step_mode() -> dict:
+    """The step GEMM in use, resolved once: {"isa": "avx512", "avx2" or "blas", "why": the
+    reason for "blas"}. RNN_ENGINE_STEP_GEMM asks; a value the CPU cannot run, or an unknown
+    one, is a BackendError."""
+    global _step
+    if _step is not None:
+        return _step
+    raw = os.environ.get(STEP_ENV, "auto")
+    want = raw.strip().lower() or "auto"
+    if want not in STEP_CHOICES:
+        raise BackendError(f"{STEP_ENV}={raw!r} is not a choice; use one of "
+                           f"{', '.join(STEP_CHOICES)}")
+    cpu = 0 if _native is None else _native.step_isa()
+    best = {3: "avx512", 2: "avx2"}.get(cpu)
+    if want in _ISA_CODE and _ISA_CODE[want] > cpu:
+        raise BackendError(f"{STEP_ENV}={want}: this CPU (or build) gives the step GEMM "
+                           f"{best or 'no kernel'}; use {STEP_ENV}=auto")
+    blas = None if want == "blas" else _openblas()
+    if want == "blas":
+        _step = {"isa": "blas", "why": f"{STEP_ENV}=blas"}
+    elif _native is None:
+        _step = {"isa": "blas", "why": "the native kernels are not built"}
+    elif best is None:
+        _step = {"isa": "blas", "why": "the CPU has neither AVX-512 nor AVX2 with FMA"}
+    elif blas is None:
+        # our threads beside a BLAS pool we cannot put to sleep would fight it for the cores
+        _step = {"isa": "blas", "why": "NumPy's BLAS is not OpenBLAS"}
+    else:
+        _native.step_quiet(blas["shutdown"])
+        _step = {"isa": best if want == "auto" else want, "why": "", "blas": blas}
+    return _step
+
+
+def step_reset() -> None:
+    """Read RNN_ENGINE_STEP_GEMM again at the next use (tests, benchmarks)."""
+    global _step
+    _step = None
+
+
+def step_describe() -> str:
+    """One phrase for the training banner."""
+    m = step_mode()
+    if m["isa"] == "blas":
+        return f"step GEMM: NumPy's BLAS ({m['why']})"
+    return f"step GEMM: packed ({'AVX-512' if m['isa'] == 'avx512' else 'AVX2'}, " \
+           f"{step_threads()} threads)"
+
+
+def step_threads() -> int:
+    """The threads of a step GEMM: as many as NumPy's OpenBLAS uses now (OPENBLAS_NUM_THREADS,
+    threadpoolctl's limits)."""
+    m = step_mode()
+    return max(1, int(m["blas"]["threads"]())) if "blas" in m else 1
+
+
+class Packed:
+    """A weight matrix ``a`` (M, K) packed for the step GEMM, with the thread count and
+    instruction set of its loop (one batch's step loop packs, then multiplies T times)."""
+
+    __slots__ = ("data", "shape", "isa", "threads")
+
+    def __init__(self, a):
+        m = step_mode()
+        self.shape = a.shape
+        self.isa = _ISA_CODE[m["isa"]]
+        self.threads = step_threads()
+        self.data = np.empty(_native.step_packed_size(*a.shape), dtype=np.float32)
+        _native.step_pack(self.data, a, self.threads)
+
+
+def packs(a, T: int) -> bool:
+    """Whether a loop of T steps multiplying by ``a`` takes the step GEMM: the kernels are in
+    use, ``a`` is a NumPy float32 matrix, the step GEMM is not switched to the BLAS, and T
+    is at least STEP_MIN_T (packing costs about ten steps' gain)."""
+    return T >= STEP_MIN_T and usable(a) and a.ndim == 2 and step_mode()["isa"] != "blas"
+
+
+_kernel_threads = 1      # what native.c was last told (its default)
+
+
+def loop_threads(packing: bool) -> None:
+    """Set the threads over which the cell kernels, gathers and scatter-adds of the step
+    loop now starting split their rows (when a gate block has 8192 floats or more): the
+    step GEMM's threads when the loop ``packing``, else one. A loop of NumPy matmuls keeps
+    OpenBLAS's threads awake, and ours would put them to sleep at every step."""
+    set_threads(step_threads() if packing else 1)
+
+
+def set_threads(n: int) -> None:
+    """The threads the cell kernels, gathers and scatter-adds split their rows over from now
+    on (``loop_threads`` sets it per loop)."""
+    global _kernel_threads
+    if n != _kernel_threads:
+        _native.kernel_threads(n)
+        _kernel_threads = n
+
+
+def step_gemm(out, packed: Packed, b, accumulate: bool = False):
+    """out (M, N) (+)= A b for the packed A (M, K) and b (K, N); ``out`` must have contiguous
+    rows, ``b`` is copied when its rows are not contiguous."""
+    _native.step_gemm(out, packed.data, _rows(b), accumulate, packed.isa, packed.threads)
     return out
 
 

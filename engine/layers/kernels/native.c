@@ -26,8 +26,10 @@
 #include <string.h>
 #include <stdint.h>
 
+#include "stepgemm.h"
+
 /* the interface's version: engine/layers/kernels/__init__.py refuses a build of another one */
-#define KERNELS_VERSION 4
+#define KERNELS_VERSION 5
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -83,19 +85,57 @@ typedef void (*rows_fn)(const mat *a, Py_ssize_t H, Py_ssize_t B, Py_ssize_t r0,
 /* Run f over all H rows of the n arrays in a. When every array's rows are B apart, gate k
  * of an array is the run of H·B floats at p + k·H·B: then f sees one row of H·B columns
  * (and a row stride of H·B, so that its row index k·1 lands on gate k). */
+/* The threads the cell kernels split their rows over (kernel_threads(n), set per step loop
+ * by Python), when a gate block has at least PAR_MIN floats; the pool is stepgemm.c's. */
+static int g_threads = 1;
+#define MAXARGS 9   /* the most array arguments of a kernel */
+#define PAR_MIN 8192
+
+typedef struct {
+    rows_fn f;
+    const mat *a;
+    int n, flat, flag;
+    Py_ssize_t H, B;
+} rows_task;
+
+/* thread t's share: rows (or, flat, a run of columns 16-aligned) */
+static void rows_part(void *p, int t, int nt)
+{
+    const rows_task *q = p;
+    if (!q->flat) {
+        q->f(q->a, q->H, q->B, q->H * t / nt, q->H * (t + 1) / nt, q->flag);
+        return;
+    }
+    Py_ssize_t L = q->H * q->B;
+    Py_ssize_t c0 = (L * t / nt) & ~(Py_ssize_t)15, c1 = t + 1 == nt ? L : (L * (t + 1) / nt) & ~(Py_ssize_t)15;
+    if (c1 <= c0)
+        return;
+    mat part[MAXARGS];
+    for (int k = 0; k < q->n; k++) {
+        part[k].p = q->a[k].p ? q->a[k].p + c0 : NULL;
+        part[k].rs = L;
+    }
+    q->f(part, 1, c1 - c0, 0, 1, q->flag);
+}
+
 static void run_rows(rows_fn f, mat *a, int n, Py_ssize_t H, Py_ssize_t B, int flag)
 {
     int flat = 1;
     for (int k = 0; k < n; k++)
         if (a[k].p && a[k].rs != B)
             flat = 0;
-    if (flat && H > 1) {
+    flat = flat && H > 1;
+    if (flat)
         for (int k = 0; k < n; k++)
             a[k].rs = H * B;
-        f(a, 1, H * B, 0, 1, flag);
+    rows_task q = {f, a, n, flat, flag, flat ? 1 : H, flat ? H * B : B};
+    if (g_threads > 1 && H * B >= PAR_MIN) {
+        q.H = H;
+        q.B = B;
+        sg_parallel(rows_part, &q, g_threads);
         return;
     }
-    f(a, H, B, 0, H, flag);
+    f(a, q.H, q.B, 0, q.H, flag);
 }
 
 /* Fill m from a 2-D float32 buffer of shape (rows, B) with contiguous rows. */
@@ -128,8 +168,6 @@ bad:
     view->obj = NULL;
     return -1;
 }
-
-#define MAXARGS 9
 
 typedef struct {
     Py_buffer v[MAXARGS];
@@ -605,6 +643,24 @@ bad:
 
 /* The gather and the scatter-add over a table (R, V) and columns (R, n), by idx (n,):
  * scatter 0, out = cols (+)= table[:, idx]; scatter 1, table[:, idx] += cols. */
+typedef struct {
+    const mat *m;
+    const int32_t *idx;
+    Py_ssize_t n, R;
+    int scatter, add;
+} columns_task;
+
+static void columns_part(void *p, int t, int nt)
+{
+    const columns_task *q = p;
+    Py_ssize_t r0 = q->R * t / nt, r1 = q->R * (t + 1) / nt;
+    if (q->scatter)
+        scatter_cols_rows(q->m[0].p, q->m[0].rs, q->m[1].p, q->m[1].rs, q->idx, q->n, r0, r1);
+    else
+        gather_cols_rows(q->m[1].p, q->m[1].rs, q->m[0].p, q->m[0].rs, q->idx, q->n, r0, r1,
+                         q->add);
+}
+
 static PyObject *columns_call(PyObject *tab_o, PyObject *cols_o, PyObject *ido, int scatter,
                               int add)
 {
@@ -621,11 +677,12 @@ static PyObject *columns_call(PyObject *tab_o, PyObject *cols_o, PyObject *ido, 
     if (take(&vs, &m[0], tab_o, scatter, R, V, scatter ? "acc" : "table", 0) < 0 ||
         take(&vs, &m[1], cols_o, !scatter, R, n, scatter ? "d" : "out", 0) < 0)
         goto fail;
+    columns_task q = {m, idx, n, R, scatter, add};
     Py_BEGIN_ALLOW_THREADS
-    if (scatter)
-        scatter_cols_rows(m[0].p, m[0].rs, m[1].p, m[1].rs, idx, n, 0, R);
+    if (g_threads > 1 && R * n >= PAR_MIN)
+        sg_parallel(columns_part, &q, g_threads);   /* each thread its rows: no shared writes */
     else
-        gather_cols_rows(m[1].p, m[1].rs, m[0].p, m[0].rs, idx, n, 0, R, add);
+        columns_part(&q, 0, 1);
     Py_END_ALLOW_THREADS
     release(&vs);
     PyBuffer_Release(&iv);
@@ -760,6 +817,149 @@ done:
     return ret;
 }
 
+/* ------------------------------------------- the step GEMM (stepgemm.c) */
+
+/* a 2-D float32 buffer with strides in whole floats */
+static int get_2d(PyObject *o, Py_buffer *view, int writable, float **p, Py_ssize_t shape[2],
+                  Py_ssize_t strides[2], const char *name)
+{
+    if (PyObject_GetBuffer(o, view, PyBUF_RECORDS_RO | (writable ? PyBUF_WRITABLE : 0)) < 0)
+        return -1;
+    const char *f = view->format;
+    if (f && (f[0] == '<' || f[0] == '=' || f[0] == '@'))
+        f++;
+    if (view->ndim != 2 || view->itemsize != 4 || !f || strcmp(f, "f") != 0 ||
+        view->strides[0] % 4 != 0 || view->strides[1] % 4 != 0) {
+        PyErr_Format(PyExc_TypeError, "%s: a 2-D float32 array is needed", name);
+        PyBuffer_Release(view);
+        view->obj = NULL;
+        return -1;
+    }
+    *p = (float *)view->buf;
+    for (int k = 0; k < 2; k++) {
+        shape[k] = view->shape[k];
+        strides[k] = view->strides[k] / 4;
+    }
+    return 0;
+}
+
+/* step_pack(dst, a, threads): dst (flat, step_packed_size(M, K) floats) = a (M, K) packed */
+static PyObject *py_step_pack(PyObject *self, PyObject *args)
+{
+    PyObject *dst_o, *a_o;
+    int threads;
+    if (!PyArg_ParseTuple(args, "OOi", &dst_o, &a_o, &threads))
+        return NULL;
+    Py_buffer vd = {.obj = NULL}, va = {.obj = NULL};
+    float *d, *a;
+    Py_ssize_t nd, shape[2], strides[2];
+    PyObject *ret = NULL;
+    if (get_flat(dst_o, &vd, 1, &d, &nd, "dst") < 0 || get_2d(a_o, &va, 0, &a, shape, strides, "a") < 0)
+        goto done;
+    if ((size_t)nd != sg_packed_size(shape[0], shape[1])) {
+        PyErr_Format(PyExc_ValueError, "dst: %zd floats, a (%zd, %zd) packs into %zu", nd,
+                     shape[0], shape[1], sg_packed_size(shape[0], shape[1]));
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    sg_pack(d, a, strides[0], strides[1], shape[0], shape[1], threads);
+    Py_END_ALLOW_THREADS
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    if (vd.obj)
+        PyBuffer_Release(&vd);
+    if (va.obj)
+        PyBuffer_Release(&va);
+    return ret;
+}
+
+/* step_gemm(c, packed, b, accumulate, isa, threads): c (M, N) (+)= A b, A (M, K) packed,
+ * b (K, N); c and b with contiguous rows */
+static PyObject *py_step_gemm(PyObject *self, PyObject *args)
+{
+    PyObject *c_o, *pa_o, *b_o;
+    int accumulate, isa, threads;
+    if (!PyArg_ParseTuple(args, "OOOpii", &c_o, &pa_o, &b_o, &accumulate, &isa, &threads))
+        return NULL;
+    Py_buffer vc = {.obj = NULL}, vp = {.obj = NULL}, vb = {.obj = NULL};
+    float *c, *pa, *b;
+    Py_ssize_t np_, cs[2], cst[2], bs[2], bst[2];
+    PyObject *ret = NULL;
+    if (get_2d(c_o, &vc, 1, &c, cs, cst, "c") < 0 || get_flat(pa_o, &vp, 0, &pa, &np_, "packed") < 0 ||
+        get_2d(b_o, &vb, 0, &b, bs, bst, "b") < 0)
+        goto done;
+    if (isa != SG_ISA_AVX2 && isa != SG_ISA_AVX512) {
+        PyErr_Format(PyExc_ValueError, "isa %d: 2 (AVX2) or 3 (AVX-512)", isa);
+        goto done;
+    }
+    if (isa > sg_cpu_isa()) {
+        PyErr_Format(PyExc_ValueError, "isa %d: this CPU gives at most %d", isa, sg_cpu_isa());
+        goto done;
+    }
+    if (bs[1] != cs[1] || (size_t)np_ != sg_packed_size(cs[0], bs[0])) {
+        PyErr_Format(PyExc_ValueError, "c (%zd, %zd), b (%zd, %zd) and %zd packed floats do "
+                     "not fit", cs[0], cs[1], bs[0], bs[1], np_);
+        goto done;
+    }
+    if ((cs[1] > 1 && cst[1] != 1) || (bs[1] > 1 && bst[1] != 1)) {
+        PyErr_SetString(PyExc_ValueError, "c and b must have contiguous rows");
+        goto done;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = sg_gemm(pa, cs[0], bs[0], b, bst[0], cs[1], c, cst[0], accumulate, isa, threads);
+    Py_END_ALLOW_THREADS
+    if (rc != 0) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    if (vc.obj)
+        PyBuffer_Release(&vc);
+    if (vp.obj)
+        PyBuffer_Release(&vp);
+    if (vb.obj)
+        PyBuffer_Release(&vb);
+    return ret;
+}
+
+static PyObject *py_step_packed_size(PyObject *self, PyObject *args)
+{
+    Py_ssize_t M, K;
+    if (!PyArg_ParseTuple(args, "nn", &M, &K))
+        return NULL;
+    return PyLong_FromSize_t(sg_packed_size(M, K));
+}
+
+/* kernel_threads(n): the threads the cell kernels may use from now on */
+static PyObject *py_kernel_threads(PyObject *self, PyObject *args)
+{
+    int n;
+    if (!PyArg_ParseTuple(args, "i", &n))
+        return NULL;
+    g_threads = n < 1 ? 1 : n > SG_MAXT ? SG_MAXT : n;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_step_isa(PyObject *self, PyObject *noargs)
+{
+    return PyLong_FromLong(sg_cpu_isa());
+}
+
+/* step_quiet(address): the function (void (*)(void)) the pool calls before its threads
+ * start work, 0 for none */
+static PyObject *py_step_quiet(PyObject *self, PyObject *args)
+{
+    unsigned long long addr;
+    if (!PyArg_ParseTuple(args, "K", &addr))
+        return NULL;
+    sg_set_quiet((void (*)(void))(uintptr_t)addr);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_info(PyObject *self, PyObject *noargs)
 {
     const char *isa = "compiler default";
@@ -795,6 +995,17 @@ static PyMethodDef methods[] = {
     {"adarule", py_adarule, METH_VARARGS,
      "adarule(w, g, h, lr, rho, 1 - rho, delta, adagrad, clip, lo, hi): RMSProp / AdaGrad"},
     {"tanh", py_tanh, METH_VARARGS, "tanh(a): the kernels' tanh, in place"},
+    {"step_pack", py_step_pack, METH_VARARGS,
+     "step_pack(dst, a, threads): a (M, K) float32 packed into dst (step_packed_size floats)"},
+    {"step_gemm", py_step_gemm, METH_VARARGS,
+     "step_gemm(c, packed, b, accumulate, isa, threads): c (+)= A b, A packed by step_pack"},
+    {"step_packed_size", py_step_packed_size, METH_VARARGS,
+     "step_packed_size(M, K): floats of a packed (M, K) operand"},
+    {"kernel_threads", py_kernel_threads, METH_VARARGS,
+     "kernel_threads(n): the threads the cell kernels split their rows over"},
+    {"step_isa", py_step_isa, METH_NOARGS, "step_isa(): 3 AVX-512, 2 AVX2 (+FMA), 0 neither"},
+    {"step_quiet", py_step_quiet, METH_VARARGS,
+     "step_quiet(address): void (*)(void) called before the step GEMM's threads start work"},
     {"info", py_info, METH_NOARGS, "info(): {'isa': the instruction set the loops run with}"},
     {NULL, NULL, 0, NULL},
 };

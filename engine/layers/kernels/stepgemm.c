@@ -1,0 +1,457 @@
+/* The recurrent step's GEMM: C = A B with A a weight matrix packed once per batch and B a
+ * step's (K, N) block with N the batch (50 columns in char-rnn), on threads of our own.
+ *
+ * Why not the BLAS NumPy links: a step GEMM is skinny (LSTM 512: 2048 x 512 times
+ * 512 x 50), and OpenBLAS repacks all of A (4 MB) at every call, fifty times per batch,
+ * to do 105 MFLOP with it. Here A is packed once per batch (per call of the step loop),
+ * into panels of SG_MR = 32 rows, each panel k-major (for each k its 32 values
+ * contiguous), so a micro-kernel reads it as vectors; B is packed per call (K x N, 100
+ * KB) into column panels, k-major, from which the kernel broadcasts. The kernels keep a
+ * 32 x nr tile of C in registers (AVX-512: 2 vectors per column, nr <= 14; AVX2: the
+ * panel in two halves of 16 rows, nr <= 6). N is split into panels of nearly equal width
+ * so that 50 columns cost no padding (13+13+12+12, or 9 x 5-6).
+ *
+ * Threads: the rows of C are split over a pool of our own threads (the caller is one of
+ * them). Two pools that spin on one core are ruinous: after an OpenBLAS GEMM its worker
+ * spins for a while, and ours, sharing its core, made a 50-step loop 4x slower than
+ * OpenBLAS itself. So before the pool starts work it calls a hook (sg_set_quiet) that
+ * puts the other pool to sleep (engine/layers/kernels/__init__.py passes OpenBLAS's
+ * blas_thread_shutdown_, after which OpenBLAS makes its threads anew at its next call;
+ * measured free). Our workers in turn spin only briefly (about 50 us with pause, then up
+ * to about 1 ms yielding the core) and then sleep on a futex, so they leave the BLAS alone.
+ *
+ * The order of the sum over k is fixed (k ascending, one accumulator per element), so a
+ * result does not depend on the number of threads or the split of N.
+ */
+#define _GNU_SOURCE
+#include "stepgemm.h"
+
+#include <limits.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define SG_X86 1
+#endif
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define SG_FUTEX 1
+#endif
+
+/* ---------------------------------------------------------------- the CPU */
+
+int sg_cpu_isa(void)
+{
+#ifdef SG_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma"))
+        return SG_ISA_AVX512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        return SG_ISA_AVX2;
+#endif
+    return SG_ISA_NONE;
+}
+
+/* -------------------------------------------------------------- the pool */
+
+typedef void (*task_fn)(void *arg, int t, int n);
+
+static struct {
+    pthread_mutex_t lock;          /* one caller at a time; others compute alone */
+    int started;                   /* workers running */
+    int workers;                   /* how many */
+    _Atomic unsigned gen;          /* bumped per task */
+    _Atomic int pending;           /* workers yet to finish the task */
+    _Atomic int sleepers;          /* workers in (or entering) a futex wait */
+    task_fn fn;
+    void *arg;
+    int n;                         /* threads of the current task, the caller's included */
+    void (*quiet)(void);
+} pool = {.lock = PTHREAD_MUTEX_INITIALIZER};
+
+void sg_set_quiet(void (*fn)(void)) { pool.quiet = fn; }
+
+static double now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e6 + ts.tv_nsec * 1e-3;
+}
+
+static inline void cpu_relax(void)
+{
+#ifdef SG_X86
+    _mm_pause();
+#endif
+}
+
+static void wait_for_task(unsigned seen)
+{
+    double t0 = now_us();
+    for (unsigned spins = 0;; spins++) {
+        if (atomic_load(&pool.gen) != seen)
+            return;
+        cpu_relax();
+        if ((spins & 63) != 63)
+            continue;
+        double dt = now_us() - t0;
+        if (dt < 50.0)
+            continue;
+        if (dt < 1000.0) {
+            sched_yield();
+            continue;
+        }
+#ifdef SG_FUTEX
+        atomic_fetch_add(&pool.sleepers, 1);
+        if (atomic_load(&pool.gen) == seen)
+            syscall(SYS_futex, (unsigned *)&pool.gen, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
+        atomic_fetch_sub(&pool.sleepers, 1);
+#else
+        sched_yield();
+#endif
+    }
+}
+
+/* a worker's id (1..; the caller is thread 0) and the generation it was made at, packed
+ * into its argument: reading pool.gen when the thread first runs could already see the
+ * task it was made for, and it would wait for the next one */
+#define WORKER_ARG(id, gen) ((void *)(((uintptr_t)(gen) << 8) | (uintptr_t)(id)))
+
+static void *worker_main(void *p)
+{
+    int id = (int)((uintptr_t)p & 0xff);
+    unsigned seen = (unsigned)((uintptr_t)p >> 8);
+    for (;;) {
+        wait_for_task(seen);
+        seen = atomic_load(&pool.gen);
+        if (id < pool.n)
+            pool.fn(pool.arg, id, pool.n);
+        atomic_fetch_sub(&pool.pending, 1);
+    }
+    return NULL;
+}
+
+static void after_fork_child(void)
+{
+    /* the workers are not in the child: it starts its own when it needs them */
+    pthread_mutex_init(&pool.lock, NULL);
+    pool.started = 0;
+    pool.workers = 0;
+}
+
+static int ensure_workers(int want)
+{
+    static int atfork = 0;
+    if (!atfork) {
+        pthread_atfork(NULL, NULL, after_fork_child);
+        atfork = 1;
+    }
+    while (pool.workers < want) {
+        pthread_t tid;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        int rc = pthread_create(&tid, &attr, worker_main,
+                                WORKER_ARG(pool.workers + 1, atomic_load(&pool.gen)));
+        pthread_attr_destroy(&attr);
+        if (rc != 0)
+            break;
+        pool.workers++;
+    }
+    pool.started = pool.workers > 0;
+    return pool.workers;
+}
+
+void sg_parallel(task_fn fn, void *arg, int n)
+{
+    if (n > SG_MAXT)
+        n = SG_MAXT;
+    if (n <= 1 || pthread_mutex_trylock(&pool.lock) != 0) {
+        fn(arg, 0, 1);
+        return;
+    }
+    int w = ensure_workers(n - 1);
+    if (w < n - 1)
+        n = w + 1;
+    if (n <= 1) {
+        pthread_mutex_unlock(&pool.lock);
+        fn(arg, 0, 1);
+        return;
+    }
+    if (pool.quiet)
+        pool.quiet();
+    pool.fn = fn;
+    pool.arg = arg;
+    pool.n = n;
+    atomic_store(&pool.pending, pool.workers);
+    atomic_fetch_add(&pool.gen, 1);
+#ifdef SG_FUTEX
+    if (atomic_load(&pool.sleepers))
+        syscall(SYS_futex, (unsigned *)&pool.gen, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+#endif
+    fn(arg, 0, n);
+    while (atomic_load(&pool.pending) > 0)
+        cpu_relax();
+    pthread_mutex_unlock(&pool.lock);
+}
+
+static inline void share(ptrdiff_t total, int t, int n, ptrdiff_t *lo, ptrdiff_t *hi)
+{
+    *lo = total * t / n;
+    *hi = total * (t + 1) / n;
+}
+
+/* ----------------------------------------------------------------- packing */
+
+size_t sg_packed_size(ptrdiff_t M, ptrdiff_t K)
+{
+    return (size_t)((M + SG_MR - 1) / SG_MR) * SG_MR * (size_t)K;
+}
+
+typedef struct {
+    float *dst;
+    const float *a;
+    ptrdiff_t rs, cs, M, K;
+} pack_args;
+
+static void pack_task(void *p, int t, int n)
+{
+    const pack_args *q = p;
+    ptrdiff_t P = (q->M + SG_MR - 1) / SG_MR, p0, p1;
+    share(P, t, n, &p0, &p1);
+    for (ptrdiff_t pn = p0; pn < p1; pn++) {
+        float *d = q->dst + pn * SG_MR * q->K;
+        ptrdiff_t rows = q->M - pn * SG_MR < SG_MR ? q->M - pn * SG_MR : SG_MR;
+        if (q->cs == 1) {
+            /* rows of A contiguous: 16 k at a time, so each row's cache line is used whole */
+            for (ptrdiff_t k0 = 0; k0 < q->K; k0 += 16) {
+                ptrdiff_t k1 = k0 + 16 < q->K ? k0 + 16 : q->K;
+                for (ptrdiff_t r = 0; r < SG_MR; r++) {
+                    const float *src = q->a + (pn * SG_MR + r) * q->rs;
+                    for (ptrdiff_t k = k0; k < k1; k++)
+                        d[k * SG_MR + r] = r < rows ? src[k] : 0.0f;
+                }
+            }
+        } else {
+            for (ptrdiff_t k = 0; k < q->K; k++) {
+                const float *src = q->a + k * q->cs + pn * SG_MR * q->rs;
+                float *dk = d + k * SG_MR;
+                for (ptrdiff_t r = 0; r < SG_MR; r++)
+                    dk[r] = r < rows ? src[r * q->rs] : 0.0f;
+            }
+        }
+    }
+}
+
+void sg_pack(float *dst, const float *a, ptrdiff_t rs, ptrdiff_t cs, ptrdiff_t M, ptrdiff_t K,
+             int nthreads)
+{
+    pack_args q = {dst, a, rs, cs, M, K};
+    sg_parallel(pack_task, &q, nthreads);
+}
+
+/* ----------------------------------------------------------------- kernels */
+
+/* Each kernel: the 32 x nr tile sum_k pa[k*32 + r] pb[k*nr + j] into ct[j*32 + r]. */
+
+#ifdef SG_X86
+#define SG_INLINE static inline __attribute__((always_inline))
+
+__attribute__((target("avx512f,fma"))) SG_INLINE void tile512(const float *pa, const float *pb,
+                                                               ptrdiff_t K, float *ct, int nr)
+{
+    __m512 c0[14], c1[14];
+    for (int j = 0; j < nr; j++)
+        c0[j] = c1[j] = _mm512_setzero_ps();
+    for (ptrdiff_t k = 0; k < K; k++) {
+        __m512 a0 = _mm512_loadu_ps(pa + k * SG_MR), a1 = _mm512_loadu_ps(pa + k * SG_MR + 16);
+        const float *bk = pb + k * nr;
+        for (int j = 0; j < nr; j++) {
+            __m512 b = _mm512_set1_ps(bk[j]);
+            c0[j] = _mm512_fmadd_ps(a0, b, c0[j]);
+            c1[j] = _mm512_fmadd_ps(a1, b, c1[j]);
+        }
+    }
+    for (int j = 0; j < nr; j++) {
+        _mm512_storeu_ps(ct + j * SG_MR, c0[j]);
+        _mm512_storeu_ps(ct + j * SG_MR + 16, c1[j]);
+    }
+}
+
+#define K512(NR) \
+    __attribute__((target("avx512f,fma"))) static void k512_##NR(const float *pa, \
+        const float *pb, ptrdiff_t K, float *ct) { tile512(pa, pb, K, ct, NR); }
+K512(1) K512(2) K512(3) K512(4) K512(5) K512(6) K512(7)
+K512(8) K512(9) K512(10) K512(11) K512(12) K512(13) K512(14)
+
+typedef void (*tile_fn)(const float *, const float *, ptrdiff_t, float *);
+static const tile_fn TILES512[15] = {NULL, k512_1, k512_2, k512_3, k512_4, k512_5, k512_6,
+                                     k512_7, k512_8, k512_9, k512_10, k512_11, k512_12,
+                                     k512_13, k512_14};
+
+__attribute__((target("avx2,fma"))) SG_INLINE void tile256(const float *pa, const float *pb,
+                                                            ptrdiff_t K, float *ct, int nr)
+{
+    for (int half = 0; half < 2; half++) {
+        const float *ph = pa + half * 16;
+        __m256 c0[6], c1[6];
+        for (int j = 0; j < nr; j++)
+            c0[j] = c1[j] = _mm256_setzero_ps();
+        for (ptrdiff_t k = 0; k < K; k++) {
+            __m256 a0 = _mm256_loadu_ps(ph + k * SG_MR), a1 = _mm256_loadu_ps(ph + k * SG_MR + 8);
+            const float *bk = pb + k * nr;
+            for (int j = 0; j < nr; j++) {
+                __m256 b = _mm256_broadcast_ss(bk + j);
+                c0[j] = _mm256_fmadd_ps(a0, b, c0[j]);
+                c1[j] = _mm256_fmadd_ps(a1, b, c1[j]);
+            }
+        }
+        for (int j = 0; j < nr; j++) {
+            _mm256_storeu_ps(ct + j * SG_MR + half * 16, c0[j]);
+            _mm256_storeu_ps(ct + j * SG_MR + half * 16 + 8, c1[j]);
+        }
+    }
+}
+
+#define K256(NR) \
+    __attribute__((target("avx2,fma"))) static void k256_##NR(const float *pa, \
+        const float *pb, ptrdiff_t K, float *ct) { tile256(pa, pb, K, ct, NR); }
+K256(1) K256(2) K256(3) K256(4) K256(5) K256(6)
+static const tile_fn TILES256[7] = {NULL, k256_1, k256_2, k256_3, k256_4, k256_5, k256_6};
+#endif
+
+/* ------------------------------------------------------------------- GEMM */
+
+typedef struct {
+    const float *pa, *b;
+    float *pb, *c;
+    ptrdiff_t M, K, N, brs, crs;
+    int accumulate, nq, nrmax;
+#ifdef SG_X86
+    const tile_fn *tiles;
+#endif
+} gemm_args;
+
+/* column panel q: its first column and width (N in nq panels of nearly equal width) */
+static inline void col_panel(const gemm_args *g, int q, ptrdiff_t *c0, int *w)
+{
+    ptrdiff_t base = g->N / g->nq, extra = g->N % g->nq;
+    *c0 = q * base + (q < extra ? q : extra);
+    *w = (int)(base + (q < extra ? 1 : 0));
+}
+
+static void pack_b_task(void *p, int t, int n)
+{
+    const gemm_args *g = p;
+    ptrdiff_t k0, k1;
+    share(g->K, t, n, &k0, &k1);
+    for (int q = 0; q < g->nq; q++) {
+        ptrdiff_t c0;
+        int w;
+        col_panel(g, q, &c0, &w);
+        float *d = g->pb + g->K * c0;
+        for (ptrdiff_t k = k0; k < k1; k++)
+            memcpy(d + k * w, g->b + k * g->brs + c0, (size_t)w * sizeof(float));
+    }
+}
+
+static void gemm_task(void *p, int t, int n)
+{
+#ifdef SG_X86
+    const gemm_args *g = p;
+    ptrdiff_t P = (g->M + SG_MR - 1) / SG_MR, p0, p1;
+    share(P, t, n, &p0, &p1);
+    float ct[14 * SG_MR] __attribute__((aligned(64)));
+    for (ptrdiff_t pn = p0; pn < p1; pn++) {
+        const float *pa = g->pa + pn * SG_MR * g->K;
+        ptrdiff_t r0 = pn * SG_MR;
+        int rows = g->M - r0 < SG_MR ? (int)(g->M - r0) : SG_MR;
+        for (int q = 0; q < g->nq; q++) {
+            ptrdiff_t c0;
+            int w;
+            col_panel(g, q, &c0, &w);
+            g->tiles[w](pa, g->pb + g->K * c0, g->K, ct);
+            for (int r = 0; r < rows; r++) {
+                float *crow = g->c + (r0 + r) * g->crs + c0;
+                if (g->accumulate)
+                    for (int j = 0; j < w; j++)
+                        crow[j] += ct[j * SG_MR + r];
+                else
+                    for (int j = 0; j < w; j++)
+                        crow[j] = ct[j * SG_MR + r];
+            }
+        }
+    }
+#else
+    (void)p; (void)t; (void)n;
+#endif
+}
+
+/* both phases in one task: each thread packs its share of B, all wait, then multiply */
+typedef struct {
+    gemm_args *g;
+    _Atomic int packed;
+} both_args;
+
+static void both_task(void *p, int t, int n)
+{
+    both_args *a = p;
+    pack_b_task(a->g, t, n);
+    atomic_fetch_add(&a->packed, 1);
+    while (atomic_load(&a->packed) < n)
+        cpu_relax();
+    gemm_task(a->g, t, n);
+}
+
+int sg_gemm(const float *pa, ptrdiff_t M, ptrdiff_t K, const float *b, ptrdiff_t brs,
+            ptrdiff_t N, float *c, ptrdiff_t crs, int accumulate, int isa, int nthreads)
+{
+#ifdef SG_X86
+    if (M <= 0 || N <= 0)
+        return 0;
+    gemm_args g = {.pa = pa, .b = b, .c = c, .M = M, .K = K, .N = N, .brs = brs, .crs = crs,
+                   .accumulate = accumulate};
+    g.nrmax = isa == SG_ISA_AVX512 ? 14 : 6;
+    g.tiles = isa == SG_ISA_AVX512 ? TILES512 : TILES256;
+    g.nq = (int)((N + g.nrmax - 1) / g.nrmax);
+    if (K == 0) {
+        for (ptrdiff_t i = 0; i < M; i++)
+            if (!accumulate)
+                memset(c + i * crs, 0, (size_t)N * sizeof(float));
+        return 0;
+    }
+    /* the packed B: a buffer per calling thread, kept and grown (a fresh 400 KB block per
+     * call was an mmap and its page faults) */
+    static __thread float *buf = NULL;
+    static __thread size_t cap = 0;
+    size_t need = (size_t)K * N;
+    if (need > cap) {
+        float *nb = aligned_alloc(64, (need * sizeof(float) + 63) / 64 * 64);
+        if (!nb)
+            return -1;
+        free(buf);
+        buf = nb;
+        cap = need;
+    }
+    g.pb = buf;
+    ptrdiff_t P = (M + SG_MR - 1) / SG_MR;
+    int n = nthreads < 1 ? 1 : nthreads;
+    if (n > P)
+        n = (int)P;
+    both_args a = {&g, 0};
+    sg_parallel(both_task, &a, n);
+    return 0;
+#else
+    (void)pa; (void)M; (void)K; (void)b; (void)brs; (void)N; (void)c; (void)crs;
+    (void)accumulate; (void)isa; (void)nthreads;
+    return -1;
+#endif
+}

@@ -1,0 +1,31 @@
+/* The recurrent step's GEMM (stepgemm.c), for the Python bindings in native.c. */
+#ifndef STEPGEMM_H
+#define STEPGEMM_H
+#include <stddef.h>
+
+#define SG_MR 32            /* rows per packed panel */
+#define SG_MAXT 64          /* most threads */
+
+enum { SG_ISA_NONE = 0, SG_ISA_AVX2 = 2, SG_ISA_AVX512 = 3 };
+
+/* the best instruction set this CPU gives the kernels (SG_ISA_NONE: no kernel) */
+int sg_cpu_isa(void);
+/* floats of a packed (M, K) operand */
+size_t sg_packed_size(ptrdiff_t M, ptrdiff_t K);
+/* pack A[i][k] = a[i*rs + k*cs], i < M, k < K, into dst (sg_packed_size floats) */
+void sg_pack(float *dst, const float *a, ptrdiff_t rs, ptrdiff_t cs, ptrdiff_t M, ptrdiff_t K,
+             int nthreads);
+/* C[i][j] (+)= sum_k A[i][k] B[k][j]: A packed (M, K); B[k][j] = b[k*brs + j];
+ * C[i][j] = c[i*crs + j]; j < N. isa: SG_ISA_AVX2 or SG_ISA_AVX512 (at most sg_cpu_isa()).
+ * nthreads: threads to split the rows over (the caller's included). Returns 0, or -1 when
+ * out of memory (nothing written). */
+int sg_gemm(const float *pa, ptrdiff_t M, ptrdiff_t K, const float *b, ptrdiff_t brs,
+            ptrdiff_t N, float *c, ptrdiff_t crs, int accumulate, int isa, int nthreads);
+/* fn(arg, t, n) for t = 0..n-1 on the pool's threads, t = 0 on the caller's; fewer threads
+ * (down to the caller alone) when the pool is busy or a thread cannot be made: fn must take
+ * the n it is given */
+void sg_parallel(void (*fn)(void *arg, int t, int n), void *arg, int n);
+/* called before the pool's threads start work: puts another pool (the BLAS's) to sleep */
+void sg_set_quiet(void (*fn)(void));
+
+#endif

@@ -1,0 +1,302 @@
+"""The packed step GEMM (engine/layers/kernels/stepgemm.c) and its thread pool.
+
+``kernels.step_gemm`` is held to a float64 matmul at the char-rnn size and at sizes that
+are no multiple of the kernels' tiles (M not a multiple of 32, N of any width 1..40, K of
+1), in the layouts the layers pass (a transposed W_h, a step's columns of the state block,
+an output with a row stride), on every instruction set this CPU has and on 1 to 3 threads;
+the threads and the split of N do not change a bit. Whole recurrent layers in float32 on
+the step GEMM equal the same layers on NumPy's matmul (``RNN_ENGINE_STEP_GEMM=blas``) to
+1e-5. The cell kernels, the gathers and the scatter-adds split over threads give the same
+bits as on one. A forked child computes with its own threads, and the switch reads the
+environment, refusing a value this CPU cannot run in one line.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+import numpy as np
+import pytest
+
+from engine.backend import BackendError
+from engine.layers import kernels
+from engine.layers.kernels import _native
+from engine.proto import job_pb2 as pb
+from test_kernels import LAYER_IDS, LAYERS, _block_run, build, close, rand
+
+F32 = np.float32
+ISAS = [name for name, code in (("avx512", 3), ("avx2", 2)) if _native.step_isa() >= code]
+pytestmark = pytest.mark.skipif(not ISAS, reason="this CPU has neither AVX-512 nor AVX2+FMA")
+
+
+@pytest.fixture(autouse=True)
+def fresh_switch(monkeypatch):
+    """Each test resolves the switch itself, and leaves it unresolved (the environment's)."""
+    kernels.use("native")
+    monkeypatch.delenv(kernels.STEP_ENV, raising=False)
+    kernels.step_reset()
+    yield
+    kernels.step_reset()
+    kernels.use(None)
+    kernels.set_threads(1)
+
+
+def packed(a, isa, threads):
+    p = np.empty(_native.step_packed_size(*a.shape), F32)
+    _native.step_pack(p, a, threads)
+    return p
+
+
+def gemm(a, b, isa, threads, out=None, accumulate=False):
+    out = np.zeros((a.shape[0], b.shape[1]), F32) if out is None else out
+    _native.step_gemm(out, packed(a, isa, threads), b, accumulate, {"avx512": 3, "avx2": 2}[isa],
+                      threads)
+    return out
+
+
+SHAPES = [(2048, 512, 50), (400, 100, 32), (33, 5, 17), (31, 64, 13), (100, 1, 1), (7, 3, 40)]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("M,K,N", SHAPES, ids=[f"{m}x{k}x{n}" for m, k, n in SHAPES])
+@pytest.mark.parametrize("isa", ISAS)
+def test_step_gemm_equals_float64_matmul(isa, M, K, N, threads):
+    rng = np.random.default_rng(M + K + N)
+    a, b = rand(rng, (M, K)), rand(rng, (K, N))
+    want = a.astype(np.float64) @ b.astype(np.float64)
+    close(gemm(a, b, isa, threads), want)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_layouts_the_layers_pass(isa):
+    """W_h^T (a transposed view), a step's columns of the (H, (T+1)·B) state block, and an
+    output written into a slice of a wider block; accumulate adds to what is there."""
+    rng = np.random.default_rng(1)
+    H, G, B, T = 45, 4, 11, 3
+    w = rand(rng, (G * H, H))
+    hs = rand(rng, (H, (T + 1) * B))
+    h = hs[:, 2 * B:3 * B]
+    wide = rand(rng, (G * H, 3 * B))
+    out = wide[:, B:2 * B]
+    before = out.copy()
+    gemm(w, h, isa, 2, out=out, accumulate=True)
+    close(out, before + w.astype(np.float64) @ h)
+    assert np.array_equal(wide[:, :B], wide[:, :B])   # neighbours untouched below
+    g = rand(rng, (G * H, B))
+    close(gemm(w.T, g, isa, 2), w.T.astype(np.float64) @ g)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_neighbouring_columns_are_not_written(isa):
+    rng = np.random.default_rng(2)
+    a, b = rand(rng, (70, 9)), rand(rng, (9, 13))
+    wide = np.full((70, 40), 7.0, F32)
+    gemm(a, b, isa, 2, out=wide[:, 10:23])
+    assert (wide[:, :10] == 7).all() and (wide[:, 23:] == 7).all()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_threads_do_not_change_a_bit(isa):
+    rng = np.random.default_rng(3)
+    a, b = rand(rng, (300, 77)), rand(rng, (77, 50))
+    one = gemm(a, b, isa, 1)
+    for n in (2, 3, 5):
+        assert np.array_equal(gemm(a, b, isa, n), one)
+
+
+def test_the_instruction_sets_agree():
+    if len(ISAS) < 2:
+        pytest.skip("this CPU has one of AVX-512 and AVX2 only")
+    rng = np.random.default_rng(4)
+    a, b = rand(rng, (96, 64)), rand(rng, (64, 50))
+    close(gemm(a, b, "avx2", 2), gemm(a, b, "avx512", 2))
+
+
+def test_bad_arguments_raise():
+    a = np.ones((40, 8), F32)
+    b = np.ones((8, 5), F32)
+    p = packed(a, ISAS[0], 1)
+    with pytest.raises(ValueError, match="do not fit"):
+        _native.step_gemm(np.zeros((40, 5), F32), p[:-1], b, False, 2, 1)
+    with pytest.raises(ValueError, match="do not fit"):
+        _native.step_gemm(np.zeros((40, 6), F32), p, b, False, 2, 1)
+    with pytest.raises(ValueError, match="contiguous rows"):
+        _native.step_gemm(np.zeros((5, 40), F32).T, p, b, False, 2, 1)
+    with pytest.raises(ValueError, match="isa"):
+        _native.step_gemm(np.zeros((40, 5), F32), p, b, False, 7, 1)
+    with pytest.raises(TypeError, match="float32"):
+        _native.step_gemm(np.zeros((40, 5)), p, b, False, 2, 1)
+    with pytest.raises(ValueError, match="packs into"):
+        _native.step_pack(np.zeros(3, F32), a, 1)
+
+
+def test_python_wrapper_copies_b_without_contiguous_rows():
+    rng = np.random.default_rng(5)
+    a = rand(rng, (64, 20))
+    bT = rand(rng, (9, 20))
+    out = np.zeros((64, 9), F32)
+    kernels.step_gemm(out, kernels.Packed(a), bT.T)
+    close(out, a.astype(np.float64) @ bT.T)
+
+
+# ------------------------------------------------------------ whole layers
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+@pytest.mark.parametrize("H,D,B,one_hot", [(33, 5, 7, False), (64, 3, 50, False),
+                                           (40, 11, 9, True), (70, 30, 1, False)],
+                         ids=["odd", "folded", "one-hot", "B1"])
+@pytest.mark.parametrize("kind,act", LAYERS, ids=LAYER_IDS)
+def test_layer_on_the_step_gemm_equals_layer_on_the_blas(kind, act, H, D, B, one_hot,
+                                                         direction, monkeypatch):
+    """Outputs, final state, input and initial-state gradients and param gradients of a
+    float32 block of T = 12 steps (masked at some) agree to 1e-5 between the step GEMM and
+    NumPy's matmul; the step GEMM did run (and, at B = 50, the threaded cell kernels)."""
+    T = 12
+    layer = build(kind, H, D, act, one_hot=one_hot,
+                  direction=pb.kBackward if direction == "backward" else pb.kForward)
+    assert layer.reverse == (direction == "backward")
+    rng = np.random.default_rng(H + D + B)
+    if one_hot:
+        X = np.zeros((T * B, D), F32)
+        X[np.arange(T * B), rng.integers(0, D, T * B)] = 1
+    else:
+        X = rand(rng, (T * B, D))
+    R = rand(rng, (T * B, H))
+    parts = [rand(rng, (B, H), 0.5) for _ in range(2 if kind == "lstm" else 1)]
+    state0 = tuple(parts) if kind == "lstm" else parts[0]
+    mask = np.ones(T * B, F32)
+    mask[3 * B:4 * B] = rng.random(B) < 0.5
+    mask[7 * B:8 * B] = 0
+    monkeypatch.setenv(kernels.STEP_ENV, "blas")
+    kernels.step_reset()
+    want = _block_run(layer, X, state0, mask, R, T, B)
+    monkeypatch.setenv(kernels.STEP_ENV, "auto")
+    kernels.step_reset()
+    calls = []
+    real = kernels.step_gemm
+    monkeypatch.setattr(kernels, "step_gemm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = _block_run(layer, X, state0, mask, R, T, B)
+    assert len(calls) >= 2 * T - 1, "the step GEMM did not run"
+    for k, (a, b) in enumerate(zip(got, want)):
+        assert a.dtype == F32
+        close(a, b, f"result {k}")
+
+
+# ------------------------------------------------- the pool's other users
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["contiguous", "column-slices"])
+def test_cell_kernels_on_threads_give_the_same_bits(flat):
+    rng = np.random.default_rng(6)
+    H, B = 256, 50      # 12,800 floats a gate: over the threshold of 8192
+
+    def lay(a):
+        if flat:
+            return a.copy()
+        wide = np.zeros((a.shape[0], 3 * B), F32)
+        wide[:, B:2 * B] = a
+        return wide[:, B:2 * B]
+
+    pre = rand(rng, (4 * H, B))
+    c = rand(rng, (H, B))
+    dh, dc = rand(rng, (H, B)), rand(rng, (H, B))
+    results = []
+    for n in (1, 2, 3):
+        kernels.set_threads(n)
+        p = lay(pre)
+        h_new, c_new, (ifo, g, tc) = kernels.lstm_forward(p, lay(c))
+        dpre, dcp = kernels.lstm_backward(lay(dh), lay(dc), lay(c), ifo, g, tc,
+                                          out=lay(np.zeros((4 * H, B), F32)))
+        xproj, hproj = rand(np.random.default_rng(7), (3 * H, B)), \
+            rand(np.random.default_rng(8), (3 * H, B))
+        gh, _ = kernels.gru_forward(lay(xproj), lay(hproj), lay(c))
+        results.append([np.array(x) for x in (h_new, c_new, p, dpre, dcp, gh)])
+    for other in results[1:]:
+        for a, b in zip(other, results[0]):
+            assert np.array_equal(a, b)
+
+
+def test_gathers_and_scatters_on_threads_give_the_same_bits():
+    rng = np.random.default_rng(9)
+    R, V, n = 512, 101, 50
+    table = rand(rng, (R, V))
+    idx = rng.integers(0, V, n).astype(np.int32)
+    d = rand(rng, (R, n))
+    results = []
+    for threads in (1, 2):
+        kernels.set_threads(threads)
+        out = rand(np.random.default_rng(10), (R, n))
+        kernels.gather(out, table, idx, True)
+        acc = np.zeros((R, V), F32)
+        kernels.scatter_add(acc, d, idx)
+        results.append((out, acc))
+    assert np.array_equal(results[0][0], results[1][0])
+    assert np.array_equal(results[0][1], results[1][1])
+
+
+def _child(q):
+    try:
+        rng = np.random.default_rng(11)
+        a, b = rand(rng, (300, 64)), rand(rng, (64, 50))
+        out = np.zeros((300, 50), F32)
+        _native.step_gemm(out, packed(a, "avx2", 2), b, False, 2, 2)
+        q.put(float(np.abs(out - a.astype(np.float64) @ b).max()))
+    except Exception as e:    # pragma: no cover - reported to the parent
+        q.put(repr(e))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_forked_child_makes_its_own_threads():
+    """The pool's threads are the parent's: a child forked after they started computes with
+    threads of its own (it used to wait for workers it does not have)."""
+    gemm(np.ones((64, 4), F32), np.ones((4, 8), F32), ISAS[-1], 2)   # the pool is up
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(q,))
+    p.start()
+    p.join(60)
+    if p.is_alive():
+        p.kill()
+        pytest.fail("the forked child hung")
+    got = q.get(timeout=5)
+    assert isinstance(got, float) and got < 1e-3, got
+
+
+# ---------------------------------------------------------------- the switch
+
+
+def test_switch_reads_the_environment(monkeypatch):
+    assert kernels.step_mode()["isa"] == ISAS[0] or kernels.step_mode()["why"]
+    monkeypatch.setenv(kernels.STEP_ENV, "blas")
+    kernels.step_reset()
+    assert kernels.step_mode()["isa"] == "blas"
+    assert "NumPy's BLAS (RNN_ENGINE_STEP_GEMM=blas)" in kernels.step_describe()
+    assert not kernels.packs(np.zeros((8, 8), F32), 50)
+    monkeypatch.setenv(kernels.STEP_ENV, ISAS[-1])
+    kernels.step_reset()
+    if kernels.step_mode()["isa"] != "blas":
+        assert kernels.step_mode()["isa"] == ISAS[-1]
+        assert kernels.packs(np.zeros((8, 8), F32), kernels.STEP_MIN_T)
+        assert not kernels.packs(np.zeros((8, 8), F32), kernels.STEP_MIN_T - 1)
+        assert not kernels.packs(np.zeros((8, 8)), 50)          # float64: NumPy's matmul
+
+
+def test_a_bad_switch_value_or_one_the_cpu_lacks_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv(kernels.STEP_ENV, "fastest")
+    kernels.step_reset()
+    with pytest.raises(BackendError, match="RNN_ENGINE_STEP_GEMM='fastest' is not a choice"):
+        kernels.step_mode()
+    monkeypatch.setenv(kernels.STEP_ENV, "avx512")
+    monkeypatch.setattr(_native, "step_isa", lambda: 2)     # an AVX2-only CPU
+    kernels.step_reset()
+    with pytest.raises(BackendError, match="gives the step GEMM avx2"):
+        kernels.step_mode()
+
+
+def test_without_openblas_the_step_gemm_stays_off(monkeypatch):
+    """Our threads beside a BLAS pool we cannot put to sleep would fight it: without
+    OpenBLAS's shutdown function the loop takes NumPy's matmul, and says why."""
+    monkeypatch.setattr(kernels, "_openblas", lambda: None)
+    kernels.step_reset()
+    assert kernels.step_mode() == {"isa": "blas", "why": "NumPy's BLAS is not OpenBLAS"}
