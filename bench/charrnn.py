@@ -92,9 +92,10 @@ NAMES = {"engine": "engine", "pytorch": "PyTorch"}
 UNSET_FOR_ENGINE = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 #: --emulate-avx2 on an AVX-512 machine: each framework's math library limited to AVX2
 #: (NumPy's OpenBLAS on its Haswell kernel; PyTorch's ATen, MKL and oneDNN, which runs its
-#: LSTM, on AVX2). The engine's
-#: own cell kernels have no such switch and keep the CPU's best instruction set.
-AVX2 = {"engine": {"OPENBLAS_CORETYPE": "Haswell"}, "gemm": {"OPENBLAS_CORETYPE": "Haswell"},
+#: LSTM, on AVX2; the engine's step GEMM on its AVX2 kernel). The engine's own cell kernels
+#: have no such switch and keep the CPU's best instruction set.
+AVX2 = {"engine": {"OPENBLAS_CORETYPE": "Haswell", "RNN_ENGINE_STEP_GEMM": "avx2"},
+        "gemm": {"OPENBLAS_CORETYPE": "Haswell"},
         "pytorch": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
                     "ONEDNN_MAX_CPU_ISA": "AVX2"}}
 EMULATE_AVX2 = [False]
@@ -549,8 +550,8 @@ def main(argv=None) -> int:
                     "PyTorch on CUDA/cuDNN); the peak is CuPy's GEMM")
     ap.add_argument("--emulate-avx2", action="store_true",
                     help="on an AVX-512 CPU, limit both frameworks' math libraries to AVX2 "
-                         "(OpenBLAS's Haswell kernel; PyTorch's ATen, MKL and oneDNN on AVX2); the "
-                         "engine's cell kernels keep AVX-512")
+                         "(OpenBLAS's Haswell kernel and the engine's step GEMM on AVX2; PyTorch's "
+                         "ATen, MKL and oneDNN on AVX2); the engine's cell kernels keep AVX-512")
     ap.add_argument("--json", help="also write the results as one JSON object to this file")
     ap.add_argument("--child", choices=["engine", "pytorch", "gemm"], help=argparse.SUPPRESS)
     a = ap.parse_args(argv)

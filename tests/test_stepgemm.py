@@ -7,7 +7,8 @@ an output with a row stride), on every instruction set this CPU has and on 1 to 
 the threads and the split of N do not change a bit. Whole recurrent layers in float32 on
 the step GEMM equal the same layers on NumPy's matmul (``RNN_ENGINE_STEP_GEMM=blas``) to
 1e-5. The cell kernels, the gathers and the scatter-adds split over threads give the same
-bits as on one. A forked child computes with its own threads, and the switch reads the
+bits as on one, and so does the step-major to feature-major copy (``unstep``); parked
+threads wake for the next task. A forked child computes with its own threads, and the switch reads the
 environment, refusing a value this CPU cannot run in one line.
 """
 from __future__ import annotations
@@ -233,6 +234,30 @@ def test_gathers_and_scatters_on_threads_give_the_same_bits():
         results.append((out, acc))
     assert np.array_equal(results[0][0], results[1][0])
     assert np.array_equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_unstep_lays_out_step_major_blocks_feature_major(threads):
+    rng = np.random.default_rng(12)
+    T, R, B = 7, 300, 9
+    steps = rand(rng, (T, R, B))
+    wide = np.zeros((R, T * B + 5), F32)
+    flat = wide[:, 2:2 + T * B]
+    kernels.set_threads(threads)
+    kernels.unstep(flat, steps)
+    assert np.array_equal(flat, steps.transpose(1, 0, 2).reshape(R, T * B))
+    assert (wide[:, :2] == 0).all() and (wide[:, 2 + T * B:] == 0).all()
+    with pytest.raises(ValueError, match="unstep"):
+        _native.unstep(np.zeros((R, T * B + 1), F32), steps, T)
+
+
+def test_parked_threads_wake_for_the_next_task():
+    rng = np.random.default_rng(13)
+    a, b = rand(rng, (200, 30)), rand(rng, (30, 20))
+    want = gemm(a, b, ISAS[0], 2)
+    for _ in range(20):
+        kernels.park()
+        assert np.array_equal(gemm(a, b, ISAS[0], 2), want)
 
 
 def _child(q):

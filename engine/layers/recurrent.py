@@ -279,14 +279,14 @@ class Products:
                                    f"for all gates")
             if self.packing:
                 if self.packed is None:
-                    self.packed = kernels.Packed(self.wc)
+                    self.packed = kernels.Packed(self.wc, lambda n: self.buffer("packed", n))
                 kernels.step_gemm(out, self.packed, self.zt)
             else:
                 xp.matmul(self.wc, self.zt, out=out)
         else:
             if every and self.packing:
                 if self.packed is None:
-                    self.packed = kernels.Packed(self.w_h)
+                    self.packed = kernels.Packed(self.w_h, lambda n: self.buffer("packed", n))
                 kernels.step_gemm(out, self.packed, v)
             else:
                 xp.matmul(self.w_h if every else self.w_h[r0:r1], v, out=out)
@@ -300,6 +300,12 @@ class Products:
                     out += self.xproj[self.t][r0:r1]
         self._keep(r0, r1, v)
         return out
+
+    def park(self) -> None:
+        """The loop's pool work is over for now: its threads sleep at once, leaving the
+        cores to OpenBLAS, which does the GEMMs that come next (kernels.park)."""
+        if self.packing:
+            kernels.park()
 
     def _keep(self, r0, r1, v) -> None:
         key = (r0, r1)
@@ -345,6 +351,10 @@ class Products:
         if T == 1:
             return steps.reshape(GH, B)
         flat = self.buffer(name, (GH, T * B))
+        if self.packing and steps.flags.c_contiguous and kernels.usable(flat, steps):
+            kernels.unstep(flat, steps)     # on the loop's threads, which then sleep: a GEMM
+            self.park()                     # of OpenBLAS's reads the block next
+            return flat
         self.xp.copyto(flat.reshape(GH, T, B), steps.transpose(1, 0, 2))
         return flat
 
@@ -389,7 +399,7 @@ class Products:
             dst[...] = g
         if gates is ALL and self.packing:
             if self.packed_T is None:
-                self.packed_T = kernels.Packed(w_hT)
+                self.packed_T = kernels.Packed(w_hT, lambda n: self.buffer("packedT", n))
             return kernels.step_gemm(self.xp.empty((self.H, self.B), dtype=dst.dtype),
                                      self.packed_T, dst)
         return self.xp.matmul(w_hT, dst)
@@ -786,6 +796,7 @@ class Recurrent(Layer):
             nxt[...] = new[0]
             steps[t] = StepCache(cur, cc, mm)
             cur = (nxt,) + tuple(new[1:])
+        ops.park()
         ys = (hs[:, :N] if rev else hs[:, B:]).T
         if buffer == self._buffer:
             # the carried state must not alias the blocks the next batch rewrites
@@ -847,6 +858,7 @@ class Recurrent(Layer):
                 dst = None
                 continue
             dst = [add_grads(g, kept) for g, kept in zip(dprev, keep)]
+        ops.park()
         if ops.z is not None:
             g = ops.dx @ ops.z[:, before].T           # [dW_h dW_x db] = Σ_t dpre_t z_t^T
             w.add_grad("h", g[:, :H])
@@ -869,6 +881,7 @@ class Recurrent(Layer):
                 if self.has_bias:  # every column of dx went into one column of dtable
                     w.add_grad("b", dtable.sum(axis=1))
                 w.add_grad("x", dtable)
+        ops.park()
         dxs = [None] * cache.n_srcs
         need_in = ctx.need_input_grads
         if x is not None and (need_in is None or need_in[self.data_pos]):

@@ -817,6 +817,68 @@ done:
     return ret;
 }
 
+static int get_2d(PyObject *o, Py_buffer *view, int writable, float **p, Py_ssize_t shape[2],
+                  Py_ssize_t strides[2], const char *name);
+
+/* ------------------------------------------------ step-major to feature-major */
+
+typedef struct {
+    float *flat;
+    Py_ssize_t frs;
+    const float *steps;
+    Py_ssize_t T, R, B;
+} unstep_task;
+
+static void unstep_part(void *p, int t, int nt)
+{
+    const unstep_task *q = p;
+    Py_ssize_t r0 = q->R * t / nt, r1 = q->R * (t + 1) / nt;
+    for (Py_ssize_t s = 0; s < q->T; s++) {
+        const float *src = q->steps + (s * q->R + r0) * q->B;
+        for (Py_ssize_t r = r0; r < r1; r++, src += q->B)
+            memcpy(q->flat + r * q->frs + s * q->B, src, (size_t)q->B * sizeof(float));
+    }
+}
+
+/* unstep(flat, steps): flat (R, T·B) = steps (T, R, B) laid out feature-major (step s in
+ * columns s·B..s·B+B-1); steps C-contiguous, flat with contiguous rows; rows split over
+ * the kernels' threads */
+static PyObject *py_unstep(PyObject *self, PyObject *args)
+{
+    PyObject *flat_o, *steps_o;
+    Py_ssize_t T;
+    if (!PyArg_ParseTuple(args, "OOn", &flat_o, &steps_o, &T))
+        return NULL;
+    Py_buffer vf = {.obj = NULL}, vs = {.obj = NULL};
+    float *flat, *steps;
+    Py_ssize_t shape[2], strides[2], n;
+    PyObject *ret = NULL;
+    if (get_2d(flat_o, &vf, 1, &flat, shape, strides, "flat") < 0 ||
+        get_flat(steps_o, &vs, 0, &steps, &n, "steps") < 0)
+        goto done;
+    if (T <= 0 || shape[1] % T != 0 || n != shape[0] * shape[1] ||
+        (shape[1] > 1 && strides[1] != 1)) {
+        PyErr_SetString(PyExc_ValueError, "unstep: flat (R, T·B) with contiguous rows and "
+                        "steps of R·T·B floats are needed");
+        goto done;
+    }
+    unstep_task q = {flat, strides[0], steps, T, shape[0], shape[1] / T};
+    Py_BEGIN_ALLOW_THREADS
+    if (g_threads > 1 && n >= PAR_MIN)
+        sg_parallel(unstep_part, &q, g_threads);
+    else
+        unstep_part(&q, 0, 1);
+    Py_END_ALLOW_THREADS
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    if (vf.obj)
+        PyBuffer_Release(&vf);
+    if (vs.obj)
+        PyBuffer_Release(&vs);
+    return ret;
+}
+
 /* ------------------------------------------- the step GEMM (stepgemm.c) */
 
 /* a 2-D float32 buffer with strides in whole floats */
@@ -944,6 +1006,12 @@ static PyObject *py_kernel_threads(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *py_park(PyObject *self, PyObject *noargs)
+{
+    sg_park();
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_step_isa(PyObject *self, PyObject *noargs)
 {
     return PyLong_FromLong(sg_cpu_isa());
@@ -1003,6 +1071,10 @@ static PyMethodDef methods[] = {
      "step_packed_size(M, K): floats of a packed (M, K) operand"},
     {"kernel_threads", py_kernel_threads, METH_VARARGS,
      "kernel_threads(n): the threads the cell kernels split their rows over"},
+    {"unstep", py_unstep, METH_VARARGS,
+     "unstep(flat, steps, T): flat (R, T*B) = steps (T, R, B), step t in columns t*B.."},
+    {"park", py_park, METH_NOARGS,
+     "park(): the pool's threads sleep now instead of spinning for the next task"},
     {"step_isa", py_step_isa, METH_NOARGS, "step_isa(): 3 AVX-512, 2 AVX2 (+FMA), 0 neither"},
     {"step_quiet", py_step_quiet, METH_VARARGS,
      "step_quiet(address): void (*)(void) called before the step GEMM's threads start work"},

@@ -71,6 +71,7 @@ static struct {
     _Atomic unsigned gen;          /* bumped per task */
     _Atomic int pending;           /* workers yet to finish the task */
     _Atomic int sleepers;          /* workers in (or entering) a futex wait */
+    _Atomic int parked;            /* sg_park: sleep now, no spinning */
     task_fn fn;
     void *arg;
     int n;                         /* threads of the current task, the caller's included */
@@ -102,7 +103,7 @@ static void wait_for_task(unsigned seen)
         cpu_relax();
         if ((spins & 63) != 63)
             continue;
-        double dt = now_us() - t0;
+        double dt = atomic_load(&pool.parked) ? 1e9 : now_us() - t0;
         if (dt < 50.0)
             continue;
         if (dt < 1000.0) {
@@ -188,6 +189,7 @@ void sg_parallel(task_fn fn, void *arg, int n)
     }
     if (pool.quiet)
         pool.quiet();
+    atomic_store(&pool.parked, 0);
     pool.fn = fn;
     pool.arg = arg;
     pool.n = n;
@@ -201,6 +203,11 @@ void sg_parallel(task_fn fn, void *arg, int n)
     while (atomic_load(&pool.pending) > 0)
         cpu_relax();
     pthread_mutex_unlock(&pool.lock);
+}
+
+void sg_park(void)
+{
+    atomic_store(&pool.parked, 1);
 }
 
 static inline void share(ptrdiff_t total, int t, int n, ptrdiff_t *lo, ptrdiff_t *hi)

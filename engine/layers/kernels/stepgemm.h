@@ -25,6 +25,9 @@ int sg_gemm(const float *pa, ptrdiff_t M, ptrdiff_t K, const float *b, ptrdiff_t
  * (down to the caller alone) when the pool is busy or a thread cannot be made: fn must take
  * the n it is given */
 void sg_parallel(void (*fn)(void *arg, int t, int n), void *arg, int n);
+/* the pool's threads go to sleep at once instead of spinning for the next task (the caller
+ * knows none comes soon, and another pool, the BLAS's, is about to work) */
+void sg_park(void);
 /* called before the pool's threads start work: puts another pool (the BLAS's) to sleep */
 void sg_set_quiet(void (*fn)(void));
 
