@@ -98,6 +98,8 @@ def test_emulated_avx2_limits_each_frameworks_library(monkeypatch):
     env, _ = charrnn.child_env("pytorch", parent)
     assert env["ATEN_CPU_CAPABILITY"] == "avx2" and env["MKL_ENABLE_INSTRUCTIONS"] == "AVX2"
     assert env["ONEDNN_MAX_CPU_ISA"] == "AVX2"
+    env, _ = charrnn.child_env("engine", parent)
+    assert env["RNN_ENGINE_STEP_GEMM"] == "avx2"      # the engine's own GEMM on AVX2 too
 
 
 def _run(meds, train, rss):
@@ -140,6 +142,17 @@ def test_gemm_layout_bench_runs(capsys):
     assert gemm_layout.main(["--hidden", "32", "--batch", "4", "--gates", "3", "--repeat", "2"]) == 0
     text = capsys.readouterr().out
     assert "feature-major" in text and "x the speed of row-major" in text
+
+
+def test_step_gemm_bench_runs(capsys):
+    from bench import stepgemm
+    from engine.layers import kernels
+    if kernels.step_mode()["isa"] == "blas":
+        pytest.skip("the packed step GEMM is off here: " + kernels.step_mode()["why"])
+    stepgemm.main(["--hidden", "32", "--gates", "3", "--batch", "5", "--steps", "3",
+                   "--rounds", "1"])
+    text = capsys.readouterr().out
+    assert "step GEMM: packed" in text and "fwd: packed is" in text and "bwd: packed is" in text
 
 
 def test_keep_freed_memory_takes_effect_on_glibc():

@@ -8,8 +8,9 @@
  * contiguous), so a micro-kernel reads it as vectors; B is packed per call (K x N, 100
  * KB) into column panels, k-major, from which the kernel broadcasts. The kernels keep a
  * 32 x nr tile of C in registers (AVX-512: 2 vectors per column, nr <= 14; AVX2: the
- * panel in two halves of 16 rows, nr <= 6). N is split into panels of nearly equal width
- * so that 50 columns cost no padding (13+13+12+12, or 9 x 5-6).
+ * panel in two halves of 16 rows, nr <= 6), then transpose it in registers (16 x 16 or
+ * 8 x 8) and write it to C's rows with masked stores. N is split into panels of nearly
+ * equal width so that 50 columns cost no padding (13+13+12+12, or 9 x 5-6).
  *
  * Threads: the rows of C are split over a pool of our own threads (the caller is one of
  * them). Two pools that spin on one core are ruinous: after an OpenBLAS GEMM its worker
@@ -18,7 +19,8 @@
  * puts the other pool to sleep (engine/layers/kernels/__init__.py passes OpenBLAS's
  * blas_thread_shutdown_, after which OpenBLAS makes its threads anew at its next call;
  * measured free). Our workers in turn spin only briefly (about 50 us with pause, then up
- * to about 1 ms yielding the core) and then sleep on a futex, so they leave the BLAS alone.
+ * to about 1 ms yielding the core) and then sleep on a futex, so they leave the BLAS alone;
+ * a step loop that ends parks them at once (sg_park).
  *
  * The order of the sum over k is fixed (k ascending, one accumulator per element), so a
  * result does not depend on the number of threads or the split of N.
@@ -267,13 +269,59 @@ void sg_pack(float *dst, const float *a, ptrdiff_t rs, ptrdiff_t cs, ptrdiff_t M
 
 /* ----------------------------------------------------------------- kernels */
 
-/* Each kernel: the 32 x nr tile sum_k pa[k*32 + r] pb[k*nr + j] into ct[j*32 + r]. */
+/* Each kernel: the 32 x nr tile T[r][j] = sum_k pa[k*32 + r] pb[k*nr + j], written (or, acc,
+ * added) to c[r*crs + j] for r < rows. */
 
 #ifdef SG_X86
 #define SG_INLINE static inline __attribute__((always_inline))
 
+/* r[0..15] (16 columns of 16 rows) transposed in place: r[i] becomes row i */
+__attribute__((target("avx512f"))) SG_INLINE void transpose16(__m512 r[16])
+{
+    __m512 t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+        r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+        r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) {
+        t[i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0x88);
+        t[4 + i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0xDD);
+        t[8 + i] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0x88);
+        t[12 + i] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0xDD);
+    }
+    for (int i = 0; i < 8; i++) {
+        r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
+        r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xDD);
+    }
+}
+
+/* 16 rows of a tile, column vectors v[0..w-1], into C rows with masked stores (a store
+ * element by element cost the forward step GEMM a tenth of its time) */
+__attribute__((target("avx512f"))) SG_INLINE void store_rows16(const __m512 *v, int w, float *c,
+                                                                ptrdiff_t crs, int rows, int acc)
+{
+    __m512 r[16];
+    for (int j = 0; j < 16; j++)
+        r[j] = j < w ? v[j] : _mm512_setzero_ps();
+    transpose16(r);
+    __mmask16 m = (__mmask16)((1u << w) - 1);
+    for (int i = 0; i < rows; i++) {
+        float *crow = c + i * crs;
+        __m512 x = acc ? _mm512_add_ps(_mm512_maskz_loadu_ps(m, crow), r[i]) : r[i];
+        _mm512_mask_storeu_ps(crow, m, x);
+    }
+}
+
 __attribute__((target("avx512f,fma"))) SG_INLINE void tile512(const float *pa, const float *pb,
-                                                               ptrdiff_t K, float *ct, int nr)
+                                                               ptrdiff_t K, float *c,
+                                                               ptrdiff_t crs, int rows, int acc,
+                                                               int nr)
 {
     __m512 c0[14], c1[14];
     for (int j = 0; j < nr; j++)
@@ -287,25 +335,62 @@ __attribute__((target("avx512f,fma"))) SG_INLINE void tile512(const float *pa, c
             c1[j] = _mm512_fmadd_ps(a1, b, c1[j]);
         }
     }
-    for (int j = 0; j < nr; j++) {
-        _mm512_storeu_ps(ct + j * SG_MR, c0[j]);
-        _mm512_storeu_ps(ct + j * SG_MR + 16, c1[j]);
-    }
+    store_rows16(c0, nr, c, crs, rows < 16 ? rows : 16, acc);
+    if (rows > 16)
+        store_rows16(c1, nr, c + 16 * crs, crs, rows - 16, acc);
 }
 
 #define K512(NR) \
     __attribute__((target("avx512f,fma"))) static void k512_##NR(const float *pa, \
-        const float *pb, ptrdiff_t K, float *ct) { tile512(pa, pb, K, ct, NR); }
+        const float *pb, ptrdiff_t K, float *c, ptrdiff_t crs, int rows, int acc) \
+        { tile512(pa, pb, K, c, crs, rows, acc, NR); }
 K512(1) K512(2) K512(3) K512(4) K512(5) K512(6) K512(7)
 K512(8) K512(9) K512(10) K512(11) K512(12) K512(13) K512(14)
 
-typedef void (*tile_fn)(const float *, const float *, ptrdiff_t, float *);
+typedef void (*tile_fn)(const float *, const float *, ptrdiff_t, float *, ptrdiff_t, int, int);
 static const tile_fn TILES512[15] = {NULL, k512_1, k512_2, k512_3, k512_4, k512_5, k512_6,
                                      k512_7, k512_8, k512_9, k512_10, k512_11, k512_12,
                                      k512_13, k512_14};
 
+/* r[0..7] (8 columns of 8 rows) transposed in place */
+__attribute__((target("avx2"))) SG_INLINE void transpose8(__m256 r[8])
+{
+    __m256 t[8], u[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; i++) {
+        u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+        u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+        u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm256_permute2f128_ps(u[i], u[4 + i], 0x20);
+        r[4 + i] = _mm256_permute2f128_ps(u[i], u[4 + i], 0x31);
+    }
+}
+
+/* 8 rows of a tile, column vectors v[0..w-1] (w <= 6), into C rows with masked stores */
+__attribute__((target("avx2"))) SG_INLINE void store_rows8(const __m256 *v, int w, float *c,
+                                                            ptrdiff_t crs, int rows, int acc)
+{
+    __m256 r[8];
+    for (int j = 0; j < 8; j++)
+        r[j] = j < w ? v[j] : _mm256_setzero_ps();
+    transpose8(r);
+    __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(w), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    for (int i = 0; i < rows; i++) {
+        float *crow = c + i * crs;
+        __m256 x = acc ? _mm256_add_ps(_mm256_maskload_ps(crow, m), r[i]) : r[i];
+        _mm256_maskstore_ps(crow, m, x);
+    }
+}
+
 __attribute__((target("avx2,fma"))) SG_INLINE void tile256(const float *pa, const float *pb,
-                                                            ptrdiff_t K, float *ct, int nr)
+                                                            ptrdiff_t K, float *c, ptrdiff_t crs,
+                                                            int rows, int acc, int nr)
 {
     for (int half = 0; half < 2; half++) {
         const float *ph = pa + half * 16;
@@ -321,16 +406,18 @@ __attribute__((target("avx2,fma"))) SG_INLINE void tile256(const float *pa, cons
                 c1[j] = _mm256_fmadd_ps(a1, b, c1[j]);
             }
         }
-        for (int j = 0; j < nr; j++) {
-            _mm256_storeu_ps(ct + j * SG_MR + half * 16, c0[j]);
-            _mm256_storeu_ps(ct + j * SG_MR + half * 16 + 8, c1[j]);
+        for (int q = 0; q < 2; q++) {       /* rows half*16 + 8q .. + 7 */
+            int r0 = half * 16 + 8 * q, n = rows - r0 < 8 ? rows - r0 : 8;
+            if (n > 0)
+                store_rows8(q ? c1 : c0, nr, c + r0 * crs, crs, n, acc);
         }
     }
 }
 
 #define K256(NR) \
     __attribute__((target("avx2,fma"))) static void k256_##NR(const float *pa, \
-        const float *pb, ptrdiff_t K, float *ct) { tile256(pa, pb, K, ct, NR); }
+        const float *pb, ptrdiff_t K, float *c, ptrdiff_t crs, int rows, int acc) \
+        { tile256(pa, pb, K, c, crs, rows, acc, NR); }
 K256(1) K256(2) K256(3) K256(4) K256(5) K256(6)
 static const tile_fn TILES256[7] = {NULL, k256_1, k256_2, k256_3, k256_4, k256_5, k256_6};
 #endif
@@ -376,7 +463,6 @@ static void gemm_task(void *p, int t, int n)
     const gemm_args *g = p;
     ptrdiff_t P = (g->M + SG_MR - 1) / SG_MR, p0, p1;
     share(P, t, n, &p0, &p1);
-    float ct[14 * SG_MR] __attribute__((aligned(64)));
     for (ptrdiff_t pn = p0; pn < p1; pn++) {
         const float *pa = g->pa + pn * SG_MR * g->K;
         ptrdiff_t r0 = pn * SG_MR;
@@ -385,16 +471,8 @@ static void gemm_task(void *p, int t, int n)
             ptrdiff_t c0;
             int w;
             col_panel(g, q, &c0, &w);
-            g->tiles[w](pa, g->pb + g->K * c0, g->K, ct);
-            for (int r = 0; r < rows; r++) {
-                float *crow = g->c + (r0 + r) * g->crs + c0;
-                if (g->accumulate)
-                    for (int j = 0; j < w; j++)
-                        crow[j] += ct[j * SG_MR + r];
-                else
-                    for (int j = 0; j < w; j++)
-                        crow[j] = ct[j * SG_MR + r];
-            }
+            g->tiles[w](pa, g->pb + g->K * c0, g->K, g->c + r0 * g->crs + c0, g->crs, rows,
+                        g->accumulate);
         }
     }
 #else
