@@ -5,7 +5,7 @@
 A loop of ``--steps`` products W_h h_t (G·H × H times H × B, h_t a step's columns of the
 state block) and W_h^T d_t, as a char-rnn block runs them, timed after an OpenBLAS GEMM
 each round (in training the loop follows one). The packed side includes packing W_h (and
-W_h^T) once per loop, as ``Products`` does. Prints the CPU, NumPy's BLAS and its kernel,
+W_h^T) once per loop into blocks kept across rounds, as ``Products`` does. Prints the CPU, NumPy's BLAS and its kernel,
 the step GEMM's instruction set and threads, then ms per loop and GFLOP/s, medians and
 min-max over the rounds. ``RNN_ENGINE_STEP_GEMM=avx2`` measures the AVX2 micro-kernel on an
 AVX-512 CPU; unset ``OPENBLAS_CORETYPE`` and ``OPENBLAS_L2_SIZE`` first (or set the former
@@ -73,8 +73,13 @@ def main(argv=None) -> None:
         for t in range(T):
             np.matmul(w, hs[:, t * B:(t + 1) * B], out=pre[t])
 
+    kept = {}     # the packed blocks, kept across rounds as a layer keeps them
+
+    def block(name):
+        return lambda size: kept.setdefault(name, np.empty(size, np.float32))
+
     def packed_fwd():
-        p = kernels.Packed(w)
+        p = kernels.Packed(w, block("w"))
         for t in range(T):
             kernels.step_gemm(pre[t], p, hs[:, t * B:(t + 1) * B])
 
@@ -83,7 +88,7 @@ def main(argv=None) -> None:
             np.matmul(w.T, d[t], out=back[t])
 
     def packed_bwd():
-        p = kernels.Packed(w.T)
+        p = kernels.Packed(w.T, block("wT"))
         for t in range(T):
             kernels.step_gemm(back[t], p, d[t])
 
