@@ -14,36 +14,13 @@ to Haswell to compare like with like).
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import numpy as np
 
+from bench.charrnn import cpu_model, describe_blas, thread_pools
 from engine.layers import kernels
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def blas_line() -> str:
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        return "NumPy BLAS: (threadpoolctl not installed)"
-    for p in threadpool_info():
-        if p.get("user_api") == "blas":
-            return (f"NumPy BLAS: {p.get('internal_api')} {p.get('version')} kernel "
-                    f"{p.get('architecture')}, {p.get('num_threads')} threads")
-    return "NumPy BLAS: unknown"
 
 
 def main(argv=None) -> None:
@@ -57,7 +34,7 @@ def main(argv=None) -> None:
     H, GH, B, T = a.hidden, a.gates * a.hidden, a.batch, a.steps
     kernels.use("native")
     mode = kernels.step_mode()
-    print(f"CPU: {cpu_name()}; {blas_line()}")
+    print(f"CPU: {cpu_model()}; NumPy BLAS: {describe_blas(thread_pools())}")
     print(f"{kernels.step_describe()}")
     if mode["isa"] == "blas":
         raise SystemExit("the packed step GEMM is off here; nothing to compare")

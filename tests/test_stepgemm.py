@@ -18,12 +18,12 @@ import os
 
 import numpy as np
 import pytest
+from test_kernels import LAYER_IDS, LAYERS, _block_run, build, close, rand
 
 from engine.backend import BackendError
 from engine.layers import kernels
 from engine.layers.kernels import _native
 from engine.proto import job_pb2 as pb
-from test_kernels import LAYER_IDS, LAYERS, _block_run, build, close, rand
 
 F32 = np.float32
 ISAS = [name for name, code in (("avx512", 3), ("avx2", 2)) if _native.step_isa() >= code]
@@ -267,7 +267,7 @@ def _child(q):
         out = np.zeros((300, 50), F32)
         _native.step_gemm(out, packed(a, "avx2", 2), b, False, 2, 2)
         q.put(float(np.abs(out - a.astype(np.float64) @ b).max()))
-    except Exception as e:    # pragma: no cover - reported to the parent
+    except Exception as e:  # noqa: BLE001 - any failure is reported to the parent
         q.put(repr(e))
 
 

@@ -324,7 +324,7 @@ class Packed:
     """A weight matrix ``a`` (M, K) packed for the step GEMM, with the thread count and
     instruction set of its loop (one batch's step loop packs, then multiplies T times)."""
 
-    __slots__ = ("data", "shape", "isa", "threads")
+    __slots__ = ("data", "isa", "shape", "threads")
 
     def __init__(self, a, buffer=None):
         """``buffer(name, shape)``: where the packed floats go (a block the layer keeps across
