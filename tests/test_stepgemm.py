@@ -42,7 +42,7 @@ def fresh_switch(monkeypatch):
     kernels.set_threads(1)
 
 
-def packed(a, isa, threads):
+def packed(a, threads):
     p = np.empty(_native.step_packed_size(*a.shape), F32)
     _native.step_pack(p, a, threads)
     return p
@@ -50,7 +50,7 @@ def packed(a, isa, threads):
 
 def gemm(a, b, isa, threads, out=None, accumulate=False):
     out = np.zeros((a.shape[0], b.shape[1]), F32) if out is None else out
-    _native.step_gemm(out, packed(a, isa, threads), b, accumulate, {"avx512": 3, "avx2": 2}[isa],
+    _native.step_gemm(out, packed(a, threads), b, accumulate, {"avx512": 3, "avx2": 2}[isa],
                       threads)
     return out
 
@@ -79,10 +79,11 @@ def test_layouts_the_layers_pass(isa):
     h = hs[:, 2 * B:3 * B]
     wide = rand(rng, (G * H, 3 * B))
     out = wide[:, B:2 * B]
-    before = out.copy()
+    before = wide.copy()
     gemm(w, h, isa, 2, out=out, accumulate=True)
-    close(out, before + w.astype(np.float64) @ h)
-    assert np.array_equal(wide[:, :B], wide[:, :B])   # neighbours untouched below
+    close(out, before[:, B:2 * B] + w.astype(np.float64) @ h)
+    assert np.array_equal(wide[:, :B], before[:, :B])     # the neighbours are untouched
+    assert np.array_equal(wide[:, 2 * B:], before[:, 2 * B:])
     g = rand(rng, (G * H, B))
     close(gemm(w.T, g, isa, 2), w.T.astype(np.float64) @ g)
 
@@ -116,7 +117,7 @@ def test_the_instruction_sets_agree():
 def test_bad_arguments_raise():
     a = np.ones((40, 8), F32)
     b = np.ones((8, 5), F32)
-    p = packed(a, ISAS[0], 1)
+    p = packed(a, 1)
     with pytest.raises(ValueError, match="do not fit"):
         _native.step_gemm(np.zeros((40, 5), F32), p[:-1], b, False, 2, 1)
     with pytest.raises(ValueError, match="do not fit"):
@@ -265,7 +266,7 @@ def _child(q):
         rng = np.random.default_rng(11)
         a, b = rand(rng, (300, 64)), rand(rng, (64, 50))
         out = np.zeros((300, 50), F32)
-        _native.step_gemm(out, packed(a, "avx2", 2), b, False, 2, 2)
+        _native.step_gemm(out, packed(a, 2), b, False, 2, 2)
         q.put(float(np.abs(out - a.astype(np.float64) @ b).max()))
     except Exception as e:  # noqa: BLE001 - any failure is reported to the parent
         q.put(repr(e))

@@ -273,23 +273,21 @@ class Products:
         every = gates is ALL          # the common form: no row slices (a step's Python cost)
         r0, r1 = (0, self.GH) if every else self.rows(gates)
         out = self.pre[self.t] if every else self.pre[self.t][r0:r1]
-        if with_input and self.z is not None:   # folded input: ONE GEMM [W_h W_x b] [h; x; 1]
+        folded = with_input and self.z is not None
+        if folded:                                # ONE GEMM [W_h W_x b] [h; x; 1]
             if not every or v is not self.h:
                 raise RuntimeError(f"{self.layer.name}: a folded input needs one product of h "
                                    f"for all gates")
-            if self.packing:
-                if self.packed is None:
-                    self.packed = kernels.Packed(self.wc, lambda n: self.buffer("packed", n))
-                kernels.step_gemm(out, self.packed, self.zt)
-            else:
-                xp.matmul(self.wc, self.zt, out=out)
+            w, operand = self.wc, self.zt
         else:
-            if every and self.packing:
-                if self.packed is None:
-                    self.packed = kernels.Packed(self.w_h, lambda n: self.buffer("packed", n))
-                kernels.step_gemm(out, self.packed, v)
-            else:
-                xp.matmul(self.w_h if every else self.w_h[r0:r1], v, out=out)
+            w, operand = (self.w_h if every else self.w_h[r0:r1]), v
+        if every and self.packing:                # the step GEMM, W packed at the first step
+            if self.packed is None:
+                self.packed = kernels.Packed(w, lambda n: self.buffer("packed", n))
+            kernels.step_gemm(out, self.packed, operand)
+        else:
+            xp.matmul(w, operand, out=out)
+        if not folded:
             if self.layer.hbias_key is not None:
                 self.layer.add_hbias(out, r0)
             if with_input:

@@ -235,7 +235,7 @@ _ISA_CODE = {"avx2": 2, "avx512": 3}
 #: the fewest steps for which a loop packs W_h (about 2 ms for LSTM 512, 0.2 ms saved a step)
 STEP_MIN_T = 8
 
-_step: dict | None = None    # {"isa": "avx512" | "avx2" | "blas", "why": str, "blas": ...}
+_step: dict | None = None    # {"isa": "avx512" | "avx2" | "blas", "why": str, "openblas": ...}
 
 
 def _openblas():
@@ -278,7 +278,7 @@ def step_mode() -> dict:
         raise BackendError(f"{STEP_ENV}={raw!r} is not a choice; use one of "
                            f"{', '.join(STEP_CHOICES)}")
     cpu = 0 if _native is None else _native.step_isa()
-    best = {3: "avx512", 2: "avx2"}.get(cpu)
+    best = {code: name for name, code in _ISA_CODE.items()}.get(cpu)
     if want in _ISA_CODE and _ISA_CODE[want] > cpu:
         raise BackendError(f"{STEP_ENV}={want}: this CPU (or build) gives the step GEMM "
                            f"{best or 'no kernel'}; use {STEP_ENV}=auto")
@@ -294,7 +294,7 @@ def step_mode() -> dict:
         _step = {"isa": "blas", "why": "NumPy's BLAS is not OpenBLAS"}
     else:
         _native.step_quiet(blas["shutdown"])
-        _step = {"isa": best if want == "auto" else want, "why": "", "blas": blas}
+        _step = {"isa": best if want == "auto" else want, "why": "", "openblas": blas}
     return _step
 
 
@@ -317,20 +317,19 @@ def step_threads() -> int:
     """The threads of a step GEMM: as many as NumPy's OpenBLAS uses now (OPENBLAS_NUM_THREADS,
     threadpoolctl's limits)."""
     m = step_mode()
-    return max(1, int(m["blas"]["threads"]())) if "blas" in m else 1
+    return max(1, int(m["openblas"]["threads"]())) if "openblas" in m else 1
 
 
 class Packed:
     """A weight matrix ``a`` (M, K) packed for the step GEMM, with the thread count and
     instruction set of its loop (one batch's step loop packs, then multiplies T times)."""
 
-    __slots__ = ("data", "isa", "shape", "threads")
+    __slots__ = ("data", "isa", "threads")
 
     def __init__(self, a, buffer=None):
         """``buffer(name, shape)``: where the packed floats go (a block the layer keeps across
         batches: a fresh 4 MB array each batch cost its page faults, 2 ms a step)."""
         m = step_mode()
-        self.shape = a.shape
         self.isa = _ISA_CODE[m["isa"]]
         self.threads = step_threads()
         size = (_native.step_packed_size(*a.shape),)

@@ -68,7 +68,6 @@ typedef void (*task_fn)(void *arg, int t, int n);
 
 static struct {
     pthread_mutex_t lock;          /* one caller at a time; others compute alone */
-    int started;                   /* workers running */
     int workers;                   /* how many */
     _Atomic unsigned gen;          /* bumped per task */
     _Atomic int pending;           /* workers yet to finish the task */
@@ -146,7 +145,6 @@ static void after_fork_child(void)
 {
     /* the workers are not in the child: it starts its own when it needs them */
     pthread_mutex_init(&pool.lock, NULL);
-    pool.started = 0;
     pool.workers = 0;
 }
 
@@ -169,7 +167,6 @@ static int ensure_workers(int want)
             break;
         pool.workers++;
     }
-    pool.started = pool.workers > 0;
     return pool.workers;
 }
 
