@@ -12,8 +12,9 @@ float32, the BLAS and the compiled kernels the engine uses):
   the table W_x + b added into the result (``kernels.gather``), what
   ``engine/layers/recurrent.py`` runs for a kOneHot source;
 - the weight gradients after the step loop: folded, one GEMM dpre @ [h; x; 1]^T;
-  gathered, dpre @ h^T and the scatter-add of dpre's columns by token
-  (``kernels.scatter_add``);
+  gathered, dpre @ h^T and the scatter-add of dpre's columns by token into the
+  transposed table gradient (``kernels.scatter_t``; in the layers the backward step
+  GEMM does this scatter step by step, see docs/speed.md);
 - the backward step GEMMs W_h^T @ dpre: from a transposed view of the stored W_h
   (what the layers do), and from a contiguous copy made once per batch
   (``kernels.transpose``, included), which measured no faster.
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
     z[H + V] = 1
     pre = np.empty((T, GH, B), f32)
     dpre = rng.standard_normal((GH, N), dtype=f32)
-    dtable = np.zeros((GH, V), f32)
+    dtable_t = np.zeros((V, GH), f32)
     w_hT = np.empty((H, GH), f32)
     back = np.empty((H, B), f32)
 
@@ -99,11 +100,11 @@ def main(argv=None) -> int:
 
     def wgrad_gathered():
         dpre @ z[:H, :N].T
-        dtable[...] = 0
-        kernels.scatter_add(dtable, dpre, idx)
+        dtable_t[...] = 0
+        kernels.scatter_t(dtable_t, dpre, idx)
 
     def scatter_only():
-        kernels.scatter_add(dtable, dpre, idx)
+        kernels.scatter_t(dtable_t, dpre, idx)
 
     def bwd_view():
         for t in range(T):

@@ -176,8 +176,9 @@ def test_kernels_check_what_they_are_given():
 
 # ------------------------------------------------- one-hot inputs, transposes
 def test_gather_scatter_and_transpose_equal_numpy():
-    """The compiled column gather, scatter-add and transpose give NumPy's results
-    exactly (they only move and add numbers, in the same order), on column slices."""
+    """The compiled column gather, scatter-add (into a transposed table, step by step) and
+    transpose give NumPy's results exactly (they only move and add numbers, in the same
+    order), on column slices."""
     rng = np.random.default_rng(3)
     R, V, n = 37, 11, 23
     table = rand(rng, (R, V))
@@ -188,12 +189,15 @@ def test_gather_scatter_and_transpose_equal_numpy():
     np.testing.assert_array_equal(out, want)
     cells.gather_columns(np, out, table, idx)
     np.testing.assert_array_equal(out, table[:, idx])
-    d = cols(rand(rng, (R, n)), n)
-    acc = rand(rng, (R, V))
+    T = 3
+    d_steps = rand(rng, (T, R, n))
+    acc = rand(rng, (V, R))         # the transposed table gradient: a row per token
     want = acc.copy()
-    for j in range(n):
-        want[:, idx[j]] += d[:, j]
-    cells.scatter_columns(np, acc, d, idx)
+    tokens = rng.integers(0, V, T * n).astype(np.int32)
+    for t in (2, 0):                # the steps given, in their order; step 1 left out
+        for j in range(n):
+            want[tokens[t * n + j]] += d_steps[t][:, j]
+    assert cells.scatter_steps(np, acc, d_steps, tokens, [2, 0], n) is acc
     np.testing.assert_array_equal(acc, want)
     for shape in [(R, V), (8, 8), (64, 50), (1, 9), (9, 1)]:   # 8 x 8 tiles and their edges
         a = cols(rand(rng, shape), shape[1])
@@ -205,8 +209,8 @@ def test_gather_scatter_and_transpose_equal_numpy():
     assert cells.transposed(np, b, None).base is not None
     # the NumPy path of the same helpers (int64 indices do not take the kernels)
     before = acc.copy()
-    cells.scatter_columns(np, acc, d, idx.astype(np.int64))
-    close(acc - before, d @ np.eye(V, dtype=F32)[idx])  # the sum of d's columns per index
+    cells.scatter_steps(np, acc, d_steps, tokens.astype(np.int64), [1], n)
+    close(acc - before, np.eye(V, dtype=F32)[tokens[n:2 * n]].T @ d_steps[1].T)
     out2 = cells.gather_columns(np, np.zeros((R, n), F32), table, idx.astype(np.int64))
     np.testing.assert_array_equal(out2, table[:, idx])
 
@@ -217,7 +221,7 @@ def test_one_hot_kernels_refuse_a_bad_index():
     with pytest.raises(IndexError, match="outside the table's 3 columns"):
         kernels._native.gather(out, table, np.array([0, 3], np.int32), False)
     with pytest.raises(IndexError, match=r"idx\[0\] = -1"):
-        kernels._native.scatter_add(table, out, np.array([-1, 0], np.int32))
+        kernels._native.scatter_t(table.T.copy(), out, np.array([-1, 0], np.int32), 0)
     with pytest.raises(TypeError, match="int32"):
         kernels._native.gather(out, table, np.array([0, 1], np.int64), False)
 
@@ -240,15 +244,15 @@ LAYERS = [("rnn", pb.TANH), ("rnn", pb.RELU), ("gru", None), ("lstm", None)]
 LAYER_IDS = ["rnn-tanh", "rnn-relu", "gru", "lstm"]
 
 
-def _block_run(layer, X, state0, mask, R, T, B):
+def _block_run(layer, X, state0, mask, R, T, B, need_state_grad=True):
     for p in layer.params.values():
         p.grad[...] = 0
     ctx = Context(step=0, unroll_len=T, mask=mask, steps=np.arange(T), batch=B, aux=[None],
-                  need_input_grads=[True], need_state_grad=True)
+                  need_input_grads=[True], need_state_grad=need_state_grad)
     Y, final, cache = layer.forward_block(ctx, [X], state0)
     Y = Y.copy()
     (dX,), d0 = layer.backward_block(ctx, R, cache)
-    flat = (lambda s: list(s) if isinstance(s, tuple) else [s])
+    flat = (lambda s: [] if s is None else list(s) if isinstance(s, tuple) else [s])
     return ([Y] + [np.array(s) for s in flat(final)] + [dX] + [np.array(d) for d in flat(d0)]
             + [p.grad.copy() for p in layer.params.values()])
 

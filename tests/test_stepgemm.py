@@ -132,6 +132,65 @@ def test_bad_arguments_raise():
         _native.step_pack(np.zeros(3, F32), a, 1)
 
 
+ONE_HOT_SHAPES = [(2048, 512, 50, 101), (40, 33, 13, 7), (31, 17, 29, 5), (5, 3, 1, 2)]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("M,K,N,V", ONE_HOT_SHAPES, ids=[f"{m}x{k}x{n}" for m, k, n, _ in
+                                                        ONE_HOT_SHAPES])
+@pytest.mark.parametrize("isa", ISAS)
+def test_one_hot_projection_rides_in_the_gemm(isa, M, K, N, V, threads, monkeypatch):
+    """gather: the product plus the tokens' table rows, bit for bit what the product and a
+    separate add give (the same two roundings); scatter: the product unchanged and b's
+    columns added into the tokens' rows, bit for bit a column-by-column float32 loop (and
+    kernels.scatter_t alone gives the same); rows of M or K that are no multiple of the
+    tiles, 1 to 3 threads."""
+    monkeypatch.setenv(kernels.STEP_ENV, isa)
+    kernels.step_reset()
+    kernels.set_threads(threads)
+    rng = np.random.default_rng(M + K + N)
+    a, b = rand(rng, (M, K)), rand(rng, (K, N))
+    idx = rng.integers(0, V, N).astype(np.int32)
+    idx[-1] = idx[0]                               # a token twice in one step
+    p = kernels.Packed(a)
+    plain = kernels.step_gemm(np.empty((M, N), F32), p, b)
+    table = rand(rng, (V, M))
+    got = kernels.step_gemm(np.empty((M, N), F32), p, b, gather=(table, idx))
+    assert np.array_equal(got, plain + table[idx].T)
+    acc0 = rand(rng, (V, K))
+    want = acc0.copy()
+    for j in range(N):
+        want[idx[j]] += b[:, j]
+    acc = acc0.copy()
+    out = kernels.step_gemm(np.empty((M, N), F32), p, b, scatter=(acc, idx))
+    assert np.array_equal(out, plain)
+    assert np.array_equal(acc, want)
+    alone = kernels.scatter_t(acc0.copy(), b, idx)
+    assert np.array_equal(alone, want)
+
+
+def test_one_hot_arguments_are_checked():
+    a = np.ones((40, 8), F32)
+    b = np.ones((8, 5), F32)
+    p = packed(a, 1)
+    c = np.zeros((40, 5), F32)
+    idx = np.zeros(5, np.int32)
+    with pytest.raises(ValueError, match="rows of 40"):
+        _native.step_gemm(c, p, b, False, 2, 1, np.zeros((3, 8), F32), idx, False)
+    with pytest.raises(ValueError, match="rows of 8"):
+        _native.step_gemm(c, p, b, False, 2, 1, np.zeros((3, 40), F32), idx, True)
+    with pytest.raises(ValueError, match="5 columns"):
+        _native.step_gemm(c, p, b, False, 2, 1, np.zeros((3, 40), F32), idx[:4], False)
+    with pytest.raises(IndexError, match="outside the table's 3 columns"):
+        _native.step_gemm(c, p, b, False, 2, 1, np.zeros((3, 40), F32), idx + 3, False)
+    with pytest.raises(ValueError, match="accumulated"):
+        _native.step_gemm(c, p, b, True, 2, 1, np.zeros((3, 40), F32), idx, False)
+    with pytest.raises(ValueError, match="read-only|writable"):
+        ro = np.zeros((3, 8), F32)
+        ro.flags.writeable = False
+        _native.step_gemm(c, p, b, False, 2, 1, ro, idx, True)
+
+
 def test_python_wrapper_copies_b_without_contiguous_rows():
     rng = np.random.default_rng(5)
     a = rand(rng, (64, 20))
@@ -177,11 +236,43 @@ def test_layer_on_the_step_gemm_equals_layer_on_the_blas(kind, act, H, D, B, one
     kernels.step_reset()
     calls = []
     real = kernels.step_gemm
-    monkeypatch.setattr(kernels, "step_gemm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(kernels, "step_gemm", lambda *a, **k: calls.append(k) or real(*a, **k))
     got = _block_run(layer, X, state0, mask, R, T, B)
     assert len(calls) >= 2 * T - 1, "the step GEMM did not run"
+    if one_hot and kind != "gru":   # a cell that sums its projections: the GEMM gathers
+        assert sum(k.get("gather") is not None for k in calls) == T       # and scatters
+        assert sum(k.get("scatter") is not None for k in calls) == T
     for k, (a, b) in enumerate(zip(got, want)):
         assert a.dtype == F32
+        close(a, b, f"result {k}")
+
+
+@pytest.mark.parametrize("kind,act", [("lstm", None), ("rnn", pb.TANH)], ids=["lstm", "rnn"])
+def test_a_step_the_gemm_does_not_undo_is_scattered_after_the_loop(kind, act, monkeypatch):
+    """Without the initial state's gradient the loop's last step multiplies by no W_h^T, so
+    its one-hot columns go into dW_x after the loop (Products.table_grad); the gradients
+    still agree with NumPy's matmul to 1e-5."""
+    T, H, D, B = 9, 40, 11, 50
+    layer = build(kind, H, D, act, one_hot=True)
+    rng = np.random.default_rng(21)
+    X = np.zeros((T * B, D), F32)
+    X[np.arange(T * B), rng.integers(0, D, T * B)] = 1
+    R = rand(rng, (T * B, H))
+    parts = [rand(rng, (B, H), 0.5) for _ in range(2 if kind == "lstm" else 1)]
+    state0 = tuple(parts) if kind == "lstm" else parts[0]
+    mask = np.ones(T * B, F32)
+    monkeypatch.setenv(kernels.STEP_ENV, "blas")
+    kernels.step_reset()
+    want = _block_run(layer, X, state0, mask, R, T, B, need_state_grad=False)
+    monkeypatch.setenv(kernels.STEP_ENV, "auto")
+    kernels.step_reset()
+    calls = []
+    real = kernels.step_gemm
+    monkeypatch.setattr(kernels, "step_gemm", lambda *a, **k: calls.append(k) or real(*a, **k))
+    got = _block_run(layer, X, state0, mask, R, T, B, need_state_grad=False)
+    assert sum(k.get("scatter") is not None for k in calls) == T - 1
+    assert len(got) == len(want)
+    for k, (a, b) in enumerate(zip(got, want)):
         close(a, b, f"result {k}")
 
 
@@ -230,8 +321,8 @@ def test_gathers_and_scatters_on_threads_give_the_same_bits():
         kernels.set_threads(threads)
         out = rand(np.random.default_rng(10), (R, n))
         kernels.gather(out, table, idx, True)
-        acc = np.zeros((R, V), F32)
-        kernels.scatter_add(acc, d, idx)
+        acc = np.zeros((V, R), F32)
+        kernels.scatter_t(acc, d, idx)
         results.append((out, acc))
     assert np.array_equal(results[0][0], results[1][0])
     assert np.array_equal(results[0][1], results[1][1])

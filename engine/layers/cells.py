@@ -165,8 +165,8 @@ def lstm_backward(xp, dh_new, dc_new, c, ifo, g, tc, out=None):
 # ------------------------------------------------------- one-hot inputs, transposes
 # A one-hot input x_n = e_{idx[n]} projects to W x_n = column idx[n] of W: the recurrent
 # layers gather columns instead of multiplying by the zeros of x, and add the gradient's
-# columns into dW's (dW = dpre x^T). The compiled twins (kernels.gather, .scatter_add)
-# run where ``kernels.usable`` says so.
+# columns into the rows of dW^T (dW = dpre x^T). The compiled twins (kernels.gather,
+# .scatter_t) run where ``kernels.usable`` says so.
 def one_hot_index(xp, x):
     """The column of the 1 in each row of ``x`` (N, V), as an int32 array (N,)."""
     return xp.argmax(x, axis=1).astype(xp.int32)
@@ -196,25 +196,21 @@ def gather_steps(xp, out, table, idx):
     return out
 
 
-def scatter_steps(xp, acc, d_steps, idx):
-    """acc[:, idx[t·B + j]] += d_steps[t][:, j] for every step t and column j of the
-    step-major ``d_steps`` (T, R, B); returns ``acc``."""
-    T, R, B = d_steps.shape
-    if kernels.usable(d_steps[0], inplace=acc) and kernels.usable_index(idx):
-        for t in range(T):
-            kernels.scatter_add(acc, d_steps[t], idx[t * B:(t + 1) * B])
-        return acc
-    return scatter_columns(xp, acc, d_steps.transpose(1, 0, 2).reshape(R, T * B), idx)
-
-
-def scatter_columns(xp, acc, d, idx):
-    """acc[:, idx[j]] += d[:, j] for every column j of ``d`` (R, n); returns ``acc``."""
-    if kernels.usable(d, inplace=acc) and kernels.usable_index(idx):
-        return kernels.scatter_add(acc, d, idx)
-    hot = xp.zeros((idx.shape[0], acc.shape[1]), dtype=acc.dtype)
-    hot[xp.arange(idx.shape[0]), idx] = 1
-    acc += d @ hot
-    return acc
+def scatter_steps(xp, acc_t, d_steps, idx, steps, B):
+    """acc_t[idx[t·B + j]] += d_steps[t][:, j] for each step t of ``steps`` (in that order)
+    and column j: the columns of the step-major gradient ``d_steps`` (T, R, B) added into
+    the rows of their tokens of a transposed table gradient ``acc_t`` (V, R), one vector
+    per column; returns ``acc_t``."""
+    steps = list(steps)
+    if kernels.usable(d_steps[0], inplace=acc_t) and kernels.usable_index(idx):
+        for t in steps:
+            kernels.scatter_t(acc_t, d_steps[t], idx[t * B:(t + 1) * B])
+        return acc_t
+    for t in steps:
+        hot = xp.zeros((acc_t.shape[0], B), dtype=acc_t.dtype)
+        hot[idx[t * B:(t + 1) * B], xp.arange(B)] = 1
+        acc_t += hot @ d_steps[t].T
+    return acc_t
 
 
 def transposed(xp, a, out):

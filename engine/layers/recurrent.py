@@ -249,6 +249,9 @@ class Products:
         self.groups: dict = {}
         self.xproj = None        # (T, G·H, B) input projections, when materialised
         self.table = self.idx = None   # one-hot input: W_x + b and the tokens
+        self.table_T = None            # ... W_x + b transposed, for the step GEMM (table_t)
+        self.dtable_T = None           # ... dW_x transposed, and the steps scattered into it
+        self.scattered = None
         self.wc = self.z = None        # folded input: [W_h W_x b] and [h; x; 1]
         self.dx_steps = self.dh_steps = None   # backward: dL/d(input projection), dL/d(products)
         self._dx = self._dh = None             # the same feature-major (``dx``, ``dh``)
@@ -281,13 +284,17 @@ class Products:
             w, operand = self.wc, self.zt
         else:
             w, operand = (self.w_h if every else self.w_h[r0:r1]), v
+        gather = None
         if every and self.packing:                # the step GEMM, W packed at the first step
             if self.packed is None:
                 self.packed = kernels.Packed(w, lambda n: self.buffer("packed", n))
-            kernels.step_gemm(out, self.packed, operand)
+            if with_input and not folded and self.xproj is None and \
+                    self.layer.hbias_key is None:  # one-hot: W_x + b's columns added in the GEMM
+                gather = (self.table_t(), self.idx[self.cols])
+            kernels.step_gemm(out, self.packed, operand, gather=gather)
         else:
             xp.matmul(w, operand, out=out)
-        if not folded:
+        if not folded and gather is None:
             if self.layer.hbias_key is not None:
                 self.layer.add_hbias(out, r0)
             if with_input:
@@ -298,6 +305,14 @@ class Products:
                     out += self.xproj[self.t][r0:r1]
         self._keep(r0, r1, v)
         return out
+
+    def table_t(self):
+        """The one-hot input's table W_x + b transposed (V, G·H), a row per token: what the
+        step GEMM adds to its product (made at the loop's first step)."""
+        if self.table_T is None:
+            self.table_T = cells.transposed(self.xp, self.table,
+                                            self.buffer("tableT", self.table.shape[::-1]))
+        return self.table_T
 
     def park(self) -> None:
         """The loop's pool work is over for now: its threads sleep at once, leaving the
@@ -342,6 +357,10 @@ class Products:
             self.dx_steps[...] = 0
             if separate:
                 self.dh_steps[...] = 0
+        if self.table is not None:     # one-hot input: dW_x transposed, from zero
+            self.dtable_T = self.buffer("dtableT", self.table.shape[::-1])
+            self.dtable_T[...] = 0
+            self.scattered = [False] * self.T
 
     def _flat(self, steps, name):
         """``steps`` (T, G·H, B) as a (G·H, T·B) block: step t in columns t·B..t·B+B-1."""
@@ -398,9 +417,25 @@ class Products:
         if gates is ALL and self.packing:
             if self.packed_T is None:
                 self.packed_T = kernels.Packed(w_hT, lambda n: self.buffer("packedT", n))
+            scatter = None
+            if self.dtable_T is not None and self.dh_steps is self.dx_steps:
+                # dst is also dL/d(input projection): its columns go into dW_x as the GEMM
+                # packs them, from cache, instead of a pass over the block after the loop
+                scatter = (self.dtable_T, self.idx[self.cols])
+                self.scattered[self.t] = True
             return kernels.step_gemm(self.xp.empty((self.H, self.B), dtype=dst.dtype),
-                                     self.packed_T, dst)
+                                     self.packed_T, dst, scatter=scatter)
         return self.xp.matmul(w_hT, dst)
+
+    def table_grad(self):
+        """dW_x of the one-hot input, transposed (V, G·H): every step's dL/d(input
+        projection) columns added into the rows of their tokens (the steps the step GEMM
+        did not already scatter, in the order the loop undid them)."""
+        T, B = self.T, self.B
+        order = range(T) if self.layer.reverse else range(T - 1, -1, -1)
+        left = [t for t in order if not self.scattered[t]]
+        cells.scatter_steps(self.xp, self.dtable_T, self.dx_steps, self.idx, left, B)
+        return self.dtable_T
 
     def weight_grads(self, before) -> None:
         """Add dW_h, and the recurrent bias's gradient, from the stored gradients: per group
@@ -873,9 +908,7 @@ class Recurrent(Layer):
                     w.add_grad("b", ops.dx_steps.sum(axis=(0, 2)))
                 w.add_grad("x", ops.dx @ x)
             else:
-                dtable = self._buffer("dtable", (self.gates * H, D))
-                dtable[...] = 0
-                cells.scatter_steps(xp, dtable, ops.dx_steps, cache.idx)
+                dtable = ops.table_grad().T
                 if self.has_bias:  # every column of dx went into one column of dtable
                     w.add_grad("b", dtable.sum(axis=1))
                 w.add_grad("x", dtable)

@@ -32,7 +32,7 @@ ENV = "RNN_ENGINE_KERNELS"
 CHOICES = ("native", "numpy")
 
 #: the interface version native.c must have been built with (its KERNELS_VERSION)
-VERSION = 5
+VERSION = 6
 
 try:
     from engine.layers.kernels import _native
@@ -208,12 +208,6 @@ def gather(out, table, idx, add):
     return out
 
 
-def scatter_add(acc, d, idx):
-    """cells.scatter_columns, compiled: ``acc`` must have contiguous rows."""
-    _native.scatter_add(acc, _rows(d), idx)
-    return acc
-
-
 def unstep(flat, steps):
     """flat (R, T·B) = steps (T, R, B) (C-contiguous) laid out feature-major, the rows split
     over the loop's threads; ``flat`` must have contiguous rows."""
@@ -371,11 +365,32 @@ def park() -> None:
     _native.park()
 
 
-def step_gemm(out, packed: Packed, b, accumulate: bool = False):
+def step_gemm(out, packed: Packed, b, accumulate: bool = False, gather=None, scatter=None):
     """out (M, N) (+)= A b for the packed A (M, K) and b (K, N); ``out`` must have contiguous
-    rows, ``b`` is copied when its rows are not contiguous."""
-    _native.step_gemm(out, packed.data, _rows(b), accumulate, packed.isa, packed.threads)
+    rows, ``b`` is copied when its rows are not contiguous. A one-hot input's projection
+    rides along, as (table, idx) with idx (N,) int32 and the table's rows contiguous:
+    ``gather``, out[:, j] = A b[:, j] + table[idx[j]] (table (V, M): W_x + b transposed),
+    the sum added in the GEMM's registers, so no pass over ``out`` of its own; ``scatter``,
+    table[idx[j]] += b[:, j] (table (V, K): dW_x transposed) from b's rows while the GEMM
+    packs them."""
+    if gather is not None:
+        _native.step_gemm(out, packed.data, _rows(b), accumulate, packed.isa, packed.threads,
+                          gather[0], gather[1], False)
+    elif scatter is not None:
+        _native.step_gemm(out, packed.data, _rows(b), accumulate, packed.isa, packed.threads,
+                          scatter[0], scatter[1], True)
+    else:
+        _native.step_gemm(out, packed.data, _rows(b), accumulate, packed.isa, packed.threads)
     return out
+
+
+def scatter_t(acc, d, idx):
+    """acc[idx[j]] += d[:, j] for every column j of d (R, n), acc (V, R) (a transposed table
+    gradient, as the step GEMM's ``scatter`` keeps it); idx int32; rows split over the
+    loop's threads."""
+    m = step_mode()["isa"]
+    _native.scatter_t(acc, _rows(d), idx, _ISA_CODE.get(m, 0))
+    return acc
 
 
 # ------------------------------------------------------- the updaters' rules

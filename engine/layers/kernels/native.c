@@ -29,7 +29,7 @@
 #include "stepgemm.h"
 
 /* the interface's version: engine/layers/kernels/__init__.py refuses a build of another one */
-#define KERNELS_VERSION 5
+#define KERNELS_VERSION 6
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -599,19 +599,6 @@ static void transpose_tiles(float *out, Py_ssize_t ors, const float *a, Py_ssize
     transpose_scalar(out, ors, a, ars, 0, R, 0, C);
 }
 
-/* acc[r, idx[j]] += d[r, j] for rows r0..r1, j < n */
-CLONES static void scatter_cols_rows(float *acc, Py_ssize_t ars, const float *d, Py_ssize_t drs,
-                                     const int32_t *restrict idx, Py_ssize_t n, Py_ssize_t r0,
-                                     Py_ssize_t r1)
-{
-    for (Py_ssize_t r = r0; r < r1; r++) {
-        float *restrict a = acc + r * ars;
-        const float *restrict dd = d + r * drs;
-        for (Py_ssize_t j = 0; j < n; j++)
-            a[idx[j]] += dd[j];
-    }
-}
-
 /* A 1-D int32 buffer of n indices, each in [0, V). */
 static int get_idx(PyObject *o, Py_buffer *view, Py_ssize_t V, const int32_t **idx, Py_ssize_t *n)
 {
@@ -641,28 +628,25 @@ bad:
     return -1;
 }
 
-/* The gather and the scatter-add over a table (R, V) and columns (R, n), by idx (n,):
- * scatter 0, out = cols (+)= table[:, idx]; scatter 1, table[:, idx] += cols. */
+/* The gather over a table (R, V) and columns (R, n), by idx (n,): out = cols (+)=
+ * table[:, idx]. (Its gradient, the scatter-add, is stepgemm.c's sg_scatter_t, into the
+ * transposed table.) */
 typedef struct {
     const mat *m;
     const int32_t *idx;
     Py_ssize_t n, R;
-    int scatter, add;
+    int add;
 } columns_task;
 
 static void columns_part(void *p, int t, int nt)
 {
     const columns_task *q = p;
     Py_ssize_t r0 = q->R * t / nt, r1 = q->R * (t + 1) / nt;
-    if (q->scatter)
-        scatter_cols_rows(q->m[0].p, q->m[0].rs, q->m[1].p, q->m[1].rs, q->idx, q->n, r0, r1);
-    else
-        gather_cols_rows(q->m[1].p, q->m[1].rs, q->m[0].p, q->m[0].rs, q->idx, q->n, r0, r1,
-                         q->add);
+    gather_cols_rows(q->m[1].p, q->m[1].rs, q->m[0].p, q->m[0].rs, q->idx, q->n, r0, r1,
+                     q->add);
 }
 
-static PyObject *columns_call(PyObject *tab_o, PyObject *cols_o, PyObject *ido, int scatter,
-                              int add)
+static PyObject *columns_call(PyObject *tab_o, PyObject *cols_o, PyObject *ido, int add)
 {
     Py_ssize_t R, V;
     if (shape_of(tab_o, &R, &V) < 0)
@@ -674,10 +658,10 @@ static PyObject *columns_call(PyObject *tab_o, PyObject *cols_o, PyObject *ido, 
     Py_ssize_t n;
     if (get_idx(ido, &iv, V, &idx, &n) < 0)
         goto fail;
-    if (take(&vs, &m[0], tab_o, scatter, R, V, scatter ? "acc" : "table", 0) < 0 ||
-        take(&vs, &m[1], cols_o, !scatter, R, n, scatter ? "d" : "out", 0) < 0)
+    if (take(&vs, &m[0], tab_o, 0, R, V, "table", 0) < 0 ||
+        take(&vs, &m[1], cols_o, 1, R, n, "out", 0) < 0)
         goto fail;
-    columns_task q = {m, idx, n, R, scatter, add};
+    columns_task q = {m, idx, n, R, add};
     Py_BEGIN_ALLOW_THREADS
     if (g_threads > 1 && R * n >= PAR_MIN)
         sg_parallel(columns_part, &q, g_threads);   /* each thread its rows: no shared writes */
@@ -701,16 +685,7 @@ static PyObject *py_gather(PyObject *self, PyObject *args)
     int add;
     if (!PyArg_ParseTuple(args, "OOOp", &out, &table, &ido, &add))
         return NULL;
-    return columns_call(table, out, ido, 0, add);
-}
-
-/* scatter_add(acc, d, idx): acc (R, V) column idx[j] += column j of d (R, n) */
-static PyObject *py_scatter_add(PyObject *self, PyObject *args)
-{
-    PyObject *acc, *d, *ido;
-    if (!PyArg_ParseTuple(args, "OOO", &acc, &d, &ido))
-        return NULL;
-    return columns_call(acc, d, ido, 1, 0);
+    return columns_call(table, out, ido, add);
 }
 
 /* transpose(out, a): out (C, R) = a (R, C)^T */
@@ -936,28 +911,77 @@ done:
     return ret;
 }
 
-/* step_gemm(c, packed, b, accumulate, isa, threads): c (M, N) (+)= A b, A (M, K) packed,
- * b (K, N); c and b with contiguous rows */
+/* isa: 2 (AVX2) or 3 (AVX-512), at most the CPU's (or, none_ok, 0: plain C) */
+static int check_isa(int isa, int none_ok)
+{
+    if (!(isa == SG_ISA_AVX2 || isa == SG_ISA_AVX512 || (none_ok && isa == SG_ISA_NONE))) {
+        PyErr_Format(PyExc_ValueError, "isa %d: 2 (AVX2) or 3 (AVX-512)%s", isa,
+                     none_ok ? " or 0 (none)" : "");
+        return -1;
+    }
+    if (isa > sg_cpu_isa()) {
+        PyErr_Format(PyExc_ValueError, "isa %d: this CPU gives at most %d", isa, sg_cpu_isa());
+        return -1;
+    }
+    return 0;
+}
+
+/* A one-hot projection's table (V, R) with contiguous rows and its indices (n,) into V,
+ * for sg_gemm and sg_scatter_t */
+static int get_onehot(PyObject *tab_o, Py_buffer *vt, PyObject *idx_o, Py_buffer *vi, int writable,
+                      Py_ssize_t R, Py_ssize_t n, sg_onehot *oh)
+{
+    float *t;
+    Py_ssize_t ts[2], tst[2], ni;
+    const int32_t *idx;
+    if (get_2d(tab_o, vt, writable, &t, ts, tst, "table") < 0)
+        return -1;
+    if (ts[1] != R || (R > 1 && tst[1] != 1)) {
+        PyErr_Format(PyExc_ValueError, "table (%zd, %zd): rows of %zd contiguous floats are "
+                     "needed", ts[0], ts[1], R);
+        return -1;
+    }
+    if (get_idx(idx_o, vi, ts[0], &idx, &ni) < 0)
+        return -1;
+    if (ni != n) {
+        PyErr_Format(PyExc_ValueError, "idx has %zd entries for %zd columns", ni, n);
+        return -1;
+    }
+    *oh = (sg_onehot){.table = t, .trs = tst[0], .idx = idx, .scatter = writable};
+    return 0;
+}
+
+/* step_gemm(c, packed, b, accumulate, isa, threads[, table, idx, scatter]): c (M, N) (+)= A b,
+ * A (M, K) packed, b (K, N); c and b with contiguous rows. With a table (sg_onehot): gather,
+ * c[i][j] gets + table[idx[j]][i], table (V, M); scatter, table[idx[j]][k] += b[k][j],
+ * table (V, K). */
 static PyObject *py_step_gemm(PyObject *self, PyObject *args)
 {
-    PyObject *c_o, *pa_o, *b_o;
-    int accumulate, isa, threads;
-    if (!PyArg_ParseTuple(args, "OOOpii", &c_o, &pa_o, &b_o, &accumulate, &isa, &threads))
+    PyObject *c_o, *pa_o, *b_o, *tab_o = Py_None, *idx_o = Py_None;
+    int accumulate, isa, threads, scatter = 0;
+    if (!PyArg_ParseTuple(args, "OOOpii|OOp", &c_o, &pa_o, &b_o, &accumulate, &isa, &threads,
+                          &tab_o, &idx_o, &scatter))
         return NULL;
-    Py_buffer vc = {.obj = NULL}, vp = {.obj = NULL}, vb = {.obj = NULL};
+    Py_buffer vc = {.obj = NULL}, vp = {.obj = NULL}, vb = {.obj = NULL}, vt = {.obj = NULL},
+              vi = {.obj = NULL};
     float *c, *pa, *b;
     Py_ssize_t np_, cs[2], cst[2], bs[2], bst[2];
+    sg_onehot oh, *ohp = NULL;
     PyObject *ret = NULL;
     if (get_2d(c_o, &vc, 1, &c, cs, cst, "c") < 0 || get_flat(pa_o, &vp, 0, &pa, &np_, "packed") < 0 ||
         get_2d(b_o, &vb, 0, &b, bs, bst, "b") < 0)
         goto done;
-    if (isa != SG_ISA_AVX2 && isa != SG_ISA_AVX512) {
-        PyErr_Format(PyExc_ValueError, "isa %d: 2 (AVX2) or 3 (AVX-512)", isa);
+    if (check_isa(isa, 0) < 0)
         goto done;
-    }
-    if (isa > sg_cpu_isa()) {
-        PyErr_Format(PyExc_ValueError, "isa %d: this CPU gives at most %d", isa, sg_cpu_isa());
-        goto done;
+    if (tab_o != Py_None) {
+        if (get_onehot(tab_o, &vt, idx_o, &vi, scatter, scatter ? bs[0] : cs[0], cs[1], &oh) < 0)
+            goto done;
+        if (!scatter && accumulate) {
+            PyErr_SetString(PyExc_ValueError, "a gathered table is added to a product, not "
+                            "to an accumulated one");
+            goto done;
+        }
+        ohp = &oh;
     }
     if (bs[1] != cs[1] || (size_t)np_ != sg_packed_size(cs[0], bs[0])) {
         PyErr_Format(PyExc_ValueError, "c (%zd, %zd), b (%zd, %zd) and %zd packed floats do "
@@ -970,7 +994,7 @@ static PyObject *py_step_gemm(PyObject *self, PyObject *args)
     }
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = sg_gemm(pa, cs[0], bs[0], b, bst[0], cs[1], c, cst[0], accumulate, isa, threads);
+    rc = sg_gemm(pa, cs[0], bs[0], b, bst[0], cs[1], c, cst[0], accumulate, ohp, isa, threads);
     Py_END_ALLOW_THREADS
     if (rc != 0) {
         PyErr_NoMemory();
@@ -979,12 +1003,44 @@ static PyObject *py_step_gemm(PyObject *self, PyObject *args)
     ret = Py_None;
     Py_INCREF(ret);
 done:
-    if (vc.obj)
-        PyBuffer_Release(&vc);
-    if (vp.obj)
-        PyBuffer_Release(&vp);
-    if (vb.obj)
-        PyBuffer_Release(&vb);
+    Py_buffer *held[] = {&vc, &vp, &vb, &vt, &vi};
+    for (size_t i = 0; i < sizeof held / sizeof *held; i++)
+        if (held[i]->obj)
+            PyBuffer_Release(held[i]);
+    return ret;
+}
+
+/* scatter_t(acc, d, idx, isa): acc[idx[j]][r] += d[r][j], acc (V, R) and d (R, n) with
+ * contiguous rows, the rows split over the kernels' threads */
+static PyObject *py_scatter_t(PyObject *self, PyObject *args)
+{
+    PyObject *acc_o, *d_o, *idx_o;
+    int isa;
+    if (!PyArg_ParseTuple(args, "OOOi", &acc_o, &d_o, &idx_o, &isa))
+        return NULL;
+    Py_buffer vd = {.obj = NULL}, vt = {.obj = NULL}, vi = {.obj = NULL};
+    float *d;
+    Py_ssize_t ds[2], dst[2];
+    sg_onehot oh;
+    PyObject *ret = NULL;
+    if (check_isa(isa, 1) < 0 || get_2d(d_o, &vd, 0, &d, ds, dst, "d") < 0)
+        goto done;
+    if (ds[1] > 1 && dst[1] != 1) {
+        PyErr_SetString(PyExc_ValueError, "d must have contiguous rows");
+        goto done;
+    }
+    if (get_onehot(acc_o, &vt, idx_o, &vi, 1, ds[0], ds[1], &oh) < 0)
+        goto done;
+    Py_BEGIN_ALLOW_THREADS
+    sg_scatter_t(oh.table, oh.trs, d, dst[0], ds[0], oh.idx, ds[1], isa, g_threads);
+    Py_END_ALLOW_THREADS
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    Py_buffer *held[] = {&vd, &vt, &vi};
+    for (size_t i = 0; i < sizeof held / sizeof *held; i++)
+        if (held[i]->obj)
+            PyBuffer_Release(held[i]);
     return ret;
 }
 
@@ -1057,8 +1113,6 @@ static PyMethodDef methods[] = {
      "lstm_backward(dh, dc or None, c, ifo, g, tc, dpre, dc_prev)"},
     {"gather", py_gather, METH_VARARGS,
      "gather(out, table, idx, add): out (+)= table[:, idx] (idx int32)"},
-    {"scatter_add", py_scatter_add, METH_VARARGS,
-     "scatter_add(acc, d, idx): acc[:, idx[j]] += d[:, j] (idx int32)"},
     {"transpose", py_transpose, METH_VARARGS, "transpose(out, a): out = a.T (float32)"},
     {"adarule", py_adarule, METH_VARARGS,
      "adarule(w, g, h, lr, rho, 1 - rho, delta, adagrad, clip, lo, hi): RMSProp / AdaGrad"},
@@ -1066,7 +1120,8 @@ static PyMethodDef methods[] = {
     {"step_pack", py_step_pack, METH_VARARGS,
      "step_pack(dst, a, threads): a (M, K) float32 packed into dst (step_packed_size floats)"},
     {"step_gemm", py_step_gemm, METH_VARARGS,
-     "step_gemm(c, packed, b, accumulate, isa, threads): c (+)= A b, A packed by step_pack"},
+     "step_gemm(c, packed, b, accumulate, isa, threads[, table, idx, scatter]): c (+)= A b, "
+     "A packed by step_pack, with a one-hot projection gathered or scattered"},
     {"step_packed_size", py_step_packed_size, METH_VARARGS,
      "step_packed_size(M, K): floats of a packed (M, K) operand"},
     {"kernel_threads", py_kernel_threads, METH_VARARGS,
@@ -1076,6 +1131,8 @@ static PyMethodDef methods[] = {
     {"park", py_park, METH_NOARGS,
      "park(): the pool's threads sleep now instead of spinning for the next task"},
     {"step_isa", py_step_isa, METH_NOARGS, "step_isa(): 3 AVX-512, 2 AVX2 (+FMA), 0 neither"},
+    {"scatter_t", py_scatter_t, METH_VARARGS,
+     "scatter_t(acc, d, idx, isa): acc[idx[j], r] += d[r, j] (acc (V, R), idx int32)"},
     {"step_quiet", py_step_quiet, METH_VARARGS,
      "step_quiet(address): void (*)(void) called before the step GEMM's threads start work"},
     {"info", py_info, METH_NOARGS, "info(): {'isa': the instruction set the loops run with}"},

@@ -266,8 +266,9 @@ void sg_pack(float *dst, const float *a, ptrdiff_t rs, ptrdiff_t cs, ptrdiff_t M
 
 /* ----------------------------------------------------------------- kernels */
 
-/* Each kernel: the 32 x nr tile T[r][j] = sum_k pa[k*32 + r] pb[k*nr + j], written (or, acc,
- * added) to c[r*crs + j] for r < rows. */
+/* Each kernel: the 32 x nr tile T[r][j] = sum_k pa[k*32 + r] pb[k*nr + j], plus, when add is
+ * given, add[j][r] (a gathered table row per column: the one-hot input projection), written
+ * (or, acc, added) to c[r*crs + j] for r < rows. */
 
 #ifdef SG_X86
 #define SG_INLINE static inline __attribute__((always_inline))
@@ -315,14 +316,24 @@ __attribute__((target("avx512f"))) SG_INLINE void store_rows16(const __m512 *v, 
     }
 }
 
+static inline unsigned rows_mask(int rows)
+{
+    return rows >= 16 ? 0xffffu : rows <= 0 ? 0u : (1u << rows) - 1u;
+}
+
 __attribute__((target("avx512f,fma"))) SG_INLINE void tile512(const float *pa, const float *pb,
                                                                ptrdiff_t K, float *c,
                                                                ptrdiff_t crs, int rows, int acc,
-                                                               int nr)
+                                                               int nr, const float *const *add)
 {
     __m512 c0[14], c1[14];
     for (int j = 0; j < nr; j++)
         c0[j] = c1[j] = _mm512_setzero_ps();
+    if (add)      /* the table rows arrive while the k loop runs */
+        for (int j = 0; j < nr; j++) {
+            _mm_prefetch((const char *)add[j], _MM_HINT_T0);
+            _mm_prefetch((const char *)(add[j] + 16), _MM_HINT_T0);
+        }
     for (ptrdiff_t k = 0; k < K; k++) {
         __m512 a0 = _mm512_loadu_ps(pa + k * SG_MR), a1 = _mm512_loadu_ps(pa + k * SG_MR + 16);
         const float *bk = pb + k * nr;
@@ -332,6 +343,13 @@ __attribute__((target("avx512f,fma"))) SG_INLINE void tile512(const float *pa, c
             c1[j] = _mm512_fmadd_ps(a1, b, c1[j]);
         }
     }
+    if (add) {
+        __mmask16 m0 = (__mmask16)rows_mask(rows), m1 = (__mmask16)rows_mask(rows - 16);
+        for (int j = 0; j < nr; j++) {
+            c0[j] = _mm512_add_ps(c0[j], _mm512_maskz_loadu_ps(m0, add[j]));
+            c1[j] = _mm512_add_ps(c1[j], _mm512_maskz_loadu_ps(m1, add[j] + 16));
+        }
+    }
     store_rows16(c0, nr, c, crs, rows < 16 ? rows : 16, acc);
     if (rows > 16)
         store_rows16(c1, nr, c + 16 * crs, crs, rows - 16, acc);
@@ -339,12 +357,13 @@ __attribute__((target("avx512f,fma"))) SG_INLINE void tile512(const float *pa, c
 
 #define K512(NR) \
     __attribute__((target("avx512f,fma"))) static void k512_##NR(const float *pa, \
-        const float *pb, ptrdiff_t K, float *c, ptrdiff_t crs, int rows, int acc) \
-        { tile512(pa, pb, K, c, crs, rows, acc, NR); }
+        const float *pb, ptrdiff_t K, float *c, ptrdiff_t crs, int rows, int acc, \
+        const float *const *add) { tile512(pa, pb, K, c, crs, rows, acc, NR, add); }
 K512(1) K512(2) K512(3) K512(4) K512(5) K512(6) K512(7)
 K512(8) K512(9) K512(10) K512(11) K512(12) K512(13) K512(14)
 
-typedef void (*tile_fn)(const float *, const float *, ptrdiff_t, float *, ptrdiff_t, int, int);
+typedef void (*tile_fn)(const float *, const float *, ptrdiff_t, float *, ptrdiff_t, int, int,
+                        const float *const *);
 static const tile_fn TILES512[15] = {NULL, k512_1, k512_2, k512_3, k512_4, k512_5, k512_6,
                                      k512_7, k512_8, k512_9, k512_10, k512_11, k512_12,
                                      k512_13, k512_14};
@@ -369,6 +388,12 @@ __attribute__((target("avx2"))) SG_INLINE void transpose8(__m256 r[8])
     }
 }
 
+/* lanes i < n set (a maskload's mask) */
+__attribute__((target("avx2"))) SG_INLINE __m256i lanes8(int n)
+{
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
 /* 8 rows of a tile, column vectors v[0..w-1] (w <= 6), into C rows with masked stores */
 __attribute__((target("avx2"))) SG_INLINE void store_rows8(const __m256 *v, int w, float *c,
                                                             ptrdiff_t crs, int rows, int acc)
@@ -377,7 +402,7 @@ __attribute__((target("avx2"))) SG_INLINE void store_rows8(const __m256 *v, int 
     for (int j = 0; j < 8; j++)
         r[j] = j < w ? v[j] : _mm256_setzero_ps();
     transpose8(r);
-    __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(w), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256i m = lanes8(w);
     for (int i = 0; i < rows; i++) {
         float *crow = c + i * crs;
         __m256 x = acc ? _mm256_add_ps(_mm256_maskload_ps(crow, m), r[i]) : r[i];
@@ -387,13 +412,17 @@ __attribute__((target("avx2"))) SG_INLINE void store_rows8(const __m256 *v, int 
 
 __attribute__((target("avx2,fma"))) SG_INLINE void tile256(const float *pa, const float *pb,
                                                             ptrdiff_t K, float *c, ptrdiff_t crs,
-                                                            int rows, int acc, int nr)
+                                                            int rows, int acc, int nr,
+                                                            const float *const *add)
 {
     for (int half = 0; half < 2; half++) {
         const float *ph = pa + half * 16;
         __m256 c0[6], c1[6];
         for (int j = 0; j < nr; j++)
             c0[j] = c1[j] = _mm256_setzero_ps();
+        if (add)
+            for (int j = 0; j < nr; j++)
+                _mm_prefetch((const char *)(add[j] + half * 16), _MM_HINT_T0);
         for (ptrdiff_t k = 0; k < K; k++) {
             __m256 a0 = _mm256_loadu_ps(ph + k * SG_MR), a1 = _mm256_loadu_ps(ph + k * SG_MR + 8);
             const float *bk = pb + k * nr;
@@ -401,6 +430,14 @@ __attribute__((target("avx2,fma"))) SG_INLINE void tile256(const float *pa, cons
                 __m256 b = _mm256_broadcast_ss(bk + j);
                 c0[j] = _mm256_fmadd_ps(a0, b, c0[j]);
                 c1[j] = _mm256_fmadd_ps(a1, b, c1[j]);
+            }
+        }
+        if (add) {
+            int r0 = half * 16;
+            __m256i m0 = lanes8(rows - r0), m1 = lanes8(rows - r0 - 8);
+            for (int j = 0; j < nr; j++) {
+                c0[j] = _mm256_add_ps(c0[j], _mm256_maskload_ps(add[j] + r0, m0));
+                c1[j] = _mm256_add_ps(c1[j], _mm256_maskload_ps(add[j] + r0 + 8, m1));
             }
         }
         for (int q = 0; q < 2; q++) {       /* rows half*16 + 8q .. + 7 */
@@ -413,11 +450,111 @@ __attribute__((target("avx2,fma"))) SG_INLINE void tile256(const float *pa, cons
 
 #define K256(NR) \
     __attribute__((target("avx2,fma"))) static void k256_##NR(const float *pa, \
-        const float *pb, ptrdiff_t K, float *c, ptrdiff_t crs, int rows, int acc) \
-        { tile256(pa, pb, K, c, crs, rows, acc, NR); }
+        const float *pb, ptrdiff_t K, float *c, ptrdiff_t crs, int rows, int acc, \
+        const float *const *add) { tile256(pa, pb, K, c, crs, rows, acc, NR, add); }
 K256(1) K256(2) K256(3) K256(4) K256(5) K256(6)
 static const tile_fn TILES256[7] = {NULL, k256_1, k256_2, k256_3, k256_4, k256_5, k256_6};
 #endif
+
+/* ------------------------------------------------ the one-hot input's gradient */
+
+/* acc[idx[j]*ars + r] += d[r*drs + j] for r0 <= r < r1, j < n: a step's gradient at a
+ * one-hot input's projection (R rows, n columns) added into the transposed gradient of the
+ * table it was gathered from (V rows of R). Blocks of rows are transposed in registers, so
+ * that each update is one vector; every element sees its j in ascending order. */
+static void scatter_t_scalar(float *acc, ptrdiff_t ars, const float *d, ptrdiff_t drs,
+                             const int32_t *idx, ptrdiff_t n, ptrdiff_t r0, ptrdiff_t r1)
+{
+    for (ptrdiff_t r = r0; r < r1; r++)
+        for (ptrdiff_t j = 0; j < n; j++)
+            acc[idx[j] * ars + r] += d[r * drs + j];
+}
+
+#ifdef SG_X86
+__attribute__((target("avx512f"))) static void scatter_t512(float *acc, ptrdiff_t ars,
+                                                            const float *d, ptrdiff_t drs,
+                                                            const int32_t *idx, ptrdiff_t n,
+                                                            ptrdiff_t r0, ptrdiff_t r1)
+{
+    ptrdiff_t r = r0;
+    for (; r + 16 <= r1; r += 16)
+        for (ptrdiff_t j0 = 0; j0 < n; j0 += 16) {
+            int w = n - j0 < 16 ? (int)(n - j0) : 16;
+            __mmask16 m = (__mmask16)rows_mask(w);
+            __m512 v[16];
+            for (int i = 0; i < 16; i++)
+                v[i] = _mm512_maskz_loadu_ps(m, d + (r + i) * drs + j0);
+            transpose16(v);            /* v[j]: column j0 + j, rows r..r+15 */
+            for (int j = 0; j < w; j++) {
+                float *a = acc + idx[j0 + j] * ars + r;
+                _mm512_storeu_ps(a, _mm512_add_ps(_mm512_loadu_ps(a), v[j]));
+            }
+        }
+    scatter_t_scalar(acc, ars, d, drs, idx, n, r, r1);
+}
+
+__attribute__((target("avx2"))) static void scatter_t256(float *acc, ptrdiff_t ars,
+                                                         const float *d, ptrdiff_t drs,
+                                                         const int32_t *idx, ptrdiff_t n,
+                                                         ptrdiff_t r0, ptrdiff_t r1)
+{
+    ptrdiff_t r = r0;
+    for (; r + 8 <= r1; r += 8)
+        for (ptrdiff_t j0 = 0; j0 < n; j0 += 8) {
+            int w = n - j0 < 8 ? (int)(n - j0) : 8;
+            __m256i m = lanes8(w);
+            __m256 v[8];
+            for (int i = 0; i < 8; i++)
+                v[i] = _mm256_maskload_ps(d + (r + i) * drs + j0, m);
+            transpose8(v);
+            for (int j = 0; j < w; j++) {
+                float *a = acc + idx[j0 + j] * ars + r;
+                _mm256_storeu_ps(a, _mm256_add_ps(_mm256_loadu_ps(a), v[j]));
+            }
+        }
+    scatter_t_scalar(acc, ars, d, drs, idx, n, r, r1);
+}
+#endif
+
+static void scatter_t(int isa, float *acc, ptrdiff_t ars, const float *d, ptrdiff_t drs,
+                      const int32_t *idx, ptrdiff_t n, ptrdiff_t r0, ptrdiff_t r1)
+{
+#ifdef SG_X86
+    if (isa == SG_ISA_AVX512) {
+        scatter_t512(acc, ars, d, drs, idx, n, r0, r1);
+        return;
+    }
+    if (isa == SG_ISA_AVX2) {
+        scatter_t256(acc, ars, d, drs, idx, n, r0, r1);
+        return;
+    }
+#endif
+    (void)isa;
+    scatter_t_scalar(acc, ars, d, drs, idx, n, r0, r1);
+}
+
+typedef struct {
+    float *acc;
+    const float *d;
+    const int32_t *idx;
+    ptrdiff_t ars, drs, R, n;
+    int isa;
+} scatter_args;
+
+static void scatter_task(void *p, int t, int n)
+{
+    const scatter_args *q = p;
+    ptrdiff_t r0, r1;
+    share(q->R, t, n, &r0, &r1);
+    scatter_t(q->isa, q->acc, q->ars, q->d, q->drs, q->idx, q->n, r0, r1);
+}
+
+void sg_scatter_t(float *acc, ptrdiff_t ars, const float *d, ptrdiff_t drs, ptrdiff_t R,
+                  const int32_t *idx, ptrdiff_t n, int isa, int nthreads)
+{
+    scatter_args q = {acc, d, idx, ars, drs, R, n, isa};
+    sg_parallel(scatter_task, &q, R * n >= 8192 ? nthreads : 1);
+}
 
 /* ------------------------------------------------------------------- GEMM */
 
@@ -425,11 +562,13 @@ typedef struct {
     const float *pa, *b;
     float *pb, *c;
     ptrdiff_t M, K, N, brs, crs;
-    int accumulate, nq, nrmax;
+    int accumulate, nq, nrmax, isa;
+    const sg_onehot *oh;
 #ifdef SG_X86
     const tile_fn *tiles;
 #endif
 } gemm_args;
+
 
 /* column panel q: its first column and width (N in nq panels of nearly equal width) */
 static inline void col_panel(const gemm_args *g, int q, ptrdiff_t *c0, int *w)
@@ -452,6 +591,8 @@ static void pack_b_task(void *p, int t, int n)
         for (ptrdiff_t k = k0; k < k1; k++)
             memcpy(d + k * w, g->b + k * g->brs + c0, (size_t)w * sizeof(float));
     }
+    if (g->oh && g->oh->scatter)     /* B's rows, in cache now, into the table's gradient */
+        scatter_t(g->isa, g->oh->table, g->oh->trs, g->b, g->brs, g->oh->idx, g->N, k0, k1);
 }
 
 static void gemm_task(void *p, int t, int n)
@@ -468,8 +609,14 @@ static void gemm_task(void *p, int t, int n)
             ptrdiff_t c0;
             int w;
             col_panel(g, q, &c0, &w);
+            const float *add[14], *const *addp = NULL;
+            if (g->oh && !g->oh->scatter) {    /* the table row of each column's token */
+                for (int j = 0; j < w; j++)
+                    add[j] = g->oh->table + g->oh->idx[c0 + j] * g->oh->trs + r0;
+                addp = add;
+            }
             g->tiles[w](pa, g->pb + g->K * c0, g->K, g->c + r0 * g->crs + c0, g->crs, rows,
-                        g->accumulate);
+                        g->accumulate, addp);
         }
     }
 #else
@@ -494,13 +641,14 @@ static void both_task(void *p, int t, int n)
 }
 
 int sg_gemm(const float *pa, ptrdiff_t M, ptrdiff_t K, const float *b, ptrdiff_t brs,
-            ptrdiff_t N, float *c, ptrdiff_t crs, int accumulate, int isa, int nthreads)
+            ptrdiff_t N, float *c, ptrdiff_t crs, int accumulate, const sg_onehot *oh, int isa,
+            int nthreads)
 {
 #ifdef SG_X86
     if (M <= 0 || N <= 0)
         return 0;
     gemm_args g = {.pa = pa, .b = b, .c = c, .M = M, .K = K, .N = N, .brs = brs, .crs = crs,
-                   .accumulate = accumulate};
+                   .accumulate = accumulate, .isa = isa, .oh = oh};
     g.nrmax = isa == SG_ISA_AVX512 ? 14 : 6;
     g.tiles = isa == SG_ISA_AVX512 ? TILES512 : TILES256;
     g.nq = (int)((N + g.nrmax - 1) / g.nrmax);
@@ -533,7 +681,7 @@ int sg_gemm(const float *pa, ptrdiff_t M, ptrdiff_t K, const float *b, ptrdiff_t
     return 0;
 #else
     (void)pa; (void)M; (void)K; (void)b; (void)brs; (void)N; (void)c; (void)crs;
-    (void)accumulate; (void)isa; (void)nthreads;
+    (void)accumulate; (void)oh; (void)isa; (void)nthreads;
     return -1;
 #endif
 }

@@ -2,6 +2,7 @@
 #ifndef STEPGEMM_H
 #define STEPGEMM_H
 #include <stddef.h>
+#include <stdint.h>
 
 #define SG_MR 32            /* rows per packed panel */
 #define SG_MAXT 64          /* most threads */
@@ -15,12 +16,29 @@ size_t sg_packed_size(ptrdiff_t M, ptrdiff_t K);
 /* pack A[i][k] = a[i*rs + k*cs], i < M, k < K, into dst (sg_packed_size floats) */
 void sg_pack(float *dst, const float *a, ptrdiff_t rs, ptrdiff_t cs, ptrdiff_t M, ptrdiff_t K,
              int nthreads);
+/* A one-hot input's projection, done by the step GEMM: table (V, R) is the transposed
+ * table W_x + b (gather) or the transposed gradient of W_x (scatter), row u at
+ * table + u*trs; idx (N,) the step's tokens, each in [0, V). */
+typedef struct {
+    float *table;
+    ptrdiff_t trs;
+    const int32_t *idx;
+    int scatter;
+} sg_onehot;
+
 /* C[i][j] (+)= sum_k A[i][k] B[k][j]: A packed (M, K); B[k][j] = b[k*brs + j];
- * C[i][j] = c[i*crs + j]; j < N. isa: SG_ISA_AVX2 or SG_ISA_AVX512 (at most sg_cpu_isa()).
- * nthreads: threads to split the rows over (the caller's included). Returns 0, or -1 when
- * out of memory (nothing written). */
+ * C[i][j] = c[i*crs + j]; j < N. oh (NULL: none): gather, C[i][j] gets + table[idx[j]][i]
+ * (R = M) after the sum, in its registers; scatter, table[idx[j]][k] += B[k][j] (R = K),
+ * from B's rows while they are packed. isa: SG_ISA_AVX2 or SG_ISA_AVX512 (at most
+ * sg_cpu_isa()). nthreads: threads to split the rows over (the caller's included).
+ * Returns 0, or -1 when out of memory (nothing written). */
 int sg_gemm(const float *pa, ptrdiff_t M, ptrdiff_t K, const float *b, ptrdiff_t brs,
-            ptrdiff_t N, float *c, ptrdiff_t crs, int accumulate, int isa, int nthreads);
+            ptrdiff_t N, float *c, ptrdiff_t crs, int accumulate, const sg_onehot *oh, int isa,
+            int nthreads);
+/* acc[idx[j]*ars + r] += d[r*drs + j], r < R, j < n (the scatter of sg_onehot alone), the
+ * rows split over nthreads; isa as for sg_gemm, or SG_ISA_NONE for plain C */
+void sg_scatter_t(float *acc, ptrdiff_t ars, const float *d, ptrdiff_t drs, ptrdiff_t R,
+                  const int32_t *idx, ptrdiff_t n, int isa, int nthreads);
 /* fn(arg, t, n) for t = 0..n-1 on the pool's threads, t = 0 on the caller's; fewer threads
  * (down to the caller alone) when the pool is busy or a thread cannot be made: fn must take
  * the n it is given */
