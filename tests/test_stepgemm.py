@@ -169,6 +169,35 @@ def test_one_hot_projection_rides_in_the_gemm(isa, M, K, N, V, threads, monkeypa
     assert np.array_equal(alone, want)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("isa", ISAS)
+def test_keep_copies_b_into_a_steps_columns(isa, threads, monkeypatch):
+    """``keep``: b also lands in its columns of a wide feature-major block (rows far apart,
+    as the weight gradient reads them), the columns beside them untouched; the product and
+    a scatter riding along are unchanged."""
+    monkeypatch.setenv(kernels.STEP_ENV, isa)
+    kernels.step_reset()
+    kernels.set_threads(threads)
+    rng = np.random.default_rng(31)
+    M, K, N, T, V = 64, 300, 50, 4, 9
+    a, b = rand(rng, (M, K)), rand(rng, (K, N))
+    p = kernels.Packed(a)
+    wide = rand(rng, (K, T * N))
+    before = wide.copy()
+    plain = kernels.step_gemm(np.empty((M, N), F32), p, b)
+    idx = rng.integers(0, V, N).astype(np.int32)
+    acc, acc2 = np.zeros((V, K), F32), np.zeros((V, K), F32)
+    got = kernels.step_gemm(np.empty((M, N), F32), p, b, scatter=(acc, idx),
+                            keep=wide[:, 2 * N:3 * N])
+    assert np.array_equal(got, plain)
+    assert np.array_equal(wide[:, 2 * N:3 * N], b)
+    assert np.array_equal(wide[:, :2 * N], before[:, :2 * N])
+    assert np.array_equal(wide[:, 3 * N:], before[:, 3 * N:])
+    assert np.array_equal(acc, kernels.scatter_t(acc2, b, idx))
+    with pytest.raises(ValueError, match="keep"):
+        kernels.step_gemm(np.empty((M, N), F32), p, b, keep=wide[:, :N - 1])
+
+
 def test_one_hot_arguments_are_checked():
     a = np.ones((40, 8), F32)
     b = np.ones((8, 5), F32)

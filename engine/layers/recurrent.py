@@ -345,7 +345,9 @@ class Products:
         blocks, each step's contiguous: into the columns of a (G·H, T·B) block, rows T·B
         apart, the LSTM 512 backward kernel took 15.5 against 6.5 ms per batch (partial
         cache lines a GEMM evicts between steps). ``dx`` and ``dh`` lay them out
-        feature-major when asked, one copy each. ``reuse_xproj``: the forward's step-major
+        feature-major when asked, one copy each; on the step GEMM, dL/d(products) is
+        copied into its feature-major block by the W_h^T product of each step, from cache
+        (``keep``: the separate copy after the loop read 20 MB back from memory). ``reuse_xproj``: the forward's step-major
         input projections are dead (a hand-written step keeps what it needs in its cache),
         so dL/d(input projections) takes their memory."""
         kernels.loop_threads(self.packing)
@@ -357,6 +359,10 @@ class Products:
             self.dx_steps[...] = 0
             if separate:
                 self.dh_steps[...] = 0
+        self.flat_dh = self.kept = None
+        if self.packing and self.T > 1:  # the step GEMM lays dL/d(products) out feature-major
+            self.flat_dh = self.buffer("flat", (self.GH, self.T * self.B))
+            self.kept = [False] * self.T
         if self.table is not None:     # one-hot input: dW_x transposed, from zero
             self.dtable_T = self.buffer("dtableT", self.table.shape[::-1])
             self.dtable_T[...] = 0
@@ -378,6 +384,14 @@ class Products:
     @property
     def dh(self):
         """dL/d(products) of every step, (G·H, T·B), for the weight gradients."""
+        if self._dh is None and self.kept is not None:
+            B = self.B                    # the step GEMM kept most steps' columns already
+            for t in range(self.T):
+                if not self.kept[t]:
+                    self.flat_dh[:, t * B:(t + 1) * B] = self.dh_steps[t]
+            self._dh = self.flat_dh
+            if self.dh_steps is self.dx_steps:
+                self._dx = self._dh
         if self._dh is None:
             self._dh = self._flat(self.dh_steps, "flat")
             if self.dh_steps is self.dx_steps:
@@ -423,8 +437,12 @@ class Products:
                 # packs them, from cache, instead of a pass over the block after the loop
                 scatter = (self.dtable_T, self.idx[self.cols])
                 self.scattered[self.t] = True
+            keep = None
+            if self.kept is not None:     # dst into the columns the weight gradient reads
+                keep = self.flat_dh[:, self.cols]
+                self.kept[self.t] = True
             return kernels.step_gemm(self.xp.empty((self.H, self.B), dtype=dst.dtype),
-                                     self.packed_T, dst, scatter=scatter)
+                                     self.packed_T, dst, scatter=scatter, keep=keep)
         return self.xp.matmul(w_hT, dst)
 
     def table_grad(self):

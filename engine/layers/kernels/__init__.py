@@ -365,22 +365,19 @@ def park() -> None:
     _native.park()
 
 
-def step_gemm(out, packed: Packed, b, accumulate: bool = False, gather=None, scatter=None):
+def step_gemm(out, packed: Packed, b, accumulate: bool = False, gather=None, scatter=None,
+              keep=None):
     """out (M, N) (+)= A b for the packed A (M, K) and b (K, N); ``out`` must have contiguous
     rows, ``b`` is copied when its rows are not contiguous. A one-hot input's projection
     rides along, as (table, idx) with idx (N,) int32 and the table's rows contiguous:
     ``gather``, out[:, j] = A b[:, j] + table[idx[j]] (table (V, M): W_x + b transposed),
     the sum added in the GEMM's registers, so no pass over ``out`` of its own; ``scatter``,
     table[idx[j]] += b[:, j] (table (V, K): dW_x transposed) from b's rows while the GEMM
-    packs them."""
-    if gather is not None:
-        _native.step_gemm(out, packed.data, _rows(b), accumulate, packed.isa, packed.threads,
-                          gather[0], gather[1], False)
-    elif scatter is not None:
-        _native.step_gemm(out, packed.data, _rows(b), accumulate, packed.isa, packed.threads,
-                          scatter[0], scatter[1], True)
-    else:
-        _native.step_gemm(out, packed.data, _rows(b), accumulate, packed.isa, packed.threads)
+    packs them. ``keep`` (K, N) with contiguous rows: b copied there as well, from the same
+    rows (a step's columns of a feature-major block)."""
+    table, idx = gather or scatter or (None, None)
+    _native.step_gemm(out, packed.data, _rows(b), accumulate, packed.isa, packed.threads,
+                      table, idx, scatter is not None, keep)
     return out
 
 

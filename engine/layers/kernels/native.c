@@ -951,21 +951,22 @@ static int get_onehot(PyObject *tab_o, Py_buffer *vt, PyObject *idx_o, Py_buffer
     return 0;
 }
 
-/* step_gemm(c, packed, b, accumulate, isa, threads[, table, idx, scatter]): c (M, N) (+)= A b,
- * A (M, K) packed, b (K, N); c and b with contiguous rows. With a table (sg_onehot): gather,
- * c[i][j] gets + table[idx[j]][i], table (V, M); scatter, table[idx[j]][k] += b[k][j],
- * table (V, K). */
+/* step_gemm(c, packed, b, accumulate, isa, threads[, table, idx, scatter, keep]): c (M, N)
+ * (+)= A b, A (M, K) packed, b (K, N); c and b with contiguous rows. With a table
+ * (sg_onehot): gather, c[i][j] gets + table[idx[j]][i], table (V, M); scatter,
+ * table[idx[j]][k] += b[k][j], table (V, K). keep: b copied there too (b's shape,
+ * contiguous rows). */
 static PyObject *py_step_gemm(PyObject *self, PyObject *args)
 {
-    PyObject *c_o, *pa_o, *b_o, *tab_o = Py_None, *idx_o = Py_None;
+    PyObject *c_o, *pa_o, *b_o, *tab_o = Py_None, *idx_o = Py_None, *keep_o = Py_None;
     int accumulate, isa, threads, scatter = 0;
-    if (!PyArg_ParseTuple(args, "OOOpii|OOp", &c_o, &pa_o, &b_o, &accumulate, &isa, &threads,
-                          &tab_o, &idx_o, &scatter))
+    if (!PyArg_ParseTuple(args, "OOOpii|OOpO", &c_o, &pa_o, &b_o, &accumulate, &isa, &threads,
+                          &tab_o, &idx_o, &scatter, &keep_o))
         return NULL;
     Py_buffer vc = {.obj = NULL}, vp = {.obj = NULL}, vb = {.obj = NULL}, vt = {.obj = NULL},
-              vi = {.obj = NULL};
-    float *c, *pa, *b;
-    Py_ssize_t np_, cs[2], cst[2], bs[2], bst[2];
+              vi = {.obj = NULL}, vk = {.obj = NULL};
+    float *c, *pa, *b, *keep = NULL;
+    Py_ssize_t np_, cs[2], cst[2], bs[2], bst[2], ks[2], kst[2] = {0, 0};
     sg_onehot oh, *ohp = NULL;
     PyObject *ret = NULL;
     if (get_2d(c_o, &vc, 1, &c, cs, cst, "c") < 0 || get_flat(pa_o, &vp, 0, &pa, &np_, "packed") < 0 ||
@@ -983,6 +984,15 @@ static PyObject *py_step_gemm(PyObject *self, PyObject *args)
         }
         ohp = &oh;
     }
+    if (keep_o != Py_None) {
+        if (get_2d(keep_o, &vk, 1, &keep, ks, kst, "keep") < 0)
+            goto done;
+        if (ks[0] != bs[0] || ks[1] != bs[1] || (ks[1] > 1 && kst[1] != 1)) {
+            PyErr_Format(PyExc_ValueError, "keep (%zd, %zd) must have b's shape (%zd, %zd) and "
+                         "contiguous rows", ks[0], ks[1], bs[0], bs[1]);
+            goto done;
+        }
+    }
     if (bs[1] != cs[1] || (size_t)np_ != sg_packed_size(cs[0], bs[0])) {
         PyErr_Format(PyExc_ValueError, "c (%zd, %zd), b (%zd, %zd) and %zd packed floats do "
                      "not fit", cs[0], cs[1], bs[0], bs[1], np_);
@@ -994,7 +1004,8 @@ static PyObject *py_step_gemm(PyObject *self, PyObject *args)
     }
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = sg_gemm(pa, cs[0], bs[0], b, bst[0], cs[1], c, cst[0], accumulate, ohp, isa, threads);
+    rc = sg_gemm(pa, cs[0], bs[0], b, bst[0], cs[1], c, cst[0], accumulate, ohp, keep, kst[0],
+                 isa, threads);
     Py_END_ALLOW_THREADS
     if (rc != 0) {
         PyErr_NoMemory();
@@ -1003,7 +1014,7 @@ static PyObject *py_step_gemm(PyObject *self, PyObject *args)
     ret = Py_None;
     Py_INCREF(ret);
 done:
-    Py_buffer *held[] = {&vc, &vp, &vb, &vt, &vi};
+    Py_buffer *held[] = {&vc, &vp, &vb, &vt, &vi, &vk};
     for (size_t i = 0; i < sizeof held / sizeof *held; i++)
         if (held[i]->obj)
             PyBuffer_Release(held[i]);

@@ -29,12 +29,13 @@ typedef struct {
 /* C[i][j] (+)= sum_k A[i][k] B[k][j]: A packed (M, K); B[k][j] = b[k*brs + j];
  * C[i][j] = c[i*crs + j]; j < N. oh (NULL: none): gather, C[i][j] gets + table[idx[j]][i]
  * (R = M) after the sum, in its registers; scatter, table[idx[j]][k] += B[k][j] (R = K),
- * from B's rows while they are packed. isa: SG_ISA_AVX2 or SG_ISA_AVX512 (at most
+ * from B's rows while they are packed. keep (NULL: none): B also copied there, B[k][j] to
+ * keep[k*krs + j], from the same rows. isa: SG_ISA_AVX2 or SG_ISA_AVX512 (at most
  * sg_cpu_isa()). nthreads: threads to split the rows over (the caller's included).
  * Returns 0, or -1 when out of memory (nothing written). */
 int sg_gemm(const float *pa, ptrdiff_t M, ptrdiff_t K, const float *b, ptrdiff_t brs,
-            ptrdiff_t N, float *c, ptrdiff_t crs, int accumulate, const sg_onehot *oh, int isa,
-            int nthreads);
+            ptrdiff_t N, float *c, ptrdiff_t crs, int accumulate, const sg_onehot *oh,
+            float *keep, ptrdiff_t krs, int isa, int nthreads);
 /* acc[idx[j]*ars + r] += d[r*drs + j], r < R, j < n (the scatter of sg_onehot alone), the
  * rows split over nthreads; isa as for sg_gemm, or SG_ISA_NONE for plain C */
 void sg_scatter_t(float *acc, ptrdiff_t ars, const float *d, ptrdiff_t drs, ptrdiff_t R,
