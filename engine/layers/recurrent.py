@@ -256,9 +256,19 @@ class Products:
         self.dx_steps = self.dh_steps = None   # backward: dL/d(input projection), dL/d(products)
         self._dx = self._dh = None             # the same feature-major (``dx``, ``dh``)
         self.t, self.cols, self.h, self.zt = 0, slice(0, B), None, None
+        self._state = self._state_block = None   # forward: h and its block of hs (state_to)
 
     def at(self, t: int, h, zt=None) -> None:
         self.t, self.cols, self.h, self.zt = t, slice(t * self.B, (t + 1) * self.B), h, zt
+
+    def state_to(self, block, h=None) -> None:
+        """The state ``h`` of the step just made belongs in ``block`` (its columns of hs):
+        the next step's product of h copies it there while the step GEMM packs it
+        (``keep``). A state still waiting from before (no GEMM took it) is copied first;
+        None: just that."""
+        if self._state_block is not None:
+            self._state_block[...] = self._state
+        self._state_block, self._state = block, h
 
     def rows(self, gates) -> tuple:
         """(first, last) row of W_h for a gate index or a slice of gates."""
@@ -291,7 +301,10 @@ class Products:
             if with_input and not folded and self.xproj is None and \
                     self.layer.hbias_key is None:  # one-hot: W_x + b's columns added in the GEMM
                 gather = (self.table_t(), self.idx[self.cols])
-            kernels.step_gemm(out, self.packed, operand, gather=gather)
+            keep = None
+            if self._state_block is not None and v is self._state:   # h into hs, as packed
+                keep, self._state_block = self._state_block, None
+            kernels.step_gemm(out, self.packed, operand, gather=gather, keep=keep)
         else:
             xp.matmul(w, operand, out=out)
         if not folded and gather is None:
@@ -835,6 +848,10 @@ class Recurrent(Layer):
         cur = (hs[:, first * B:(first + 1) * B],) + tuple(parts[1:])
         m = None if ctx.mask is None else ctx.mask.reshape(T, B)
         steps = [None] * T
+        # On the step GEMM the new h goes on as the step's own array, and the next step's
+        # GEMM copies it into its columns of hs while it packs it (``Products.state_to``):
+        # a copy of its own into hs's far-apart rows cost LSTM 512 2 ms a batch
+        handed = ops.packing and not fold
         for t in (range(T - 1, -1, -1) if rev else range(T)):
             mm = None if m is None else self._mask(m[t])
             zt = None if not fold else ops.z[:, before(t) * B:(before(t) + 1) * B]
@@ -844,9 +861,13 @@ class Recurrent(Layer):
                 new = tuple(mm[0] * r + mm[1] * p for r, p in zip(new, cur))
             out = t if rev else t + 1
             nxt = hs[:, out * B:(out + 1) * B]
-            nxt[...] = new[0]
             steps[t] = StepCache(cur, cc, mm)
-            cur = (nxt,) + tuple(new[1:])
+            if handed:
+                ops.state_to(nxt, new[0])
+            else:
+                nxt[...] = new[0]
+            cur = (new[0] if handed else nxt,) + tuple(new[1:])
+        ops.state_to(None)        # the last h (or one no GEMM took) into hs now
         ops.park()
         ys = (hs[:, :N] if rev else hs[:, B:]).T
         if buffer == self._buffer:
