@@ -198,6 +198,29 @@ def test_keep_copies_b_into_a_steps_columns(isa, threads, monkeypatch):
         kernels.step_gemm(np.empty((M, N), F32), p, b, keep=wide[:, :N - 1])
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("isa", ISAS)
+def test_add_sums_a_matrix_into_the_stored_product(isa, threads, monkeypatch):
+    """``add``: out = D + A b, bit for bit the product and then D added (one rounding
+    each), D a block of far-apart rows; M no multiple of the tiles."""
+    monkeypatch.setenv(kernels.STEP_ENV, isa)
+    kernels.step_reset()
+    kernels.set_threads(threads)
+    rng = np.random.default_rng(41)
+    M, K, N = 75, 40, 50
+    a, b = rand(rng, (M, K)), rand(rng, (K, N))
+    p = kernels.Packed(a)
+    wide = rand(rng, (M, 5 * N))
+    d = wide[:, 2 * N:3 * N]
+    plain = kernels.step_gemm(np.empty((M, N), F32), p, b)
+    got = kernels.step_gemm(np.empty((M, N), F32), p, b, add=d)
+    assert np.array_equal(got, plain + d)
+    with pytest.raises(ValueError, match="accumulated"):
+        kernels.step_gemm(got, p, b, accumulate=True, add=d)
+    with pytest.raises(ValueError, match="shape"):
+        kernels.step_gemm(got, p, b, add=d[:-1])
+
+
 def test_one_hot_arguments_are_checked():
     a = np.ones((40, 8), F32)
     b = np.ones((8, 5), F32)

@@ -257,6 +257,7 @@ class Products:
         self._dx = self._dh = None             # the same feature-major (``dx``, ``dh``)
         self.t, self.cols, self.h, self.zt = 0, slice(0, B), None, None
         self._state = self._state_block = None   # forward: h and its block of hs (state_to)
+        self.dy_next, self._took_dy = None, False   # backward: took_dy
 
     def at(self, t: int, h, zt=None) -> None:
         self.t, self.cols, self.h, self.zt = t, slice(t * self.B, (t + 1) * self.B), h, zt
@@ -441,6 +442,7 @@ class Products:
             dst, w_hT = self.dh_steps[self.t][r0:r1], self.w_hT[:, r0:r1]
         if g is not None:
             dst[...] = g
+        dy, self.dy_next = self.dy_next, None
         if gates is ALL and self.packing:
             if self.packed_T is None:
                 self.packed_T = kernels.Packed(w_hT, lambda n: self.buffer("packedT", n))
@@ -454,9 +456,19 @@ class Products:
             if self.kept is not None:     # dst into the columns the weight gradient reads
                 keep = self.flat_dh[:, self.cols]
                 self.kept[self.t] = True
+            self._took_dy = dy is not None      # the next step's dL/dh' added as stored
             return kernels.step_gemm(self.xp.empty((self.H, self.B), dtype=dst.dtype),
-                                     self.packed_T, dst, scatter=scatter, keep=keep)
+                                     self.packed_T, dst, scatter=scatter, keep=keep, add=dy)
         return self.xp.matmul(w_hT, dst)
+
+    def took_dy(self) -> bool:
+        """Whether the step just undone added ``dy_next`` (the output gradient of the step
+        undone next, set by the loop) to W_h^T g as the step GEMM stored it: the loop then
+        does not add it (a pass of its own over its far-apart columns took 1.8 ms a LSTM
+        512 batch). A cell adds the product's result into its state gradient once, so the
+        sum is the same."""
+        took, self._took_dy, self.dy_next = self._took_dy, False, None
+        return took
 
     def table_grad(self):
         """dW_x of the one-hot input, transposed (V, G·H): every step's dL/d(input
@@ -907,10 +919,11 @@ class Recurrent(Layer):
         # dst: the gradients at the state after the step being undone; owned by this loop
         # (fresh arrays), so dL/dh' of the step is added in place
         dst = None if dfinal is None else [None if g is None else g.copy() for g in dfinal]
+        added = False           # dst[0] holds this step's dL/dh' already (Products.dy_next)
         for t in (range(T) if rev else range(T - 1, -1, -1)):
             sc = steps[t]
             d = [None] * self.parts if dst is None else dst
-            if dyT is not None:
+            if dyT is not None and not added:
                 dh = dyT[:, t * B:(t + 1) * B]
                 if d[0] is None:
                     d[0] = dh        # not owned: nothing below writes into it
@@ -925,7 +938,11 @@ class Recurrent(Layer):
                         d[k], keep[k] = sc.mask[0] * g, sc.mask[1] * g
             ops.at(t, sc.state[0])
             need = t != start or need_state_grad
+            nxt = t + 1 if rev else t - 1
+            if dyT is not None and need and all(k is None for k in keep):
+                ops.dy_next = dyT[:, nxt * B:(nxt + 1) * B]
             dprev = step(xp, ops, d, sc.state, sc.cell, need)
+            added = ops.took_dy()
             if not need:
                 dst = None
                 continue

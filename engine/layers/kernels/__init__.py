@@ -366,7 +366,7 @@ def park() -> None:
 
 
 def step_gemm(out, packed: Packed, b, accumulate: bool = False, gather=None, scatter=None,
-              keep=None):
+              keep=None, add=None):
     """out (M, N) (+)= A b for the packed A (M, K) and b (K, N); ``out`` must have contiguous
     rows, ``b`` is copied when its rows are not contiguous. A one-hot input's projection
     rides along, as (table, idx) with idx (N,) int32 and the table's rows contiguous:
@@ -374,10 +374,11 @@ def step_gemm(out, packed: Packed, b, accumulate: bool = False, gather=None, sca
     the sum added in the GEMM's registers, so no pass over ``out`` of its own; ``scatter``,
     table[idx[j]] += b[:, j] (table (V, K): dW_x transposed) from b's rows while the GEMM
     packs them. ``keep`` (K, N) with contiguous rows: b copied there as well, from the same
-    rows (a step's columns of a feature-major block)."""
+    rows (a step's columns of a feature-major block). ``add`` (M, N) with contiguous rows:
+    out = add + A b, the sum made as the GEMM stores (not with ``accumulate``)."""
     table, idx = gather or scatter or (None, None)
     _native.step_gemm(out, packed.data, _rows(b), accumulate, packed.isa, packed.threads,
-                      table, idx, scatter is not None, keep)
+                      table, idx, scatter is not None, keep, add)
     return out
 
 

@@ -951,22 +951,23 @@ static int get_onehot(PyObject *tab_o, Py_buffer *vt, PyObject *idx_o, Py_buffer
     return 0;
 }
 
-/* step_gemm(c, packed, b, accumulate, isa, threads[, table, idx, scatter, keep]): c (M, N)
+/* step_gemm(c, packed, b, accumulate, isa, threads[, table, idx, scatter, keep, add]): c (M, N)
  * (+)= A b, A (M, K) packed, b (K, N); c and b with contiguous rows. With a table
  * (sg_onehot): gather, c[i][j] gets + table[idx[j]][i], table (V, M); scatter,
  * table[idx[j]][k] += b[k][j], table (V, K). keep: b copied there too (b's shape,
- * contiguous rows). */
+ * contiguous rows). add: c = add + A b (c's shape, contiguous rows). */
 static PyObject *py_step_gemm(PyObject *self, PyObject *args)
 {
-    PyObject *c_o, *pa_o, *b_o, *tab_o = Py_None, *idx_o = Py_None, *keep_o = Py_None;
+    PyObject *c_o, *pa_o, *b_o, *tab_o = Py_None, *idx_o = Py_None, *keep_o = Py_None,
+             *add_o = Py_None;
     int accumulate, isa, threads, scatter = 0;
-    if (!PyArg_ParseTuple(args, "OOOpii|OOpO", &c_o, &pa_o, &b_o, &accumulate, &isa, &threads,
-                          &tab_o, &idx_o, &scatter, &keep_o))
+    if (!PyArg_ParseTuple(args, "OOOpii|OOpOO", &c_o, &pa_o, &b_o, &accumulate, &isa, &threads,
+                          &tab_o, &idx_o, &scatter, &keep_o, &add_o))
         return NULL;
     Py_buffer vc = {.obj = NULL}, vp = {.obj = NULL}, vb = {.obj = NULL}, vt = {.obj = NULL},
-              vi = {.obj = NULL}, vk = {.obj = NULL};
-    float *c, *pa, *b, *keep = NULL;
-    Py_ssize_t np_, cs[2], cst[2], bs[2], bst[2], ks[2], kst[2] = {0, 0};
+              vi = {.obj = NULL}, vk = {.obj = NULL}, vd = {.obj = NULL};
+    float *c, *pa, *b, *keep = NULL, *addend = NULL;
+    Py_ssize_t np_, cs[2], cst[2], bs[2], bst[2], ks[2], kst[2] = {0, 0}, ds[2], dst[2] = {0, 0};
     sg_onehot oh, *ohp = NULL;
     PyObject *ret = NULL;
     if (get_2d(c_o, &vc, 1, &c, cs, cst, "c") < 0 || get_flat(pa_o, &vp, 0, &pa, &np_, "packed") < 0 ||
@@ -983,6 +984,20 @@ static PyObject *py_step_gemm(PyObject *self, PyObject *args)
             goto done;
         }
         ohp = &oh;
+    }
+    if (add_o != Py_None) {
+        if (accumulate) {
+            PyErr_SetString(PyExc_ValueError, "add: a product added to a matrix is not also "
+                            "accumulated");
+            goto done;
+        }
+        if (get_2d(add_o, &vd, 0, &addend, ds, dst, "add") < 0)
+            goto done;
+        if (ds[0] != cs[0] || ds[1] != cs[1] || (ds[1] > 1 && dst[1] != 1)) {
+            PyErr_Format(PyExc_ValueError, "add (%zd, %zd) must have c's shape (%zd, %zd) and "
+                         "contiguous rows", ds[0], ds[1], cs[0], cs[1]);
+            goto done;
+        }
     }
     if (keep_o != Py_None) {
         if (get_2d(keep_o, &vk, 1, &keep, ks, kst, "keep") < 0)
@@ -1004,8 +1019,8 @@ static PyObject *py_step_gemm(PyObject *self, PyObject *args)
     }
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = sg_gemm(pa, cs[0], bs[0], b, bst[0], cs[1], c, cst[0], accumulate, ohp, keep, kst[0],
-                 isa, threads);
+    sg_extras x = {.oh = ohp, .keep = keep, .krs = kst[0], .addend = addend, .ars = dst[0]};
+    rc = sg_gemm(pa, cs[0], bs[0], b, bst[0], cs[1], c, cst[0], accumulate, &x, isa, threads);
     Py_END_ALLOW_THREADS
     if (rc != 0) {
         PyErr_NoMemory();
@@ -1014,7 +1029,7 @@ static PyObject *py_step_gemm(PyObject *self, PyObject *args)
     ret = Py_None;
     Py_INCREF(ret);
 done:
-    Py_buffer *held[] = {&vc, &vp, &vb, &vt, &vi, &vk};
+    Py_buffer *held[] = {&vc, &vp, &vb, &vt, &vi, &vk, &vd};
     for (size_t i = 0; i < sizeof held / sizeof *held; i++)
         if (held[i]->obj)
             PyBuffer_Release(held[i]);

@@ -268,7 +268,8 @@ void sg_pack(float *dst, const float *a, ptrdiff_t rs, ptrdiff_t cs, ptrdiff_t M
 
 /* Each kernel: the 32 x nr tile T[r][j] = sum_k pa[k*32 + r] pb[k*nr + j], plus, when add is
  * given, add[j][r] (a gathered table row per column: the one-hot input projection), written
- * (or, acc, added) to c[r*crs + j] for r < rows. */
+ * to c[r*crs + j] for r < rows, added to src[r*srs + j] when src is given (c itself when
+ * accumulating). */
 
 #ifdef SG_X86
 #define SG_INLINE static inline __attribute__((always_inline))
@@ -302,7 +303,8 @@ __attribute__((target("avx512f"))) SG_INLINE void transpose16(__m512 r[16])
 /* 16 rows of a tile, column vectors v[0..w-1], into C rows with masked stores (a store
  * element by element cost the forward step GEMM a tenth of its time) */
 __attribute__((target("avx512f"))) SG_INLINE void store_rows16(const __m512 *v, int w, float *c,
-                                                                ptrdiff_t crs, int rows, int acc)
+                                                                ptrdiff_t crs, int rows,
+                                                                const float *src, ptrdiff_t srs)
 {
     __m512 r[16];
     for (int j = 0; j < 16; j++)
@@ -311,7 +313,7 @@ __attribute__((target("avx512f"))) SG_INLINE void store_rows16(const __m512 *v, 
     __mmask16 m = (__mmask16)((1u << w) - 1);
     for (int i = 0; i < rows; i++) {
         float *crow = c + i * crs;
-        __m512 x = acc ? _mm512_add_ps(_mm512_maskz_loadu_ps(m, crow), r[i]) : r[i];
+        __m512 x = src ? _mm512_add_ps(_mm512_maskz_loadu_ps(m, src + i * srs), r[i]) : r[i];
         _mm512_mask_storeu_ps(crow, m, x);
     }
 }
@@ -323,7 +325,8 @@ static inline unsigned rows_mask(int rows)
 
 __attribute__((target("avx512f,fma"))) SG_INLINE void tile512(const float *pa, const float *pb,
                                                                ptrdiff_t K, float *c,
-                                                               ptrdiff_t crs, int rows, int acc,
+                                                               ptrdiff_t crs, int rows,
+                                                               const float *src, ptrdiff_t srs,
                                                                int nr, const float *const *add,
                                                                const char *pf)
 {
@@ -352,21 +355,21 @@ __attribute__((target("avx512f,fma"))) SG_INLINE void tile512(const float *pa, c
             c1[j] = _mm512_add_ps(c1[j], _mm512_maskz_loadu_ps(m1, add[j] + 16));
         }
     }
-    store_rows16(c0, nr, c, crs, rows < 16 ? rows : 16, acc);
+    store_rows16(c0, nr, c, crs, rows < 16 ? rows : 16, src, srs);
     if (rows > 16)
-        store_rows16(c1, nr, c + 16 * crs, crs, rows - 16, acc);
+        store_rows16(c1, nr, c + 16 * crs, crs, rows - 16, src ? src + 16 * srs : NULL, srs);
 }
 
 #define K512(NR) \
     __attribute__((target("avx512f,fma"))) static void k512_##NR(const float *pa, \
-        const float *pb, ptrdiff_t K, float *c, ptrdiff_t crs, int rows, int acc, \
-        const float *const *add, const char *pf) \
-        { tile512(pa, pb, K, c, crs, rows, acc, NR, add, pf); }
+        const float *pb, ptrdiff_t K, float *c, ptrdiff_t crs, int rows, const float *src, \
+        ptrdiff_t srs, const float *const *add, const char *pf) \
+        { tile512(pa, pb, K, c, crs, rows, src, srs, NR, add, pf); }
 K512(1) K512(2) K512(3) K512(4) K512(5) K512(6) K512(7)
 K512(8) K512(9) K512(10) K512(11) K512(12) K512(13) K512(14)
 
-typedef void (*tile_fn)(const float *, const float *, ptrdiff_t, float *, ptrdiff_t, int, int,
-                        const float *const *, const char *);
+typedef void (*tile_fn)(const float *, const float *, ptrdiff_t, float *, ptrdiff_t, int,
+                        const float *, ptrdiff_t, const float *const *, const char *);
 static const tile_fn TILES512[15] = {NULL, k512_1, k512_2, k512_3, k512_4, k512_5, k512_6,
                                      k512_7, k512_8, k512_9, k512_10, k512_11, k512_12,
                                      k512_13, k512_14};
@@ -399,7 +402,8 @@ __attribute__((target("avx2"))) SG_INLINE __m256i lanes8(int n)
 
 /* 8 rows of a tile, column vectors v[0..w-1] (w <= 6), into C rows with masked stores */
 __attribute__((target("avx2"))) SG_INLINE void store_rows8(const __m256 *v, int w, float *c,
-                                                            ptrdiff_t crs, int rows, int acc)
+                                                            ptrdiff_t crs, int rows,
+                                                            const float *src, ptrdiff_t srs)
 {
     __m256 r[8];
     for (int j = 0; j < 8; j++)
@@ -408,14 +412,15 @@ __attribute__((target("avx2"))) SG_INLINE void store_rows8(const __m256 *v, int 
     __m256i m = lanes8(w);
     for (int i = 0; i < rows; i++) {
         float *crow = c + i * crs;
-        __m256 x = acc ? _mm256_add_ps(_mm256_maskload_ps(crow, m), r[i]) : r[i];
+        __m256 x = src ? _mm256_add_ps(_mm256_maskload_ps(src + i * srs, m), r[i]) : r[i];
         _mm256_maskstore_ps(crow, m, x);
     }
 }
 
 __attribute__((target("avx2,fma"))) SG_INLINE void tile256(const float *pa, const float *pb,
                                                             ptrdiff_t K, float *c, ptrdiff_t crs,
-                                                            int rows, int acc, int nr,
+                                                            int rows, const float *src,
+                                                            ptrdiff_t srs, int nr,
                                                             const float *const *add,
                                                             const char *pf)
 {
@@ -448,16 +453,17 @@ __attribute__((target("avx2,fma"))) SG_INLINE void tile256(const float *pa, cons
         for (int q = 0; q < 2; q++) {       /* rows half*16 + 8q .. + 7 */
             int r0 = half * 16 + 8 * q, n = rows - r0 < 8 ? rows - r0 : 8;
             if (n > 0)
-                store_rows8(q ? c1 : c0, nr, c + r0 * crs, crs, n, acc);
+                store_rows8(q ? c1 : c0, nr, c + r0 * crs, crs, n, src ? src + r0 * srs : NULL,
+                            srs);
         }
     }
 }
 
 #define K256(NR) \
     __attribute__((target("avx2,fma"))) static void k256_##NR(const float *pa, \
-        const float *pb, ptrdiff_t K, float *c, ptrdiff_t crs, int rows, int acc, \
-        const float *const *add, const char *pf) \
-        { tile256(pa, pb, K, c, crs, rows, acc, NR, add, pf); }
+        const float *pb, ptrdiff_t K, float *c, ptrdiff_t crs, int rows, const float *src, \
+        ptrdiff_t srs, const float *const *add, const char *pf) \
+        { tile256(pa, pb, K, c, crs, rows, src, srs, NR, add, pf); }
 K256(1) K256(2) K256(3) K256(4) K256(5) K256(6)
 static const tile_fn TILES256[7] = {NULL, k256_1, k256_2, k256_3, k256_4, k256_5, k256_6};
 #endif
@@ -572,6 +578,8 @@ typedef struct {
     const sg_onehot *oh;
     float *keep;
     ptrdiff_t krs;
+    const float *addend;
+    ptrdiff_t ars;
 #ifdef SG_X86
     const tile_fn *tiles;
 #endif
@@ -647,8 +655,10 @@ static void gemm_task(void *p, int t, int n)
                     add[j] = g->oh->table + g->oh->idx[c0 + j] * g->oh->trs + r0;
                 addp = add;
             }
-            g->tiles[w](pa, g->pb + g->K * c0, g->K, g->c + r0 * g->crs + c0, g->crs, rows,
-                        g->accumulate, addp, prefetch(g, pn, p1, q));
+            float *ct = g->c + r0 * g->crs + c0;
+            const float *src = g->accumulate ? ct : g->addend ? g->addend + r0 * g->ars + c0 : NULL;
+            g->tiles[w](pa, g->pb + g->K * c0, g->K, ct, g->crs, rows, src,
+                        g->accumulate ? g->crs : g->ars, addp, prefetch(g, pn, p1, q));
         }
     }
 #else
@@ -673,20 +683,29 @@ static void both_task(void *p, int t, int n)
 }
 
 int sg_gemm(const float *pa, ptrdiff_t M, ptrdiff_t K, const float *b, ptrdiff_t brs,
-            ptrdiff_t N, float *c, ptrdiff_t crs, int accumulate, const sg_onehot *oh,
-            float *keep, ptrdiff_t krs, int isa, int nthreads)
+            ptrdiff_t N, float *c, ptrdiff_t crs, int accumulate, const sg_extras *x, int isa,
+            int nthreads)
 {
 #ifdef SG_X86
     if (M <= 0 || N <= 0)
         return 0;
     gemm_args g = {.pa = pa, .b = b, .c = c, .M = M, .K = K, .N = N, .brs = brs, .crs = crs,
-                   .accumulate = accumulate, .isa = isa, .oh = oh, .keep = keep, .krs = krs};
+                   .accumulate = accumulate, .isa = isa};
+    if (x) {
+        g.oh = x->oh;
+        g.keep = x->keep;
+        g.krs = x->krs;
+        g.addend = accumulate ? NULL : x->addend;
+        g.ars = x->ars;
+    }
     g.nrmax = isa == SG_ISA_AVX512 ? 14 : 6;
     g.tiles = isa == SG_ISA_AVX512 ? TILES512 : TILES256;
     g.nq = (int)((N + g.nrmax - 1) / g.nrmax);
     if (K == 0) {
         for (ptrdiff_t i = 0; i < M; i++)
-            if (!accumulate)
+            if (g.addend)
+                memmove(c + i * crs, g.addend + i * g.ars, (size_t)N * sizeof(float));
+            else if (!accumulate)
                 memset(c + i * crs, 0, (size_t)N * sizeof(float));
         return 0;
     }
@@ -713,7 +732,7 @@ int sg_gemm(const float *pa, ptrdiff_t M, ptrdiff_t K, const float *b, ptrdiff_t
     return 0;
 #else
     (void)pa; (void)M; (void)K; (void)b; (void)brs; (void)N; (void)c; (void)crs;
-    (void)accumulate; (void)oh; (void)keep; (void)krs; (void)isa; (void)nthreads;
+    (void)accumulate; (void)x; (void)isa; (void)nthreads;
     return -1;
 #endif
 }

@@ -26,16 +26,28 @@ typedef struct {
     int scatter;
 } sg_onehot;
 
+/* What a step GEMM does besides the product (each optional: NULL for none): oh, a one-hot
+ * projection (sg_onehot); keep, B copied there too, B[k][j] to keep[k*krs + j], from the
+ * rows being packed; addend, a matrix D added to the product, C = D + A B, D[i][j] =
+ * addend[i*ars + j] (ignored when accumulating: C is then D). */
+typedef struct {
+    const sg_onehot *oh;
+    float *keep;
+    ptrdiff_t krs;
+    const float *addend;
+    ptrdiff_t ars;
+} sg_extras;
+
 /* C[i][j] (+)= sum_k A[i][k] B[k][j]: A packed (M, K); B[k][j] = b[k*brs + j];
- * C[i][j] = c[i*crs + j]; j < N. oh (NULL: none): gather, C[i][j] gets + table[idx[j]][i]
- * (R = M) after the sum, in its registers; scatter, table[idx[j]][k] += B[k][j] (R = K),
- * from B's rows while they are packed. keep (NULL: none): B also copied there, B[k][j] to
- * keep[k*krs + j], from the same rows. isa: SG_ISA_AVX2 or SG_ISA_AVX512 (at most
- * sg_cpu_isa()). nthreads: threads to split the rows over (the caller's included).
- * Returns 0, or -1 when out of memory (nothing written). */
+ * C[i][j] = c[i*crs + j]; j < N. x (NULL: none), see sg_extras: a gather adds
+ * table[idx[j]][i] to C[i][j] after the sum, in its registers (R = M); a scatter adds B's
+ * columns into the tokens' rows, table[idx[j]][k] += B[k][j] (R = K), from B's rows while
+ * they are packed. isa: SG_ISA_AVX2 or SG_ISA_AVX512 (at most sg_cpu_isa()). nthreads:
+ * threads to split the rows over (the caller's included). Returns 0, or -1 when out of
+ * memory (nothing written). */
 int sg_gemm(const float *pa, ptrdiff_t M, ptrdiff_t K, const float *b, ptrdiff_t brs,
-            ptrdiff_t N, float *c, ptrdiff_t crs, int accumulate, const sg_onehot *oh,
-            float *keep, ptrdiff_t krs, int isa, int nthreads);
+            ptrdiff_t N, float *c, ptrdiff_t crs, int accumulate, const sg_extras *x, int isa,
+            int nthreads);
 /* acc[idx[j]*ars + r] += d[r*drs + j], r < R, j < n (the scatter of sg_onehot alone), the
  * rows split over nthreads; isa as for sg_gemm, or SG_ISA_NONE for plain C */
 void sg_scatter_t(float *acc, ptrdiff_t ars, const float *d, ptrdiff_t drs, ptrdiff_t R,
