@@ -299,6 +299,41 @@ def test_layer_on_the_step_gemm_equals_layer_on_the_blas(kind, act, H, D, B, one
         close(a, b, f"result {k}")
 
 
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+@pytest.mark.parametrize("one_hot", [False, True], ids=["dense", "one-hot"])
+@pytest.mark.parametrize("kind,act", LAYERS, ids=LAYER_IDS)
+def test_an_unmasked_block_adds_dy_in_the_step_gemm(kind, act, one_hot, direction,
+                                                    monkeypatch):
+    """Without a mask each backward step GEMM adds the next step's output gradient as it
+    stores W_h^T g (``add``), and the forward's next GEMM copies each new h into the state
+    block (``keep``); outputs and gradients agree with NumPy's matmul to 1e-5."""
+    T, H, D, B = 10, 48, 7, 50
+    layer = build(kind, H, D, act, one_hot=one_hot,
+                  direction=pb.kBackward if direction == "backward" else pb.kForward)
+    rng = np.random.default_rng(51)
+    if one_hot:
+        X = np.zeros((T * B, D), F32)
+        X[np.arange(T * B), rng.integers(0, D, T * B)] = 1
+    else:
+        X = rand(rng, (T * B, D))
+    R = rand(rng, (T * B, H))
+    parts = [rand(rng, (B, H), 0.5) for _ in range(2 if kind == "lstm" else 1)]
+    state0 = tuple(parts) if kind == "lstm" else parts[0]
+    monkeypatch.setenv(kernels.STEP_ENV, "blas")
+    kernels.step_reset()
+    want = _block_run(layer, X, state0, None, R, T, B)
+    monkeypatch.setenv(kernels.STEP_ENV, "auto")
+    kernels.step_reset()
+    calls = []
+    real = kernels.step_gemm
+    monkeypatch.setattr(kernels, "step_gemm", lambda *a, **k: calls.append(k) or real(*a, **k))
+    got = _block_run(layer, X, state0, None, R, T, B)
+    assert sum(k.get("add") is not None for k in calls) == T - 1
+    assert sum(k.get("keep") is not None for k in calls) >= T - 1
+    for k, (a, b) in enumerate(zip(got, want)):
+        close(a, b, f"result {k}")
+
+
 @pytest.mark.parametrize("kind,act", [("lstm", None), ("rnn", pb.TANH)], ids=["lstm", "rnn"])
 def test_a_step_the_gemm_does_not_undo_is_scattered_after_the_loop(kind, act, monkeypatch):
     """Without the initial state's gradient the loop's last step multiplies by no W_h^T, so

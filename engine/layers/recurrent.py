@@ -939,7 +939,7 @@ class Recurrent(Layer):
             ops.at(t, sc.state[0])
             need = t != start or need_state_grad
             nxt = t + 1 if rev else t - 1
-            if dyT is not None and need and all(k is None for k in keep):
+            if dyT is not None and need and 0 <= nxt < T and all(k is None for k in keep):
                 ops.dy_next = dyT[:, nxt * B:(nxt + 1) * B]
             dprev = step(xp, ops, d, sc.state, sc.cell, need)
             added = ops.took_dy()
