@@ -4,9 +4,10 @@
 are no multiple of the kernels' tiles (M not a multiple of 32, N of any width 1..40, K of
 1), in the layouts the layers pass (a transposed W_h, a step's columns of the state block,
 an output with a row stride), on every instruction set this CPU has and on 1 to 3 threads;
-the threads and the split of N do not change a bit. Whole recurrent layers in float32 on
-the step GEMM equal the same layers on NumPy's matmul (``RNN_ENGINE_STEP_GEMM=blas``) to
-1e-5. The cell kernels, the gathers and the scatter-adds split over threads give the same
+the threads and the split of N do not change a bit. What rides along (a one-hot gather
+and scatter, ``keep``, ``add``) equals the separate pass it replaces to the bit. Whole
+recurrent layers in float32 on the step GEMM equal the same layers on NumPy's matmul
+(``RNN_ENGINE_STEP_GEMM=blas``) to 1e-5, masked and not, and take those options. The cell kernels, the gathers and the scatter-adds split over threads give the same
 bits as on one, and so does the step-major to feature-major copy (``unstep``); parked
 threads wake for the next task. A forked child computes with its own threads, and the switch reads the
 environment, refusing a value this CPU cannot run in one line.
@@ -255,6 +256,42 @@ def test_python_wrapper_copies_b_without_contiguous_rows():
 # ------------------------------------------------------------ whole layers
 
 
+def block_inputs(kind, T, H, D, B, one_hot, seed):
+    """A block's input (one-hot rows or dense), its output gradient and initial state."""
+    rng = np.random.default_rng(seed)
+    if one_hot:
+        X = np.zeros((T * B, D), F32)
+        X[np.arange(T * B), rng.integers(0, D, T * B)] = 1
+    else:
+        X = rand(rng, (T * B, D))
+    R = rand(rng, (T * B, H))
+    parts = [rand(rng, (B, H), 0.5) for _ in range(2 if kind == "lstm" else 1)]
+    return X, R, (tuple(parts) if kind == "lstm" else parts[0]), rng
+
+
+def blas_and_packed(monkeypatch, layer, *run_args, **run_kw):
+    """The block run on NumPy's matmul, then on the step GEMM: (want, got, the keyword
+    arguments of every step_gemm call)."""
+    monkeypatch.setenv(kernels.STEP_ENV, "blas")
+    kernels.step_reset()
+    want = _block_run(layer, *run_args, **run_kw)
+    monkeypatch.setenv(kernels.STEP_ENV, "auto")
+    kernels.step_reset()
+    calls = []
+    real = kernels.step_gemm
+    monkeypatch.setattr(kernels, "step_gemm", lambda *a, **k: calls.append(k) or real(*a, **k))
+    got = _block_run(layer, *run_args, **run_kw)
+    assert len(got) == len(want)
+    for k, (a, b) in enumerate(zip(got, want)):
+        assert a.dtype == F32
+        close(a, b, f"result {k}")
+    return calls
+
+
+def count(calls, option):
+    return sum(k.get(option) is not None for k in calls)
+
+
 @pytest.mark.parametrize("direction", ["forward", "backward"])
 @pytest.mark.parametrize("H,D,B,one_hot", [(33, 5, 7, False), (64, 3, 50, False),
                                            (40, 11, 9, True), (70, 30, 1, False)],
@@ -269,34 +306,14 @@ def test_layer_on_the_step_gemm_equals_layer_on_the_blas(kind, act, H, D, B, one
     layer = build(kind, H, D, act, one_hot=one_hot,
                   direction=pb.kBackward if direction == "backward" else pb.kForward)
     assert layer.reverse == (direction == "backward")
-    rng = np.random.default_rng(H + D + B)
-    if one_hot:
-        X = np.zeros((T * B, D), F32)
-        X[np.arange(T * B), rng.integers(0, D, T * B)] = 1
-    else:
-        X = rand(rng, (T * B, D))
-    R = rand(rng, (T * B, H))
-    parts = [rand(rng, (B, H), 0.5) for _ in range(2 if kind == "lstm" else 1)]
-    state0 = tuple(parts) if kind == "lstm" else parts[0]
+    X, R, state0, rng = block_inputs(kind, T, H, D, B, one_hot, H + D + B)
     mask = np.ones(T * B, F32)
     mask[3 * B:4 * B] = rng.random(B) < 0.5
     mask[7 * B:8 * B] = 0
-    monkeypatch.setenv(kernels.STEP_ENV, "blas")
-    kernels.step_reset()
-    want = _block_run(layer, X, state0, mask, R, T, B)
-    monkeypatch.setenv(kernels.STEP_ENV, "auto")
-    kernels.step_reset()
-    calls = []
-    real = kernels.step_gemm
-    monkeypatch.setattr(kernels, "step_gemm", lambda *a, **k: calls.append(k) or real(*a, **k))
-    got = _block_run(layer, X, state0, mask, R, T, B)
+    calls = blas_and_packed(monkeypatch, layer, X, state0, mask, R, T, B)
     assert len(calls) >= 2 * T - 1, "the step GEMM did not run"
     if one_hot and kind != "gru":   # a cell that sums its projections: the GEMM gathers
-        assert sum(k.get("gather") is not None for k in calls) == T       # and scatters
-        assert sum(k.get("scatter") is not None for k in calls) == T
-    for k, (a, b) in enumerate(zip(got, want)):
-        assert a.dtype == F32
-        close(a, b, f"result {k}")
+        assert count(calls, "gather") == T and count(calls, "scatter") == T   # and scatters
 
 
 @pytest.mark.parametrize("direction", ["forward", "backward"])
@@ -310,28 +327,10 @@ def test_an_unmasked_block_adds_dy_in_the_step_gemm(kind, act, one_hot, directio
     T, H, D, B = 10, 48, 7, 50
     layer = build(kind, H, D, act, one_hot=one_hot,
                   direction=pb.kBackward if direction == "backward" else pb.kForward)
-    rng = np.random.default_rng(51)
-    if one_hot:
-        X = np.zeros((T * B, D), F32)
-        X[np.arange(T * B), rng.integers(0, D, T * B)] = 1
-    else:
-        X = rand(rng, (T * B, D))
-    R = rand(rng, (T * B, H))
-    parts = [rand(rng, (B, H), 0.5) for _ in range(2 if kind == "lstm" else 1)]
-    state0 = tuple(parts) if kind == "lstm" else parts[0]
-    monkeypatch.setenv(kernels.STEP_ENV, "blas")
-    kernels.step_reset()
-    want = _block_run(layer, X, state0, None, R, T, B)
-    monkeypatch.setenv(kernels.STEP_ENV, "auto")
-    kernels.step_reset()
-    calls = []
-    real = kernels.step_gemm
-    monkeypatch.setattr(kernels, "step_gemm", lambda *a, **k: calls.append(k) or real(*a, **k))
-    got = _block_run(layer, X, state0, None, R, T, B)
-    assert sum(k.get("add") is not None for k in calls) == T - 1
-    assert sum(k.get("keep") is not None for k in calls) >= T - 1
-    for k, (a, b) in enumerate(zip(got, want)):
-        close(a, b, f"result {k}")
+    X, R, state0, _ = block_inputs(kind, T, H, D, B, one_hot, 51)
+    calls = blas_and_packed(monkeypatch, layer, X, state0, None, R, T, B)
+    assert count(calls, "add") == T - 1
+    assert count(calls, "keep") >= T - 1
 
 
 @pytest.mark.parametrize("kind,act", [("lstm", None), ("rnn", pb.TANH)], ids=["lstm", "rnn"])
@@ -341,26 +340,10 @@ def test_a_step_the_gemm_does_not_undo_is_scattered_after_the_loop(kind, act, mo
     still agree with NumPy's matmul to 1e-5."""
     T, H, D, B = 9, 40, 11, 50
     layer = build(kind, H, D, act, one_hot=True)
-    rng = np.random.default_rng(21)
-    X = np.zeros((T * B, D), F32)
-    X[np.arange(T * B), rng.integers(0, D, T * B)] = 1
-    R = rand(rng, (T * B, H))
-    parts = [rand(rng, (B, H), 0.5) for _ in range(2 if kind == "lstm" else 1)]
-    state0 = tuple(parts) if kind == "lstm" else parts[0]
-    mask = np.ones(T * B, F32)
-    monkeypatch.setenv(kernels.STEP_ENV, "blas")
-    kernels.step_reset()
-    want = _block_run(layer, X, state0, mask, R, T, B, need_state_grad=False)
-    monkeypatch.setenv(kernels.STEP_ENV, "auto")
-    kernels.step_reset()
-    calls = []
-    real = kernels.step_gemm
-    monkeypatch.setattr(kernels, "step_gemm", lambda *a, **k: calls.append(k) or real(*a, **k))
-    got = _block_run(layer, X, state0, mask, R, T, B, need_state_grad=False)
-    assert sum(k.get("scatter") is not None for k in calls) == T - 1
-    assert len(got) == len(want)
-    for k, (a, b) in enumerate(zip(got, want)):
-        close(a, b, f"result {k}")
+    X, R, state0, _ = block_inputs(kind, T, H, D, B, True, 21)
+    calls = blas_and_packed(monkeypatch, layer, X, state0, np.ones(T * B, F32), R, T, B,
+                            need_state_grad=False)
+    assert count(calls, "scatter") == T - 1
 
 
 # ------------------------------------------------- the pool's other users
