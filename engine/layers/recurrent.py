@@ -361,9 +361,10 @@ class Products:
         cache lines a GEMM evicts between steps). ``dx`` and ``dh`` lay them out
         feature-major when asked, one copy each; on the step GEMM, dL/d(products) is
         copied into its feature-major block by the W_h^T product of each step, from cache
-        (``keep``: the separate copy after the loop read 20 MB back from memory). ``reuse_xproj``: the forward's step-major
-        input projections are dead (a hand-written step keeps what it needs in its cache),
-        so dL/d(input projections) takes their memory."""
+        (``keep``: the separate copy after the loop read 20 MB back from memory).
+        ``reuse_xproj``: the forward's step-major input projections are dead (a
+        hand-written step keeps what it needs in its cache), so dL/d(input projections)
+        takes their memory."""
         kernels.loop_threads(self.packing)
         shape = (self.T, self.GH, self.B)
         self.dx_steps = self.buffer("xproj" if reuse_xproj else "dxsteps", shape)

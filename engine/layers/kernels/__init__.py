@@ -386,8 +386,8 @@ def scatter_t(acc, d, idx):
     """acc[idx[j]] += d[:, j] for every column j of d (R, n), acc (V, R) (a transposed table
     gradient, as the step GEMM's ``scatter`` keeps it); idx int32; rows split over the
     loop's threads."""
-    m = step_mode()["isa"]
-    _native.scatter_t(acc, _rows(d), idx, _ISA_CODE.get(m, 0))
+    m = step_mode()["isa"]       # the step GEMM's (AVX2 when it is held to it), else the CPU's
+    _native.scatter_t(acc, _rows(d), idx, _ISA_CODE.get(m, _native.step_isa()))
     return acc
 
 

@@ -477,9 +477,11 @@ static const tile_fn TILES256[7] = {NULL, k256_1, k256_2, k256_3, k256_4, k256_5
 static void scatter_t_scalar(float *acc, ptrdiff_t ars, const float *d, ptrdiff_t drs,
                              const int32_t *idx, ptrdiff_t n, ptrdiff_t r0, ptrdiff_t r1)
 {
-    for (ptrdiff_t r = r0; r < r1; r++)
-        for (ptrdiff_t j = 0; j < n; j++)
-            acc[idx[j] * ars + r] += d[r * drs + j];
+    for (ptrdiff_t j = 0; j < n; j++) {     /* a row of acc at a time: its writes contiguous */
+        float *a = acc + idx[j] * ars;
+        for (ptrdiff_t r = r0; r < r1; r++)
+            a[r] += d[r * drs + j];
+    }
 }
 
 #ifdef SG_X86
