@@ -211,6 +211,10 @@ def test_gather_scatter_and_transpose_equal_numpy():
     before = acc.copy()
     cells.scatter_steps(np, acc, d_steps, tokens.astype(np.int64), [1], n)
     close(acc - before, np.eye(V, dtype=F32)[tokens[n:2 * n]].T @ d_steps[1].T)
+    before = acc.copy()            # every step, in the backward loop's order
+    cells.scatter_steps(np, acc, d_steps, tokens.astype(np.int64), [2, 1, 0], n)
+    close(acc - before, sum(np.eye(V, dtype=F32)[tokens[t * n:(t + 1) * n]].T @ d_steps[t].T
+                            for t in range(T)))
     out2 = cells.gather_columns(np, np.zeros((R, n), F32), table, idx.astype(np.int64))
     np.testing.assert_array_equal(out2, table[:, idx])
 

@@ -200,16 +200,22 @@ def scatter_steps(xp, acc_t, d_steps, idx, steps, B):
     """acc_t[idx[t·B + j]] += d_steps[t][:, j] for each step t of ``steps`` (in that order)
     and column j: the columns of the step-major gradient ``d_steps`` (T, R, B) added into
     the rows of their tokens of a transposed table gradient ``acc_t`` (V, R), one vector
-    per column; returns ``acc_t``."""
+    per column (the compiled kernel; NumPy or CuPy otherwise, in any order); returns
+    ``acc_t``."""
     steps = list(steps)
     if kernels.usable(d_steps[0], inplace=acc_t) and kernels.usable_index(idx):
         for t in steps:
             kernels.scatter_t(acc_t, d_steps[t], idx[t * B:(t + 1) * B])
         return acc_t
-    for t in steps:
-        hot = xp.zeros((acc_t.shape[0], B), dtype=acc_t.dtype)
-        hot[idx[t * B:(t + 1) * B], xp.arange(B)] = 1
-        acc_t += hot @ d_steps[t].T
+    if not steps:
+        return acc_t
+    # one GEMM with the one-hot block of the steps' tokens: (V, k·B) @ (k·B, R)
+    steps = sorted(steps)
+    cols = xp.concatenate([idx[t * B:(t + 1) * B] for t in steps])
+    hot = xp.zeros((acc_t.shape[0], cols.shape[0]), dtype=acc_t.dtype)
+    hot[cols, xp.arange(cols.shape[0])] = 1
+    picked = d_steps[xp.asarray(steps)] if len(steps) < d_steps.shape[0] else d_steps
+    acc_t += hot @ picked.transpose(0, 2, 1).reshape(cols.shape[0], -1)
     return acc_t
 
 
