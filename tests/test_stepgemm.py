@@ -133,7 +133,8 @@ def test_bad_arguments_raise():
         _native.step_pack(np.zeros(3, F32), a, 1)
 
 
-ONE_HOT_SHAPES = [(2048, 512, 50, 101), (40, 33, 13, 7), (31, 17, 29, 5), (5, 3, 1, 2)]
+ONE_HOT_SHAPES = [(2048, 512, 50, 101), (40, 33, 13, 7), (31, 17, 29, 5), (5, 3, 1, 2),
+                  (6, 0, 4, 3)]   # K = 0: the table rows alone (the product is empty)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])

@@ -250,8 +250,7 @@ class Products:
         self.xproj = None        # (T, G·H, B) input projections, when materialised
         self.table = self.idx = None   # one-hot input: W_x + b and the tokens
         self.table_T = None            # ... W_x + b transposed, for the step GEMM (table_t)
-        self.dtable_T = None           # ... dW_x transposed, and the steps scattered into it
-        self.scattered = None
+        self.dtable_T = None           # ... dW_x transposed (table_grad)
         self.wc = self.z = None        # folded input: [W_h W_x b] and [h; x; 1]
         self.dx_steps = self.dh_steps = None   # backward: dL/d(input projection), dL/d(products)
         self._dx = self._dh = None             # the same feature-major (``dx``, ``dh``)
@@ -374,14 +373,15 @@ class Products:
             self.dx_steps[...] = 0
             if separate:
                 self.dh_steps[...] = 0
-        self.flat_dh = self.kept = None
-        if self.packing and self.T > 1:  # the step GEMM lays dL/d(products) out feature-major
-            self.flat_dh = self.buffer("flat", (self.GH, self.T * self.B))
-            self.kept = [False] * self.T
+        # On the step GEMM (T >= STEP_MIN_T) each step's W_h^T product also lays its
+        # dL/d(products) out feature-major, and, when that is also dL/d(input projection)
+        # of a one-hot input, scatters it into dW_x; ``on_gemm`` marks the steps it did
+        self.on_gemm = [False] * self.T
+        self.flat_dh = self.buffer("flat", (self.GH, self.T * self.B)) if self.packing else None
+        self.scatters = self.packing and self.table is not None and not separate
         if self.table is not None:     # one-hot input: dW_x transposed, from zero
             self.dtable_T = self.buffer("dtableT", self.table.shape[::-1])
             self.dtable_T[...] = 0
-            self.scattered = [False] * self.T
 
     def _flat(self, steps, name):
         """``steps`` (T, G·H, B) as a (G·H, T·B) block: step t in columns t·B..t·B+B-1."""
@@ -399,16 +399,15 @@ class Products:
     @property
     def dh(self):
         """dL/d(products) of every step, (G·H, T·B), for the weight gradients."""
-        if self._dh is None and self.kept is not None:
-            B = self.B                    # the step GEMM kept most steps' columns already
-            for t in range(self.T):
-                if not self.kept[t]:
-                    self.flat_dh[:, t * B:(t + 1) * B] = self.dh_steps[t]
-            self._dh = self.flat_dh
-            if self.dh_steps is self.dx_steps:
-                self._dx = self._dh
         if self._dh is None:
-            self._dh = self._flat(self.dh_steps, "flat")
+            if self.flat_dh is not None:  # the step GEMM laid out most steps already
+                B = self.B
+                for t in range(self.T):
+                    if not self.on_gemm[t]:
+                        self.flat_dh[:, t * B:(t + 1) * B] = self.dh_steps[t]
+                self._dh = self.flat_dh
+            else:
+                self._dh = self._flat(self.dh_steps, "flat")
             if self.dh_steps is self.dx_steps:
                 self._dx = self._dh
         return self._dh
@@ -447,19 +446,15 @@ class Products:
         if gates is ALL and self.packing:
             if self.packed_T is None:
                 self.packed_T = kernels.Packed(w_hT, lambda n: self.buffer("packedT", n))
-            scatter = None
-            if self.dtable_T is not None and self.dh_steps is self.dx_steps:
-                # dst is also dL/d(input projection): its columns go into dW_x as the GEMM
-                # packs them, from cache, instead of a pass over the block after the loop
-                scatter = (self.dtable_T, self.idx[self.cols])
-                self.scattered[self.t] = True
-            keep = None
-            if self.kept is not None:     # dst into the columns the weight gradient reads
-                keep = self.flat_dh[:, self.cols]
-                self.kept[self.t] = True
-            self._took_dy = dy is not None      # the next step's dL/dh' added as stored
+            # dst into the columns the weight gradient reads and (also dL/d(input
+            # projection)) into dW_x, as the GEMM packs it, from cache, instead of passes
+            # over the blocks after the loop; the next step's dL/dh' added as it stores
+            scatter = (self.dtable_T, self.idx[self.cols]) if self.scatters else None
+            self.on_gemm[self.t] = True
+            self._took_dy = dy is not None
             return kernels.step_gemm(self.xp.empty((self.H, self.B), dtype=dst.dtype),
-                                     self.packed_T, dst, scatter=scatter, keep=keep, add=dy)
+                                     self.packed_T, dst, scatter=scatter,
+                                     keep=self.flat_dh[:, self.cols], add=dy)
         return self.xp.matmul(w_hT, dst)
 
     def took_dy(self) -> bool:
@@ -477,7 +472,7 @@ class Products:
         did not already scatter, in the order the loop undid them)."""
         T, B = self.T, self.B
         order = range(T) if self.layer.reverse else range(T - 1, -1, -1)
-        left = [t for t in order if not self.scattered[t]]
+        left = [t for t in order if not (self.scatters and self.on_gemm[t])]
         cells.scatter_steps(self.xp, self.dtable_T, self.dx_steps, self.idx, left, B)
         return self.dtable_T
 

@@ -182,6 +182,14 @@ static void release(views *vs)
     vs->n = 0;
 }
 
+/* The next view of vs, empty (release skips it until a getter fills it). */
+static Py_buffer *slot(views *vs)
+{
+    Py_buffer *v = &vs->v[vs->n++];
+    v->obj = NULL;
+    return v;
+}
+
 /* One argument: (object, writable, rows); None is allowed where optional. */
 static int take(views *vs, mat *m, PyObject *o, int writable, Py_ssize_t rows, Py_ssize_t B,
                 const char *name, int optional)
@@ -191,12 +199,7 @@ static int take(views *vs, mat *m, PyObject *o, int writable, Py_ssize_t rows, P
         m->rs = 0;
         return 0;
     }
-    Py_buffer *v = &vs->v[vs->n];
-    v->obj = NULL;
-    if (get_mat(o, v, writable, rows, B, m, name) < 0)
-        return -1;
-    vs->n++;
-    return 0;
+    return get_mat(o, slot(vs), writable, rows, B, m, name);
 }
 
 /* Each kernel is a function of one row (B columns, restrict pointers, so that the loop
@@ -824,12 +827,12 @@ static PyObject *py_unstep(PyObject *self, PyObject *args)
     Py_ssize_t T;
     if (!PyArg_ParseTuple(args, "OOn", &flat_o, &steps_o, &T))
         return NULL;
-    Py_buffer vf = {.obj = NULL}, vs = {.obj = NULL};
+    views vs = {.n = 0};
     float *flat, *steps;
     Py_ssize_t shape[2], strides[2], n;
     PyObject *ret = NULL;
-    if (get_2d(flat_o, &vf, 1, &flat, shape, strides, "flat") < 0 ||
-        get_flat(steps_o, &vs, 0, &steps, &n, "steps") < 0)
+    if (get_2d(flat_o, slot(&vs), 1, &flat, shape, strides, "flat") < 0 ||
+        get_flat(steps_o, slot(&vs), 0, &steps, &n, "steps") < 0)
         goto done;
     if (T <= 0 || shape[1] % T != 0 || n != shape[0] * shape[1] ||
         (shape[1] > 1 && strides[1] != 1)) {
@@ -847,10 +850,7 @@ static PyObject *py_unstep(PyObject *self, PyObject *args)
     ret = Py_None;
     Py_INCREF(ret);
 done:
-    if (vf.obj)
-        PyBuffer_Release(&vf);
-    if (vs.obj)
-        PyBuffer_Release(&vs);
+    release(&vs);
     return ret;
 }
 
@@ -964,19 +964,21 @@ static PyObject *py_step_gemm(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "OOOpii|OOpOO", &c_o, &pa_o, &b_o, &accumulate, &isa, &threads,
                           &tab_o, &idx_o, &scatter, &keep_o, &add_o))
         return NULL;
-    Py_buffer vc = {.obj = NULL}, vp = {.obj = NULL}, vb = {.obj = NULL}, vt = {.obj = NULL},
-              vi = {.obj = NULL}, vk = {.obj = NULL}, vd = {.obj = NULL};
-    float *c, *pa, *b, *keep = NULL, *addend = NULL;
-    Py_ssize_t np_, cs[2], cst[2], bs[2], bst[2], ks[2], kst[2] = {0, 0}, ds[2], dst[2] = {0, 0};
+    views vs = {.n = 0};
+    float *c, *pa, *b;
+    Py_ssize_t np_, cs[2], cst[2], bs[2], bst[2];
     sg_onehot oh, *ohp = NULL;
+    mat keep, add;
     PyObject *ret = NULL;
-    if (get_2d(c_o, &vc, 1, &c, cs, cst, "c") < 0 || get_flat(pa_o, &vp, 0, &pa, &np_, "packed") < 0 ||
-        get_2d(b_o, &vb, 0, &b, bs, bst, "b") < 0)
+    if (get_2d(c_o, slot(&vs), 1, &c, cs, cst, "c") < 0 ||
+        get_flat(pa_o, slot(&vs), 0, &pa, &np_, "packed") < 0 ||
+        get_2d(b_o, slot(&vs), 0, &b, bs, bst, "b") < 0)
         goto done;
     if (check_isa(isa, 0) < 0)
         goto done;
     if (tab_o != Py_None) {
-        if (get_onehot(tab_o, &vt, idx_o, &vi, scatter, scatter ? bs[0] : cs[0], cs[1], &oh) < 0)
+        Py_buffer *vt = slot(&vs), *vi = slot(&vs);
+        if (get_onehot(tab_o, vt, idx_o, vi, scatter, scatter ? bs[0] : cs[0], cs[1], &oh) < 0)
             goto done;
         if (!scatter && accumulate) {
             PyErr_SetString(PyExc_ValueError, "a gathered table is added to a product, not "
@@ -985,29 +987,15 @@ static PyObject *py_step_gemm(PyObject *self, PyObject *args)
         }
         ohp = &oh;
     }
-    if (add_o != Py_None) {
-        if (accumulate) {
-            PyErr_SetString(PyExc_ValueError, "add: a product added to a matrix is not also "
-                            "accumulated");
-            goto done;
-        }
-        if (get_2d(add_o, &vd, 0, &addend, ds, dst, "add") < 0)
-            goto done;
-        if (ds[0] != cs[0] || ds[1] != cs[1] || (ds[1] > 1 && dst[1] != 1)) {
-            PyErr_Format(PyExc_ValueError, "add (%zd, %zd) must have c's shape (%zd, %zd) and "
-                         "contiguous rows", ds[0], ds[1], cs[0], cs[1]);
-            goto done;
-        }
+    if (add_o != Py_None && accumulate) {
+        PyErr_SetString(PyExc_ValueError, "add: a product added to a matrix is not also "
+                        "accumulated");
+        goto done;
     }
-    if (keep_o != Py_None) {
-        if (get_2d(keep_o, &vk, 1, &keep, ks, kst, "keep") < 0)
-            goto done;
-        if (ks[0] != bs[0] || ks[1] != bs[1] || (ks[1] > 1 && kst[1] != 1)) {
-            PyErr_Format(PyExc_ValueError, "keep (%zd, %zd) must have b's shape (%zd, %zd) and "
-                         "contiguous rows", ks[0], ks[1], bs[0], bs[1]);
-            goto done;
-        }
-    }
+    /* add has c's shape, keep b's, each with contiguous rows */
+    if (take(&vs, &add, add_o, 0, cs[0], cs[1], "add", 1) < 0 ||
+        take(&vs, &keep, keep_o, 1, bs[0], bs[1], "keep", 1) < 0)
+        goto done;
     if (bs[1] != cs[1] || (size_t)np_ != sg_packed_size(cs[0], bs[0])) {
         PyErr_Format(PyExc_ValueError, "c (%zd, %zd), b (%zd, %zd) and %zd packed floats do "
                      "not fit", cs[0], cs[1], bs[0], bs[1], np_);
@@ -1019,7 +1007,7 @@ static PyObject *py_step_gemm(PyObject *self, PyObject *args)
     }
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    sg_extras x = {.oh = ohp, .keep = keep, .krs = kst[0], .addend = addend, .ars = dst[0]};
+    sg_extras x = {.oh = ohp, .keep = keep.p, .krs = keep.rs, .addend = add.p, .ars = add.rs};
     rc = sg_gemm(pa, cs[0], bs[0], b, bst[0], cs[1], c, cst[0], accumulate, &x, isa, threads);
     Py_END_ALLOW_THREADS
     if (rc != 0) {
@@ -1029,10 +1017,7 @@ static PyObject *py_step_gemm(PyObject *self, PyObject *args)
     ret = Py_None;
     Py_INCREF(ret);
 done:
-    Py_buffer *held[] = {&vc, &vp, &vb, &vt, &vi, &vk, &vd};
-    for (size_t i = 0; i < sizeof held / sizeof *held; i++)
-        if (held[i]->obj)
-            PyBuffer_Release(held[i]);
+    release(&vs);
     return ret;
 }
 
@@ -1044,29 +1029,24 @@ static PyObject *py_scatter_t(PyObject *self, PyObject *args)
     int isa;
     if (!PyArg_ParseTuple(args, "OOOi", &acc_o, &d_o, &idx_o, &isa))
         return NULL;
-    Py_buffer vd = {.obj = NULL}, vt = {.obj = NULL}, vi = {.obj = NULL};
-    float *d;
-    Py_ssize_t ds[2], dst[2];
+    views vs = {.n = 0};
+    Py_ssize_t R, n;
+    mat d;
     sg_onehot oh;
     PyObject *ret = NULL;
-    if (check_isa(isa, 1) < 0 || get_2d(d_o, &vd, 0, &d, ds, dst, "d") < 0)
+    if (check_isa(isa, 1) < 0 || shape_of(d_o, &R, &n) < 0 ||
+        take(&vs, &d, d_o, 0, R, n, "d", 0) < 0)
         goto done;
-    if (ds[1] > 1 && dst[1] != 1) {
-        PyErr_SetString(PyExc_ValueError, "d must have contiguous rows");
-        goto done;
-    }
-    if (get_onehot(acc_o, &vt, idx_o, &vi, 1, ds[0], ds[1], &oh) < 0)
+    Py_buffer *vt = slot(&vs), *vi = slot(&vs);
+    if (get_onehot(acc_o, vt, idx_o, vi, 1, R, n, &oh) < 0)
         goto done;
     Py_BEGIN_ALLOW_THREADS
-    sg_scatter_t(oh.table, oh.trs, d, dst[0], ds[0], oh.idx, ds[1], isa, g_threads);
+    sg_scatter_t(oh.table, oh.trs, d.p, d.rs, R, oh.idx, n, isa, g_threads);
     Py_END_ALLOW_THREADS
     ret = Py_None;
     Py_INCREF(ret);
 done:
-    Py_buffer *held[] = {&vd, &vt, &vi};
-    for (size_t i = 0; i < sizeof held / sizeof *held; i++)
-        if (held[i]->obj)
-            PyBuffer_Release(held[i]);
+    release(&vs);
     return ret;
 }
 
@@ -1146,8 +1126,8 @@ static PyMethodDef methods[] = {
     {"step_pack", py_step_pack, METH_VARARGS,
      "step_pack(dst, a, threads): a (M, K) float32 packed into dst (step_packed_size floats)"},
     {"step_gemm", py_step_gemm, METH_VARARGS,
-     "step_gemm(c, packed, b, accumulate, isa, threads[, table, idx, scatter]): c (+)= A b, "
-     "A packed by step_pack, with a one-hot projection gathered or scattered"},
+     "step_gemm(c, packed, b, accumulate, isa, threads[, table, idx, scatter, keep, add]): "
+     "c (+)= A b, A packed by step_pack, with what rides along (see the function's comment)"},
     {"step_packed_size", py_step_packed_size, METH_VARARGS,
      "step_packed_size(M, K): floats of a packed (M, K) operand"},
     {"kernel_threads", py_kernel_threads, METH_VARARGS,

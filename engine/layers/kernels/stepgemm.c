@@ -300,6 +300,12 @@ __attribute__((target("avx512f"))) SG_INLINE void transpose16(__m512 r[16])
     }
 }
 
+/* the mask of lanes i < n (n may be under 0 or over 16) */
+static inline __mmask16 lanes16(int n)
+{
+    return (__mmask16)(n >= 16 ? 0xffffu : n <= 0 ? 0u : (1u << n) - 1u);
+}
+
 /* 16 rows of a tile, column vectors v[0..w-1], into C rows with masked stores (a store
  * element by element cost the forward step GEMM a tenth of its time) */
 __attribute__((target("avx512f"))) SG_INLINE void store_rows16(const __m512 *v, int w, float *c,
@@ -310,17 +316,12 @@ __attribute__((target("avx512f"))) SG_INLINE void store_rows16(const __m512 *v, 
     for (int j = 0; j < 16; j++)
         r[j] = j < w ? v[j] : _mm512_setzero_ps();
     transpose16(r);
-    __mmask16 m = (__mmask16)((1u << w) - 1);
+    __mmask16 m = lanes16(w);
     for (int i = 0; i < rows; i++) {
         float *crow = c + i * crs;
         __m512 x = src ? _mm512_add_ps(_mm512_maskz_loadu_ps(m, src + i * srs), r[i]) : r[i];
         _mm512_mask_storeu_ps(crow, m, x);
     }
-}
-
-static inline unsigned rows_mask(int rows)
-{
-    return rows >= 16 ? 0xffffu : rows <= 0 ? 0u : (1u << rows) - 1u;
 }
 
 __attribute__((target("avx512f,fma"))) SG_INLINE void tile512(const float *pa, const float *pb,
@@ -349,7 +350,7 @@ __attribute__((target("avx512f,fma"))) SG_INLINE void tile512(const float *pa, c
         }
     }
     if (add) {
-        __mmask16 m0 = (__mmask16)rows_mask(rows), m1 = (__mmask16)rows_mask(rows - 16);
+        __mmask16 m0 = lanes16(rows), m1 = lanes16(rows - 16);
         for (int j = 0; j < nr; j++) {
             c0[j] = _mm512_add_ps(c0[j], _mm512_maskz_loadu_ps(m0, add[j]));
             c1[j] = _mm512_add_ps(c1[j], _mm512_maskz_loadu_ps(m1, add[j] + 16));
@@ -494,7 +495,7 @@ __attribute__((target("avx512f"))) static void scatter_t512(float *acc, ptrdiff_
     for (; r + 16 <= r1; r += 16)
         for (ptrdiff_t j0 = 0; j0 < n; j0 += 16) {
             int w = n - j0 < 16 ? (int)(n - j0) : 16;
-            __mmask16 m = (__mmask16)rows_mask(w);
+            __mmask16 m = lanes16(w);
             __m512 v[16];
             for (int i = 0; i < 16; i++)
                 v[i] = _mm512_maskz_loadu_ps(m, d + (r + i) * drs + j0);
@@ -577,11 +578,7 @@ typedef struct {
     float *pb, *c;
     ptrdiff_t M, K, N, brs, crs;
     int accumulate, nq, nrmax, isa;
-    const sg_onehot *oh;
-    float *keep;
-    ptrdiff_t krs;
-    const float *addend;
-    ptrdiff_t ars;
+    sg_extras x;                   /* what rides along (none: zeros) */
 #ifdef SG_X86
     const tile_fn *tiles;
 #endif
@@ -609,20 +606,21 @@ static void pack_b_task(void *p, int t, int n)
         for (ptrdiff_t k = k0; k < k1; k++)
             memcpy(d + k * w, g->b + k * g->brs + c0, (size_t)w * sizeof(float));
     }
-    if (g->keep)                     /* B's rows, in cache now, copied out */
+    const sg_extras *x = &g->x;
+    if (x->keep)                     /* B's rows, in cache now, copied out */
         for (ptrdiff_t k = k0; k < k1; k++) {
             /* keep's rows are far apart (a step's columns of a (K, T*N) block) and their
              * lines were evicted since the step before wrote next to them: each is fetched,
              * to be written, 16 rows ahead (without it LSTM 512 lost 5-7 ms a batch) */
             if (k + 16 < k1) {
-                const char *ahead = (const char *)(g->keep + (k + 16) * g->krs);
+                const char *ahead = (const char *)(x->keep + (k + 16) * x->krs);
                 for (size_t o = 0; o < (size_t)g->N * sizeof(float) + 63; o += 64)
                     __builtin_prefetch(ahead + o, 1, 3);
             }
-            memcpy(g->keep + k * g->krs, g->b + k * g->brs, (size_t)g->N * sizeof(float));
+            memcpy(x->keep + k * x->krs, g->b + k * g->brs, (size_t)g->N * sizeof(float));
         }
-    if (g->oh && g->oh->scatter)     /* ... and into the table's gradient */
-        scatter_t(g->isa, g->oh->table, g->oh->trs, g->b, g->brs, g->oh->idx, g->N, k0, k1);
+    if (x->oh && x->oh->scatter)     /* ... and into the table's gradient */
+        scatter_t(g->isa, x->oh->table, x->oh->trs, g->b, g->brs, x->oh->idx, g->N, k0, k1);
 }
 
 /* Where the tile of row panel pn and column panel q prefetches into L2, a cache line per k:
@@ -641,6 +639,7 @@ static void gemm_task(void *p, int t, int n)
 {
 #ifdef SG_X86
     const gemm_args *g = p;
+    const sg_extras *x = &g->x;
     ptrdiff_t P = (g->M + SG_MR - 1) / SG_MR, p0, p1;
     share(P, t, n, &p0, &p1);
     for (ptrdiff_t pn = p0; pn < p1; pn++) {
@@ -652,15 +651,15 @@ static void gemm_task(void *p, int t, int n)
             int w;
             col_panel(g, q, &c0, &w);
             const float *add[14], *const *addp = NULL;
-            if (g->oh && !g->oh->scatter) {    /* the table row of each column's token */
+            if (x->oh && !x->oh->scatter) {    /* the table row of each column's token */
                 for (int j = 0; j < w; j++)
-                    add[j] = g->oh->table + g->oh->idx[c0 + j] * g->oh->trs + r0;
+                    add[j] = x->oh->table + x->oh->idx[c0 + j] * x->oh->trs + r0;
                 addp = add;
             }
             float *ct = g->c + r0 * g->crs + c0;
-            const float *src = g->accumulate ? ct : g->addend ? g->addend + r0 * g->ars + c0 : NULL;
+            const float *src = g->accumulate ? ct : x->addend ? x->addend + r0 * x->ars + c0 : NULL;
             g->tiles[w](pa, g->pb + g->K * c0, g->K, ct, g->crs, rows, src,
-                        g->accumulate ? g->crs : g->ars, addp, prefetch(g, pn, p1, q));
+                        g->accumulate ? g->crs : x->ars, addp, prefetch(g, pn, p1, q));
         }
     }
 #else
@@ -693,24 +692,11 @@ int sg_gemm(const float *pa, ptrdiff_t M, ptrdiff_t K, const float *b, ptrdiff_t
         return 0;
     gemm_args g = {.pa = pa, .b = b, .c = c, .M = M, .K = K, .N = N, .brs = brs, .crs = crs,
                    .accumulate = accumulate, .isa = isa};
-    if (x) {
-        g.oh = x->oh;
-        g.keep = x->keep;
-        g.krs = x->krs;
-        g.addend = accumulate ? NULL : x->addend;
-        g.ars = x->ars;
-    }
+    if (x)
+        g.x = *x;
     g.nrmax = isa == SG_ISA_AVX512 ? 14 : 6;
     g.tiles = isa == SG_ISA_AVX512 ? TILES512 : TILES256;
     g.nq = (int)((N + g.nrmax - 1) / g.nrmax);
-    if (K == 0) {
-        for (ptrdiff_t i = 0; i < M; i++)
-            if (g.addend)
-                memmove(c + i * crs, g.addend + i * g.ars, (size_t)N * sizeof(float));
-            else if (!accumulate)
-                memset(c + i * crs, 0, (size_t)N * sizeof(float));
-        return 0;
-    }
     /* the packed B: a buffer per calling thread, kept and grown (a fresh 400 KB block per
      * call was an mmap and its page faults) */
     static __thread float *buf = NULL;
