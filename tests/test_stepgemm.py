@@ -115,6 +115,37 @@ def test_the_instruction_sets_agree():
     close(gemm(a, b, "avx2", 2), gemm(a, b, "avx512", 2))
 
 
+CHUNK_SHAPES = [(300, 2048, 50), (70, 129, 13), (33, 257, 7), (64, 128, 50), (40, 127, 3)]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("M,K,N", CHUNK_SHAPES, ids=[f"{m}x{k}x{n}" for m, k, n in CHUNK_SHAPES])
+def test_avx2_k_chunks_change_no_bit(M, K, N, threads):
+    """The AVX2 tile sums K in chunks (SG_KC_AVX2 = 128: K of 2048, 129 and 257 take several,
+    the last one short), the AVX-512 tile all of K at once; both sum k in ascending order with
+    one fused multiply-add per k, so the two give the same bits: plain, accumulating onto C,
+    with a gathered table row and with an addend, which join after the last chunk."""
+    if len(ISAS) < 2:
+        pytest.skip("this CPU has one of AVX-512 and AVX2 only")
+    rng = np.random.default_rng(K + N)
+    a, b = rand(rng, (M, K)), rand(rng, (K, N))
+    base = rand(rng, (M, N))
+    table, idx = rand(rng, (9, M)), rng.integers(0, 9, N).astype(np.int32)
+    addend = rand(rng, (M, N))
+    got = {}
+    for isa, code in (("avx2", 2), ("avx512", 3)):
+        p = packed(a, threads)
+        outs = [np.empty((M, N), F32), base.copy(), np.empty((M, N), F32), np.empty((M, N), F32)]
+        _native.step_gemm(outs[0], p, b, False, code, threads)
+        _native.step_gemm(outs[1], p, b, True, code, threads)
+        _native.step_gemm(outs[2], p, b, False, code, threads, table, idx, False)
+        _native.step_gemm(outs[3], p, b, False, code, threads, None, None, False, None, addend)
+        got[isa] = outs
+    for two, five in zip(got["avx2"], got["avx512"]):
+        assert np.array_equal(two, five)
+    close(got["avx2"][0], a.astype(np.float64) @ b)
+
+
 def test_bad_arguments_raise():
     a = np.ones((40, 8), F32)
     b = np.ones((8, 5), F32)
