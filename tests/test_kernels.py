@@ -413,3 +413,96 @@ def test_one_hot_source_gathers_what_a_dense_one_multiplies(kind, act, dtype):
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12, err_msg=f"result {k}")
         else:
             close(a, b, f"result {k}")
+
+
+# ------------------------------------------------------- softmax cross-entropy
+XENT_V = [101, 1, 16, 17, 3, 40]
+
+
+@pytest.mark.parametrize("V", XENT_V)
+def test_softmax_xent_against_float64(V):
+    """kernels.softmax_xent: p within a few float32 ulps of the float64 softmax of the
+    float32 differences s - max wherever the true value is a normal float (its exp is ~1 ulp,
+    on scores spread over [-80, 80] so that exp runs over its whole range), the cross-entropy to 1e-6 of its size, and the argmax
+    hit equal to np.argmax == label, on rows full of ties (labels before, at and after the
+    first maximum) and on rows with column slices' strides."""
+    rng = np.random.default_rng(V)
+    R = 300
+    s = (rng.uniform(-80, 80, (R, V))).astype(F32)
+    s[:100] = rng.integers(-2, 3, (100, V)).astype(F32)          # ties everywhere
+    lab = rng.integers(0, V, R)
+    wide = np.zeros((R, V + 5), F32)
+    wide[:, 2:2 + V] = s
+    for scores in (s, wide[:, 2:2 + V]):
+        p, nll, hit = kernels.softmax_xent(scores, lab)
+        z = (s - s.max(1, keepdims=True)).astype(np.float64)   # s - max rounds in float32
+        logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+        want = np.exp(logp)
+        normal = want > 1.2e-38
+        assert np.all(np.abs(p - want)[normal] <= 4e-7 * want[normal])
+        assert np.all(np.abs(p[~normal]) <= 1.2e-38)
+        want_nll = -logp[np.arange(R), lab]
+        assert np.all(np.abs(nll - want_nll) <= 1e-6 * np.maximum(1.0, want_nll))
+        assert hit.dtype == F32
+        assert np.array_equal(hit == 1, np.argmax(s, axis=1) == lab)
+    assert V == 1 or 0 < hit[:100].sum() < 100     # some rows hit, some miss
+
+
+def test_softmax_xent_special_values_and_bad_labels():
+    s = np.array([[0.0, np.nan, 1.0], [np.inf, 0.0, 0.0], [-np.inf, 0.0, 0.0]], F32)
+    p, nll, hit = kernels.softmax_xent(s, np.array([0, 0, 1]))
+    assert np.isnan(p[0]).all() and np.isnan(nll[0])       # NaN spreads, as in NumPy
+    assert np.isnan(p[1]).all() and np.isnan(nll[1])       # inf - inf, as in NumPy
+    np.testing.assert_allclose(p[2], [0.0, 0.5, 0.5])      # exp(-inf) = 0
+    assert nll[2] == pytest.approx(np.log(2.0))
+    with pytest.raises(IndexError, match="outside"):
+        kernels.softmax_xent(np.zeros((2, 3), F32), np.array([0, 3]))
+    with pytest.raises(ValueError, match="labels"):
+        kernels.softmax_xent(np.zeros((2, 3), F32), np.array([0, 1, 2]))
+
+
+@pytest.mark.parametrize("V", XENT_V)
+def test_xent_grad_is_the_numpy_formula_to_the_bit(V):
+    rng = np.random.default_rng(V + 1)
+    R = 200
+    p = rng.uniform(0, 1, (R, V)).astype(F32)
+    lab = rng.integers(0, V, R)
+    c = (0.37 * (rng.uniform(size=R) > 0.2)).astype(F32)
+    want = p.copy()
+    want[np.arange(R), lab] -= 1.0
+    want *= c[:, None]
+    assert np.array_equal(kernels.xent_grad(p, lab, c), want)
+
+
+@pytest.mark.parametrize("topk", [1, 3])
+def test_softmax_loss_layer_with_the_kernel_equals_the_formulas(topk):
+    """The float32 SoftmaxLoss on the kernel and on the NumPy formulas: the same metrics
+    (loss to float32 rounding, accuracy exactly), output and gradient, with masked rows
+    whose labels are out of range."""
+    from engine.layers.base import REGISTRY
+    from layercheck import setup_layer
+
+    rng = np.random.default_rng(7)
+    B, V = 64, 101
+    s = rand(rng, (B, V), 3.0)
+    lab = rng.integers(0, V, B)
+    lab[5] = -1
+    mask = (rng.uniform(size=B) > 0.1).astype(F32)
+    mask[5] = 0.0
+    conf = pb.LayerProto(name="loss", type=pb.kSoftmaxLoss)
+    conf.softmaxloss_conf.topk = topk
+    conf.softmaxloss_conf.scale = 2.0
+    got = {}
+    for how in ("native", "numpy"):
+        kernels.use(how)
+        layer = setup_layer(REGISTRY[pb.kSoftmaxLoss], conf, [FakeSrc((V,)), FakeSrc(())],
+                            dtype=F32)
+        c = Context(mask=mask)
+        y, _, cache = layer.forward(c, [s.copy(), lab], None)
+        (g, _), _ = layer.backward(c, None, None, cache)
+        got[how] = (y, g, c.metrics["loss"], c.metrics["accuracy"])
+    (y1, g1, l1, a1), (y2, g2, l2, a2) = got["native"], got["numpy"]
+    close(y1, y2)
+    close(g1, g2)
+    assert float(l1[0]) == pytest.approx(float(l2[0]), rel=1e-6) and l1[1] == l2[1]
+    assert a1 == a2

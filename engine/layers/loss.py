@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 
+from engine.layers import kernels
 from engine.layers.base import Layer, LossLayer, register
 from engine.layers.neuron import log_softmax
 from engine.proto import job_pb2 as pb
@@ -159,24 +160,33 @@ class SoftmaxLoss(Supervised, LossLayer):
         b = s.shape[0]
         m = self.mask_or_ones(ctx, b)
         lab = self.class_labels(ctx, xs, b, s.shape[1], m)
-        logp = log_softmax(xp, s)
-        rows = xp.arange(b)
-        nll = -logp[rows, lab]
+        correct = None
+        if kernels.usable(s) and s.ndim == 2:   # one pass per row (kernels.softmax_xent)
+            p, nll, hit = kernels.softmax_xent(s, lab)
+            if self.topk == 1:
+                correct = hit
+        else:
+            logp = log_softmax(xp, s)
+            nll = -logp[xp.arange(b), lab]
+            p = xp.exp(logp)
         valid = m.sum()
         total = (nll * m).sum()
         ctx.add_metric("loss", total, valid)
         ctx.add_metric("objective", self.scale * total / (ctx.batch or b), 0)
-        correct = topk_correct(xp, s, lab, self.topk).astype(self.dtype)
+        if correct is None:
+            correct = topk_correct(xp, s, lab, self.topk).astype(self.dtype)
         ctx.add_metric("accuracy", (correct * m).sum(), valid)
-        p = xp.exp(logp)
         return p, None, (p, lab, m, len(xs), ctx.batch or b)
 
     def backward(self, ctx, dy, dstate, cache):
         p, lab, m, nsrc, per_copy = cache
-        b = p.shape[0]
-        g = p.copy()
-        g[self.xp.arange(b), lab] -= 1.0
-        g *= (self.scale / per_copy) * m[:, None]
+        c = (self.scale / per_copy) * m
+        if kernels.usable(p, c):
+            g = kernels.xent_grad(p, lab, c)      # the formulas below in one pass, same bits
+        else:
+            g = p.copy()
+            g[self.xp.arange(p.shape[0]), lab] -= 1.0
+            g *= c[:, None]
         return [g] + [None] * (nsrc - 1), None
 
 

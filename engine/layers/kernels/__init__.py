@@ -404,3 +404,24 @@ def adarule(w, g, h, lr, rho, delta, adagrad, clip=None):
     high) when given (written back to ``g``); ``w`` and ``h`` are updated in place."""
     lo, hi = clip if clip is not None else (0.0, 0.0)
     _native.adarule(w, g, h, lr, rho, 1.0 - rho, delta, adagrad, clip is not None, lo, hi)
+
+
+# ---------------------------------------------------- softmax cross-entropy
+def softmax_xent(s, labels):
+    """Softmax of each row of the scores ``s`` (R, V) with its cross-entropy against
+    ``labels`` (R,) in [0, V), in one pass per row: (p (R, V), nll (R,), hit (R,) float32,
+    1.0 where the label is the row's np.argmax). ``s`` with contiguous rows (``usable``)."""
+    R, V = s.shape
+    p = np.empty((R, V), np.float32)
+    nll = np.empty((R, 1), np.float32)
+    hit = np.empty((R, 1), np.float32)
+    _native.softmax_xent(p, _rows(s), np.ascontiguousarray(labels, np.int32), nll, hit)
+    return p, nll[:, 0], hit[:, 0]
+
+
+def xent_grad(p, labels, c):
+    """(p - onehot(labels)) * c[:, None], row by row, as NumPy computes it (the same bits)."""
+    g = np.empty(p.shape, np.float32)
+    _native.xent_grad(g, _rows(p), np.ascontiguousarray(labels, np.int32),
+                      np.ascontiguousarray(c, np.float32).reshape(-1, 1))
+    return g

@@ -23,6 +23,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <string.h>
 #include <stdint.h>
 
@@ -714,6 +715,175 @@ fail:
     return NULL;
 }
 
+/* ---------------------------------------------------- softmax cross-entropy */
+
+/* exp(x) in float32 for x <= 88 (the loss calls it with x <= 0): x = n ln 2 + r, |r| <=
+ * ln 2 / 2, exp(r) by the degree-7 polynomial of Cephes' expf (its published
+ * coefficients), times 2^n made from the exponent bits; about 1 ulp from the true value.
+ * Below ln(FLT_MIN) it gives 0 (not the subnormal), NaN gives NaN. Written so that the
+ * loop over a row vectorises (libm's expf does not). */
+static inline float exp_f(float x)
+{
+    float t = x < -87.33654475f ? -87.33654475f : x;   /* ln(FLT_MIN): 2^n stays normal */
+    t = t > 88.0f ? 88.0f : t;
+    float n = (t * 1.44269504088896341f + 12582912.0f) - 12582912.0f;   /* round to nearest */
+    float r = t - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float q = 1.9875691500e-4f;
+    q = q * r + 1.3981999507e-3f;
+    q = q * r + 8.3334519073e-3f;
+    q = q * r + 4.1665795894e-2f;
+    q = q * r + 1.6666665459e-1f;
+    q = q * r + 5.0000001201e-1f;
+    float y = q * r * r + r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    y = y * scale;
+    return x < -87.33654475f ? 0.0f : y;
+}
+
+#define XL 16   /* lanes of the row sums: the loops below vectorise over them */
+
+/* One row of V scores s: p = softmax(s) (max subtracted, exps summed in XL lanes, then the
+ * lanes in a fixed order; the last partial block of lanes through a buffer padded with the
+ * row's first score, whose exps are dropped, so that it too runs as vectors), *nll = log Σ
+ * exp(s - max) - (s[lab] - max), *hit = 1 when lab is the first index of the row's maximum
+ * (np.argmax), else 0. */
+CLONES static void xent_row(const float *restrict s, float *restrict p, Py_ssize_t V,
+                            int32_t lab, float *nll, float *hit)
+{
+    float lm[XL], ls[XL], tb[XL], te[XL];
+    Py_ssize_t full = V / XL * XL, rest = V - full;
+    for (int l = 0; l < XL; l++) {
+        lm[l] = s[0];
+        ls[l] = 0.0f;
+        tb[l] = l < rest ? s[full + l] : s[0];
+    }
+    for (Py_ssize_t j = 0; j < full; j += XL)
+        for (int l = 0; l < XL; l++)
+            lm[l] = s[j + l] > lm[l] ? s[j + l] : lm[l];
+    for (int l = 0; l < XL; l++)
+        lm[l] = tb[l] > lm[l] ? tb[l] : lm[l];
+    float m = lm[0];
+    for (int l = 1; l < XL; l++)
+        m = lm[l] > m ? lm[l] : m;
+    for (Py_ssize_t j = 0; j < full; j += XL)
+        for (int l = 0; l < XL; l++) {
+            float e = exp_f(s[j + l] - m);
+            p[j + l] = e;
+            ls[l] += e;
+        }
+    for (int l = 0; l < XL; l++) {
+        te[l] = exp_f(tb[l] - m);
+        ls[l] += l < rest ? te[l] : 0.0f;
+    }
+    float sum = ls[0];
+    for (int l = 1; l < XL; l++)
+        sum += ls[l];
+    float inv = 1.0f / sum;
+    for (Py_ssize_t j = 0; j < full; j++)
+        p[j] *= inv;
+    for (Py_ssize_t l = 0; l < rest; l++)
+        p[full + l] = te[l] * inv;
+    *nll = -((s[lab] - m) - logf(sum));
+    int before = 0;             /* a maximum at an index below lab: argmax is not lab */
+    if (s[lab] == m)
+        for (Py_ssize_t j = 0; j < lab; j++)
+            before |= s[j] == m;
+    *hit = s[lab] == m && !before ? 1.0f : 0.0f;
+}
+
+/* softmax_xent(p, s, labels, nll, hit): for each row r of the scores s (R, V): p[r] =
+ * softmax(s[r]), nll[r, 0] = -log p[r, labels[r]], hit[r, 0] = 1.0 when labels[r] is the
+ * row's argmax (else 0.0); labels int32 in [0, V) */
+static PyObject *py_softmax_xent(PyObject *self, PyObject *args)
+{
+    PyObject *p_o, *s_o, *lab_o, *nll_o, *hit_o;
+    if (!PyArg_ParseTuple(args, "OOOOO", &p_o, &s_o, &lab_o, &nll_o, &hit_o))
+        return NULL;
+    Py_ssize_t R, V;
+    if (shape_of(s_o, &R, &V) < 0)
+        return NULL;
+    views vs = {.n = 0};
+    mat m[4];
+    Py_buffer iv = {.obj = NULL};
+    const int32_t *lab;
+    Py_ssize_t n;
+    if (V < 1) {
+        PyErr_SetString(PyExc_ValueError, "s: no classes");
+        return NULL;
+    }
+    if (get_idx(lab_o, &iv, V, &lab, &n) < 0)
+        goto fail;
+    if (n != R) {
+        PyErr_Format(PyExc_ValueError, "labels: %zd of them for %zd rows", n, R);
+        goto fail;
+    }
+    if (take(&vs, &m[0], s_o, 0, R, V, "s", 0) < 0 || take(&vs, &m[1], p_o, 1, R, V, "p", 0) < 0 ||
+        take(&vs, &m[2], nll_o, 1, R, 1, "nll", 0) < 0 ||
+        take(&vs, &m[3], hit_o, 1, R, 1, "hit", 0) < 0)
+        goto fail;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t r = 0; r < R; r++)
+        xent_row(AT(m[0], r), AT(m[1], r), V, lab[r], AT(m[2], r), AT(m[3], r));
+    Py_END_ALLOW_THREADS
+    release(&vs);
+    PyBuffer_Release(&iv);
+    Py_RETURN_NONE;
+fail:
+    release(&vs);
+    if (iv.obj)
+        PyBuffer_Release(&iv);
+    return NULL;
+}
+
+/* xent_grad(g, p, labels, c): g[r] = (p[r] - onehot(labels[r])) · c[r, 0], each element
+ * as NumPy's p.copy(), g[r, labels[r]] -= 1, g *= c computes it (the same roundings) */
+CLONES static void xent_grad_row(float *restrict g, const float *restrict p, Py_ssize_t V,
+                                 int32_t lab, float c)
+{
+    for (Py_ssize_t j = 0; j < V; j++)
+        g[j] = p[j] * c;
+    g[lab] = (p[lab] - 1.0f) * c;
+}
+
+static PyObject *py_xent_grad(PyObject *self, PyObject *args)
+{
+    PyObject *g_o, *p_o, *lab_o, *c_o;
+    if (!PyArg_ParseTuple(args, "OOOO", &g_o, &p_o, &lab_o, &c_o))
+        return NULL;
+    Py_ssize_t R, V;
+    if (shape_of(p_o, &R, &V) < 0)
+        return NULL;
+    views vs = {.n = 0};
+    mat m[3];
+    Py_buffer iv = {.obj = NULL};
+    const int32_t *lab;
+    Py_ssize_t n;
+    if (get_idx(lab_o, &iv, V, &lab, &n) < 0)
+        goto fail;
+    if (n != R) {
+        PyErr_Format(PyExc_ValueError, "labels: %zd of them for %zd rows", n, R);
+        goto fail;
+    }
+    if (take(&vs, &m[0], p_o, 0, R, V, "p", 0) < 0 || take(&vs, &m[1], g_o, 1, R, V, "g", 0) < 0 ||
+        take(&vs, &m[2], c_o, 0, R, 1, "c", 0) < 0)
+        goto fail;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t r = 0; r < R; r++)
+        xent_grad_row(AT(m[1], r), AT(m[0], r), V, lab[r], *AT(m[2], r));
+    Py_END_ALLOW_THREADS
+    release(&vs);
+    PyBuffer_Release(&iv);
+    Py_RETURN_NONE;
+fail:
+    release(&vs);
+    if (iv.obj)
+        PyBuffer_Release(&iv);
+    return NULL;
+}
+
 /* ---------------------------------------------------- the updaters' rules */
 
 /* RMSProp (adagrad 0) and AdaGrad (adagrad 1) on n floats, one pass: the operations of
@@ -1106,6 +1276,10 @@ static PyObject *py_info(PyObject *self, PyObject *noargs)
 }
 
 static PyMethodDef methods[] = {
+    {"softmax_xent", py_softmax_xent, METH_VARARGS,
+     "softmax_xent(p, s, labels, nll, hit): softmax, its cross-entropy and argmax hit by row"},
+    {"xent_grad", py_xent_grad, METH_VARARGS,
+     "xent_grad(g, p, labels, c): g = (p - onehot(labels)) * c, by row"},
     {"rnn_forward", py_rnn_forward, METH_VARARGS, "rnn_forward(pre, relu): h' = act(pre) in pre"},
     {"rnn_backward", py_rnn_backward, METH_VARARGS,
      "rnn_backward(dh, h, out, relu): out = dh (1 - h²), or dh [h > 0]"},
