@@ -5,7 +5,8 @@ over memory per operation. The kernels here compute the same step in one pass
 per cell (``native.c``, built into ``_native`` by ``pip install``; see
 setup.py), on the calling thread, with the GIL released. Each Python function below has the signature of
 its NumPy twin in cells.py, less ``xp``, and returns the same arrays (the
-tests, tests/test_kernels.py, compare the two).
+tests, tests/test_kernels.py, compare the two); ``softmax_xent`` and ``xent_grad`` stand
+for the softmax loss's formulas in engine/layers/loss.py, which calls them.
 
 The switch: the environment variable ``RNN_ENGINE_KERNELS``, read once when
 first needed:
