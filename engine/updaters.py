@@ -458,6 +458,7 @@ class Updater:
                 p.grad *= scale
         clip = self.clip_low != self.clip_high
         t = self.t + 1
+        compiled = False
         for p in self.params:
             g, w = p.grad, p.data
             lr = lr0 * pfloat(p.lr_scale)
@@ -465,6 +466,7 @@ class Updater:
                 kernels.adarule(w, g, self._slot_arrays(p)["history"], lr, self.rho, self.delta,
                                 self.type == pb.kAdaGrad,
                                 (self.clip_low, self.clip_high) if clip else None)
+                compiled = True
                 continue
             if clip:
                 xp.clip(g, self.clip_low, self.clip_high, out=g)
@@ -475,6 +477,8 @@ class Updater:
                     xp.multiply(w, wd, out=tmp)
                     g += tmp
             self._rule(p, g, w, lr, t)
+        if compiled:     # the rule's threads sleep now: OpenBLAS's GEMMs come next
+            kernels.park()
         self.t = t
         return {"lr": lr0, "grad_norm": norm}
 

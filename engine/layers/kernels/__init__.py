@@ -402,9 +402,14 @@ def usable_flat(*arrays) -> bool:
 def adarule(w, g, h, lr, rho, delta, adagrad, clip=None):
     """The RMSProp (or, ``adagrad``, AdaGrad) step of engine/updaters.py in one pass, equal
     to its NumPy formulas to the bit, after the element-wise clipping to ``clip`` = (low,
-    high) when given (written back to ``g``); ``w`` and ``h`` are updated in place."""
+    high) when given (written back to ``g``); ``w`` and ``h`` are updated in place. A large
+    param is split over the step GEMM's threads when that pool runs (it puts OpenBLAS's
+    to sleep first; without it, one thread: another BLAS's pool may be spinning); the
+    caller parks the pool (``park``) after its last param."""
     lo, hi = clip if clip is not None else (0.0, 0.0)
-    _native.adarule(w, g, h, lr, rho, 1.0 - rho, delta, adagrad, clip is not None, lo, hi)
+    threads = step_threads() if step_mode()["isa"] != "blas" else 1
+    _native.adarule(w, g, h, lr, rho, 1.0 - rho, delta, adagrad, clip is not None, lo, hi,
+                    threads)
 
 
 # ---------------------------------------------------- softmax cross-entropy

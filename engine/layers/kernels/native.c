@@ -933,14 +933,38 @@ static int get_flat(PyObject *o, Py_buffer *view, int writable, float **p, Py_ss
     return 0;
 }
 
-/* adarule(w, g, h, lr, rho, one_minus_rho, delta, adagrad, clip, lo, hi): see adarule */
+/* the rule splits its floats over threads from this size on (a param of 256 x 256) */
+#define ADA_PAR_MIN 65536
+
+typedef struct {
+    float *w, *g, *h;
+    Py_ssize_t n;
+    float lr, rho, omr, delta;
+    int adagrad, clip;
+    float lo, hi;
+} ada_task;
+
+/* thread t's run of the n floats (16-aligned starts), or all of them with nt = 1 */
+static void ada_part(void *p, int t, int nt)
+{
+    const ada_task *q = p;
+    Py_ssize_t a = (q->n * t / nt) & ~(Py_ssize_t)15;
+    Py_ssize_t b = t + 1 == nt ? q->n : (q->n * (t + 1) / nt) & ~(Py_ssize_t)15;
+    if (b > a)
+        adarule(q->w + a, q->g + a, q->h + a, b - a, q->lr, q->rho, q->omr, q->delta, q->adagrad,
+                q->clip, q->lo, q->hi);
+}
+
+/* adarule(w, g, h, lr, rho, one_minus_rho, delta, adagrad, clip, lo, hi, threads): see
+ * adarule; a param of ADA_PAR_MIN floats or more is split over that many threads of the
+ * step GEMM's pool (element-wise: the same bits) */
 static PyObject *py_adarule(PyObject *self, PyObject *args)
 {
     PyObject *wo, *go, *ho;
     float lr, rho, omr, delta, lo, hi;
-    int adagrad, clip;
-    if (!PyArg_ParseTuple(args, "OOOffffppff", &wo, &go, &ho, &lr, &rho, &omr, &delta, &adagrad,
-                          &clip, &lo, &hi))
+    int adagrad, clip, threads = 1;
+    if (!PyArg_ParseTuple(args, "OOOffffppff|i", &wo, &go, &ho, &lr, &rho, &omr, &delta,
+                          &adagrad, &clip, &lo, &hi, &threads))
         return NULL;
     Py_buffer v[3] = {{.obj = NULL}, {.obj = NULL}, {.obj = NULL}};
     float *w, *g, *h;
@@ -954,7 +978,11 @@ static PyObject *py_adarule(PyObject *self, PyObject *args)
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
-    adarule(w, g, h, nw, lr, rho, omr, delta, adagrad, clip, lo, hi);
+    ada_task q = {w, g, h, nw, lr, rho, omr, delta, adagrad, clip, lo, hi};
+    if (threads > 1 && nw >= ADA_PAR_MIN)
+        sg_parallel(ada_part, &q, threads);
+    else
+        ada_part(&q, 0, 1);
     Py_END_ALLOW_THREADS
     ret = Py_None;
     Py_INCREF(ret);
