@@ -794,6 +794,45 @@ CLONES static void xent_row(const float *restrict s, float *restrict p, Py_ssize
     *hit = s[lab] == m && !before ? 1.0f : 0.0f;
 }
 
+/* The softmax loss's arguments: a (R, V) array (scores or probabilities) and its labels
+ * (R,) int32 in [0, V), then more arrays by take(&l->vs, ...); on an error or at the end,
+ * drop_labelled releases them all. */
+typedef struct {
+    views vs;
+    Py_buffer iv;
+    const int32_t *lab;
+    Py_ssize_t R, V;
+} labelled;
+
+static int take_labelled(labelled *l, mat *m, PyObject *a_o, int writable, const char *name,
+                         PyObject *lab_o)
+{
+    l->vs.n = 0;
+    l->iv.obj = NULL;
+    if (shape_of(a_o, &l->R, &l->V) < 0)
+        return -1;
+    if (l->V < 1) {
+        PyErr_Format(PyExc_ValueError, "%s: no classes", name);
+        return -1;
+    }
+    Py_ssize_t n;
+    if (get_idx(lab_o, &l->iv, l->V, &l->lab, &n) < 0)
+        return -1;
+    if (n != l->R) {
+        PyErr_Format(PyExc_ValueError, "labels: %zd of them for %zd rows", n, l->R);
+        return -1;
+    }
+    return take(&l->vs, m, a_o, writable, l->R, l->V, name, 0);
+}
+
+static void drop_labelled(labelled *l)
+{
+    release(&l->vs);
+    if (l->iv.obj)
+        PyBuffer_Release(&l->iv);
+    l->iv.obj = NULL;
+}
+
 /* softmax_xent(p, s, labels, nll, hit): for each row r of the scores s (R, V): p[r] =
  * softmax(s[r]), nll[r, 0] = -log p[r, labels[r]], hit[r, 0] = 1.0 when labels[r] is the
  * row's argmax (else 0.0); labels int32 in [0, V) */
@@ -802,40 +841,23 @@ static PyObject *py_softmax_xent(PyObject *self, PyObject *args)
     PyObject *p_o, *s_o, *lab_o, *nll_o, *hit_o;
     if (!PyArg_ParseTuple(args, "OOOOO", &p_o, &s_o, &lab_o, &nll_o, &hit_o))
         return NULL;
-    Py_ssize_t R, V;
-    if (shape_of(s_o, &R, &V) < 0)
-        return NULL;
-    views vs = {.n = 0};
+    labelled l;
     mat m[4];
-    Py_buffer iv = {.obj = NULL};
-    const int32_t *lab;
-    Py_ssize_t n;
-    if (V < 1) {
-        PyErr_SetString(PyExc_ValueError, "s: no classes");
-        return NULL;
-    }
-    if (get_idx(lab_o, &iv, V, &lab, &n) < 0)
-        goto fail;
-    if (n != R) {
-        PyErr_Format(PyExc_ValueError, "labels: %zd of them for %zd rows", n, R);
-        goto fail;
-    }
-    if (take(&vs, &m[0], s_o, 0, R, V, "s", 0) < 0 || take(&vs, &m[1], p_o, 1, R, V, "p", 0) < 0 ||
-        take(&vs, &m[2], nll_o, 1, R, 1, "nll", 0) < 0 ||
-        take(&vs, &m[3], hit_o, 1, R, 1, "hit", 0) < 0)
-        goto fail;
+    PyObject *ret = NULL;
+    if (take_labelled(&l, &m[0], s_o, 0, "s", lab_o) < 0 ||
+        take(&l.vs, &m[1], p_o, 1, l.R, l.V, "p", 0) < 0 ||
+        take(&l.vs, &m[2], nll_o, 1, l.R, 1, "nll", 0) < 0 ||
+        take(&l.vs, &m[3], hit_o, 1, l.R, 1, "hit", 0) < 0)
+        goto done;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t r = 0; r < R; r++)
-        xent_row(AT(m[0], r), AT(m[1], r), V, lab[r], AT(m[2], r), AT(m[3], r));
+    for (Py_ssize_t r = 0; r < l.R; r++)
+        xent_row(AT(m[0], r), AT(m[1], r), l.V, l.lab[r], AT(m[2], r), AT(m[3], r));
     Py_END_ALLOW_THREADS
-    release(&vs);
-    PyBuffer_Release(&iv);
-    Py_RETURN_NONE;
-fail:
-    release(&vs);
-    if (iv.obj)
-        PyBuffer_Release(&iv);
-    return NULL;
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    drop_labelled(&l);
+    return ret;
 }
 
 /* xent_grad(g, p, labels, c): g[r] = (p[r] - onehot(labels[r])) · c[r, 0], each element
@@ -853,35 +875,22 @@ static PyObject *py_xent_grad(PyObject *self, PyObject *args)
     PyObject *g_o, *p_o, *lab_o, *c_o;
     if (!PyArg_ParseTuple(args, "OOOO", &g_o, &p_o, &lab_o, &c_o))
         return NULL;
-    Py_ssize_t R, V;
-    if (shape_of(p_o, &R, &V) < 0)
-        return NULL;
-    views vs = {.n = 0};
+    labelled l;
     mat m[3];
-    Py_buffer iv = {.obj = NULL};
-    const int32_t *lab;
-    Py_ssize_t n;
-    if (get_idx(lab_o, &iv, V, &lab, &n) < 0)
-        goto fail;
-    if (n != R) {
-        PyErr_Format(PyExc_ValueError, "labels: %zd of them for %zd rows", n, R);
-        goto fail;
-    }
-    if (take(&vs, &m[0], p_o, 0, R, V, "p", 0) < 0 || take(&vs, &m[1], g_o, 1, R, V, "g", 0) < 0 ||
-        take(&vs, &m[2], c_o, 0, R, 1, "c", 0) < 0)
-        goto fail;
+    PyObject *ret = NULL;
+    if (take_labelled(&l, &m[0], p_o, 0, "p", lab_o) < 0 ||
+        take(&l.vs, &m[1], g_o, 1, l.R, l.V, "g", 0) < 0 ||
+        take(&l.vs, &m[2], c_o, 0, l.R, 1, "c", 0) < 0)
+        goto done;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t r = 0; r < R; r++)
-        xent_grad_row(AT(m[1], r), AT(m[0], r), V, lab[r], *AT(m[2], r));
+    for (Py_ssize_t r = 0; r < l.R; r++)
+        xent_grad_row(AT(m[1], r), AT(m[0], r), l.V, l.lab[r], *AT(m[2], r));
     Py_END_ALLOW_THREADS
-    release(&vs);
-    PyBuffer_Release(&iv);
-    Py_RETURN_NONE;
-fail:
-    release(&vs);
-    if (iv.obj)
-        PyBuffer_Release(&iv);
-    return NULL;
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    drop_labelled(&l);
+    return ret;
 }
 
 /* ---------------------------------------------------- the updaters' rules */
