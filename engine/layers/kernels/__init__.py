@@ -33,7 +33,7 @@ ENV = "RNN_ENGINE_KERNELS"
 CHOICES = ("native", "numpy")
 
 #: the interface version native.c must have been built with (its KERNELS_VERSION)
-VERSION = 6
+VERSION = 7
 
 try:
     from engine.layers.kernels import _native

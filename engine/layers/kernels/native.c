@@ -30,7 +30,7 @@
 #include "stepgemm.h"
 
 /* the interface's version: engine/layers/kernels/__init__.py refuses a build of another one */
-#define KERNELS_VERSION 6
+#define KERNELS_VERSION 7
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
