@@ -99,6 +99,14 @@ typedef struct {
     Py_ssize_t H, B;
 } rows_task;
 
+/* thread t's run [*c0, *c1) of L floats split over nt threads: starts 16-aligned (whole
+ * vectors), the last run to the end */
+static void run16(Py_ssize_t L, int t, int nt, Py_ssize_t *c0, Py_ssize_t *c1)
+{
+    *c0 = (L * t / nt) & ~(Py_ssize_t)15;
+    *c1 = t + 1 == nt ? L : (L * (t + 1) / nt) & ~(Py_ssize_t)15;
+}
+
 /* thread t's share: rows (or, flat, a run of columns 16-aligned) */
 static void rows_part(void *p, int t, int nt)
 {
@@ -107,8 +115,8 @@ static void rows_part(void *p, int t, int nt)
         q->f(q->a, q->H, q->B, q->H * t / nt, q->H * (t + 1) / nt, q->flag);
         return;
     }
-    Py_ssize_t L = q->H * q->B;
-    Py_ssize_t c0 = (L * t / nt) & ~(Py_ssize_t)15, c1 = t + 1 == nt ? L : (L * (t + 1) / nt) & ~(Py_ssize_t)15;
+    Py_ssize_t L = q->H * q->B, c0, c1;
+    run16(L, t, nt, &c0, &c1);
     if (c1 <= c0)
         return;
     mat part[MAXARGS];
@@ -657,10 +665,9 @@ static PyObject *columns_call(PyObject *tab_o, PyObject *cols_o, PyObject *ido, 
         return NULL;
     views vs = {.n = 0};
     mat m[2];
-    Py_buffer iv = {.obj = NULL};
     const int32_t *idx;
     Py_ssize_t n;
-    if (get_idx(ido, &iv, V, &idx, &n) < 0)
+    if (get_idx(ido, slot(&vs), V, &idx, &n) < 0)
         goto fail;
     if (take(&vs, &m[0], tab_o, 0, R, V, "table", 0) < 0 ||
         take(&vs, &m[1], cols_o, 1, R, n, "out", 0) < 0)
@@ -673,12 +680,9 @@ static PyObject *columns_call(PyObject *tab_o, PyObject *cols_o, PyObject *ido, 
         columns_part(&q, 0, 1);
     Py_END_ALLOW_THREADS
     release(&vs);
-    PyBuffer_Release(&iv);
     Py_RETURN_NONE;
 fail:
     release(&vs);
-    if (iv.obj)
-        PyBuffer_Release(&iv);
     return NULL;
 }
 
@@ -796,10 +800,9 @@ CLONES static void xent_row(const float *restrict s, float *restrict p, Py_ssize
 
 /* The softmax loss's arguments: a (R, V) array (scores or probabilities) and its labels
  * (R,) int32 in [0, V), then more arrays by take(&l->vs, ...); on an error or at the end,
- * drop_labelled releases them all. */
+ * release(&l->vs) releases them all. */
 typedef struct {
     views vs;
-    Py_buffer iv;
     const int32_t *lab;
     Py_ssize_t R, V;
 } labelled;
@@ -808,7 +811,6 @@ static int take_labelled(labelled *l, mat *m, PyObject *a_o, int writable, const
                          PyObject *lab_o)
 {
     l->vs.n = 0;
-    l->iv.obj = NULL;
     if (shape_of(a_o, &l->R, &l->V) < 0)
         return -1;
     if (l->V < 1) {
@@ -816,21 +818,13 @@ static int take_labelled(labelled *l, mat *m, PyObject *a_o, int writable, const
         return -1;
     }
     Py_ssize_t n;
-    if (get_idx(lab_o, &l->iv, l->V, &l->lab, &n) < 0)
+    if (get_idx(lab_o, slot(&l->vs), l->V, &l->lab, &n) < 0)
         return -1;
     if (n != l->R) {
         PyErr_Format(PyExc_ValueError, "labels: %zd of them for %zd rows", n, l->R);
         return -1;
     }
     return take(&l->vs, m, a_o, writable, l->R, l->V, name, 0);
-}
-
-static void drop_labelled(labelled *l)
-{
-    release(&l->vs);
-    if (l->iv.obj)
-        PyBuffer_Release(&l->iv);
-    l->iv.obj = NULL;
 }
 
 /* softmax_xent(p, s, labels, nll, hit): for each row r of the scores s (R, V): p[r] =
@@ -856,7 +850,7 @@ static PyObject *py_softmax_xent(PyObject *self, PyObject *args)
     ret = Py_None;
     Py_INCREF(ret);
 done:
-    drop_labelled(&l);
+    release(&l.vs);
     return ret;
 }
 
@@ -889,7 +883,7 @@ static PyObject *py_xent_grad(PyObject *self, PyObject *args)
     ret = Py_None;
     Py_INCREF(ret);
 done:
-    drop_labelled(&l);
+    release(&l.vs);
     return ret;
 }
 
@@ -953,12 +947,12 @@ typedef struct {
     float lo, hi;
 } ada_task;
 
-/* thread t's run of the n floats (16-aligned starts), or all of them with nt = 1 */
+/* thread t's run of the n floats (run16), or all of them with nt = 1 */
 static void ada_part(void *p, int t, int nt)
 {
     const ada_task *q = p;
-    Py_ssize_t a = (q->n * t / nt) & ~(Py_ssize_t)15;
-    Py_ssize_t b = t + 1 == nt ? q->n : (q->n * (t + 1) / nt) & ~(Py_ssize_t)15;
+    Py_ssize_t a, b;
+    run16(q->n, t, nt, &a, &b);
     if (b > a)
         adarule(q->w + a, q->g + a, q->h + a, b - a, q->lr, q->rho, q->omr, q->delta, q->adagrad,
                 q->clip, q->lo, q->hi);
@@ -975,12 +969,13 @@ static PyObject *py_adarule(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "OOOffffppff|i", &wo, &go, &ho, &lr, &rho, &omr, &delta,
                           &adagrad, &clip, &lo, &hi, &threads))
         return NULL;
-    Py_buffer v[3] = {{.obj = NULL}, {.obj = NULL}, {.obj = NULL}};
+    views vs = {.n = 0};
     float *w, *g, *h;
     Py_ssize_t nw, ng, nh;
     PyObject *ret = NULL;
-    if (get_flat(wo, &v[0], 1, &w, &nw, "w") < 0 || get_flat(go, &v[1], 1, &g, &ng, "g") < 0 ||
-        get_flat(ho, &v[2], 1, &h, &nh, "h") < 0)
+    if (get_flat(wo, slot(&vs), 1, &w, &nw, "w") < 0 ||
+        get_flat(go, slot(&vs), 1, &g, &ng, "g") < 0 ||
+        get_flat(ho, slot(&vs), 1, &h, &nh, "h") < 0)
         goto done;
     if (ng != nw || nh != nw) {
         PyErr_SetString(PyExc_ValueError, "w, g and h must have the same size");
@@ -996,9 +991,7 @@ static PyObject *py_adarule(PyObject *self, PyObject *args)
     ret = Py_None;
     Py_INCREF(ret);
 done:
-    for (int k = 0; k < 3; k++)
-        if (v[k].obj)
-            PyBuffer_Release(&v[k]);
+    release(&vs);
     return ret;
 }
 
