@@ -268,6 +268,41 @@ def test_fully_masked_step_keeps_state(kind, act):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-15)
 
 
+@pytest.mark.parametrize("block", [False, True], ids=["step", "block"])
+def test_mask_of_ones_is_no_mask(block):
+    """A step whose mask keeps every column (the full steps of a padded batch) runs as an
+    unmasked step, in both executors' paths (``_mask`` gives None: no blend with the old
+    state, which cost a fifth of a bi-LSTM 100 step), with the same outputs and gradients
+    as no mask, to the bit."""
+    layer = build("lstm")
+    rng = np.random.default_rng(6)
+    T = 2 if block else 1
+    X = rng.standard_normal((T * B, D))
+    state = rand_state(layer, rng)
+    R = rng.standard_normal((T * B, H))
+    runs = []
+    for mask in (None, np.ones(T * B)):
+        for p in layer.params.values():
+            p.grad[...] = 0
+        if block:
+            ctx = Context(step=0, unroll_len=T, mask=mask, steps=np.arange(T), batch=B,
+                          aux=[None], need_input_grads=[True], need_state_grad=False)
+            y, _, cache = layer.forward_block(ctx, [X], state)
+            (dx,), _ = layer.backward_block(ctx, R, cache)
+        else:
+            ctx = Context(mask=mask)
+            y, _, cache = layer.forward(ctx, [X], state)
+            (dx,), _ = layer.backward(ctx, R, layer.zero_state(B), cache)
+        runs.append((y.copy(), dx.copy(), {k: p.grad.copy() for k, p in layer.params.items()}))
+    (y0, dx0, g0), (y1, dx1, g1) = runs
+    assert np.array_equal(y0, y1) and np.array_equal(dx0, dx1)
+    for k in g0:
+        assert np.array_equal(g0[k], g1[k]), k
+    assert layer._mask(np.ones(B)) is None and layer._mask(None) is None
+    m, rest = layer._mask(np.array([1.0, 0.0, 1.0]))
+    assert np.array_equal(m, [[1, 0, 1]]) and np.array_equal(rest, [[0, 1, 0]])
+
+
 @pytest.mark.parametrize("kind,act", VARIANTS, ids=VARIANT_IDS)
 def test_partial_mask_rows(kind, act):
     """Masked rows keep the previous state; unmasked rows equal the unmasked step."""

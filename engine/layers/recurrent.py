@@ -82,6 +82,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 
 from engine.layers import cells, kernels
 from engine.layers.base import Layer, LayerError, add_grads, one_array, register
@@ -732,8 +734,12 @@ class Recurrent(Layer):
         return tuple(None if s is None else s.T for s in parts)
 
     def _mask(self, mask):
-        """(m, 1 − m) as (1, B) rows of self.dtype, or None."""
-        if mask is None:
+        """(m, 1 − m) as (1, B) rows of self.dtype, or None: no mask, or a mask on the host
+        that keeps every column (the full steps of a padded batch). There the blend would
+        give the step's own values back, for six array operations per step forward and as
+        many backward, a fifth of a bi-LSTM 100 step on the addition problem; a mask on
+        the GPU is blended as it is (the test would wait for the device)."""
+        if mask is None or (type(mask) is np.ndarray and bool(np.all(mask == 1))):
             return None
         m = self.xp.asarray(mask, dtype=self.dtype).reshape(1, -1)
         return m, 1 - m
