@@ -107,6 +107,22 @@ def test_threads_do_not_change_a_bit(isa):
         assert np.array_equal(gemm(a, b, isa, n), one)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("isa", ISAS)
+def test_a_product_written_over_b_waits_for_every_threads_packing(isa, threads):
+    """Each thread packs all of B for itself and multiplies without waiting for the others,
+    unless C shares memory with B: then every row of B is packed before any row of C is
+    written, so C = A B in place (and C into the rows after B's) is still the product."""
+    rng = np.random.default_rng(8)
+    a = rand(rng, (256, 256))
+    for shift in (0, 64):
+        buf = rand(rng, (256 + shift, 40))
+        b = buf[:256].copy()
+        want = gemm(a, b, isa, 1)
+        gemm(a, buf[:256], isa, threads, out=buf[shift:])
+        assert np.array_equal(buf[shift:], want), shift
+
+
 def test_the_instruction_sets_agree():
     if len(ISAS) < 2:
         pytest.skip("this CPU has one of AVX-512 and AVX2 only")
