@@ -84,7 +84,6 @@ from typing import Any
 
 import numpy as np
 
-
 from engine.layers import cells, kernels
 from engine.layers.base import Layer, LayerError, add_grads, one_array, register
 from engine.layers.tape import Direct, Tape, Taped
