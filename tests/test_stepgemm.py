@@ -5,8 +5,9 @@ are no multiple of the kernels' tiles (M not a multiple of 32, N of any width 1.
 1), in the layouts the layers pass (a transposed W_h, a step's columns of the state block,
 an output with a row stride), on every instruction set this CPU has and on 1 to 3 threads;
 the threads and the split of N do not change a bit, and a product written over its B is
-still the product (each thread packs B for itself only when they do not share memory). What rides along (a one-hot gather
-and scatter, ``keep``, ``add``) equals the separate pass it replaces to the bit. Whole
+still the product (each thread packs B for itself only when they do not share memory).
+What rides along (a one-hot gather and scatter, ``keep``, ``add``) equals the separate
+pass it replaces to the bit. Whole
 recurrent layers in float32 on the step GEMM equal the same layers on NumPy's matmul
 (``RNN_ENGINE_STEP_GEMM=blas``) to 1e-5, masked and not, and take those options. The cell kernels, the gathers and the scatter-adds split over threads give the same
 bits as on one, and so does the step-major to feature-major copy (``unstep``); parked
