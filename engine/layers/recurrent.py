@@ -258,8 +258,11 @@ class Products:
         self.t, self.cols, self.h, self.zt = 0, slice(0, B), None, None
         self._state = self._state_block = None   # forward: h and its block of hs (state_to)
         self.dy_next, self._took_dy = None, False   # backward: took_dy
+        self.hot, self._hot_t = None, None     # backward: the step's gradient block in cache
 
     def at(self, t: int, h, zt=None) -> None:
+        if self._hot_t is not None:
+            self._settle()
         self.t, self.cols, self.h, self.zt = t, slice(t * self.B, (t + 1) * self.B), h, zt
 
     def state_to(self, block, h=None) -> None:
@@ -378,6 +381,14 @@ class Products:
         # dL/d(products) out feature-major, and, when that is also dL/d(input projection)
         # of a one-hot input, scatters it into dW_x; ``on_gemm`` marks the steps it did
         self.on_gemm = [False] * self.T
+        # ... so a cell with one gradient for both writes each step's into ONE (G·H, B)
+        # block that stays in cache, and only a step no GEMM took is copied into its block
+        # of the step-major array (``_settle``): writing every step's into that 20 MB
+        # array read each line from memory first (LSTM 512's backward kernel over 50 steps
+        # 4.2 against 2.8 ms with the block in cache)
+        self.hot = (self.buffer("dhot", (self.GH, self.B))
+                    if self.packing and not separate and self.T > 1 else None)
+        self._hot_t = None
         self.flat_dh = self.buffer("flat", (self.GH, self.T * self.B)) if self.packing else None
         self.scatters = self.packing and self.table is not None and not separate
         if self.table is not None:     # one-hot input: dW_x transposed, from zero
@@ -400,6 +411,8 @@ class Products:
     @property
     def dh(self):
         """dL/d(products) of every step, (G·H, T·B), for the weight gradients."""
+        if self._hot_t is not None:
+            self._settle()
         if self._dh is None:
             if self.flat_dh is not None:  # the step GEMM laid out most steps already
                 B = self.B
@@ -422,25 +435,48 @@ class Products:
             self._dx = self._flat(self.dx_steps, "flatx")
         return self._dx
 
+    def _step_grad(self):
+        """The block of this step's dL/d(products): the block in cache (``hot``) or the
+        step's own block of ``dh_steps``."""
+        if self.hot is None:
+            return self.dh_steps[self.t]
+        self._hot_t = self.t
+        return self.hot
+
+    def _settle(self) -> None:
+        """The step that wrote into the block in cache is done: unless its W_h^T product
+        was on the step GEMM (which laid it out and scattered it), copy it into its block
+        of the step-major array, where the passes after the loop read it."""
+        t, self._hot_t = self._hot_t, None
+        if t is not None and not self.on_gemm[t]:
+            self.dh_steps[t][...] = self.hot
+
     def d_input(self):
         """Where this step's dL/d(W_x x + b) (G·H, B) goes."""
-        return self.dx_steps[self.t]
+        return self._step_grad() if self.dx_steps is self.dh_steps else self.dx_steps[self.t]
 
     def d_product(self, gates):
         """Where this step's dL/d(product of ``gates``) goes."""
         if gates is ALL:
-            return self.dh_steps[self.t]
+            return self._step_grad()
         r0, r1 = self.rows(gates)
-        return self.dh_steps[self.t][r0:r1]
+        return self._step_grad()[r0:r1]
+
+    def bias_grad(self):
+        """Σ over the steps and columns of dL/d(input projections), (G·H,): the input
+        bias's gradient."""
+        if self.hot is None:
+            return self.dx_steps.sum(axis=(0, 2))
+        return self.dx.sum(axis=1)
 
     def product_backward(self, gates, g=None):
         """Store ``g`` = dL/d(product) (None: the caller wrote it into ``d_product``) and
         return W_h[rows]^T g, the gradient at the vector the product multiplied."""
         if gates is ALL:
-            dst, w_hT = self.dh_steps[self.t], self.w_hT
+            dst, w_hT = self._step_grad(), self.w_hT
         else:
             r0, r1 = self.rows(gates)
-            dst, w_hT = self.dh_steps[self.t][r0:r1], self.w_hT[:, r0:r1]
+            dst, w_hT = self._step_grad()[r0:r1], self.w_hT[:, r0:r1]
         if g is not None:
             dst[...] = g
         dy, self.dy_next = self.dy_next, None
@@ -471,6 +507,8 @@ class Products:
         """dW_x of the one-hot input, transposed (V, G·H): every step's dL/d(input
         projection) columns added into the rows of their tokens (the steps the step GEMM
         did not already scatter, in the order the loop undid them)."""
+        if self._hot_t is not None:
+            self._settle()
         T, B = self.T, self.B
         order = range(T) if self.layer.reverse else range(T - 1, -1, -1)
         left = [t for t in order if not (self.scatters and self.on_gemm[t])]
@@ -959,10 +997,10 @@ class Recurrent(Layer):
             ops.weight_grads(before)
             if x is None:
                 if self.has_bias:
-                    w.add_grad("b", ops.dx_steps.sum(axis=(0, 2)))
+                    w.add_grad("b", ops.bias_grad())
             elif cache.idx is None:
                 if self.has_bias:
-                    w.add_grad("b", ops.dx_steps.sum(axis=(0, 2)))
+                    w.add_grad("b", ops.bias_grad())
                 w.add_grad("x", ops.dx @ x)
             else:
                 dtable = ops.table_grad().T
