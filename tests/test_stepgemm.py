@@ -398,20 +398,21 @@ def test_a_step_the_gemm_does_not_undo_is_scattered_after_the_loop(kind, act, mo
 
 @pytest.mark.parametrize("need_state_grad", [False, True], ids=["no-state-grad", "state-grad"])
 @pytest.mark.parametrize("one_hot", [False, True], ids=["dense", "one-hot"])
-@pytest.mark.parametrize("kind,act", [("lstm", None), ("rnn", pb.TANH)], ids=["lstm", "rnn"])
+@pytest.mark.parametrize("kind,act", LAYERS, ids=LAYER_IDS)
 def test_every_backward_step_writes_its_gradient_into_one_block(kind, act, one_hot,
                                                                 need_state_grad, monkeypatch):
-    """A cell with one gradient for its products and its input projection writes each
-    step's into the same (G·H, B) block (it stays in cache; the step GEMM lays it out),
-    not into its step's block of a (T, G·H, B) array; a step no GEMM undoes (the last,
-    without the initial state's gradient) is copied out after it. Gradients, the dense
-    input's bias among them, agree with NumPy's matmul to 1e-5."""
+    """Each backward step writes its dL/d(products) (for the RNN and the LSTM, also the
+    gradient at the input projection) into the same (G·H, B) block (it stays in cache;
+    the step GEMM lays it out), not into its step's block of a (T, G·H, B) array; a step
+    no GEMM undoes (the last, without the initial state's gradient) is copied out after
+    it. Gradients, the dense input's bias among them, agree with NumPy's matmul to 1e-5."""
     T, H, D, B = 9, 40, 11, 50
     layer = build(kind, H, D, act, one_hot=one_hot)
     X, R, state0, _ = block_inputs(kind, T, H, D, B, one_hot, 33)
     name = f"{kind}_backward"
     outs, real = [], getattr(kernels, name)
-    monkeypatch.setattr(kernels, name, lambda *a, **k: outs.append(k["out"]) or real(*a, **k))
+    key = "out_h" if kind == "gru" else "out"
+    monkeypatch.setattr(kernels, name, lambda *a, **k: outs.append(k[key]) or real(*a, **k))
     blas_and_packed(monkeypatch, layer, X, state0, None, R, T, B,
                     need_state_grad=need_state_grad)
     packed = outs[-T:]          # the step GEMM's run (NumPy's came first)

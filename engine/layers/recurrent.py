@@ -381,13 +381,15 @@ class Products:
         # dL/d(products) out feature-major, and, when that is also dL/d(input projection)
         # of a one-hot input, scatters it into dW_x; ``on_gemm`` marks the steps it did
         self.on_gemm = [False] * self.T
-        # ... so a cell with one gradient for both writes each step's into ONE (G·H, B)
-        # block that stays in cache, and only a step no GEMM took is copied into its block
-        # of the step-major array (``_settle``): writing every step's into that 20 MB
-        # array read each line from memory first (LSTM 512's backward kernel over 50 steps
-        # 4.2 against 2.8 ms with the block in cache)
+        # ... so each step writes its dL/d(products) (for a cell with one gradient for
+        # both, its only one) into ONE (G·H, B) block that stays in cache, and only a step
+        # no GEMM took is copied into its block of the step-major array (``_settle``):
+        # writing every step's into that 20 MB array read each line from memory first
+        # (LSTM 512's backward kernel over 50 steps 4.2 against 2.8 ms with the block in
+        # cache). A separate dL/d(input projection) still goes step-major: the passes
+        # after the loop read it.
         self.hot = (self.buffer("dhot", (self.GH, self.B))
-                    if self.packing and not separate and self.T > 1 else None)
+                    if self.packing and self.T > 1 else None)
         self._hot_t = None
         self.flat_dh = self.buffer("flat", (self.GH, self.T * self.B)) if self.packing else None
         self.scatters = self.packing and self.table is not None and not separate
@@ -465,7 +467,7 @@ class Products:
     def bias_grad(self):
         """Σ over the steps and columns of dL/d(input projections), (G·H,): the input
         bias's gradient."""
-        if self.hot is None:
+        if self.hot is None or self.dx_steps is not self.dh_steps:
             return self.dx_steps.sum(axis=(0, 2))
         return self.dx.sum(axis=1)
 
