@@ -248,17 +248,18 @@ LAYERS = [("rnn", pb.TANH), ("rnn", pb.RELU), ("gru", None), ("lstm", None)]
 LAYER_IDS = ["rnn-tanh", "rnn-relu", "gru", "lstm"]
 
 
-def _block_run(layer, X, state0, mask, R, T, B, need_state_grad=True):
+def _block_run(layer, X, state0, mask, R, T, B, need_state_grad=True, need_input_grad=True):
     for p in layer.params.values():
         p.grad[...] = 0
     ctx = Context(step=0, unroll_len=T, mask=mask, steps=np.arange(T), batch=B, aux=[None],
-                  need_input_grads=[True], need_state_grad=need_state_grad)
+                  need_input_grads=[need_input_grad], need_state_grad=need_state_grad)
     Y, final, cache = layer.forward_block(ctx, [X], state0)
     Y = Y.copy()
     (dX,), d0 = layer.backward_block(ctx, R, cache)
+    assert (dX is None) == (not need_input_grad)
     flat = (lambda s: [] if s is None else list(s) if isinstance(s, tuple) else [s])
-    return ([Y] + [np.array(s) for s in flat(final)] + [dX] + [np.array(d) for d in flat(d0)]
-            + [p.grad.copy() for p in layer.params.values()])
+    return ([Y] + [np.array(s) for s in flat(final)] + ([dX] if need_input_grad else [])
+            + [np.array(d) for d in flat(d0)] + [p.grad.copy() for p in layer.params.values()])
 
 
 def _copy_run(layer, X, state0, masks, R, T, B):

@@ -362,8 +362,10 @@ def test_layer_on_the_step_gemm_equals_layer_on_the_blas(kind, act, H, D, B, one
     mask[7 * B:8 * B] = 0
     calls = blas_and_packed(monkeypatch, layer, X, state0, mask, R, T, B)
     assert len(calls) >= 2 * T - 1, "the step GEMM did not run"
-    if one_hot and kind != "gru":   # a cell that sums its projections: the GEMM gathers
-        assert count(calls, "gather") == T and count(calls, "scatter") == T   # and scatters
+    if one_hot:                 # the GEMM scatters dL/d(input projection) into dW_x
+        assert count(calls, "scatter") == T
+    if one_hot and kind != "gru":   # and, for a cell that sums its projections, gathers
+        assert count(calls, "gather") == T
 
 
 @pytest.mark.parametrize("direction", ["forward", "backward"])
@@ -383,7 +385,8 @@ def test_an_unmasked_block_adds_dy_in_the_step_gemm(kind, act, one_hot, directio
     assert count(calls, "keep") >= T - 1
 
 
-@pytest.mark.parametrize("kind,act", [("lstm", None), ("rnn", pb.TANH)], ids=["lstm", "rnn"])
+@pytest.mark.parametrize("kind,act", [("lstm", None), ("rnn", pb.TANH), ("gru", None)],
+                         ids=["lstm", "rnn", "gru"])
 def test_a_step_the_gemm_does_not_undo_is_scattered_after_the_loop(kind, act, monkeypatch):
     """Without the initial state's gradient the loop's last step multiplies by no W_h^T, so
     its one-hot columns go into dW_x after the loop (Products.table_grad); the gradients
@@ -396,29 +399,40 @@ def test_a_step_the_gemm_does_not_undo_is_scattered_after_the_loop(kind, act, mo
     assert count(calls, "scatter") == T - 1
 
 
+@pytest.mark.parametrize("need_input_grad", [False, True], ids=["no-input-grad", "input-grad"])
 @pytest.mark.parametrize("need_state_grad", [False, True], ids=["no-state-grad", "state-grad"])
 @pytest.mark.parametrize("one_hot", [False, True], ids=["dense", "one-hot"])
 @pytest.mark.parametrize("kind,act", LAYERS, ids=LAYER_IDS)
 def test_every_backward_step_writes_its_gradient_into_one_block(kind, act, one_hot,
-                                                                need_state_grad, monkeypatch):
+                                                                need_state_grad,
+                                                                need_input_grad, monkeypatch):
     """Each backward step writes its dL/d(products) (for the RNN and the LSTM, also the
     gradient at the input projection) into the same (G·H, B) block (it stays in cache;
     the step GEMM lays it out), not into its step's block of a (T, G·H, B) array; a step
     no GEMM undoes (the last, without the initial state's gradient) is copied out after
-    it. Gradients, the dense input's bias among them, agree with NumPy's matmul to 1e-5."""
+    it. The GRU's gradient at a one-hot input's projection, which the GEMM scatters into
+    dW_x, does the same when no input gradient is asked for. Gradients, the dense input's
+    bias among them, agree with NumPy's matmul to 1e-5."""
     T, H, D, B = 9, 40, 11, 50
     layer = build(kind, H, D, act, one_hot=one_hot)
     X, R, state0, _ = block_inputs(kind, T, H, D, B, one_hot, 33)
     name = f"{kind}_backward"
     outs, real = [], getattr(kernels, name)
-    key = "out_h" if kind == "gru" else "out"
-    monkeypatch.setattr(kernels, name, lambda *a, **k: outs.append(k[key]) or real(*a, **k))
-    blas_and_packed(monkeypatch, layer, X, state0, None, R, T, B,
-                    need_state_grad=need_state_grad)
-    packed = outs[-T:]          # the step GEMM's run (NumPy's came first)
+    keys = ("out_h", "out_x") if kind == "gru" else ("out",)
+    monkeypatch.setattr(kernels, name,
+                        lambda *a, **k: outs.append([k[n] for n in keys]) or real(*a, **k))
+    calls = blas_and_packed(monkeypatch, layer, X, state0, None, R, T, B,
+                            need_state_grad=need_state_grad, need_input_grad=need_input_grad)
     assert len(outs) == 2 * T
+    packed = [o[0] for o in outs[T:]]         # the step GEMM's run (NumPy's came first)
     assert all(o is packed[0] for o in packed), "a step wrote into a block of its own"
-    assert len({id(o) for o in outs[:T]}) == T     # NumPy's matmul: a block per step
+    assert len({id(o[0]) for o in outs[:T]}) == T     # NumPy's matmul: a block per step
+    if kind == "gru":
+        dx = [o[1] for o in outs[T:]]
+        one = one_hot and not need_input_grad
+        assert all(o is dx[0] for o in dx) == one
+    if one_hot:
+        assert count(calls, "scatter") == T - (0 if need_state_grad else 1)
 
 
 # ------------------------------------------------- the pool's other users

@@ -354,7 +354,8 @@ class Products:
         return None if self.xproj is None else self.xproj[self.t]
 
     # ------------------------------------------------------------ backward
-    def start_backward(self, separate: bool, zero: bool, reuse_xproj: bool = False) -> None:
+    def start_backward(self, separate: bool, zero: bool, reuse_xproj: bool = False,
+                       input_grad: bool = True) -> None:
         """Blocks for the gradients: dL/d(input projections) and, when ``separate``,
         dL/d(products) apart from it (the same block otherwise: a cell that sums its
         projections has one gradient for both); ``zero`` clears them first (a derived cell
@@ -367,7 +368,8 @@ class Products:
         (``keep``: the separate copy after the loop read 20 MB back from memory).
         ``reuse_xproj``: the forward's step-major input projections are dead (a
         hand-written step keeps what it needs in its cache), so dL/d(input projections)
-        takes their memory."""
+        takes their memory. ``input_grad``: the input's gradient is asked for (``dx``
+        is then read after the loop)."""
         kernels.loop_threads(self.packing)
         shape = (self.T, self.GH, self.B)
         self.dx_steps = self.buffer("xproj" if reuse_xproj else "dxsteps", shape)
@@ -378,21 +380,25 @@ class Products:
             if separate:
                 self.dh_steps[...] = 0
         # On the step GEMM (T >= STEP_MIN_T) each step's W_h^T product also lays its
-        # dL/d(products) out feature-major, and, when that is also dL/d(input projection)
-        # of a one-hot input, scatters it into dW_x; ``on_gemm`` marks the steps it did
+        # dL/d(products) out feature-major, and, for a one-hot input, scatters
+        # dL/d(input projection) into dW_x: from the rows it packs, or, for a cell whose
+        # input projection has a gradient of its own (the GRU's), from that block's rows;
+        # ``on_gemm`` marks the steps it did
         self.on_gemm = [False] * self.T
+        self.flat_dh = self.buffer("flat", (self.GH, self.T * self.B)) if self.packing else None
+        self.scatters = self.packing and self.table is not None
         # ... so each step writes its dL/d(products) (for a cell with one gradient for
         # both, its only one) into ONE (G·H, B) block that stays in cache, and only a step
         # no GEMM took is copied into its block of the step-major array (``_settle``):
         # writing every step's into that 20 MB array read each line from memory first
         # (LSTM 512's backward kernel over 50 steps 4.2 against 2.8 ms with the block in
-        # cache). A separate dL/d(input projection) still goes step-major: the passes
-        # after the loop read it.
+        # cache). So does a separate dL/d(input projection) when the GEMM scatters it;
+        # otherwise it goes step-major, for the passes after the loop.
         self.hot = (self.buffer("dhot", (self.GH, self.B))
                     if self.packing and self.T > 1 else None)
+        self.hot_x = (self.buffer("dxhot", (self.GH, self.B)) if self.hot is not None
+                      and separate and self.scatters and not input_grad else None)
         self._hot_t = None
-        self.flat_dh = self.buffer("flat", (self.GH, self.T * self.B)) if self.packing else None
-        self.scatters = self.packing and self.table is not None and not separate
         if self.table is not None:     # one-hot input: dW_x transposed, from zero
             self.dtable_T = self.buffer("dtableT", self.table.shape[::-1])
             self.dtable_T[...] = 0
@@ -452,10 +458,17 @@ class Products:
         t, self._hot_t = self._hot_t, None
         if t is not None and not self.on_gemm[t]:
             self.dh_steps[t][...] = self.hot
+            if self.hot_x is not None:
+                self.dx_steps[t][...] = self.hot_x
 
     def d_input(self):
         """Where this step's dL/d(W_x x + b) (G·H, B) goes."""
-        return self._step_grad() if self.dx_steps is self.dh_steps else self.dx_steps[self.t]
+        if self.dx_steps is self.dh_steps:
+            return self._step_grad()
+        if self.hot_x is None:
+            return self.dx_steps[self.t]
+        self._hot_t = self.t
+        return self.hot_x
 
     def d_product(self, gates):
         """Where this step's dL/d(product of ``gates``) goes."""
@@ -488,7 +501,11 @@ class Products:
             # dst into the columns the weight gradient reads and (also dL/d(input
             # projection)) into dW_x, as the GEMM packs it, from cache, instead of passes
             # over the blocks after the loop; the next step's dL/dh' added as it stores
-            scatter = (self.dtable_T, self.idx[self.cols]) if self.scatters else None
+            scatter = None
+            if self.scatters:
+                scatter = (self.dtable_T, self.idx[self.cols])
+                if self.dx_steps is not self.dh_steps:   # the GRU: dL/d(W_x x + b) apart
+                    scatter += (self.d_input(),)
             self.on_gemm[self.t] = True
             self._took_dy = dy is not None
             return kernels.step_gemm(self.xp.empty((self.H, self.B), dtype=dst.dtype),
@@ -948,8 +965,11 @@ class Recurrent(Layer):
         w = self.weights
         formula = self.uses_formula
         step = self.formula_backward if formula else self.step_backward
+        need_in = ctx.need_input_grads
+        input_grad = x is not None and (need_in is None or bool(need_in[self.data_pos]))
         ops.start_backward(formula or self.separate_dhproj, zero=formula,
-                           reuse_xproj=not formula and ops.xproj is not None)
+                           reuse_xproj=not formula and ops.xproj is not None,
+                           input_grad=input_grad)
         # dy feature-major (an InnerProduct above gives it so: dyT is then a view): each
         # step's dL/dh' is a block with contiguous rows, added in place to the gradient the
         # next step sends back (which this loop owns)
@@ -1011,8 +1031,7 @@ class Recurrent(Layer):
                 w.add_grad("x", dtable)
         ops.park()
         dxs = [None] * cache.n_srcs
-        need_in = ctx.need_input_grads
-        if x is not None and (need_in is None or need_in[self.data_pos]):
+        if input_grad:
             # dx = dpre^T W_x, made feature-major: a recurrent layer below reads dy^T as a view
             dxs[self.data_pos] = (w.data("x").T @ ops.dx).T.reshape(x.shape)
         if dst is not None:

@@ -33,7 +33,7 @@ ENV = "RNN_ENGINE_KERNELS"
 CHOICES = ("native", "numpy")
 
 #: the interface version native.c must have been built with (its KERNELS_VERSION)
-VERSION = 7
+VERSION = 8
 
 try:
     from engine.layers.kernels import _native
@@ -374,12 +374,14 @@ def step_gemm(out, packed: Packed, b, accumulate: bool = False, gather=None, sca
     ``gather``, out[:, j] = A b[:, j] + table[idx[j]] (table (V, M): W_x + b transposed),
     the sum added in the GEMM's registers, so no pass over ``out`` of its own; ``scatter``,
     table[idx[j]] += b[:, j] (table (V, K): dW_x transposed) from b's rows while the GEMM
-    packs them. ``keep`` (K, N) with contiguous rows: b copied there as well, from the same
-    rows (a step's columns of a feature-major block). ``add`` (M, N) with contiguous rows:
-    out = add + A b, the sum made as the GEMM stores (not with ``accumulate``)."""
-    table, idx = gather or scatter or (None, None)
+    packs them, or, as (table, idx, src), from the rows of ``src`` (b's shape, contiguous
+    rows: a gradient that differs from b, the GRU's, in cache beside it). ``keep`` (K, N)
+    with contiguous rows: b copied there as well, from the same rows (a step's columns of a
+    feature-major block). ``add`` (M, N) with contiguous rows: out = add + A b, the sum made
+    as the GEMM stores (not with ``accumulate``)."""
+    table, idx, *src = gather or scatter or (None, None)
     _native.step_gemm(out, packed.data, _rows(b), accumulate, packed.isa, packed.threads,
-                      table, idx, scatter is not None, keep, add)
+                      table, idx, scatter is not None, keep, add, src[0] if src else None)
     return out
 
 

@@ -30,7 +30,7 @@
 #include "stepgemm.h"
 
 /* the interface's version: engine/layers/kernels/__init__.py refuses a build of another one */
-#define KERNELS_VERSION 7
+#define KERNELS_VERSION 8
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -1151,24 +1151,25 @@ static int get_onehot(PyObject *tab_o, Py_buffer *vt, PyObject *idx_o, Py_buffer
     return 0;
 }
 
-/* step_gemm(c, packed, b, accumulate, isa, threads[, table, idx, scatter, keep, add]): c (M, N)
- * (+)= A b, A (M, K) packed, b (K, N); c and b with contiguous rows. With a table
+/* step_gemm(c, packed, b, accumulate, isa, threads[, table, idx, scatter, keep, add, src]):
+ * c (M, N) (+)= A b, A (M, K) packed, b (K, N); c and b with contiguous rows. With a table
  * (sg_onehot): gather, c[i][j] gets + table[idx[j]][i], table (V, M); scatter,
- * table[idx[j]][k] += b[k][j], table (V, K). keep: b copied there too (b's shape,
- * contiguous rows). add: c = add + A b (c's shape, contiguous rows). */
+ * table[idx[j]][k] += b[k][j], table (V, K), or += src[k][j] given src (b's shape,
+ * contiguous rows). keep: b copied there too (b's shape, contiguous rows). add: c = add +
+ * A b (c's shape, contiguous rows). */
 static PyObject *py_step_gemm(PyObject *self, PyObject *args)
 {
     PyObject *c_o, *pa_o, *b_o, *tab_o = Py_None, *idx_o = Py_None, *keep_o = Py_None,
-             *add_o = Py_None;
+             *add_o = Py_None, *src_o = Py_None;
     int accumulate, isa, threads, scatter = 0;
-    if (!PyArg_ParseTuple(args, "OOOpii|OOpOO", &c_o, &pa_o, &b_o, &accumulate, &isa, &threads,
-                          &tab_o, &idx_o, &scatter, &keep_o, &add_o))
+    if (!PyArg_ParseTuple(args, "OOOpii|OOpOOO", &c_o, &pa_o, &b_o, &accumulate, &isa, &threads,
+                          &tab_o, &idx_o, &scatter, &keep_o, &add_o, &src_o))
         return NULL;
     views vs = {.n = 0};
     float *c, *pa, *b;
     Py_ssize_t np_, cs[2], cst[2], bs[2], bst[2];
     sg_onehot oh, *ohp = NULL;
-    mat keep, add;
+    mat keep, add, src;
     PyObject *ret = NULL;
     if (get_2d(c_o, slot(&vs), 1, &c, cs, cst, "c") < 0 ||
         get_flat(pa_o, slot(&vs), 0, &pa, &np_, "packed") < 0 ||
@@ -1192,10 +1193,19 @@ static PyObject *py_step_gemm(PyObject *self, PyObject *args)
                         "accumulated");
         goto done;
     }
-    /* add has c's shape, keep b's, each with contiguous rows */
-    if (take(&vs, &add, add_o, 0, cs[0], cs[1], "add", 1) < 0 ||
-        take(&vs, &keep, keep_o, 1, bs[0], bs[1], "keep", 1) < 0)
+    if (src_o != Py_None && !(ohp && scatter)) {
+        PyErr_SetString(PyExc_ValueError, "a scatter source without a scatter");
         goto done;
+    }
+    /* add has c's shape, keep and src b's, each with contiguous rows */
+    if (take(&vs, &add, add_o, 0, cs[0], cs[1], "add", 1) < 0 ||
+        take(&vs, &keep, keep_o, 1, bs[0], bs[1], "keep", 1) < 0 ||
+        take(&vs, &src, src_o, 0, bs[0], bs[1], "scatter source", 1) < 0)
+        goto done;
+    if (ohp) {
+        oh.src = src.p;
+        oh.srs = src.rs;
+    }
     if (bs[1] != cs[1] || (size_t)np_ != sg_packed_size(cs[0], bs[0])) {
         PyErr_Format(PyExc_ValueError, "c (%zd, %zd), b (%zd, %zd) and %zd packed floats do "
                      "not fit", cs[0], cs[1], bs[0], bs[1], np_);
@@ -1330,7 +1340,7 @@ static PyMethodDef methods[] = {
     {"step_pack", py_step_pack, METH_VARARGS,
      "step_pack(dst, a, threads): a (M, K) float32 packed into dst (step_packed_size floats)"},
     {"step_gemm", py_step_gemm, METH_VARARGS,
-     "step_gemm(c, packed, b, accumulate, isa, threads[, table, idx, scatter, keep, add]): "
+     "step_gemm(c, packed, b, accumulate, isa, threads[, table, idx, scatter, keep, add, src]): "
      "c (+)= A b, A packed by step_pack, with what rides along (see the function's comment)"},
     {"step_packed_size", py_step_packed_size, METH_VARARGS,
      "step_packed_size(M, K): floats of a packed (M, K) operand"},

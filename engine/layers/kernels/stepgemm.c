@@ -664,8 +664,12 @@ static void pack_b_extras(const gemm_args *g, ptrdiff_t k0, ptrdiff_t k1)
             }
             memcpy(x->keep + k * x->krs, g->b + k * g->brs, (size_t)g->N * sizeof(float));
         }
-    if (x->oh && x->oh->scatter)     /* ... and into the table's gradient */
-        scatter_t(g->isa, x->oh->table, x->oh->trs, g->b, g->brs, x->oh->idx, g->N, k0, k1);
+    if (x->oh && x->oh->scatter) {   /* ... and into the table's gradient (or another
+                                      * block's rows of the same shape, in cache too) */
+        const sg_onehot *oh = x->oh;
+        scatter_t(g->isa, oh->table, oh->trs, oh->src ? oh->src : g->b,
+                  oh->src ? oh->srs : g->brs, oh->idx, g->N, k0, k1);
+    }
 }
 
 static void pack_b_task(void *p, int t, int n)

@@ -24,6 +24,8 @@ typedef struct {
     ptrdiff_t trs;
     const int32_t *idx;
     int scatter;
+    const float *src;   /* scatter: the (K, N) rows scattered, src rows srs apart; NULL: B's */
+    ptrdiff_t srs;
 } sg_onehot;
 
 /* What a step GEMM does besides the product (each optional: NULL for none): oh, a one-hot
