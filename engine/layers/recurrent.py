@@ -251,6 +251,8 @@ class Products:
         self.xproj = None        # (T, G·H, B) input projections, when materialised
         self.table = self.idx = None   # one-hot input: W_x + b and the tokens
         self.table_T = None            # ... W_x + b transposed, for the step GEMM (table_t)
+        self.split_rows = 0            # ... its rows the GEMM adds, the rest per step
+        self.x_rest = None             # (split_input)
         self.dtable_T = None           # ... dW_x transposed (table_grad)
         self.wc = self.z = None        # folded input: [W_h W_x b] and [h; x; 1]
         self.dx_steps = self.dh_steps = None   # backward: dL/d(input projection), dL/d(products)
@@ -325,11 +327,30 @@ class Products:
 
     def table_t(self):
         """The one-hot input's table W_x + b transposed (V, G·H), a row per token: what the
-        step GEMM adds to its product (made at the loop's first step)."""
+        step GEMM adds to its product (made at the loop's first step); zero past the rows
+        it adds (``split_input``)."""
         if self.table_T is None:
             self.table_T = cells.transposed(self.xp, self.table,
                                             self.buffer("tableT", self.table.shape[::-1]))
+            if self.split_rows:
+                self.table_T[:, self.split_rows:] = 0
         return self.table_T
+
+    def split_input(self, rows: int) -> None:
+        """A one-hot input's projection, for a cell that sums it with the products of its
+        first ``rows`` rows only (the GRU's z and r): the step GEMM adds those rows' in its
+        registers (a product ``with_input``: the table's other columns are zeros there, and
+        adding a zero changes no sum), and ``input_projection`` gives, per step, a block in
+        cache holding the other rows' (zeros in these). A 15 MB block of every step's
+        projections, gathered before the loop, then is not written, nor read back."""
+        self.split_rows = rows
+        self.x_rest = self.buffer("xrest", (self.GH, self.B))
+        self.x_rest[:rows] = 0
+
+    @property
+    def input_split(self) -> bool:
+        """Whether the step GEMM adds the projection of the leading rows (split_input)."""
+        return self.x_rest is not None
 
     def park(self) -> None:
         """The loop's pool work is over for now: its threads sleep at once, leaving the
@@ -350,7 +371,12 @@ class Products:
                                f"another vector at the next")
 
     def input_projection(self):
-        """This step's W_x x + b (G·H, B) (materialised projections only)."""
+        """This step's W_x x + b (G·H, B): materialised projections, or, after
+        ``split_input``, the rows the product did not take (zeros in those it did)."""
+        if self.x_rest is not None:
+            r = self.split_rows
+            cells.gather_columns(self.xp, self.x_rest[r:], self.table[r:], self.idx[self.cols])
+            return self.x_rest
         return None if self.xproj is None else self.xproj[self.t]
 
     # ------------------------------------------------------------ backward
@@ -569,6 +595,10 @@ class Recurrent(Layer):
     #: the step needs only the sum W_x x + b + W_h h, so the loop may compute it with ONE
     #: GEMM over the stacked [h; x; 1] (the GRU applies r to W_ch h alone)
     sums_projections = False
+    #: for a cell that does not sum its projections: how many leading gates do (the GRU's
+    #: z and r), so that the step GEMM may add a one-hot input's projection of theirs to
+    #: the product (``Products.split_input``)
+    summed_gates = 0
     #: the gradient at W_h h differs from the gradient at the input projection (set with
     #: hand-written steps that keep the two apart, the GRU's)
     separate_dhproj = True
@@ -906,7 +936,10 @@ class Recurrent(Layer):
                 table[...] = w.data("x")
                 if self.has_bias:
                     table += w.data("b")[:, None]
-                if formula or not self.sums_projections:
+                if not formula and not self.sums_projections and self.summed_gates and \
+                        ops.packing and self.hbias_key is None:
+                    ops.split_input(self.summed_gates * H)
+                elif formula or not self.sums_projections:
                     ops.xproj = cells.gather_steps(xp, buffer("xproj", (T, GH, B)), table, idx)
             else:
                 flat = xp.matmul(w.data("x"), x.T, out=buffer("flat", (GH, N)))
@@ -1122,6 +1155,7 @@ class GRULayer(Recurrent):
     required = (("gru_conf", "dim_hidden"),)
     gates = 3
     gate_names = ("z", "r", "c")
+    summed_gates = 2
     fused = "gru"
     export = ExportForm("GRU", ("r_hx", "z_hx", "c_hx"), ("r_hh", "z_hh", "c_hh"),
                         ("r_b", "z_b", "c_b"), onnx_order=(1, 0, 2), reset_gated=2, hb="c_hb")
@@ -1147,7 +1181,9 @@ class GRULayer(Recurrent):
         return (z * h + (1 - z) * c,)
 
     def step_forward(self, xp, ops, x, state):
-        hp = ops.product(ALL, state[0])
+        # z's and r's input projection added to the product by the step GEMM, when it can:
+        # x then holds only c's (Products.split_input)
+        hp = ops.product(ALL, state[0], with_input=ops.input_split)
         if kernels.usable(x, state[0], inplace=hp):
             h, cache = kernels.gru_forward(x, hp, state[0])
         else:
