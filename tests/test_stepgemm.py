@@ -125,6 +125,27 @@ def test_a_product_written_over_b_waits_for_every_threads_packing(isa, threads):
         assert np.array_equal(buf[shift:], want), shift
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("isa", ISAS)
+def test_a_product_written_over_the_scatter_source_waits_for_every_threads_scatter(isa, threads):
+    """When C shares memory with the rows a scatter reads, every thread scatters its share
+    before any row of C is written: the table gets the source's columns as they were."""
+    rng = np.random.default_rng(9)
+    a, b = rand(rng, (256, 256)), rand(rng, (256, 40))
+    idx = rng.integers(0, 7, 40).astype(np.int32)
+    want = gemm(a, b, isa, 1)
+    code = {"avx512": 3, "avx2": 2}[isa]
+    for _ in range(3):
+        buf = rand(rng, (256, 40))
+        acc, table = np.zeros((7, 256), F32), np.zeros((7, 256), F32)
+        for j in range(40):
+            table[idx[j]] += buf[:, j]
+        _native.step_gemm(buf, packed(a, threads), b, False, code, threads, acc, idx, True,
+                          None, None, buf)
+        assert np.array_equal(buf, want)
+        assert np.array_equal(acc, table)
+
+
 def test_the_instruction_sets_agree():
     if len(ISAS) < 2:
         pytest.skip("this CPU has one of AVX-512 and AVX2 only")
@@ -218,6 +239,14 @@ def test_one_hot_projection_rides_in_the_gemm(isa, M, K, N, V, threads, monkeypa
     assert np.array_equal(acc, want)
     alone = kernels.scatter_t(acc0.copy(), b, idx)
     assert np.array_equal(alone, want)
+    src = rand(rng, (K, N))                        # scattered from another block's rows
+    want = acc0.copy()
+    for j in range(N):
+        want[idx[j]] += src[:, j]
+    acc = acc0.copy()
+    out = kernels.step_gemm(np.empty((M, N), F32), p, b, scatter=(acc, idx, src))
+    assert np.array_equal(out, plain)
+    assert np.array_equal(acc, want)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

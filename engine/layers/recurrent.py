@@ -466,6 +466,9 @@ class Products:
         if self._dx is None:
             if self.dh_steps is self.dx_steps:
                 return self.dh
+            if self.hot_x is not None:
+                raise RuntimeError(f"{self.layer.name}: the backward kept no dL/d(input "
+                                   f"projections) (start_backward(input_grad=False))")
             self._dx = self._flat(self.dx_steps, "flatx")
         return self._dx
 

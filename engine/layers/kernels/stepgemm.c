@@ -816,7 +816,9 @@ int sg_gemm(const float *pa, ptrdiff_t M, ptrdiff_t K, const float *b, ptrdiff_t
     /* each thread packs all of B for itself, unless C or an addend shares memory with
      * what the other threads still read or write as they pack (then all pack, then all
      * multiply, as before) */
+    const float *src = x && x->oh && x->oh->scatter ? x->oh->src : NULL;
     g.private_b = n > 1 && !overlaps(c, M, crs, N, b, K, brs, N) &&
+                  !(src && overlaps(c, M, crs, N, src, K, x->oh->srs, N)) &&
                   !(x && x->keep && (overlaps(c, M, crs, N, x->keep, K, x->krs, N) ||
                                      (x->addend && overlaps(x->addend, M, x->ars, N,
                                                             x->keep, K, x->krs, N))));
