@@ -15,9 +15,10 @@ the probed steps, in ms and as a share of the probed step:
   formulas or the fused kernels, ``engine/layers/cells.py``);
 - input projections: ``W_x X + b`` for all steps at once as one GEMM (layers that
   neither fold their input nor read one-hot rows: any layer above the first), or, for
-  one-hot input (a kOneHot source), the gather of W_x's columns (the GRU: all steps at
-  once; the LSTM and RNN: each step's, added to its W_h h, inside the step GEMM when the
-  packed one runs, and then counted there);
+  one-hot input (a kOneHot source), the gather of W_x's columns (the LSTM and RNN: each
+  step's, added to its W_h h, inside the step GEMM when the packed one runs, and then
+  counted there; the GRU: there z's and r's, and c's per step, counted here, or else all
+  steps' at once);
 - step GEMMs backward: each step's ``W_h^T dpre`` (on the packed step GEMM with what rides
   along: the one-hot scatter into dW_x, the copy into the weight gradient's layout, the
   next step's dy);
