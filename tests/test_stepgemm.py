@@ -146,6 +146,24 @@ def test_a_product_written_over_the_scatter_source_waits_for_every_threads_scatt
         assert np.array_equal(acc, table)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("isa", ISAS)
+def test_a_product_written_over_keep2s_source_waits_for_every_threads_copy(isa, threads):
+    """When C shares memory with the block ``keep2`` copies, every thread copies its share
+    before any row of C is written: the copy is of the block as it was."""
+    rng = np.random.default_rng(10)
+    a, b = rand(rng, (256, 256)), rand(rng, (256, 40))
+    want = gemm(a, b, isa, 1)
+    code = {"avx512": 3, "avx2": 2}[isa]
+    for _ in range(3):
+        buf = rand(rng, (256, 40))
+        kept, was = np.zeros((256, 40), F32), buf.copy()
+        _native.step_gemm(buf, packed(a, threads), b, False, code, threads, None, None, False,
+                          None, None, None, kept, buf)
+        assert np.array_equal(buf, want)
+        assert np.array_equal(kept, was)
+
+
 def test_the_instruction_sets_agree():
     if len(ISAS) < 2:
         pytest.skip("this CPU has one of AVX-512 and AVX2 only")
@@ -276,6 +294,18 @@ def test_keep_copies_b_into_a_steps_columns(isa, threads, monkeypatch):
     assert np.array_equal(acc, kernels.scatter_t(acc2, b, idx))
     with pytest.raises(ValueError, match="keep"):
         kernels.step_gemm(np.empty((M, N), F32), p, b, keep=wide[:, :N - 1])
+    src = rand(rng, (K, N))     # keep2: another block's rows, into the next step's columns
+    got = kernels.step_gemm(np.empty((M, N), F32), p, b, keep=wide[:, 2 * N:3 * N],
+                            keep2=(wide[:, 3 * N:], src))
+    assert np.array_equal(got, plain)
+    assert np.array_equal(wide[:, 2 * N:3 * N], b)
+    assert np.array_equal(wide[:, 3 * N:], src)
+    assert np.array_equal(wide[:, :2 * N], before[:, :2 * N])
+    with pytest.raises(ValueError, match="keep2"):
+        kernels.step_gemm(np.empty((M, N), F32), p, b, keep2=(wide[:, :N - 1], src))
+    with pytest.raises(ValueError, match="together"):
+        _native.step_gemm(np.empty((M, N), F32), p.data, b, False, p.isa, p.threads, None,
+                          None, False, None, None, None, wide[:, :N], None)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -438,9 +468,10 @@ def test_every_backward_step_writes_its_gradient_into_one_block(kind, act, one_h
     gradient at the input projection) into the same (G·H, B) block (it stays in cache;
     the step GEMM lays it out), not into its step's block of a (T, G·H, B) array; a step
     no GEMM undoes (the last, without the initial state's gradient) is copied out after
-    it. The GRU's gradient at a one-hot input's projection, which the GEMM scatters into
-    dW_x, does the same when no input gradient is asked for. Gradients, the dense input's
-    bias among them, agree with NumPy's matmul to 1e-5."""
+    it. The GRU's separate gradient at its input projection does the same; the GEMM also
+    copies it into a feature-major block (``keep2``) where something reads it after the
+    loop (a dense input's dW_x and bias, the input's gradient). Gradients, the dense
+    input's bias among them, agree with NumPy's matmul to 1e-5."""
     T, H, D, B = 9, 40, 11, 50
     layer = build(kind, H, D, act, one_hot=one_hot)
     X, R, state0, _ = block_inputs(kind, T, H, D, B, one_hot, 33)
@@ -455,12 +486,14 @@ def test_every_backward_step_writes_its_gradient_into_one_block(kind, act, one_h
     packed = [o[0] for o in outs[T:]]         # the step GEMM's run (NumPy's came first)
     assert all(o is packed[0] for o in packed), "a step wrote into a block of its own"
     assert len({id(o[0]) for o in outs[:T]}) == T     # NumPy's matmul: a block per step
-    if kind == "gru":
-        dx = [o[1] for o in outs[T:]]
-        one = one_hot and not need_input_grad
-        assert all(o is dx[0] for o in dx) == one
+    undone = T - (0 if need_state_grad else 1)     # steps a W_h^T product undid
+    if kind == "gru":      # its separate dL/d(input projection): one block too, laid out
+        dx = [o[1] for o in outs[T:]]                # by the GEMM where it is read later
+        assert all(o is dx[0] for o in dx)
+        read_later = need_input_grad or not one_hot
+        assert count(calls, "keep2") == (undone if read_later else 0)
     if one_hot:
-        assert count(calls, "scatter") == T - (0 if need_state_grad else 1)
+        assert count(calls, "scatter") == undone
 
 
 # ------------------------------------------------- the pool's other users

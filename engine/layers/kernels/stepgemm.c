@@ -648,22 +648,31 @@ static void pack_b_panels(const gemm_args *g, float *pb, ptrdiff_t k0, ptrdiff_t
     }
 }
 
+/* rows [k0, k1) of src (rows srs apart, N wide) copied into dst's (rows drs apart) */
+static void keep_rows(float *dst, ptrdiff_t drs, const float *src, ptrdiff_t srs, ptrdiff_t N,
+                      ptrdiff_t k0, ptrdiff_t k1)
+{
+    for (ptrdiff_t k = k0; k < k1; k++) {
+        /* dst's rows are far apart (a step's columns of a (K, T*N) block) and their lines
+         * were evicted since the step before wrote next to them: each is fetched, to be
+         * written, 16 rows ahead (without it LSTM 512 lost 5-7 ms a batch) */
+        if (k + 16 < k1) {
+            const char *ahead = (const char *)(dst + (k + 16) * drs);
+            for (size_t o = 0; o < (size_t)N * sizeof(float) + 63; o += 64)
+                __builtin_prefetch(ahead + o, 1, 3);
+        }
+        memcpy(dst + k * drs, src + k * srs, (size_t)N * sizeof(float));
+    }
+}
+
 /* what rides along with B's rows [k0, k1), while they are in cache */
 static void pack_b_extras(const gemm_args *g, ptrdiff_t k0, ptrdiff_t k1)
 {
     const sg_extras *x = &g->x;
     if (x->keep)                     /* B's rows, in cache now, copied out */
-        for (ptrdiff_t k = k0; k < k1; k++) {
-            /* keep's rows are far apart (a step's columns of a (K, T*N) block) and their
-             * lines were evicted since the step before wrote next to them: each is fetched,
-             * to be written, 16 rows ahead (without it LSTM 512 lost 5-7 ms a batch) */
-            if (k + 16 < k1) {
-                const char *ahead = (const char *)(x->keep + (k + 16) * x->krs);
-                for (size_t o = 0; o < (size_t)g->N * sizeof(float) + 63; o += 64)
-                    __builtin_prefetch(ahead + o, 1, 3);
-            }
-            memcpy(x->keep + k * x->krs, g->b + k * g->brs, (size_t)g->N * sizeof(float));
-        }
+        keep_rows(x->keep, x->krs, g->b, g->brs, g->N, k0, k1);
+    if (x->keep2)                    /* ... and another block's, in cache beside it */
+        keep_rows(x->keep2, x->k2rs, x->src2, x->s2rs, g->N, k0, k1);
     if (x->oh && x->oh->scatter) {   /* ... and into the table's gradient (or another
                                       * block's rows of the same shape, in cache too) */
         const sg_onehot *oh = x->oh;
@@ -819,6 +828,10 @@ int sg_gemm(const float *pa, ptrdiff_t M, ptrdiff_t K, const float *b, ptrdiff_t
     const float *src = x && x->oh && x->oh->scatter ? x->oh->src : NULL;
     g.private_b = n > 1 && !overlaps(c, M, crs, N, b, K, brs, N) &&
                   !(src && overlaps(c, M, crs, N, src, K, x->oh->srs, N)) &&
+                  !(x && x->keep2 && (overlaps(c, M, crs, N, x->keep2, K, x->k2rs, N) ||
+                                      overlaps(c, M, crs, N, x->src2, K, x->s2rs, N) ||
+                                      (x->addend && overlaps(x->addend, M, x->ars, N,
+                                                             x->keep2, K, x->k2rs, N)))) &&
                   !(x && x->keep && (overlaps(c, M, crs, N, x->keep, K, x->krs, N) ||
                                      (x->addend && overlaps(x->addend, M, x->ars, N,
                                                             x->keep, K, x->krs, N))));

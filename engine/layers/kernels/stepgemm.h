@@ -36,6 +36,10 @@ typedef struct {
     const sg_onehot *oh;
     float *keep;
     ptrdiff_t krs;
+    const float *src2;  /* a block of B's shape, copied into keep2 as B's rows are packed */
+    ptrdiff_t s2rs;
+    float *keep2;
+    ptrdiff_t k2rs;
     const float *addend;
     ptrdiff_t ars;
 } sg_extras;
