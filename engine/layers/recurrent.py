@@ -449,6 +449,15 @@ class Products:
         self.xp.copyto(flat.reshape(GH, T, B), steps.transpose(1, 0, 2))
         return flat
 
+    def _fill_in(self, flat, steps):
+        """``flat`` (G·H, T·B), which the step GEMM laid out, with the steps it did not
+        take copied in from the step-major ``steps``."""
+        B = self.B
+        for t in range(self.T):
+            if not self.on_gemm[t]:
+                flat[:, t * B:(t + 1) * B] = steps[t]
+        return flat
+
     @property
     def dh(self):
         """dL/d(products) of every step, (G·H, T·B), for the weight gradients."""
@@ -456,11 +465,7 @@ class Products:
             self._settle()
         if self._dh is None:
             if self.flat_dh is not None:  # the step GEMM laid out most steps already
-                B = self.B
-                for t in range(self.T):
-                    if not self.on_gemm[t]:
-                        self.flat_dh[:, t * B:(t + 1) * B] = self.dh_steps[t]
-                self._dh = self.flat_dh
+                self._dh = self._fill_in(self.flat_dh, self.dh_steps)
             else:
                 self._dh = self._flat(self.dh_steps, "flat")
             if self.dh_steps is self.dx_steps:
@@ -476,11 +481,7 @@ class Products:
             if self.dh_steps is self.dx_steps:
                 return self.dh
             if self.flat_dx is not None:      # the step GEMM laid out most steps already
-                B = self.B
-                for t in range(self.T):
-                    if not self.on_gemm[t]:
-                        self.flat_dx[:, t * B:(t + 1) * B] = self.dx_steps[t]
-                self._dx = self.flat_dx
+                self._dx = self._fill_in(self.flat_dx, self.dx_steps)
             elif self.hot_x is not None:
                 raise RuntimeError(f"{self.layer.name}: the backward kept no dL/d(input "
                                    f"projections) (start_backward(input_grad=False))")
