@@ -141,7 +141,7 @@ def test_a_product_written_over_the_scatter_source_waits_for_every_threads_scatt
         for j in range(40):
             table[idx[j]] += buf[:, j]
         _native.step_gemm(buf, packed(a, threads), b, False, code, threads, acc, idx, True,
-                          None, None, buf)
+                          None, None, None, buf)
         assert np.array_equal(buf, want)
         assert np.array_equal(acc, table)
 
@@ -159,7 +159,7 @@ def test_a_product_written_over_keep2s_source_waits_for_every_threads_copy(isa, 
         buf = rand(rng, (256, 40))
         kept, was = np.zeros((256, 40), F32), buf.copy()
         _native.step_gemm(buf, packed(a, threads), b, False, code, threads, None, None, False,
-                          None, None, None, kept, buf)
+                          None, None, kept, buf)
         assert np.array_equal(buf, want)
         assert np.array_equal(kept, was)
 
@@ -262,7 +262,7 @@ def test_one_hot_projection_rides_in_the_gemm(isa, M, K, N, V, threads, monkeypa
     for j in range(N):
         want[idx[j]] += src[:, j]
     acc = acc0.copy()
-    out = kernels.step_gemm(np.empty((M, N), F32), p, b, scatter=(acc, idx, src))
+    out = kernels.step_gemm(np.empty((M, N), F32), p, b, scatter=(acc, idx), side=src)
     assert np.array_equal(out, plain)
     assert np.array_equal(acc, want)
 
@@ -296,16 +296,17 @@ def test_keep_copies_b_into_a_steps_columns(isa, threads, monkeypatch):
         kernels.step_gemm(np.empty((M, N), F32), p, b, keep=wide[:, :N - 1])
     src = rand(rng, (K, N))     # keep2: another block's rows, into the next step's columns
     got = kernels.step_gemm(np.empty((M, N), F32), p, b, keep=wide[:, 2 * N:3 * N],
-                            keep2=(wide[:, 3 * N:], src))
+                            keep2=wide[:, 3 * N:], side=src)
     assert np.array_equal(got, plain)
     assert np.array_equal(wide[:, 2 * N:3 * N], b)
     assert np.array_equal(wide[:, 3 * N:], src)
     assert np.array_equal(wide[:, :2 * N], before[:, :2 * N])
     with pytest.raises(ValueError, match="keep2"):
-        kernels.step_gemm(np.empty((M, N), F32), p, b, keep2=(wide[:, :N - 1], src))
-    with pytest.raises(ValueError, match="together"):
-        _native.step_gemm(np.empty((M, N), F32), p.data, b, False, p.isa, p.threads, None,
-                          None, False, None, None, None, wide[:, :N], None)
+        kernels.step_gemm(np.empty((M, N), F32), p, b, keep2=wide[:, :N - 1], side=src)
+    with pytest.raises(ValueError, match="side block"):
+        kernels.step_gemm(np.empty((M, N), F32), p, b, keep2=wide[:, :N])
+    with pytest.raises(ValueError, match="side block"):
+        kernels.step_gemm(np.empty((M, N), F32), p, b, side=src)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

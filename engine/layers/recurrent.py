@@ -263,8 +263,7 @@ class Products:
         self.hot, self._hot_t = None, None     # backward: the step's gradient block in cache
 
     def at(self, t: int, h, zt=None) -> None:
-        if self._hot_t is not None:
-            self._settle()
+        self._settle()
         self.t, self.cols, self.h, self.zt = t, slice(t * self.B, (t + 1) * self.B), h, zt
 
     def state_to(self, block, h=None) -> None:
@@ -461,8 +460,7 @@ class Products:
     @property
     def dh(self):
         """dL/d(products) of every step, (G·H, T·B), for the weight gradients."""
-        if self._hot_t is not None:
-            self._settle()
+        self._settle()
         if self._dh is None:
             if self.flat_dh is not None:  # the step GEMM laid out most steps already
                 self._dh = self._fill_in(self.flat_dh, self.dh_steps)
@@ -475,8 +473,7 @@ class Products:
     @property
     def dx(self):
         """dL/d(input projections) of every step, (G·H, T·B) (a GEMM with the input)."""
-        if self._hot_t is not None:
-            self._settle()
+        self._settle()
         if self._dx is None:
             if self.dh_steps is self.dx_steps:
                 return self.dh
@@ -498,9 +495,9 @@ class Products:
         return self.hot
 
     def _settle(self) -> None:
-        """The step that wrote into the block in cache is done: unless its W_h^T product
-        was on the step GEMM (which laid it out and scattered it), copy it into its block
-        of the step-major array, where the passes after the loop read it."""
+        """The step that wrote into the block in cache (if any) is done: unless its W_h^T
+        product was on the step GEMM (which laid it out and scattered it), copy it into its
+        block of the step-major array, where the passes after the loop read it."""
         t, self._hot_t = self._hot_t, None
         if t is not None and not self.on_gemm[t]:
             self.dh_steps[t][...] = self.hot
@@ -547,19 +544,17 @@ class Products:
             # dst into the columns the weight gradient reads and (also dL/d(input
             # projection)) into dW_x, as the GEMM packs it, from cache, instead of passes
             # over the blocks after the loop; the next step's dL/dh' added as it stores
-            scatter = None
-            if self.scatters:
-                scatter = (self.dtable_T, self.idx[self.cols])
-                if self.dx_steps is not self.dh_steps:   # the GRU: dL/d(W_x x + b) apart
-                    scatter += (self.d_input(),)
-            keep2 = None
-            if self.flat_dx is not None:   # dL/d(W_x x + b) apart, laid out the same way
-                keep2 = (self.flat_dx[:, self.cols], self.d_input())
+            scatter = (self.dtable_T, self.idx[self.cols]) if self.scatters else None
+            keep2 = None if self.flat_dx is None else self.flat_dx[:, self.cols]
+            side = None     # the GRU's dL/d(W_x x + b), apart: scattered and laid out too
+            if self.dx_steps is not self.dh_steps and (scatter or keep2 is not None):
+                side = self.d_input()
             self.on_gemm[self.t] = True
             self._took_dy = dy is not None
             return kernels.step_gemm(self.xp.empty((self.H, self.B), dtype=dst.dtype),
                                      self.packed_T, dst, scatter=scatter,
-                                     keep=self.flat_dh[:, self.cols], add=dy, keep2=keep2)
+                                     keep=self.flat_dh[:, self.cols], add=dy, keep2=keep2,
+                                     side=side)
         return self.xp.matmul(w_hT, dst)
 
     def took_dy(self) -> bool:
@@ -575,8 +570,7 @@ class Products:
         """dW_x of the one-hot input, transposed (V, G·H): every step's dL/d(input
         projection) columns added into the rows of their tokens (the steps the step GEMM
         did not already scatter, in the order the loop undid them)."""
-        if self._hot_t is not None:
-            self._settle()
+        self._settle()
         T, B = self.T, self.B
         order = range(T) if self.layer.reverse else range(T - 1, -1, -1)
         left = [t for t in order if not (self.scatters and self.on_gemm[t])]

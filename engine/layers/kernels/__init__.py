@@ -33,7 +33,7 @@ ENV = "RNN_ENGINE_KERNELS"
 CHOICES = ("native", "numpy")
 
 #: the interface version native.c must have been built with (its KERNELS_VERSION)
-VERSION = 9
+VERSION = 10
 
 try:
     from engine.layers.kernels import _native
@@ -367,25 +367,22 @@ def park() -> None:
 
 
 def step_gemm(out, packed: Packed, b, accumulate: bool = False, gather=None, scatter=None,
-              keep=None, add=None, keep2=None):
+              keep=None, add=None, keep2=None, side=None):
     """out (M, N) (+)= A b for the packed A (M, K) and b (K, N); ``out`` must have contiguous
     rows, ``b`` is copied when its rows are not contiguous. A one-hot input's projection
     rides along, as (table, idx) with idx (N,) int32 and the table's rows contiguous:
     ``gather``, out[:, j] = A b[:, j] + table[idx[j]] (table (V, M): W_x + b transposed),
     the sum added in the GEMM's registers, so no pass over ``out`` of its own; ``scatter``,
     table[idx[j]] += b[:, j] (table (V, K): dW_x transposed) from b's rows while the GEMM
-    packs them, or, as (table, idx, src), from the rows of ``src`` (b's shape, contiguous
-    rows: a gradient that differs from b, the GRU's, in cache beside it). ``keep`` (K, N)
-    with contiguous rows: b copied there as well, from the same rows (a step's columns of a
-    feature-major block). ``keep2`` (dst, src), both of b's shape with contiguous rows: src
-    copied into dst from the same rows, as b's are packed (another block in cache beside b,
-    the GRU's dx). ``add`` (M, N) with contiguous rows: out = add + A b, the sum made as the
-    GEMM stores (not with ``accumulate``)."""
-    table, idx, *src = gather or scatter or (None, None)
-    dst2, src2 = keep2 or (None, None)
+    packs them, or from the rows of ``side`` when it is given. ``side`` (K, N) with
+    contiguous rows: another block in cache beside b (the GRU's dL/d(input projection),
+    which differs from b). ``keep`` (K, N) with contiguous rows: b copied there as well,
+    from the same rows (a step's columns of a feature-major block); ``keep2`` the same for
+    ``side``. ``add`` (M, N) with contiguous rows: out = add + A b, the sum made as the GEMM
+    stores (not with ``accumulate``)."""
+    table, idx = gather or scatter or (None, None)
     _native.step_gemm(out, packed.data, _rows(b), accumulate, packed.isa, packed.threads,
-                      table, idx, scatter is not None, keep, add, src[0] if src else None,
-                      dst2, src2)
+                      table, idx, scatter is not None, keep, add, keep2, side)
     return out
 
 

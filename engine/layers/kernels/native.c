@@ -30,7 +30,7 @@
 #include "stepgemm.h"
 
 /* the interface's version: engine/layers/kernels/__init__.py refuses a build of another one */
-#define KERNELS_VERSION 9
+#define KERNELS_VERSION 10
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -89,7 +89,7 @@ typedef void (*rows_fn)(const mat *a, Py_ssize_t H, Py_ssize_t B, Py_ssize_t r0,
 /* The threads the cell kernels split their rows over (kernel_threads(n), set per step loop
  * by Python), when a gate block has at least PAR_MIN floats; the pool is stepgemm.c's. */
 static int g_threads = 1;
-#define MAXARGS 12  /* the most array arguments of a kernel (step_gemm: 10) */
+#define MAXARGS 12  /* the most array arguments of a kernel (step_gemm: 9) */
 #define PAR_MIN 8192
 
 typedef struct {
@@ -1151,26 +1151,26 @@ static int get_onehot(PyObject *tab_o, Py_buffer *vt, PyObject *idx_o, Py_buffer
     return 0;
 }
 
-/* step_gemm(c, packed, b, accumulate, isa, threads[, table, idx, scatter, keep, add, src,
- * keep2, src2]): c (M, N) (+)= A b, A (M, K) packed, b (K, N); c and b with contiguous rows.
- * With a table (sg_onehot): gather, c[i][j] gets + table[idx[j]][i], table (V, M); scatter,
- * table[idx[j]][k] += b[k][j], table (V, K), or += src[k][j] given src. keep: b copied there
- * too; keep2: src2 copied there. add: c = add + A b (c's shape). src, keep, keep2 and src2
- * have b's shape; all contiguous rows. */
+/* step_gemm(c, packed, b, accumulate, isa, threads[, table, idx, scatter, keep, add, keep2,
+ * side]): c (M, N) (+)= A b, A (M, K) packed, b (K, N); c and b with contiguous rows. With a
+ * table (sg_onehot): gather, c[i][j] gets + table[idx[j]][i], table (V, M); scatter,
+ * table[idx[j]][k] += b[k][j], table (V, K), or += side[k][j] given a side block. keep: b
+ * copied there too; keep2: the side block copied there. add: c = add + A b (c's shape).
+ * keep, keep2 and side have b's shape; all contiguous rows. */
 static PyObject *py_step_gemm(PyObject *self, PyObject *args)
 {
     PyObject *c_o, *pa_o, *b_o, *tab_o = Py_None, *idx_o = Py_None, *keep_o = Py_None,
-             *add_o = Py_None, *src_o = Py_None, *keep2_o = Py_None, *src2_o = Py_None;
+             *add_o = Py_None, *keep2_o = Py_None, *side_o = Py_None;
     int accumulate, isa, threads, scatter = 0;
-    if (!PyArg_ParseTuple(args, "OOOpii|OOpOOOOO", &c_o, &pa_o, &b_o, &accumulate, &isa,
-                          &threads, &tab_o, &idx_o, &scatter, &keep_o, &add_o, &src_o, &keep2_o,
-                          &src2_o))
+    if (!PyArg_ParseTuple(args, "OOOpii|OOpOOOO", &c_o, &pa_o, &b_o, &accumulate, &isa,
+                          &threads, &tab_o, &idx_o, &scatter, &keep_o, &add_o, &keep2_o,
+                          &side_o))
         return NULL;
     views vs = {.n = 0};
     float *c, *pa, *b;
     Py_ssize_t np_, cs[2], cst[2], bs[2], bst[2];
     sg_onehot oh, *ohp = NULL;
-    mat keep, add, src, keep2, src2;
+    mat keep, add, keep2, side;
     PyObject *ret = NULL;
     if (get_2d(c_o, slot(&vs), 1, &c, cs, cst, "c") < 0 ||
         get_flat(pa_o, slot(&vs), 0, &pa, &np_, "packed") < 0 ||
@@ -1194,25 +1194,20 @@ static PyObject *py_step_gemm(PyObject *self, PyObject *args)
                         "accumulated");
         goto done;
     }
-    if (src_o != Py_None && !(ohp && scatter)) {
-        PyErr_SetString(PyExc_ValueError, "a scatter source without a scatter");
+    if (keep2_o != Py_None && side_o == Py_None) {
+        PyErr_SetString(PyExc_ValueError, "keep2 copies a side block: none given");
         goto done;
     }
-    if ((keep2_o == Py_None) != (src2_o == Py_None)) {
-        PyErr_SetString(PyExc_ValueError, "keep2 and src2 come together");
+    if (side_o != Py_None && keep2_o == Py_None && !(ohp && scatter)) {
+        PyErr_SetString(PyExc_ValueError, "a side block with neither a scatter nor keep2");
         goto done;
     }
     /* add has c's shape, the others b's, each with contiguous rows */
     if (take(&vs, &add, add_o, 0, cs[0], cs[1], "add", 1) < 0 ||
         take(&vs, &keep, keep_o, 1, bs[0], bs[1], "keep", 1) < 0 ||
-        take(&vs, &src, src_o, 0, bs[0], bs[1], "scatter source", 1) < 0 ||
         take(&vs, &keep2, keep2_o, 1, bs[0], bs[1], "keep2", 1) < 0 ||
-        take(&vs, &src2, src2_o, 0, bs[0], bs[1], "src2", 1) < 0)
+        take(&vs, &side, side_o, 0, bs[0], bs[1], "side", 1) < 0)
         goto done;
-    if (ohp) {
-        oh.src = src.p;
-        oh.srs = src.rs;
-    }
     if (bs[1] != cs[1] || (size_t)np_ != sg_packed_size(cs[0], bs[0])) {
         PyErr_Format(PyExc_ValueError, "c (%zd, %zd), b (%zd, %zd) and %zd packed floats do "
                      "not fit", cs[0], cs[1], bs[0], bs[1], np_);
@@ -1225,7 +1220,7 @@ static PyObject *py_step_gemm(PyObject *self, PyObject *args)
     int rc;
     Py_BEGIN_ALLOW_THREADS
     sg_extras x = {.oh = ohp, .keep = keep.p, .krs = keep.rs, .addend = add.p, .ars = add.rs,
-                   .src2 = src2.p, .s2rs = src2.rs, .keep2 = keep2.p, .k2rs = keep2.rs};
+                   .side = side.p, .sdrs = side.rs, .keep2 = keep2.p, .k2rs = keep2.rs};
     rc = sg_gemm(pa, cs[0], bs[0], b, bst[0], cs[1], c, cst[0], accumulate, &x, isa, threads);
     Py_END_ALLOW_THREADS
     if (rc != 0) {
@@ -1348,8 +1343,8 @@ static PyMethodDef methods[] = {
     {"step_pack", py_step_pack, METH_VARARGS,
      "step_pack(dst, a, threads): a (M, K) float32 packed into dst (step_packed_size floats)"},
     {"step_gemm", py_step_gemm, METH_VARARGS,
-     "step_gemm(c, packed, b, accumulate, isa, threads[, table, idx, scatter, keep, add, src, "
-     "keep2, src2]): "
+     "step_gemm(c, packed, b, accumulate, isa, threads[, table, idx, scatter, keep, add, "
+     "keep2, side]): "
      "c (+)= A b, A packed by step_pack, with what rides along (see the function's comment)"},
     {"step_packed_size", py_step_packed_size, METH_VARARGS,
      "step_packed_size(M, K): floats of a packed (M, K) operand"},

@@ -671,14 +671,12 @@ static void pack_b_extras(const gemm_args *g, ptrdiff_t k0, ptrdiff_t k1)
     const sg_extras *x = &g->x;
     if (x->keep)                     /* B's rows, in cache now, copied out */
         keep_rows(x->keep, x->krs, g->b, g->brs, g->N, k0, k1);
-    if (x->keep2)                    /* ... and another block's, in cache beside it */
-        keep_rows(x->keep2, x->k2rs, x->src2, x->s2rs, g->N, k0, k1);
-    if (x->oh && x->oh->scatter) {   /* ... and into the table's gradient (or another
-                                      * block's rows of the same shape, in cache too) */
-        const sg_onehot *oh = x->oh;
-        scatter_t(g->isa, oh->table, oh->trs, oh->src ? oh->src : g->b,
-                  oh->src ? oh->srs : g->brs, oh->idx, g->N, k0, k1);
-    }
+    if (x->keep2)                    /* ... and the side block's, in cache beside them */
+        keep_rows(x->keep2, x->k2rs, x->side, x->sdrs, g->N, k0, k1);
+    if (x->oh && x->oh->scatter)     /* ... and into the table's gradient (the side block's
+                                      * rows, given one) */
+        scatter_t(g->isa, x->oh->table, x->oh->trs, x->side ? x->side : g->b,
+                  x->side ? x->sdrs : g->brs, x->oh->idx, g->N, k0, k1);
 }
 
 static void pack_b_task(void *p, int t, int n)
@@ -790,13 +788,34 @@ static void both_task(void *p, int t, int n)
 }
 
 /* whether rows p[i*rs + j] (i < m, j < w) and q[i*qs + j] (i < k, j < v) may share memory
- * (their spans of addresses meet) */
+ * (their spans of addresses meet); a NULL block shares none */
 static int overlaps(const float *p, ptrdiff_t m, ptrdiff_t rs, ptrdiff_t w, const float *q,
                     ptrdiff_t k, ptrdiff_t qs, ptrdiff_t v)
 {
+    if (!p || !q)
+        return 0;
     uintptr_t p0 = (uintptr_t)p, p1 = (uintptr_t)(p + (m - 1) * rs + w);
     uintptr_t q0 = (uintptr_t)q, q1 = (uintptr_t)(q + (k - 1) * qs + v);
     return m > 0 && k > 0 && p0 < q1 && q0 < p1;
+}
+
+/* whether C (M, N) or the addend shares memory with what a thread may still read or write
+ * while it packs B (K, N): B, the side block, keep and keep2; then no thread may multiply
+ * before all have packed */
+static int meets_packing(const float *c, ptrdiff_t M, ptrdiff_t crs, const float *b,
+                         ptrdiff_t K, ptrdiff_t brs, ptrdiff_t N, const sg_extras *x)
+{
+    if (overlaps(c, M, crs, N, b, K, brs, N))
+        return 1;
+    if (!x)
+        return 0;
+    const float *read[] = {x->side, x->keep, x->keep2};
+    const ptrdiff_t rs[] = {x->sdrs, x->krs, x->k2rs};
+    for (int i = 0; i < 3; i++)
+        if (overlaps(c, M, crs, N, read[i], K, rs[i], N) ||
+            (i > 0 && overlaps(x->addend, M, x->ars, N, read[i], K, rs[i], N)))
+            return 1;
+    return 0;
 }
 
 int sg_gemm(const float *pa, ptrdiff_t M, ptrdiff_t K, const float *b, ptrdiff_t brs,
@@ -825,16 +844,7 @@ int sg_gemm(const float *pa, ptrdiff_t M, ptrdiff_t K, const float *b, ptrdiff_t
     /* each thread packs all of B for itself, unless C or an addend shares memory with
      * what the other threads still read or write as they pack (then all pack, then all
      * multiply, as before) */
-    const float *src = x && x->oh && x->oh->scatter ? x->oh->src : NULL;
-    g.private_b = n > 1 && !overlaps(c, M, crs, N, b, K, brs, N) &&
-                  !(src && overlaps(c, M, crs, N, src, K, x->oh->srs, N)) &&
-                  !(x && x->keep2 && (overlaps(c, M, crs, N, x->keep2, K, x->k2rs, N) ||
-                                      overlaps(c, M, crs, N, x->src2, K, x->s2rs, N) ||
-                                      (x->addend && overlaps(x->addend, M, x->ars, N,
-                                                             x->keep2, K, x->k2rs, N)))) &&
-                  !(x && x->keep && (overlaps(c, M, crs, N, x->keep, K, x->krs, N) ||
-                                     (x->addend && overlaps(x->addend, M, x->ars, N,
-                                                            x->keep, K, x->krs, N))));
+    g.private_b = n > 1 && !meets_packing(c, M, crs, b, K, brs, N, x);
     size_t need = (size_t)K * N * (g.private_b ? n : 1);
     if (need > cap) {
         float *nb = aligned_alloc(64, (need * sizeof(float) + 63) / 64 * 64);

@@ -24,8 +24,6 @@ typedef struct {
     ptrdiff_t trs;
     const int32_t *idx;
     int scatter;
-    const float *src;   /* scatter: the (K, N) rows scattered, src rows srs apart; NULL: B's */
-    ptrdiff_t srs;
 } sg_onehot;
 
 /* What a step GEMM does besides the product (each optional: NULL for none): oh, a one-hot
@@ -36,8 +34,9 @@ typedef struct {
     const sg_onehot *oh;
     float *keep;
     ptrdiff_t krs;
-    const float *src2;  /* a block of B's shape, copied into keep2 as B's rows are packed */
-    ptrdiff_t s2rs;
+    const float *side;  /* a block of B's shape in cache beside it, rows sdrs apart: what
+                         * the scatter reads instead of B, and keep2 copies */
+    ptrdiff_t sdrs;
     float *keep2;
     ptrdiff_t k2rs;
     const float *addend;
