@@ -112,10 +112,11 @@ class TimedXP:
             return self._xp.matmul(*args, **kwargs)
         t0 = CLOCK[0]()
         r = self._xp.matmul(*args, **kwargs)
+        step = r.shape[-1] == self._B       # a step's (rows, B) product; else a whole batch's
         if p.phase == "fwd":
-            p.event("step_gemm_fwd" if r.shape[-1] == self._B else "proj_gemm", t0)
-        else:
-            p.event("step_gemm_bwd", t0)
+            p.event("step_gemm_fwd" if step else "proj_gemm", t0)
+        else:                                   # the weight gradients' GEMMs, after the loop
+            p.event("step_gemm_bwd" if step else "grads", t0)
         return r
 
 

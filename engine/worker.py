@@ -246,6 +246,7 @@ class Worker:
         if train:
             self.net.grads.zero()
             self.backward()
+            self.net.grads.settle()
         if self.record:
             self.param_stats = {p.name: {"data": summarize(self.xp, p.data),
                                          "grad": summarize(self.xp, p.grad)}

@@ -136,3 +136,35 @@ def test_custom_block_layer_equals_the_reference(tmp_path, monkeypatch):
     for a, b in zip(runs[0][1], runs[1][1]):
         np.testing.assert_allclose(b, a, rtol=1e-10, atol=1e-13)
     assert isinstance(make_worker(net)[0], PlannedWorker)
+
+
+def test_a_custom_layer_adding_with_plus_equals_gets_a_zeroed_gradient_every_batch(
+        tmp_path, monkeypatch):
+    """The buffer skips zeroing only the params of layers that claim their gradients
+    (``claims_grads``); this layer adds with ``+=``, so its params are zeroed before each
+    batch, while the output layer's are written by their first contribution. The
+    gradients of the third batch equal those of a fresh net run on that batch."""
+    monkeypatch.setitem(REGISTRY, pb.kRNN, BlockElman)
+    path = job(tmp_path)
+    loaded = load_job(path)
+
+    def fresh():
+        return Net(unroll(loaded.neuralnet, Phase.TRAIN), make_backend(None, np.float64),
+                   net_info(path, tmp_path / "ws", 0), seed=1)
+
+    net = fresh()
+    assert {p.name for p in net.grads.lazy} == {"ip/w", "ip/b"}
+    worker = PlannedWorker(net, seed=1)
+    for _ in range(2):
+        worker.run_batch(train=True)
+    snap = worker.snapshot()
+    worker.run_batch(train=True)
+    again = fresh()
+    again_w = PlannedWorker(again, seed=1)
+    for a, b in zip(net.params, again.params):
+        b.data[...] = a.data
+    again_w.restore(snap)
+    again_w.run_batch(train=True)
+    for a, b in zip(net.params, again.params):
+        assert np.abs(b.grad).max() > 0, b.name
+        np.testing.assert_array_equal(a.grad, b.grad, err_msg=a.name)

@@ -62,6 +62,34 @@ def test_every_gradient_is_a_view_of_one_buffer(tmp_path, rnn):
             assert np.shares_memory(grad, flat)
 
 
+def test_zero_leaves_claimed_grads_to_their_first_contribution(tmp_path):
+    """``zero`` fills no param of a layer that claims its gradients: the first contribution
+    of the batch is written (``overwrites`` True once, then False: later ones add), a
+    partly written group is zero-filled before it is added to, and ``settle`` zeroes the
+    params that nothing reached."""
+    from engine.layers.base import add_grad, overwrites
+    net = build_net(char_job(tmp_path, rnn="kGRU", stacked=True), tmp_path)
+    grads = net.grads
+    assert {p.name for p in grads.lazy} == {p.name for p in net.params}
+    assert grads.filled == []
+    grads.flat[...] = 7
+    grads.zero()
+    assert (grads.flat == 7).all()                       # nothing filled
+    first, second, *rest = net.params
+    assert overwrites((first,)) and not overwrites((first,))
+    add_grad(second, np.ones(second.shape))              # written: 1, not 7 + 1
+    add_grad(second, np.ones(second.shape))              # then added
+    assert (second.grad == 2).all()
+    group = rest[:2]
+    add_grad(group[0], np.ones(group[0].shape))
+    assert not overwrites(group)                         # one of them written already ...
+    assert (group[1].grad == 0).all()                    # ... the other filled first
+    grads.settle()
+    assert all((p.grad == 0).all() for p in rest[2:])
+    assert (first.grad == 7).all()                       # claimed: the caller's to write
+    assert not overwrites((first,))                      # after settle: plain adds
+
+
 def test_buffer_holds_grads_of_tied_params_and_training_fills_it(tmp_path):
     """A param tied forward (an earlier layer shares a later layer's) is laid out with its
     owner; the tied layer's group stays unfused, and backward fills the buffer."""

@@ -1,6 +1,8 @@
 """The planned executor gives the reference executor's losses, gradients and params."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -8,6 +10,7 @@ import cellkinds as ck
 import test_gradcheck as gc
 from engine.backend import make_backend
 from engine.config import Phase, load_job
+from engine.layers import REGISTRY
 from engine.layers.recurrent import Recurrent
 from engine.net import Net
 from engine.planner import NotPlannable, PlannedWorker, make_worker, plan
@@ -29,32 +32,55 @@ def fold_mode(request, monkeypatch):
     return request.param
 
 
-def pair(tmp_path, text):
+@contextlib.contextmanager
+def zeroed_before_each_batch():
+    """Nets built inside have no layer that claims its gradients: the buffer zero-fills
+    every param before each batch, and every contribution is added (the rule before
+    ``claims_grads``, and the one of a custom layer)."""
+    with pytest.MonkeyPatch.context() as m:
+        for cls in {c for k in REGISTRY.values() for c in k.__mro__}:
+            if cls.__dict__.get("claims_grads"):
+                m.setattr(cls, "claims_grads", False)
+        yield
+
+
+def pair(tmp_path, text, eager: bool = False):
+    """(net, worker, updater) of the reference and the planned executor (and, ``eager``, a
+    third: the reference executor on a buffer zero-filled before each batch)."""
     path = gc.write_job(tmp_path, text)
     job = load_job(path)
     out = []
-    for cls in (Worker, PlannedWorker):
-        u = unroll(job.neuralnet, Phase.TRAIN)
-        net = Net(u, make_backend(None, np.float64), net_info(path, tmp_path / "ws", 0), seed=3)
-        out.append((net, cls(net, seed=3, carry=job.train_one_batch.state_carry),
-                    Updater(job.updater, net.params, np)))
+    for cls, fill in ((Worker, False), (PlannedWorker, False), (Worker, True))[:3 if eager else 2]:
+        with zeroed_before_each_batch() if fill else contextlib.nullcontext():
+            u = unroll(job.neuralnet, Phase.TRAIN)
+            net = Net(u, make_backend(None, np.float64), net_info(path, tmp_path / "ws", 0), seed=3)
+            assert bool(net.grads.lazy) != fill
+            out.append((net, cls(net, seed=3, carry=job.train_one_batch.state_carry),
+                        Updater(job.updater, net.params, np)))
     return out
 
 
 def assert_same(tmp_path, text, steps=3):
-    (net_r, w_r, up_r), (net_p, w_p, up_p) = pair(tmp_path, text)
+    """The two executors give the same metrics, gradients and updated params at every step,
+    and the reference executor's gradients are, to the bit, those it gives on a buffer
+    zero-filled before each batch (the gradients of the batch before, left in the buffer,
+    never leak into a param's first contribution)."""
+    (net_r, w_r, up_r), (net_p, w_p, up_p), (net_e, w_e, up_e) = pair(tmp_path, text, eager=True)
     assert [p.name for p in net_r.params] == [p.name for p in net_p.params]
     for step in range(steps):
         m_r = w_r.run_batch(train=True)
         m_p = w_p.run_batch(train=True)
+        w_e.run_batch(train=True)
         assert m_r.keys() == m_p.keys()
         for k in m_r:
             np.testing.assert_allclose(m_p[k], m_r[k], rtol=1e-9, atol=1e-12, err_msg=k)
-        for a, b in zip(net_r.params, net_p.params):
+        for a, b, e in zip(net_r.params, net_p.params, net_e.params):
             np.testing.assert_allclose(b.grad, a.grad, rtol=1e-9, atol=1e-12,
                                        err_msg=f"step {step} grad {a.name}")
+            np.testing.assert_array_equal(a.grad, e.grad, err_msg=f"step {step} grad {a.name}")
         up_r.update(step)
         up_p.update(step)
+        up_e.update(step)
         for a, b in zip(net_r.params, net_p.params):
             np.testing.assert_allclose(b.data, a.data, rtol=1e-9, atol=1e-12,
                                        err_msg=f"step {step} param {a.name}")

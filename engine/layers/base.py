@@ -24,7 +24,10 @@ Per copy (the reference executor, engine/worker.py, and every layer test):
   gradient arriving at ``new_state`` from the next copy (zeros at the last
   copy). ``dxs`` is aligned with ``xs`` (``None`` for integer inputs or
   absent sources). Param gradients are *accumulated* (``+=``) into
-  ``param.grad``; the worker zeroes them once per batch.
+  ``param.grad``; the worker zeroes them once per batch. (A layer class that sets
+  ``claims_grads`` instead adds every contribution through ``add_grad`` /
+  ``overwrites`` below, and the net's gradient buffer then skips the zeroing of its
+  params: each one's first contribution of a batch is written, not added.)
 * Layers never import cupy: they use ``self.xp`` (numpy or cupy) and
   ``self.dtype`` (float32 for training, float64 for gradient checks).
 * Errors name the layer one way: ``raise self.error(msg)`` gives
@@ -112,6 +115,25 @@ class Param:
     grad_buffer: Any = None
 
 
+def overwrites(params) -> bool:
+    """Whether the caller, about to add a contribution to the gradients of ``params`` (one
+    array it writes whole: a param, or a gate group stacked in the buffer), must WRITE it
+    instead: True when the net's gradient buffer left them unzeroed for this batch and
+    nothing has added to them yet (``engine.params.GradBuffer.claim``), so writing is what
+    adding to zeros would give. The caller must then write every element. False for a
+    param outside a Net, and after the first contribution."""
+    buffer = params[0].grad_buffer if params else None
+    return buffer is not None and buffer.claim(params)
+
+
+def add_grad(p: "Param", g) -> None:
+    """p.grad += g, or p.grad = g for the batch's first contribution (``overwrites``)."""
+    if overwrites((p,)):
+        p.grad[...] = g
+    else:
+        p.grad += g
+
+
 @dataclass
 class Context:
     """What a layer gets to know about the copy it is computing.
@@ -197,6 +219,10 @@ class Layer:
     recurrent: bool = False
     #: the type creates params (used to colour shared-param groups before any layer is built)
     has_params: bool = False
+    #: every gradient contribution of the layer's backward goes through ``add_grad`` /
+    #: ``overwrites`` (none through a bare ``+=``), so the net's gradient buffer need not
+    #: zero its params before a batch (engine.params.GradBuffer.zero)
+    claims_grads: bool = False
     #: loss layers (see LossLayer): backward ignores dy; their output is not differentiated further
     is_loss: bool = False
     #: input layers (see InputLayer): the worker loads a batch into them before each forward

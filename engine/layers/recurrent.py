@@ -85,7 +85,8 @@ from typing import Any
 import numpy as np
 
 from engine.layers import cells, kernels
-from engine.layers.base import Layer, LayerError, add_grads, one_array, register
+from engine.layers.base import (Layer, LayerError, add_grad, add_grads, one_array, overwrites,
+                                register)
 from engine.layers.tape import Direct, Tape, Taped
 from engine.proto import job_pb2 as pb
 
@@ -205,15 +206,38 @@ class GateWeights:
             return self.layer.params[keys[0]].data
         return self.layer.xp.concatenate([self.layer.params[k].data for k in keys], axis=0)
 
-    def add_grad(self, group: str, g) -> None:
-        """Accumulate a stacked gradient (rows k·H..(k+1)·H: gate k) into the group."""
+    def _whole(self, group: str):
+        """(the group's params, ONE array holding all of their grads: the stacked view, or
+        the grad of a group of one param), or (params, None)."""
+        ps = [self.layer.params[k] for k in self.groups[group]]
         fused = self.stacked.get(group)
         if fused is not None:
-            fused[1][...] += g
+            return ps, fused[1]
+        return ps, (ps[0].grad if len(ps) == 1 else None)
+
+    def add_grad(self, group: str, g) -> None:
+        """Accumulate a stacked gradient (rows k·H..(k+1)·H: gate k) into the group (write
+        it, for the batch's first contribution: ``overwrites``)."""
+        ps, whole = self._whole(group)
+        if whole is not None:
+            if overwrites(ps):
+                whole[...] = g
+            else:
+                whole[...] += g
             return
         H = self.layer.H
-        for k, key in enumerate(self.groups[group]):
-            self.layer.params[key].grad += g[k * H:(k + 1) * H]
+        for k, p in enumerate(ps):
+            add_grad(p, g[k * H:(k + 1) * H])
+
+    def add_product(self, group: str, a, b) -> None:
+        """Accumulate the stacked gradient a @ b into the group: the batch's first
+        contribution is the GEMM's output itself, written into the gradient buffer (no
+        product array, no add pass over it)."""
+        ps, whole = self._whole(group)
+        if whole is not None and overwrites(ps):
+            self.layer.xp.matmul(a, b, out=whole)
+            return
+        self.add_grad(group, a @ b)
 
 
 #: every gate's rows: the common one-product form (``U(ALL, h)``)
@@ -583,7 +607,7 @@ class Products:
         steps 0..T−1). Not for a folded input (``Recurrent._backward`` does that one)."""
         layer, w = self.layer, self.layer.weights
         if list(self.groups) == [(0, self.GH)] and self.groups[(0, self.GH)] is None:
-            w.add_grad("h", self.dh @ self.hs[:, before].T)   # one group: Σ_t dhproj_t h_t^T
+            w.add_product("h", self.dh, self.hs[:, before].T)   # one group: Σ_t dhproj_t h_t^T
         elif self.groups:
             g = self.xp.zeros((self.GH, self.H), dtype=layer.dtype)
             for (r0, r1), block in self.groups.items():
@@ -603,6 +627,7 @@ class Recurrent(Layer):
 
     recurrent = True
     has_params = True
+    claims_grads = True
     CONF_FIELD = ""
     #: gates stacked in the projections (G), and their names (param keys ``<gate>_hx`` ...)
     gates = 1
@@ -807,7 +832,7 @@ class Recurrent(Layer):
     def hbias_grad(self, dhproj) -> None:
         """Accumulate the hidden-side bias's gradient from dL/d(W_h h) (G·H, N)."""
         if self.hbias_key is not None:
-            self.params[self.hbias_key].grad += dhproj[self.hbias_from:].sum(axis=1)
+            add_grad(self.params[self.hbias_key], dhproj[self.hbias_from:].sum(axis=1))
 
     @property
     def uses_formula(self) -> bool:
@@ -1073,7 +1098,7 @@ class Recurrent(Layer):
             elif cache.idx is None:
                 if self.has_bias:
                     w.add_grad("b", ops.bias_grad())
-                w.add_grad("x", ops.dx @ x)
+                w.add_product("x", ops.dx, x)
             else:
                 dtable = ops.table_grad().T
                 if self.has_bias:  # every column of dx went into one column of dtable
