@@ -71,6 +71,34 @@ def test_step_gemm_equals_float64_matmul(isa, M, K, N, threads):
     close(gemm(a, b, isa, threads), want)
 
 
+def panels(a):
+    """The packed layout, in NumPy: panel p holds rows 32p..32p+31 (zeros past the last),
+    k-major: element (row 32p + r, k) at p·32·K + k·32 + r."""
+    M, K = a.shape
+    P = -(-M // 32)
+    padded = np.zeros((P * 32, K), F32)
+    padded[:M] = a
+    return padded.reshape(P, 32, K).transpose(0, 2, 1).reshape(-1)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("M,K", [(2048, 512), (70, 13), (33, 8), (5, 1), (96, 31)])
+def test_packing_lays_out_every_layout_exactly(M, K, threads):
+    """A with contiguous rows (W_h), contiguous columns (W_h^T, a transposed view) and
+    neither (a strided view): the same panels, to the bit, padding rows zero (the vector
+    paths move 8 x 8 blocks and 32 floats per k; the scalar one the rest)."""
+    rng = np.random.default_rng(M * K)
+    a = rand(rng, (M, K))
+    at = np.ascontiguousarray(a.T).T
+    wide = rand(rng, (M, 2 * K))
+    strided = wide[:, ::2]
+    strided[...] = a
+    for view in (a, at, strided):
+        got = np.full(_native.step_packed_size(M, K), np.nan, F32)
+        _native.step_pack(got, view, threads)
+        assert np.array_equal(got, panels(a))
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_layouts_the_layers_pass(isa):
     """W_h^T (a transposed view), a step's columns of the (H, (T+1)·B) state block, and an
