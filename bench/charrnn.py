@@ -30,7 +30,11 @@ Reported per framework:
 - chars/s = batch × unroll / step time; GFLOP/s = the GEMM FLOPs of one
   forward + backward step (``model_flops``) / step time; and that as a fraction
   of NumPy's float32 GEMM peak (2048³, best of 5), measured once in its own
-  child process under the engine's environment.
+  child process under the engine's environment. The machine's speed drifts (the
+  same build's LSTM 512 step and that peak each moved by 10-15 % within minutes),
+  so each engine process also measures the peak itself, after its timed steps
+  (after its memory readings, so the GEMM's buffers do not enter them): the
+  fraction of its own process's peak, median and min–max over the processes.
 - memory: each process takes its RSS after set-up (model built, math library
   warm from a small GEMM), resets its peak counter (``/proc/self/clear_refs``),
   and takes VmHWM after the last step. Growth = that peak − the set-up RSS;
@@ -378,6 +382,8 @@ def child_main(kind: str, case: str, steps: int, warmup: int, executor: str,
             loss = runner.step()
             times.append(time.perf_counter() - t)
         peak = _status_mib("VmHWM")
+        if kind == "engine":     # the peak under the same conditions as the steps just timed
+            rep["gemm_peak_gflops"] = round(gemm_peak(gpu), 1)
     rep.update(runner.describe())
     rep.update({"step_s": [round(t, 6) for t in times], "last_loss": round(loss, 4),
                 "setup_rss_mib": round(setup_rss, 1),
@@ -457,6 +463,13 @@ def summarise(runs: list[dict], flops: float, chars: int, peak: float) -> dict:
     gf = flops / med / 1e9
     train, train_lo, train_hi = _mid([r["train_mib"] for r in runs])
     rss, rss_lo, rss_hi = _mid([r["peak_rss_mib"] for r in runs])
+    own = {}
+    if all(r.get("gemm_peak_gflops") for r in runs):   # each process's share of its own peak
+        shares = [flops / m / 1e9 / r["gemm_peak_gflops"] for m, r in zip(meds, runs)]
+        f, f_lo, f_hi = _mid(shares)
+        own = {"process_peaks_gflops": [r["gemm_peak_gflops"] for r in runs],
+               "own_peak_fraction": round(f, 3),
+               "own_peak_fraction_range": [round(f_lo, 3), round(f_hi, 3)]}
     return {"processes": len(runs), "process_median_step_s": [round(m, 6) for m in meds],
             "median_step_s": round(med, 6), "min_step_s": round(lo, 6), "max_step_s": round(hi, 6),
             "chars_per_s": round(chars / med, 1),
@@ -466,7 +479,7 @@ def summarise(runs: list[dict], flops: float, chars: int, peak: float) -> dict:
             "peak_rss_mib": rss, "peak_rss_mib_range": [rss_lo, rss_hi],
             "setup_rss_mib": statistics.median(r["setup_rss_mib"] for r in runs),
             "last_loss": runs[-1]["last_loss"], "blas": runs[0]["blas"],
-            "malloc": runs[0]["malloc"], "runs": runs}
+            "malloc": runs[0]["malloc"], **own, "runs": runs}
 
 
 def ratios(eng: dict, pt: dict) -> dict:
@@ -518,6 +531,11 @@ def print_case(r: dict) -> None:
               f"{x['chars_per_s']:10,.0f} chars/s  {x['gflops']:7.1f} GFLOP/s  "
               f"{100 * x['peak_fraction']:5.1f}% of peak  memory +{x['train_mib']:.0f} MiB, "
               f"peak RSS {x['peak_rss_mib']:.0f} MiB")
+        if "own_peak_fraction" in x:
+            lo, hi = x["own_peak_fraction_range"]
+            print(f"           of each process's own GEMM peak ("
+                  f"{', '.join(f'{p:.1f}' for p in x['process_peaks_gflops'])} GFLOP/s): "
+                  f"{100 * x['own_peak_fraction']:.1f}% (min-max {100 * lo:.1f}-{100 * hi:.1f})")
         print(f"           {x['blas']}; malloc {x['malloc']}")
     if "ratio_speed" in r:
         print(f"  engine/PyTorch speed {r['ratio_speed']:.2f} (min-max {r['ratio_speed_min']:.2f}-"

@@ -123,6 +123,21 @@ def test_summary_is_the_median_of_per_process_medians_and_ratios_are_per_pair():
     assert r["ratio_memory"] == 0.5 and r["ratio_peak_rss"] == 0.51
 
 
+def test_each_engine_process_is_measured_against_its_own_peak():
+    """The share of the GEMM peak per process (its median step against the peak it measured
+    itself), median and min-max over the processes; absent when a process measured none."""
+    runs = [_run(0.1, 20, 100), _run(0.3, 22, 104), _run(0.2, 21, 102)]
+    for r, p in zip(runs, (50.0, 20.0, 40.0)):
+        r["gemm_peak_gflops"] = p
+    eng = charrnn.summarise(runs, flops=4e9, chars=1000, peak=100.0)
+    assert eng["peak_fraction"] == 0.2                       # against the peak of the start
+    assert eng["process_peaks_gflops"] == [50.0, 20.0, 40.0]
+    assert eng["own_peak_fraction"] == 0.667                 # 40/50 -> 0.8, 13.3/20, 20/40
+    assert eng["own_peak_fraction_range"] == [0.5, 0.8]
+    del runs[1]["gemm_peak_gflops"]
+    assert "own_peak_fraction" not in charrnn.summarise(runs, flops=4e9, chars=1000, peak=100.0)
+
+
 def test_bench_counts_must_be_positive(capsys):
     for bad in (["--pairs", "0"], ["--steps", "0"], ["--warmup", "-1"], ["--pairs", "x"]):
         with pytest.raises(SystemExit) as e:
