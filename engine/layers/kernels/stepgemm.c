@@ -738,8 +738,8 @@ SG_MOVES static void pack_b_panels(const gemm_args *g, float *pb, ptrdiff_t k0, 
 }
 
 /* rows [k0, k1) of src (rows srs apart, N wide) copied into dst's (rows drs apart) */
-SG_MOVES static void keep_rows(float *dst, ptrdiff_t drs, const float *src, ptrdiff_t srs, ptrdiff_t N,
-                      ptrdiff_t k0, ptrdiff_t k1)
+SG_MOVES static void keep_rows(float *dst, ptrdiff_t drs, const float *src, ptrdiff_t srs,
+                               ptrdiff_t N, ptrdiff_t k0, ptrdiff_t k1)
 {
     for (ptrdiff_t k = k0; k < k1; k++) {
         /* dst's rows are far apart (a step's columns of a (K, T*N) block) and their lines
