@@ -592,6 +592,24 @@ def test_unstep_lays_out_step_major_blocks_feature_major(threads):
         _native.unstep(np.zeros((R, T * B + 1), F32), steps, T)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_restep_lays_out_a_feature_major_block_step_major_with_its_bias(threads):
+    """restep is the inverse of unstep, plus a bias per row: NumPy's sum, to the bit."""
+    rng = np.random.default_rng(13)
+    T, R, B = 7, 300, 9
+    wide = rand(rng, (R, T * B + 5))
+    flat = wide[:, 2:2 + T * B]
+    bias = rand(rng, (R,))
+    kernels.set_threads(threads)
+    steps = np.full((T, R, B), np.nan, F32)
+    kernels.restep(steps, flat, bias)
+    assert np.array_equal(steps, (flat + bias[:, None]).reshape(R, T, B).transpose(1, 0, 2))
+    kernels.restep(steps, flat)
+    assert np.array_equal(steps, flat.reshape(R, T, B).transpose(1, 0, 2))
+    with pytest.raises(ValueError, match="restep"):
+        _native.restep(steps, flat, bias[1:], T)
+
+
 def test_parked_threads_wake_for_the_next_task():
     rng = np.random.default_rng(13)
     a, b = rand(rng, (200, 30)), rand(rng, (30, 20))

@@ -985,10 +985,17 @@ class Recurrent(Layer):
                     ops.xproj = cells.gather_steps(xp, buffer("xproj", (T, GH, B)), table, idx)
             else:
                 flat = xp.matmul(w.data("x"), x.T, out=buffer("flat", (GH, N)))
-                if self.has_bias:
-                    flat += w.data("b")[:, None]
                 ops.xproj = buffer("xproj", (T, GH, B))
-                xp.copyto(ops.xproj, flat.reshape(GH, T, B).transpose(1, 0, 2))
+                bias = w.data("b") if self.has_bias else None
+                if ops.packing and kernels.usable(flat, ops.xproj, bias):
+                    # the bias and the step-major layout in one pass on the loop's threads
+                    # (two NumPy passes over 15 MB were 4.4 ms of a 2 x GRU 512 step)
+                    kernels.restep(ops.xproj, flat, None if bias is None else
+                                   xp.ascontiguousarray(bias))
+                else:
+                    if bias is not None:
+                        flat += bias[:, None]
+                    xp.copyto(ops.xproj, flat.reshape(GH, T, B).transpose(1, 0, 2))
         hs[:, first * B:(first + 1) * B] = parts[0]
         cur = (hs[:, first * B:(first + 1) * B],) + tuple(parts[1:])
         m = None if ctx.mask is None else ctx.mask.reshape(T, B)

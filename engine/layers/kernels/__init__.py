@@ -33,7 +33,7 @@ ENV = "RNN_ENGINE_KERNELS"
 CHOICES = ("native", "numpy")
 
 #: the interface version native.c must have been built with (its KERNELS_VERSION)
-VERSION = 10
+VERSION = 11
 
 try:
     from engine.layers.kernels import _native
@@ -214,6 +214,14 @@ def unstep(flat, steps):
     over the loop's threads; ``flat`` must have contiguous rows."""
     _native.unstep(flat, steps, steps.shape[0])
     return flat
+
+
+def restep(steps, flat, bias=None):
+    """steps (T, R, B) (C-contiguous) = flat (R, T·B) laid out step-major, plus ``bias`` (R,)
+    on every row when given, in one pass, the rows split over the loop's threads; ``flat``
+    must have contiguous rows."""
+    _native.restep(steps, flat, bias, steps.shape[0])
+    return steps
 
 
 def transpose(out, a):

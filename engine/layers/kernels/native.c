@@ -30,7 +30,7 @@
 #include "stepgemm.h"
 
 /* the interface's version: engine/layers/kernels/__init__.py refuses a build of another one */
-#define KERNELS_VERSION 10
+#define KERNELS_VERSION 11
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -1054,6 +1054,66 @@ done:
     return ret;
 }
 
+/* ------------------------------------------------ feature-major to step-major */
+
+typedef struct {
+    float *steps;
+    const float *flat, *bias;
+    Py_ssize_t frs, T, R, B;
+} restep_task;
+
+static void restep_part(void *p, int t, int nt)
+{
+    const restep_task *q = p;
+    Py_ssize_t r0 = q->R * t / nt, r1 = q->R * (t + 1) / nt;
+    for (Py_ssize_t s = 0; s < q->T; s++) {
+        float *dst = q->steps + (s * q->R + r0) * q->B;
+        for (Py_ssize_t r = r0; r < r1; r++, dst += q->B) {
+            const float *src = q->flat + r * q->frs + s * q->B;
+            float b = q->bias ? q->bias[r] : 0.0f;
+            for (Py_ssize_t j = 0; j < q->B; j++)
+                dst[j] = src[j] + b;
+        }
+    }
+}
+
+/* restep(steps, flat, bias, T): steps (T, R, B)[s][r][j] = flat[r][s·B + j] + bias[r] (bias
+ * None: + 0), in one pass, the rows split over the kernels' threads; steps C-contiguous,
+ * flat with contiguous rows, bias (R,) contiguous */
+static PyObject *py_restep(PyObject *self, PyObject *args)
+{
+    PyObject *steps_o, *flat_o, *bias_o;
+    Py_ssize_t T;
+    if (!PyArg_ParseTuple(args, "OOOn", &steps_o, &flat_o, &bias_o, &T))
+        return NULL;
+    views vs = {.n = 0};
+    float *flat, *steps, *bias = NULL;
+    Py_ssize_t shape[2], strides[2], n, nb = 0;
+    PyObject *ret = NULL;
+    if (get_flat(steps_o, slot(&vs), 1, &steps, &n, "steps") < 0 ||
+        get_2d(flat_o, slot(&vs), 0, &flat, shape, strides, "flat") < 0 ||
+        (bias_o != Py_None && get_flat(bias_o, slot(&vs), 0, &bias, &nb, "bias") < 0))
+        goto done;
+    if (T <= 0 || shape[1] % T != 0 || n != shape[0] * shape[1] ||
+        (shape[1] > 1 && strides[1] != 1) || (bias && nb != shape[0])) {
+        PyErr_SetString(PyExc_ValueError, "restep: flat (R, T·B) with contiguous rows, steps "
+                        "of R·T·B floats and a bias of R floats are needed");
+        goto done;
+    }
+    restep_task q = {steps, flat, bias, strides[0], T, shape[0], shape[1] / T};
+    Py_BEGIN_ALLOW_THREADS
+    if (g_threads > 1 && n >= PAR_MIN)
+        sg_parallel(restep_part, &q, g_threads);
+    else
+        restep_part(&q, 0, 1);
+    Py_END_ALLOW_THREADS
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    release(&vs);
+    return ret;
+}
+
 /* ------------------------------------------- the step GEMM (stepgemm.c) */
 
 /* a 2-D float32 buffer with strides in whole floats */
@@ -1352,6 +1412,8 @@ static PyMethodDef methods[] = {
      "kernel_threads(n): the threads the cell kernels split their rows over"},
     {"unstep", py_unstep, METH_VARARGS,
      "unstep(flat, steps, T): flat (R, T*B) = steps (T, R, B), step t in columns t*B.."},
+    {"restep", py_restep, METH_VARARGS,
+     "restep(steps, flat, bias, T): steps (T, R, B) = flat (R, T*B) + bias (R,) step-major"},
     {"park", py_park, METH_NOARGS,
      "park(): the pool's threads sleep now instead of spinning for the next task"},
     {"step_isa", py_step_isa, METH_NOARGS, "step_isa(): 3 AVX-512, 2 AVX2 (+FMA), 0 neither"},
