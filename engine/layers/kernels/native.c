@@ -998,7 +998,39 @@ done:
 static int get_2d(PyObject *o, Py_buffer *view, int writable, float **p, Py_ssize_t shape[2],
                   Py_ssize_t strides[2], const char *name);
 
-/* ------------------------------------------------ step-major to feature-major */
+/* ------------------------------------- step-major <-> feature-major layouts */
+
+/* The arguments of unstep and restep: a (T, R, B) block of steps (C-contiguous) and a
+ * (R, T·B) block flat (contiguous rows), each writable or not; -1 with a ValueError
+ * naming ``what`` when they do not fit. */
+static int steps_and_flat(PyObject *steps_o, int steps_w, PyObject *flat_o, int flat_w,
+                          Py_ssize_t T, views *vs, float **steps, float **flat,
+                          Py_ssize_t shape[2], Py_ssize_t strides[2], const char *what)
+{
+    Py_ssize_t n;
+    if (get_2d(flat_o, slot(vs), flat_w, flat, shape, strides, "flat") < 0 ||
+        get_flat(steps_o, slot(vs), steps_w, steps, &n, "steps") < 0)
+        return -1;
+    if (T <= 0 || shape[1] % T != 0 || n != shape[0] * shape[1] ||
+        (shape[1] > 1 && strides[1] != 1)) {
+        PyErr_Format(PyExc_ValueError, "%s: flat (R, T*B) with contiguous rows and steps of "
+                     "R*T*B floats are needed", what);   /* the format must be ASCII */
+        return -1;
+    }
+    return 0;
+}
+
+/* fn over the rows of a block of n floats, on the kernels' threads when it is large
+ * enough, without the GIL */
+static void over_rows(void (*fn)(void *, int, int), void *q, Py_ssize_t n)
+{
+    Py_BEGIN_ALLOW_THREADS
+    if (g_threads > 1 && n >= PAR_MIN)
+        sg_parallel(fn, q, g_threads);
+    else
+        fn(q, 0, 1);
+    Py_END_ALLOW_THREADS
+}
 
 typedef struct {
     float *flat;
@@ -1029,27 +1061,15 @@ static PyObject *py_unstep(PyObject *self, PyObject *args)
         return NULL;
     views vs = {.n = 0};
     float *flat, *steps;
-    Py_ssize_t shape[2], strides[2], n;
+    Py_ssize_t shape[2], strides[2];
     PyObject *ret = NULL;
-    if (get_2d(flat_o, slot(&vs), 1, &flat, shape, strides, "flat") < 0 ||
-        get_flat(steps_o, slot(&vs), 0, &steps, &n, "steps") < 0)
-        goto done;
-    if (T <= 0 || shape[1] % T != 0 || n != shape[0] * shape[1] ||
-        (shape[1] > 1 && strides[1] != 1)) {
-        PyErr_SetString(PyExc_ValueError, "unstep: flat (R, T·B) with contiguous rows and "
-                        "steps of R·T·B floats are needed");
-        goto done;
+    if (steps_and_flat(steps_o, 0, flat_o, 1, T, &vs, &steps, &flat, shape, strides,
+                       "unstep") == 0) {
+        unstep_task q = {flat, strides[0], steps, T, shape[0], shape[1] / T};
+        over_rows(unstep_part, &q, shape[0] * shape[1]);
+        ret = Py_None;
+        Py_INCREF(ret);
     }
-    unstep_task q = {flat, strides[0], steps, T, shape[0], shape[1] / T};
-    Py_BEGIN_ALLOW_THREADS
-    if (g_threads > 1 && n >= PAR_MIN)
-        sg_parallel(unstep_part, &q, g_threads);
-    else
-        unstep_part(&q, 0, 1);
-    Py_END_ALLOW_THREADS
-    ret = Py_None;
-    Py_INCREF(ret);
-done:
     release(&vs);
     return ret;
 }
@@ -1088,25 +1108,18 @@ static PyObject *py_restep(PyObject *self, PyObject *args)
         return NULL;
     views vs = {.n = 0};
     float *flat, *steps, *bias = NULL;
-    Py_ssize_t shape[2], strides[2], n, nb = 0;
+    Py_ssize_t shape[2], strides[2], nb = 0;
     PyObject *ret = NULL;
-    if (get_flat(steps_o, slot(&vs), 1, &steps, &n, "steps") < 0 ||
-        get_2d(flat_o, slot(&vs), 0, &flat, shape, strides, "flat") < 0 ||
+    if (steps_and_flat(steps_o, 1, flat_o, 0, T, &vs, &steps, &flat, shape, strides,
+                       "restep") < 0 ||
         (bias_o != Py_None && get_flat(bias_o, slot(&vs), 0, &bias, &nb, "bias") < 0))
         goto done;
-    if (T <= 0 || shape[1] % T != 0 || n != shape[0] * shape[1] ||
-        (shape[1] > 1 && strides[1] != 1) || (bias && nb != shape[0])) {
-        PyErr_SetString(PyExc_ValueError, "restep: flat (R, T·B) with contiguous rows, steps "
-                        "of R·T·B floats and a bias of R floats are needed");
+    if (bias && nb != shape[0]) {
+        PyErr_SetString(PyExc_ValueError, "restep: a bias of R floats (flat's rows) is needed");
         goto done;
     }
     restep_task q = {steps, flat, bias, strides[0], T, shape[0], shape[1] / T};
-    Py_BEGIN_ALLOW_THREADS
-    if (g_threads > 1 && n >= PAR_MIN)
-        sg_parallel(restep_part, &q, g_threads);
-    else
-        restep_part(&q, 0, 1);
-    Py_END_ALLOW_THREADS
+    over_rows(restep_part, &q, shape[0] * shape[1]);
     ret = Py_None;
     Py_INCREF(ret);
 done:
