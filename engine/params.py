@@ -206,11 +206,8 @@ class GradBuffer:
         instead of added (``claim``), and ``settle`` zeroes those that none reached. A
         fill of the buffer and an add pass per param were 1.4 ms of an LSTM 512 step and
         2.8 ms of a 2 x GRU 512 one."""
-        if len(self.filled) == 1 and self.filled[0] == (0, self.size):
-            self.flat[...] = 0
-        else:
-            for a, b in self.filled:
-                self.flat[a:b] = 0
+        for a, b in self.filled:
+            self.flat[a:b] = 0
         self.pending = {id(p) for p in self.lazy}
 
     def claim(self, params) -> bool:

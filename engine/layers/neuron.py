@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from engine.backend import scatter_add
-from engine.layers.base import Layer, add_grad, overwrites, register
+from engine.layers.base import Layer, add_grad, register
 from engine.proto import job_pb2 as pb
 
 # ------------------------------------------------------------------ helpers
@@ -133,7 +133,6 @@ class Embedding(Layer):
     step_select = True
 
     has_params = True
-    claims_grads = True
 
     @classmethod
     def default_param_names(cls, conf):
@@ -169,10 +168,8 @@ class Embedding(Layer):
         if cache is None:
             return [None], None
         # repeated ids add up: numpy's add.at, or cupyx.scatter_add behind the backend switch
-        w = self.params["w"]
-        if overwrites((w,)):       # the batch's first contribution: from zeros
-            w.grad[...] = 0
-        scatter_add(self.xp, w.grad, cache, dy)
+        # (a scatter adds into what is there: the buffer zeroes this layer's params)
+        scatter_add(self.xp, self.params["w"].grad, cache, dy)
         return [None], None
 
 

@@ -92,6 +92,18 @@ static int g_threads = 1;
 #define MAXARGS 12  /* the most array arguments of a kernel (step_gemm: 9) */
 #define PAR_MIN 8192
 
+/* fn over the rows of a block of n floats, on the kernels' threads when it is large
+ * enough, without the GIL */
+static void over_rows(void (*fn)(void *, int, int), void *q, Py_ssize_t n)
+{
+    Py_BEGIN_ALLOW_THREADS
+    if (g_threads > 1 && n >= PAR_MIN)
+        sg_parallel(fn, q, g_threads);
+    else
+        fn(q, 0, 1);
+    Py_END_ALLOW_THREADS
+}
+
 typedef struct {
     rows_fn f;
     const mat *a;
@@ -673,12 +685,7 @@ static PyObject *columns_call(PyObject *tab_o, PyObject *cols_o, PyObject *ido, 
         take(&vs, &m[1], cols_o, 1, R, n, "out", 0) < 0)
         goto fail;
     columns_task q = {m, idx, n, R, add};
-    Py_BEGIN_ALLOW_THREADS
-    if (g_threads > 1 && R * n >= PAR_MIN)
-        sg_parallel(columns_part, &q, g_threads);   /* each thread its rows: no shared writes */
-    else
-        columns_part(&q, 0, 1);
-    Py_END_ALLOW_THREADS
+    over_rows(columns_part, &q, R * n);   /* each thread its rows: no shared writes */
     release(&vs);
     Py_RETURN_NONE;
 fail:
@@ -1020,17 +1027,6 @@ static int steps_and_flat(PyObject *steps_o, int steps_w, PyObject *flat_o, int 
     return 0;
 }
 
-/* fn over the rows of a block of n floats, on the kernels' threads when it is large
- * enough, without the GIL */
-static void over_rows(void (*fn)(void *, int, int), void *q, Py_ssize_t n)
-{
-    Py_BEGIN_ALLOW_THREADS
-    if (g_threads > 1 && n >= PAR_MIN)
-        sg_parallel(fn, q, g_threads);
-    else
-        fn(q, 0, 1);
-    Py_END_ALLOW_THREADS
-}
 
 typedef struct {
     float *flat;

@@ -263,23 +263,12 @@ static void pack_task(void *p, int t, int n)
                                          (int)rows))
             continue;
 #endif
-        if (q->cs == 1) {
-            /* rows of A contiguous: 16 k at a time, so each row's cache line is used whole */
-            for (ptrdiff_t k0 = 0; k0 < q->K; k0 += 16) {
-                ptrdiff_t k1 = k0 + 16 < q->K ? k0 + 16 : q->K;
-                for (ptrdiff_t r = 0; r < SG_MR; r++) {
-                    const float *src = q->a + (pn * SG_MR + r) * q->rs;
-                    for (ptrdiff_t k = k0; k < k1; k++)
-                        d[k * SG_MR + r] = r < rows ? src[k] : 0.0f;
-                }
-            }
-        } else {
-            for (ptrdiff_t k = 0; k < q->K; k++) {
-                const float *src = q->a + k * q->cs + pn * SG_MR * q->rs;
-                float *dk = d + k * SG_MR;
-                for (ptrdiff_t r = 0; r < SG_MR; r++)
-                    dk[r] = r < rows ? src[r * q->rs] : 0.0f;
-            }
+        /* any other layout (or a CPU without AVX2): a float at a time */
+        for (ptrdiff_t k = 0; k < q->K; k++) {
+            const float *src = q->a + k * q->cs + pn * SG_MR * q->rs;
+            float *dk = d + k * SG_MR;
+            for (ptrdiff_t r = 0; r < SG_MR; r++)
+                dk[r] = r < rows ? src[r * q->rs] : 0.0f;
         }
     }
 }
