@@ -129,6 +129,30 @@ def test_neighbouring_columns_are_not_written(isa):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+def test_every_width_is_stored_whole_and_no_wider(isa, monkeypatch):
+    """C's rows, B's packed runs and ``keep``'s copies are stored in plain pieces of 8, 4, 2
+    and 1 floats (no masked store): for every N from 1 to 31 (each column-panel width of
+    both tiles, and every tail of a row), the product and the copy are exact, and the
+    columns on either side of them keep their values."""
+    monkeypatch.setenv(kernels.STEP_ENV, isa)
+    kernels.step_reset()
+    kernels.set_threads(2)
+    rng = np.random.default_rng(4)
+    M, K = 70, 19
+    a = rand(rng, (M, K))
+    p = kernels.Packed(a)
+    for N in range(1, 32):
+        b = rand(rng, (K, N))
+        wide = np.full((M, N + 20), 7.0, F32)
+        kept = np.full((K, N + 20), 5.0, F32)
+        got = kernels.step_gemm(wide[:, 10:10 + N], p, b, keep=kept[:, 10:10 + N])
+        close(got, a.astype(np.float64) @ b)
+        assert (wide[:, :10] == 7).all() and (wide[:, 10 + N:] == 7).all(), N
+        assert np.array_equal(kept[:, 10:10 + N], b), N
+        assert (kept[:, :10] == 5).all() and (kept[:, 10 + N:] == 5).all(), N
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_threads_do_not_change_a_bit(isa):
     rng = np.random.default_rng(3)
     a, b = rand(rng, (300, 77)), rand(rng, (77, 50))
