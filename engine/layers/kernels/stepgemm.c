@@ -9,8 +9,9 @@
  * KB) into column panels, k-major, from which the kernel broadcasts. The kernels keep a
  * 32 x nr tile of C in registers (AVX-512: 2 vectors per column, nr <= 14; AVX2: the
  * panel in two halves of 16 rows, nr <= 6), then transpose it in registers (16 x 16 or
- * 8 x 8) and write it to C's rows with masked stores. N is split into panels of nearly
- * equal width so that 50 columns cost no padding (13+13+12+12, or 9 x 5-6).
+ * 8 x 8) and write it to C's rows (AVX-512: masked stores; AVX2: plain stores of 4, 2 and 1
+ * floats, see store_part). N is split into panels of nearly equal width so that 50 columns
+ * cost no padding (13+13+12+12, or 9 x 5-6).
  *
  * Threads: the rows of C are split over a pool of our own threads (the caller is one of
  * them). Two pools that spin on one core are ruinous: after an OpenBLAS GEMM its worker
