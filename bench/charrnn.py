@@ -3,7 +3,7 @@
     python -m bench.charrnn [--case gru512|lstm512|rnn512|gru128|gru512x2|all] [--steps N]
                             [--warmup N] [--pairs N] [--framework engine|pytorch|both]
                             [--executor auto|planned|reference] [--gpu ID]
-                            [--emulate-avx2] [--json FILE]
+                            [--emulate-avx2] [--probe-every N] [--json FILE]
 
 For each case both frameworks train the same model (one-hot input, recurrent
 layer(s), linear head, softmax cross-entropy summed over steps and averaged over
@@ -35,6 +35,12 @@ Reported per framework:
   so each engine process also measures the peak itself, after its timed steps
   (after its memory readings, so the GEMM's buffers do not enter them): the
   fraction of its own process's peak, median and min–max over the processes.
+  On a host whose speed swings within seconds (a shared VM), ``--probe-every N``
+  measures the peak again in each engine process before its timed steps and after
+  every N of them (best of 2, on blocks made before the set-up RSS, so they count in
+  the peak RSS but not in the growth): each window's median step against the higher
+  of the two probes around it, the median over the windows per process, and the
+  median and min–max over the processes.
 - memory: each process takes its RSS after set-up (model built, math library
   warm from a small GEMM), resets its peak counter (``/proc/self/clear_refs``),
   and takes VmHWM after the last step. Growth = that peak − the set-up RSS;
@@ -122,6 +128,44 @@ def gemm_peak(gpu: int | None = None) -> float:
         to_host((a @ b)[0, 0])        # the copy of one number waits for the product
         best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 / best / 1e9
+
+
+class PeakProbe:
+    """The GEMM peak measured again and again between a process's timed steps
+    (``--probe-every``): the same 2048³ product as ``gemm_peak``, best of ``reps``, on blocks
+    made once (before the set-up RSS reading, so that they do not enter the growth)."""
+
+    def __init__(self, gpu: int | None = None, reps: int = 2):
+        from engine.backend import make_backend, to_host
+        self.xp, self.to_host, self.reps = make_backend(gpu).xp, to_host, reps
+        self.n = 2048 if gpu is None else 8192
+        rng = np.random.default_rng(0)
+        self.a = self.xp.asarray(rng.random((self.n, self.n), dtype=np.float32))
+        self.b = self.xp.asarray(rng.random((self.n, self.n), dtype=np.float32))
+        self.c = self.xp.empty_like(self.a)
+
+    def __call__(self) -> float:
+        """GFLOP/s now: a product to warm the library, then the best of ``reps``."""
+        best = float("inf")
+        for i in range(self.reps + 1):
+            t = time.perf_counter()
+            self.xp.matmul(self.a, self.b, out=self.c)
+            self.to_host(self.c[0, 0])
+            if i:
+                best = min(best, time.perf_counter() - t)
+        return 2 * self.n ** 3 / best / 1e9
+
+
+def window_shares(step_s: list[float], probes: list[float], every: int, flops: float) -> list[float]:
+    """The share of the GEMM peak of each window of ``every`` timed steps: the window's median
+    step against the higher of the probes just before and just after it (the steps' rate
+    against what the machine gave around them; the higher, so a slow probe never flatters)."""
+    shares = []
+    for w in range(len(probes) - 1):
+        win = step_s[w * every:(w + 1) * every]
+        if win:
+            shares.append(flops / statistics.median(win) / 1e9 / max(probes[w], probes[w + 1]))
+    return shares
 
 
 def thread_pools() -> list[dict] | None:
@@ -349,12 +393,14 @@ def _reset_peak() -> bool:
 
 
 def child_main(kind: str, case: str, steps: int, warmup: int, executor: str,
-               gpu: int | None = None) -> int:
+               gpu: int | None = None, probe_every: int = 0) -> int:
     """One measurement: print one JSON line with this process's result.
 
     ``kind`` "gemm": NumPy's GEMM peak and BLAS. "engine"/"pytorch": set up ``case``,
     warm the math library, take the set-up RSS, reset the peak counter, run ``warmup``
-    steps, then time ``steps`` steps one by one (``step_s``), and take the peak RSS.
+    steps, then time ``steps`` steps one by one (``step_s``), and take the peak RSS. With
+    ``probe_every`` (the engine only) the GEMM peak is measured before the timed steps and
+    after every ``probe_every`` of them (``window_peaks_gflops``).
     """
     rep: dict = {"kind": kind, "malloc": "default"}
     if kind in ("engine", "gemm"):
@@ -371,16 +417,23 @@ def child_main(kind: str, case: str, steps: int, warmup: int, executor: str,
         runner = (EngineRunner(case, pathlib.Path(tmp), executor, gpu) if kind == "engine"
                   else TorchRunner(case, gpu))
         runner.warm_library()
+        probe = PeakProbe(gpu) if probe_every and kind == "engine" else None
         setup_rss, setup_peak = _status_mib("VmRSS"), _status_mib("VmHWM")
         reset = _reset_peak()
         loss = float("nan")
         for _ in range(warmup):
             loss = runner.step()
-        times = []
-        for _ in range(steps):
+        times, probes = [], []
+        for i in range(steps):
+            if probe is not None and i % probe_every == 0:
+                probes.append(round(probe(), 1))
             t = time.perf_counter()
             loss = runner.step()
             times.append(time.perf_counter() - t)
+        if probe is not None:
+            probes.append(round(probe(), 1))
+            rep["window_peaks_gflops"] = probes
+            rep["probe_every"] = probe_every
         peak = _status_mib("VmHWM")
         if kind == "engine":     # the peak under the same conditions as the steps just timed
             rep["gemm_peak_gflops"] = round(gemm_peak(gpu), 1)
@@ -420,21 +473,23 @@ def unset_note(removed: dict) -> str:
 
 
 def child_argv(kind: str, case: str, steps: int, warmup: int, executor: str,
-               gpu: int | None = None) -> list[str]:
+               gpu: int | None = None, probe_every: int = 0) -> list[str]:
     """The command line of one measurement process."""
     return ([sys.executable, "-m", "bench.charrnn", "--child", kind, "--case", case,
              "--steps", str(steps), "--warmup", str(warmup), "--executor", executor]
-            + ([] if gpu is None else ["--gpu", str(gpu)]))
+            + ([] if gpu is None else ["--gpu", str(gpu)])
+            + (["--probe-every", str(probe_every)] if probe_every else []))
 
 
 def run_child(kind: str, case: str, steps: int, warmup: int, executor: str, label: str,
-              gpu: int | None = None) -> dict:
+              gpu: int | None = None, probe_every: int = 0) -> dict:
     """Run one measurement process (in the repository root, so it imports this checkout's
     ``bench`` and ``engine``) and return its JSON result plus its wall time ``process_s``."""
     env, _ = child_env(kind, os.environ)
     t = time.perf_counter()
     try:
-        r = subprocess.run(child_argv(kind, case, steps, warmup, executor, gpu), capture_output=True,
+        r = subprocess.run(child_argv(kind, case, steps, warmup, executor, gpu, probe_every),
+                           capture_output=True,
                            text=True, env=env, cwd=ROOT, timeout=CHILD_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         raise ChildFailed(f"{label} ran past {CHILD_TIMEOUT_S} s and was stopped") from None
@@ -470,6 +525,15 @@ def summarise(runs: list[dict], flops: float, chars: int, peak: float) -> dict:
         own = {"process_peaks_gflops": [r["gemm_peak_gflops"] for r in runs],
                "own_peak_fraction": round(f, 3),
                "own_peak_fraction_range": [round(f_lo, 3), round(f_hi, 3)]}
+    if all(r.get("window_peaks_gflops") for r in runs):   # each window against its probes
+        per = [statistics.median(window_shares(r["step_s"], r["window_peaks_gflops"],
+                                               r["probe_every"], flops)) for r in runs]
+        f, f_lo, f_hi = _mid(per)
+        peaks = [p for r in runs for p in r["window_peaks_gflops"]]
+        own.update({"window_peak_fraction": round(f, 3),
+                    "window_peak_fraction_range": [round(f_lo, 3), round(f_hi, 3)],
+                    "window_peaks_range_gflops": [min(peaks), max(peaks)],
+                    "probe_every": runs[0]["probe_every"]})
     return {"processes": len(runs), "process_median_step_s": [round(m, 6) for m in meds],
             "median_step_s": round(med, 6), "min_step_s": round(lo, 6), "max_step_s": round(hi, 6),
             "chars_per_s": round(chars / med, 1),
@@ -506,7 +570,8 @@ def run_case(case: str, a, frameworks: tuple[str, ...], peak: float) -> dict:
         line = []
         for k in frameworks:
             rep = run_child(k, case, a.steps, a.warmup, a.executor,
-                            f"{k} process {i + 1} of {a.pairs} ({case})", a.gpu)
+                            f"{k} process {i + 1} of {a.pairs} ({case})", a.gpu,
+                            a.probe_every if k == "engine" else 0)
             runs[k].append(rep)
             line.append(f"{NAMES[k]} {statistics.median(rep['step_s']) * 1000:.2f} ms/step")
         print(f"  {'pair' if len(frameworks) == 2 else 'run'} {i + 1}: " + ", ".join(line), flush=True)
@@ -536,6 +601,12 @@ def print_case(r: dict) -> None:
             print(f"           of each process's own GEMM peak ("
                   f"{', '.join(f'{p:.1f}' for p in x['process_peaks_gflops'])} GFLOP/s): "
                   f"{100 * x['own_peak_fraction']:.1f}% (min-max {100 * lo:.1f}-{100 * hi:.1f})")
+        if "window_peak_fraction" in x:
+            lo, hi = x["window_peak_fraction_range"]
+            plo, phi = x["window_peaks_range_gflops"]
+            print(f"           of the peak probed around each {x['probe_every']} steps "
+                  f"({plo:.1f}-{phi:.1f} GFLOP/s): {100 * x['window_peak_fraction']:.1f}% "
+                  f"(min-max over processes {100 * lo:.1f}-{100 * hi:.1f})")
         print(f"           {x['blas']}; malloc {x['malloc']}")
     if "ratio_speed" in r:
         print(f"  engine/PyTorch speed {r['ratio_speed']:.2f} (min-max {r['ratio_speed_min']:.2f}-"
@@ -570,13 +641,17 @@ def main(argv=None) -> int:
                     help="on an AVX-512 CPU, limit both frameworks' math libraries to AVX2 "
                          "(OpenBLAS's Haswell kernel and the engine's step GEMM on AVX2; PyTorch's "
                          "ATen, MKL and oneDNN on AVX2); the engine's cell kernels keep AVX-512")
+    ap.add_argument("--probe-every", type=_count(0), default=0, metavar="N",
+                    help="in the engine's processes, measure the GEMM peak again before the "
+                         "timed steps and after every N of them, and report each window's share "
+                         "of the peak around it (a host whose speed drifts; default 0: off)")
     ap.add_argument("--json", help="also write the results as one JSON object to this file")
     ap.add_argument("--child", choices=["engine", "pytorch", "gemm"], help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
         if a.case == "all" and a.child != "gemm":
             ap.error("--child needs one --case")
-        return child_main(a.child, a.case, a.steps, a.warmup, a.executor, a.gpu)
+        return child_main(a.child, a.case, a.steps, a.warmup, a.executor, a.gpu, a.probe_every)
 
     from engine.common import output_problem   # the engine's processes only
     bad = a.json and output_problem(a.json, "--json")
@@ -629,6 +704,7 @@ def main(argv=None) -> int:
                        pytorch_blas=pt["blas"])
     if a.json:
         settings = {"steps": a.steps, "warmup": a.warmup, "pairs": a.pairs, "executor": a.executor,
+                    "probe_every": a.probe_every,
                     "frameworks": list(frameworks), "engine_alone_without_pytorch": alone,
                     "step_time": "median of the per-process median step times"}
         pathlib.Path(a.json).write_text(json.dumps({**machine, "settings": settings,

@@ -138,6 +138,34 @@ def test_each_engine_process_is_measured_against_its_own_peak():
     assert "own_peak_fraction" not in charrnn.summarise(runs, flops=4e9, chars=1000, peak=100.0)
 
 
+def test_each_window_is_measured_against_the_higher_probe_around_it():
+    """--probe-every: a window's median step against max(probe before, probe after); the
+    median over a process's windows, then median and min-max over the processes."""
+    steps = [0.1, 0.3, 0.2, 0.2, 0.5]                 # windows of 2: [.1 .3] [.2 .2] [.5]
+    shares = charrnn.window_shares(steps, [50.0, 40.0, 100.0, 20.0], 2, flops=4e9)
+    assert [round(x, 3) for x in shares] == [0.4, 0.2, 0.08]   # 20/50, 20/100, 8/100
+    runs = [_run(0.1, 20, 100), _run(0.2, 22, 104)]
+    runs[0].update(window_peaks_gflops=[80.0, 100.0], probe_every=3)   # one window: 40/100
+    runs[1].update(window_peaks_gflops=[20.0, 40.0], probe_every=3)    # 20/40
+    eng = charrnn.summarise(runs, flops=4e9, chars=1000, peak=100.0)
+    assert eng["window_peak_fraction"] == 0.45 and eng["window_peak_fraction_range"] == [0.4, 0.5]
+    assert eng["window_peaks_range_gflops"] == [20.0, 100.0] and eng["probe_every"] == 3
+    del runs[1]["window_peaks_gflops"]
+    assert "window_peak_fraction" not in charrnn.summarise(runs, flops=4e9, chars=1000, peak=100.0)
+
+
+def test_probed_windows_are_reported_by_the_engine_process(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert charrnn.main([*TINY, "--framework", "engine", "--probe-every", "1",
+                         "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    eng = json.loads(out.read_text())["cases"][0]["engine"]
+    run = eng["runs"][0]
+    assert run["probe_every"] == 1 and len(run["window_peaks_gflops"]) == 3   # 2 steps: 3 probes
+    assert all(p > 0 for p in run["window_peaks_gflops"]) and eng["window_peak_fraction"] > 0
+    assert "of the peak probed around each 1 steps" in text
+
+
 def test_bench_counts_must_be_positive(capsys):
     for bad in (["--pairs", "0"], ["--steps", "0"], ["--warmup", "-1"], ["--pairs", "x"]):
         with pytest.raises(SystemExit) as e:
