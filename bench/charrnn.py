@@ -37,8 +37,8 @@ Reported per framework:
   fraction of its own process's peak, median and min–max over the processes.
   On a host whose speed swings within seconds (a shared VM), ``--probe-every N``
   measures the peak again in each engine process before its timed steps and after
-  every N of them (best of 2, on blocks made before the set-up RSS, so they count in
-  the peak RSS but not in the growth): each window's median step against the higher
+  every N of them (best of 2, on blocks made and used once before the set-up RSS, so
+  they count in the peak RSS but not in the growth): each window's median step against the higher
   of the two probes around it, the median over the windows per process, and the
   median and min–max over the processes.
 - memory: each process takes its RSS after set-up (model built, math library
@@ -418,6 +418,8 @@ def child_main(kind: str, case: str, steps: int, warmup: int, executor: str,
                   else TorchRunner(case, gpu))
         runner.warm_library()
         probe = PeakProbe(gpu) if probe_every and kind == "engine" else None
+        if probe is not None:
+            probe()            # the BLAS's buffers for its size, before the set-up RSS
         setup_rss, setup_peak = _status_mib("VmRSS"), _status_mib("VmHWM")
         reset = _reset_peak()
         loss = float("nan")
