@@ -37,10 +37,10 @@ Reported per framework:
   fraction of its own process's peak, median and min–max over the processes.
   On a host whose speed swings within seconds (a shared VM), ``--probe-every N``
   measures the peak again in each engine process before its timed steps and after
-  every N of them (best of 2, on blocks made and used once before the set-up RSS, so
-  they count in the peak RSS but not in the growth): each window's median step against the higher
-  of the two probes around it, the median over the windows per process, and the
-  median and min–max over the processes.
+  every N of them (best of 2, on blocks made and used once before the set-up RSS,
+  so they count in the peak RSS but not in the growth): each window's median step
+  against the higher of the two probes around it, the median over the windows per
+  process, and the median and min–max over the processes.
 - memory: each process takes its RSS after set-up (model built, math library
   warm from a small GEMM), resets its peak counter (``/proc/self/clear_refs``),
   and takes VmHWM after the last step. Growth = that peak − the set-up RSS;
@@ -113,27 +113,12 @@ EMULATE_AVX2 = [False]
 CHILD_TIMEOUT_S = 3600
 
 
-def gemm_peak(gpu: int | None = None) -> float:
-    """Best float32 GEMM rate in this process, GFLOP/s: 2·n³ / best time, n = 2048 (NumPy's
-    BLAS, or with ``gpu`` CuPy's on that GPU, n = 8192, waiting for the device)."""
-    from engine.backend import make_backend, to_host
-    xp = make_backend(gpu).xp
-    n = 2048 if gpu is None else 8192
-    a = xp.asarray(np.random.default_rng(0).random((n, n), dtype=np.float32))
-    b = xp.asarray(np.random.default_rng(1).random((n, n), dtype=np.float32))
-    to_host((a @ b)[0, 0])
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        to_host((a @ b)[0, 0])        # the copy of one number waits for the product
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e9
-
-
 class PeakProbe:
-    """The GEMM peak measured again and again between a process's timed steps
-    (``--probe-every``): the same 2048³ product as ``gemm_peak``, best of ``reps``, on blocks
-    made once (before the set-up RSS reading, so that they do not enter the growth)."""
+    """The float32 GEMM peak, GFLOP/s: 2·n³ / the best time of ``reps`` products after one
+    to warm the library, n = 2048 (NumPy's BLAS, or with ``gpu`` CuPy's on that GPU, n =
+    8192, waiting for the device). The blocks are made once, so that a process can measure
+    again and again between its timed steps (``--probe-every``) on blocks made before its
+    set-up RSS reading."""
 
     def __init__(self, gpu: int | None = None, reps: int = 2):
         from engine.backend import make_backend, to_host
@@ -145,15 +130,19 @@ class PeakProbe:
         self.c = self.xp.empty_like(self.a)
 
     def __call__(self) -> float:
-        """GFLOP/s now: a product to warm the library, then the best of ``reps``."""
         best = float("inf")
         for i in range(self.reps + 1):
             t = time.perf_counter()
             self.xp.matmul(self.a, self.b, out=self.c)
-            self.to_host(self.c[0, 0])
+            self.to_host(self.c[0, 0])    # the copy of one number waits for the product
             if i:
                 best = min(best, time.perf_counter() - t)
         return 2 * self.n ** 3 / best / 1e9
+
+
+def gemm_peak(gpu: int | None = None) -> float:
+    """The GEMM peak of this process, once: the best of 5 (``PeakProbe``)."""
+    return PeakProbe(gpu, reps=5)()
 
 
 def window_shares(step_s: list[float], probes: list[float], every: int, flops: float) -> list[float]:
@@ -491,8 +480,8 @@ def run_child(kind: str, case: str, steps: int, warmup: int, executor: str, labe
     t = time.perf_counter()
     try:
         r = subprocess.run(child_argv(kind, case, steps, warmup, executor, gpu, probe_every),
-                           capture_output=True,
-                           text=True, env=env, cwd=ROOT, timeout=CHILD_TIMEOUT_S)
+                           capture_output=True, text=True, env=env, cwd=ROOT,
+                           timeout=CHILD_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         raise ChildFailed(f"{label} ran past {CHILD_TIMEOUT_S} s and was stopped") from None
     wall = time.perf_counter() - t
@@ -606,7 +595,8 @@ def print_case(r: dict) -> None:
         if "window_peak_fraction" in x:
             lo, hi = x["window_peak_fraction_range"]
             plo, phi = x["window_peaks_range_gflops"]
-            print(f"           of the peak probed around each {x['probe_every']} steps "
+            every = x["probe_every"]
+            print(f"           of the peak probed around each {every} step{'s' * (every > 1)} "
                   f"({plo:.1f}-{phi:.1f} GFLOP/s): {100 * x['window_peak_fraction']:.1f}% "
                   f"(min-max over processes {100 * lo:.1f}-{100 * hi:.1f})")
         print(f"           {x['blas']}; malloc {x['malloc']}")

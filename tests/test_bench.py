@@ -163,7 +163,7 @@ def test_probed_windows_are_reported_by_the_engine_process(tmp_path, capsys):
     run = eng["runs"][0]
     assert run["probe_every"] == 1 and len(run["window_peaks_gflops"]) == 3   # 2 steps: 3 probes
     assert all(p > 0 for p in run["window_peaks_gflops"]) and eng["window_peak_fraction"] > 0
-    assert "of the peak probed around each 1 steps" in text
+    assert "of the peak probed around each 1 step (" in text
 
 
 def test_bench_counts_must_be_positive(capsys):
