@@ -114,24 +114,25 @@ CHILD_TIMEOUT_S = 3600
 
 
 class PeakProbe:
-    """The float32 GEMM peak, GFLOP/s: 2·n³ / the best time of ``reps`` products after one
-    to warm the library, n = 2048 (NumPy's BLAS, or with ``gpu`` CuPy's on that GPU, n =
-    8192, waiting for the device). The blocks are made once, so that a process can measure
-    again and again between its timed steps (``--probe-every``) on blocks made before its
-    set-up RSS reading."""
+    """The float32 GEMM peak, GFLOP/s: 2·n³ / the best time of ``reps`` products (a call's
+    argument, default 2) after one to warm the library, n = 2048 (NumPy's BLAS, or with
+    ``gpu`` CuPy's on that GPU, n = 8192, waiting for the device). The blocks are made
+    once, so that a process can measure again and again between its timed steps
+    (``--probe-every``, then its own peak after them) on blocks made before its set-up
+    RSS reading."""
 
-    def __init__(self, gpu: int | None = None, reps: int = 2):
+    def __init__(self, gpu: int | None = None):
         from engine.backend import make_backend, to_host
-        self.xp, self.to_host, self.reps = make_backend(gpu).xp, to_host, reps
+        self.xp, self.to_host = make_backend(gpu).xp, to_host
         self.n = 2048 if gpu is None else 8192
         rng = np.random.default_rng(0)
         self.a = self.xp.asarray(rng.random((self.n, self.n), dtype=np.float32))
         self.b = self.xp.asarray(rng.random((self.n, self.n), dtype=np.float32))
         self.c = self.xp.empty_like(self.a)
 
-    def __call__(self) -> float:
+    def __call__(self, reps: int = 2) -> float:
         best = float("inf")
-        for i in range(self.reps + 1):
+        for i in range(reps + 1):
             t = time.perf_counter()
             self.xp.matmul(self.a, self.b, out=self.c)
             self.to_host(self.c[0, 0])    # the copy of one number waits for the product
@@ -142,10 +143,11 @@ class PeakProbe:
 
 def gemm_peak(gpu: int | None = None) -> float:
     """The GEMM peak of this process, once: the best of 5 (``PeakProbe``)."""
-    return PeakProbe(gpu, reps=5)()
+    return PeakProbe(gpu)(reps=5)
 
 
-def window_shares(step_s: list[float], probes: list[float], every: int, flops: float) -> list[float]:
+def window_shares(step_s: list[float], probes: list[float], every: int,
+                  flops: float) -> list[float]:
     """The share of the GEMM peak of each window of ``every`` timed steps: the window's median
     step against the higher of the probes just before and just after it (the steps' rate
     against what the machine gave around them; the higher, so a slow probe never flatters)."""
@@ -427,7 +429,8 @@ def child_main(kind: str, case: str, steps: int, warmup: int, executor: str,
             rep["probe_every"] = probe_every
         peak = _status_mib("VmHWM")
         if kind == "engine":     # the peak under the same conditions as the steps just timed
-            rep["gemm_peak_gflops"] = round(gemm_peak(gpu), 1)
+            rep["gemm_peak_gflops"] = round(probe(reps=5) if probe is not None
+                                            else gemm_peak(gpu), 1)
     rep.update(runner.describe())
     rep.update({"step_s": [round(t, 6) for t in times], "last_loss": round(loss, 4),
                 "setup_rss_mib": round(setup_rss, 1),
