@@ -161,6 +161,34 @@ def test_threads_do_not_change_a_bit(isa):
         assert np.array_equal(gemm(a, b, isa, n), one)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_every_row_panel_runs_once_whichever_thread_takes_it(isa):
+    """A thread takes row panels from its own run, then those left in the others' runs, so
+    a worker the host starts late leaves its panels (and the slices of ``keep`` and of the
+    scatter riding along with them) to the caller. Over many calls on more threads than the
+    machine has cores, a panel run twice would add its product twice to the accumulated C
+    and its columns twice to the scatter's table, one not run would add nothing: each call
+    must equal one thread's, bit for bit, and ``keep`` must hold b."""
+    rng = np.random.default_rng(12)
+    M, K, N, V = 32 * 12 + 7, 160, 50, 5
+    a = rand(rng, (M, K))
+    code = {"avx512": 3, "avx2": 2}[isa]
+    pa = packed(a, 1)
+    idx = rng.integers(0, V, N).astype(np.int32)
+    threads = max(3, (os.cpu_count() or 1) + 1)
+    for call in range(60):
+        b, c0 = rand(rng, (K, N)), rand(rng, (M, N))
+        runs = []
+        for n in (1, threads):
+            c, acc, kept = c0.copy(), np.zeros((V, K), F32), np.zeros((K, N), F32)
+            _native.step_gemm(c, pa, b, True, code, n, acc, idx, True, kept)
+            runs.append((c, acc, kept))
+        (c1, acc1, kept1), (cn, accn, keptn) = runs
+        assert np.array_equal(cn, c1), call
+        assert np.array_equal(accn, acc1), call
+        assert np.array_equal(keptn, b) and np.array_equal(kept1, b), call
+
+
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("isa", ISAS)
 def test_a_product_written_over_b_waits_for_every_threads_packing(isa, threads):

@@ -13,8 +13,9 @@
  * floats, see store_part). N is split into panels of nearly equal width so that 50 columns
  * cost no padding (13+13+12+12, or 9 x 5-6).
  *
- * Threads: the rows of C are split over a pool of our own threads (the caller is one of
- * them). Two pools that spin on one core are ruinous: after an OpenBLAS GEMM its worker
+ * Threads: the row panels of C are units of a pool of our own threads (the caller is one
+ * of them): each thread starts with its own run of them, then takes what is left of the
+ * others' (see "the pool" below). Two pools that spin on one core are ruinous: after an OpenBLAS GEMM its worker
  * spins for a while, and ours, sharing its core, made a 50-step loop 4x slower than
  * OpenBLAS itself. So before the pool starts work it calls a hook (sg_set_quiet) that
  * puts the other pool to sleep (engine/layers/kernels/__init__.py passes OpenBLAS's
@@ -24,7 +25,8 @@
  * a step loop that ends parks them at once (sg_park).
  *
  * Each thread packs all of B into a block of its own and starts its tiles without waiting
- * (what rides along with B's rows, keep and scatter, is still split over the threads).
+ * (what rides along with B's rows, keep and scatter, is cut into slices of K's rows, one
+ * per row panel, done by the thread that takes the panel).
  * With B's rows split between the threads' packing, each thread's first pass over the
  * panels read half of B from the other core's cache, line by line, and the threads waited
  * for each other: a (400 x 103) (103 x 100) product (bi-LSTM 100) ran 1.1-1.3x faster on
@@ -81,20 +83,46 @@ int sg_cpu_isa(void)
 
 /* -------------------------------------------------------------- the pool */
 
-typedef void (*task_fn)(void *arg, int t, int n);
+/* A task is a number of units (row panels, or a partition's shares), each run once by
+ * whichever thread takes it. Thread t starts with its own run of them, [units*t/n,
+ * units*(t+1)/n), taken from the front; a thread whose run is done takes the others'
+ * from the back. So a worker that the host starts late (a time slice of 1-10 ms on a busy
+ * machine) or that runs slower costs the caller nothing but the units it did not take:
+ * the caller takes them and returns as soon as every unit is done, not when every worker
+ * has been and gone. A worker that wakes after that finds its task over and does nothing.
+ *
+ * A thread's run is one 64-bit word, the task's generation (32 bits), the front and the
+ * back (16 bits each; front > back: the thread sits this task out), changed only by
+ * compare-and-swap: a worker that read the generation of a task that has ended fails its
+ * claim and touches nothing of it (fn and arg are read only after a claim succeeded, and
+ * the caller does not leave while a worker is busy). Which thread runs a unit changes no
+ * bit of a result: a unit is computed the same wherever it runs. */
+
+#define SG_MAXUNITS 0xffff
 
 static struct {
     pthread_mutex_t lock;          /* one caller at a time; others compute alone */
     int workers;                   /* how many */
     _Atomic unsigned gen;          /* bumped per task */
-    _Atomic int pending;           /* workers yet to finish the task */
     _Atomic int sleepers;          /* workers in (or entering) a futex wait */
     _Atomic int parked;            /* sg_park: sleep now, no spinning */
-    task_fn fn;
+    _Atomic int n;                 /* threads of the current task, the caller's included */
+    sg_unit_fn fn;
     void *arg;
-    int n;                         /* threads of the current task, the caller's included */
     void (*quiet)(void);
 } pool = {.lock = PTHREAD_MUTEX_INITIALIZER};
+
+/* each thread's run of units, and whether a worker is taking units (a line each) */
+static struct {
+    _Atomic uint64_t run;
+    _Atomic int busy;
+} __attribute__((aligned(64))) lane[SG_MAXT];
+
+#define RUN(gen, front, back) \
+    (((uint64_t)(gen) << 32) | ((uint64_t)(front) << 16) | (uint64_t)(back))
+#define RUN_GEN(w) ((unsigned)((w) >> 32))
+#define RUN_FRONT(w) ((ptrdiff_t)(((w) >> 16) & 0xffff))
+#define RUN_BACK(w) ((ptrdiff_t)((w) & 0xffff))
 
 void sg_set_quiet(void (*fn)(void)) { pool.quiet = fn; }
 
@@ -139,6 +167,44 @@ static void wait_for_task(unsigned seen)
     }
 }
 
+/* a unit of task gen from lane v: its front one (own: v is the taker's lane) or its back
+ * one; *next the unit the taker will likely run after it (-1: none known). 0: none left,
+ * or the task is over. */
+static int take_unit(int v, unsigned gen, int own, ptrdiff_t *u, ptrdiff_t *next)
+{
+    uint64_t w = atomic_load(&lane[v].run);
+    for (;;) {
+        ptrdiff_t f = RUN_FRONT(w), b = RUN_BACK(w);
+        if (RUN_GEN(w) != gen || f >= b)
+            return 0;
+        uint64_t nw = own ? RUN(gen, f + 1, b) : RUN(gen, f, b - 1);
+        if (atomic_compare_exchange_weak(&lane[v].run, &w, nw)) {
+            *u = own ? f : b - 1;
+            *next = own ? (f + 1 < b ? f + 1 : -1) : (b - 2 >= f ? b - 2 : -1);
+            return 1;
+        }
+    }
+}
+
+/* thread t takes units of task gen, its own lane's first, then the others' (n lanes),
+ * until none is left */
+static void take_units(int t, int n, unsigned gen)
+{
+    sg_unit_fn fn = NULL;
+    void *arg = NULL;
+    for (int i = 0; i < n; i++) {
+        int v = (t + i) % n;
+        ptrdiff_t u, next;
+        while (take_unit(v, gen, v == t, &u, &next)) {
+            if (!fn) {                  /* read only now: the task cannot end meanwhile */
+                fn = pool.fn;
+                arg = pool.arg;
+            }
+            fn(arg, u, t, next);
+        }
+    }
+}
+
 /* a worker's id (1..; the caller is thread 0) and the generation it was made at, packed
  * into its argument: reading pool.gen when the thread first runs could already see the
  * task it was made for, and it would wait for the next one */
@@ -151,9 +217,13 @@ static void *worker_main(void *p)
     for (;;) {
         wait_for_task(seen);
         seen = atomic_load(&pool.gen);
-        if (id < pool.n)
-            pool.fn(pool.arg, id, pool.n);
-        atomic_fetch_sub(&pool.pending, 1);
+        /* busy before the first claim: a caller that sees every lane empty after this
+         * worker's claim sees it busy until its unit is done */
+        atomic_store(&lane[id].busy, 1);
+        uint64_t w = atomic_load(&lane[id].run);
+        if (RUN_GEN(w) == seen && RUN_FRONT(w) <= RUN_BACK(w))
+            take_units(id, atomic_load(&pool.n), seen);
+        atomic_store(&lane[id].busy, 0);
     }
     return NULL;
 }
@@ -163,6 +233,8 @@ static void after_fork_child(void)
     /* the workers are not in the child: it starts its own when it needs them */
     pthread_mutex_init(&pool.lock, NULL);
     pool.workers = 0;
+    for (int t = 0; t < SG_MAXT; t++)
+        atomic_store(&lane[t].busy, 0);
 }
 
 static int ensure_workers(int want)
@@ -187,12 +259,20 @@ static int ensure_workers(int want)
     return pool.workers;
 }
 
-void sg_parallel(task_fn fn, void *arg, int n)
+static void run_alone(sg_unit_fn fn, void *arg, ptrdiff_t units)
+{
+    for (ptrdiff_t u = 0; u < units; u++)
+        fn(arg, u, 0, u + 1 < units ? u + 1 : -1);
+}
+
+void sg_run(sg_unit_fn fn, void *arg, ptrdiff_t units, int n)
 {
     if (n > SG_MAXT)
         n = SG_MAXT;
-    if (n <= 1 || pthread_mutex_trylock(&pool.lock) != 0) {
-        fn(arg, 0, 1);
+    if (n > units)
+        n = (int)units;
+    if (n <= 1 || units > SG_MAXUNITS || pthread_mutex_trylock(&pool.lock) != 0) {
+        run_alone(fn, arg, units);
         return;
     }
     int w = ensure_workers(n - 1);
@@ -200,25 +280,57 @@ void sg_parallel(task_fn fn, void *arg, int n)
         n = w + 1;
     if (n <= 1) {
         pthread_mutex_unlock(&pool.lock);
-        fn(arg, 0, 1);
+        run_alone(fn, arg, units);
         return;
     }
     if (pool.quiet)
         pool.quiet();
     atomic_store(&pool.parked, 0);
+    unsigned gen = atomic_load(&pool.gen) + 1;
     pool.fn = fn;
     pool.arg = arg;
-    pool.n = n;
-    atomic_store(&pool.pending, pool.workers);
-    atomic_fetch_add(&pool.gen, 1);
+    atomic_store(&pool.n, n);
+    for (int t = 0; t <= pool.workers; t++)      /* a worker beyond n sits the task out */
+        atomic_store(&lane[t].run, t < n ? RUN(gen, units * t / n, units * (t + 1) / n)
+                                         : RUN(gen, 1, 0));
+    atomic_store(&pool.gen, gen);
 #ifdef SG_FUTEX
     if (atomic_load(&pool.sleepers))
         syscall(SYS_futex, (unsigned *)&pool.gen, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
 #endif
-    fn(arg, 0, n);
-    while (atomic_load(&pool.pending) > 0)
-        cpu_relax();
+    take_units(0, n, gen);
+    /* every unit is taken; wait for those a worker is still running */
+    for (int t = 1; t < n; t++)
+        while (atomic_load(&lane[t].busy))
+            cpu_relax();
     pthread_mutex_unlock(&pool.lock);
+}
+
+/* sg_parallel's n shares as units */
+typedef struct {
+    void (*fn)(void *arg, int t, int n);
+    void *arg;
+    int n;
+} shares_args;
+
+static void share_unit(void *p, ptrdiff_t u, int t, ptrdiff_t next)
+{
+    const shares_args *s = p;
+    (void)t;
+    (void)next;
+    s->fn(s->arg, (int)u, s->n);
+}
+
+void sg_parallel(void (*fn)(void *arg, int t, int n), void *arg, int n)
+{
+    if (n > SG_MAXT)
+        n = SG_MAXT;
+    if (n <= 1) {
+        fn(arg, 0, 1);
+        return;
+    }
+    shares_args s = {fn, arg, n};
+    sg_run(share_unit, &s, n, n);
 }
 
 void sg_park(void)
@@ -251,26 +363,25 @@ static int pack_panel_avx2(float *d, const float *a, ptrdiff_t rs, ptrdiff_t cs,
                            int rows);
 #endif
 
-static void pack_task(void *p, int t, int n)
+/* row panel pn */
+static void pack_unit(void *p, ptrdiff_t pn, int t, ptrdiff_t next)
 {
     const pack_args *q = p;
-    ptrdiff_t P = (q->M + SG_MR - 1) / SG_MR, p0, p1;
-    share(P, t, n, &p0, &p1);
-    for (ptrdiff_t pn = p0; pn < p1; pn++) {
-        float *d = q->dst + pn * SG_MR * q->K;
-        ptrdiff_t rows = q->M - pn * SG_MR < SG_MR ? q->M - pn * SG_MR : SG_MR;
+    (void)t;
+    (void)next;
+    float *d = q->dst + pn * SG_MR * q->K;
+    ptrdiff_t rows = q->M - pn * SG_MR < SG_MR ? q->M - pn * SG_MR : SG_MR;
 #ifdef SG_X86
-        if (q->vector && pack_panel_avx2(d, q->a + pn * SG_MR * q->rs, q->rs, q->cs, q->K,
-                                         (int)rows))
-            continue;
+    if (q->vector && pack_panel_avx2(d, q->a + pn * SG_MR * q->rs, q->rs, q->cs, q->K,
+                                     (int)rows))
+        return;
 #endif
-        /* any other layout (or a CPU without AVX2): a float at a time */
-        for (ptrdiff_t k = 0; k < q->K; k++) {
-            const float *src = q->a + k * q->cs + pn * SG_MR * q->rs;
-            float *dk = d + k * SG_MR;
-            for (ptrdiff_t r = 0; r < SG_MR; r++)
-                dk[r] = r < rows ? src[r * q->rs] : 0.0f;
-        }
+    /* any other layout (or a CPU without AVX2): a float at a time */
+    for (ptrdiff_t k = 0; k < q->K; k++) {
+        const float *src = q->a + k * q->cs + pn * SG_MR * q->rs;
+        float *dk = d + k * SG_MR;
+        for (ptrdiff_t r = 0; r < SG_MR; r++)
+            dk[r] = r < rows ? src[r * q->rs] : 0.0f;
     }
 }
 
@@ -281,7 +392,7 @@ void sg_pack(float *dst, const float *a, ptrdiff_t rs, ptrdiff_t cs, ptrdiff_t M
     if (isa < 0)
         isa = sg_cpu_isa();
     pack_args q = {dst, a, rs, cs, M, K, isa >= SG_ISA_AVX2};
-    sg_parallel(pack_task, &q, nthreads);
+    sg_run(pack_unit, &q, (M + SG_MR - 1) / SG_MR, nthreads);
 }
 
 /* ----------------------------------------------------------------- kernels */
@@ -756,15 +867,16 @@ SG_MOVES static void pack_b_panels(const gemm_args *g, float *pb, ptrdiff_t k0, 
     }
 }
 
-/* rows [k0, k1) of src (rows srs apart, N wide) copied into dst's (rows drs apart) */
+/* rows [k0, k1) of src (rows srs apart, N wide) copied into dst's (rows drs apart); rows
+ * up to klim (>= k1) are the copier's next */
 SG_MOVES static void keep_rows(float *dst, ptrdiff_t drs, const float *src, ptrdiff_t srs,
-                               ptrdiff_t N, ptrdiff_t k0, ptrdiff_t k1)
+                               ptrdiff_t N, ptrdiff_t k0, ptrdiff_t k1, ptrdiff_t klim)
 {
     for (ptrdiff_t k = k0; k < k1; k++) {
         /* dst's rows are far apart (a step's columns of a (K, T*N) block) and their lines
          * were evicted since the step before wrote next to them: each is fetched, to be
          * written, 16 rows ahead (without it LSTM 512 lost 5-7 ms a batch) */
-        if (k + 16 < k1) {
+        if (k + 16 < klim) {
             const char *ahead = (const char *)(dst + (k + 16) * drs);
             for (size_t o = 0; o < (size_t)N * sizeof(float) + 63; o += 64)
                 __builtin_prefetch(ahead + o, 1, 3);
@@ -777,14 +889,15 @@ SG_MOVES static void keep_rows(float *dst, ptrdiff_t drs, const float *src, ptrd
     }
 }
 
-/* what rides along with B's rows [k0, k1), while they are in cache */
-static void pack_b_extras(const gemm_args *g, ptrdiff_t k0, ptrdiff_t k1)
+/* what rides along with B's rows [k0, k1), while they are in cache (rows up to klim are
+ * this thread's next) */
+static void pack_b_extras(const gemm_args *g, ptrdiff_t k0, ptrdiff_t k1, ptrdiff_t klim)
 {
     const sg_extras *x = &g->x;
     if (x->keep)                     /* B's rows, in cache now, copied out */
-        keep_rows(x->keep, x->krs, g->b, g->brs, g->N, k0, k1);
+        keep_rows(x->keep, x->krs, g->b, g->brs, g->N, k0, k1, klim);
     if (x->keep2)                    /* ... and the side block's, in cache beside them */
-        keep_rows(x->keep2, x->k2rs, x->side, x->sdrs, g->N, k0, k1);
+        keep_rows(x->keep2, x->k2rs, x->side, x->sdrs, g->N, k0, k1, klim);
     if (x->oh && x->oh->scatter)     /* ... and into the table's gradient (the side block's
                                       * rows, given one) */
         scatter_t(g->isa, x->oh->table, x->oh->trs, x->side ? x->side : g->b,
@@ -797,32 +910,30 @@ static void pack_b_task(void *p, int t, int n)
     ptrdiff_t k0, k1;
     share(g->K, t, n, &k0, &k1);
     pack_b_panels(g, g->pb, k0, k1);
-    pack_b_extras(g, k0, k1);
+    pack_b_extras(g, k0, k1, k1);
 }
 
 /* Where the tile of column panel q over the K chunk at pa (kc values of k, of row panel pn;
  * the last chunk of it or not) prefetches into L2, a cache line per k: the tiles of columns
  * 1 and 2 fetch the chunk that comes next (a chunk is 2 kc lines), the rest of the panel's
- * or the first of the thread's next panel, while the current one, read once from L3 by
- * column 0, is in L1 and L2; the others fetch their own chunk again (a no-op). Without it,
- * the first pass over each chunk waits on L3. */
+ * or the first of the row panel the thread runs next (pnext; -1: none known), while the
+ * current one, read once from L3 by column 0, is in L1 and L2; the others fetch their own
+ * chunk again (a no-op). Without it, the first pass over each chunk waits on L3. */
 static inline const char *prefetch(const gemm_args *g, const float *pa, ptrdiff_t kc, int last,
-                                   ptrdiff_t pn, ptrdiff_t p1, int q)
+                                   ptrdiff_t pnext, int q)
 {
     const float *next = !last ? pa + kc * SG_MR
-                        : pn + 1 < p1 ? g->pa + (pn + 1) * SG_MR * g->K : NULL;
+                        : pnext >= 0 ? g->pa + pnext * SG_MR * g->K : NULL;
     if (!next || q < 1 || q > 2)
         return (const char *)pa;
     return (const char *)next + (size_t)(q - 1) * kc * 64;
 }
 
-static void gemm_task(void *p, int t, int n)
+/* row panel pn of C, from B packed at pb; pnext: the row panel this thread runs next */
+static void gemm_panel(const gemm_args *g, const float *pb, ptrdiff_t pn, ptrdiff_t pnext)
 {
 #ifdef SG_X86
-    const gemm_args *g = p;
     const sg_extras *x = &g->x;
-    ptrdiff_t P = (g->M + SG_MR - 1) / SG_MR, p0, p1;
-    share(P, t, n, &p0, &p1);
     /* the sums of a row panel's tiles between K chunks: a buffer per thread, kept and grown
      * (none: the whole of K in one pass) */
     ptrdiff_t KC = g->kc < g->K ? g->kc : g->K > 0 ? g->K : 1;
@@ -838,65 +949,72 @@ static void gemm_task(void *p, int t, int n)
     }
     if (KC < g->K && (size_t)g->N * SG_MR > acap)
         KC = g->K;
-    for (ptrdiff_t pn = p0; pn < p1; pn++) {
-        ptrdiff_t r0 = pn * SG_MR;
-        int rows = g->M - r0 < SG_MR ? (int)(g->M - r0) : SG_MR;
-        for (ptrdiff_t k0 = 0; k0 == 0 || k0 < g->K; k0 += KC) {   /* K = 0: one pass */
-            ptrdiff_t kc = g->K - k0 < KC ? g->K - k0 : KC;
-            int first = k0 == 0, last = k0 + kc >= g->K;
-            const float *pa = g->pa + pn * SG_MR * g->K + k0 * SG_MR;
-            for (int q = 0; q < g->nq; q++) {
-                ptrdiff_t c0;
-                int w;
-                col_panel(g, q, &c0, &w);
-                const float *add[14], *const *addp = NULL;
-                if (last && x->oh && !x->oh->scatter) {   /* each column's token's table row */
-                    for (int j = 0; j < w; j++)
-                        add[j] = x->oh->table + x->oh->idx[c0 + j] * x->oh->trs + r0;
-                    addp = add;
-                }
-                float *ct = g->c + r0 * g->crs + c0;
-                const float *src = g->accumulate ? ct
-                                   : x->addend ? x->addend + r0 * x->ars + c0 : NULL;
-                float *a = acc ? acc + c0 * SG_MR : NULL;
-                g->tiles[w](pa, g->pb + g->K * c0 + k0 * w, kc, ct, g->crs, rows, src,
-                            g->accumulate ? g->crs : x->ars, addp,
-                            prefetch(g, pa, kc, last, pn, p1, q),
-                            first ? NULL : a, last ? NULL : a);
+    ptrdiff_t r0 = pn * SG_MR;
+    int rows = g->M - r0 < SG_MR ? (int)(g->M - r0) : SG_MR;
+    for (ptrdiff_t k0 = 0; k0 == 0 || k0 < g->K; k0 += KC) {   /* K = 0: one pass */
+        ptrdiff_t kc = g->K - k0 < KC ? g->K - k0 : KC;
+        int first = k0 == 0, last = k0 + kc >= g->K;
+        const float *pa = g->pa + pn * SG_MR * g->K + k0 * SG_MR;
+        for (int q = 0; q < g->nq; q++) {
+            ptrdiff_t c0;
+            int w;
+            col_panel(g, q, &c0, &w);
+            const float *add[14], *const *addp = NULL;
+            if (last && x->oh && !x->oh->scatter) {   /* each column's token's table row */
+                for (int j = 0; j < w; j++)
+                    add[j] = x->oh->table + x->oh->idx[c0 + j] * x->oh->trs + r0;
+                addp = add;
             }
+            float *ct = g->c + r0 * g->crs + c0;
+            const float *src = g->accumulate ? ct
+                               : x->addend ? x->addend + r0 * x->ars + c0 : NULL;
+            float *a = acc ? acc + c0 * SG_MR : NULL;
+            g->tiles[w](pa, pb + g->K * c0 + k0 * w, kc, ct, g->crs, rows, src,
+                        g->accumulate ? g->crs : x->ars, addp,
+                        prefetch(g, pa, kc, last, pnext, q),
+                        first ? NULL : a, last ? NULL : a);
         }
     }
 #else
-    (void)p; (void)t; (void)n;
+    (void)g; (void)pb; (void)pn; (void)pnext;
 #endif
 }
 
-/* both phases in one task: each thread packs its share of B, all wait, then multiply */
-typedef struct {
-    gemm_args *g;
-    _Atomic int packed;
-} both_args;
-
-static void both_task(void *p, int t, int n)
+/* the rows of B whose extras ride along with row panel u of P: 16-aligned slices of K */
+static inline void extras_rows(ptrdiff_t K, ptrdiff_t P, ptrdiff_t u, ptrdiff_t *k0,
+                               ptrdiff_t *k1)
 {
-    both_args *a = p;
-    if (a->g->private_b) {
-        /* all of B packed by each thread into its own block: no rows packed by the other
-         * core to fetch from its cache, and no wait for it; what rides along is split */
-        gemm_args mine = *a->g;
-        ptrdiff_t k0, k1;
-        mine.pb += (size_t)t * mine.K * mine.N;
-        pack_b_panels(&mine, mine.pb, 0, mine.K);
-        share(mine.K, t, n, &k0, &k1);
-        pack_b_extras(&mine, k0, k1);
-        gemm_task(&mine, t, n);
-        return;
+    *k0 = (K * u / P) & ~(ptrdiff_t)15;
+    *k1 = u + 1 == P ? K : (K * (u + 1) / P) & ~(ptrdiff_t)15;
+}
+
+typedef struct {
+    const gemm_args *g;
+    int packed[SG_MAXT];           /* private B: thread t has packed all of B */
+} panels_args;
+
+/* Row panel u. With private B, a thread packs all of B into a block of its own before its
+ * first panel (no rows packed by the other core to fetch from its cache, and no wait for
+ * it), and each panel brings its slice of what rides along with B's rows. */
+static void gemm_unit(void *p, ptrdiff_t u, int t, ptrdiff_t next)
+{
+    panels_args *a = p;
+    const gemm_args *g = a->g;
+    const float *pb = g->pb;
+    if (g->private_b) {
+        float *mine = g->pb + (size_t)t * g->K * g->N;
+        if (!a->packed[t]) {
+            pack_b_panels(g, mine, 0, g->K);
+            a->packed[t] = 1;
+        }
+        ptrdiff_t P = (g->M + SG_MR - 1) / SG_MR, k0, k1, n0, n1;
+        extras_rows(g->K, P, u, &k0, &k1);
+        if (next == u + 1)
+            extras_rows(g->K, P, next, &n0, &n1);
+        pack_b_extras(g, k0, k1, next == u + 1 ? n1 : k1);
+        pb = mine;
     }
-    pack_b_task(a->g, t, n);
-    atomic_fetch_add(&a->packed, 1);
-    while (atomic_load(&a->packed) < n)
-        cpu_relax();
-    gemm_task(a->g, t, n);
+    gemm_panel(g, pb, u, next);
 }
 
 /* whether rows p[i*rs + j] (i < m, j < w) and q[i*qs + j] (i < k, j < v) may share memory
@@ -967,8 +1085,10 @@ int sg_gemm(const float *pa, ptrdiff_t M, ptrdiff_t K, const float *b, ptrdiff_t
         cap = need;
     }
     g.pb = buf;
-    both_args a = {&g, 0};
-    sg_parallel(both_task, &a, n);
+    if (!g.private_b)                /* all pack (and what rides along), then all multiply */
+        sg_parallel(pack_b_task, &g, n);
+    panels_args a = {.g = &g};
+    sg_run(gemm_unit, &a, P, n);
     return 0;
 #else
     (void)pa; (void)M; (void)K; (void)b; (void)brs; (void)N; (void)c; (void)crs;

@@ -57,9 +57,16 @@ int sg_gemm(const float *pa, ptrdiff_t M, ptrdiff_t K, const float *b, ptrdiff_t
  * rows split over nthreads; isa as for sg_gemm, or SG_ISA_NONE for plain C */
 void sg_scatter_t(float *acc, ptrdiff_t ars, const float *d, ptrdiff_t drs, ptrdiff_t R,
                   const int32_t *idx, ptrdiff_t n, int isa, int nthreads);
-/* fn(arg, t, n) for t = 0..n-1 on the pool's threads, t = 0 on the caller's; fewer threads
- * (down to the caller alone) when the pool is busy or a thread cannot be made: fn must take
- * the n it is given */
+/* a unit of a task: fn(arg, u, t, next) runs unit u on thread t (0: the caller's; t < the
+ * n of sg_run); next is the unit thread t will likely run after it (-1: none known) */
+typedef void (*sg_unit_fn)(void *arg, ptrdiff_t u, int t, ptrdiff_t next);
+/* fn for each of units units, once each, on up to n of the pool's threads (the caller's
+ * included), each thread starting with its own run of them and then taking the others'
+ * that are left; fewer threads (down to the caller alone) when the pool is busy or a thread
+ * cannot be made. Returns when every unit is done. */
+void sg_run(sg_unit_fn fn, void *arg, ptrdiff_t units, int n);
+/* fn(arg, t, n) for each share t = 0..n-1 of a partition, each once, on whichever of the
+ * pool's threads takes it (sg_run with n units) */
 void sg_parallel(void (*fn)(void *arg, int t, int n), void *arg, int n);
 /* the pool's threads go to sleep at once instead of spinning for the next task (the caller
  * knows none comes soon, and another pool, the BLAS's, is about to work) */
