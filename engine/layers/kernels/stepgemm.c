@@ -15,14 +15,14 @@
  *
  * Threads: the row panels of C are units of a pool of our own threads (the caller is one
  * of them): each thread starts with its own run of them, then takes what is left of the
- * others' (see "the pool" below). Two pools that spin on one core are ruinous: after an OpenBLAS GEMM its worker
- * spins for a while, and ours, sharing its core, made a 50-step loop 4x slower than
- * OpenBLAS itself. So before the pool starts work it calls a hook (sg_set_quiet) that
- * puts the other pool to sleep (engine/layers/kernels/__init__.py passes OpenBLAS's
- * blas_thread_shutdown_, after which OpenBLAS makes its threads anew at its next call;
- * measured free). Our workers in turn spin only briefly (about 50 us with pause, then up
- * to about 1 ms yielding the core) and then sleep on a futex, so they leave the BLAS alone;
- * a step loop that ends parks them at once (sg_park).
+ * others' (see "the pool" below). Two pools that spin on one core are ruinous: after an
+ * OpenBLAS GEMM its worker spins for a while, and ours, sharing its core, made a 50-step
+ * loop 4x slower than OpenBLAS itself. So before the pool starts work it calls a hook
+ * (sg_set_quiet) that puts the other pool to sleep (engine/layers/kernels/__init__.py
+ * passes OpenBLAS's blas_thread_shutdown_, after which OpenBLAS makes its threads anew at
+ * its next call; measured free). Our workers in turn spin only briefly (about 50 us with
+ * pause, then up to about 1 ms yielding the core) and then sleep on a futex, so they leave
+ * the BLAS alone; a step loop that ends parks them at once (sg_park).
  *
  * Each thread packs all of B into a block of its own and starts its tiles without waiting
  * (what rides along with B's rows, keep and scatter, is cut into slices of K's rows, one
