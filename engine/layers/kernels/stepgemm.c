@@ -323,14 +323,8 @@ static void share_unit(void *p, ptrdiff_t u, int t, ptrdiff_t next)
 
 void sg_parallel(void (*fn)(void *arg, int t, int n), void *arg, int n)
 {
-    if (n > SG_MAXT)
-        n = SG_MAXT;
-    if (n <= 1) {
-        fn(arg, 0, 1);
-        return;
-    }
-    shares_args s = {fn, arg, n};
-    sg_run(share_unit, &s, n, n);
+    shares_args s = {fn, arg, n < 1 ? 1 : n};   /* sg_run caps the threads, not the shares */
+    sg_run(share_unit, &s, s.n, s.n);
 }
 
 void sg_park(void)
@@ -1007,11 +1001,12 @@ static void gemm_unit(void *p, ptrdiff_t u, int t, ptrdiff_t next)
             pack_b_panels(g, mine, 0, g->K);
             a->packed[t] = 1;
         }
-        ptrdiff_t P = (g->M + SG_MR - 1) / SG_MR, k0, k1, n0, n1;
+        ptrdiff_t P = (g->M + SG_MR - 1) / SG_MR, k0, k1, n0, klim;
         extras_rows(g->K, P, u, &k0, &k1);
+        klim = k1;                   /* the prefetch runs on into the next slice, if ours */
         if (next == u + 1)
-            extras_rows(g->K, P, next, &n0, &n1);
-        pack_b_extras(g, k0, k1, next == u + 1 ? n1 : k1);
+            extras_rows(g->K, P, next, &n0, &klim);
+        pack_b_extras(g, k0, k1, klim);
         pb = mine;
     }
     gemm_panel(g, pb, u, next);
