@@ -45,7 +45,7 @@ import numpy as np
 from engine.backend import DROPOUT, LazyRNG
 from engine.common import type_name
 from engine.layers import Context
-from engine.layers.base import add_grads
+from engine.layers.base import ProductGrad, add_grads, dense_grad
 from engine.net import Net
 from engine.proto import job_pb2 as pb
 from engine.unroll import node_id
@@ -222,7 +222,7 @@ class PlannedWorker(Worker):
             ctx = Context(step=0, unroll_len=b.T, train=train, mask=m, aux=src_aux,
                           rng=LazyRNG(self.seed, DROPOUT, self.batch_index, self._stream(b)),
                           metrics=metrics, checks=self.checks, need_input_grads=b.need_input_grads,
-                          need_state_grad=b.need_state_grad)
+                          need_state_grad=b.need_state_grad, product_grads=True)
             if b.T > 1:
                 ctx.steps = self.xp.arange(b.T)
                 ctx.batch = B
@@ -286,6 +286,9 @@ class PlannedWorker(Worker):
         def acc(sname, d, how):
             if d is None or not by_name[sname].needs_grad:
                 return
+            if isinstance(d, ProductGrad) and not (
+                    how == SAME and sname not in dout and by_name[sname].layer.takes_product_grad):
+                d = d.value()    # only a source that reads it whole takes it unmultiplied
             d = _put(self.blocks[sname], d, how, B, xp)
             dout[sname] = add_grads(dout.get(sname), d)
 
@@ -299,7 +302,7 @@ class PlannedWorker(Worker):
             if dy is None and not lay.is_loss:
                 dy = xp.zeros_like(y)
             if self.probe and self.first_bad_grad is None and dy is not None:
-                bad = ~xp.isfinite(dy.reshape(dy.shape[0], -1)).all(axis=1)
+                bad = ~xp.isfinite(dense_grad(dy).reshape(dy.shape[0], -1)).all(axis=1)
                 if bool(bad.any()):  # backward order visits the last step first
                     self.first_bad_grad = node_id(int(xp.flatnonzero(bad)[-1]) // B, name)
             ctx, c = self.ctxs[name], self.caches[name]

@@ -36,6 +36,37 @@ def test_innerproduct_value_and_gradient():
     check_layer(ip, [x])
 
 
+@pytest.mark.parametrize("transpose", [False, True])
+def test_innerproduct_leaves_its_input_gradient_as_a_product_when_asked(transpose):
+    """With ``Context.product_grads`` (the planned executor) the input gradient comes back
+    as ProductGrad(dy, W), whose value is the gradient given without it, to the bit; its
+    parameter gradients are the same; a sum with another gradient multiplies it out."""
+    from engine.layers.base import ProductGrad, add_grads, dense_grad
+    rng = np.random.default_rng(3)
+    grads = []
+    for ask in (False, True):
+        ip = make(pb.kInnerProduct, "ip", [(4,)], innerproduct_conf__num_output=3,
+                  innerproduct_conf__transpose=transpose)
+        ip.params["w"].data[...] = np.random.default_rng(7).standard_normal(ip.params["w"].shape)
+        for p in ip.params.values():
+            p.grad = np.zeros(p.shape)
+        x = rng.standard_normal((6, 4)) if not ask else x
+        dy = rng.standard_normal((6, 3)) if not ask else dy
+        _, _, cache = ip.forward(ctx(), [x], None)
+        (dx,), _ = ip.backward(ctx(product_grads=ask), dy, None, cache)
+        grads.append((dx, {k: p.grad.copy() for k, p in ip.params.items()}))
+    (plain, g0), (prod, g1) = grads
+    assert isinstance(prod, ProductGrad) and not isinstance(plain, ProductGrad)
+    assert prod.shape == plain.shape
+    np.testing.assert_array_equal(prod.value(), plain)
+    np.testing.assert_array_equal(dense_grad(prod), plain)
+    for k in g0:
+        np.testing.assert_array_equal(g1[k], g0[k])
+    np.testing.assert_array_equal(add_grads(prod, plain), plain + plain)
+    np.testing.assert_array_equal(add_grads(plain, prod), plain + plain)
+    assert add_grads(None, prod) is prod
+
+
 def test_innerproduct_transpose_matches_plain():
     plain = make(pb.kInnerProduct, "ip", [(4,)], innerproduct_conf__num_output=3)
     tr = make(pb.kInnerProduct, "ipt", [(4,)], innerproduct_conf__num_output=3,

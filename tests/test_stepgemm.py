@@ -412,6 +412,63 @@ def test_add_sums_a_matrix_into_the_stored_product(isa, threads, monkeypatch):
         kernels.step_gemm(got, p, b, add=d[:-1])
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("M,K,K2,N", [(512, 512, 101, 50), (75, 40, 1, 13), (33, 64, 17, 50)],
+                         ids=["charrnn", "one-more", "odd"])
+@pytest.mark.parametrize("isa", ISAS)
+def test_more_rows_of_b_are_one_stacked_block(isa, M, K, K2, N, threads, monkeypatch):
+    """``more``: [A1 A2] packed from two matrices is the packing of their concatenation,
+    and A1 b + A2 more is the product of the stacked block, to the bit; ``keep``, the
+    scatter and ``add`` ride along with b's rows only, as without ``more``; written over b
+    (every thread packs first) the product is the same."""
+    monkeypatch.setenv(kernels.STEP_ENV, isa)
+    kernels.step_reset()
+    kernels.set_threads(threads)
+    rng = np.random.default_rng(M + K + K2)
+    a, a2 = rand(rng, (M, K)), rand(rng, (M, K2))
+    b, m = rand(rng, (K, N)), rand(rng, (K2, N))
+    p = kernels.Packed(a, more=a2.T.copy().T)          # more in any layout (W^T, a view)
+    whole = kernels.Packed(np.concatenate([a, a2], axis=1))
+    assert p.K == K + K2 and np.array_equal(p.data, whole.data)
+    want = kernels.step_gemm(np.empty((M, N), F32), whole, np.concatenate([b, m]))
+    close(want, a.astype(np.float64) @ b + a2.astype(np.float64) @ m)
+    assert np.array_equal(kernels.step_gemm(np.empty((M, N), F32), p, b, more=m), want)
+    V = 7
+    idx = rng.integers(0, V, N).astype(np.int32)
+    acc = np.zeros((V, K), F32)
+    wide = rand(rng, (K, 3 * N))
+    before = wide.copy()
+    d = rand(rng, (M, N))
+    got = kernels.step_gemm(np.empty((M, N), F32), p, b, more=m, scatter=(acc, idx),
+                            keep=wide[:, N:2 * N], add=d)
+    assert np.array_equal(got, want + d)
+    assert np.array_equal(wide[:, N:2 * N], b)
+    assert np.array_equal(wide[:, :N], before[:, :N])
+    assert np.array_equal(wide[:, 2 * N:], before[:, 2 * N:])
+    assert np.array_equal(acc, kernels.scatter_t(np.zeros((V, K), F32), b, idx))
+    if M <= K:                                          # C over b's first rows
+        buf = np.concatenate([b, np.zeros((0, N), F32)])
+        kernels.step_gemm(buf[:M], p, buf, more=m)
+        assert np.array_equal(buf[:M], want)
+
+
+def test_more_arguments_are_checked():
+    a, a2 = np.ones((40, 8), F32), np.ones((40, 3), F32)
+    b, m = np.ones((8, 5), F32), np.ones((3, 5), F32)
+    c = np.zeros((40, 5), F32)
+    p = kernels.Packed(a, more=a2)
+    with pytest.raises(ValueError, match="more"):
+        _native.step_gemm(c, p.data, b, False, 2, 1, None, None, False, None, None, None,
+                          None, m[:, :4])
+    with pytest.raises(ValueError, match="do not fit"):
+        _native.step_gemm(c, p.data, b, False, 2, 1)
+    with pytest.raises(ValueError, match="do not fit"):
+        _native.step_gemm(c, kernels.Packed(a).data, b, False, 2, 1, None, None, False, None,
+                          None, None, None, m)
+    with pytest.raises(ValueError, match="40 rows, more 39"):
+        kernels.Packed(a, more=a2[:39])
+
+
 def test_one_hot_arguments_are_checked():
     a = np.ones((40, 8), F32)
     b = np.ones((8, 5), F32)
@@ -522,6 +579,89 @@ def test_an_unmasked_block_adds_dy_in_the_step_gemm(kind, act, one_hot, directio
     calls = blas_and_packed(monkeypatch, layer, X, state0, None, R, T, B)
     assert count(calls, "add") == T - 1
     assert count(calls, "keep") >= T - 1
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+@pytest.mark.parametrize("need_state_grad", [False, True], ids=["no-state-grad", "state-grad"])
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+@pytest.mark.parametrize("kind,act", LAYERS, ids=LAYER_IDS)
+def test_a_dense_layers_product_gradient_is_made_in_the_step_gemm(kind, act, direction,
+                                                                  need_state_grad, masked,
+                                                                  monkeypatch):
+    """An output gradient given as a ``ProductGrad`` d w (a dense layer's input gradient)
+    is made by the backward step GEMMs, [W_h^T w^T] [g; d_t^T] (``more``), never added as
+    a block (no ``add``); outputs and gradients agree to 1e-5 with NumPy's matmul fed the
+    product multiplied out, masked steps (whose dL/dh' the loop adds itself) included."""
+    from engine.layers.base import ProductGrad
+    T, H, D, B, V = 10, 48, 7, 50, 13
+    layer = build(kind, H, D, act, one_hot=True,
+                  direction=pb.kBackward if direction == "backward" else pb.kForward)
+    X, _, state0, rng = block_inputs(kind, T, H, D, B, True, 61)
+    d, w = rand(rng, (T * B, V)), rand(rng, (V, H), 0.3)
+    mask = None
+    if masked:
+        mask = np.ones(T * B, F32)
+        mask[4 * B:5 * B] = rng.random(B) < 0.5
+    monkeypatch.setenv(kernels.STEP_ENV, "blas")
+    kernels.step_reset()
+    want = _block_run(layer, X, state0, mask, d.astype(np.float64) @ w, T, B,
+                      need_state_grad=need_state_grad)
+    monkeypatch.setenv(kernels.STEP_ENV, "auto")
+    kernels.step_reset()
+    calls = []
+    real = kernels.step_gemm
+    monkeypatch.setattr(kernels, "step_gemm", lambda *a, **k: calls.append(k) or real(*a, **k))
+    got = _block_run(layer, X, state0, mask, ProductGrad(d, w), T, B,
+                     need_state_grad=need_state_grad)
+    for k, (g, e) in enumerate(zip(got, want)):
+        close(g, e.astype(F32), f"result {k}")
+    assert count(calls, "add") == 0
+    backward = T - 1 + need_state_grad        # W_h^T products: every step but the pass's last
+    assert count(calls, "more") == backward
+
+
+@pytest.mark.parametrize("kind", ["rnn", "gru", "lstm"])
+def test_a_planned_char_rnn_folds_its_output_layers_gradient(kind, tmp_path, monkeypatch):
+    """The planned executor in float32 hands the output layer's input gradient to the
+    recurrent layer unmultiplied, which makes it in its step GEMMs: metrics and every
+    gradient agree to 1e-5 with the same net where the recurrent layer takes it
+    multiplied out (the planner then multiplies it: ``takes_product_grad`` False)."""
+    import cellkinds as ck
+    import test_gradcheck as gc
+    from engine.backend import make_backend
+    from engine.config import Phase, load_job
+    from engine.layers.recurrent import Recurrent
+    from engine.net import Net
+    from engine.planner import PlannedWorker
+    from engine.unroll import unroll
+    from engine.workspace import net_info
+    assert kind in ck.CELLS
+    T = 10
+    text = gc.job_text(gc.char_layers(gc.char_data(tmp_path), batch=6, unroll=T)
+                       + gc.rec_conf(kind, "rec", "onehot", 40)
+                       + gc.ip_loss("rec", gc.vocab_size()), unroll=T)
+    path = gc.write_job(tmp_path, text)
+    job = load_job(path)
+    runs = []
+    real = kernels.step_gemm
+    for takes in (False, True):
+        monkeypatch.setattr(Recurrent, "takes_product_grad", takes)
+        calls = []
+        monkeypatch.setattr(kernels, "step_gemm",
+                            lambda *a, calls=calls, **k: calls.append(k) or real(*a, **k))
+        net = Net(unroll(job.neuralnet, Phase.TRAIN), make_backend(None, np.float32),
+                  net_info(path, tmp_path / "ws", 0), seed=3)
+        w = PlannedWorker(net, seed=3)
+        metrics = [w.run_batch(train=True) for _ in range(2)]
+        runs.append((metrics, [p.grad.copy() for p in net.params], calls))
+    (m0, g0, c0), (m1, g1, c1) = runs
+    assert count(c0, "more") == 0 and count(c0, "add") > 0
+    assert count(c1, "more") >= T - 1 and count(c1, "add") == 0
+    for a, b in zip(m1, m0):
+        for k in b:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, err_msg=k)
+    for k, (a, b) in enumerate(zip(g1, g0)):
+        close(a, b, f"gradient {k}")
 
 
 @pytest.mark.parametrize("kind,act", [("lstm", None), ("rnn", pb.TANH), ("gru", None)],

@@ -167,6 +167,10 @@ class Context:
     need_input_grads: Any = None
     #: block calls: whether the gradient of the initial state is wanted
     need_state_grad: bool = True
+    #: block calls (the planned executor): a layer may give its input's gradient as a
+    #: ``ProductGrad``, left unmultiplied; the executor multiplies it out unless the
+    #: source takes it (``Layer.takes_product_grad``)
+    product_grads: bool = False
 
     #: checks of device values not yet read (see ``check``); the worker's list
     checks: Any = None
@@ -225,6 +229,9 @@ class Layer:
     claims_grads: bool = False
     #: loss layers (see LossLayer): backward ignores dy; their output is not differentiated further
     is_loss: bool = False
+    #: backward_block takes its output's gradient as a ``ProductGrad`` (multiplying it out
+    #: itself, or folding the product into its own)
+    takes_product_grad: bool = False
     #: input layers (see InputLayer): the worker loads a batch into them before each forward
     is_input: bool = False
     #: False for output layers (kArgSort, kAccuracy, ...): the worker skips their backward
@@ -585,13 +592,44 @@ def one_array(x):
     return x
 
 
+class ProductGrad:
+    """A gradient left as the product d w, not yet multiplied: d (R, n), w (n, D), the
+    gradient (R, D). A dense layer gives its input's gradient so when the executor lets it
+    (``Context.product_grads``); a recurrent layer above whose output it is then makes
+    each step's dL/dh' in its backward step GEMM, [W_h^T w^T] [g; d_t^T] instead of
+    W_h^T g plus a block the dense layer multiplied out, and anything else takes
+    ``value()``."""
+
+    __slots__ = ("d", "w")
+
+    def __init__(self, d, w):
+        self.d, self.w = d, w
+
+    @property
+    def shape(self) -> tuple:
+        return (self.d.shape[0], self.w.shape[1])
+
+    def value(self):
+        """d w, made feature-major ((w^T d^T)^T: a recurrent layer reads dy^T as a view)."""
+        return (self.w.T @ self.d.T).T
+
+
+def dense_grad(g):
+    """``g`` multiplied out if it is a ``ProductGrad`` (tuples element-wise)."""
+    if isinstance(g, ProductGrad):
+        return g.value()
+    if isinstance(g, tuple):
+        return tuple(dense_grad(x) for x in g)
+    return g
+
+
 def add_grads(a, b):
     """a + b for gradients where either may be None (absent); tuples (an LSTM's (h, c))
-    add element-wise."""
+    add element-wise; a ``ProductGrad`` is multiplied out first."""
     if a is None:
         return b
     if b is None:
         return a
     if isinstance(a, tuple):
         return tuple(add_grads(x, y) for x, y in zip(a, b))
-    return a + b
+    return dense_grad(a) + dense_grad(b)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from engine.backend import scatter_add
-from engine.layers.base import Layer, add_grad, register
+from engine.layers.base import Layer, ProductGrad, add_grad, register
 from engine.proto import job_pb2 as pb
 
 # ------------------------------------------------------------------ helpers
@@ -105,10 +105,14 @@ class InnerProduct(Layer):
         # x a (T·B, H) view of a feature-major block: 1.26 against 1.56 ms with cold caches)
         g = x2.T @ dy
         add_grad(w, g if self.transpose else g.T)
-        dx = (wx.T @ dy.T).T  # dx = dy W, made feature-major: a recurrent source reads it by step
         if self.bias_term:
             add_grad(self.params["b"], dy.sum(axis=0))
-        return [dx.reshape(xshape) if was_float else None], None
+        if not was_float:
+            return [None], None
+        if ctx.product_grads and len(xshape) == 2:   # dx = dy W, left to the executor
+            return [ProductGrad(dy, wx)], None
+        dx = (wx.T @ dy.T).T  # dx = dy W, made feature-major: a recurrent source reads it by step
+        return [dx.reshape(xshape)], None
 
 
 # --------------------------------------------------------------- embedding

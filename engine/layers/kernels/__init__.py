@@ -33,7 +33,7 @@ ENV = "RNN_ENGINE_KERNELS"
 CHOICES = ("native", "numpy")
 
 #: the interface version native.c must have been built with (its KERNELS_VERSION)
-VERSION = 11
+VERSION = 12
 
 try:
     from engine.layers.kernels import _native
@@ -325,19 +325,22 @@ def step_threads() -> int:
 
 class Packed:
     """A weight matrix ``a`` (M, K) packed for the step GEMM, with the thread count and
-    instruction set of its loop (one batch's step loop packs, then multiplies T times)."""
+    instruction set of its loop (one batch's step loop packs, then multiplies T times).
+    ``more`` (M, K2): [a more] (M, K + K2) packed, their columns side by side, without a
+    copy of them (``step_gemm``'s ``more`` gives the rows of B they multiply)."""
 
-    __slots__ = ("data", "isa", "threads")
+    __slots__ = ("data", "isa", "threads", "K")
 
-    def __init__(self, a, buffer=None):
+    def __init__(self, a, buffer=None, more=None):
         """``buffer(name, shape)``: where the packed floats go (a block the layer keeps across
         batches: a fresh 4 MB array each batch cost its page faults, 2 ms a step)."""
         m = step_mode()
         self.isa = _ISA_CODE[m["isa"]]
         self.threads = step_threads()
-        size = (_native.step_packed_size(*a.shape),)
+        self.K = a.shape[1] + (0 if more is None else more.shape[1])
+        size = (_native.step_packed_size(a.shape[0], self.K),)
         self.data = np.empty(size, dtype=np.float32) if buffer is None else buffer(size)
-        _native.step_pack(self.data, a, self.threads)
+        _native.step_pack(self.data, a, self.threads, more)
 
 
 def packs(a, T: int) -> bool:
@@ -375,7 +378,7 @@ def park() -> None:
 
 
 def step_gemm(out, packed: Packed, b, accumulate: bool = False, gather=None, scatter=None,
-              keep=None, add=None, keep2=None, side=None):
+              keep=None, add=None, keep2=None, side=None, more=None):
     """out (M, N) (+)= A b for the packed A (M, K) and b (K, N); ``out`` must have contiguous
     rows, ``b`` is copied when its rows are not contiguous. A one-hot input's projection
     rides along, as (table, idx) with idx (N,) int32 and the table's rows contiguous:
@@ -387,10 +390,12 @@ def step_gemm(out, packed: Packed, b, accumulate: bool = False, gather=None, sca
     which differs from b). ``keep`` (K, N) with contiguous rows: b copied there as well,
     from the same rows (a step's columns of a feature-major block); ``keep2`` the same for
     ``side``. ``add`` (M, N) with contiguous rows: out = add + A b, the sum made as the GEMM
-    stores (not with ``accumulate``)."""
+    stores (not with ``accumulate``). ``more`` (K2, N) with contiguous rows, for A packed
+    as [A1 A2] (``Packed(a, more=...)``): out = A1 b + A2 more, one sum over k as if b and
+    ``more`` were one stacked block; the scatter and ``keep`` take b's rows only."""
     table, idx = gather or scatter or (None, None)
     _native.step_gemm(out, packed.data, _rows(b), accumulate, packed.isa, packed.threads,
-                      table, idx, scatter is not None, keep, add, keep2, side)
+                      table, idx, scatter is not None, keep, add, keep2, side, more)
     return out
 
 

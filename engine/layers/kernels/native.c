@@ -30,7 +30,7 @@
 #include "stepgemm.h"
 
 /* the interface's version: engine/layers/kernels/__init__.py refuses a build of another one */
-#define KERNELS_VERSION 11
+#define KERNELS_VERSION 12
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -89,7 +89,7 @@ typedef void (*rows_fn)(const mat *a, Py_ssize_t H, Py_ssize_t B, Py_ssize_t r0,
 /* The threads the cell kernels split their rows over (kernel_threads(n), set per step loop
  * by Python), when a gate block has at least PAR_MIN floats; the pool is stepgemm.c's. */
 static int g_threads = 1;
-#define MAXARGS 12  /* the most array arguments of a kernel (step_gemm: 9) */
+#define MAXARGS 12  /* the most array arguments of a kernel (step_gemm: 10) */
 #define PAR_MIN 8192
 
 /* fn over the rows of a block of n floats, on the kernels' threads when it is large
@@ -1149,26 +1149,38 @@ static int get_2d(PyObject *o, Py_buffer *view, int writable, float **p, Py_ssiz
     return 0;
 }
 
-/* step_pack(dst, a, threads): dst (flat, step_packed_size(M, K) floats) = a (M, K) packed */
+/* step_pack(dst, a, threads, more=None): dst (flat, step_packed_size(M, K) floats) = a
+ * (M, K) packed; with more (M, K2), [a more] (M, K + K2) packed */
 static PyObject *py_step_pack(PyObject *self, PyObject *args)
 {
-    PyObject *dst_o, *a_o;
+    PyObject *dst_o, *a_o, *more_o = Py_None;
     int threads;
-    if (!PyArg_ParseTuple(args, "OOi", &dst_o, &a_o, &threads))
+    if (!PyArg_ParseTuple(args, "OOi|O", &dst_o, &a_o, &threads, &more_o))
         return NULL;
-    Py_buffer vd = {.obj = NULL}, va = {.obj = NULL};
-    float *d, *a;
-    Py_ssize_t nd, shape[2], strides[2];
+    Py_buffer vd = {.obj = NULL}, va = {.obj = NULL}, vm = {.obj = NULL};
+    float *d, *a, *m = NULL;
+    Py_ssize_t nd, shape[2], strides[2], mshape[2] = {0, 0}, mstrides[2] = {0, 0};
     PyObject *ret = NULL;
     if (get_flat(dst_o, &vd, 1, &d, &nd, "dst") < 0 || get_2d(a_o, &va, 0, &a, shape, strides, "a") < 0)
         goto done;
-    if ((size_t)nd != sg_packed_size(shape[0], shape[1])) {
+    if (more_o != Py_None) {
+        if (get_2d(more_o, &vm, 0, &m, mshape, mstrides, "more") < 0)
+            goto done;
+        if (mshape[0] != shape[0]) {
+            PyErr_Format(PyExc_ValueError, "a has %zd rows, more %zd", shape[0], mshape[0]);
+            goto done;
+        }
+    }
+    Py_ssize_t K = shape[1] + mshape[1];
+    if ((size_t)nd != sg_packed_size(shape[0], K)) {
         PyErr_Format(PyExc_ValueError, "dst: %zd floats, a (%zd, %zd) packs into %zu", nd,
-                     shape[0], shape[1], sg_packed_size(shape[0], shape[1]));
+                     shape[0], K, sg_packed_size(shape[0], K));
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
-    sg_pack(d, a, strides[0], strides[1], shape[0], shape[1], threads);
+    sg_pack_at(d, a, strides[0], strides[1], shape[0], shape[1], K, 0, threads);
+    if (m && mshape[1] > 0)
+        sg_pack_at(d, m, mstrides[0], mstrides[1], shape[0], mshape[1], K, shape[1], threads);
     Py_END_ALLOW_THREADS
     ret = Py_None;
     Py_INCREF(ret);
@@ -1177,6 +1189,8 @@ done:
         PyBuffer_Release(&vd);
     if (va.obj)
         PyBuffer_Release(&va);
+    if (vm.obj)
+        PyBuffer_Release(&vm);
     return ret;
 }
 
@@ -1229,17 +1243,17 @@ static int get_onehot(PyObject *tab_o, Py_buffer *vt, PyObject *idx_o, Py_buffer
 static PyObject *py_step_gemm(PyObject *self, PyObject *args)
 {
     PyObject *c_o, *pa_o, *b_o, *tab_o = Py_None, *idx_o = Py_None, *keep_o = Py_None,
-             *add_o = Py_None, *keep2_o = Py_None, *side_o = Py_None;
+             *add_o = Py_None, *keep2_o = Py_None, *side_o = Py_None, *more_o = Py_None;
     int accumulate, isa, threads, scatter = 0;
-    if (!PyArg_ParseTuple(args, "OOOpii|OOpOOOO", &c_o, &pa_o, &b_o, &accumulate, &isa,
+    if (!PyArg_ParseTuple(args, "OOOpii|OOpOOOOO", &c_o, &pa_o, &b_o, &accumulate, &isa,
                           &threads, &tab_o, &idx_o, &scatter, &keep_o, &add_o, &keep2_o,
-                          &side_o))
+                          &side_o, &more_o))
         return NULL;
     views vs = {.n = 0};
     float *c, *pa, *b;
-    Py_ssize_t np_, cs[2], cst[2], bs[2], bst[2];
+    Py_ssize_t np_, cs[2], cst[2], bs[2], bst[2], km = 0, mn = 0;
     sg_onehot oh, *ohp = NULL;
-    mat keep, add, keep2, side;
+    mat keep, add, keep2, side, more = {NULL, 0};
     PyObject *ret = NULL;
     if (get_2d(c_o, slot(&vs), 1, &c, cs, cst, "c") < 0 ||
         get_flat(pa_o, slot(&vs), 0, &pa, &np_, "packed") < 0 ||
@@ -1277,9 +1291,13 @@ static PyObject *py_step_gemm(PyObject *self, PyObject *args)
         take(&vs, &keep2, keep2_o, 1, bs[0], bs[1], "keep2", 1) < 0 ||
         take(&vs, &side, side_o, 0, bs[0], bs[1], "side", 1) < 0)
         goto done;
-    if (bs[1] != cs[1] || (size_t)np_ != sg_packed_size(cs[0], bs[0])) {
-        PyErr_Format(PyExc_ValueError, "c (%zd, %zd), b (%zd, %zd) and %zd packed floats do "
-                     "not fit", cs[0], cs[1], bs[0], bs[1], np_);
+    /* more: B's rows after b's, (K2, N) with contiguous rows */
+    if (more_o != Py_None && (shape_of(more_o, &km, &mn) < 0 ||
+                              take(&vs, &more, more_o, 0, km, bs[1], "more", 0) < 0))
+        goto done;
+    if (bs[1] != cs[1] || (size_t)np_ != sg_packed_size(cs[0], bs[0] + km)) {
+        PyErr_Format(PyExc_ValueError, "c (%zd, %zd), b (%zd, %zd), more of %zd rows and %zd "
+                     "packed floats do not fit", cs[0], cs[1], bs[0], bs[1], km, np_);
         goto done;
     }
     if ((cs[1] > 1 && cst[1] != 1) || (bs[1] > 1 && bst[1] != 1)) {
@@ -1289,8 +1307,10 @@ static PyObject *py_step_gemm(PyObject *self, PyObject *args)
     int rc;
     Py_BEGIN_ALLOW_THREADS
     sg_extras x = {.oh = ohp, .keep = keep.p, .krs = keep.rs, .addend = add.p, .ars = add.rs,
-                   .side = side.p, .sdrs = side.rs, .keep2 = keep2.p, .k2rs = keep2.rs};
-    rc = sg_gemm(pa, cs[0], bs[0], b, bst[0], cs[1], c, cst[0], accumulate, &x, isa, threads);
+                   .side = side.p, .sdrs = side.rs, .keep2 = keep2.p, .k2rs = keep2.rs,
+                   .more = more.p, .mrs = more.rs, .kmore = km};
+    rc = sg_gemm(pa, cs[0], bs[0] + km, b, bst[0], cs[1], c, cst[0], accumulate, &x, isa,
+                 threads);
     Py_END_ALLOW_THREADS
     if (rc != 0) {
         PyErr_NoMemory();
@@ -1410,10 +1430,11 @@ static PyMethodDef methods[] = {
      "adarule(w, g, h, lr, rho, 1 - rho, delta, adagrad, clip, lo, hi): RMSProp / AdaGrad"},
     {"tanh", py_tanh, METH_VARARGS, "tanh(a): the kernels' tanh, in place"},
     {"step_pack", py_step_pack, METH_VARARGS,
-     "step_pack(dst, a, threads): a (M, K) float32 packed into dst (step_packed_size floats)"},
+     "step_pack(dst, a, threads[, more]): a (M, K) float32 (or [a more]) packed into dst "
+     "(step_packed_size floats)"},
     {"step_gemm", py_step_gemm, METH_VARARGS,
      "step_gemm(c, packed, b, accumulate, isa, threads[, table, idx, scatter, keep, add, "
-     "keep2, side]): "
+     "keep2, side, more]): "
      "c (+)= A b, A packed by step_pack, with what rides along (see the function's comment)"},
     {"step_packed_size", py_step_packed_size, METH_VARARGS,
      "step_packed_size(M, K): floats of a packed (M, K) operand"},

@@ -349,6 +349,7 @@ typedef struct {
     float *dst;
     const float *a;
     ptrdiff_t rs, cs, M, K;
+    ptrdiff_t ktot, koff;          /* columns koff.. of a packed (M, ktot) operand */
     int vector;                    /* the CPU has AVX2: pack_panel_avx2 */
 } pack_args;
 
@@ -363,7 +364,7 @@ static void pack_unit(void *p, ptrdiff_t pn, int t, ptrdiff_t next)
     const pack_args *q = p;
     (void)t;
     (void)next;
-    float *d = q->dst + pn * SG_MR * q->K;
+    float *d = q->dst + pn * SG_MR * q->ktot + q->koff * SG_MR;
     ptrdiff_t rows = q->M - pn * SG_MR < SG_MR ? q->M - pn * SG_MR : SG_MR;
 #ifdef SG_X86
     if (q->vector && pack_panel_avx2(d, q->a + pn * SG_MR * q->rs, q->rs, q->cs, q->K,
@@ -379,14 +380,20 @@ static void pack_unit(void *p, ptrdiff_t pn, int t, ptrdiff_t next)
     }
 }
 
-void sg_pack(float *dst, const float *a, ptrdiff_t rs, ptrdiff_t cs, ptrdiff_t M, ptrdiff_t K,
-             int nthreads)
+void sg_pack_at(float *dst, const float *a, ptrdiff_t rs, ptrdiff_t cs, ptrdiff_t M,
+                ptrdiff_t K, ptrdiff_t ktot, ptrdiff_t koff, int nthreads)
 {
     static int isa = -1;
     if (isa < 0)
         isa = sg_cpu_isa();
-    pack_args q = {dst, a, rs, cs, M, K, isa >= SG_ISA_AVX2};
+    pack_args q = {dst, a, rs, cs, M, K, ktot, koff, isa >= SG_ISA_AVX2};
     sg_run(pack_unit, &q, (M + SG_MR - 1) / SG_MR, nthreads);
+}
+
+void sg_pack(float *dst, const float *a, ptrdiff_t rs, ptrdiff_t cs, ptrdiff_t M, ptrdiff_t K,
+             int nthreads)
+{
+    sg_pack_at(dst, a, rs, cs, M, K, K, 0, nthreads);
 }
 
 /* ----------------------------------------------------------------- kernels */
@@ -844,20 +851,23 @@ static inline void col_panel(const gemm_args *g, int q, ptrdiff_t *c0, int *w)
 #define SG_MOVES
 #endif
 
-/* rows [k0, k1) of B into the column panels at pb */
+/* rows [k0, k1) of B into the column panels at pb: b's, then (from kb on) more's */
 SG_MOVES static void pack_b_panels(const gemm_args *g, float *pb, ptrdiff_t k0, ptrdiff_t k1)
 {
+    ptrdiff_t kb = g->K - g->x.kmore;
     for (int q = 0; q < g->nq; q++) {
         ptrdiff_t c0;
         int w;
         col_panel(g, q, &c0, &w);
         float *d = pb + g->K * c0;
-        for (ptrdiff_t k = k0; k < k1; k++)
+        for (ptrdiff_t k = k0; k < k1; k++) {
+            const float *src = k < kb ? g->b + k * g->brs : g->x.more + (k - kb) * g->x.mrs;
 #ifdef SG_X86
-            move16(d + k * w, g->b + k * g->brs + c0, w);   /* w <= 14 */
+            move16(d + k * w, src + c0, w);   /* w <= 14 */
 #else
-            memcpy(d + k * w, g->b + k * g->brs + c0, (size_t)w * sizeof(float));
+            memcpy(d + k * w, src + c0, (size_t)w * sizeof(float));
 #endif
+        }
     }
 }
 
@@ -884,10 +894,15 @@ SG_MOVES static void keep_rows(float *dst, ptrdiff_t drs, const float *src, ptrd
 }
 
 /* what rides along with B's rows [k0, k1), while they are in cache (rows up to klim are
- * this thread's next) */
+ * this thread's next): b's rows only, not more's */
 static void pack_b_extras(const gemm_args *g, ptrdiff_t k0, ptrdiff_t k1, ptrdiff_t klim)
 {
     const sg_extras *x = &g->x;
+    ptrdiff_t kb = g->K - x->kmore;
+    k1 = k1 < kb ? k1 : kb;
+    klim = klim < kb ? klim : kb;
+    if (k0 >= k1)
+        return;
     if (x->keep)                     /* B's rows, in cache now, copied out */
         keep_rows(x->keep, x->krs, g->b, g->brs, g->N, k0, k1, klim);
     if (x->keep2)                    /* ... and the side block's, in cache beside them */
@@ -1001,11 +1016,11 @@ static void gemm_unit(void *p, ptrdiff_t u, int t, ptrdiff_t next)
             pack_b_panels(g, mine, 0, g->K);
             a->packed[t] = 1;
         }
-        ptrdiff_t P = (g->M + SG_MR - 1) / SG_MR, k0, k1, n0, klim;
-        extras_rows(g->K, P, u, &k0, &k1);
+        ptrdiff_t P = (g->M + SG_MR - 1) / SG_MR, kb = g->K - g->x.kmore, k0, k1, n0, klim;
+        extras_rows(kb, P, u, &k0, &k1);
         klim = k1;                   /* the prefetch runs on into the next slice, if ours */
         if (next == u + 1)
-            extras_rows(g->K, P, next, &n0, &klim);
+            extras_rows(kb, P, next, &n0, &klim);
         pack_b_extras(g, k0, k1, klim);
         pb = mine;
     }
@@ -1025,11 +1040,16 @@ static int overlaps(const float *p, ptrdiff_t m, ptrdiff_t rs, ptrdiff_t w, cons
 }
 
 /* whether C (M, N) or the addend shares memory with what a thread may still read or write
- * while it packs B (K, N): B, the side block, keep and keep2; then no thread may multiply
- * before all have packed */
+ * while it packs B (K, N): B (b's rows and more's), the side block, keep and keep2; then no
+ * thread may multiply before all have packed */
 static int meets_packing(const float *c, ptrdiff_t M, ptrdiff_t crs, const float *b,
                          ptrdiff_t K, ptrdiff_t brs, ptrdiff_t N, const sg_extras *x)
 {
+    if (x) {                         /* b has K - kmore rows, more the rest */
+        if (overlaps(c, M, crs, N, x->more, x->kmore, x->mrs, N))
+            return 1;
+        K -= x->kmore;
+    }
     if (overlaps(c, M, crs, N, b, K, brs, N))
         return 1;
     if (!x)

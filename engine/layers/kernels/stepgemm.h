@@ -16,6 +16,10 @@ size_t sg_packed_size(ptrdiff_t M, ptrdiff_t K);
 /* pack A[i][k] = a[i*rs + k*cs], i < M, k < K, into dst (sg_packed_size floats) */
 void sg_pack(float *dst, const float *a, ptrdiff_t rs, ptrdiff_t cs, ptrdiff_t M, ptrdiff_t K,
              int nthreads);
+/* the same as columns koff..koff+K-1 of a packed (M, ktot) operand (sg_packed_size(M, ktot)
+ * floats at dst): [a1 a2] packed from two matrices, one call each */
+void sg_pack_at(float *dst, const float *a, ptrdiff_t rs, ptrdiff_t cs, ptrdiff_t M,
+                ptrdiff_t K, ptrdiff_t ktot, ptrdiff_t koff, int nthreads);
 /* A one-hot input's projection, done by the step GEMM: table (V, R) is the transposed
  * table W_x + b (gather) or the transposed gradient of W_x (scatter), row u at
  * table + u*trs; idx (N,) the step's tokens, each in [0, V). */
@@ -29,7 +33,10 @@ typedef struct {
 /* What a step GEMM does besides the product (each optional: NULL for none): oh, a one-hot
  * projection (sg_onehot); keep, B copied there too, B[k][j] to keep[k*krs + j], from the
  * rows being packed; addend, a matrix D added to the product, C = D + A B, D[i][j] =
- * addend[i*ars + j] (ignored when accumulating: C is then D). */
+ * addend[i*ars + j] (ignored when accumulating: C is then D); more, B's last kmore rows
+ * from a block of their own, B[kb + i][j] = more[i*mrs + j] with kb = K - kmore (a
+ * product of two stacked operands, [A1 A2] [b; more]): keep, keep2 and the scatter ride
+ * along with the first kb rows only (they are b's, of shape (kb, N)). */
 typedef struct {
     const sg_onehot *oh;
     float *keep;
@@ -41,6 +48,8 @@ typedef struct {
     ptrdiff_t k2rs;
     const float *addend;
     ptrdiff_t ars;
+    const float *more;
+    ptrdiff_t mrs, kmore;
 } sg_extras;
 
 /* C[i][j] (+)= sum_k A[i][k] B[k][j]: A packed (M, K); B[k][j] = b[k*brs + j];
