@@ -356,10 +356,19 @@ class Products:
         it adds (``split_input``)."""
         if self.table_T is None:
             self.table_T = cells.transposed(self.xp, self.table,
-                                            self.buffer("tableT", self.table.shape[::-1]))
+                                            self.token_rows("tableT", self.table.shape[::-1]))
             if self.split_rows:
                 self.table_T[:, self.split_rows:] = 0
         return self.table_T
+
+    def token_rows(self, name, shape):
+        """A (V, R) block of a row per token (a one-hot input's table or its gradient,
+        transposed) whose rows lie R + 16 floats apart: a step GEMM reads or adds the rows
+        of its 50 tokens at the same offsets, and rows a multiple of 4 KB apart (R = 1024,
+        2048) fall into the same few sets of L1. Adding a step's columns into rows 8 KB
+        apart (R = 2048, one thread, AVX2) took 5.6 against 1.6 ms per 50 steps."""
+        V, R = shape
+        return self.buffer(name, (V, R + 16))[:, :R]
 
     def split_input(self, rows: int) -> None:
         """A one-hot input's projection, for a cell that sums it with the products of its
@@ -458,7 +467,7 @@ class Products:
                         else None)
         self._hot_t = None
         if self.table is not None:     # one-hot input: dW_x transposed, from zero
-            self.dtable_T = self.buffer("dtableT", self.table.shape[::-1])
+            self.dtable_T = self.token_rows("dtableT", self.table.shape[::-1])
             self.dtable_T[...] = 0
 
     def output_grad(self, dy, fold: bool) -> None:
