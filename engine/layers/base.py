@@ -615,12 +615,8 @@ class ProductGrad:
 
 
 def dense_grad(g):
-    """``g`` multiplied out if it is a ``ProductGrad`` (tuples element-wise)."""
-    if isinstance(g, ProductGrad):
-        return g.value()
-    if isinstance(g, tuple):
-        return tuple(dense_grad(x) for x in g)
-    return g
+    """``g`` multiplied out if it is a ``ProductGrad``."""
+    return g.value() if isinstance(g, ProductGrad) else g
 
 
 def add_grads(a, b):

@@ -470,11 +470,11 @@ class Products:
             self.dtable_T = self.token_rows("dtableT", self.table.shape[::-1])
             self.dtable_T[...] = 0
 
-    def output_grad(self, dy, fold: bool) -> None:
+    def output_grad(self, dy) -> None:
         """The gradient at the loop's outputs (T·B rows of H, or None), read by ``dy_at``
         and added by the step GEMM (``dy_next``): a block, read transposed, or a
-        ``ProductGrad`` d w (d (T·B, V), w (V, H): a dense layer's input gradient). With
-        ``fold`` (on the step GEMM) that product is never multiplied out: each step's W_h^T
+        ``ProductGrad`` d w (d (T·B, V), w (V, H): a dense layer's input gradient). On the
+        step GEMM that product is never multiplied out: each step's W_h^T
         product makes it with its own, [W_h^T w^T] packed and d's rows of the next step
         transposed as B's last rows, one sum over K = G·H + V. Against the dense layer's
         (T·B, V) (V, H) GEMM and a pass adding its far-apart columns per step, RNN 512's
@@ -483,7 +483,7 @@ class Products:
         self.dyT = self.dy_w = self.dy_steps = None
         if dy is None:
             return
-        if fold:
+        if isinstance(dy, ProductGrad) and self.packing:
             d, self.dy_w = dy.d, dy.w
             self.dy_steps = self.buffer("dysteps", (T, d.shape[1], B))   # step t: d_t^T
             xp.copyto(self.dy_steps, d.reshape(T, B, d.shape[1]).transpose(0, 2, 1))
@@ -1108,7 +1108,7 @@ class Recurrent(Layer):
         # as the InnerProduct's product and folded into the step GEMM (Products.output_grad):
         # each step's dL/dh' is a block with contiguous rows, added in place to the
         # gradient the next step sends back (which this loop owns)
-        ops.output_grad(dy, fold=isinstance(dy, ProductGrad) and ops.packing)
+        ops.output_grad(dy)
         has_dy = ops.has_dy
         rev = self.reverse
         start = T - 1 if rev else 0           # the pass's first step: dprev is the initial state's

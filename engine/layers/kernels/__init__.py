@@ -329,7 +329,7 @@ class Packed:
     ``more`` (M, K2): [a more] (M, K + K2) packed, their columns side by side, without a
     copy of them (``step_gemm``'s ``more`` gives the rows of B they multiply)."""
 
-    __slots__ = ("data", "isa", "threads", "K")
+    __slots__ = ("data", "isa", "threads")
 
     def __init__(self, a, buffer=None, more=None):
         """``buffer(name, shape)``: where the packed floats go (a block the layer keeps across
@@ -337,8 +337,8 @@ class Packed:
         m = step_mode()
         self.isa = _ISA_CODE[m["isa"]]
         self.threads = step_threads()
-        self.K = a.shape[1] + (0 if more is None else more.shape[1])
-        size = (_native.step_packed_size(a.shape[0], self.K),)
+        K = a.shape[1] + (0 if more is None else more.shape[1])
+        size = (_native.step_packed_size(a.shape[0], K),)
         self.data = np.empty(size, dtype=np.float32) if buffer is None else buffer(size)
         _native.step_pack(self.data, a, self.threads, more)
 

@@ -390,12 +390,6 @@ void sg_pack_at(float *dst, const float *a, ptrdiff_t rs, ptrdiff_t cs, ptrdiff_
     sg_run(pack_unit, &q, (M + SG_MR - 1) / SG_MR, nthreads);
 }
 
-void sg_pack(float *dst, const float *a, ptrdiff_t rs, ptrdiff_t cs, ptrdiff_t M, ptrdiff_t K,
-             int nthreads)
-{
-    sg_pack_at(dst, a, rs, cs, M, K, K, 0, nthreads);
-}
-
 /* ----------------------------------------------------------------- kernels */
 
 /* Each kernel: the 32 x nr tile T[r][j] = sum_k pa[k*32 + r] pb[k*nr + j], plus, when add is

@@ -13,11 +13,9 @@ enum { SG_ISA_NONE = 0, SG_ISA_AVX2 = 2, SG_ISA_AVX512 = 3 };
 int sg_cpu_isa(void);
 /* floats of a packed (M, K) operand */
 size_t sg_packed_size(ptrdiff_t M, ptrdiff_t K);
-/* pack A[i][k] = a[i*rs + k*cs], i < M, k < K, into dst (sg_packed_size floats) */
-void sg_pack(float *dst, const float *a, ptrdiff_t rs, ptrdiff_t cs, ptrdiff_t M, ptrdiff_t K,
-             int nthreads);
-/* the same as columns koff..koff+K-1 of a packed (M, ktot) operand (sg_packed_size(M, ktot)
- * floats at dst): [a1 a2] packed from two matrices, one call each */
+/* pack A[i][k] = a[i*rs + k*cs], i < M, k < K, as columns koff..koff+K-1 of a packed
+ * (M, ktot) operand (sg_packed_size(M, ktot) floats at dst): the whole of it with koff = 0
+ * and ktot = K, or [a1 a2] from two matrices, one call each */
 void sg_pack_at(float *dst, const float *a, ptrdiff_t rs, ptrdiff_t cs, ptrdiff_t M,
                 ptrdiff_t K, ptrdiff_t ktot, ptrdiff_t koff, int nthreads);
 /* A one-hot input's projection, done by the step GEMM: table (V, R) is the transposed
