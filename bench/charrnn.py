@@ -432,6 +432,9 @@ def child_main(kind: str, case: str, steps: int, warmup: int, executor: str,
             rep["gemm_peak_gflops"] = round(probe(reps=5) if probe is not None
                                             else gemm_peak(gpu), 1)
     rep.update(runner.describe())
+    if kind == "engine" and gpu is None:
+        from engine.layers import kernels
+        rep["step_moves"] = kernels.step_moves()
     rep.update({"step_s": [round(t, 6) for t in times], "last_loss": round(loss, 4),
                 "setup_rss_mib": round(setup_rss, 1),
                 # without the reset the peak may be set-up's, so growth is an upper bound
@@ -528,6 +531,8 @@ def summarise(runs: list[dict], flops: float, chars: int, peak: float) -> dict:
                     "window_peak_fraction_range": [round(f_lo, 3), round(f_hi, 3)],
                     "window_peaks_range_gflops": [min(peaks), max(peaks)],
                     "probe_every": runs[0]["probe_every"]})
+    if all("step_moves" in r for r in runs):
+        own["step_moves"] = [r["step_moves"] for r in runs]
     return {"processes": len(runs), "process_median_step_s": [round(m, 6) for m in meds],
             "median_step_s": round(med, 6), "min_step_s": round(lo, 6), "max_step_s": round(hi, 6),
             "chars_per_s": round(chars / med, 1),
@@ -603,6 +608,9 @@ def print_case(r: dict) -> None:
                   f"({plo:.1f}-{phi:.1f} GFLOP/s): {100 * x['window_peak_fraction']:.1f}% "
                   f"(min-max over processes {100 * lo:.1f}-{100 * hi:.1f})")
         print(f"           {x['blas']}; malloc {x['malloc']}")
+        if x.get("step_moves"):
+            print(f"           the step GEMM's worker, found on the caller's core, moved off it "
+                  f"{', '.join(map(str, x['step_moves']))} times (per process)")
     if "ratio_speed" in r:
         print(f"  engine/PyTorch speed {r['ratio_speed']:.2f} (min-max {r['ratio_speed_min']:.2f}-"
               f"{r['ratio_speed_max']:.2f} over {len(r['ratio_speed_pairs'])} pair{'s' * (len(r['ratio_speed_pairs']) > 1)}), memory "

@@ -87,6 +87,8 @@ def main(argv=None) -> None:
         med = statistics.median(ts)
         print(f"  {name:11s} {med * 1e3:7.2f} ms (min-max {min(ts) * 1e3:.2f}-{max(ts) * 1e3:.2f})"
               f"  {flop / med / 1e9:6.1f} GFLOP/s")
+    print(f"  the pool's worker, found on the caller's core, moved off it "
+          f"{kernels.step_moves()} times")
     for way in ("fwd", "bwd"):
         ratio = statistics.median(runs[f"numpy_{way}"]) / statistics.median(runs[f"packed_{way}"])
         print(f"  {way}: packed is {ratio:.2f}x NumPy's matmul")

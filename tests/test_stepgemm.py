@@ -812,6 +812,60 @@ def test_parked_threads_wake_for_the_next_task():
         assert np.array_equal(gemm(a, b, ISAS[0], 2), want)
 
 
+def _pool_workers():
+    """The thread ids of the step GEMM's pool (its workers are named rnn-step)."""
+    tids = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if f.read().strip() == "rnn-step":
+                    tids.append(int(tid))
+        except OSError:      # a thread that ended meanwhile
+            pass
+    return tids
+
+
+def _last_core(tid):
+    """The core a thread last ran on (/proc's stat, field 39)."""
+    with open(f"/proc/self/task/{tid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[36])
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs Linux and two cores to put the worker on the caller's")
+def test_a_worker_on_the_callers_core_is_moved_off_it():
+    """Linux at times queues the worker on the caller's core and leaves it there; the caller
+    then does every unit alone. Put it there (both pinned to one core, then the worker's
+    mask given back): the caller moves it off within a few tasks, and its mask is as it was."""
+    rng = np.random.default_rng(17)
+    a, b = rand(rng, (512, 256)), rand(rng, (256, 50))
+    want = gemm(a, b, ISAS[0], 2)
+    workers = _pool_workers()
+    assert workers, "the pool's worker has no name rnn-step"
+    full, core = os.sched_getaffinity(0), min(os.sched_getaffinity(0))
+    worker_mask = os.sched_getaffinity(workers[0])
+    moved = False
+    try:
+        for _ in range(20):     # the host may move the worker itself first; try again
+            before = _native.step_moves()
+            gemm(a, b, ISAS[0], 2)                       # the worker is up and spinning
+            os.sched_setaffinity(workers[0], {core})     # on the caller's core, still spinning
+            os.sched_setaffinity(0, {core})
+            os.sched_setaffinity(workers[0], worker_mask)
+            for _ in range(10):
+                assert np.array_equal(gemm(a, b, ISAS[0], 2), want)
+            where = _last_core(workers[0])
+            os.sched_setaffinity(0, full)
+            if _native.step_moves() > before:
+                moved = True
+                break
+    finally:
+        os.sched_setaffinity(0, full)
+    assert moved, "the worker was never moved off the caller's core"
+    assert where != core, "moved, the worker still ran on the caller's core"
+    assert os.sched_getaffinity(workers[0]) == worker_mask
+
+
 def _child(q):
     try:
         rng = np.random.default_rng(11)

@@ -33,7 +33,7 @@ ENV = "RNN_ENGINE_KERNELS"
 CHOICES = ("native", "numpy")
 
 #: the interface version native.c must have been built with (its KERNELS_VERSION)
-VERSION = 12
+VERSION = 13
 
 try:
     from engine.layers.kernels import _native
@@ -375,6 +375,12 @@ def park() -> None:
     threads, which NumPy's GEMMs after a step loop wake, then have the cores to themselves
     (the output layer's backward GEMMs took 5.6 against 2.7 ms beside spinning workers)."""
     _native.park()
+
+
+def step_moves() -> int:
+    """How many times a step GEMM's caller found the pool's worker waiting on its own core
+    and moved it off (stepgemm.c, "the pool"); 0 without the native kernels."""
+    return _native.step_moves() if _native is not None else 0
 
 
 def step_gemm(out, packed: Packed, b, accumulate: bool = False, gather=None, scatter=None,

@@ -30,7 +30,7 @@
 #include "stepgemm.h"
 
 /* the interface's version: engine/layers/kernels/__init__.py refuses a build of another one */
-#define KERNELS_VERSION 12
+#define KERNELS_VERSION 13
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -1376,6 +1376,11 @@ static PyObject *py_park(PyObject *self, PyObject *noargs)
     Py_RETURN_NONE;
 }
 
+static PyObject *py_step_moves(PyObject *self, PyObject *noargs)
+{
+    return PyLong_FromLong(sg_moves());
+}
+
 static PyObject *py_step_isa(PyObject *self, PyObject *noargs)
 {
     return PyLong_FromLong(sg_cpu_isa());
@@ -1446,6 +1451,8 @@ static PyMethodDef methods[] = {
      "restep(steps, flat, bias, T): steps (T, R, B) = flat (R, T*B) + bias (R,) step-major"},
     {"park", py_park, METH_NOARGS,
      "park(): the pool's threads sleep now instead of spinning for the next task"},
+    {"step_moves", py_step_moves, METH_NOARGS,
+     "step_moves(): how many times a caller moved a pool worker off its own core"},
     {"step_isa", py_step_isa, METH_NOARGS, "step_isa(): 3 AVX-512, 2 AVX2 (+FMA), 0 neither"},
     {"scatter_t", py_scatter_t, METH_VARARGS,
      "scatter_t(acc, d, idx, isa): acc[idx[j], r] += d[r, j] (acc (V, R), idx int32)"},

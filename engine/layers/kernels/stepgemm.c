@@ -96,7 +96,17 @@ int sg_cpu_isa(void)
  * compare-and-swap: a worker that read the generation of a task that has ended fails its
  * claim and touches nothing of it (fn and arg are read only after a claim succeeded, and
  * the caller does not leave while a worker is busy). Which thread runs a unit changes no
- * bit of a result: a unit is computed the same wherever it runs. */
+ * bit of a result: a unit is computed the same wherever it runs.
+ *
+ * A worker on the caller's core. Linux at times queues a worker on the core the caller
+ * runs on, with the other core idle, and leaves it there for milliseconds: both threads
+ * are cache-hot, which its load balancer is slow to migrate. The worker then runs only
+ * when the caller is preempted, and the caller does the units alone (RNN 512, 50 steps,
+ * 2 threads: in some runs 100-600 of 2,050 steps found the worker waiting on the caller's
+ * core; those steps ran at one thread's speed, 260-320 instead of 145 us). So a worker
+ * notes the core it waits on, and a caller that did a task alone while that core is its
+ * own moves the worker off it at once (sched_setaffinity without the core, then the mask
+ * as it was: the worker stays where it was moved, and keeps the user's mask). */
 
 #define SG_MAXUNITS 0xffff
 
@@ -112,11 +122,17 @@ static struct {
     void (*quiet)(void);
 } pool = {.lock = PTHREAD_MUTEX_INITIALIZER};
 
-/* each thread's run of units, and whether a worker is taking units (a line each) */
+/* each thread's run of units, whether a worker is taking units, the last task it took a
+ * unit of, the core it last waited on and its thread id (a line each) */
 static struct {
     _Atomic uint64_t run;
     _Atomic int busy;
+    _Atomic unsigned took;
+    _Atomic int cpu;
+    _Atomic int tid;
 } __attribute__((aligned(64))) lane[SG_MAXT];
+
+static _Atomic long moves;         /* workers moved off the caller's core (sg_moves) */
 
 #define RUN(gen, front, back) \
     (((uint64_t)(gen) << 32) | ((uint64_t)(front) << 16) | (uint64_t)(back))
@@ -140,7 +156,16 @@ static inline void cpu_relax(void)
 #endif
 }
 
-static void wait_for_task(unsigned seen)
+static int this_cpu(void)
+{
+#ifdef SG_FUTEX
+    return sched_getcpu();
+#else
+    return -1;
+#endif
+}
+
+static void wait_for_task(int id, unsigned seen)
 {
     double t0 = now_us();
     for (unsigned spins = 0;; spins++) {
@@ -149,6 +174,7 @@ static void wait_for_task(unsigned seen)
         cpu_relax();
         if ((spins & 63) != 63)
             continue;
+        atomic_store_explicit(&lane[id].cpu, this_cpu(), memory_order_relaxed);
         double dt = atomic_load(&pool.parked) ? 1e9 : now_us() - t0;
         if (dt < 50.0)
             continue;
@@ -199,6 +225,7 @@ static void take_units(int t, int n, unsigned gen)
             if (!fn) {                  /* read only now: the task cannot end meanwhile */
                 fn = pool.fn;
                 arg = pool.arg;
+                atomic_store_explicit(&lane[t].took, gen, memory_order_relaxed);
             }
             fn(arg, u, t, next);
         }
@@ -214,8 +241,12 @@ static void *worker_main(void *p)
 {
     int id = (int)((uintptr_t)p & 0xff);
     unsigned seen = (unsigned)((uintptr_t)p >> 8);
+#ifdef SG_FUTEX
+    atomic_store(&lane[id].tid, (int)syscall(SYS_gettid));
+    pthread_setname_np(pthread_self(), "rnn-step");   /* top -H, /proc/<pid>/task/<tid>/comm */
+#endif
     for (;;) {
-        wait_for_task(seen);
+        wait_for_task(id, seen);
         seen = atomic_load(&pool.gen);
         /* busy before the first claim: a caller that sees every lane empty after this
          * worker's claim sees it busy until its unit is done */
@@ -257,6 +288,36 @@ static int ensure_workers(int want)
         pool.workers++;
     }
     return pool.workers;
+}
+
+/* worker t, which took no unit of the task the caller just did alone: if it waits on the
+ * caller's core, move it to another of the cores its mask allows */
+static void move_off(int t, int cpu)
+{
+#ifdef SG_FUTEX
+    int tid = atomic_load(&lane[t].tid);
+    if (cpu < 0 || tid <= 0 || atomic_load_explicit(&lane[t].cpu, memory_order_relaxed) != cpu)
+        return;
+    cpu_set_t mask, other;
+    if (sched_getaffinity(tid, sizeof mask, &mask) != 0 || !CPU_ISSET(cpu, &mask)
+        || CPU_COUNT(&mask) < 2)
+        return;
+    other = mask;
+    CPU_CLR(cpu, &other);
+    if (sched_setaffinity(tid, sizeof other, &other) == 0) {
+        sched_setaffinity(tid, sizeof mask, &mask);
+        atomic_store_explicit(&lane[t].cpu, -1, memory_order_relaxed);
+        atomic_fetch_add(&moves, 1);
+    }
+#else
+    (void)t;
+    (void)cpu;
+#endif
+}
+
+long sg_moves(void)
+{
+    return atomic_load(&moves);
 }
 
 static void run_alone(sg_unit_fn fn, void *arg, ptrdiff_t units)
@@ -303,6 +364,9 @@ void sg_run(sg_unit_fn fn, void *arg, ptrdiff_t units, int n)
     for (int t = 1; t < n; t++)
         while (atomic_load(&lane[t].busy))
             cpu_relax();
+    for (int t = 1; t < n; t++)
+        if (atomic_load_explicit(&lane[t].took, memory_order_relaxed) != gen)
+            move_off(t, this_cpu());
     pthread_mutex_unlock(&pool.lock);
 }
 

@@ -78,6 +78,8 @@ void sg_parallel(void (*fn)(void *arg, int t, int n), void *arg, int n);
 /* the pool's threads go to sleep at once instead of spinning for the next task (the caller
  * knows none comes soon, and another pool, the BLAS's, is about to work) */
 void sg_park(void);
+/* how many times a caller moved a worker off its own core (see "the pool") */
+long sg_moves(void);
 /* called before the pool's threads start work: puts another pool (the BLAS's) to sleep */
 void sg_set_quiet(void (*fn)(void));
 
