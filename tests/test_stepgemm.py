@@ -11,13 +11,15 @@ pass it replaces to the bit. Whole
 recurrent layers in float32 on the step GEMM equal the same layers on NumPy's matmul
 (``RNN_ENGINE_STEP_GEMM=blas``) to 1e-5, masked and not, and take those options. The cell kernels, the gathers and the scatter-adds split over threads give the same
 bits as on one, and so does the step-major to feature-major copy (``unstep``); parked
-threads wake for the next task. A forked child computes with its own threads, and the switch reads the
+threads wake for the next task; a worker Linux leaves on the caller's core is moved off it. A
+forked child computes with its own threads and never moves the parent's, and the switch reads the
 environment, refusing a value this CPU cannot run in one line.
 """
 from __future__ import annotations
 
 import multiprocessing
 import os
+import time
 
 import numpy as np
 import pytest
@@ -864,6 +866,51 @@ def test_a_worker_on_the_callers_core_is_moved_off_it():
     assert moved, "the worker was never moved off the caller's core"
     assert where != core, "moved, the worker still ran on the caller's core"
     assert os.sched_getaffinity(workers[0]) == worker_mask
+
+
+def _child_moves(q, core):
+    try:
+        os.sched_setaffinity(0, {core})   # the child's worker starts on this core only
+        before = _native.step_moves()      # the parent's count, copied by fork
+        rng = np.random.default_rng(3)
+        a, b = rand(rng, (512, 128)), rand(rng, (128, 50))
+        for _ in range(3):
+            gemm(a, b, ISAS[0], 2)
+        q.put(_native.step_moves() - before)
+    except Exception as e:  # noqa: BLE001 - any failure is reported to the parent
+        q.put(repr(e))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or not hasattr(os, "sched_setaffinity")
+                    or len(os.sched_getaffinity(0)) < 2, reason="needs fork and two cores")
+def test_a_forked_child_never_moves_the_parents_worker():
+    """A forked child's pool starts with the parent's notes of its worker: the thread id
+    (no thread of the child's; another process may get it) and the core it waited on. The
+    child must not move that thread: here the parent's worker last waited on the core the
+    child then runs its first tasks on, alone, and the child's own worker can move nowhere
+    (its mask is that core), so the child's count of moves stays 0."""
+    rng = np.random.default_rng(5)
+    a, b = rand(rng, (512, 128)), rand(rng, (128, 50))
+    full, core = os.sched_getaffinity(0), min(os.sched_getaffinity(0))
+    gemm(a, b, ISAS[0], 2)                       # the worker is up and spinning
+    workers = _pool_workers()
+    assert workers
+    mask = os.sched_getaffinity(workers[0])
+    try:
+        os.sched_setaffinity(workers[0], {core})  # it waits on `core`, then sleeps there
+        time.sleep(0.01)
+    finally:
+        os.sched_setaffinity(workers[0], mask)
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_moves, args=(q, core))
+    p.start()
+    p.join(60)
+    if p.is_alive():
+        p.kill()
+        pytest.fail("the forked child hung")
+    assert q.get(timeout=5) == 0
+    assert os.sched_getaffinity(0) == full
 
 
 def _child(q):

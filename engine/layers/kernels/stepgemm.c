@@ -264,8 +264,13 @@ static void after_fork_child(void)
     /* the workers are not in the child: it starts its own when it needs them */
     pthread_mutex_init(&pool.lock, NULL);
     pool.workers = 0;
-    for (int t = 0; t < SG_MAXT; t++)
+    for (int t = 0; t < SG_MAXT; t++) {
         atomic_store(&lane[t].busy, 0);
+        /* the parent's thread ids are no threads of the child's (another process may get
+         * them): no move until the child's own worker has written its id */
+        atomic_store(&lane[t].tid, 0);
+        atomic_store(&lane[t].cpu, -1);
+    }
 }
 
 static int ensure_workers(int want)
