@@ -101,9 +101,10 @@ int sg_cpu_isa(void)
  * A worker on the caller's core. Linux at times queues a worker on the core the caller
  * runs on, with the other core idle, and leaves it there for milliseconds: both threads
  * are cache-hot, which its load balancer is slow to migrate. The worker then runs only
- * when the caller is preempted, and the caller does the units alone (RNN 512, 50 steps,
- * 2 threads: in some runs 100-600 of 2,050 steps found the worker waiting on the caller's
- * core; those steps ran at one thread's speed, 260-320 instead of 145 us). So a worker
+ * when the caller is preempted, and the caller does the units alone (RNN 512, 41 loops of
+ * 50 steps, 2 threads: 37-613 of 2,091 tasks in six runs, each time with the worker
+ * waiting, and where it was recorded on the caller's core; the slow loops ran at one
+ * thread's speed, 260-320 instead of 145 us a step). So a worker
  * notes the core it waits on, and a caller that did a task alone while that core is its
  * own moves the worker off it at once (sched_setaffinity without the core, then the mask
  * as it was: the worker stays where it was moved, and keeps the user's mask). */
@@ -174,7 +175,9 @@ static void wait_for_task(int id, unsigned seen)
         cpu_relax();
         if ((spins & 63) != 63)
             continue;
-        atomic_store_explicit(&lane[id].cpu, this_cpu(), memory_order_relaxed);
+        int cpu = this_cpu();          /* its line written only when the core changed */
+        if (atomic_load_explicit(&lane[id].cpu, memory_order_relaxed) != cpu)
+            atomic_store_explicit(&lane[id].cpu, cpu, memory_order_relaxed);
         double dt = atomic_load(&pool.parked) ? 1e9 : now_us() - t0;
         if (dt < 50.0)
             continue;
