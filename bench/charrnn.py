@@ -288,8 +288,11 @@ class EngineRunner:
         pools = thread_pools()
         blas = ("NumPy BLAS: " + describe_blas(pools) if self.backend.device is None
                 else f"CuPy on {self.backend.describe()}")
-        return {"executor": self.note, "pools": pools, "blas": blas,
-                "kernels": kernels.describe(self.backend.dtype, self.backend.xp)}
+        rep = {"executor": self.note, "pools": pools, "blas": blas,
+               "kernels": kernels.describe(self.backend.dtype, self.backend.xp)}
+        if self.backend.device is None:
+            rep["step_moves"] = kernels.step_moves()
+        return rep
 
 
 class TorchRunner:
@@ -432,9 +435,6 @@ def child_main(kind: str, case: str, steps: int, warmup: int, executor: str,
             rep["gemm_peak_gflops"] = round(probe(reps=5) if probe is not None
                                             else gemm_peak(gpu), 1)
     rep.update(runner.describe())
-    if kind == "engine" and gpu is None:
-        from engine.layers import kernels
-        rep["step_moves"] = kernels.step_moves()
     rep.update({"step_s": [round(t, 6) for t in times], "last_loss": round(loss, 4),
                 "setup_rss_mib": round(setup_rss, 1),
                 # without the reset the peak may be set-up's, so growth is an upper bound

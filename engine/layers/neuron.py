@@ -109,10 +109,10 @@ class InnerProduct(Layer):
             add_grad(self.params["b"], dy.sum(axis=0))
         if not was_float:
             return [None], None
-        if ctx.product_grads and len(xshape) == 2:   # dx = dy W, left to the executor
-            return [ProductGrad(dy, wx)], None
-        dx = (wx.T @ dy.T).T  # dx = dy W, made feature-major: a recurrent source reads it by step
-        return [dx.reshape(xshape)], None
+        dx = ProductGrad(dy, wx)                       # dx = dy W
+        if ctx.product_grads and len(xshape) == 2:   # left to the executor
+            return [dx], None
+        return [dx.value().reshape(xshape)], None
 
 
 # --------------------------------------------------------------- embedding
