@@ -100,11 +100,26 @@ FRAMEWORKS = ("engine", "pytorch")
 NAMES = {"engine": "engine", "pytorch": "PyTorch"}
 #: removed from the environment of the engine's processes when set (see the module docstring)
 UNSET_FOR_ENGINE = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
-#: --emulate-avx2 on an AVX-512 machine: each framework's math library limited to AVX2
-#: (NumPy's OpenBLAS on its Haswell kernel; PyTorch's ATen, MKL and oneDNN, which runs its
-#: LSTM, on AVX2; the engine's step GEMM on its AVX2 kernel). The engine's own cell kernels
-#: have no such switch and keep the CPU's best instruction set.
-AVX2 = {"engine": {"OPENBLAS_CORETYPE": "Haswell", "RNN_ENGINE_STEP_GEMM": "avx2"},
+
+
+def _numpy_avx512_targets() -> str:
+    """NumPy's dispatch targets above AVX2 (X86_V4, AVX512_ICL, ... in NumPy 2; AVX512F,
+    AVX512_SKX, ... in NumPy 1), for NPY_DISABLE_CPU_FEATURES; NumPy ignores names it lacks."""
+    try:
+        from numpy._core import _multiarray_umath as umath
+    except ImportError:                                # NumPy 1
+        from numpy.core import _multiarray_umath as umath
+    return " ".join(t for t in getattr(umath, "__cpu_dispatch__", ())
+                    if "512" in t or t == "X86_V4")
+
+
+#: --emulate-avx2 on an AVX-512 machine: each framework's math libraries limited to AVX2:
+#: NumPy's OpenBLAS on its Haswell kernel and NumPy's own loops without their AVX-512
+#: targets; the engine's step GEMM and cell kernels on AVX2; PyTorch's ATen, MKL and oneDNN
+#: (which runs its LSTM) on AVX2.
+AVX2 = {"engine": {"OPENBLAS_CORETYPE": "Haswell", "RNN_ENGINE_STEP_GEMM": "avx2",
+                   "RNN_ENGINE_CELL_ISA": "avx2",
+                   "NPY_DISABLE_CPU_FEATURES": _numpy_avx512_targets()},
         "gemm": {"OPENBLAS_CORETYPE": "Haswell"},
         "pytorch": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
                     "ONEDNN_MAX_CPU_ISA": "AVX2"}}
@@ -576,6 +591,7 @@ def run_case(case: str, a, frameworks: tuple[str, ...], peak: float) -> dict:
         print(f"  {'pair' if len(frameworks) == 2 else 'run'} {i + 1}: " + ", ".join(line), flush=True)
     if "engine" in runs:
         res["engine_executor"] = runs["engine"][0]["executor"]
+        res["engine_kernels"] = runs["engine"][0]["kernels"]
     for k, rs in runs.items():
         res[k] = summarise(rs, flops, B * T, peak)
     if len(frameworks) == 2:
@@ -586,6 +602,8 @@ def run_case(case: str, a, frameworks: tuple[str, ...], peak: float) -> dict:
 def print_case(r: dict) -> None:
     if "engine_executor" in r:
         print(f"  engine {r['engine_executor']}")
+    if "engine_kernels" in r:
+        print(f"  engine {r['engine_kernels']}")
     for k in FRAMEWORKS:
         if k not in r:
             continue
@@ -643,7 +661,8 @@ def main(argv=None) -> int:
     ap.add_argument("--emulate-avx2", action="store_true",
                     help="on an AVX-512 CPU, limit both frameworks' math libraries to AVX2 "
                          "(OpenBLAS's Haswell kernel and the engine's step GEMM on AVX2; PyTorch's "
-                         "ATen, MKL and oneDNN on AVX2); the engine's cell kernels keep AVX-512")
+                         "ATen, MKL and oneDNN on AVX2; the engine's step GEMM, cell kernels "
+                         "and NumPy's loops on AVX2)")
     ap.add_argument("--probe-every", type=_count(0), default=0, metavar="N",
                     help="in the engine's processes, measure the GEMM peak again before the "
                          "timed steps and after every N of them, and report each window's share "
@@ -685,8 +704,7 @@ def main(argv=None) -> int:
             print(unset_note(removed))
         if a.emulate_avx2:
             print("AVX2 emulated: " + "; ".join(f"{k}: " + ", ".join(f"{n}={v}" for n, v in e.items())
-                                                for k, e in AVX2.items() if k != "gemm")
-                  + " (the engine's cell kernels keep the CPU's best instruction set)")
+                                                for k, e in AVX2.items() if k != "gemm"))
         print(f"PyTorch {machine['pytorch']} (threads: see each case)" if torch_found else
               "PyTorch is not installed: the engine is measured alone (pip install torch==2.13.0)")
         order = (f"engine and PyTorch alternating, {a.pairs} pair{'s' * (a.pairs > 1)}"

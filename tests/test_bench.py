@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -29,6 +31,7 @@ def test_charrnn_bench_smallest_case(tmp_path, capsys):
     assert res["settings"]["pairs"] == 1
     (case,) = res["cases"]
     assert case["case"] == "gru128" and "planned" in case["engine_executor"]
+    assert case["engine_kernels"].startswith("cell ") and f"engine {case['engine_kernels']}" in text
     eng = case["engine"]
     assert eng["processes"] == 1 and eng["malloc"] in ("keeps freed memory", "default (no glibc)")
     _check_run(eng["runs"][0], 2)
@@ -100,6 +103,17 @@ def test_emulated_avx2_limits_each_frameworks_library(monkeypatch):
     assert env["ONEDNN_MAX_CPU_ISA"] == "AVX2"
     env, _ = charrnn.child_env("engine", parent)
     assert env["RNN_ENGINE_STEP_GEMM"] == "avx2"      # the engine's own GEMM on AVX2 too
+    assert env["RNN_ENGINE_CELL_ISA"] == "avx2"       # and its cell kernels
+    # NumPy's own loops: in a child with this environment no target above AVX2 is on
+    code = ("import numpy, json\n"
+            "try:\n    from numpy._core import _multiarray_umath as u\n"
+            "except ImportError:\n    from numpy.core import _multiarray_umath as u\n"
+            "print(json.dumps([t for t in u.__cpu_dispatch__ if u.__cpu_features__.get(t)]))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "NPY_DISABLE_CPU_FEATURES": env["NPY_DISABLE_CPU_FEATURES"]},
+                       timeout=60)
+    on = json.loads(r.stdout)
+    assert not [t for t in on if "512" in t or t == "X86_V4"], on
 
 
 def _run(meds, train, rss):

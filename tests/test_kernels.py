@@ -42,6 +42,18 @@ def native():
     kernels.use(None)
 
 
+@pytest.fixture(params=["avx512", "avx2", "baseline"])
+def isa(request, monkeypatch):
+    """The loops' copy for one instruction set (RNN_ENGINE_CELL_ISA), where the CPU has it."""
+    level = kernels._CELL_LEVEL[request.param]
+    if level > kernels.info()["cpu_level"]:
+        pytest.skip(f"this CPU (or build) runs no {request.param} copy")
+    monkeypatch.setenv(kernels.CELL_ENV, request.param)
+    kernels.use("native")
+    assert kernels.info()["level"] == level
+    return request.param
+
+
 def close(got, want, what=""):
     """Agreement to 1e-5 relative to the largest entry of ``want``."""
     scale = float(np.abs(want).max()) or 1.0
@@ -65,7 +77,7 @@ def transposed(a):
 
 
 # ------------------------------------------------------------- the kernels' tanh
-def test_tanh_is_within_a_few_ulps_of_the_true_tanh():
+def test_tanh_is_within_a_few_ulps_of_the_true_tanh(isa):
     x = np.concatenate([np.linspace(-12, 12, 1_200_001, dtype=F32),
                         np.geomspace(1e-30, 1e-2, 2000, dtype=F32)])
     x = np.concatenate([x, -x[-2000:]])
@@ -77,7 +89,7 @@ def test_tanh_is_within_a_few_ulps_of_the_true_tanh():
     assert np.abs(y).max() <= 1
 
 
-def test_tanh_of_special_values():
+def test_tanh_of_special_values(isa):
     x = np.array([[np.nan, np.inf, -np.inf, 1e30, -1e30, 0.0, 9.0, -9.5]], F32)
     kernels._native.tanh(x)
     assert np.isnan(x[0, 0])
@@ -88,7 +100,7 @@ def test_tanh_of_special_values():
 # ------------------------------------------------------------------- cell kernels
 @pytest.mark.parametrize("relu", [False, True], ids=["tanh", "relu"])
 @pytest.mark.parametrize("H,B", SIZES, ids=SIZE_IDS)
-def test_rnn_kernels(H, B, relu):
+def test_rnn_kernels(H, B, relu, isa):
     rng = np.random.default_rng(H + B)
     pre = rand(rng, (H, B), 2.0)
     ref = cells.rnn_forward(np, pre.copy(), relu)
@@ -103,7 +115,7 @@ def test_rnn_kernels(H, B, relu):
 
 
 @pytest.mark.parametrize("H,B", SIZES, ids=SIZE_IDS)
-def test_gru_kernels(H, B):
+def test_gru_kernels(H, B, isa):
     rng = np.random.default_rng(H * B)
     xproj, hproj, h = rand(rng, (3 * H, B), 1.5), rand(rng, (3 * H, B), 1.5), rand(rng, (H, B))
     hp_ref, hp_got = hproj.copy(), hproj.copy()
@@ -127,7 +139,7 @@ def test_gru_kernels(H, B):
 
 @pytest.mark.parametrize("with_dc", [True, False], ids=["dc", "no-dc"])
 @pytest.mark.parametrize("H,B", SIZES, ids=SIZE_IDS)
-def test_lstm_kernels(H, B, with_dc):
+def test_lstm_kernels(H, B, with_dc, isa):
     rng = np.random.default_rng(H + 7 * B)
     pre, c = rand(rng, (4 * H, B), 2.0), rand(rng, (H, B))
     p_ref, p_got = pre.copy(), pre.copy()
@@ -175,7 +187,7 @@ def test_kernels_check_what_they_are_given():
 
 
 # ------------------------------------------------- one-hot inputs, transposes
-def test_gather_scatter_and_transpose_equal_numpy():
+def test_gather_scatter_and_transpose_equal_numpy(isa):
     """The compiled column gather, scatter-add (into a transposed table, step by step) and
     transpose give NumPy's results exactly (they only move and add numbers, in the same
     order), on column slices."""
@@ -348,6 +360,47 @@ def test_switch_reads_the_environment(monkeypatch):
         kernels.use(None)
 
 
+def test_the_instruction_set_switch_runs_another_copy(monkeypatch):
+    """RNN_ENGINE_CELL_ISA=baseline runs the copy without fused multiply-adds, whose tanh
+    rounds otherwise than the CPU's best copy somewhere in a million inputs; the update
+    rule, compiled without contraction, gives the same bits in every copy."""
+    best = kernels.info()["cpu_level"]
+    if best < 2:
+        pytest.skip("this CPU (or build) has only the baseline copy")
+    x = np.linspace(-6, 6, 1_000_001, dtype=F32).reshape(1, -1)
+    rng = np.random.default_rng(3)
+    w0, g0, h0 = rand(rng, (10_001,)), rand(rng, (10_001,), 0.1), np.abs(rand(rng, (10_001,)))
+    out = {}
+    for want in ("auto", "baseline"):
+        monkeypatch.setenv(kernels.CELL_ENV, want)
+        kernels.use("native")
+        assert kernels.info()["level"] == (best if want == "auto" else 1)
+        y, w, g, h = x.copy(), w0.copy(), g0.copy(), h0.copy()
+        kernels._native.tanh(y)
+        kernels._native.adarule(w, g, h, 0.002, 0.95, 0.05, 1e-6, False, True, -0.05, 0.05, 1)
+        out[want] = (y, w, g, h)
+    assert not np.array_equal(out["auto"][0], out["baseline"][0])
+    close(out["baseline"][0], out["auto"][0])
+    for a, b in zip(out["auto"][1:], out["baseline"][1:]):
+        assert np.array_equal(a, b)
+    assert kernels.describe().startswith("cell kernels: native (baseline x86-64, lowered from ")
+
+
+def test_the_instruction_set_switch_refuses_what_it_cannot_run(monkeypatch):
+    monkeypatch.setenv(kernels.CELL_ENV, "sse9")
+    with pytest.raises(BackendError, match="RNN_ENGINE_CELL_ISA='sse9' is not a choice; use "
+                                           "one of auto, avx512, avx2, baseline"):
+        kernels.use("native")
+    info = kernels.info()
+    monkeypatch.setattr(kernels._native, "info", lambda: {**info, "cpu_level": 2})
+    monkeypatch.setenv(kernels.CELL_ENV, "avx512")
+    with pytest.raises(BackendError, match="RNN_ENGINE_CELL_ISA=avx512: this CPU gives the "
+                                           "cell kernels at most avx2; use RNN_ENGINE_CELL_ISA=auto"):
+        kernels.use("native")
+    with pytest.raises(ValueError, match="level 4"):
+        kernels._native.cell_isa(4)
+
+
 def _train_banner(tmp_path, env_value=None, block_native=False):
     """Train a tiny LSTM job for 5 steps; returns (process, the final train loss)."""
     job = char_job(tmp_path, rnn="kLSTM", steps=5, val=False)
@@ -388,6 +441,14 @@ def test_a_bad_switch_value_is_one_error_line(tmp_path):
                                 "RNN_ENGINE_KERNELS=numpy")
 
 
+def test_a_bad_instruction_set_is_one_error_line(tmp_path):
+    job = char_job(tmp_path, steps=2, val=False)
+    r = run_cli("engine.train", job, env={**os.environ, kernels.CELL_ENV: "sse9"})
+    assert r.returncode == 2
+    assert r.stderr.strip() == ("error: RNN_ENGINE_CELL_ISA='sse9' is not a choice; use one "
+                                "of auto, avx512, avx2, baseline")
+
+
 @pytest.mark.parametrize("dtype", [np.float64, F32], ids=["float64", "float32"])
 @pytest.mark.parametrize("kind,act", LAYERS, ids=LAYER_IDS)
 def test_one_hot_source_gathers_what_a_dense_one_multiplies(kind, act, dtype):
@@ -421,7 +482,7 @@ XENT_V = [101, 1, 16, 17, 3, 40]
 
 
 @pytest.mark.parametrize("V", XENT_V)
-def test_softmax_xent_against_float64(V):
+def test_softmax_xent_against_float64(V, isa):
     """kernels.softmax_xent: p within a few float32 ulps of the float64 softmax of the
     float32 differences s - max wherever the true value is a normal float (its exp is ~1 ulp,
     on scores spread over [-80, 80] so that exp runs over its whole range), the cross-entropy to 1e-6 of its size, and the argmax
@@ -449,7 +510,7 @@ def test_softmax_xent_against_float64(V):
     assert V == 1 or 0 < hit[:100].sum() < 100     # some rows hit, some miss
 
 
-def test_softmax_xent_special_values_and_bad_labels():
+def test_softmax_xent_special_values_and_bad_labels(isa):
     s = np.array([[0.0, np.nan, 1.0], [np.inf, 0.0, 0.0], [-np.inf, 0.0, 0.0]], F32)
     p, nll, hit = kernels.softmax_xent(s, np.array([0, 0, 1]))
     assert np.isnan(p[0]).all() and np.isnan(nll[0])       # NaN spreads, as in NumPy
@@ -463,7 +524,7 @@ def test_softmax_xent_special_values_and_bad_labels():
 
 
 @pytest.mark.parametrize("V", XENT_V)
-def test_xent_grad_is_the_numpy_formula_to_the_bit(V):
+def test_xent_grad_is_the_numpy_formula_to_the_bit(V, isa):
     rng = np.random.default_rng(V + 1)
     R = 200
     p = rng.uniform(0, 1, (R, V)).astype(F32)
@@ -510,7 +571,7 @@ def test_softmax_loss_layer_with_the_kernel_equals_the_formulas(topk):
 
 
 @pytest.mark.parametrize("clip", [False, True])
-def test_the_update_rule_on_threads_gives_the_same_bits(clip):
+def test_the_update_rule_on_threads_gives_the_same_bits(clip, isa):
     """A large param's RMSProp step split over the step GEMM's pool (2 and 3 threads, runs
     that start 16-aligned, a length that is not) is the one-thread pass bit for bit."""
     from engine.layers.kernels import _native

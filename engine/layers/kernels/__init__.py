@@ -15,6 +15,11 @@ first needed:
   NumPy formulas, and ``describe()`` says why;
 * ``numpy``: the NumPy formulas always.
 
+The kernels' loops run with the CPU's best instruction set (AVX-512, AVX2 + FMA, or
+baseline x86-64); ``RNN_ENGINE_CELL_ISA`` (``auto``, ``avx512``, ``avx2``, ``baseline``)
+lowers it, e.g. to time on an AVX-512 CPU what an AVX2 one runs (``bench.charrnn
+--emulate-avx2``). A level above the CPU's, or an unknown value, is a BackendError.
+
 ``use(name)`` changes it in a running process (tests, benchmarks). Whatever the
 switch says, only NumPy float32 arrays take the kernels (``usable``): CuPy
 arrays and float64 (gradient checks, the planner's equality tests) take the
@@ -33,7 +38,12 @@ ENV = "RNN_ENGINE_KERNELS"
 CHOICES = ("native", "numpy")
 
 #: the interface version native.c must have been built with (its KERNELS_VERSION)
-VERSION = 13
+VERSION = 14
+
+#: the cell kernels' instruction set: auto (the CPU's best), or at most this one
+CELL_ENV = "RNN_ENGINE_CELL_ISA"
+CELL_CHOICES = ("auto", "avx512", "avx2", "baseline")
+_CELL_LEVEL = {"baseline": 1, "avx2": 2, "avx512": 3}
 
 try:
     from engine.layers.kernels import _native
@@ -67,8 +77,27 @@ def mode() -> str:
         if want not in CHOICES:
             raise BackendError(f"{ENV}={os.environ[ENV]!r} is not a kernel choice; use "
                                f"{ENV}=native (the compiled cell kernels) or {ENV}=numpy")
-        _mode = "native" if want == "native" and available() else "numpy"
+        resolved = "native" if want == "native" and available() else "numpy"
+        if resolved == "native":
+            _cell_isa()
+        _mode = resolved
     return _mode
+
+
+def _cell_isa() -> None:
+    """Set the kernels' instruction set from RNN_ENGINE_CELL_ISA (auto: the CPU's best)."""
+    raw = os.environ.get(CELL_ENV, "auto")
+    want = raw.strip().lower() or "auto"
+    if want not in CELL_CHOICES:
+        raise BackendError(f"{CELL_ENV}={raw!r} is not a choice; use one of "
+                           f"{', '.join(CELL_CHOICES)}")
+    best = _native.info()["cpu_level"]
+    level = best if want == "auto" else _CELL_LEVEL[want]
+    if level > best:
+        names = {v: k for k, v in _CELL_LEVEL.items()}
+        raise BackendError(f"{CELL_ENV}={want}: this CPU gives the cell kernels at most "
+                           f"{names[best]}; use {CELL_ENV}=auto")
+    _native.cell_isa(level)
 
 
 def use(name: str | None) -> str:
@@ -77,12 +106,18 @@ def use(name: str | None) -> str:
     global _mode
     if name is not None and name not in CHOICES:
         raise ValueError(f"kernels {name!r}: use one of {CHOICES}")
-    _mode = None if name is None else ("native" if name == "native" and available() else "numpy")
+    _mode = None
+    if name is not None:
+        resolved = "native" if name == "native" and available() else "numpy"
+        if resolved == "native":
+            _cell_isa()
+        _mode = resolved
     return mode()
 
 
 def info() -> dict:
-    """The compiled kernels' build: {"isa": the instruction set their loops run with}."""
+    """The compiled kernels' build: {"isa": the instruction set their loops run with,
+    "level": its number (1 baseline, 2 AVX2, 3 AVX-512), "cpu_level": the CPU's best}."""
     return {} if _native is None else _native.info()
 
 
@@ -93,7 +128,11 @@ def describe(dtype=np.float32, xp=np) -> str:
     if np.dtype(dtype) != np.float32:
         return f"cell maths: NumPy formulas ({np.dtype(dtype).name})"
     if mode() == "native":
-        return f"cell kernels: native ({info()['isa']}), {step_describe()}"
+        i = info()
+        names = {1: "baseline x86-64", 2: "AVX2", 3: "AVX-512"}
+        lowered = (f", lowered from {names[i['cpu_level']]} by {CELL_ENV}"
+                   if i["level"] < i["cpu_level"] else "")
+        return f"cell kernels: native ({i['isa']}{lowered}), {step_describe()}"
     if not available():
         why = _why_not
     elif os.environ.get(ENV, "").strip().lower() == "numpy":

@@ -13,8 +13,8 @@
  *
  * One thread: the kernels release the GIL but start no threads of their own (a second
  * pool beside OpenBLAS's made steps slower; see docs/speed.md). The loops
- * run a function compiled for AVX-512, AVX2+FMA and baseline x86-64 (GCC's
- * target_clones, picked once at load time), so the binary runs on any x86-64 CPU. When
+ * run a function compiled for AVX-512, AVX2+FMA and baseline x86-64 (MULTI below: the
+ * CPU's best, or a lower one asked for), so the binary runs on any x86-64 CPU. When
  * every array of a call is a contiguous block (row stride B), each gate block is one
  * run of H·B floats and is processed as one row, without a remainder per row of B.
  *
@@ -30,13 +30,50 @@
 #include "stepgemm.h"
 
 /* the interface's version: engine/layers/kernels/__init__.py refuses a build of another one */
-#define KERNELS_VERSION 13
+#define KERNELS_VERSION 14
+
+/* The instruction set the loops below run with: 3 AVX-512 (x86-64-v4), 2 AVX2 + FMA
+ * (x86-64-v3), 1 baseline x86-64. MULTI compiles a loop once per level (its body inlined
+ * into a function built for that level) and calls the copy of cell_isa; cell_isa starts at
+ * the CPU's best (cpu_isa) and may be lowered (py_cell_isa: RNN_ENGINE_CELL_ISA, e.g. an
+ * AVX-512 CPU held to what an AVX2 one runs). Without GCC on x86-64 Linux: one copy, the
+ * compiler's default, and the level stays 1. */
+static int cell_isa = 1;
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define HAVE_MULTI 1
+#define MULTI(name, params, args)                                                          \
+    static inline __attribute__((always_inline)) void name##_body params;                 \
+    __attribute__((target("arch=x86-64-v4"))) static void name##_v4 params { name##_body args; } \
+    __attribute__((target("arch=x86-64-v3"))) static void name##_v3 params { name##_body args; } \
+    static void name##_v1 params { name##_body args; }                                     \
+    static void name params                                                                \
+    {                                                                                      \
+        if (cell_isa >= 3)                                                                 \
+            name##_v4 args;                                                                \
+        else if (cell_isa == 2)                                                            \
+            name##_v3 args;                                                                \
+        else                                                                               \
+            name##_v1 args;                                                                \
+    }                                                                                      \
+    static inline __attribute__((always_inline)) void name##_body params
 #else
-#define CLONES
+#define HAVE_MULTI 0
+#define MULTI(name, params, args) static void name params
 #endif
+
+/* the best level of this CPU */
+static int cpu_isa(void)
+{
+#if HAVE_MULTI
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("x86-64-v4"))
+        return 3;
+    if (__builtin_cpu_supports("x86-64-v3"))
+        return 2;
+#endif
+    return 1;
+}
 
 /* ------------------------------------------------------------------ maths */
 
@@ -241,8 +278,10 @@ static inline void relu_row(float *restrict p, Py_ssize_t B)
 }
 
 /* a: 0 pre (in: W_x x + b + W_h h, out: h') */
-CLONES static void rnn_fwd_rows(const mat *a, Py_ssize_t H, Py_ssize_t B, Py_ssize_t r0,
-                                Py_ssize_t r1, int relu)
+MULTI(rnn_fwd_rows,
+      (const mat *a, Py_ssize_t H, Py_ssize_t B, Py_ssize_t r0,
+       Py_ssize_t r1, int relu),
+      (a, H, B, r0, r1, relu))
 {
     for (Py_ssize_t i = r0; i < r1; i++) {
         if (relu)
@@ -264,8 +303,10 @@ static inline void rnn_bwd_row(const float *restrict dh, const float *restrict h
 }
 
 /* a: 0 dh', 1 h', 2 out dpre */
-CLONES static void rnn_bwd_rows(const mat *a, Py_ssize_t H, Py_ssize_t B, Py_ssize_t r0,
-                                Py_ssize_t r1, int relu)
+MULTI(rnn_bwd_rows,
+      (const mat *a, Py_ssize_t H, Py_ssize_t B, Py_ssize_t r0,
+       Py_ssize_t r1, int relu),
+      (a, H, B, r0, r1, relu))
 {
     for (Py_ssize_t i = r0; i < r1; i++)
         rnn_bwd_row(AT(a[0], i), AT(a[1], i), AT(a[2], i), B, relu);
@@ -290,8 +331,10 @@ static inline void gru_fwd_row(const float *restrict xz, const float *restrict x
 }
 
 /* a: 0 xproj (3H), 1 hproj (3H; out: rows 0..2H hold z, r), 2 h, 3 out h', 4 out c */
-CLONES static void gru_fwd_rows(const mat *a, Py_ssize_t H, Py_ssize_t B, Py_ssize_t r0,
-                                Py_ssize_t r1, int flag)
+MULTI(gru_fwd_rows,
+      (const mat *a, Py_ssize_t H, Py_ssize_t B, Py_ssize_t r0,
+       Py_ssize_t r1, int flag),
+      (a, H, B, r0, r1, flag))
 {
     (void)flag;
     for (Py_ssize_t i = r0; i < r1; i++)
@@ -323,8 +366,10 @@ static inline void gru_bwd_row(const float *restrict dh, const float *restrict h
 }
 
 /* a: 0 dh', 1 h, 2 zr (2H), 3 c, 4 hc, 5 out dxproj (3H), 6 out dhproj (3H), 7 out dh direct */
-CLONES static void gru_bwd_rows(const mat *a, Py_ssize_t H, Py_ssize_t B, Py_ssize_t r0,
-                                Py_ssize_t r1, int flag)
+MULTI(gru_bwd_rows,
+      (const mat *a, Py_ssize_t H, Py_ssize_t B, Py_ssize_t r0,
+       Py_ssize_t r1, int flag),
+      (a, H, B, r0, r1, flag))
 {
     (void)flag;
     for (Py_ssize_t i = r0; i < r1; i++)
@@ -355,8 +400,10 @@ static inline void lstm_fwd_row(float *restrict pi, float *restrict pf, float *r
 }
 
 /* a: 0 pre (4H; out: rows i, f, o gates, g = tanh), 1 c, 2 out h', 3 out c', 4 out tanh(c') */
-CLONES static void lstm_fwd_rows(const mat *a, Py_ssize_t H, Py_ssize_t B, Py_ssize_t r0,
-                                 Py_ssize_t r1, int flag)
+MULTI(lstm_fwd_rows,
+      (const mat *a, Py_ssize_t H, Py_ssize_t B, Py_ssize_t r0,
+       Py_ssize_t r1, int flag),
+      (a, H, B, r0, r1, flag))
 {
     (void)flag;
     for (Py_ssize_t i = r0; i < r1; i++)
@@ -387,8 +434,10 @@ static inline void lstm_bwd_row(const float *restrict dh, const float *restrict 
 
 /* a: 0 dh', 1 dc' (p NULL when there is none), 2 c, 3 ifo (3H), 4 g, 5 tanh(c'),
  *    6 out dpre (4H), 7 out dc */
-CLONES static void lstm_bwd_rows(const mat *a, Py_ssize_t H, Py_ssize_t B, Py_ssize_t r0,
-                                 Py_ssize_t r1, int flag)
+MULTI(lstm_bwd_rows,
+      (const mat *a, Py_ssize_t H, Py_ssize_t B, Py_ssize_t r0,
+       Py_ssize_t r1, int flag),
+      (a, H, B, r0, r1, flag))
 {
     (void)flag;
     for (Py_ssize_t i = r0; i < r1; i++)
@@ -535,9 +584,11 @@ static PyObject *py_tanh(PyObject *self, PyObject *args)
 
 /* out[r, j] = table[r, idx[j]] (add: +=) for rows r0..r1, j < n. (AVX-512 gathers,
  * written out with intrinsics, measured no faster than this loop on the project's CPU.) */
-CLONES static void gather_cols_rows(float *out, Py_ssize_t ors, const float *table,
-                                    Py_ssize_t trs, const int32_t *restrict idx, Py_ssize_t n,
-                                    Py_ssize_t r0, Py_ssize_t r1, int add)
+MULTI(gather_cols_rows,
+      (float *out, Py_ssize_t ors, const float *table,
+       Py_ssize_t trs, const int32_t *restrict idx, Py_ssize_t n,
+       Py_ssize_t r0, Py_ssize_t r1, int add),
+      (out, ors, table, trs, idx, n, r0, r1, add))
 {
     for (Py_ssize_t r = r0; r < r1; r++) {
         const float *restrict t = table + r * trs;
@@ -761,8 +812,10 @@ static inline float exp_f(float x)
  * row's first score, whose exps are dropped, so that it too runs as vectors), *nll = log Σ
  * exp(s - max) - (s[lab] - max), *hit = 1 when lab is the first index of the row's maximum
  * (np.argmax), else 0. */
-CLONES static void xent_row(const float *restrict s, float *restrict p, Py_ssize_t V,
-                            int32_t lab, float *nll, float *hit)
+MULTI(xent_row,
+      (const float *restrict s, float *restrict p, Py_ssize_t V,
+       int32_t lab, float *nll, float *hit),
+      (s, p, V, lab, nll, hit))
 {
     float lm[XL], ls[XL], tb[XL], te[XL];
     Py_ssize_t full = V / XL * XL, rest = V - full;
@@ -863,8 +916,10 @@ done:
 
 /* xent_grad(g, p, labels, c): g[r] = (p[r] - onehot(labels[r])) · c[r, 0], each element
  * as NumPy's p.copy(), g[r, labels[r]] -= 1, g *= c computes it (the same roundings) */
-CLONES static void xent_grad_row(float *restrict g, const float *restrict p, Py_ssize_t V,
-                                 int32_t lab, float c)
+MULTI(xent_grad_row,
+      (float *restrict g, const float *restrict p, Py_ssize_t V,
+       int32_t lab, float c),
+      (g, p, V, lab, c))
 {
     for (Py_ssize_t j = 0; j < V; j++)
         g[j] = p[j] * c;
@@ -904,9 +959,11 @@ done:
  *   w = w − (g / (sqrt(h) + delta))·lr */
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
-CLONES static void adarule(float *restrict w, float *restrict g, float *restrict h, Py_ssize_t n,
-                           float lr, float rho, float omr, float delta, int adagrad, int clip,
-                           float lo, float hi)
+MULTI(adarule,
+      (float *restrict w, float *restrict g, float *restrict h, Py_ssize_t n,
+       float lr, float rho, float omr, float delta, int adagrad, int clip,
+       float lo, float hi),
+      (w, g, h, n, lr, rho, omr, delta, adagrad, clip, lo, hi))
 {
     for (Py_ssize_t j = 0; j < n; j++) {
         float gj = g[j];
@@ -1397,19 +1454,35 @@ static PyObject *py_step_quiet(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* cell_isa(level): the loops' instruction set (see MULTI) lowered or raised to ``level``
+ * (1 baseline, 2 AVX2, 3 AVX-512; at most the CPU's, else ValueError); -1 leaves it.
+ * Returns the level in use. */
+static PyObject *py_cell_isa(PyObject *self, PyObject *args)
+{
+    int level;
+    if (!PyArg_ParseTuple(args, "i", &level))
+        return NULL;
+    if (level != -1) {
+        if (level < 1 || level > 3) {
+            PyErr_Format(PyExc_ValueError, "level %d: 1 (baseline), 2 (AVX2) or 3 (AVX-512)",
+                         level);
+            return NULL;
+        }
+        if (level > cpu_isa()) {
+            PyErr_Format(PyExc_ValueError, "level %d: this CPU (or build) gives at most %d",
+                         level, cpu_isa());
+            return NULL;
+        }
+        cell_isa = level;
+    }
+    return PyLong_FromLong(cell_isa);
+}
+
 static PyObject *py_info(PyObject *self, PyObject *noargs)
 {
-    const char *isa = "compiler default";
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("x86-64-v4"))
-        isa = "AVX-512";
-    else if (__builtin_cpu_supports("x86-64-v3"))
-        isa = "AVX2";
-    else
-        isa = "baseline x86-64";
-#endif
-    return Py_BuildValue("{s:s}", "isa", isa);
+    static const char *const names[] = {"", "baseline x86-64", "AVX2", "AVX-512"};
+    return Py_BuildValue("{s:s,s:i,s:i}", "isa", HAVE_MULTI ? names[cell_isa] : "compiler default",
+                         "level", cell_isa, "cpu_level", cpu_isa());
 }
 
 static PyMethodDef methods[] = {
@@ -1453,12 +1526,16 @@ static PyMethodDef methods[] = {
      "park(): the pool's threads sleep now instead of spinning for the next task"},
     {"step_moves", py_step_moves, METH_NOARGS,
      "step_moves(): how many times a caller moved a pool worker off its own core"},
+    {"cell_isa", py_cell_isa, METH_VARARGS,
+     "cell_isa(level): the cell loops' instruction set, 1 baseline, 2 AVX2, 3 AVX-512 (-1: "
+     "unchanged); returns the one in use"},
     {"step_isa", py_step_isa, METH_NOARGS, "step_isa(): 3 AVX-512, 2 AVX2 (+FMA), 0 neither"},
     {"scatter_t", py_scatter_t, METH_VARARGS,
      "scatter_t(acc, d, idx, isa): acc[idx[j], r] += d[r, j] (acc (V, R), idx int32)"},
     {"step_quiet", py_step_quiet, METH_VARARGS,
      "step_quiet(address): void (*)(void) called before the step GEMM's threads start work"},
-    {"info", py_info, METH_NOARGS, "info(): {'isa': the instruction set the loops run with}"},
+    {"info", py_info, METH_NOARGS, "info(): {'isa': the instruction set the loops run with, 'level': its number, "
+     "'cpu_level': the CPU's best}"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1468,6 +1545,7 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__native(void)
 {
+    cell_isa = cpu_isa();
     PyObject *m = PyModule_Create(&module);
     if (m && PyModule_AddIntConstant(m, "VERSION", KERNELS_VERSION) < 0) {
         Py_DECREF(m);
