@@ -660,9 +660,8 @@ def main(argv=None) -> int:
                     "PyTorch on CUDA/cuDNN); the peak is CuPy's GEMM")
     ap.add_argument("--emulate-avx2", action="store_true",
                     help="on an AVX-512 CPU, limit both frameworks' math libraries to AVX2 "
-                         "(OpenBLAS's Haswell kernel and the engine's step GEMM on AVX2; PyTorch's "
-                         "ATen, MKL and oneDNN on AVX2; the engine's step GEMM, cell kernels "
-                         "and NumPy's loops on AVX2)")
+                         "(NumPy's OpenBLAS on its Haswell kernel, NumPy's own loops, the "
+                         "engine's step GEMM and cell kernels; PyTorch's ATen, MKL and oneDNN)")
     ap.add_argument("--probe-every", type=_count(0), default=0, metavar="N",
                     help="in the engine's processes, measure the GEMM peak again before the "
                          "timed steps and after every N of them, and report each window's share "

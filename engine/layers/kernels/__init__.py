@@ -77,11 +77,16 @@ def mode() -> str:
         if want not in CHOICES:
             raise BackendError(f"{ENV}={os.environ[ENV]!r} is not a kernel choice; use "
                                f"{ENV}=native (the compiled cell kernels) or {ENV}=numpy")
-        resolved = "native" if want == "native" and available() else "numpy"
-        if resolved == "native":
-            _cell_isa()
-        _mode = resolved
+        _mode = _resolve(want)
     return _mode
+
+
+def _resolve(want: str) -> str:
+    """The mode that ``want`` gives here; for "native", the loops' instruction set set first."""
+    if want == "native" and available():
+        _cell_isa()
+        return "native"
+    return "numpy"
 
 
 def _cell_isa() -> None:
@@ -108,10 +113,7 @@ def use(name: str | None) -> str:
         raise ValueError(f"kernels {name!r}: use one of {CHOICES}")
     _mode = None
     if name is not None:
-        resolved = "native" if name == "native" and available() else "numpy"
-        if resolved == "native":
-            _cell_isa()
-        _mode = resolved
+        _mode = _resolve(name)
     return mode()
 
 
