@@ -11,12 +11,14 @@
  * (engine/layers/kernels/__init__.py) checks that before calling and uses the NumPy
  * formulas otherwise; here a mismatch raises.
  *
- * One thread: the kernels release the GIL but start no threads of their own (a second
- * pool beside OpenBLAS's made steps slower; see docs/speed.md). The loops
- * run a function compiled for AVX-512, AVX2+FMA and baseline x86-64 (MULTI below: the
- * CPU's best, or a lower one asked for), so the binary runs on any x86-64 CPU. When
- * every array of a call is a contiguous block (row stride B), each gate block is one
- * run of H·B floats and is processed as one row, without a remainder per row of B.
+ * Threads: the kernels release the GIL and start no threads of their own. Inside a step
+ * loop that runs the packed step GEMM they split their rows over that GEMM's pool
+ * (sg_parallel, g_threads below) when a call is large enough; elsewhere they run on the
+ * calling thread. (An OpenMP pool beside OpenBLAS's made steps slower; see docs/speed.md.)
+ * The loops run a function compiled for AVX-512, AVX2+FMA and baseline x86-64 (MULTI
+ * below: the CPU's best, or a lower one asked for), so the binary runs on any x86-64
+ * CPU. When every array of a call is a contiguous block (row stride B), each gate block
+ * is one run of H·B floats and is processed as one row, without a remainder per row of B.
  *
  * tanh is computed here (a rational function, see tanh_f), not by libm, so that the
  * loops vectorise, and σ(x) = 0.5 tanh(x / 2) + 0.5, as the NumPy formulas compute it.
