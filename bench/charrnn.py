@@ -401,6 +401,15 @@ def _reset_peak() -> bool:
         return False
 
 
+def core_apart() -> float | None:
+    """How far apart the host has put this process's first two cores now: a cache line's
+    round trip between them, ns (the engine's step loops slow down as it grows; see
+    docs/speed.md, fifteenth session); None on one core."""
+    from engine.layers import kernels
+    ns = kernels.core_round_trip_ns()
+    return None if ns is None else round(ns, 1)
+
+
 def child_main(kind: str, case: str, steps: int, warmup: int, executor: str,
                gpu: int | None = None, probe_every: int = 0) -> int:
     """One measurement: print one JSON line with this process's result.
@@ -435,12 +444,16 @@ def child_main(kind: str, case: str, steps: int, warmup: int, executor: str,
         for _ in range(warmup):
             loss = runner.step()
         times, probes = [], []
+        apart = [core_apart()] if kind == "engine" and gpu is None else []
         for i in range(steps):
             if probe is not None and i % probe_every == 0:
                 probes.append(round(probe(), 1))
             t = time.perf_counter()
             loss = runner.step()
             times.append(time.perf_counter() - t)
+        if apart:
+            apart.append(core_apart())
+            rep["core_round_trip_ns"] = apart
         if probe is not None:
             probes.append(round(probe(), 1))
             rep["window_peaks_gflops"] = probes
@@ -548,6 +561,8 @@ def summarise(runs: list[dict], flops: float, chars: int, peak: float) -> dict:
                     "probe_every": runs[0]["probe_every"]})
     if all("step_moves" in r for r in runs):
         own["step_moves"] = [r["step_moves"] for r in runs]
+    if all(r.get("core_round_trip_ns") and None not in r["core_round_trip_ns"] for r in runs):
+        own["core_round_trip_ns"] = [r["core_round_trip_ns"] for r in runs]
     return {"processes": len(runs), "process_median_step_s": [round(m, 6) for m in meds],
             "median_step_s": round(med, 6), "min_step_s": round(lo, 6), "max_step_s": round(hi, 6),
             "chars_per_s": round(chars / med, 1),
@@ -626,6 +641,10 @@ def print_case(r: dict) -> None:
                   f"({plo:.1f}-{phi:.1f} GFLOP/s): {100 * x['window_peak_fraction']:.1f}% "
                   f"(min-max over processes {100 * lo:.1f}-{100 * hi:.1f})")
         print(f"           {x['blas']}; malloc {x['malloc']}")
+        if x.get("core_round_trip_ns"):
+            print("           the two cores' cache-line round trip before / after the timed "
+                  "steps: " + ", ".join(f"{a:.0f} / {b:.0f}" for a, b in x["core_round_trip_ns"])
+                  + " ns (per process)")
         if x.get("step_moves"):
             print(f"           the step GEMM's worker, found on the caller's core, moved off it "
                   f"{', '.join(map(str, x['step_moves']))} times (per process)")

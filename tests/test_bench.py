@@ -37,6 +37,9 @@ def test_charrnn_bench_smallest_case(tmp_path, capsys):
     _check_run(eng["runs"][0], 2)
     assert eng["median_step_s"] == eng["min_step_s"] == eng["max_step_s"] > 0
     assert eng["chars_per_s"] > 0 and eng["gflops"] > 0
+    if len(os.sched_getaffinity(0)) >= 2:      # how far apart the cores were, before and after
+        ((before, after),) = eng["core_round_trip_ns"]
+        assert before > 0 and after > 0 and "cache-line round trip" in text
     if charrnn.have_torch():
         pt = case["pytorch"]
         _check_run(pt["runs"][0], 2)

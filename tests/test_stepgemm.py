@@ -924,6 +924,25 @@ def _child(q):
         q.put(repr(e))
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two cores")
+def test_the_round_trip_between_two_cores():
+    """kernels.core_round_trip_ns: a time a cache line can take between two cores (tens to
+    hundreds of ns; a loaded host may stretch it, hence the wide bound), the caller's mask
+    as it was after; a core the process may not use gives -1, the same core twice an error."""
+    mask = os.sched_getaffinity(0)
+    a, b = sorted(mask)[:2]
+    ns = kernels.core_round_trip_ns(rounds=2000, samples=3)
+    assert ns is not None and 1.0 < ns < 100_000.0
+    assert 1.0 < _native.round_trip_ns(b, a, 2000) < 100_000.0
+    outside = next(c for c in range(1000, 0, -1) if c not in mask)
+    assert _native.round_trip_ns(a, outside, 100) == -1.0     # the echo thread cannot go there
+    assert _native.round_trip_ns(outside, a, 100) == -1.0     # nor can the caller
+    assert os.sched_getaffinity(0) == mask
+    with pytest.raises(ValueError, match="two different cores"):
+        _native.round_trip_ns(a, a, 10)
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
 def test_a_forked_child_makes_its_own_threads():
     """The pool's threads are the parent's: a child forked after they started computes with

@@ -38,7 +38,7 @@ ENV = "RNN_ENGINE_KERNELS"
 CHOICES = ("native", "numpy")
 
 #: the interface version native.c must have been built with (its KERNELS_VERSION)
-VERSION = 14
+VERSION = 15
 
 #: the cell kernels' instruction set: auto (the CPU's best), or at most this one
 CELL_ENV = "RNN_ENGINE_CELL_ISA"
@@ -422,6 +422,24 @@ def step_moves() -> int:
     """How many times a step GEMM's caller found the pool's worker waiting on its own core
     and moved it off (stepgemm.c, "the pool"); 0 without the native kernels."""
     return _native.step_moves() if _native is not None else 0
+
+
+def core_round_trip_ns(rounds: int = 20000, samples: int = 15) -> float | None:
+    """The median over ``samples`` of the time a cache line takes from one of this process's
+    first two cores to the other and back, in ns (stepgemm.c, "how far apart two cores
+    are"; for benchmarks: the step loops' speed follows it); None with fewer than two
+    cores to run on or without the native kernels."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if _native is None or len(cores) < 2:
+        return None
+    _native.park()                 # no thread of ours or OpenBLAS's spinning on either core
+    blas = step_mode().get("openblas")
+    if blas is not None:
+        import ctypes
+        ctypes.CFUNCTYPE(None)(blas["shutdown"])()
+    got = [_native.round_trip_ns(cores[0], cores[1], rounds) for _ in range(samples)]
+    got = sorted(g for g in got if g > 0)
+    return got[len(got) // 2] if got else None
 
 
 def step_gemm(out, packed: Packed, b, accumulate: bool = False, gather=None, scatter=None,

@@ -32,7 +32,7 @@
 #include "stepgemm.h"
 
 /* the interface's version: engine/layers/kernels/__init__.py refuses a build of another one */
-#define KERNELS_VERSION 14
+#define KERNELS_VERSION 15
 
 /* The instruction set the loops below run with: 3 AVX-512 (x86-64-v4), 2 AVX2 + FMA
  * (x86-64-v3), 1 baseline x86-64. MULTI compiles a loop once per level (its body inlined
@@ -1440,6 +1440,24 @@ static PyObject *py_step_moves(PyObject *self, PyObject *noargs)
     return PyLong_FromLong(sg_moves());
 }
 
+/* round_trip_ns(cpu_a, cpu_b, rounds): see sg_round_trip_ns; the GIL released */
+static PyObject *py_round_trip_ns(PyObject *self, PyObject *args)
+{
+    int a, b, rounds;
+    if (!PyArg_ParseTuple(args, "iii", &a, &b, &rounds))
+        return NULL;
+    if (a < 0 || b < 0 || a == b || rounds < 1) {
+        PyErr_Format(PyExc_ValueError, "round_trip_ns(%d, %d, %d): two different cores and "
+                     "at least one round", a, b, rounds);
+        return NULL;
+    }
+    double ns;
+    Py_BEGIN_ALLOW_THREADS
+    ns = sg_round_trip_ns(a, b, rounds);
+    Py_END_ALLOW_THREADS
+    return PyFloat_FromDouble(ns);
+}
+
 static PyObject *py_step_isa(PyObject *self, PyObject *noargs)
 {
     return PyLong_FromLong(sg_cpu_isa());
@@ -1528,6 +1546,9 @@ static PyMethodDef methods[] = {
      "park(): the pool's threads sleep now instead of spinning for the next task"},
     {"step_moves", py_step_moves, METH_NOARGS,
      "step_moves(): how many times a caller moved a pool worker off its own core"},
+    {"round_trip_ns", py_round_trip_ns, METH_VARARGS,
+     "round_trip_ns(cpu_a, cpu_b, rounds): ns per round trip of a cache line between the "
+     "two cores (-1: one of them cannot be had)"},
     {"cell_isa", py_cell_isa, METH_VARARGS,
      "cell_isa(level): the cell loops' instruction set, 1 baseline, 2 AVX2, 3 AVX-512 (-1: "
      "unchanged); returns the one in use"},

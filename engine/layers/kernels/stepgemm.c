@@ -328,6 +328,92 @@ long sg_moves(void)
     return atomic_load(&moves);
 }
 
+/* ------------------------------------------------- how far apart two cores are */
+
+/* A host can place a virtual machine's cores near each other (one L3) or far apart, and
+ * move them within seconds; the step loops hand each step's h from core to core, and
+ * their speed follows that distance (docs/speed.md, fifteenth session). sg_round_trip_ns
+ * measures it for the benchmarks: a cache line passed back and forth between a thread on
+ * core a (the caller, pinned for the while, its mask restored after) and one on core b. */
+typedef struct {
+    _Atomic int flag __attribute__((aligned(64)));
+    int cpu, rounds, ok;
+} rt_state;
+
+static int pin_self(int cpu)
+{
+#ifdef SG_FUTEX
+    if (cpu < 0 || cpu >= CPU_SETSIZE)
+        return 0;
+    cpu_set_t one;
+    CPU_ZERO(&one);
+    CPU_SET(cpu, &one);
+    return pthread_setaffinity_np(pthread_self(), sizeof one, &one) == 0;
+#else
+    (void)cpu;
+    return 0;
+#endif
+}
+
+static void *rt_echo(void *p)
+{
+    rt_state *st = p;
+    st->ok = pin_self(st->cpu);
+    atomic_store_explicit(&st->flag, 0, memory_order_release);   /* ready */
+    if (!st->ok)
+        return NULL;
+    for (int i = 0; i < st->rounds; i++) {
+        while (atomic_load_explicit(&st->flag, memory_order_acquire) != 1)
+            ;
+        atomic_store_explicit(&st->flag, 0, memory_order_release);
+    }
+    return NULL;
+}
+
+double sg_round_trip_ns(int cpu_a, int cpu_b, int rounds)
+{
+#ifdef SG_FUTEX
+    cpu_set_t mask;
+    if (rounds < 1 || pthread_getaffinity_np(pthread_self(), sizeof mask, &mask) != 0)
+        return -1.0;
+    rt_state st;
+    atomic_init(&st.flag, 2);
+    st.cpu = cpu_b;
+    st.rounds = rounds;
+    pthread_t echo;
+    if (pthread_create(&echo, NULL, rt_echo, &st) != 0)
+        return -1.0;
+    while (atomic_load_explicit(&st.flag, memory_order_acquire) == 2)
+        ;
+    double ns = -1.0;
+    if (st.ok && pin_self(cpu_a)) {
+        struct timespec t0, t1;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        for (int i = 0; i < rounds; i++) {
+            atomic_store_explicit(&st.flag, 1, memory_order_release);
+            while (atomic_load_explicit(&st.flag, memory_order_acquire) != 0)
+                ;
+        }
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        ns = ((t1.tv_sec - t0.tv_sec) * 1e9 + (t1.tv_nsec - t0.tv_nsec)) / rounds;
+    } else if (st.ok) {      /* the caller cannot go to cpu_a: let the echo finish */
+        for (int i = 0; i < rounds; i++) {
+            atomic_store_explicit(&st.flag, 1, memory_order_release);
+            while (atomic_load_explicit(&st.flag, memory_order_acquire) != 0)
+                ;
+        }
+    }
+    pthread_join(echo, NULL);
+    pthread_setaffinity_np(pthread_self(), sizeof mask, &mask);
+    return ns;
+#else
+    (void)cpu_a;
+    (void)cpu_b;
+    (void)rounds;
+    return -1.0;
+#endif
+}
+
 static void run_alone(sg_unit_fn fn, void *arg, ptrdiff_t units)
 {
     for (ptrdiff_t u = 0; u < units; u++)

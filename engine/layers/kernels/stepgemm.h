@@ -80,6 +80,9 @@ void sg_parallel(void (*fn)(void *arg, int t, int n), void *arg, int n);
 void sg_park(void);
 /* how many times a caller moved a worker off its own core (see "the pool") */
 long sg_moves(void);
+/* ns per round trip of a cache line between the caller pinned to cpu_a and a thread on
+ * cpu_b, over ``rounds`` round trips; -1 where either core cannot be had (for benchmarks) */
+double sg_round_trip_ns(int cpu_a, int cpu_b, int rounds);
 /* called before the pool's threads start work: puts another pool (the BLAS's) to sleep */
 void sg_set_quiet(void (*fn)(void));
 
