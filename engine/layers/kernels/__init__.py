@@ -119,7 +119,8 @@ def use(name: str | None) -> str:
 
 def info() -> dict:
     """The compiled kernels' build: {"isa": the instruction set their loops run with,
-    "level": its number (1 baseline, 2 AVX2, 3 AVX-512), "cpu_level": the CPU's best}."""
+    "level": its number (1 baseline, 2 AVX2, 3 AVX-512), "cpu_isa" and "cpu_level": the
+    CPU's best}."""
     return {} if _native is None else _native.info()
 
 
@@ -131,8 +132,7 @@ def describe(dtype=np.float32, xp=np) -> str:
         return f"cell maths: NumPy formulas ({np.dtype(dtype).name})"
     if mode() == "native":
         i = info()
-        names = {1: "baseline x86-64", 2: "AVX2", 3: "AVX-512"}
-        lowered = (f", lowered from {names[i['cpu_level']]} by {CELL_ENV}"
+        lowered = (f", lowered from {i['cpu_isa']} by {CELL_ENV}"
                    if i["level"] < i["cpu_level"] else "")
         return f"cell kernels: native ({i['isa']}{lowered}), {step_describe()}"
     if not available():
@@ -432,11 +432,7 @@ def core_round_trip_ns(rounds: int = 20000, samples: int = 15) -> float | None:
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     if _native is None or len(cores) < 2:
         return None
-    _native.park()                 # no thread of ours or OpenBLAS's spinning on either core
-    blas = step_mode().get("openblas")
-    if blas is not None:
-        import ctypes
-        ctypes.CFUNCTYPE(None)(blas["shutdown"])()
+    step_mode()                    # sets the hook that puts OpenBLAS's threads to sleep first
     got = [_native.round_trip_ns(cores[0], cores[1], rounds) for _ in range(samples)]
     got = sorted(g for g in got if g > 0)
     return got[len(got) // 2] if got else None

@@ -37,10 +37,10 @@
 /* The instruction set the loops below run with: 3 AVX-512 (x86-64-v4), 2 AVX2 + FMA
  * (x86-64-v3), 1 baseline x86-64. MULTI compiles a loop once per level (its body inlined
  * into a function built for that level) and calls the copy of cell_isa; cell_isa starts at
- * the CPU's best (cpu_isa) and may be lowered (py_cell_isa: RNN_ENGINE_CELL_ISA, e.g. an
+ * the CPU's best (cpu_level) and may be lowered (py_cell_isa: RNN_ENGINE_CELL_ISA, e.g. an
  * AVX-512 CPU held to what an AVX2 one runs). Without GCC on x86-64 Linux: one copy, the
  * compiler's default, and the level stays 1. */
-static int cell_isa = 1;
+static int cell_isa = 1, cpu_level = 1;   /* both set from cpu_isa() when the module loads */
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define HAVE_MULTI 1
@@ -1488,9 +1488,9 @@ static PyObject *py_cell_isa(PyObject *self, PyObject *args)
                          level);
             return NULL;
         }
-        if (level > cpu_isa()) {
+        if (level > cpu_level) {
             PyErr_Format(PyExc_ValueError, "level %d: this CPU (or build) gives at most %d",
-                         level, cpu_isa());
+                         level, cpu_level);
             return NULL;
         }
         cell_isa = level;
@@ -1501,8 +1501,10 @@ static PyObject *py_cell_isa(PyObject *self, PyObject *args)
 static PyObject *py_info(PyObject *self, PyObject *noargs)
 {
     static const char *const names[] = {"", "baseline x86-64", "AVX2", "AVX-512"};
-    return Py_BuildValue("{s:s,s:i,s:i}", "isa", HAVE_MULTI ? names[cell_isa] : "compiler default",
-                         "level", cell_isa, "cpu_level", cpu_isa());
+    const char *isa = HAVE_MULTI ? names[cell_isa] : "compiler default";
+    const char *cpu = HAVE_MULTI ? names[cpu_level] : "compiler default";
+    return Py_BuildValue("{s:s,s:i,s:s,s:i}", "isa", isa, "level", cell_isa, "cpu_isa", cpu,
+                         "cpu_level", cpu_level);
 }
 
 static PyMethodDef methods[] = {
@@ -1558,7 +1560,7 @@ static PyMethodDef methods[] = {
     {"step_quiet", py_step_quiet, METH_VARARGS,
      "step_quiet(address): void (*)(void) called before the step GEMM's threads start work"},
     {"info", py_info, METH_NOARGS, "info(): {'isa': the instruction set the loops run with, 'level': its number, "
-     "'cpu_level': the CPU's best}"},
+     "'cpu_isa', 'cpu_level': the CPU's best}"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1568,7 +1570,7 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__native(void)
 {
-    cell_isa = cpu_isa();
+    cell_isa = cpu_level = cpu_isa();
     PyObject *m = PyModule_Create(&module);
     if (m && PyModule_AddIntConstant(m, "VERSION", KERNELS_VERSION) < 0) {
         Py_DECREF(m);

@@ -334,7 +334,8 @@ long sg_moves(void)
  * move them within seconds; the step loops hand each step's h from core to core, and
  * their speed follows that distance (docs/speed.md, fifteenth session). sg_round_trip_ns
  * measures it for the benchmarks: a cache line passed back and forth between a thread on
- * core a (the caller, pinned for the while, its mask restored after) and one on core b. */
+ * core a (the caller, pinned for the while, its mask restored after) and one on core b,
+ * with the pool's threads and the BLAS's (sg_set_quiet) put to sleep first. */
 typedef struct {
     _Atomic int flag __attribute__((aligned(64)));
     int cpu, rounds, ok;
@@ -374,36 +375,34 @@ double sg_round_trip_ns(int cpu_a, int cpu_b, int rounds)
 {
 #ifdef SG_FUTEX
     cpu_set_t mask;
-    if (rounds < 1 || pthread_getaffinity_np(pthread_self(), sizeof mask, &mask) != 0)
+    if (rounds < 1 || pthread_getaffinity_np(pthread_self(), sizeof mask, &mask) != 0
+        || !pin_self(cpu_a))
         return -1.0;
+    sg_park();                     /* no thread of ours, nor of the BLAS's, spins meanwhile */
+    if (pool.quiet)
+        pool.quiet();
     rt_state st;
     atomic_init(&st.flag, 2);
     st.cpu = cpu_b;
     st.rounds = rounds;
-    pthread_t echo;
-    if (pthread_create(&echo, NULL, rt_echo, &st) != 0)
-        return -1.0;
-    while (atomic_load_explicit(&st.flag, memory_order_acquire) == 2)
-        ;
     double ns = -1.0;
-    if (st.ok && pin_self(cpu_a)) {
-        struct timespec t0, t1;
-        clock_gettime(CLOCK_MONOTONIC, &t0);
-        for (int i = 0; i < rounds; i++) {
-            atomic_store_explicit(&st.flag, 1, memory_order_release);
-            while (atomic_load_explicit(&st.flag, memory_order_acquire) != 0)
-                ;
+    pthread_t echo;
+    if (pthread_create(&echo, NULL, rt_echo, &st) == 0) {
+        while (atomic_load_explicit(&st.flag, memory_order_acquire) == 2)
+            ;
+        if (st.ok) {
+            struct timespec t0, t1;
+            clock_gettime(CLOCK_MONOTONIC, &t0);
+            for (int i = 0; i < rounds; i++) {
+                atomic_store_explicit(&st.flag, 1, memory_order_release);
+                while (atomic_load_explicit(&st.flag, memory_order_acquire) != 0)
+                    ;
+            }
+            clock_gettime(CLOCK_MONOTONIC, &t1);
+            ns = ((t1.tv_sec - t0.tv_sec) * 1e9 + (t1.tv_nsec - t0.tv_nsec)) / rounds;
         }
-        clock_gettime(CLOCK_MONOTONIC, &t1);
-        ns = ((t1.tv_sec - t0.tv_sec) * 1e9 + (t1.tv_nsec - t0.tv_nsec)) / rounds;
-    } else if (st.ok) {      /* the caller cannot go to cpu_a: let the echo finish */
-        for (int i = 0; i < rounds; i++) {
-            atomic_store_explicit(&st.flag, 1, memory_order_release);
-            while (atomic_load_explicit(&st.flag, memory_order_acquire) != 0)
-                ;
-        }
+        pthread_join(echo, NULL);
     }
-    pthread_join(echo, NULL);
     pthread_setaffinity_np(pthread_self(), sizeof mask, &mask);
     return ns;
 #else
